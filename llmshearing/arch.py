@@ -1,0 +1,187 @@
+"""The one place that maps Hugging Face configs to shapes, and shapes back to HF configs.
+
+A *shape* is the five numbers that structured pruning changes. Everything else of a model
+(vocabulary, head_dim, RoPE, norms, biases, tied embeddings) is inherited from the source config.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+
+from transformers import AutoConfig, PretrainedConfig
+
+from llmshearing.errors import ConfigError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class Shape:
+    num_hidden_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+SHAPE_KEYS = tuple(f.name for f in fields(Shape))
+
+# Named target shapes. The two paper targets take the layer/hidden/head counts of Pythia-1.4B and
+# INCITE-Base-3B with a LLaMA-style SwiGLU intermediate size (Xia et al. 2024, Sec. 3 and App. A).
+PRESETS: dict[str, Shape] = {
+    "sheared-llama-1.3b": Shape(24, 2048, 16, 16, 5504),
+    "sheared-llama-2.7b": Shape(32, 2560, 20, 20, 6912),
+    # The embedded default: SmolLM2-135M (30/576/9/3/1536) to ~49% of its non-embedding parameters.
+    # 2 KV groups of 2 query heads keep GQA valid and exercise both group and in-group head masks.
+    "smollm2-135m-half": Shape(24, 512, 4, 2, 1152),
+}
+
+
+def shape_of(config: PretrainedConfig) -> Shape:
+    return Shape(
+        num_hidden_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+    )
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def check_source_config(config: PretrainedConfig) -> None:
+    """Refuse configs the model does not implement, before any weights are read."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"model_type '{config.model_type}' is not supported; supported LLaMA-family types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act '{config.hidden_act}' is not supported (only SwiGLU with silu)")
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads % kv:
+        raise ConfigError(
+            f"source config: num_attention_heads={heads} is not divisible by num_key_value_heads={kv}"
+        )
+    rope = getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "dynamic":
+        raise ConfigError("rope_scaling type 'dynamic' is not supported (it changes with sequence length)")
+
+
+def load_hf_config(path: str, gguf_file: str | None = None) -> PretrainedConfig:
+    if not os.path.exists(path):
+        raise ConfigError(f"model path '{path}' does not exist")
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    check_source_config(config)
+    return config
+
+
+def resolve_target(spec, source: PretrainedConfig) -> Shape:
+    """A target given as a preset name, an HF config path (file or directory) or explicit dims.
+
+    Explicit dims may be partial: a dimension left out keeps the source size (so it is not pruned).
+    """
+    src = shape_of(source)
+    if isinstance(spec, str):
+        if spec in PRESETS:
+            target = PRESETS[spec]
+        elif os.path.exists(spec):
+            cfg_path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+            with open(cfg_path) as f:
+                raw = json.load(f)
+            missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size") if k not in raw]
+            if missing:
+                raise ConfigError(f"target config '{cfg_path}' lacks {missing}; give explicit dims instead")
+            target = Shape(
+                raw["num_hidden_layers"], raw["hidden_size"], raw["num_attention_heads"],
+                raw.get("num_key_value_heads") or raw["num_attention_heads"], raw["intermediate_size"],
+            )
+            target_head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
+            if target_head_dim != head_dim_of(source):
+                raise ConfigError(
+                    f"target config '{cfg_path}' has head_dim {target_head_dim} but the source has "
+                    f"{head_dim_of(source)}; head_dim is never pruned. Give explicit dims instead."
+                )
+        else:
+            raise ConfigError(
+                f"target '{spec}' is neither a preset ({', '.join(PRESETS)}) nor an existing config path"
+            )
+    elif isinstance(spec, dict):
+        unknown = set(spec) - set(SHAPE_KEYS)
+        if unknown:
+            raise ConfigError(f"target: unknown keys {sorted(unknown)}; allowed: {list(SHAPE_KEYS)}")
+        values = {**src.as_dict(), **spec}
+        bad = {k: v for k, v in values.items() if not isinstance(v, int) or isinstance(v, bool)}
+        if bad:
+            raise ConfigError(f"target: dims must be integers, got {bad}")
+        target = Shape(**values)
+    else:
+        raise ConfigError(f"target must be a preset name, a config path or a mapping of dims, got {spec!r}")
+    validate_target(src, target)
+    return target
+
+
+def validate_target(src: Shape, tgt: Shape) -> None:
+    """Every reason a target cannot be cut out of the source, each with the fix."""
+    for key in SHAPE_KEYS:
+        s, t = getattr(src, key), getattr(tgt, key)
+        if t < 1:
+            raise ConfigError(f"target.{key}={t} must be at least 1")
+        if t > s:
+            raise ConfigError(
+                f"target.{key}={t} is larger than the source's {s}: pruning can only remove units"
+            )
+    if tgt.num_attention_heads % tgt.num_key_value_heads:
+        raise ConfigError(
+            f"target.num_attention_heads={tgt.num_attention_heads} is not divisible by "
+            f"target.num_key_value_heads={tgt.num_key_value_heads}: every KV group must keep the same "
+            f"number of query heads"
+        )
+    if tgt.heads_per_group > src.heads_per_group:
+        raise ConfigError(
+            f"target keeps {tgt.heads_per_group} query heads per KV group but the source has only "
+            f"{src.heads_per_group}; lower num_attention_heads or raise num_key_value_heads "
+            f"(at most {src.heads_per_group * tgt.num_key_value_heads} heads for {tgt.num_key_value_heads} KV heads)"
+        )
+
+
+def target_config(source: PretrainedConfig, target: Shape) -> PretrainedConfig:
+    """The dense HF config of the pruned model: the source's, with the target's five numbers."""
+    config = copy.deepcopy(source)
+    for key, value in target.as_dict().items():
+        setattr(config, key, value)
+    config.head_dim = head_dim_of(source)  # explicit: hidden/heads need not equal head_dim any more
+    config._name_or_path = ""
+    return config
+
+
+def param_count(shape: Shape, config: PretrainedConfig, *, floats: dict | None = None) -> float:
+    """Parameters of a model of `shape` with the source's vocab, biases and tying.
+
+    `floats` may replace any dim by a real number (expected sizes during pruning).
+    """
+    d = {**shape.as_dict(), **(floats or {})}
+    L, h, H, KV, inter = (d[k] for k in SHAPE_KEYS)
+    hd = head_dim_of(config)
+    qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+    o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"
+    mlp_bias = bool(getattr(config, "mlp_bias", False))
+    attn = h * (H + 2 * KV) * hd + H * hd * h + (qkv_bias * (H + 2 * KV) * hd) + o_bias * h
+    mlp = 3 * h * inter + mlp_bias * (2 * inter + h)
+    per_layer = attn + mlp + 2 * h
+    embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return L * per_layer + embed + h

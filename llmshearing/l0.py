@@ -1,0 +1,175 @@
+"""Hard-concrete (L0) masks and the Lagrangian that drives their expected shape to a target.
+
+Hard concrete (Louizos et al. 2018): with u ~ U(0, 1),
+    s = sigmoid((log u - log(1 - u) + log_alpha) / beta),   z = clamp(s * (r - l) + l, 0, 1)
+so z is exactly 0 or 1 with positive probability. The probability that a gate is open,
+    score = P(z > 0) = sigmoid(log_alpha - beta * log(-l / r)),
+is differentiable and is what the Lagrangian constrains (Xia et al. 2024, Eq. 1-2).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmshearing.arch import Shape
+
+TEMPERATURE = 2.0 / 3.0
+LIMIT_LEFT, LIMIT_RIGHT = -0.1, 1.1
+EPS = 1e-6
+
+
+class HardConcrete(nn.Module):
+    """Gates of shape `shape`; the last dim holds the units of which `keep` survive per row."""
+
+    def __init__(self, shape: tuple[int, ...], keep: int, init_drop: float = 0.5, init_std: float = 0.01):
+        super().__init__()
+        self.shape, self.keep = tuple(shape), keep
+        mean = math.log(1 - init_drop) - math.log(init_drop)
+        self.log_alpha = nn.Parameter(torch.empty(self.shape).normal_(mean, init_std))
+
+    @property
+    def units(self) -> int:
+        return self.shape[-1]
+
+    def sample(self) -> torch.Tensor:
+        u = torch.rand(self.shape, device=self.log_alpha.device).clamp(EPS, 1 - EPS)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / TEMPERATURE)
+        return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0, 1)
+
+    def score(self) -> torch.Tensor:
+        return torch.sigmoid(self.log_alpha - TEMPERATURE * math.log(-LIMIT_LEFT / LIMIT_RIGHT))
+
+    def keep_index(self) -> torch.Tensor:
+        """Indices (sorted) of the `keep` highest-scoring units of each row; ties go to the lower index."""
+        order = torch.argsort(self.log_alpha.detach(), dim=-1, descending=True, stable=True)
+        return order[..., : self.keep].sort(dim=-1).values
+
+    def deterministic(self) -> torch.Tensor:
+        """Test-time gates: the kept units carry their mean-noise value, all others are 0."""
+        value = (torch.sigmoid(self.log_alpha) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0, 1)
+        kept = torch.zeros_like(value, dtype=torch.bool).scatter_(-1, self.keep_index(), True)
+        return torch.where(kept, value, torch.zeros_like(value))
+
+    def expected_sparsity(self) -> torch.Tensor:
+        return 1 - self.score().mean()
+
+    def target_sparsity(self) -> float:
+        return 1 - self.keep / self.units
+
+
+class _ReverseGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+def _reverse_grad(x: torch.Tensor) -> torch.Tensor:
+    return _ReverseGrad.apply(x)
+
+
+@dataclass
+class Masks:
+    """What the model multiplies in its forward. None means that structure is not pruned."""
+
+    layer: torch.Tensor | None = None  # (L,)
+    hidden: torch.Tensor | None = None  # (d,)
+    hidden_kept: int | torch.Tensor | None = None  # dims RMSNorm averages over
+    head: torch.Tensor | None = None  # (L, H): kv-group gate x in-group query gate
+    intermediate: torch.Tensor | None = None  # (L, I)
+
+
+def plan_masks(source: Shape, target: Shape) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Which masks a source->target pruning needs: name -> (gate shape, units kept per row).
+
+    Heads are masked in two levels so every kept KV group keeps the same number of query heads:
+    `kv_head` gates whole groups (a closed group removes its K/V and all its query heads), and
+    `head` gates query heads inside each group, keeping the top `target heads / target groups` per
+    group. A level whose count does not change gets no mask.
+    """
+    L, R = source.num_hidden_layers, source.heads_per_group
+    plan = {}
+    if target.num_hidden_layers < L:
+        plan["layer"] = ((L,), target.num_hidden_layers)
+    if target.hidden_size < source.hidden_size:
+        plan["hidden"] = ((source.hidden_size,), target.hidden_size)
+    if target.num_key_value_heads < source.num_key_value_heads:
+        plan["kv_head"] = ((L, source.num_key_value_heads), target.num_key_value_heads)
+    if target.heads_per_group < R:
+        plan["head"] = ((L, source.num_key_value_heads, R), target.heads_per_group)
+    if target.intermediate_size < source.intermediate_size:
+        plan["intermediate"] = ((L, source.intermediate_size), target.intermediate_size)
+    return plan
+
+
+class L0Module(nn.Module):
+    """All masks of one pruning run plus their Lagrange multipliers.
+
+    For each mask j the loss adds  lambda1_j * (s_j - t_j) + lambda2_j * (s_j - t_j)^2  where s_j is the
+    expected sparsity and t_j the target sparsity ramped linearly from 0 over `warmup_steps`.
+    The multipliers are trained by gradient *ascent*: their gradient is reversed inside the autograd
+    graph (`_reverse_grad`), so an ordinary optimizer with a positive learning rate maximizes over them
+    and this holds under DDP/FSDP wrapping too (the original code used a negative learning rate, which
+    torch optimizers reject).
+    """
+
+    def __init__(self, source: Shape, target: Shape, warmup_steps: int = 0, init_drop: float = 0.5):
+        super().__init__()
+        self.source, self.target, self.warmup_steps = source, target, warmup_steps
+        self.masks = nn.ModuleDict(
+            {name: HardConcrete(shape, keep, init_drop) for name, (shape, keep) in plan_masks(source, target).items()}
+        )
+        self.lambdas = nn.Parameter(torch.zeros(len(self.masks), 2))
+        self.step = 0  # set by the trainer each batch; only the warm-up ramp reads it
+
+    def forward(self) -> Masks:
+        gates = {n: (m.sample() if self.training else m.deterministic()) for n, m in self.masks.items()}
+        L, R = self.source.num_hidden_layers, self.source.heads_per_group
+        head = None
+        if "kv_head" in gates or "head" in gates:
+            kv = gates.get("kv_head", torch.ones(L, self.source.num_key_value_heads, device=self.lambdas.device))
+            q = gates.get("head", torch.ones(L, self.source.num_key_value_heads, R, device=self.lambdas.device))
+            head = (kv.unsqueeze(-1) * q).reshape(L, -1)
+        hidden = gates.get("hidden")
+        kept = None
+        if hidden is not None:
+            kept = self.target.hidden_size if not self.training else (hidden > 0).sum().clamp(min=1)
+        return Masks(gates.get("layer"), hidden, kept, head, gates.get("intermediate"))
+
+    def target_sparsity(self, name: str) -> float:
+        ramp = 1.0 if self.warmup_steps <= 0 else min(1.0, self.step / self.warmup_steps)
+        return self.masks[name].target_sparsity() * ramp
+
+    def lagrangian(self) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = self.lambdas.new_zeros(())
+        logs = {}
+        lambdas = _reverse_grad(self.lambdas)
+        for j, (name, mask) in enumerate(self.masks.items()):
+            gap = mask.expected_sparsity() - self.target_sparsity(name)
+            loss = loss + lambdas[j, 0] * gap + lambdas[j, 1] * gap**2
+            logs[f"l0/{name}/expected_sparsity"] = float(mask.expected_sparsity())
+            logs[f"l0/{name}/target_sparsity"] = self.target_sparsity(name)
+            logs[f"l0/{name}/lambda_1"] = float(self.lambdas[j, 0])
+            logs[f"l0/{name}/lambda_2"] = float(self.lambdas[j, 1])
+        return loss, logs
+
+    @torch.no_grad()
+    def expected_shape(self) -> dict[str, float]:
+        """Expected counts under the current gate scores (each structure taken independently)."""
+        score = {n: m.score() for n, m in self.masks.items()}
+        src = self.source
+        kv_score = score.get("kv_head", torch.ones(src.num_hidden_layers, src.num_key_value_heads))
+        q_score = score.get("head", torch.ones(*kv_score.shape, src.heads_per_group))
+        return {
+            "num_hidden_layers": float(score["layer"].sum()) if "layer" in score else src.num_hidden_layers,
+            "hidden_size": float(score["hidden"].sum()) if "hidden" in score else src.hidden_size,
+            "num_attention_heads": float((kv_score.unsqueeze(-1) * q_score).sum((1, 2)).mean()),
+            "num_key_value_heads": float(kv_score.sum(-1).mean()),
+            "intermediate_size": float(score["intermediate"].sum(-1).mean()) if "intermediate" in score else src.intermediate_size,
+        }

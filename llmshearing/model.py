@@ -1,0 +1,199 @@
+"""One decoder for LLaMA-family models (Llama, Mistral, Qwen2) with optional pruning masks.
+
+Parameter names follow Hugging Face exactly (`model.layers.0.self_attn.q_proj.weight`, ...), so an HF
+checkpoint loads with `load_state_dict` and a pruned one saves back without key surgery.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from llmshearing.arch import head_dim_of
+from llmshearing.l0 import Masks
+
+try:  # optional GPU kernel; torch SDPA is the fallback everywhere
+    from flash_attn import flash_attn_func
+except ImportError:  # pragma: no cover - depends on the machine
+    flash_attn_func = None
+
+
+def rms_norm(x, weight, eps, kept_dims=None):
+    """RMSNorm in fp32 as HF does. With a hidden mask, pruned dims are zero and the mean of squares
+    is taken over the `kept_dims` that a sliced model would have."""
+    dtype = x.dtype
+    x = x.float()
+    sq = x.pow(2)
+    var = sq.mean(-1, keepdim=True) if kept_dims is None else sq.sum(-1, keepdim=True) / kept_dims
+    return weight * (x * torch.rsqrt(var + eps)).to(dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x, kept_dims=None):
+        return rms_norm(x, self.weight, self.eps, kept_dims)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: PretrainedConfig, use_flash: bool = False):
+        super().__init__()
+        d, hd = config.hidden_size, head_dim_of(config)
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
+        o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"
+        self.q_proj = nn.Linear(d, self.n_heads * hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
+        window = getattr(config, "sliding_window", None)
+        if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+            window = None
+        self.sliding_window = window
+        self.use_flash = use_flash
+
+    def forward(self, x, cos, sin, head_mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        window = self.sliding_window if self.sliding_window and T > self.sliding_window else None
+        if self.use_flash and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+            out = flash_attn_func(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                window_size=(window - 1, 0) if window else (-1, -1),
+            )  # (B, T, H, hd)
+        else:
+            mask = None
+            if window:
+                i = torch.arange(T, device=x.device)
+                mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+            out = out.transpose(1, 2)
+        if head_mask is not None:
+            out = out * head_mask.view(1, 1, -1, 1).to(out.dtype)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: PretrainedConfig):
+        super().__init__()
+        d, i, bias = config.hidden_size, config.intermediate_size, bool(getattr(config, "mlp_bias", False))
+        self.gate_proj = nn.Linear(d, i, bias=bias)
+        self.up_proj = nn.Linear(d, i, bias=bias)
+        self.down_proj = nn.Linear(i, d, bias=bias)
+
+    def forward(self, x, intermediate_mask=None):
+        act = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        if intermediate_mask is not None:
+            act = act * intermediate_mask.to(act.dtype)
+        return self.down_proj(act)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, use_flash: bool = False):
+        super().__init__()
+        self.self_attn = Attention(config, use_flash)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, layer_gate=None, head_mask=None, intermediate_mask=None, hidden=None, kept=None):
+        def write(update):  # a residual write: scaled by the layer gate, zero in pruned hidden dims
+            if layer_gate is not None:
+                update = update * layer_gate.to(update.dtype)
+            if hidden is not None:
+                update = update * hidden.to(update.dtype)
+            return x + update
+
+        x = write(self.self_attn(self.input_layernorm(x, kept), cos, sin, head_mask))
+        x = write(self.mlp(self.post_attention_layernorm(x, kept), intermediate_mask))
+        return x
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: PretrainedConfig, use_flash: bool = False):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, use_flash) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def resolve_attn_impl(attn_impl: str) -> bool:
+    """'sdpa' never uses flash-attn; 'flash' requires it; 'auto' uses it when installed (on CUDA, half
+    precision, decided per call)."""
+    if attn_impl not in ("auto", "sdpa", "flash"):
+        raise ValueError(f"attn_impl must be 'auto', 'sdpa' or 'flash', got '{attn_impl}'")
+    if attn_impl == "flash" and flash_attn_func is None:
+        raise ImportError("attn_impl='flash' needs flash-attn: pip install 'llmshearing[gpu]'")
+    return attn_impl != "sdpa" and flash_attn_func is not None
+
+
+class DecoderLM(nn.Module):
+    """Llama / Mistral / Qwen2 causal LM. `forward(input_ids, masks)` returns logits."""
+
+    def __init__(self, config: PretrainedConfig, attn_impl: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config, resolve_attn_impl(attn_impl))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def rope(self, T: int, dtype, device):
+        # Recomputed per call (cheap) rather than a buffer, so meta-device init and FSDP need no care.
+        scaling = getattr(self.config, "rope_scaling", None) or {}
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[scaling.get("rope_type", scaling.get("type", "default"))](self.config, device)
+        pos = torch.arange(T, device=device, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq.float())
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+    def forward(self, input_ids: torch.Tensor, masks: Masks | None = None) -> torch.Tensor:
+        m = masks or Masks()
+        x = self.model.embed_tokens(input_ids)
+        if m.hidden is not None:
+            x = x * m.hidden.to(x.dtype)
+        cos, sin = self.rope(input_ids.shape[1], x.dtype, x.device)
+        for i, layer in enumerate(self.model.layers):
+            gate = None if m.layer is None else m.layer[i]
+            # A closed layer is skipped only at test time: in training every rank must run every
+            # layer (FSDP all-gathers per layer), and the gate's gradient is zero there anyway.
+            if gate is not None and not self.training and float(gate) == 0.0:
+                continue
+            x = layer(
+                x, cos, sin, gate,
+                None if m.head is None else m.head[i],
+                None if m.intermediate is None else m.intermediate[i],
+                m.hidden, m.hidden_kept,
+            )
+        return self.lm_head(self.model.norm(x, m.hidden_kept))
+
+
+def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "auto",
+                    dtype: torch.dtype = torch.float32) -> DecoderLM:
+    """Load any Llama/Mistral/Qwen2 checkpoint that transformers reads (safetensors, bin, GGUF)."""
+    from transformers import AutoModelForCausalLM
+
+    from llmshearing.arch import load_hf_config
+
+    config = load_hf_config(path, gguf_file)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
+    with torch.device("meta"):
+        lm = DecoderLM(hf.config, attn_impl)
+    lm.to_empty(device="cpu").to(dtype)  # allocate without a random init; tied weights stay one tensor
+    lm.load_state_dict(hf.state_dict(), strict=True)
+    return lm.eval()

@@ -1,0 +1,129 @@
+"""From a masked model to a dense model of the target shape: keep, fold, slice, save.
+
+Test-time masks keep exactly the target number of top-scoring units in every structure, so the
+result is a uniform architecture. Gate values of kept units are folded into the weights that
+consume them, so the sliced model computes what the masked model computes in eval mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from llmshearing.arch import head_dim_of, target_config
+from llmshearing.io import atomic_directory
+from llmshearing.l0 import L0Module
+from llmshearing.model import DecoderLM
+
+
+def kept_units(l0: L0Module) -> dict:
+    """Indices (in source numbering) of everything the pruned model keeps."""
+    src = l0.source
+    L, KV, R = src.num_hidden_layers, src.num_key_value_heads, src.heads_per_group
+    keep = {name: mask.keep_index() for name, mask in l0.masks.items()}
+    layers = keep["layer"].tolist() if "layer" in keep else list(range(L))
+    kv = keep["kv_head"] if "kv_head" in keep else torch.arange(KV).expand(L, KV)
+    in_group = keep["head"] if "head" in keep else torch.arange(R).expand(L, KV, R)
+    heads = [[g * R + r for g in kv[l].tolist() for r in in_group[l, g].tolist()] for l in range(L)]
+    return {
+        "source_shape": src.as_dict(),
+        "target_shape": l0.target.as_dict(),
+        "layers": layers,
+        "hidden": keep["hidden"].tolist() if "hidden" in keep else list(range(src.hidden_size)),
+        "kv_heads": [kv[l].tolist() for l in layers],
+        "heads": [heads[l] for l in layers],
+        "intermediate": [
+            (keep["intermediate"][l].tolist() if "intermediate" in keep else list(range(src.intermediate_size)))
+            for l in layers
+        ],
+    }
+
+
+def _rows(weight_or_bias: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return weight_or_bias.index_select(0, index)
+
+
+def _head_index(heads: list[int], head_dim: int) -> torch.Tensor:
+    return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+@torch.no_grad()
+def finalize(lm: DecoderLM, l0: L0Module) -> tuple[DecoderLM, dict]:
+    """A dense DecoderLM of the target shape equal (in eval) to `lm` under `l0`'s test-time masks."""
+    was_training = l0.training
+    l0.eval()
+    masks = l0()
+    l0.train(was_training)
+    kept = kept_units(l0)
+    config = target_config(lm.config, l0.target)
+    hd = head_dim_of(lm.config)
+    sd = lm.state_dict()
+    d_idx = torch.tensor(kept["hidden"])
+    z_hidden = masks.hidden[d_idx] if masks.hidden is not None else torch.ones(len(d_idx))
+
+    out = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"][:, d_idx] * z_hidden}
+    for new, old in enumerate(kept["layers"]):
+        p, q = f"model.layers.{old}.", f"model.layers.{new}."
+        gate = float(masks.layer[old]) if masks.layer is not None else 1.0
+        write_scale = (z_hidden * gate)[:, None]  # residual writes: layer gate x hidden gate
+        head_idx = _head_index(kept["heads"][new], hd)
+        kv_idx = _head_index(kept["kv_heads"][new], hd)
+        head_gate = masks.head[old][kept["heads"][new]] if masks.head is not None else torch.ones(len(kept["heads"][new]))
+        i_idx = torch.tensor(kept["intermediate"][new])
+        i_gate = masks.intermediate[old][i_idx] if masks.intermediate is not None else torch.ones(len(i_idx))
+
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[q + norm + ".weight"] = sd[p + norm + ".weight"][d_idx]
+        for name, idx in (("q_proj", head_idx), ("k_proj", kv_idx), ("v_proj", kv_idx)):
+            out[q + f"self_attn.{name}.weight"] = _rows(sd[p + f"self_attn.{name}.weight"], idx)[:, d_idx]
+            if p + f"self_attn.{name}.bias" in sd:
+                out[q + f"self_attn.{name}.bias"] = _rows(sd[p + f"self_attn.{name}.bias"], idx)
+        o = sd[p + "self_attn.o_proj.weight"][:, head_idx] * head_gate.repeat_interleave(hd)[None, :]
+        out[q + "self_attn.o_proj.weight"] = _rows(o, d_idx) * write_scale
+        if p + "self_attn.o_proj.bias" in sd:
+            out[q + "self_attn.o_proj.bias"] = _rows(sd[p + "self_attn.o_proj.bias"], d_idx) * write_scale[:, 0]
+        for name in ("gate_proj", "up_proj"):
+            out[q + f"mlp.{name}.weight"] = _rows(sd[p + f"mlp.{name}.weight"], i_idx)[:, d_idx]
+            if p + f"mlp.{name}.bias" in sd:
+                out[q + f"mlp.{name}.bias"] = _rows(sd[p + f"mlp.{name}.bias"], i_idx)
+        down = sd[p + "mlp.down_proj.weight"][:, i_idx] * i_gate[None, :]
+        out[q + "mlp.down_proj.weight"] = _rows(down, d_idx) * write_scale
+        if p + "mlp.down_proj.bias" in sd:
+            out[q + "mlp.down_proj.bias"] = _rows(sd[p + "mlp.down_proj.bias"], d_idx) * write_scale[:, 0]
+
+    final_norm = sd["model.norm.weight"][d_idx]
+    if config.tie_word_embeddings:
+        # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
+        final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30), torch.zeros_like(final_norm))
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    else:
+        out["lm_head.weight"] = sd["lm_head.weight"][:, d_idx]
+    out["model.norm.weight"] = final_norm
+
+    pruned = DecoderLM(config)
+    pruned.load_state_dict({k: v.contiguous() for k, v in out.items()}, strict=True)
+    return pruned.eval(), kept
+
+
+def save_hf(lm: DecoderLM, out_dir: str, tokenizer=None, kept: dict | None = None,
+            dtype: torch.dtype | None = None, overwrite: bool = False) -> str:
+    """Write `lm` as a standard HF checkpoint (safetensors), the tokenizer and `pruning.json`, atomically."""
+    config = lm.config.__class__.from_dict(lm.config.to_dict())
+    dtype = dtype or next(lm.parameters()).dtype
+    config.torch_dtype = dtype
+    hf = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+    missing, unexpected = hf.load_state_dict(lm.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"state dict does not fit {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
+    if config.tie_word_embeddings:
+        hf.tie_weights()
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if kept is not None:
+            with open(os.path.join(tmp, "pruning.json"), "w") as f:
+                json.dump(kept, f)
+    return out_dir
