@@ -1,0 +1,4 @@
+"""Composer callbacks of llmshearing, registered by name for the yaml recipes."""
+from callbacks.pruning_monitor import PruningMonitor
+
+__all__ = ["PruningMonitor"]

@@ -1,0 +1,47 @@
+"""Feeds the training step to the Lagrangian warm-up and records the expected shape and the multipliers."""
+from __future__ import annotations
+
+import json
+import os
+
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from llmshearing.arch import SHAPE_KEYS, param_count
+from llmshearing.composer_model import unwrap
+
+
+class PruningMonitor(Callback):
+    """Every batch: logs expected layers/heads/kv heads/intermediate/hidden/parameters, the expected and
+    target sparsity and both multipliers of every mask; appends them to `<folder>/pruning_log.jsonl`
+    and, at the end of training, draws them in `<folder>/pruning_shape.png` and `pruning_lambdas.png`.
+    """
+
+    def __init__(self, folder: str | None = None):
+        self.folder = folder
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        unwrap(state.model).l0.step = int(state.timestamp.batch)
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        model = unwrap(state.model)
+        l0 = model.l0
+        _, metrics = l0.lagrangian()
+        expected = l0.expected_shape()
+        metrics.update({f"expected/{k}": v for k, v in expected.items()})
+        metrics["expected/params"] = param_count(l0.target, model.model.config, floats=expected)
+        logger.log_metrics(metrics)
+        if self.folder and dist.get_global_rank() == 0:
+            os.makedirs(self.folder, exist_ok=True)
+            with open(os.path.join(self.folder, "pruning_log.jsonl"), "a") as f:
+                f.write(json.dumps({"step": int(state.timestamp.batch), **metrics}) + "\n")
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if self.folder and dist.get_global_rank() == 0:
+            from llmshearing.plots import plot_pruning_log
+
+            l0 = unwrap(state.model).l0
+            plot_pruning_log(os.path.join(self.folder, "pruning_log.jsonl"), self.folder,
+                             source={k: getattr(l0.source, k) for k in SHAPE_KEYS},
+                             target={k: getattr(l0.target, k) for k in SHAPE_KEYS})

@@ -1,0 +1,57 @@
+"""The Composer wrapper: the decoder, its L0 masks (when pruning), the loss and the metrics."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+from composer.models import ComposerModel
+
+from llmshearing.l0 import L0Module
+from llmshearing.model import DecoderLM
+
+
+class ShearingModel(ComposerModel):
+    """`model` is the HF-layout decoder; `l0` the masks and Lagrange multipliers (None: plain LM training).
+
+    Masks are drawn inside `forward`: stochastic in training, the exact test-time masks in eval, so
+    evaluation during pruning measures the model that export will write.
+    """
+
+    def __init__(self, model: DecoderLM, l0: L0Module | None = None):
+        super().__init__()
+        self.model, self.l0 = model, l0
+        self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy()}
+        self.eval_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(), "LanguagePerplexity": LanguagePerplexity()}
+
+    def forward(self, batch):
+        return self.model(batch["input_ids"], self.l0() if self.l0 is not None else None)
+
+    def loss(self, outputs, batch):
+        logits = outputs[:, :-1].float()
+        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        if self.l0 is None:
+            return lm_loss
+        lagrangian, _ = self.l0.lagrangian()
+        return {"total": lm_loss + lagrangian, "lm": lm_loss, "lagrangian": lagrangian}
+
+    def eval_forward(self, batch, outputs=None):
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False):
+        return self.train_metrics if is_train else self.eval_metrics
+
+    def update_metric(self, batch, outputs, metric) -> None:
+        metric.update(outputs[:, :-1].contiguous(), batch["labels"][:, 1:].contiguous())
+
+    def param_groups(self, lr: float, weight_decay: float, mask_lr: float, lambda_lr: float) -> list[dict]:
+        """Separate learning rates for weights, mask log-alphas and Lagrange multipliers (no decay on the latter)."""
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]
+        if self.l0 is not None:
+            groups.append({"params": [m.log_alpha for m in self.l0.masks.values()], "lr": mask_lr, "weight_decay": 0.0})
+            groups.append({"params": [self.l0.lambdas], "lr": lambda_lr, "weight_decay": 0.0})
+        return groups
+
+
+def unwrap(model: torch.nn.Module) -> ShearingModel:
+    """The ShearingModel inside a DDP wrapper (Composer wraps state.model for DDP, not for FSDP)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, ShearingModel) else model

@@ -1,0 +1,220 @@
+"""The run config: yaml + command-line overrides -> a typed, validated `TrainConfig`.
+
+Everything that can be checked without training is checked here, before any weights are read,
+and every error names the key and the fix (a typo gets the closest key name suggested).
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+
+from omegaconf import OmegaConf
+
+from llmshearing.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    path: str  # HF model directory (or a directory holding `gguf_file`)
+    gguf_file: str | None = None
+    tokenizer: str | None = None  # defaults to `path`
+    attn_impl: str = "auto"  # auto | sdpa | flash
+
+
+@dataclass
+class PruningConfig:
+    target: typing.Any  # preset name, path of an HF config.json (or its directory), or a mapping of dims
+    lagrangian_warmup: str = "0ba"  # target sparsity ramps linearly from 0 over this many batches
+    init_drop: float = 0.5  # initial drop probability of every gate (log_alpha = log((1-p)/p))
+    mask_lr: float = 1.0
+    lambda_lr: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    domains: dict  # domain name -> text file, directory of text files, or jsonl with a `text` field
+    seq_len: int = 256
+    eval_tokens_per_domain: int = 4096  # held out from the end of each domain's stream
+    max_train_tokens_per_domain: int | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-4
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine_with_warmup"  # cosine_with_warmup | linear_with_warmup | constant
+    t_warmup: str = "0ba"
+    alpha_f: float = 0.1
+
+
+@dataclass
+class WandbConfig:
+    project: str = "llmshearing"
+    entity: str | None = None
+    mode: str | None = None  # None: taken from WANDB_MODE
+    dir: str | None = None
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: DataConfig
+    max_duration: str
+    global_train_batch_size: int
+    run_name: str = "llmshearing"
+    pruning: PruningConfig | None = None
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    seed: int = 17
+    device_train_microbatch_size: int | str = "auto"
+    device_eval_batch_size: int = 4
+    eval_interval: str = "100ba"
+    eval_subset_num_batches: int = -1
+    precision: str = "fp32"  # fp32 | amp_bf16 | amp_fp16
+    device: str | None = None  # cpu | gpu; None picks gpu when available
+    fsdp: dict | None = None  # passed to Composer as parallelism_config['fsdp']
+    save_folder: str | None = None
+    save_interval: str = "1000ba"
+    save_num_checkpoints_to_keep: int = -1
+    save_overwrite: bool = False
+    load_path: str | None = None
+    autoresume: bool = False
+    export_dir: str | None = None  # pruning: write the dense HF model here when training ends
+    wandb: WandbConfig | None = None
+    progress_bar: bool = True
+    console_log_interval: str = "1ba"
+    log_to_console: bool = False
+
+
+def _type_ok(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is typing.Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is not None:
+        tp = origin
+    if tp is tuple:
+        return isinstance(value, (list, tuple))
+    return isinstance(value, tp)
+
+
+def _build(cls, raw, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    names = {f.name for f in fields(cls)}
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(sorted(names))}"
+            raise ConfigError(f"unknown key '{where}{key}'{hint}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        key = f"{where}{f.name}"
+        if f.name not in raw:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise ConfigError(f"missing required key '{key}'")
+            continue
+        value, tp = raw[f.name], hints[f.name]
+        sub = [a for a in typing.get_args(tp) if is_dataclass(a)] or ([tp] if is_dataclass(tp) else [])
+        if sub and value is not None:
+            value = _build(sub[0], value, key + ".")
+        elif not _type_ok(value, tp):
+            raise ConfigError(f"'{key}' must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
+        if tp is tuple or typing.get_origin(tp) is tuple:
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _check_duration(key: str, value: str, units=("ba", "tok", "ep", "sp")) -> None:
+    import re
+
+    if not re.fullmatch(rf"\d+({'|'.join(units)})", str(value)):
+        raise ConfigError(f"'{key}'='{value}' is not a duration like '100ba' (units: {', '.join(units)})")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Checks that need no weights: paths, choices, divisibility, durations."""
+    if not os.path.exists(cfg.model.path):
+        raise ConfigError(f"model.path '{cfg.model.path}' does not exist; run 'make fetch' or point it at an HF model directory")
+    if cfg.model.gguf_file and not os.path.exists(os.path.join(cfg.model.path, cfg.model.gguf_file)):
+        raise ConfigError(f"model.gguf_file '{cfg.model.gguf_file}' not found in '{cfg.model.path}'")
+    if cfg.model.attn_impl not in ("auto", "sdpa", "flash"):
+        raise ConfigError(f"model.attn_impl must be auto, sdpa or flash, got '{cfg.model.attn_impl}'")
+    if not cfg.data.domains:
+        raise ConfigError("data.domains is empty; give at least one domain: name -> text path")
+    for name, path in cfg.data.domains.items():
+        if not os.path.exists(str(path)):
+            raise ConfigError(f"data.domains.{name}: '{path}' does not exist")
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len must be at least 2, got {cfg.data.seq_len}")
+    for key in ("max_duration", "eval_interval", "save_interval", "console_log_interval", "scheduler.t_warmup"):
+        obj = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        _check_duration(key, obj)
+    if cfg.pruning is not None:
+        _check_duration("pruning.lagrangian_warmup", cfg.pruning.lagrangian_warmup, ("ba",))
+        if not 0 < cfg.pruning.init_drop < 1:
+            raise ConfigError(f"pruning.init_drop must be in (0, 1), got {cfg.pruning.init_drop}")
+    if cfg.scheduler.name not in ("cosine_with_warmup", "linear_with_warmup", "constant"):
+        raise ConfigError(f"scheduler.name '{cfg.scheduler.name}' is not one of cosine_with_warmup, linear_with_warmup, constant")
+    if cfg.precision not in ("fp32", "amp_bf16", "amp_fp16"):
+        raise ConfigError(f"precision must be fp32, amp_bf16 or amp_fp16, got '{cfg.precision}'")
+    if cfg.device not in (None, "cpu", "gpu"):
+        raise ConfigError(f"device must be cpu or gpu, got '{cfg.device}'")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.global_train_batch_size < 1 or cfg.global_train_batch_size % world:
+        raise ConfigError(
+            f"global_train_batch_size={cfg.global_train_batch_size} must be a positive multiple of the world size {world}"
+        )
+    mb = cfg.device_train_microbatch_size
+    if isinstance(mb, str) and mb != "auto":
+        raise ConfigError(f"device_train_microbatch_size must be an integer or 'auto', got '{mb}'")
+    if isinstance(mb, int) and (mb < 1 or (cfg.global_train_batch_size // world) % mb):
+        raise ConfigError(f"device_train_microbatch_size={mb} must divide the per-device batch {cfg.global_train_batch_size // world}")
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a yaml recipe, apply `key=value` overrides (OmegaConf dotlist), validate."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    conf = OmegaConf.load(path)
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key=value, got {bad}")
+        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
+    raw = OmegaConf.to_container(conf, resolve=True)
+    return validate(_build(TrainConfig, raw, ""))
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(_as_dict(cfg)))
+
+
+def _as_dict(obj):
+    if is_dataclass(obj):
+        return {f.name: _as_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj

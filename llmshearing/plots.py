@@ -1,0 +1,46 @@
+"""PNG plots of a pruning run: expected shape against the target, and the Lagrange multipliers."""
+from __future__ import annotations
+
+import json
+import os
+
+
+def plot_pruning_log(log_file: str, out_dir: str, source: dict, target: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not os.path.exists(log_file):
+        return []
+    with open(log_file) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    last = {}
+    for row in rows:  # a resumed run appends again from its checkpoint: keep the last value per step
+        last[row["step"]] = row
+    rows = [last[s] for s in sorted(last)]
+    steps = [r["step"] for r in rows]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, color in zip(source, ("C0", "C1", "C2", "C3", "C4")):
+        if source[key] == target[key]:
+            continue
+        ax.plot(steps, [r[f"expected/{key}"] / source[key] for r in rows], color=color, label=key)
+        ax.axhline(target[key] / source[key], color=color, ls="--", lw=0.8)
+    ax.set(xlabel="step", ylabel="expected size / source size", title="Expected shape (dashed: target)")
+    ax.legend(fontsize=8)
+    shape_png = os.path.join(out_dir, "pruning_shape.png")
+    fig.tight_layout()
+    fig.savefig(shape_png, dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in sorted(k for k in rows[-1] if k.startswith("l0/") and "/lambda_" in k):
+        ax.plot(steps, [r[key] for r in rows], label=key[3:])
+    ax.set(xlabel="step", ylabel="value", title="Lagrange multipliers")
+    ax.legend(fontsize=7, ncol=2)
+    lambda_png = os.path.join(out_dir, "pruning_lambdas.png")
+    fig.tight_layout()
+    fig.savefig(lambda_png, dpi=110)
+    plt.close(fig)
+    return [shape_png, lambda_png]

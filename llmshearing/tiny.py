@@ -1,0 +1,81 @@
+"""A tiny but real setup for tests and for debugging recipes on a laptop: a randomly initialized HF
+model of a chosen LLaMA family, a byte-level BPE tokenizer trained on Python's own sources and docs,
+and two text domains (prose from docstrings, code from the standard library)."""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sysconfig
+
+import torch
+
+FAMILY_CONFIGS = {
+    "llama-mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "smollm2-gqa": dict(model_type="llama", num_attention_heads=6, num_key_value_heads=2, head_dim=16,
+                        tie_word_embeddings=True, rope_theta=100000.0),
+    "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=24,
+                    tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+}
+STDLIB_MODULES = ("json", "os", "argparse", "collections", "csv", "random", "textwrap", "string", "shutil", "pathlib")
+
+
+def tiny_config(family: str, vocab_size: int = 384, **overrides):
+    from transformers import AutoConfig
+
+    spec = dict(FAMILY_CONFIGS[family])
+    model_type = spec.pop("model_type")
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                                num_hidden_layers=4, max_position_embeddings=512, rms_norm_eps=1e-5,
+                                **{**spec, **overrides})
+
+
+def domain_texts() -> dict[str, list[str]]:
+    import importlib
+
+    stdlib = sysconfig.get_paths()["stdlib"]
+    prose, code = [], []
+    for name in STDLIB_MODULES:
+        module = importlib.import_module(name)
+        prose.extend(doc for _, obj in inspect.getmembers(module) if (doc := inspect.getdoc(obj)) and len(doc) > 200)
+        path = os.path.join(stdlib, name + ".py") if os.path.exists(os.path.join(stdlib, name + ".py")) else module.__file__
+        with open(path, encoding="utf-8") as f:
+            code.append(f.read())
+    return {"prose": prose, "code": code}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def make_tiny(out_dir: str, family: str = "smollm2-gqa", vocab_size: int = 384, seed: int = 0) -> dict[str, str]:
+    """Write `<out>/model` (HF checkpoint + tokenizer) and `<out>/text/{prose,code}.jsonl`; return paths."""
+    from transformers import AutoModelForCausalLM
+
+    texts = domain_texts()
+    paths = {"model": os.path.join(out_dir, "model")}
+    os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
+    for name, docs in texts.items():
+        paths[name] = os.path.join(out_dir, "text", f"{name}.jsonl")
+        with open(paths[name], "w") as f:
+            f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    tokenizer = train_tokenizer([t for docs in texts.values() for t in docs], vocab_size)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=len(tokenizer)), torch_dtype=torch.float32)
+    with torch.no_grad():  # random but not degenerate: norms and biases away from their init values
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(paths["model"])
+    tokenizer.save_pretrained(paths["model"])
+    return paths

@@ -1,0 +1,197 @@
+"""Builders: a validated TrainConfig -> tokenizer, data, model, optimizer, callbacks, Composer Trainer.
+
+Order matters: everything that can fail on bad input (config, paths, target, tokenizer, data) is
+checked before the weights are read, so a typo costs seconds.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from llmshearing.arch import load_hf_config, resolve_target, shape_of
+from llmshearing.config import TrainConfig, load_config, to_yaml
+from llmshearing.errors import ConfigError
+from llmshearing.io import atomic_write_text
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    path = model_cfg.tokenizer or model_cfg.path
+    if not os.path.exists(path):
+        raise ConfigError(f"model.tokenizer '{path}' does not exist")
+    same = model_cfg.tokenizer in (None, model_cfg.path)
+    kwargs = {"gguf_file": model_cfg.gguf_file} if (model_cfg.gguf_file and same) else {}
+    return AutoTokenizer.from_pretrained(path, **kwargs)
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    return cfg.save_folder or os.path.join("runs", cfg.run_name)
+
+
+def batches(duration: str) -> int:
+    if not duration.endswith("ba"):
+        raise ConfigError(f"expected a duration in batches like '320ba', got '{duration}'")
+    return int(duration[:-2])
+
+
+def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights: bool = True):
+    """The ShearingModel: pretrained weights (or an empty shell to load a checkpoint into) + masks."""
+    from llmshearing.composer_model import ShearingModel
+    from llmshearing.l0 import L0Module
+    from llmshearing.model import DecoderLM, from_pretrained
+
+    source_config = source_config or load_hf_config(cfg.model.path, cfg.model.gguf_file)
+    if load_weights:
+        lm = from_pretrained(cfg.model.path, cfg.model.gguf_file, cfg.model.attn_impl)
+    else:
+        with torch.device("meta"):
+            lm = DecoderLM(source_config, cfg.model.attn_impl)
+        lm.to_empty(device="cpu")
+    l0 = None
+    if cfg.pruning is not None:
+        target = target or resolve_target(cfg.pruning.target, source_config)
+        l0 = L0Module(shape_of(source_config), target, batches(cfg.pruning.lagrangian_warmup), cfg.pruning.init_drop)
+    return ShearingModel(lm, l0)
+
+
+def build_trainer(cfg: TrainConfig):
+    from composer import Evaluator, Trainer
+    from composer.callbacks import LRMonitor, SpeedMonitor
+    from composer.optim import ConstantScheduler, CosineAnnealingWithWarmupScheduler, LinearWithWarmupScheduler
+    from composer.utils import dist
+    from torch.utils.data import DataLoader
+
+    from callbacks import PruningMonitor
+    from llmshearing.data import build_datasets
+
+    source_config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
+    target = resolve_target(cfg.pruning.target, source_config) if cfg.pruning else None
+    tokenizer = load_tokenizer(cfg.model)
+    train_set, eval_set = build_datasets(
+        cfg.data.domains, tokenizer, cfg.data.seq_len, cfg.data.eval_tokens_per_domain,
+        cfg.data.max_train_tokens_per_domain, vocab_size=source_config.vocab_size,
+    )
+    folder = run_dir(cfg)
+    if dist.get_global_rank() == 0:
+        atomic_write_text(os.path.join(folder, "run_config.yaml"), to_yaml(cfg))
+
+    model = build_model(cfg, source_config, target)
+    o = cfg.optimizer
+    groups = model.param_groups(o.lr, o.weight_decay, *(
+        (cfg.pruning.mask_lr, cfg.pruning.lambda_lr) if cfg.pruning else (0.0, 0.0)))
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    s = cfg.scheduler
+    scheduler = {
+        "cosine_with_warmup": lambda: CosineAnnealingWithWarmupScheduler(t_warmup=s.t_warmup, alpha_f=s.alpha_f),
+        "linear_with_warmup": lambda: LinearWithWarmupScheduler(t_warmup=s.t_warmup, alpha_f=s.alpha_f),
+        "constant": ConstantScheduler,
+    }[s.name]()
+
+    per_device = cfg.global_train_batch_size // dist.get_world_size()
+    train_loader = DataLoader(
+        train_set, batch_size=per_device, drop_last=True, num_workers=cfg.data.num_workers,
+        sampler=dist.get_sampler(train_set, shuffle=True, drop_last=True),
+    )
+    eval_loader = DataLoader(eval_set, batch_size=cfg.device_eval_batch_size,
+                             sampler=dist.get_sampler(eval_set, shuffle=False))
+    callbacks = [SpeedMonitor(window_size=10), LRMonitor()]
+    if cfg.pruning:
+        callbacks.append(PruningMonitor(folder))
+    loggers = []
+    if cfg.wandb is not None:
+        from composer.loggers import WandBLogger
+
+        wandb_dir = cfg.wandb.dir or os.path.join(folder, "wandb")
+        os.makedirs(wandb_dir, exist_ok=True)
+        init = {"dir": wandb_dir, **({"mode": cfg.wandb.mode} if cfg.wandb.mode else {})}
+        loggers.append(WandBLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, init_kwargs=init))
+
+    device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
+    if cfg.fsdp and device != "gpu":
+        raise ConfigError("fsdp is set but there is no GPU; set fsdp=null to train on CPU")
+    trainer = Trainer(
+        run_name=cfg.run_name, model=model, train_dataloader=train_loader,
+        eval_dataloader=Evaluator(label="eval", dataloader=eval_loader),
+        max_duration=cfg.max_duration, eval_interval=cfg.eval_interval,
+        eval_subset_num_batches=cfg.eval_subset_num_batches,
+        optimizers=optimizer, schedulers=scheduler, step_schedulers_every_batch=True,
+        device=device, precision=cfg.precision, device_train_microbatch_size=cfg.device_train_microbatch_size,
+        parallelism_config={"fsdp": dict(cfg.fsdp)} if cfg.fsdp else None,
+        seed=cfg.seed, callbacks=callbacks, loggers=loggers,
+        save_folder=cfg.save_folder, save_interval=cfg.save_interval, save_overwrite=cfg.save_overwrite,
+        save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
+        load_path=cfg.load_path, autoresume=cfg.autoresume,
+        progress_bar=cfg.progress_bar, log_to_console=cfg.log_to_console,
+        console_log_interval=cfg.console_log_interval,
+    )
+    return trainer, tokenizer, eval_set
+
+
+def export_trained(trainer, cfg: TrainConfig, tokenizer, out_dir: str, overwrite: bool = False) -> dict:
+    """Finalize the masks of a trained pruning model and write the dense HF model (rank 0)."""
+    from composer.utils import dist
+
+    from llmshearing.composer_model import unwrap
+    from llmshearing.prune import finalize, save_hf
+
+    model = unwrap(trainer.state.model)
+    pruned, kept = finalize(model.model, model.l0)
+    if dist.get_global_rank() == 0:
+        save_hf(pruned, out_dir, tokenizer, kept, overwrite=overwrite)
+    dist.barrier()
+    return kept
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: composer train.py <recipe.yaml> [key=value ...]")
+        return 0 if argv else 2
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        trainer, tokenizer, _ = build_trainer(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    start = time.time()
+    trainer.fit()
+    print(f"training finished in {time.time() - start:.1f}s")
+    if cfg.pruning is not None and cfg.export_dir:
+        export_trained(trainer, cfg, tokenizer, cfg.export_dir, overwrite=True)
+        print(f"exported the pruned model to {cfg.export_dir}")
+    trainer.close()
+    return 0
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = None,
+                      dtype: str | None = None, overwrite: bool = False) -> dict:
+    """`llmshearing export`: a Composer pruning checkpoint -> dense HF model of the target shape.
+
+    The run's `run_config.yaml` (written beside the checkpoints at the start of training) says
+    which source model, tokenizer and target the checkpoint belongs to.
+    """
+    from llmshearing.config import TrainConfig, _build
+    from llmshearing.prune import finalize, save_hf
+    from omegaconf import OmegaConf
+
+    if not os.path.exists(checkpoint):
+        raise ConfigError(f"checkpoint '{checkpoint}' does not exist")
+    config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "run_config.yaml")
+    if not os.path.exists(config_path):
+        raise ConfigError(f"no run config at '{config_path}'; pass --config <run_config.yaml> of the pruning run")
+    cfg = _build(TrainConfig, OmegaConf.to_container(OmegaConf.load(config_path), resolve=True), "")
+    if cfg.pruning is None:
+        raise ConfigError(f"'{config_path}' is not a pruning run (no 'pruning' section); nothing to export")
+    model = build_model(cfg, load_weights=False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    weights = state["state"]["model"] if "state" in state else state
+    weights = {k.removeprefix("module."): v for k, v in weights.items()}
+    model.load_state_dict(weights, strict=True)
+    pruned, kept = finalize(model.model, model.l0)
+    save_hf(pruned, out_dir, load_tokenizer(cfg.model), kept,
+            dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)
+    return kept
