@@ -7,7 +7,7 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
 from llmshearing.l0 import L0Module
-from llmshearing.model import DecoderLM
+from llmshearing.model import DecoderLayer, DecoderLM
 
 
 class ShearingModel(ComposerModel):
@@ -22,6 +22,13 @@ class ShearingModel(ComposerModel):
         self.model, self.l0 = model, l0
         self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy()}
         self.eval_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(), "LanguagePerplexity": LanguagePerplexity()}
+
+    # FSDP: one unit per decoder layer, and activation checkpointing at the same boundary.
+    def fsdp_wrap_fn(self, module) -> bool:
+        return isinstance(module, DecoderLayer)
+
+    def activation_checkpointing_fn(self, module) -> bool:
+        return isinstance(module, DecoderLayer)
 
     def forward(self, batch):
         return self.model(batch["input_ids"], self.l0() if self.l0 is not None else None)

@@ -122,7 +122,7 @@ def _build(cls, raw, where: str):
     for key in raw:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(sorted(names))}"
+            hint = f"; did you mean '{where}{close[0]}'?" if close else f"; allowed keys: {', '.join(sorted(names))}"
             raise ConfigError(f"unknown key '{where}{key}'{hint}")
     hints = typing.get_type_hints(cls)
     kwargs = {}

@@ -26,9 +26,25 @@ def tiny_config(family: str, vocab_size: int = 384, **overrides):
 
     spec = dict(FAMILY_CONFIGS[family])
     model_type = spec.pop("model_type")
-    return AutoConfig.for_model(model_type, vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
-                                num_hidden_layers=4, max_position_embeddings=512, rms_norm_eps=1e-5,
-                                **{**spec, **overrides})
+    sizes = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                 max_position_embeddings=512, rms_norm_eps=1e-5)
+    return AutoConfig.for_model(model_type, **{**sizes, **spec, **overrides})
+
+
+def random_model(family: str, vocab_size: int = 384, seed: int = 0):
+    """A random HF model of `family` whose norms and biases are not at their init values (so tests
+    that fold or slice them can fail)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=vocab_size), torch_dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
 
 
 def domain_texts() -> dict[str, list[str]]:
@@ -58,8 +74,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 def make_tiny(out_dir: str, family: str = "smollm2-gqa", vocab_size: int = 384, seed: int = 0) -> dict[str, str]:
     """Write `<out>/model` (HF checkpoint + tokenizer) and `<out>/text/{prose,code}.jsonl`; return paths."""
-    from transformers import AutoModelForCausalLM
-
     texts = domain_texts()
     paths = {"model": os.path.join(out_dir, "model")}
     os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
@@ -68,14 +82,6 @@ def make_tiny(out_dir: str, family: str = "smollm2-gqa", vocab_size: int = 384, 
         with open(paths[name], "w") as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
     tokenizer = train_tokenizer([t for docs in texts.values() for t in docs], vocab_size)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=len(tokenizer)), torch_dtype=torch.float32)
-    with torch.no_grad():  # random but not degenerate: norms and biases away from their init values
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    model.save_pretrained(paths["model"])
+    random_model(family, len(tokenizer), seed).save_pretrained(paths["model"])
     tokenizer.save_pretrained(paths["model"])
     return paths

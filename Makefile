@@ -1,0 +1,33 @@
+# llmshearing: `make demo` runs the embedded default end to end; `make test` runs the test suite.
+PY ?= .venv/bin/python
+PIP_FLAGS ?= -q
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo fetch tiny test clean
+
+.venv/bin/python:
+	python3 -m venv .venv
+	.venv/bin/pip install $(PIP_FLAGS) --upgrade pip
+
+# constraints.txt pins every package to the set proved on CPU (see docs/dependencies.md)
+.venv/.installed: .venv/bin/python pyproject.toml constraints.txt
+	.venv/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,gguf]'
+	touch $@
+
+install: .venv/.installed
+
+fetch: install
+	$(PY) -m data_prep.fetch_offline --out data
+
+demo: fetch
+	$(PY) -m llmshearing.cli demo --data data --out runs/demo
+
+tiny: install
+	$(PY) -m llmshearing.cli make-tiny data/tiny
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+clean:
+	rm -rf runs data/tiny

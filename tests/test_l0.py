@@ -1,0 +1,129 @@
+import math
+
+import pytest
+import torch
+
+from llmshearing.arch import Shape
+from llmshearing.l0 import HardConcrete, L0Module, plan_masks
+
+SRC = Shape(4, 64, 6, 2, 96)
+TGT = Shape(3, 48, 2, 1, 64)
+
+
+def test_samples_are_in_unit_interval_with_exact_zeros_and_ones():
+    torch.manual_seed(0)
+    gate = HardConcrete((20000,), keep=1, init_drop=0.5)
+    z = gate.sample()
+    assert z.min() >= 0 and z.max() <= 1
+    # stretched to (-0.1, 1.1) then clamped: both ends carry probability mass
+    assert (z == 0).any() and (z == 1).any() and ((z > 0) & (z < 1)).any()
+
+
+def test_score_is_hand_computed_probability_of_open_gate():
+    gate = HardConcrete((3,), keep=1)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([0.0, 2.0, -1.0]))
+    # P(z > 0) = sigmoid(log_alpha - beta * log(-l / r)) with beta = 2/3, l = -0.1, r = 1.1
+    shift = (2 / 3) * math.log(0.1 / 1.1)  # = -1.59865...
+    expected = [1 / (1 + math.exp(-(a - shift))) for a in (0.0, 2.0, -1.0)]
+    assert gate.score().tolist() == pytest.approx(expected, abs=1e-6)
+    assert expected[0] == pytest.approx(0.83183, abs=1e-4)
+    assert float(gate.expected_sparsity()) == pytest.approx(1 - sum(expected) / 3, abs=1e-6)
+
+
+def test_score_matches_monte_carlo_frequency():
+    torch.manual_seed(1)
+    gate = HardConcrete((200000,), keep=1)
+    with torch.no_grad():
+        gate.log_alpha.fill_(-0.7)
+    freq = float((gate.sample() > 0).float().mean())
+    assert freq == pytest.approx(float(gate.score()[0]), abs=0.005)
+
+
+def test_init_drop_sets_log_alpha():
+    gate = HardConcrete((1000,), keep=1, init_drop=0.2, init_std=0.0)
+    assert torch.allclose(gate.log_alpha, torch.full((1000,), math.log(0.8 / 0.2)))
+
+
+def test_deterministic_keeps_exactly_k_per_row_with_mean_noise_values():
+    gate = HardConcrete((2, 5), keep=2)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([[0.0, 3.0, -1.0, 1.0, -5.0], [-9.0, -8.0, -7.0, -6.0, -5.0]]))
+    z = gate.deterministic()
+    assert (z > 0).sum(-1).tolist() == [2, 0]  # row 2: kept units whose mean-noise value is 0 stay 0
+    assert gate.keep_index().tolist() == [[1, 3], [3, 4]]
+    kept_value = lambda a: min(1.0, max(0.0, 1 / (1 + math.exp(-a)) * 1.2 - 0.1))  # noqa: E731
+    assert z[0].tolist() == pytest.approx([0, kept_value(3.0), 0, kept_value(1.0), 0], abs=1e-6)
+    assert z[1].tolist() == pytest.approx([0, 0, 0, kept_value(-6.0), kept_value(-5.0)], abs=1e-6)
+
+
+def test_plan_masks_gqa_levels():
+    plan = plan_masks(SRC, TGT)
+    assert plan == {
+        "layer": ((4,), 3), "hidden": ((64,), 48), "kv_head": ((4, 2), 1),
+        "head": ((4, 2, 3), 2), "intermediate": ((4, 96), 64),
+    }
+    # same heads per group: no in-group mask; same KV groups: no group mask
+    assert set(plan_masks(SRC, Shape(4, 64, 3, 1, 96))) == {"kv_head"}
+    assert set(plan_masks(SRC, Shape(4, 64, 4, 2, 96))) == {"head"}
+    assert plan_masks(SRC, SRC) == {}
+
+
+def test_lagrangian_value_matches_formula():
+    l0 = L0Module(SRC, TGT, warmup_steps=10)
+    l0.step = 5
+    with torch.no_grad():
+        l0.lambdas.copy_(torch.tensor([[0.5, 2.0]] * len(l0.masks)))
+    loss, logs = l0.lagrangian()
+    expected = 0.0
+    for name, mask in l0.masks.items():
+        s, t = float(mask.expected_sparsity()), (1 - mask.keep / mask.units) * 0.5  # half-way through warm-up
+        assert logs[f"l0/{name}/target_sparsity"] == pytest.approx(t)
+        expected += 0.5 * (s - t) + 2.0 * (s - t) ** 2
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_lambda_update_is_gradient_ascent():
+    torch.manual_seed(0)
+    l0 = L0Module(Shape(4, 64, 6, 2, 96), Shape(2, 64, 6, 2, 96), warmup_steps=0, init_drop=0.1)
+    gap = float(l0.masks["layer"].expected_sparsity()) - 0.5  # sparsity far below target: gap < 0
+    assert gap < -0.3
+    opt = torch.optim.SGD([l0.lambdas], lr=1.0)
+    for _ in range(3):
+        opt.zero_grad()
+        loss, _ = l0.lagrangian()
+        loss.backward()
+        opt.step()
+    # ascent: lambda_1 += lr * gap, lambda_2 += lr * gap^2 (masks untouched, so the gap is constant)
+    assert float(l0.lambdas[0, 0]) == pytest.approx(3 * gap, rel=1e-5)
+    assert float(l0.lambdas[0, 1]) == pytest.approx(3 * gap**2, rel=1e-5)
+
+
+def test_lambdas_grow_while_constraint_violated_and_masks_move_to_target():
+    torch.manual_seed(0)
+    l0 = L0Module(SRC, TGT, warmup_steps=0)
+    opt = torch.optim.AdamW([{"params": [m.log_alpha for m in l0.masks.values()], "lr": 0.1},
+                             {"params": [l0.lambdas], "lr": 0.05}], weight_decay=0.0)
+    magnitudes = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss, _ = l0.lagrangian()
+        loss.backward()
+        opt.step()
+        magnitudes.append(float(l0.lambdas.abs().sum()))
+    assert magnitudes[20] > magnitudes[0] and magnitudes[40] > magnitudes[20]
+    for _ in range(400):
+        opt.zero_grad()
+        l0.lagrangian()[0].backward()
+        opt.step()
+    for name, mask in l0.masks.items():
+        assert float(mask.expected_sparsity()) == pytest.approx(mask.target_sparsity(), abs=0.05), name
+
+
+def test_expected_shape_counts():
+    l0 = L0Module(SRC, TGT)
+    with torch.no_grad():
+        for m in l0.masks.values():
+            m.log_alpha.fill_(50.0)  # every gate open with probability 1
+    shape = l0.expected_shape()
+    assert shape == pytest.approx({k: float(v) for k, v in SRC.as_dict().items()}, rel=1e-5)

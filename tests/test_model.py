@@ -1,0 +1,90 @@
+import json
+import os
+
+import pytest
+import torch
+from conftest import FAMILIES
+from transformers import AutoModelForCausalLM
+
+from llmshearing.arch import Shape, head_dim_of, param_count, shape_of
+from llmshearing.l0 import L0Module
+from llmshearing.model import DecoderLM
+from llmshearing.prune import finalize, save_hf
+from llmshearing.tiny import random_model
+
+TOL = 1e-4  # fp32 logits of magnitude ~1: differences come from summation order only (seen: < 1e-6)
+TARGETS = {  # every structure shrinks; GQA targets keep num_heads divisible by num_kv_heads
+    "llama-mha": Shape(3, 48, 2, 2, 64),
+    "smollm2-gqa": Shape(3, 48, 2, 1, 64),  # 6/2 -> 2/1: drops a group and a query head per group
+    "mistral": Shape(3, 40, 2, 1, 48),
+    "qwen2": Shape(2, 32, 2, 1, 80),
+}
+
+
+def ours(hf) -> DecoderLM:
+    lm = DecoderLM(hf.config, attn_impl="sdpa")
+    lm.load_state_dict(hf.state_dict(), strict=True)
+    return lm.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_transformers(family):
+    hf = random_model(family)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 40))  # 40 > mistral's sliding window of 24
+    with torch.no_grad():
+        torch.testing.assert_close(ours(hf)(ids), hf(ids).logits, atol=TOL, rtol=0)
+
+
+def random_masks(l0: L0Module, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in l0.masks.values():
+            m.log_alpha.copy_(torch.randn(m.shape, generator=g) * 2 + 1)  # some kept values below 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_masked_equals_sliced_equals_reloaded_export(family, tmp_path):
+    hf = random_model(family)
+    lm = ours(hf)
+    target = TARGETS[family]
+    l0 = L0Module(shape_of(hf.config), target).eval()
+    random_masks(l0, seed=3)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        masked = lm(ids, l0())
+        pruned, kept = finalize(lm, l0)
+        sliced = pruned(ids)
+    torch.testing.assert_close(sliced, masked, atol=TOL, rtol=0)
+    assert masked.abs().max() > 0.1  # not trivially zero
+
+    save_hf(pruned, str(tmp_path / "export"), kept=kept)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, masked, atol=TOL, rtol=0)
+
+    with open(tmp_path / "export" / "config.json") as f:
+        exported = json.load(f)
+    assert {k: exported[k] for k in target.as_dict()} == target.as_dict()
+    assert exported["model_type"] == hf.config.model_type
+    assert exported["head_dim"] == head_dim_of(hf.config)
+    assert sum(p.numel() for p in reloaded.parameters()) == param_count(target, hf.config)
+    assert [len(h) for h in kept["heads"]] == [target.num_attention_heads] * target.num_hidden_layers
+    assert [len(i) for i in kept["intermediate"]] == [target.intermediate_size] * target.num_hidden_layers
+    assert os.path.exists(tmp_path / "export" / "pruning.json")
+
+
+def test_kept_heads_belong_to_kept_groups():
+    hf = random_model("smollm2-gqa")
+    l0 = L0Module(shape_of(hf.config), TARGETS["smollm2-gqa"]).eval()
+    random_masks(l0, seed=5)
+    _, kept = finalize(ours(hf), l0)
+    per_group = hf.config.num_attention_heads // hf.config.num_key_value_heads
+    for heads, groups in zip(kept["heads"], kept["kv_heads"]):
+        assert sorted({h // per_group for h in heads}) == groups
+        assert all(sum(h // per_group == g for h in heads) == 2 for g in groups)  # same count per group
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_param_count_matches_model(family):
+    hf = random_model(family)
+    assert param_count(shape_of(hf.config), hf.config) == sum(p.numel() for p in hf.parameters())
