@@ -35,7 +35,7 @@ class PruningMonitor(Callback):
         if self.folder and dist.get_global_rank() == 0:
             os.makedirs(self.folder, exist_ok=True)
             with open(os.path.join(self.folder, "pruning_log.jsonl"), "a") as f:
-                f.write(json.dumps({"step": int(state.timestamp.batch), **metrics}) + "\n")
+                f.write(json.dumps({"step": l0.step, **metrics}) + "\n")
 
     def fit_end(self, state: State, logger: Logger) -> None:
         if self.folder and dist.get_global_rank() == 0:

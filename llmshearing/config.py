@@ -181,6 +181,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"precision must be fp32, amp_bf16 or amp_fp16, got '{cfg.precision}'")
     if cfg.device not in (None, "cpu", "gpu"):
         raise ConfigError(f"device must be cpu or gpu, got '{cfg.device}'")
+    if cfg.fsdp is not None:
+        check_fsdp(cfg.fsdp)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.global_train_batch_size < 1 or cfg.global_train_batch_size % world:
         raise ConfigError(
@@ -192,6 +194,18 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if isinstance(mb, int) and (mb < 1 or (cfg.global_train_batch_size // world) % mb):
         raise ConfigError(f"device_train_microbatch_size={mb} must divide the per-device batch {cfg.global_train_batch_size // world}")
     return cfg
+
+
+def check_fsdp(fsdp: dict) -> None:
+    """The `fsdp` section must be a valid Composer FSDPConfig (checked without GPUs)."""
+    from composer.utils.parallelism import FSDPConfig
+
+    allowed = {f.name for f in fields(FSDPConfig) if f.init}
+    for key in fsdp:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            raise ConfigError(f"unknown key 'fsdp.{key}'" + (f"; did you mean 'fsdp.{close[0]}'?" if close else ""))
+    FSDPConfig(**fsdp)
 
 
 def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:

@@ -6,7 +6,7 @@ import pytest
 from conftest import REPO
 
 from llmshearing.arch import PRESETS, Shape, load_hf_config, resolve_target
-from llmshearing.config import load_config
+from llmshearing.config import check_fsdp, load_config
 from llmshearing.errors import ConfigError
 from llmshearing.tiny import tiny_config
 
@@ -31,6 +31,9 @@ def test_shipped_recipes_parse(yaml_name, tmp_path):
     raw = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "yamls", yaml_name)), resolve=True)
     cfg = _build(TrainConfig, raw, "")  # all keys known and well typed (paths exist only on the cluster)
     assert cfg.pruning is not None
+    if cfg.fsdp is not None:  # the GPU recipes' FSDP section is a valid Composer FSDPConfig
+        check_fsdp(cfg.fsdp)
+        assert cfg.fsdp["sharding_strategy"] == "FULL_SHARD" and cfg.precision == "amp_bf16"
     with open(os.path.join(REPO, "yamls", yaml_name)) as f:
         header = "".join(line for line in f if line.startswith("#"))
     assert "composer train.py yamls/" + yaml_name in header  # the command that runs it
@@ -90,6 +93,7 @@ def test_source_heads_not_divisible_by_kv_heads(tmp_path):
     ("device_train_microbatch_size=3", "must divide the per-device batch 4"),
     ("precision=fp8", "precision must be"),
     ("pruning.init_drop=1.5", "init_drop must be in"),
+    ("fsdp.sharding_stratgy=FULL_SHARD", "unknown key 'fsdp.sharding_stratgy'; did you mean 'fsdp.sharding_strategy'?"),
 ])
 def test_bad_config_keys(tiny_setup, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
