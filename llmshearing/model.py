@@ -149,7 +149,12 @@ class DecoderLM(nn.Module):
         self.config = config
         self.model = Backbone(config, resolve_attn_impl(attn_impl))
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """One tensor for embedding and head when the config ties them (call again after `to_empty`,
+        which allocates a separate tensor for each)."""
+        if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def rope(self, T: int, dtype, device):
@@ -194,6 +199,7 @@ def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "a
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
     with torch.device("meta"):
         lm = DecoderLM(hf.config, attn_impl)
-    lm.to_empty(device="cpu").to(dtype)  # allocate without a random init; tied weights stay one tensor
+    lm.to_empty(device="cpu").to(dtype)  # allocate without a random init
+    lm.tie_weights()
     lm.load_state_dict(hf.state_dict(), strict=True)
     return lm.eval()

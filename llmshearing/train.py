@@ -51,6 +51,7 @@ def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights:
         with torch.device("meta"):
             lm = DecoderLM(source_config, cfg.model.attn_impl)
         lm.to_empty(device="cpu")
+        lm.tie_weights()
     l0 = None
     if cfg.pruning is not None:
         target = target or resolve_target(cfg.pruning.target, source_config)
@@ -167,16 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = None,
-                      dtype: str | None = None, overwrite: bool = False) -> dict:
-    """`llmshearing export`: a Composer pruning checkpoint -> dense HF model of the target shape.
+def load_pruning_checkpoint(checkpoint: str, config_path: str | None = None):
+    """(run config, ShearingModel with masks) from a Composer pruning checkpoint.
 
     The run's `run_config.yaml` (written beside the checkpoints at the start of training) says
     which source model, tokenizer and target the checkpoint belongs to.
     """
-    from llmshearing.config import TrainConfig, _build
-    from llmshearing.prune import finalize, save_hf
     from omegaconf import OmegaConf
+
+    from llmshearing.config import TrainConfig, _build
 
     if not os.path.exists(checkpoint):
         raise ConfigError(f"checkpoint '{checkpoint}' does not exist")
@@ -189,8 +189,16 @@ def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = N
     model = build_model(cfg, load_weights=False)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     weights = state["state"]["model"] if "state" in state else state
-    weights = {k.removeprefix("module."): v for k, v in weights.items()}
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()}, strict=True)
+    return cfg, model.eval()
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = None,
+                      dtype: str | None = None, overwrite: bool = False) -> dict:
+    """`llmshearing export`: a Composer pruning checkpoint -> dense HF model of the target shape."""
+    from llmshearing.prune import finalize, save_hf
+
+    cfg, model = load_pruning_checkpoint(checkpoint, config_path)
     pruned, kept = finalize(model.model, model.l0)
     save_hf(pruned, out_dir, load_tokenizer(cfg.model), kept,
             dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)

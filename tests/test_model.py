@@ -88,3 +88,18 @@ def test_kept_heads_belong_to_kept_groups():
 def test_param_count_matches_model(family):
     hf = random_model(family)
     assert param_count(shape_of(hf.config), hf.config) == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_pretrained_keeps_tied_embeddings_one_tensor(family, tmp_path):
+    from llmshearing.model import from_pretrained
+
+    hf = random_model(family)
+    hf.save_pretrained(tmp_path)
+    lm = from_pretrained(str(tmp_path), attn_impl="sdpa")
+    assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == hf.config.tie_word_embeddings
+    unique = {id(p): p for p in lm.parameters()}.values()
+    assert sum(p.numel() for p in unique) == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, hf.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids), hf(ids).logits, atol=TOL, rtol=0)

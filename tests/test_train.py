@@ -14,6 +14,7 @@ from llmshearing.composer_model import ShearingModel
 from llmshearing.data import build_datasets
 from llmshearing.l0 import L0Module
 from llmshearing.model import from_pretrained
+from llmshearing.train import load_pruning_checkpoint
 
 TINY_YAML = os.path.join("yamls", "testing", "prune_tiny.yaml")
 BIN = os.path.dirname(sys.executable)
@@ -52,6 +53,9 @@ def test_composer_launcher_prunes_checkpoints_and_exports(tiny_setup, tmp_path):
     ids = torch.randint(0, a.config.vocab_size, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=0, rtol=0)
+        # the masked model of the checkpoint in eval mode computes what the export computes
+        _, masked = load_pruning_checkpoint(os.path.join(folder, "ep0-ba30-rank0.pt"))
+        torch.testing.assert_close(a(ids).logits, masked({"input_ids": ids}), atol=1e-4, rtol=0)
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
