@@ -60,6 +60,14 @@ def head_dim_of(config: PretrainedConfig) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def attention_biases(config: PretrainedConfig) -> tuple[bool, bool]:
+    """(q/k/v bias, o bias): Qwen2 always has q/k/v bias and no o bias; Llama/Mistral follow attention_bias."""
+    if config.model_type == "qwen2":
+        return True, False
+    bias = bool(getattr(config, "attention_bias", False))
+    return bias, bias
+
+
 def check_source_config(config: PretrainedConfig) -> None:
     """Refuse configs the model does not implement, before any weights are read."""
     if config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -177,8 +185,7 @@ def param_count(shape: Shape, config: PretrainedConfig, *, floats: dict | None =
     d = {**shape.as_dict(), **(floats or {})}
     L, h, H, KV, inter = (d[k] for k in SHAPE_KEYS)
     hd = head_dim_of(config)
-    qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
-    o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"
+    qkv_bias, o_bias = attention_biases(config)
     mlp_bias = bool(getattr(config, "mlp_bias", False))
     attn = h * (H + 2 * KV) * hd + H * hd * h + (qkv_bias * (H + 2 * KV) * hd) + o_bias * h
     mlp = 3 * h * inter + mlp_bias * (2 * inter + h)

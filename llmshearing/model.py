@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from llmshearing.arch import head_dim_of
+from llmshearing.arch import attention_biases, head_dim_of
 from llmshearing.l0 import Masks
 
 try:  # optional GPU kernel; torch SDPA is the fallback everywhere
@@ -50,8 +50,7 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = config.hidden_size, head_dim_of(config)
         self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
-        qkv_bias = bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2"
-        o_bias = bool(getattr(config, "attention_bias", False)) and config.model_type != "qwen2"
+        qkv_bias, o_bias = attention_biases(config)
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=qkv_bias)
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
