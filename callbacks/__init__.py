@@ -1,4 +1,5 @@
 """Composer callbacks of llmshearing, registered by name for the yaml recipes."""
+from callbacks.dynamic_loading import DynamicLoading
 from callbacks.pruning_monitor import PruningMonitor
 
-__all__ = ["PruningMonitor"]
+__all__ = ["DynamicLoading", "PruningMonitor"]

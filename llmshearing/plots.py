@@ -44,3 +44,41 @@ def plot_pruning_log(log_file: str, out_dir: str, source: dict, target: dict) ->
     fig.savefig(lambda_png, dpi=110)
     plt.close(fig)
     return [shape_png, lambda_png]
+
+
+def plot_domain_log(log_file: str, out_dir: str) -> list[str]:
+    """domain_weights.png (weights per domain over training) and, with dynamic loading,
+    domain_gaps.png (eval loss minus reference per domain) from DynamicLoading's jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not os.path.exists(log_file):
+        return []
+    last = {}
+    with open(log_file) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                last[row["batch"]] = row  # a resumed run logs again from its checkpoint: keep the last
+    rows = [last[b] for b in sorted(last)]
+    domains, batches = rows[-1]["domains"], [r["batch"] for r in rows]
+    out = []
+    panels = [("weights", "domain weight", "Domain weights (set after each eval)", "domain_weights.png"),
+              ("gaps", "eval loss - reference", "Per-domain loss gap", "domain_gaps.png")]
+    for key, ylabel, title, name in panels:
+        if any(r[key] is None for r in rows):
+            continue
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for i, d in enumerate(domains):
+            ax.plot(batches, [r[key][i] for r in rows], marker="o", ms=3, label=d)
+        if key == "gaps":
+            ax.axhline(0, color="k", lw=0.8)
+        ax.set(xlabel="batch", ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        out.append(os.path.join(out_dir, name))
+        fig.savefig(out[-1], dpi=110)
+        plt.close(fig)
+    return out

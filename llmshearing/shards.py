@@ -1,0 +1,80 @@
+"""The on-disk layout of per-domain token shards: one home for reading it (writing: data_prep/shards.py).
+
+    <root>/manifest.json                 what was built: tokenizer, seq_len, domains, splits, counts
+    <root>/<domain>/<split>/index.json   mosaicml-streaming MDS shards, one column `tokens`
+    <root>/<domain>/<split>/shard.*.mds  (ndarray of `seq_len` token ids, uint16 or uint32)
+
+Splits: `eval` (held out at document level), `prune` and `continue` (training data of the two stages,
+disjoint from each other and from `eval`). Shards are read with streaming's public `LocalDataset`
+(random access, no shared memory), so any number of dataloader workers can read them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from llmshearing.errors import ConfigError
+
+FORMAT = "llmshearing-shards/1"
+SPLITS = ("eval", "prune", "continue")
+MANIFEST = "manifest.json"
+# RedPajama-Data-1T's mixture (LLaMA's), the paper's default proportions for pruning and continued pretraining.
+REDPAJAMA_PROPORTIONS = {
+    "common_crawl": 0.67, "c4": 0.15, "github": 0.045, "book": 0.045,
+    "wikipedia": 0.045, "arxiv": 0.025, "stackexchange": 0.02,
+}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of the vocabulary (token -> id) and special ids: equal iff the token ids mean the same."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode())
+    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id]).encode())
+    return h.hexdigest()[:16]
+
+
+def split_dir(root: str, domain: str, split: str) -> str:
+    return os.path.join(root, domain, split)
+
+
+def read_manifest(root: str) -> dict:
+    """The manifest of a shard folder, with a clear error when the folder is not one."""
+    path = os.path.join(root, MANIFEST)
+    if not os.path.exists(path):
+        hint = "run 'make shards' (or python -m data_prep.shards) to build it"
+        raise ConfigError(f"no shards at '{root}' ({MANIFEST} missing); {hint}")
+    with open(path) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise ConfigError(f"'{path}' is not a {FORMAT} manifest (format={manifest.get('format')!r}); rebuild the shards")
+    return manifest
+
+
+def check_domains(manifest: dict, root: str, domains: list[str], split: str, key: str = "data.domains") -> None:
+    """Every named domain has a non-empty `split` in the shards."""
+    have = list(manifest["domains"])
+    for name in domains:
+        if name not in manifest["domains"]:
+            raise ConfigError(f"{key}: domain '{name}' has no shards in '{root}' (it has: {', '.join(have)})")
+        n = manifest["domains"][name]["splits"].get(split, {}).get("sequences", 0)
+        if n == 0:
+            raise ConfigError(f"{key}: domain '{name}' has no '{split}' sequences in '{root}'; rebuild with a larger budget")
+        if not os.path.exists(os.path.join(split_dir(root, name, split), "index.json")):
+            raise ConfigError(f"shards of '{name}/{split}' are missing in '{root}' (no index.json); rebuild the shards")
+
+
+def open_split(root: str, domain: str, split: str):
+    """Random-access dataset of one domain's split; item i is {'tokens': ndarray (seq_len,)}."""
+    from streaming import LocalDataset
+
+    path = split_dir(root, domain, split)
+    if not os.path.exists(os.path.join(path, "index.json")):
+        raise ConfigError(f"no shards at '{path}' (index.json missing); rebuild the shards")
+    return LocalDataset(local=path)
+
+
+def tokens_of(sample: dict) -> np.ndarray:
+    return np.asarray(sample["tokens"], dtype=np.int64)
