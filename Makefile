@@ -4,7 +4,7 @@ PIP_FLAGS ?= -q
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo fetch tiny test clean
+.PHONY: install demo fetch shards tiny test clean
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -19,6 +19,9 @@ install: .venv/.installed
 
 fetch: install
 	$(PY) -m data_prep.fetch_offline --out data
+
+shards: fetch
+	$(PY) -m data_prep.shards
 
 demo: fetch
 	$(PY) -m llmshearing.cli demo --data data --out runs/demo

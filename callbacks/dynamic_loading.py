@@ -59,6 +59,10 @@ class DynamicLoading(Callback):
         weights = np.asarray(box[0])
         done = int(state.timestamp.batch)
         effect = mixture.set_weights(weights, after_batch=done) if self.reference is not None else done
+        weights = mixture.current_weights  # as stored (renormalized), so logs and checkpoints agree exactly
+        in_use = dist.all_gather_object(weights.tolist())
+        if any(w != in_use[0] for w in in_use):
+            raise RuntimeError(f"domain weights differ across ranks after batch {done}: {in_use}")
         self.updates += 1
         metrics = {}
         for i, d in enumerate(self.domains):
@@ -69,7 +73,8 @@ class DynamicLoading(Callback):
         logger.log_metrics(metrics)
         if self.folder and dist.get_global_rank() == 0:
             os.makedirs(self.folder, exist_ok=True)
-            row = {"batch": done, "effect_batch": effect, "domains": self.domains, "weights": weights.tolist(),
+            row = {"batch": done, "effect_batch": effect, "ranks_agreeing": len(in_use), "domains": self.domains,
+                   "weights": weights.tolist(),
                    "losses": losses.tolist(), "gaps": None if self.reference is None else gaps.tolist()}
             with open(os.path.join(self.folder, "domain_weights.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -1,4 +1,5 @@
-"""`llmshearing <command>`: export a pruning checkpoint, make the tiny debug setup, run the demo."""
+"""`llmshearing <command>`: export a pruning checkpoint, make the tiny debug setup, run the demo, compute
+reference losses."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +25,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data", help="folder made by `make fetch`")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of yamls/demo_smollm2.yaml")
+    p = sub.add_parser(
+        "reference-loss", help="per-domain reference losses for dynamic batch loading, as a yaml snippet",
+        description="Either the source model's eval loss per domain (--model --shards), or a scaling-law "
+                    "prediction L(N) = a/N^b + c at the target size (--fit with --target-params or --target), "
+                    "or the paper's published values (--paper).")
+    p.add_argument("--model", help="source model folder (HF checkpoint or GGUF folder); with --fit and a preset "
+                                   "--target, the source whose vocabulary and tying enter the parameter count")
+    p.add_argument("--gguf-file", help="GGUF file name inside --model")
+    p.add_argument("--shards", help="shard folder (manifest.json) whose 'eval' split is evaluated")
+    p.add_argument("--domains", help="comma-separated domains (default: all, in manifest / input order)")
+    p.add_argument("--max-sequences", type=int, help="evaluate the first N eval sequences per domain (default: all)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--fit", metavar="FILE", help="yaml/json with 'sizes: {model: N}' and 'losses: {domain: {model: loss}}'")
+    p.add_argument("--target-params", help="target parameter count for --fit (e.g. 1.3e9 or 1.3B)")
+    p.add_argument("--target", help="target preset or HF config path for --fit, counted with llmshearing.arch")
+    p.add_argument("--paper", metavar="PRESET", help="the Sheared-LLaMA paper's values (LLaMA-2 tokenizer, RedPajama)")
+    p.add_argument("--out", help="write the snippet to this file (atomically) instead of printing it")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
@@ -39,10 +57,68 @@ def main(argv: list[str] | None = None) -> int:
             from llmshearing.demo import run_demo
 
             run_demo(args.data, args.out, args.overrides)
+        elif args.command == "reference-loss":
+            snippet = reference_loss_snippet(args)
+            if args.out:
+                from llmshearing.io import atomic_write_text
+
+                atomic_write_text(args.out, snippet)
+                print(f"wrote {args.out}")
+            else:
+                print(snippet, end="")
     except (ConfigError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def reference_loss_snippet(args) -> str:
+    """The snippet of `llmshearing reference-loss`, after checking that one mode's arguments are given."""
+    from llmshearing import reference
+
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
+    if args.domains is not None and not domains:
+        raise ConfigError("--domains: give comma-separated domain names (like common_crawl,github)")
+    given = lambda *names: [f"--{n.replace('_', '-')}" for n in names if getattr(args, n) is not None]  # noqa: E731
+    if args.fit is not None and args.paper is not None:
+        raise ConfigError("give one of --model/--shards, --fit or --paper, not --fit and --paper")
+    if args.paper is not None:
+        extra = given("model", "gguf_file", "shards", "max_sequences", "target_params", "target")
+        if extra:
+            raise ConfigError(f"--paper takes no {', '.join(extra)}")
+        if args.paper not in reference.PAPER_REFERENCE_LOSSES:
+            raise ConfigError(f"--paper: unknown '{args.paper}'; known: {', '.join(reference.PAPER_REFERENCE_LOSSES)}")
+        losses = reference.PAPER_REFERENCE_LOSSES[args.paper]
+        if domains:
+            unknown = [d for d in domains if d not in losses]
+            if unknown:
+                raise ConfigError(f"--domains: {unknown} have no paper values (known: {', '.join(losses)})")
+            losses = {d: losses[d] for d in domains}
+        return reference.reference_snippet(losses, f"Sheared-LLaMA paper, {args.paper} (scaling-law predictions "
+                                                   f"on the LLaMA2 series; LLaMA-2 tokenizer, RedPajama), as released in "
+                                                   f"princeton-nlp/LLM-Shearing llmshearing/scripts/pruning.sh")
+    if args.fit is not None:
+        extra = given("shards", "max_sequences")
+        if extra:
+            raise ConfigError(f"--fit takes no {', '.join(extra)} (those are for a source model's eval loss)")
+        targets = given("target_params", "target")
+        if len(targets) != 1:
+            raise ConfigError("--fit needs the target size: exactly one of --target-params N (like 1.3e9) or "
+                              "--target PRESET_OR_CONFIG")
+        if args.target_params is not None:
+            if args.model is not None:
+                raise ConfigError("--model is only used with --fit to count a --target preset's parameters")
+            return reference.fit_snippet(args.fit, args.target_params, None, domains)
+        n = reference.target_param_count(args.target, args.model, args.gguf_file)
+        return reference.fit_snippet(args.fit, n, args.target, domains)
+    if args.model is None or args.shards is None:
+        raise ConfigError("reference-loss needs --model DIR --shards DIR (the source model's eval loss), "
+                          "--fit FILE with --target-params N or --target PRESET, or --paper PRESET")
+    extra = given("target_params", "target")
+    if extra:
+        raise ConfigError(f"{', '.join(extra)} only go with --fit FILE")
+    return reference.source_snippet(args.model, args.shards, args.gguf_file, domains, args.max_sequences,
+                                    args.batch_size, progress=sys.stderr.isatty())
 
 
 if __name__ == "__main__":

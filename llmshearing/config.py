@@ -11,7 +11,7 @@ import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llmshearing.errors import ConfigError
 
@@ -34,12 +34,24 @@ class PruningConfig:
 
 
 @dataclass
+class DynamicLoadingConfig:
+    """Dynamic batch loading (paper Sec. 2.2): after each eval, w <- softmax(log w + eta * gap)."""
+    reference_losses: typing.Any  # domain -> loss, a list in data.domains order, or a yaml file from `llmshearing reference-loss`
+    eta: float = 1.0  # step size on the loss gap (the paper's update is eta = 1)
+    smoothing: float = 0.0  # mix c/k of the uniform distribution into the new weights
+    clamp_min: float | None = 0.0  # gap = max(loss - reference, clamp_min); null: no clamp
+
+
+@dataclass
 class DataConfig:
-    domains: dict  # domain name -> text file, directory of text files, or jsonl with a `text` field
-    seq_len: int = 256
-    eval_tokens_per_domain: int = 4096  # held out from the end of each domain's stream
-    max_train_tokens_per_domain: int | None = None
+    shards: str  # folder built by `make shards` / `python -m data_prep.shards` (manifest.json + MDS shards)
+    split: str = "prune"  # training split: prune | continue
+    domains: list | None = None  # subset and order of the shards' domains; default: all
+    proportions: typing.Any = None  # initial weights: domain -> weight, a domain_weights.json path, or the shards'
+    dynamic: DynamicLoadingConfig | None = None  # null: fixed mixture (losses are still logged per domain)
+    eval_sequences_per_domain: int | None = None  # default: the whole eval split
     num_workers: int = 0
+    prefetch_factor: int = 2
 
 
 @dataclass
@@ -159,18 +171,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.gguf_file '{cfg.model.gguf_file}' not found in '{cfg.model.path}'")
     if cfg.model.attn_impl not in ("auto", "sdpa", "flash"):
         raise ConfigError(f"model.attn_impl must be auto, sdpa or flash, got '{cfg.model.attn_impl}'")
-    if not cfg.data.domains:
-        raise ConfigError("data.domains is empty; give at least one domain: name -> text path")
-    for name, path in cfg.data.domains.items():
-        if not os.path.exists(str(path)):
-            raise ConfigError(f"data.domains.{name}: '{path}' does not exist")
-    if cfg.data.seq_len < 2:
-        raise ConfigError(f"data.seq_len must be at least 2, got {cfg.data.seq_len}")
+    check_data(cfg.data)
     for key in ("max_duration", "eval_interval", "save_interval", "console_log_interval", "scheduler.t_warmup"):
         obj = cfg
         for part in key.split("."):
             obj = getattr(obj, part)
         _check_duration(key, obj)
+        if str(obj).endswith("ep"):
+            raise ConfigError(f"'{key}'='{obj}': the training stream is endless (any number of passes over "
+                              f"each domain), so there are no epochs; give batches, e.g. '100ba'")
     if cfg.pruning is not None:
         _check_duration("pruning.lagrangian_warmup", cfg.pruning.lagrangian_warmup, ("ba",))
         if not 0 < cfg.pruning.init_drop < 1:
@@ -196,6 +205,65 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def check_data(data: DataConfig) -> None:
+    """Shards exist and hold the domains; proportions and reference losses match the domains.
+    Fills in data.domains and turns proportions / reference losses into lists in domain order."""
+    import json
+
+    from llmshearing.mixture import check_weights
+    from llmshearing.shards import check_domains, read_manifest
+
+    if data.split not in ("prune", "continue"):
+        raise ConfigError(f"data.split must be prune or continue, got '{data.split}'")
+    manifest = read_manifest(data.shards)
+    data.domains = list(data.domains) if data.domains is not None else list(manifest["domains"])
+    if not data.domains:
+        raise ConfigError("data.domains is empty; name at least one domain of the shards")
+    if len(set(data.domains)) != len(data.domains):
+        raise ConfigError(f"data.domains lists a domain twice: {data.domains}")
+    for split in (data.split, "eval"):
+        check_domains(manifest, data.shards, data.domains, split)
+    proportions = data.proportions
+    if isinstance(proportions, str):
+        if not os.path.exists(proportions):
+            raise ConfigError(f"data.proportions: '{proportions}' does not exist (expected a domain_weights.json)")
+        with open(proportions) as f:
+            proportions = json.load(f)
+    if proportions is None:
+        given = {d: float(manifest["domains"][d].get("proportion", 1.0)) for d in data.domains}
+        total = sum(given.values())
+        proportions = {d: v / total for d, v in given.items()} if total > 0 else None
+    data.proportions = check_weights(proportions, data.domains, "data.proportions").tolist()
+    if data.dynamic is not None:
+        ref = data.dynamic.reference_losses
+        if isinstance(ref, str):  # a file written by `llmshearing reference-loss --out`
+            if not os.path.exists(ref):
+                raise ConfigError(f"data.dynamic.reference_losses: '{ref}' does not exist; write it with "
+                                  f"'llmshearing reference-loss ... --out {ref}'")
+            loaded = OmegaConf.to_container(OmegaConf.load(ref))
+            ref = loaded.get("reference_losses", loaded) if isinstance(loaded, dict) else loaded
+        if isinstance(ref, dict):
+            if set(ref) != set(data.domains):
+                missing, extra = sorted(set(data.domains) - set(ref)), sorted(set(ref) - set(data.domains))
+                raise ConfigError(f"data.dynamic.reference_losses must name the domains {data.domains}; "
+                                  f"missing {missing}, unknown {extra}")
+            ref = [ref[d] for d in data.domains]
+        if not isinstance(ref, (list, tuple)) or len(ref) != len(data.domains):
+            raise ConfigError(f"data.dynamic.reference_losses needs one loss per domain ({len(data.domains)}: "
+                              f"{data.domains}), got {ref!r}; compute them with 'llmshearing reference-loss'")
+        if not all(isinstance(x, (int, float)) and x > 0 for x in ref):
+            raise ConfigError(f"data.dynamic.reference_losses must be positive numbers, got {ref}")
+        data.dynamic.reference_losses = [float(x) for x in ref]
+        if not 0 <= data.dynamic.smoothing < 1:
+            raise ConfigError(f"data.dynamic.smoothing must be in [0, 1), got {data.dynamic.smoothing}")
+        if data.dynamic.eta <= 0:
+            raise ConfigError(f"data.dynamic.eta must be positive, got {data.dynamic.eta}")
+    if data.num_workers < 0 or data.prefetch_factor < 1:
+        raise ConfigError("data.num_workers must be >= 0 and data.prefetch_factor >= 1")
+    if data.eval_sequences_per_domain is not None and data.eval_sequences_per_domain < 1:
+        raise ConfigError(f"data.eval_sequences_per_domain must be >= 1 or null, got {data.eval_sequences_per_domain}")
+
+
 def check_fsdp(fsdp: dict) -> None:
     """The `fsdp` section must be a valid Composer FSDPConfig (checked without GPUs)."""
     from composer.utils.parallelism import FSDPConfig
@@ -217,8 +285,19 @@ def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
-        conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
-    raw = OmegaConf.to_container(conf, resolve=True)
+        for o in overrides:  # key=value replaces the value (a mapping or list is not merged into the old one)
+            key = o.split("=", 1)[0]
+            try:
+                value = OmegaConf.select(OmegaConf.from_dotlist([o]), key)
+                if isinstance(value, (DictConfig, ListConfig)):
+                    value = OmegaConf.to_container(value)
+                OmegaConf.update(conf, key, value, merge=False)
+            except Exception as e:  # omegaconf's grammar and type errors
+                raise ConfigError(f"override '{o}' could not be applied: {e}") from None
+    try:
+        raw = OmegaConf.to_container(conf, resolve=True)
+    except Exception as e:  # e.g. ${oc.env:...} or interpolation errors
+        raise ConfigError(f"'{path}': {e}") from None
     return validate(_build(TrainConfig, raw, ""))
 
 

@@ -1,5 +1,11 @@
-"""The embedded default (`make demo`): prune the real SmolLM2-135M on real multi-domain text on CPU,
-export it as a dense HF model, reload it with transformers, and report per-domain perplexity."""
+"""The embedded default (`make demo`): the whole LLM-Shearing path on the real SmolLM2-135M and real
+multi-domain text, on CPU:
+
+  shards (`data_prep.shards`) -> reference losses (the source model's per-domain eval loss)
+  -> pruning with dynamic batch loading (yamls/demo_smollm2.yaml) -> export as a dense HF model
+  -> continued pretraining with dynamic batch loading (yamls/demo_continue.yaml) -> export
+  -> per-domain perplexity of source / pruned / continued, reloaded with transformers, and plots.
+"""
 from __future__ import annotations
 
 import json
@@ -10,70 +16,94 @@ import torch
 
 from llmshearing.io import atomic_write_text
 
-DEMO_YAML = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "yamls", "demo_smollm2.yaml")
+YAMLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "yamls")
 
 
 def _params(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def _stage_overrides(overrides: list[str], stage: str) -> list[str]:
+    """`key=v` applies to both stages, `prune.key=v` / `continue.key=v` to one."""
+    out = []
+    for o in overrides:
+        head, _, rest = o.partition(".")
+        if head in ("prune", "continue"):
+            if head == stage:
+                out.append(rest)
+        else:
+            out.append(o)
+    return out
+
+
 def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
+    from data_prep.shards import build_default_shards
     from llmshearing.config import load_config
-    from llmshearing.data import perplexity
-    from llmshearing.train import build_trainer, export_trained
+    from llmshearing.evaluate import domain_losses
+    from llmshearing.reference import source_reference_losses, reference_snippet
+    from llmshearing.train import load_checkpoint, run
 
+    overrides = list(overrides or [])
     times, t0 = {}, time.time()
-    text = os.path.join(data_dir, "text")
-    domains = sorted(f[:-6] for f in os.listdir(text) if f.endswith(".jsonl")) if os.path.isdir(text) else []
-    cfg = load_config(DEMO_YAML, [
-        f"model.path={os.path.join(data_dir, 'models', 'smollm2-135m')}", f"save_folder={out_dir}",
-        *[f"data.domains.{d}={os.path.join(text, d + '.jsonl')}" for d in domains], *(overrides or []),
-    ])
-    trainer, tokenizer, eval_set = build_trainer(cfg)
-    model = trainer.state.model
-    times["load model + tokenize"] = time.time() - t0
-
-    def domain_ppl(fn):
-        return {d: perplexity(fn, eval_set.of_domain(d), cfg.device_eval_batch_size) for d in eval_set.domains}
+    model_dir = os.path.join(data_dir, "models", "smollm2-135m")
+    shards = os.path.join(data_dir, "shards")
+    build_default_shards(data_dir)
+    times["shards"] = time.time() - t0
 
     t = time.time()
-    model.eval()
-    ppl = {"source": domain_ppl(lambda ids: model.model(ids))}
-    source_params = _params(model.model)
-    times["eval source"] = time.time() - t
+    ref_file = os.path.join(out_dir, "reference_losses.yaml")
+    reference = source_reference_losses(model_dir, shards)
+    atomic_write_text(ref_file, reference_snippet(reference, f"per-domain eval loss of {model_dir}"))
+    times["reference losses (source eval)"] = time.time() - t
+
+    stages = {}
+    for stage, yaml_name, model_path in (("prune", "demo_smollm2.yaml", model_dir),
+                                         ("continue", "demo_continue.yaml", os.path.join(out_dir, "pruned"))):
+        paths = [f"model.path={model_path}", f"data.shards={shards}", f"data.dynamic.reference_losses={ref_file}",
+                 f"save_folder={os.path.join(out_dir, stage)}",
+                 f"export_dir={os.path.join(out_dir, 'pruned' if stage == 'prune' else 'continued')}"]
+        if stage == "continue":
+            paths.append(f"data.proportions={os.path.join(out_dir, 'prune', 'domain_weights.json')}")
+        cfg = load_config(os.path.join(YAMLS, yaml_name), paths + _stage_overrides(overrides, stage))
+        t = time.time()
+        stages[stage] = {"cfg": cfg, **run(cfg)}
+        times[f"{stage} (train + export)"] = time.time() - t
 
     t = time.time()
-    trainer.fit()
-    times["prune (L0 masks + Lagrangian)"] = time.time() - t
+    cfg = stages["prune"]["cfg"]
+    models = {"source": os.path.join(model_dir), "pruned": cfg.export_dir,
+              "pruned + continued": stages["continue"]["cfg"].export_dir}
+    losses, params = {}, {}
+    for name, path in models.items():
+        hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        losses[name] = domain_losses(lambda ids: hf(ids).logits, shards, cfg.data.domains)
+        params[name] = _params(hf)
+    times["eval (3 models, reloaded with transformers)"] = time.time() - t
 
-    t = time.time()
-    model.eval()
-    ppl["pruned (masked, before recovery)"] = domain_ppl(lambda ids: model(({"input_ids": ids})))
-    times["eval masked"] = time.time() - t
-
-    t = time.time()
-    export_dir = os.path.join(out_dir, "export")
-    kept = export_trained(trainer, cfg, tokenizer, export_dir, overwrite=True)
-    times["export"] = time.time() - t
-
-    t = time.time()
-    hf = AutoModelForCausalLM.from_pretrained(export_dir, torch_dtype=torch.float32).eval()
-    ppl["exported (reloaded with transformers)"] = domain_ppl(lambda ids: hf(ids).logits)
-    probe = eval_set.windows[:2]
+    # The masked model of the last pruning checkpoint computes what the export computes.
+    _, masked = load_checkpoint(os.path.join(cfg.save_folder, "latest-rank0.pt"))
+    pruned = AutoModelForCausalLM.from_pretrained(cfg.export_dir, torch_dtype=torch.float32).eval()
+    probe = torch.randint(0, pruned.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        max_diff = float((hf(probe).logits - model({"input_ids": probe})).abs().max())
-    times["reload + eval export"] = time.time() - t
-    trainer.close()
+        max_diff = float((pruned(probe).logits - masked({"input_ids": probe})).abs().max())
 
     times["total"] = time.time() - t0
+    weights = {}
+    for stage in stages:
+        with open(os.path.join(out_dir, stage, "domain_weights.json")) as f:
+            weights[stage] = json.load(f)
     summary = {
-        "source_params": source_params, "pruned_params": _params(hf),
-        "source_shape": kept["source_shape"], "target_shape": kept["target_shape"],
-        "perplexity": ppl, "max_abs_logit_diff_masked_vs_export": max_diff,
-        "seconds": times, "tokens_per_domain_eval": int(eval_set.windows.shape[1] * len(eval_set.of_domain(eval_set.domains[0]))),
-        "plots": [os.path.join(out_dir, p) for p in ("pruning_shape.png", "pruning_lambdas.png")],
+        "params": params, "kept_shape": stages["prune"]["kept"]["target_shape"],
+        "source_shape": stages["prune"]["kept"]["source_shape"],
+        "loss": losses, "perplexity": {m: {d: float(torch.tensor(v).exp()) for d, v in per.items()} for m, per in losses.items()},
+        "reference_losses": reference, "final_domain_weights": weights,
+        "max_abs_logit_diff_masked_vs_export": max_diff, "seconds": times,
+        "budget": {s: {"batches": v["cfg"].max_duration, "batch": v["cfg"].global_train_batch_size}
+                   for s, v in stages.items()},
+        "plots": sorted(os.path.join(out_dir, s, f) for s in stages for f in os.listdir(os.path.join(out_dir, s))
+                        if f.endswith(".png")),
     }
     report = format_report(summary)
     print("\n" + report)
@@ -84,21 +114,19 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
 
 def format_report(s: dict) -> str:
     domains = list(next(iter(s["perplexity"].values())))
+    names = list(s["params"])
     lines = [
-        f"Parameters: source {s['source_params']:,} -> pruned {s['pruned_params']:,} "
-        f"({s['pruned_params'] / s['source_params']:.1%})",
-        f"Shape: {s['source_shape']} -> {s['target_shape']}",
-        "",
-        "| model | " + " | ".join(domains) + " |",
-        "|---|" + "---|" * len(domains),
+        "Parameters: " + " -> ".join(f"{n} {s['params'][n]:,}" for n in names[:2]),
+        f"Shape: {s['source_shape']} -> {s['kept_shape']}",
+        "", "| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains),
     ]
     for name, per in s["perplexity"].items():
         lines.append(f"| {name} | " + " | ".join(f"{per[d]:.2f}" for d in domains) + " |")
-    lines += [
-        "", f"Per-domain token perplexity on {s['tokens_per_domain_eval']} held-out tokens per domain.",
-        f"Max |logit difference| masked model vs reloaded export: {s['max_abs_logit_diff_masked_vs_export']:.2e}",
-        "", "| phase | seconds |", "|---|---|",
-        *[f"| {k} | {v:.1f} |" for k, v in s["seconds"].items()],
-        "", "Plots: " + ", ".join(s["plots"]),
-    ]
+    lines += ["", "Per-domain token perplexity on the shards' held-out eval split.",
+              "Reference losses (source): " + ", ".join(f"{d} {v:.3f}" for d, v in s["reference_losses"].items())]
+    for stage, w in s["final_domain_weights"].items():
+        lines.append(f"Domain weights at the end of {stage}: " + ", ".join(f"{d} {v:.3f}" for d, v in w.items()))
+    lines += [f"Max |logit difference| masked model vs reloaded export: {s['max_abs_logit_diff_masked_vs_export']:.2e}",
+              "", "| phase | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in s["seconds"].items()],
+              "", "Plots: " + ", ".join(s["plots"])]
     return "\n".join(lines)

@@ -34,8 +34,8 @@ class HardConcrete(nn.Module):
     def units(self) -> int:
         return self.shape[-1]
 
-    def sample(self) -> torch.Tensor:
-        u = torch.rand(self.shape, device=self.log_alpha.device).clamp(EPS, 1 - EPS)
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        u = torch.rand(self.shape, device=self.log_alpha.device, generator=generator).clamp(EPS, 1 - EPS)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + self.log_alpha) / TEMPERATURE)
         return (s * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0, 1)
 
@@ -119,17 +119,29 @@ class L0Module(nn.Module):
     torch optimizers reject).
     """
 
-    def __init__(self, source: Shape, target: Shape, warmup_steps: int = 0, init_drop: float = 0.5):
+    def __init__(self, source: Shape, target: Shape, warmup_steps: int = 0, init_drop: float = 0.5, seed: int = 0):
         super().__init__()
-        self.source, self.target, self.warmup_steps = source, target, warmup_steps
+        self.source, self.target, self.warmup_steps, self.seed = source, target, warmup_steps, seed
         self.masks = nn.ModuleDict(
             {name: HardConcrete(shape, keep, init_drop) for name, (shape, keep) in plan_masks(source, target).items()}
         )
         self.lambdas = nn.Parameter(torch.zeros(len(self.masks), 2))
-        self.step = 0  # set by the trainer each batch; only the warm-up ramp reads it
+        self.step = 0  # set by the trainer each batch: the warm-up ramp and the mask noise read it
+        self._draw = (-1, 0)  # (step, draws within the step: one per microbatch)
+
+    def noise(self) -> torch.Generator:
+        """The mask noise of this draw, a pure function of (seed, rank, step, microbatch): resuming from a
+        checkpoint replays exactly the noise the uninterrupted run drew, whatever the global RNG did."""
+        from composer.utils import dist
+
+        step, draw = self._draw
+        self._draw = (self.step, draw + 1 if step == self.step else 0)
+        key = ((self.seed * 1_000_003 + dist.get_global_rank()) * 1_000_033 + self.step) * 1024 + self._draw[1]
+        return torch.Generator(device=self.lambdas.device).manual_seed(key % 2**63)
 
     def forward(self) -> Masks:
-        gates = {n: (m.sample() if self.training else m.deterministic()) for n, m in self.masks.items()}
+        gen = self.noise() if self.training else None
+        gates = {n: (m.sample(gen) if self.training else m.deterministic()) for n, m in self.masks.items()}
         L, R = self.source.num_hidden_layers, self.source.heads_per_group
         head = None
         if "kv_head" in gates or "head" in gates:

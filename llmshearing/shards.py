@@ -73,6 +73,10 @@ def open_split(root: str, domain: str, split: str):
     path = split_dir(root, domain, split)
     if not os.path.exists(os.path.join(path, "index.json")):
         raise ConfigError(f"no shards at '{path}' (index.json missing); rebuild the shards")
+    with open(os.path.join(path, "index.json")) as f:
+        if not json.load(f).get("shards"):  # LocalDataset fails with an IndexError on an empty split
+            raise ConfigError(f"'{path}' holds no sequences (a zero budget or proportion); rebuild the shards "
+                              f"with a budget for it")
     return LocalDataset(local=path)
 
 

@@ -73,7 +73,8 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 
 def make_tiny(out_dir: str, family: str = "smollm2-gqa", vocab_size: int = 384, seed: int = 0) -> dict[str, str]:
-    """Write `<out>/model` (HF checkpoint + tokenizer) and `<out>/text/{prose,code}.jsonl`; return paths."""
+    """Write `<out>/model` (HF checkpoint + tokenizer), `<out>/text/{prose,code}.jsonl` and their 64-token
+    shards `<out>/shards` (4 eval sequences, 256 prune and 256 continue sequences in all); return paths."""
     texts = domain_texts()
     paths = {"model": os.path.join(out_dir, "model")}
     os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
@@ -84,4 +85,9 @@ def make_tiny(out_dir: str, family: str = "smollm2-gqa", vocab_size: int = 384, 
     tokenizer = train_tokenizer([t for docs in texts.values() for t in docs], vocab_size)
     random_model(family, len(tokenizer), seed).save_pretrained(paths["model"])
     tokenizer.save_pretrained(paths["model"])
+    from data_prep.shards import build_shards
+
+    paths["shards"] = os.path.join(out_dir, "shards")
+    build_shards(paths["shards"], paths["model"], {name: [paths[name]] for name in texts}, seq_len=64,
+                 eval_sequences=4, prune_tokens=16384, continue_tokens=16384, workers=1, progress=False)
     return paths

@@ -28,6 +28,19 @@ def load_tokenizer(model_cfg):
     return AutoTokenizer.from_pretrained(path, **kwargs)
 
 
+def check_tokenizer(shards: str, tokenizer, vocab_size: int) -> None:
+    """The shards were tokenized with this tokenizer, and every id fits the model's embedding."""
+    from llmshearing.shards import read_manifest, tokenizer_fingerprint
+
+    built = read_manifest(shards)["tokenizer"]
+    if built["fingerprint"] != tokenizer_fingerprint(tokenizer):
+        raise ConfigError(f"the shards in '{shards}' were tokenized with '{built['path']}', whose vocabulary differs "
+                          f"from this run's tokenizer; rebuild the shards with the model's tokenizer")
+    if built["vocab_size"] > vocab_size:
+        raise ConfigError(f"the shards' tokenizer has {built['vocab_size']} tokens but the model's embedding has "
+                          f"only {vocab_size} rows: wrong tokenizer for this model (set model.tokenizer)")
+
+
 def run_dir(cfg: TrainConfig) -> str:
     return cfg.save_folder or os.path.join("runs", cfg.run_name)
 
@@ -55,7 +68,8 @@ def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights:
     l0 = None
     if cfg.pruning is not None:
         target = target or resolve_target(cfg.pruning.target, source_config)
-        l0 = L0Module(shape_of(source_config), target, batches(cfg.pruning.lagrangian_warmup), cfg.pruning.init_drop)
+        l0 = L0Module(shape_of(source_config), target, batches(cfg.pruning.lagrangian_warmup), cfg.pruning.init_drop,
+                     seed=cfg.seed)
     return ShearingModel(lm, l0)
 
 
@@ -66,16 +80,14 @@ def build_trainer(cfg: TrainConfig):
     from composer.utils import dist
     from torch.utils.data import DataLoader
 
-    from callbacks import PruningMonitor
-    from llmshearing.data import build_datasets
+    from callbacks import DynamicLoading, PruningMonitor
+    from callbacks.dynamic_loading import eval_label
+    from llmshearing.mixture import DomainMixture, DomainSequences
 
     source_config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
     target = resolve_target(cfg.pruning.target, source_config) if cfg.pruning else None
     tokenizer = load_tokenizer(cfg.model)
-    train_set, eval_set = build_datasets(
-        cfg.data.domains, tokenizer, cfg.data.seq_len, cfg.data.eval_tokens_per_domain,
-        cfg.data.max_train_tokens_per_domain, vocab_size=source_config.vocab_size,
-    )
+    check_tokenizer(cfg.data.shards, tokenizer, source_config.vocab_size)
     folder = run_dir(cfg)
     if dist.get_global_rank() == 0:
         atomic_write_text(os.path.join(folder, "run_config.yaml"), to_yaml(cfg))
@@ -93,15 +105,24 @@ def build_trainer(cfg: TrainConfig):
     }[s.name]()
 
     per_device = cfg.global_train_batch_size // dist.get_world_size()
-    train_loader = DataLoader(
-        train_set, batch_size=per_device, drop_last=True, num_workers=cfg.data.num_workers,
-        sampler=dist.get_sampler(train_set, shuffle=True, drop_last=True),
-    )
-    eval_loader = DataLoader(eval_set, batch_size=cfg.device_eval_batch_size,
-                             sampler=dist.get_sampler(eval_set, shuffle=False))
+    d = cfg.data
+    train_set = DomainMixture(d.shards, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed,
+                              num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
+    train_loader = DataLoader(train_set, batch_size=per_device, num_workers=d.num_workers,
+                              **({"prefetch_factor": d.prefetch_factor} if d.num_workers else {}))
+    evaluators = []
+    for domain in d.domains:
+        eval_set = DomainSequences(d.shards, domain, "eval", d.eval_sequences_per_domain)
+        loader = DataLoader(eval_set, batch_size=cfg.device_eval_batch_size,
+                            sampler=dist.get_sampler(eval_set, shuffle=False))
+        evaluators.append(Evaluator(label=eval_label(domain), dataloader=loader,
+                                    metric_names=["LanguageCrossEntropy", "LanguagePerplexity"]))
     callbacks = [SpeedMonitor(window_size=10), LRMonitor()]
     if cfg.pruning:
         callbacks.append(PruningMonitor(folder))
+    dyn = d.dynamic
+    callbacks.append(DynamicLoading(d.domains, dyn.reference_losses, dyn.eta, dyn.smoothing, dyn.clamp_min, folder)
+                     if dyn else DynamicLoading(d.domains, folder=folder))
     loggers = []
     if cfg.wandb is not None:
         from composer.loggers import WandBLogger
@@ -116,7 +137,7 @@ def build_trainer(cfg: TrainConfig):
         raise ConfigError("fsdp is set but there is no GPU; set fsdp=null to train on CPU")
     trainer = Trainer(
         run_name=cfg.run_name, model=model, train_dataloader=train_loader,
-        eval_dataloader=Evaluator(label="eval", dataloader=eval_loader),
+        eval_dataloader=evaluators,
         max_duration=cfg.max_duration, eval_interval=cfg.eval_interval,
         eval_subset_num_batches=cfg.eval_subset_num_batches,
         optimizers=optimizer, schedulers=scheduler, step_schedulers_every_batch=True,
@@ -129,22 +150,44 @@ def build_trainer(cfg: TrainConfig):
         progress_bar=cfg.progress_bar, log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
     )
-    return trainer, tokenizer, eval_set
+    return trainer, tokenizer
 
 
-def export_trained(trainer, cfg: TrainConfig, tokenizer, out_dir: str, overwrite: bool = False) -> dict:
-    """Finalize the masks of a trained pruning model and write the dense HF model (rank 0)."""
+def export_model(model, out_dir: str, tokenizer, dtype=None, overwrite: bool = False) -> dict | None:
+    """The dense HF model of a ShearingModel: pruning folds and slices the masks, plain training saves as is."""
+    from llmshearing.prune import finalize, save_hf
+
+    lm, kept = finalize(model.model, model.l0) if model.l0 is not None else (model.model, None)
+    save_hf(lm, out_dir, tokenizer, kept, dtype=dtype, overwrite=overwrite)
+    return kept
+
+
+def export_trained(trainer, tokenizer, out_dir: str, overwrite: bool = False) -> dict | None:
+    """Write the trained model as a dense HF model (rank 0) when training ends."""
     from composer.utils import dist
 
     from llmshearing.composer_model import unwrap
-    from llmshearing.prune import finalize, save_hf
 
-    model = unwrap(trainer.state.model)
-    pruned, kept = finalize(model.model, model.l0)
+    kept = None
     if dist.get_global_rank() == 0:
-        save_hf(pruned, out_dir, tokenizer, kept, overwrite=overwrite)
+        kept = export_model(unwrap(trainer.state.model), out_dir, tokenizer, overwrite=overwrite)
     dist.barrier()
     return kept
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train one stage (pruning or continued pretraining) and export it when `export_dir` is set."""
+    trainer, tokenizer = build_trainer(cfg)
+    start = time.time()
+    trainer.fit()
+    seconds = time.time() - start
+    print(f"training finished in {seconds:.1f}s")
+    kept = None
+    if cfg.export_dir:
+        kept = export_trained(trainer, tokenizer, cfg.export_dir, overwrite=True)
+        print(f"exported the {'pruned' if cfg.pruning else 'trained'} model to {cfg.export_dir}")
+    trainer.close()
+    return {"seconds": seconds, "kept": kept}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,25 +197,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         cfg = load_config(argv[0], argv[1:])
-        trainer, tokenizer, _ = build_trainer(cfg)
+        run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    start = time.time()
-    trainer.fit()
-    print(f"training finished in {time.time() - start:.1f}s")
-    if cfg.pruning is not None and cfg.export_dir:
-        export_trained(trainer, cfg, tokenizer, cfg.export_dir, overwrite=True)
-        print(f"exported the pruned model to {cfg.export_dir}")
-    trainer.close()
     return 0
 
 
-def load_pruning_checkpoint(checkpoint: str, config_path: str | None = None):
-    """(run config, ShearingModel with masks) from a Composer pruning checkpoint.
+def load_checkpoint(checkpoint: str, config_path: str | None = None):
+    """(run config, ShearingModel) from a Composer checkpoint of a pruning or continued-pretraining run.
 
     The run's `run_config.yaml` (written beside the checkpoints at the start of training) says
-    which source model, tokenizer and target the checkpoint belongs to.
+    which model, tokenizer and target the checkpoint belongs to.
     """
     from omegaconf import OmegaConf
 
@@ -182,10 +218,8 @@ def load_pruning_checkpoint(checkpoint: str, config_path: str | None = None):
         raise ConfigError(f"checkpoint '{checkpoint}' does not exist")
     config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "run_config.yaml")
     if not os.path.exists(config_path):
-        raise ConfigError(f"no run config at '{config_path}'; pass --config <run_config.yaml> of the pruning run")
+        raise ConfigError(f"no run config at '{config_path}'; pass --config <run_config.yaml> of the training run")
     cfg = _build(TrainConfig, OmegaConf.to_container(OmegaConf.load(config_path), resolve=True), "")
-    if cfg.pruning is None:
-        raise ConfigError(f"'{config_path}' is not a pruning run (no 'pruning' section); nothing to export")
     model = build_model(cfg, load_weights=False)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     weights = state["state"]["model"] if "state" in state else state
@@ -194,12 +228,7 @@ def load_pruning_checkpoint(checkpoint: str, config_path: str | None = None):
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = None,
-                      dtype: str | None = None, overwrite: bool = False) -> dict:
-    """`llmshearing export`: a Composer pruning checkpoint -> dense HF model of the target shape."""
-    from llmshearing.prune import finalize, save_hf
-
-    cfg, model = load_pruning_checkpoint(checkpoint, config_path)
-    pruned, kept = finalize(model.model, model.l0)
-    save_hf(pruned, out_dir, load_tokenizer(cfg.model), kept,
-            dtype=getattr(torch, dtype) if dtype else None, overwrite=overwrite)
-    return kept
+                      dtype: str | None = None, overwrite: bool = False) -> dict | None:
+    """`llmshearing export`: a Composer checkpoint -> dense HF model (of the target shape when pruning)."""
+    cfg, model = load_checkpoint(checkpoint, config_path)
+    return export_model(model, out_dir, load_tokenizer(cfg.model), getattr(torch, dtype) if dtype else None, overwrite)

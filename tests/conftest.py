@@ -14,5 +14,5 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="session")
 def tiny_setup(tmp_path_factory):
-    """The `make tiny` folder: model/ (GQA, tied embeddings) and text/{prose,code}.jsonl."""
+    """The `make tiny` folder: model/ (GQA, tied embeddings), text/{prose,code}.jsonl and their shards/."""
     return make_tiny(str(tmp_path_factory.mktemp("tiny")), "smollm2-gqa")

@@ -14,7 +14,7 @@ TINY_YAML = os.path.join(REPO, "yamls", "testing", "prune_tiny.yaml")
 
 
 def tiny_overrides(setup):
-    return [f"model.path={setup['model']}", f"data.domains.prose={setup['prose']}", f"data.domains.code={setup['code']}"]
+    return [f"model.path={setup['model']}", f"data.shards={setup['shards']}"]
 
 
 def test_tiny_recipe_validates(tiny_setup):
@@ -22,7 +22,8 @@ def test_tiny_recipe_validates(tiny_setup):
     assert cfg.pruning.target["num_hidden_layers"] == 3 and cfg.max_duration == "30ba"
 
 
-@pytest.mark.parametrize("yaml_name", ["prune_1.3b.yaml", "prune_2.7b.yaml", "demo_smollm2.yaml"])
+@pytest.mark.parametrize("yaml_name", ["prune_1.3b.yaml", "prune_2.7b.yaml", "demo_smollm2.yaml", "continue_1.3b.yaml",
+                                       "continue_2.7b.yaml", "demo_continue.yaml"])
 def test_shipped_recipes_parse(yaml_name, tmp_path):
     from omegaconf import OmegaConf
 
@@ -30,7 +31,8 @@ def test_shipped_recipes_parse(yaml_name, tmp_path):
 
     raw = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "yamls", yaml_name)), resolve=True)
     cfg = _build(TrainConfig, raw, "")  # all keys known and well typed (paths exist only on the cluster)
-    assert cfg.pruning is not None
+    assert (cfg.pruning is not None) == yaml_name.startswith(("prune", "demo_smollm2"))
+    assert cfg.data.dynamic is not None  # dynamic batch loading in every stage, as in the paper
     if cfg.fsdp is not None:  # the GPU recipes' FSDP section is a valid Composer FSDPConfig
         check_fsdp(cfg.fsdp)
         assert cfg.fsdp["sharding_strategy"] == "FULL_SHARD" and cfg.precision == "amp_bf16"
@@ -39,13 +41,19 @@ def test_shipped_recipes_parse(yaml_name, tmp_path):
     assert "composer train.py yamls/" + yaml_name in header  # the command that runs it
 
 
-def test_paper_recipes_target_the_paper_shapes():
+def test_paper_recipes_follow_the_paper():
     from omegaconf import OmegaConf
 
-    for name, preset in (("prune_1.3b.yaml", "sheared-llama-1.3b"), ("prune_2.7b.yaml", "sheared-llama-2.7b")):
-        raw = OmegaConf.load(os.path.join(REPO, "yamls", name))
-        assert raw.pruning.target == preset
-        assert raw.max_duration == "3200ba" and raw.global_train_batch_size == 32 and raw.data.seq_len == 4096
+    for size in ("1.3b", "2.7b"):
+        prune = OmegaConf.load(os.path.join(REPO, "yamls", f"prune_{size}.yaml"))
+        assert prune.pruning.target == f"sheared-llama-{size}" and prune.data.split == "prune"
+        assert prune.max_duration == "3200ba" and prune.global_train_batch_size == 32
+        cont = OmegaConf.load(os.path.join(REPO, "yamls", f"continue_{size}.yaml"))
+        assert cont.max_duration == "48000ba" and cont.global_train_batch_size == 256  # x 4096 = 50.3B tokens
+        assert cont.optimizer.lr == 1e-4 and cont.scheduler.t_warmup == "1440ba"  # 3% of 48,000
+        assert cont.eval_interval == "400ba" and cont.save_interval == "3200ba" and cont.data.split == "continue"
+        ref = OmegaConf.load(os.path.join(REPO, "yamls", "reference", f"sheared-llama-{size}.yaml"))
+        assert len(ref.reference_losses) == 7
     assert PRESETS["sheared-llama-1.3b"] == Shape(24, 2048, 16, 16, 5504)
     assert PRESETS["sheared-llama-2.7b"] == Shape(32, 2560, 20, 20, 6912)
 
@@ -87,7 +95,20 @@ def test_source_heads_not_divisible_by_kv_heads(tmp_path):
     ("optimiser.lr=1", "unknown key 'optimiser'; did you mean 'optimizer'?"),
     ("pruning.lagrangian_warmpu=3ba", "unknown key 'pruning.lagrangian_warmpu'; did you mean 'pruning.lagrangian_warmup'"),
     ("model.path=/does/not/exist", "model.path '/does/not/exist' does not exist"),
-    ("data.domains.prose=/no/such/text.jsonl", "data.domains.prose: '/no/such/text.jsonl' does not exist"),
+    ("data.shards=/no/such/shards", "no shards at '/no/such/shards'"),
+    ("data.domains=[prose,wiki]", "domain 'wiki' has no shards"),
+    ("data.domains=[prose,prose]", "lists a domain twice"),
+    ("data.split=train", "data.split must be prune or continue"),
+    ("data.proportions={prose: 0.5, code: 0.6}", "data.proportions must sum to 1"),
+    ("data.proportions={prose: 1.0}", "missing ['code']"),
+    ("data.proportions=/no/weights.json", "does not exist (expected a domain_weights.json)"),
+    ("data.dynamic.reference_losses=[4.0]", "needs one loss per domain"),
+    ("data.dynamic.reference_losses={prose: 4.0, cod: 3.0}", "missing ['code'], unknown ['cod']"),
+    ("data.dynamic.reference_losses=/no/ref.yaml", "'llmshearing reference-loss"),
+    ("data.dynamic.smoothing=1.5", "smoothing must be in [0, 1)"),
+    ("data.dynamic.etta=2", "unknown key 'data.dynamic.etta'; did you mean 'data.dynamic.eta'?"),
+    ("data.seq_len=64", "unknown key 'data.seq_len'"),
+    ("max_duration=2ep", "no epochs"),
     ("max_duration=ten", "'max_duration'='ten' is not a duration"),
     ("global_train_batch_size=abc", "'global_train_batch_size' must be of type int"),
     ("device_train_microbatch_size=3", "must divide the per-device batch 4"),
@@ -105,24 +126,32 @@ def test_missing_config_file():
         load_config("nope.yaml")
 
 
-def test_tokenizer_vocab_larger_than_embedding(tiny_setup, tmp_path):
+def test_shards_of_another_tokenizer_are_refused(tiny_setup, tmp_path):
+    from llmshearing.train import check_tokenizer
     from transformers import AutoTokenizer
 
-    from llmshearing.data import build_datasets
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_setup["model"])
+    check_tokenizer(tiny_setup["shards"], tokenizer, 384)
+    with pytest.raises(ConfigError, match="embedding has only 300 rows"):
+        check_tokenizer(tiny_setup["shards"], tokenizer, 300)
     tokenizer.add_tokens([f"<extra_{i}>" for i in range(10)])
-    with pytest.raises(ConfigError, match="tokenizer has 394 tokens but the model's embedding has only 384 rows"):
-        build_datasets({"prose": tiny_setup["prose"]}, tokenizer, 64, 256, None, vocab_size=384)
+    with pytest.raises(ConfigError, match="vocabulary differs from this run's tokenizer"):
+        check_tokenizer(tiny_setup["shards"], tokenizer, 394)
 
 
-def test_domain_too_small(tiny_setup, tmp_path):
-    from transformers import AutoTokenizer
+def test_launcher_refuses_wrong_tokenizer_before_training(tiny_setup, tmp_path):
+    """A model whose tokenizer is not the shards' one stops at start with exit code 2."""
+    import shutil
+    import subprocess
+    import sys
 
-    from llmshearing.data import build_datasets
+    from llmshearing.tiny import train_tokenizer
 
-    small = tmp_path / "small.txt"
-    small.write_text("just a few words")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_setup["model"])
-    with pytest.raises(ConfigError, match="data.domains.small: only"):
-        build_datasets({"small": str(small)}, tokenizer, 64, 256, None)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_setup["model"], model)
+    train_tokenizer(["another corpus entirely, another vocabulary " * 50], 300).save_pretrained(model)
+    proc = subprocess.run([sys.executable, "train.py", TINY_YAML, f"model.path={model}",
+                           f"data.shards={tiny_setup['shards']}", f"save_folder={tmp_path}/run"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "rebuild the shards with the model's tokenizer" in proc.stderr, proc.stderr[-2000:]
+    assert not os.path.exists(tmp_path / "run" / "ep0-ba1-rank0.pt")

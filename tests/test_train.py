@@ -11,19 +11,27 @@ from transformers import AutoModelForCausalLM
 
 from llmshearing.arch import load_hf_config, resolve_target, shape_of
 from llmshearing.composer_model import ShearingModel
-from llmshearing.data import build_datasets
 from llmshearing.l0 import L0Module
 from llmshearing.model import from_pretrained
-from llmshearing.train import load_pruning_checkpoint
+from llmshearing.mixture import DomainSequences, update_weights
+from llmshearing.train import load_checkpoint
 
 TINY_YAML = os.path.join("yamls", "testing", "prune_tiny.yaml")
 BIN = os.path.dirname(sys.executable)
 ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": REPO}
 
 
+CONTINUE_YAML = os.path.join("yamls", "testing", "continue_tiny.yaml")
+
+
 def paths(setup, folder):
-    return [f"model.path={setup['model']}", f"data.domains.prose={setup['prose']}",
-            f"data.domains.code={setup['code']}", f"save_folder={folder}", f"export_dir={folder}/export"]
+    return [f"model.path={setup['model']}", f"data.shards={setup['shards']}", f"save_folder={folder}",
+            f"export_dir={folder}/export", "progress_bar=false", "log_to_console=false"]
+
+
+def weights_log(folder):
+    with open(os.path.join(folder, "domain_weights.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def run(args, **kw):
@@ -54,7 +62,7 @@ def test_composer_launcher_prunes_checkpoints_and_exports(tiny_setup, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=0, rtol=0)
         # the masked model of the checkpoint in eval mode computes what the export computes
-        _, masked = load_pruning_checkpoint(os.path.join(folder, "ep0-ba30-rank0.pt"))
+        _, masked = load_checkpoint(os.path.join(folder, "ep0-ba30-rank0.pt"))
         torch.testing.assert_close(a(ids).logits, masked({"input_ids": ids}), atol=1e-4, rtol=0)
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
@@ -65,6 +73,58 @@ def test_composer_launcher_prunes_checkpoints_and_exports(tiny_setup, tmp_path):
 
     again = run([os.path.join(BIN, "llmshearing"), "export", os.path.join(folder, "ep0-ba30-rank0.pt"), out])
     assert again.returncode == 2 and "exists; pass overwrite" in again.stderr  # nothing overwritten silently
+
+    # Dynamic batch loading: after every eval the weights follow the paper's rule from the logged losses.
+    rows = weights_log(folder)
+    assert [r["batch"] for r in rows] == [10, 20, 30] and [r["effect_batch"] for r in rows] == [14, 24, 34]
+    previous = [0.5, 0.5]  # equal proportions in the tiny shards
+    for row in rows:
+        expected, _ = update_weights(previous, row["losses"], [4.0, 3.0])
+        assert row["weights"] == pytest.approx(expected.tolist(), abs=1e-12)
+        previous = row["weights"]
+    with open(os.path.join(folder, "domain_weights.json")) as f:
+        assert list(json.load(f).values()) == pytest.approx(rows[-1]["weights"])
+    for name in ("domain_weights.png", "domain_gaps.png"):
+        assert os.path.getsize(os.path.join(folder, name)) > 0
+    ckpt = torch.load(os.path.join(folder, "ep0-ba30-rank0.pt"), map_location="cpu", weights_only=False)
+    state = ckpt["state"]["dataset_state"]["train"]
+    assert state["batch"] == 30 and sum(state["counts"]) == 30 * 4 and state["weights"] == rows[1]["weights"]
+    assert state["pending"] == [[34, rows[2]["weights"]]]  # set after batch 30, in effect from batch 34
+
+    # Resume from the batch-15 checkpoint (2 dataloader workers): the same batches, the same mask noise,
+    # so the same evals, domain weights and final weights, bit for bit.
+    resumed = str(tmp_path / "resumed")
+    proc = run([os.path.join(BIN, "composer"), "train.py", TINY_YAML, *paths(tiny_setup, resumed),
+                f"load_path={folder}/ep0-ba15-rank0.pt"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert weights_log(resumed) == rows[1:]
+    other = torch.load(os.path.join(resumed, "ep0-ba30-rank0.pt"), map_location="cpu", weights_only=False)
+    for key, value in ckpt["state"]["model"].items():
+        assert torch.equal(value, other["state"]["model"][key]), key
+
+    # Continued pretraining of the export, starting from the weights pruning ended with.
+    cont = str(tmp_path / "continue")
+    proc = run([os.path.join(BIN, "composer"), "train.py", CONTINUE_YAML, f"model.path={folder}/export",
+                f"data.shards={tiny_setup['shards']}", f"data.proportions={folder}/domain_weights.json",
+                f"save_folder={cont}", f"export_dir={cont}/export", "progress_bar=false"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = weights_log(cont)[0]
+    expected, _ = update_weights(rows[-1]["weights"], first["losses"], [4.0, 3.0])
+    assert first["weights"] == pytest.approx(expected.tolist(), abs=1e-12)
+    continued = AutoModelForCausalLM.from_pretrained(os.path.join(cont, "export")).eval()
+    assert continued.config.to_dict()["hidden_size"] == 48 and not os.path.exists(os.path.join(cont, "export", "pruning.json"))
+    with torch.no_grad():
+        assert not torch.equal(continued(ids).logits, a(ids).logits)  # it trained
+
+
+def test_two_ranks_hold_the_same_domain_weights(tiny_setup, tmp_path):
+    """`composer -n 2` on CPU (gloo): the callback checks every rank holds rank 0's weights after each update."""
+    folder = str(tmp_path / "run")
+    proc = run([os.path.join(BIN, "composer"), "-n", "2", "train.py", TINY_YAML, *paths(tiny_setup, folder),
+                "device=cpu", "device_train_microbatch_size=2", "max_duration=20ba", "export_dir=null"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = weights_log(folder)
+    assert [r["batch"] for r in rows] == [10, 20] and all(r["ranks_agreeing"] == 2 for r in rows)
 
 
 def test_launcher_reports_config_errors_without_traceback(tiny_setup, tmp_path):
@@ -83,21 +143,19 @@ def test_export_of_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_short_pruning_run_reaches_target_shape(tiny_setup):
     """Joint training of weights, masks and multipliers drives every expected size to the target."""
-    from transformers import AutoTokenizer
-
     torch.manual_seed(0)
     source = load_hf_config(tiny_setup["model"])
     target = resolve_target({"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
                              "num_key_value_heads": 1, "intermediate_size": 48}, source)
-    train, _ = build_datasets({"prose": tiny_setup["prose"]}, AutoTokenizer.from_pretrained(tiny_setup["model"]),
-                              32, 64, 20000)
+    train = torch.stack([DomainSequences(tiny_setup["shards"], "prose", "prune")[i]["input_ids"] for i in range(128)])
     model = ShearingModel(from_pretrained(tiny_setup["model"], attn_impl="sdpa"),
                           L0Module(shape_of(source), target, warmup_steps=50))
     model.train()
     opt = torch.optim.AdamW(model.param_groups(1e-3, 0.0, 0.1, 0.1))
     for step in range(250):
         model.l0.step = step
-        batch = train[torch.randint(0, len(train), (4,))]
+        rows = train[torch.randint(0, len(train), (4,))][:, :32]
+        batch = {"input_ids": rows, "labels": rows}
         model.loss(model(batch), batch)["total"].backward()
         opt.step()
         opt.zero_grad()

@@ -1,0 +1,635 @@
+"""`make shards`: raw text of several domains -> per-domain MDS token shards (layout: llmshearing/shards.py).
+
+    python -m data_prep.shards                       # the embedded default (after `make fetch`)
+    python -m data_prep.shards --tokenizer MODEL_DIR --out data/rp_shards --seq-len 4096 \\
+        --eval-sequences 500 --prune-tokens 400000000 --continue-tokens 50000000000 --redpajama RedPajama-Data-1T
+
+Per domain (one process each): documents are read lazily in order, tokenized in batches with the fast
+tokenizer (no special tokens), framed as [bos] + ids + [eos] (bos only when the tokenizer has one that
+differs from eos) and routed, a whole document at a time, to one split:
+
+  document i (counting non-empty documents from 0) goes to `eval` while eval is not full and either
+  i % eval_every == 0 or both training splits are full; otherwise to `prune` until it is full, then to
+  `continue`. eval_every = max(2, (E + T) // E) with E the eval tokens and T the training tokens the
+  domain needs, so eval documents are spread over the whole part of the corpus that is read.
+
+Each split's documents are concatenated and cut into `seq_len` sequences; a document that overfills a
+split is cut there (its rest is not used anywhere) and the final partial sequence of a split is dropped.
+Reading stops as soon as the three splits are full. Domain d gets `eval_sequences` eval sequences and
+ceil(budget * p_d / seq_len) sequences of each training split.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from llmshearing.errors import ConfigError
+from llmshearing.io import atomic_directory, atomic_write_text
+from llmshearing.shards import FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, SPLITS, split_dir, tokenizer_fingerprint
+
+BUILDER_VERSION = 1  # part of the build fingerprint: bump when the routing or framing rule changes
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".csv")  # plain text: the whole file is one document
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # one json object with a `text` field per line
+COMPRESSED = (".gz", ".zst", ".zstd")
+REDPAJAMA_DOMAINS = tuple(sorted(REDPAJAMA_PROPORTIONS))
+DEFAULT_DOMAINS = ("news", "books", "code", "docs")
+DEFAULTS = dict(seq_len=128, eval_sequences=16, prune_tokens=120_000, continue_tokens=240_000)
+MAX_BATCH_DOCS = 1024
+MAX_BATCH_CHARS = 4_000_000
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def _inner_suffix(path: str) -> tuple[str, str]:
+    """(compression, suffix of the uncompressed name): 'a.jsonl.zst' -> ('.zst', '.jsonl')."""
+    root, ext = os.path.splitext(path.lower())
+    if ext in COMPRESSED:
+        return ext, os.path.splitext(root)[1]
+    return "", ext
+
+
+def _readable(name: str) -> bool:
+    return _inner_suffix(name)[1] in TEXT_SUFFIXES + JSONL_SUFFIXES
+
+
+def input_files(path: str) -> list[str]:
+    """The files a path stands for: itself, or a directory's readable files (recursive, sorted, no hidden)."""
+    if not os.path.isdir(path):
+        return [path]
+    found = []
+    for root, dirs, files in os.walk(path, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found.extend(os.path.join(root, f) for f in sorted(files) if not f.startswith(".") and _readable(f))
+    return found
+
+
+def _zstandard(path: str):
+    try:
+        import zstandard
+    except ImportError:
+        raise ConfigError(f"'{path}' is zstd-compressed but the `zstandard` package is not installed; "
+                          f"install it (pip install zstandard) or decompress the file") from None
+    return zstandard
+
+
+@contextlib.contextmanager
+def _open_text(path: str):
+    compression, _ = _inner_suffix(path)
+    if compression == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+            yield f
+    elif compression in (".zst", ".zstd"):
+        zstandard = _zstandard(path)
+        with open(path, "rb") as raw:
+            reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(raw)
+            with io.TextIOWrapper(reader, encoding="utf-8", errors="replace") as f:
+                yield f
+    else:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            yield f
+
+
+def _read_file(path: str):
+    with _open_text(path) as f:
+        if _inner_suffix(path)[1] not in JSONL_SUFFIXES:
+            yield f.read()
+            return
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ConfigError(f"{path}:{i + 1}: not a json object with a 'text' field ({type(e).__name__}: {e}); "
+                                  f"jsonl inputs need one {{\"text\": ...}} object per line") from None
+            if not isinstance(text, str):
+                raise ConfigError(f"{path}:{i + 1}: the 'text' field is {type(text).__name__}, not a string")
+            yield text
+
+
+def read_documents(path: str):
+    """Yield documents, lazily, from a plain text file (one document), a jsonl file (`text` field per line;
+    also .json / .ndjson), either compressed with .gz or .zst, or a directory of such files (sorted,
+    recursive, hidden files skipped)."""
+    for file in input_files(path):
+        yield from _read_file(file)
+
+
+def iter_documents(paths: list[str]):
+    """The non-empty documents of a domain's inputs, in order."""
+    for path in paths:
+        for text in read_documents(path):
+            if text:
+                yield text
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+def redpajama_domains(root: str) -> dict[str, list[str]]:
+    """RedPajama-Data-1T's layout (`<root>/{arxiv,book,c4,common_crawl,github,stackexchange,wikipedia}/`)
+    as domain -> sorted list of its files."""
+    if not os.path.isdir(root):
+        raise ConfigError(f"--redpajama: '{root}' is not a directory; pass the RedPajama-Data-1T root "
+                          f"(the folder holding {', '.join(REDPAJAMA_DOMAINS)})")
+    missing = [d for d in REDPAJAMA_DOMAINS if not os.path.isdir(os.path.join(root, d))]
+    if missing:
+        raise ConfigError(f"--redpajama: '{root}' lacks the domain folders {', '.join(missing)} "
+                          f"(RedPajama-Data-1T has {', '.join(REDPAJAMA_DOMAINS)}); download them or pass "
+                          f"the domains you have with --domain name=path")
+    domains = {}
+    for d in REDPAJAMA_DOMAINS:
+        files = input_files(os.path.join(root, d))
+        if not files:
+            raise ConfigError(f"--redpajama: '{os.path.join(root, d)}' holds no .jsonl / .jsonl.zst / text files")
+        domains[d] = files
+    return domains
+
+
+def _check_domains(domains) -> dict[str, list[str]]:
+    if not isinstance(domains, dict) or not domains:
+        raise ConfigError("no domains given; pass --domain name=path (repeatable) or --redpajama DIR")
+    out = {}
+    for name, paths in domains.items():
+        if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name:
+            raise ConfigError(f"domain name {name!r} is not a plain folder name; use letters, digits, - or _")
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        if not paths:
+            raise ConfigError(f"domain '{name}' has no input paths")
+        for p in paths:
+            if not os.path.exists(p):
+                raise ConfigError(f"domain '{name}': input '{p}' does not exist; check the path")
+            files = input_files(str(p))
+            if not files:
+                raise ConfigError(f"domain '{name}': directory '{p}' holds no readable files "
+                                  f"(.jsonl/.json/.txt/..., optionally .gz/.zst)")
+            for f in files:
+                if _inner_suffix(f)[0] in (".zst", ".zstd"):
+                    _zstandard(f)
+        out[name] = [os.path.normpath(str(p)) for p in paths]
+    return out
+
+
+def resolve_proportions(domains: list[str], proportions=None) -> dict[str, float]:
+    """Explicit proportions (exactly the domains, >= 0, sum 1 within 1e-6); else RedPajama's for its 7
+    domains; else equal."""
+    if proportions is None:
+        if set(domains) == set(REDPAJAMA_PROPORTIONS):
+            return {d: REDPAJAMA_PROPORTIONS[d] for d in domains}
+        return {d: 1.0 / len(domains) for d in domains}
+    unknown = [d for d in proportions if d not in domains]
+    if unknown:
+        raise ConfigError(f"proportions name unknown domain(s) {', '.join(map(str, unknown))}; "
+                          f"the domains are {', '.join(domains)}")
+    missing = [d for d in domains if d not in proportions]
+    if missing:
+        raise ConfigError(f"proportions lack domain(s) {', '.join(missing)}; give one for each of {', '.join(domains)}")
+    out = {}
+    for d in domains:
+        try:
+            p = float(proportions[d])
+        except (TypeError, ValueError):
+            raise ConfigError(f"proportion of '{d}' is {proportions[d]!r}, not a number") from None
+        if not math.isfinite(p) or p < 0:
+            raise ConfigError(f"proportion of '{d}' is {p}; proportions must be >= 0")
+        out[d] = p
+    total = sum(out.values())
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"proportions sum to {total:.8g}, not 1: {out}; rescale them")
+    return out
+
+
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None):
+    if not os.path.isdir(path):
+        raise ConfigError(f"tokenizer '{path}' is not a directory; pass an HF model or tokenizer folder "
+                          f"(with tokenizer.json, or a GGUF file named by --gguf-file)")
+    if gguf_file and not os.path.exists(os.path.join(path, gguf_file)):
+        raise ConfigError(f"--gguf-file '{gguf_file}' is not in '{path}'")
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs the path
+        raise ConfigError(f"cannot load a tokenizer from '{path}': {type(e).__name__}: {e}") from None
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(f"the tokenizer in '{path}' is not a fast (Rust) tokenizer; save one with tokenizer.json")
+    if tok.eos_token_id is None:
+        raise ConfigError(f"the tokenizer in '{path}' has no eos_token_id, so documents cannot be separated; "
+                          f"set eos_token in its tokenizer_config.json")
+    return tok
+
+
+def _file_stats(domains: dict[str, list[str]]) -> dict[str, list]:
+    stats = {}
+    for name, paths in domains.items():
+        rows = []
+        for p in paths:
+            for f in input_files(p):
+                st = os.stat(f)
+                rows.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+        stats[name] = rows
+    return stats
+
+
+def build_fingerprint(args: dict, domains: dict[str, list[str]], tok_fingerprint: str) -> str:
+    blob = json.dumps({"builder": BUILDER_VERSION, "format": FORMAT, "args": args, "tokenizer": tok_fingerprint,
+                       "inputs": _file_stats(domains)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------- one domain
+
+_REPORT = None  # set in pool workers: a queue of (domain, tokens written since the last report)
+
+
+def _init_worker(queue) -> None:
+    global _REPORT
+    _REPORT = queue
+
+
+def _pool_job(job: dict) -> dict:
+    return build_domain(job, lambda name, n: _REPORT.put((name, n)))
+
+
+class _Split:
+    def __init__(self, out: str, seq_len: int, dtype, wanted: int):
+        from streaming import MDSWriter
+
+        self.writer = MDSWriter(out=out, columns={"tokens": f"ndarray:{np.dtype(dtype).name}:{seq_len}"})
+        self.seq_len, self.dtype, self.wanted = seq_len, dtype, wanted
+        self.buf = np.zeros(0, dtype=dtype)
+        self.sequences = self.documents = 0
+
+    @property
+    def full(self) -> bool:
+        return self.sequences >= self.wanted
+
+    def add(self, ids: np.ndarray) -> int:
+        """Append one framed document; write the whole sequences it completes; return how many."""
+        self.documents += 1
+        buf = np.concatenate([self.buf, ids]) if len(self.buf) else ids
+        n = min(len(buf) // self.seq_len, self.wanted - self.sequences)
+        for row in buf[: n * self.seq_len].reshape(n, self.seq_len):
+            self.writer.write({"tokens": row})
+        self.sequences += n
+        self.buf = buf[n * self.seq_len:] if not self.full else buf[:0]  # a full split drops the rest
+        return n
+
+
+def build_domain(job: dict, report=None) -> dict:
+    """Tokenize, route and write one domain (see the module docstring); returns its counts."""
+    from tokenizers import Tokenizer
+
+    name, seq_len, wanted = job["name"], job["seq_len"], job["wanted"]
+    tok = Tokenizer.from_str(job["tokenizer_json"])
+    tok.no_truncation()
+    tok.no_padding()
+    dtype = np.dtype(job["dtype"])
+    head = [job["bos"]] if job["bos"] is not None else []
+    tail = [job["eos"]]
+    splits = {s: _Split(os.path.join(job["out"], s), seq_len, dtype, wanted[s]) for s in SPLITS}
+    every = job["eval_every"]
+    index, limit = 0, np.iinfo(dtype).max
+
+    def route(i: int):
+        training = next((s for s in ("prune", "continue") if not splits[s].full), None)
+        if not splits["eval"].full and (i % every == 0 or training is None):
+            return "eval"
+        return training
+
+    try:
+        with contextlib.closing(iter_documents(job["paths"])) as docs:
+            done = all(s.full for s in splits.values())
+            while not done:
+                need = sum((s.wanted - s.sequences) * seq_len for s in splits.values())
+                budget = min(MAX_BATCH_CHARS, max(65_536, 6 * need))  # ~4 chars a token: read little past the end
+                batch, chars = [], 0
+                for text in docs:
+                    batch.append(text)
+                    chars += len(text)
+                    if chars >= budget or len(batch) >= MAX_BATCH_DOCS:
+                        break
+                if not batch:
+                    break
+                written = 0
+                for enc in tok.encode_batch(batch, add_special_tokens=False):
+                    split = route(index)
+                    if split is None:
+                        done = True
+                        break
+                    ids = np.array(head + enc.ids + tail, dtype=np.int64)
+                    if ids.max() > limit:
+                        raise ConfigError(f"token id {int(ids.max())} does not fit {dtype.name}; the tokenizer's "
+                                          f"len() understates its ids")
+                    written += splits[split].add(ids.astype(dtype)) * seq_len
+                    index += 1
+                done = done or all(s.full for s in splits.values())
+                if report and written:
+                    report(name, written)
+    finally:
+        for s in splits.values():
+            s.writer.finish()
+    return {"name": name, "documents_used": index,
+            "documents": {s: splits[s].documents for s in SPLITS},
+            "sequences": {s: splits[s].sequences for s in SPLITS}}
+
+
+# ----------------------------------------------------------------------------------------------- all domains
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> dict[str, dict]:
+    from tqdm import tqdm
+
+    bars = {j["name"]: tqdm(total=sum(j["wanted"].values()) * j["seq_len"], desc=f"{j['name']:>14}", unit="tok",
+                            unit_scale=True, position=i, leave=True, disable=not progress, dynamic_ncols=True)
+            for i, j in enumerate(jobs)}
+    results = {}
+    try:
+        if workers <= 1:
+            for job in jobs:
+                results[job["name"]] = build_domain(job, lambda name, n: bars[name].update(n))
+            return results
+        import multiprocessing as mp
+        import queue as queue_mod
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        ctx = mp.get_context("spawn")  # fork would copy the parent's threads and locks (torch, tokenizers)
+        q = ctx.Queue()
+
+        def drain():
+            with contextlib.suppress(queue_mod.Empty):
+                while True:
+                    name, n = q.get_nowait()
+                    bars[name].update(n)
+
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q,))
+        ok = False
+        try:
+            futures = {pool.submit(_pool_job, job): job["name"] for job in jobs}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                drain()
+                for f in done:
+                    results[futures[f]] = f.result()  # re-raises a worker's error
+            drain()
+            ok = True
+            for name, r in results.items():  # updates still in the queue's pipe
+                bars[name].update(sum(r["sequences"].values()) * jobs[0]["seq_len"] - bars[name].n)
+        except BrokenProcessPool:
+            raise RuntimeError("a shard worker process died (killed, out of memory, or it could not start: a script "
+                               "that calls build_shards with workers > 1 needs `if __name__ == '__main__':`; "
+                               "or pass workers=1)") from None
+        finally:
+            if not ok:  # stop the other domains now; nothing they write is kept
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+        return results
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def _summary(manifest: dict) -> str:
+    head = ["domain"] + [f"{s} {k}" for s in SPLITS for k in ("seqs", "tokens")] + ["short"]
+    rows = []
+    totals = [0] * (2 * len(SPLITS))
+    for name, d in manifest["domains"].items():
+        cells = []
+        for j, s in enumerate(SPLITS):
+            n, t = d["splits"][s]["sequences"], d["splits"][s]["tokens"]
+            totals[2 * j] += n
+            totals[2 * j + 1] += t
+            cells += [f"{n:,}", f"{t:,}"]
+        rows.append([name] + cells + ["yes" if d["short"] else ""])
+    rows.append(["total"] + [f"{v:,}" for v in totals] + [""])
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_sequences: int, prune_tokens: int,
+                 continue_tokens: int, proportions: dict | None = None, workers: int | None = None,
+                 overwrite: bool = False, gguf_file: str | None = None, progress: bool = True) -> dict:
+    """Build `<out>/manifest.json` and `<out>/<domain>/{eval,prune,continue}/` MDS shards; return the manifest.
+
+    `tokenizer`: an HF tokenizer / model folder (`gguf_file` inside it, optionally). `domains`: name ->
+    input paths (jsonl with `text`, plain text, .gz / .zst compressed, or folders of those). Everything
+    is validated before any work; the shards are built in a temporary folder beside `out` and renamed
+    into place. An `out` built with the same arguments and inputs is returned as is.
+    """
+    seq_len = _check_int("seq_len", seq_len, 1)
+    eval_sequences = _check_int("eval_sequences", eval_sequences, 1)
+    prune_tokens = _check_int("prune_tokens", prune_tokens, 0)
+    continue_tokens = _check_int("continue_tokens", continue_tokens, 0)
+    domains = _check_domains(domains)
+    props = resolve_proportions(list(domains), proportions)
+    out = os.path.normpath(str(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out '{out}' is a file; pass a folder path")
+    tok = load_tokenizer(str(tokenizer), gguf_file)
+    vocab = len(tok)
+    bos = tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id else None
+    dtype = "uint16" if vocab <= 2**16 else "uint32"
+    tok_fp = tokenizer_fingerprint(tok)
+    args = dict(seq_len=seq_len, eval_sequences=eval_sequences, prune_tokens=prune_tokens,
+                continue_tokens=continue_tokens, proportions=props, gguf_file=gguf_file,
+                domains={d: [os.path.abspath(p) for p in ps] for d, ps in domains.items()})
+    fingerprint = build_fingerprint(args, domains, tok_fp)
+
+    replace = False
+    if os.path.isdir(out):
+        path = os.path.join(out, MANIFEST)
+        old = None
+        if os.path.exists(path):
+            try:
+                with open(path) as f:
+                    old = json.load(f)
+            except (OSError, json.JSONDecodeError):
+                old = {}
+        if old is not None and old.get("build_fingerprint") == fingerprint and old.get("format") == FORMAT:
+            print(f"{out} is up to date (built with the same arguments, inputs and tokenizer); nothing to do")
+            return old
+        if old is None and os.listdir(out):
+            raise ConfigError(f"'{out}' exists and is not a shard folder (no {MANIFEST}); refusing to replace it: "
+                              f"choose another --out or remove it")
+        if old is not None and not overwrite:
+            raise ConfigError(f"'{out}' exists and was built with different arguments, inputs or tokenizer; "
+                              f"pass --overwrite (overwrite=True) to replace it")
+        replace = True
+
+    for name, paths in domains.items():  # cheap early check: every domain has a first document
+        with contextlib.closing(iter_documents(paths)) as docs:
+            if next(docs, None) is None:
+                raise ConfigError(f"domain '{name}' has no documents in {', '.join(paths)} (empty files or no "
+                                  f"'text' in any line); give it text or leave it out")
+
+    wanted = {d: {"eval": eval_sequences,
+                  "prune": math.ceil(prune_tokens * props[d] / seq_len),
+                  "continue": math.ceil(continue_tokens * props[d] / seq_len)} for d in domains}
+    workers = min(len(domains), _cpu_count()) if workers is None else _check_int("workers", workers, 1)
+    tokenizer_json = tok.backend_tokenizer.to_str()
+    eval_every = {}
+    for d in domains:
+        train = (wanted[d]["prune"] + wanted[d]["continue"]) * seq_len
+        eval_every[d] = max(2, (eval_sequences * seq_len + train) // (eval_sequences * seq_len))
+
+    with atomic_directory(out, overwrite=replace) as tmp:
+        jobs = [dict(name=d, paths=domains[d], out=os.path.join(tmp, d), seq_len=seq_len, wanted=wanted[d],
+                     eval_every=eval_every[d], tokenizer_json=tokenizer_json, bos=bos, eos=tok.eos_token_id,
+                     dtype=dtype) for d in domains]
+        results = _run_jobs(jobs, min(workers, len(jobs)), progress)
+        entries, warnings = {}, []
+        for d in domains:
+            r = results[d]
+            got = r["sequences"]
+            if got["eval"] < 1 or (got["prune"] + got["continue"] < 1 and wanted[d]["prune"] + wanted[d]["continue"] > 0):
+                raise ConfigError(f"domain '{d}' has too little text: {r['documents_used']} documents gave "
+                                  f"{got['eval']} eval and {got['prune'] + got['continue']} training sequences of "
+                                  f"{seq_len} tokens (at least one of each is needed); add text or lower --seq-len")
+            short = any(got[s] < wanted[d][s] for s in SPLITS)
+            if short:
+                warnings.append(f"warning: domain '{d}' ran out of text after {r['documents_used']} documents: "
+                                + ", ".join(f"{s} {got[s]:,}/{wanted[d][s]:,}" for s in SPLITS)
+                                + " sequences written/wanted")
+            entries[d] = {
+                "sources": domains[d], "proportion": props[d], "eval_every": eval_every[d],
+                "documents_used": r["documents_used"], "documents": r["documents"],
+                "wanted": wanted[d],
+                "splits": {s: {"sequences": got[s], "tokens": got[s] * seq_len} for s in SPLITS},
+                "short": short,
+            }
+        manifest = {
+            "format": FORMAT, "seq_len": seq_len, "dtype": dtype,
+            "tokenizer": {"path": os.path.normpath(str(tokenizer)), "gguf_file": gguf_file, "vocab_size": vocab,
+                          "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "fingerprint": tok_fp},
+            "framing": {"bos": bos, "eos": tok.eos_token_id},
+            "proportions": props,
+            "budgets": {"eval_sequences": eval_sequences, "prune_tokens": prune_tokens,
+                        "continue_tokens": continue_tokens},
+            "domains": entries,
+            "build_fingerprint": fingerprint,
+        }
+        atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+    for w in warnings:
+        print(w, file=sys.stderr)
+    print(f"shards in {out}/ (seq_len {seq_len}, {dtype}):\n{_summary(manifest)}")
+    return manifest
+
+
+def default_inputs(data_dir: str = "data") -> dict:
+    """The embedded default's inputs (what `make fetch` writes under `data_dir`)."""
+    model = os.path.join(data_dir, "models", "smollm2-135m")
+    domains = {d: [os.path.join(data_dir, "text", f"{d}.jsonl")] for d in DEFAULT_DOMAINS}
+    missing = [p for p in [model] + [ps[0] for ps in domains.values()] if not os.path.exists(p)]
+    if missing:
+        raise ConfigError(f"the default shards need {', '.join(missing)}; run `make fetch` first "
+                          f"(the docs domain needs apt-get for python3.11-doc)")
+    return dict(out=os.path.join(data_dir, "shards"), tokenizer=model, domains=domains, **DEFAULTS)
+
+
+def build_default_shards(data_dir: str = "data", **kwargs) -> dict:
+    """`make shards`: the embedded default (news, books, code, docs at 128 tokens, equal proportions)."""
+    return build_shards(**{**default_inputs(data_dir), **kwargs})
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
+    out = []
+    for v in values or []:
+        name, sep, rest = v.partition("=")
+        if not sep or not name or not rest:
+            raise ConfigError(f"{flag} expects name=value, got '{v}'")
+        out.append((name, rest))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.shards",
+        description="Build per-domain MDS token shards (eval / prune / continue). Without arguments: the "
+                    "embedded default from `make fetch` (data/shards).")
+    parser.add_argument("--tokenizer", help="HF tokenizer or model folder")
+    parser.add_argument("--gguf-file", help="a GGUF file inside --tokenizer to read the tokenizer from")
+    parser.add_argument("--out", help="output folder (replaced atomically)")
+    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--eval-sequences", type=int, help="held-out eval sequences per domain")
+    parser.add_argument("--prune-tokens", type=int, help="token budget of the pruning split, over all domains")
+    parser.add_argument("--continue-tokens", type=int, help="token budget of the continued-pretraining split")
+    parser.add_argument("--domain", action="append", metavar="NAME=PATH",
+                        help="input of a domain (jsonl / text / .gz / .zst / folder); repeat to add files or domains")
+    parser.add_argument("--redpajama", metavar="DIR", help="RedPajama-Data-1T root: its 7 domain folders")
+    parser.add_argument("--proportions", action="append", metavar="NAME=P",
+                        help="domain proportion (all domains, sum 1); default RedPajama's for its 7 domains, else equal")
+    parser.add_argument("--workers", type=int, help="processes (one domain each); default min(domains, cpus)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out built with other arguments")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)  # argparse exits 2 with 'error: ...' on malformed flags
+    try:
+        inputs = (args.tokenizer, args.gguf_file, args.out, args.seq_len, args.eval_sequences, args.prune_tokens,
+                  args.continue_tokens, args.domain, args.redpajama, args.proportions)
+        if all(v is None for v in inputs):  # the embedded default (`make shards`)
+            build_default_shards(workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
+            return 0
+        required = {"--tokenizer": args.tokenizer, "--out": args.out, "--seq-len": args.seq_len,
+                    "--eval-sequences": args.eval_sequences, "--prune-tokens": args.prune_tokens,
+                    "--continue-tokens": args.continue_tokens}
+        missing = [k for k, v in required.items() if v is None]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)} (run without arguments for the embedded default)")
+        domains: dict[str, list[str]] = {}
+        if args.redpajama:
+            domains.update(redpajama_domains(args.redpajama))
+        seen_rp = set(domains)
+        for name, path in _pairs(args.domain, "--domain"):
+            if name in seen_rp:
+                raise ConfigError(f"--domain {name} is also a --redpajama domain; rename it")
+            domains.setdefault(name, []).append(path)
+        if not domains:
+            raise ConfigError("no domains: pass --domain name=path (repeatable) or --redpajama DIR")
+        proportions = None
+        if args.proportions:
+            proportions = {}
+            for name, value in _pairs(args.proportions, "--proportions"):
+                try:
+                    proportions[name] = float(value)
+                except ValueError:
+                    raise ConfigError(f"--proportions {name}={value}: not a number") from None
+        build_shards(args.out, args.tokenizer, domains, seq_len=args.seq_len, eval_sequences=args.eval_sequences,
+                     prune_tokens=args.prune_tokens, continue_tokens=args.continue_tokens, proportions=proportions,
+                     workers=args.workers, overwrite=args.overwrite, gguf_file=args.gguf_file,
+                     progress=not args.no_progress)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from data_prep.shards import main as _main  # so pool workers unpickle functions of data_prep.shards
+
+    sys.exit(_main())

@@ -1,0 +1,278 @@
+"""The per-domain MDS shard builder (data_prep/shards.py) against the layout contract (llmshearing/shards.py)."""
+import gzip
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from data_prep import shards as builder
+from llmshearing.errors import ConfigError
+from llmshearing.shards import FORMAT, REDPAJAMA_PROPORTIONS, SPLITS, open_split, read_manifest, tokens_of
+
+from conftest import REPO
+
+WORDS = ("the of and to in is was for on that with as by at from it an be this which or are were has "
+         "river stone light window garden paper music signal market engine forest winter number table").split()
+SIZES = dict(seq_len=32, eval_sequences=8, prune_tokens=2000, continue_tokens=3000)
+
+
+def doc(i: int, rng: random.Random) -> str:
+    return f"Document {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 25)))
+
+
+def write_jsonl(path, texts, opener=open):
+    with opener(path, "wt") as f:
+        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Domain `a`: a jsonl and a .gz jsonl (90 docs); domain `b`: a folder of one jsonl and .txt files."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    a = [doc(i, rng) for i in range(90)]
+    b = [doc(i, rng) for i in range(60)]
+    files_a = [write_jsonl(root / "a1.jsonl", a[:50]), write_jsonl(root / "a2.jsonl.gz", a[50:], gzip.open)]
+    os.makedirs(root / "b")
+    write_jsonl(root / "b" / "00.jsonl", b[:40])
+    for i, text in enumerate(b[40:]):  # a plain text file is one document
+        (root / "b" / f"{i + 1:02d}.txt").write_text(text)
+    (root / "b" / ".hidden.txt").write_text("not read")
+    return {"a": files_a, "b": [str(root / "b")]}, {"a": a, "b": b}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tiny_setup):
+    return tiny_setup["model"]
+
+
+@pytest.fixture(scope="module")
+def bos_tok_dir(tiny_setup, tmp_path_factory):
+    """The tiny tokenizer with a bos token different from eos."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_setup["model"])
+    tok.add_special_tokens({"bos_token": "<s>"})
+    out = str(tmp_path_factory.mktemp("bos_tok"))
+    tok.save_pretrained(out)
+    return out
+
+
+def build(out, tok, domains, **kw):
+    return builder.build_shards(str(out), tok, domains, **{**SIZES, "progress": False, "workers": 1, **kw})
+
+
+def stored(root, domain, split) -> list[int]:
+    data = open_split(str(root), domain, split)
+    return [int(t) for i in range(len(data)) for t in tokens_of(data[i])]
+
+
+def expected_streams(framed, wanted, seq_len, every):
+    """The documented routing rule, written out independently of the builder."""
+    streams = {s: [] for s in SPLITS}
+    full = lambda s: len(streams[s]) // seq_len >= wanted[s]  # noqa: E731
+    for i, ids in enumerate(framed):
+        training = next((s for s in ("prune", "continue") if not full(s)), None)
+        if not full("eval") and (i % every == 0 or training is None):
+            split = "eval"
+        elif training:
+            split = training
+        else:
+            break
+        streams[split] += ids
+    return {s: streams[s][: min(len(streams[s]) // seq_len, wanted[s]) * seq_len] for s in SPLITS}
+
+
+@pytest.mark.parametrize("which", ["eos only", "bos and eos"])
+def test_round_trip_disjoint_and_counts(corpus, tok_dir, bos_tok_dir, tmp_path, which):
+    from transformers import AutoTokenizer
+
+    paths, texts = corpus
+    tok_path = tok_dir if which == "eos only" else bos_tok_dir
+    props = {"a": 0.7, "b": 0.3}
+    m = build(tmp_path / "s", tok_path, paths, proportions=props)
+    tok = AutoTokenizer.from_pretrained(tok_path)
+    bos = [tok.bos_token_id] if which == "bos and eos" else []
+    assert (m["framing"]["bos"] is None) == (which == "eos only")
+    seq = SIZES["seq_len"]
+    for d in paths:
+        entry = m["domains"][d]
+        wanted = {"eval": SIZES["eval_sequences"], "prune": math.ceil(SIZES["prune_tokens"] * props[d] / seq),
+                  "continue": math.ceil(SIZES["continue_tokens"] * props[d] / seq)}
+        assert entry["wanted"] == wanted and not entry["short"]
+        framed = [bos + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts[d]]
+        want = expected_streams(framed, wanted, seq, entry["eval_every"])
+        seen = {}
+        for s in SPLITS:
+            got = stored(tmp_path / "s", d, s)
+            assert got == want[s], (d, s)  # exactly the framed documents routed to s, in order
+            assert entry["splits"][s] == {"sequences": wanted[s], "tokens": wanted[s] * seq}
+            assert len(open_split(str(tmp_path / "s"), d, s)) == wanted[s]
+            seen[s] = {int(i) for i in re.findall(r"Document (\d+):", tok.decode(got))}
+        assert seen["eval"] and not seen["eval"] & (seen["prune"] | seen["continue"])
+        assert not seen["prune"] & seen["continue"]
+        assert min(seen["eval"]) == 0 and entry["eval_every"] in seen["eval"]  # spread: every k-th document
+    assert m["format"] == FORMAT and m["dtype"] == "uint16" and read_manifest(str(tmp_path / "s")) == m
+    assert m["tokenizer"]["vocab_size"] == len(tok) and m["proportions"] == props
+    assert m["budgets"] == {"eval_sequences": 8, "prune_tokens": 2000, "continue_tokens": 3000}
+
+
+def test_two_workers_same_shards(corpus, tok_dir, tmp_path):
+    paths, _ = corpus
+    one = build(tmp_path / "one", tok_dir, paths)
+    two = build(tmp_path / "two", tok_dir, paths, workers=2)
+    assert one == two
+    for d in paths:
+        for s in SPLITS:
+            assert stored(tmp_path / "one", d, s) == stored(tmp_path / "two", d, s)
+    assert one["proportions"] == {"a": 0.5, "b": 0.5}
+
+
+def test_idempotent_then_changed_arguments(corpus, tok_dir, tmp_path, capsys):
+    paths, _ = corpus
+    out = tmp_path / "s"
+    first = build(out, tok_dir, paths)
+    stamp = os.stat(out / "manifest.json").st_mtime_ns
+    capsys.readouterr()
+    assert build(out, tok_dir, paths) == first
+    assert "up to date" in capsys.readouterr().out
+    assert os.stat(out / "manifest.json").st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="different arguments.*--overwrite"):
+        build(out, tok_dir, paths, seq_len=16)
+    assert os.stat(out / "manifest.json").st_mtime_ns == stamp and read_manifest(str(out)) == first
+    assert len(open_split(str(out), "a", "prune")) == first["domains"]["a"]["splits"]["prune"]["sequences"]
+    second = build(out, tok_dir, paths, seq_len=16, overwrite=True)
+    assert second["seq_len"] == 16 and read_manifest(str(out)) == second
+    assert sorted(os.listdir(tmp_path)) == ["s"]  # no temporary folder left beside it
+
+
+def test_refuses_to_replace_a_folder_that_is_not_shards(corpus, tok_dir, tmp_path):
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "precious.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a shard folder"):
+        build(tmp_path / "s", tok_dir, corpus[0], overwrite=True)
+    assert os.listdir(tmp_path / "s") == ["precious.txt"]
+
+
+@pytest.mark.parametrize("case, match", [
+    ("empty domain", "domain 'empty' has no documents"),
+    ("missing file", "domain 'a': input .*nope.jsonl' does not exist"),
+    ("proportions sum", "sum to 0.9"),
+    ("unknown domain", "unknown domain.*zz"),
+    ("too little text", "domain 'tiny' has too little text"),
+    ("bad jsonl", r"bad.jsonl:2: not a json object"),
+])
+def test_bad_input_is_refused_and_nothing_written(corpus, tok_dir, tmp_path, case, match):
+    paths, _ = corpus
+    inputs, kw = dict(paths), {}
+    if case == "empty domain":
+        (tmp_path / "empty.jsonl").write_text("\n\n")
+        inputs["empty"] = [str(tmp_path / "empty.jsonl")]
+    elif case == "missing file":
+        inputs["a"] = [str(tmp_path / "nope.jsonl")]
+    elif case == "proportions sum":
+        kw["proportions"] = {"a": 0.5, "b": 0.4}
+    elif case == "unknown domain":
+        kw["proportions"] = {"a": 0.5, "b": 0.25, "zz": 0.25}
+    elif case == "too little text":  # found by a worker process: the error crosses the pool
+        inputs["tiny"] = [write_jsonl(tmp_path / "tiny.jsonl", ["Document 0: a few words"])]
+        kw["workers"] = 2
+    elif case == "bad jsonl":
+        (tmp_path / "bad.jsonl").write_text('{"text": "Document 0: fine"}\n{"txt": "no"}\n')
+        inputs["bad"] = [str(tmp_path / "bad.jsonl")]
+    before = set(os.listdir(tmp_path))
+    with pytest.raises(ConfigError, match=match):
+        build(tmp_path / "out", tok_dir, inputs, **kw)
+    assert set(os.listdir(tmp_path)) == before  # no output, no temporary folder
+
+
+def test_short_domain_is_flagged(corpus, tok_dir, tmp_path, capsys):
+    paths, texts = corpus
+    small = write_jsonl(tmp_path / "small.jsonl", texts["b"][:12])
+    m = build(tmp_path / "s", tok_dir, {"a": paths["a"], "small": [small]})
+    entry = m["domains"]["small"]
+    assert entry["short"] and not m["domains"]["a"]["short"]
+    assert entry["documents_used"] == 12 and sum(entry["documents"].values()) == 12
+    got = {s: entry["splits"][s]["sequences"] for s in SPLITS}
+    assert got["eval"] >= 1 and got["prune"] >= 1 and got["continue"] < entry["wanted"]["continue"]
+    assert all(len(open_split(str(tmp_path / "s"), "small", s)) == got[s] for s in SPLITS if got[s])
+    assert "warning: domain 'small' ran out of text" in capsys.readouterr().err
+
+
+def test_proportions_rules():
+    rp = list(REDPAJAMA_PROPORTIONS)
+    assert builder.resolve_proportions(rp[::-1]) == REDPAJAMA_PROPORTIONS
+    assert builder.resolve_proportions(["x", "y", "z", "w"]) == {d: 0.25 for d in "xyzw"}
+    with pytest.raises(ConfigError, match="lack domain"):
+        builder.resolve_proportions(["x", "y"], {"x": 1.0})
+    with pytest.raises(ConfigError, match=">= 0"):
+        builder.resolve_proportions(["x", "y"], {"x": 1.5, "y": -0.5})
+
+
+def test_redpajama_layout(tmp_path):
+    for d in REDPAJAMA_PROPORTIONS:
+        os.makedirs(tmp_path / d / "sub")
+        write_jsonl(tmp_path / d / "sub" / "b.jsonl", ["x"])
+        write_jsonl(tmp_path / d / "a.jsonl", ["x"])
+        (tmp_path / d / "README").write_text("skipped")
+    domains = builder.redpajama_domains(str(tmp_path))
+    assert sorted(domains) == sorted(REDPAJAMA_PROPORTIONS)
+    assert domains["c4"] == [str(tmp_path / "c4" / "a.jsonl"), str(tmp_path / "c4" / "sub" / "b.jsonl")]
+    os.rename(tmp_path / "github", tmp_path / "gh")
+    os.rename(tmp_path / "book", tmp_path / "books")
+    with pytest.raises(ConfigError, match="lacks the domain folders book, github"):
+        builder.redpajama_domains(str(tmp_path))
+
+
+def test_compressed_inputs(tmp_path, monkeypatch):
+    gz = write_jsonl(tmp_path / "x.jsonl.gz", ["one", "two"], gzip.open)
+    assert list(builder.read_documents(gz)) == ["one", "two"]
+    try:
+        import zstandard
+    except ImportError:
+        zstandard = None
+    if zstandard is not None:
+        (tmp_path / "y.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "three"}\n'))
+        assert list(builder.read_documents(str(tmp_path / "y.jsonl.zst"))) == ["three"]
+    (tmp_path / "z.jsonl.zst").write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "zstandard", None)  # as if not installed
+    with pytest.raises(ConfigError, match="zstandard"):
+        list(builder.read_documents(str(tmp_path / "z.jsonl.zst")))
+
+
+def test_cli(corpus, tok_dir, tmp_path, capsys):
+    paths, _ = corpus
+    base = ["--tokenizer", tok_dir, "--seq-len", "32", "--eval-sequences", "8", "--prune-tokens", "2000",
+            "--continue-tokens", "3000", "--no-progress"]
+    assert builder.main(base + ["--out", str(tmp_path / "x"), "--domain", "a=" + str(tmp_path / "nope")]) == 2
+    assert "error: domain 'a': input" in capsys.readouterr().err
+    assert builder.main(base + ["--out", str(tmp_path / "x"), "--domain", "a"]) == 2
+    assert "error: --domain expects name=value" in capsys.readouterr().err
+    assert builder.main(["--out", str(tmp_path / "x"), "--domain", "a=" + paths["a"][0]]) == 2
+    assert "error: missing --tokenizer, --seq-len" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "x")
+    args = base + ["--out", str(tmp_path / "ok"), "--proportions", "a=0.25", "--proportions", "b=0.75"]
+    args += [f"--domain=a={p}" for p in paths["a"]] + ["--domain", "b=" + paths["b"][0]]
+    assert builder.main(args) == 0
+    m = read_manifest(str(tmp_path / "ok"))
+    assert m["proportions"] == {"a": 0.25, "b": 0.75} and m["domains"]["a"]["sources"] == paths["a"]
+    assert "continue seqs" in capsys.readouterr().out  # the summary table
+    run = subprocess.run([sys.executable, "-m", "data_prep.shards", "--seq-len", "many"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr
+    run = subprocess.run([sys.executable, "-m", "data_prep.shards", "--tokenizer", str(tmp_path / "none")] + base[2:]
+                         + ["--out", str(tmp_path / "y"), "--domain", "a=" + paths["a"][0]], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.startswith("error: tokenizer") and "Traceback" not in run.stderr
+
+
+def test_default_inputs_need_fetch(tmp_path):
+    with pytest.raises(ConfigError, match="make fetch"):
+        builder.default_inputs(str(tmp_path))
