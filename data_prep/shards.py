@@ -9,9 +9,10 @@ tokenizer (no special tokens), framed as [bos] + ids + [eos] (bos only when the 
 differs from eos) and routed, a whole document at a time, to one split:
 
   document i (counting non-empty documents from 0) goes to `eval` while eval is not full and either
-  i % eval_every == 0 or both training splits are full; otherwise to `prune` until it is full, then to
-  `continue`. eval_every = max(2, (E + T) // E) with E the eval tokens and T the training tokens the
-  domain needs, so eval documents are spread over the whole part of the corpus that is read.
+  i % eval_every == 0 or `prune` is full; otherwise to `prune` while it is not full; otherwise to
+  `continue`. eval_every = max(2, (E + P) // E) with E the eval tokens and P the prune tokens the domain
+  needs, so eval documents are spread over the part of the corpus that eval and prune read, and neither
+  split depends on the continued-pretraining budget (a larger --continue-tokens only adds documents).
 
 Each split's documents are concatenated and cut into `seq_len` sequences; a document that overfills a
 split is cut there (its rest is not used anywhere) and the final partial sequence of a split is dropped.
@@ -36,7 +37,7 @@ from llmshearing.errors import ConfigError
 from llmshearing.io import atomic_directory, atomic_write_text
 from llmshearing.shards import FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, SPLITS, split_dir, tokenizer_fingerprint
 
-BUILDER_VERSION = 1  # part of the build fingerprint: bump when the routing or framing rule changes
+BUILDER_VERSION = 2  # part of the build fingerprint: bump when the routing or framing rule changes
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".csv")  # plain text: the whole file is one document
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # one json object with a `text` field per line
 COMPRESSED = (".gz", ".zst", ".zstd")
@@ -159,7 +160,8 @@ def _check_domains(domains) -> dict[str, list[str]]:
         raise ConfigError("no domains given; pass --domain name=path (repeatable) or --redpajama DIR")
     out = {}
     for name, paths in domains.items():
-        if not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name:
+        if (not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name
+                or name == MANIFEST):
             raise ConfigError(f"domain name {name!r} is not a plain folder name; use letters, digits, - or _")
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         if not paths:
@@ -305,11 +307,10 @@ def build_domain(job: dict, report=None) -> dict:
     every = job["eval_every"]
     index, limit = 0, np.iinfo(dtype).max
 
-    def route(i: int):
-        training = next((s for s in ("prune", "continue") if not splits[s].full), None)
-        if not splits["eval"].full and (i % every == 0 or training is None):
+    def route(i: int):  # the rule of the module docstring
+        if not splits["eval"].full and (i % every == 0 or splits["prune"].full):
             return "eval"
-        return training
+        return next((s for s in ("prune", "continue") if not splits[s].full), None)
 
     try:
         with contextlib.closing(iter_documents(job["paths"])) as docs:
@@ -426,7 +427,10 @@ def _summary(manifest: dict) -> str:
         rows.append([name] + cells + ["yes" if d["short"] else ""])
     rows.append(["total"] + [f"{v:,}" for v in totals] + [""])
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+
+    def fmt(row):
+        return "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
@@ -493,8 +497,7 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     tokenizer_json = tok.backend_tokenizer.to_str()
     eval_every = {}
     for d in domains:
-        train = (wanted[d]["prune"] + wanted[d]["continue"]) * seq_len
-        eval_every[d] = max(2, (eval_sequences * seq_len + train) // (eval_sequences * seq_len))
+        eval_every[d] = max(2, (eval_sequences + wanted[d]["prune"]) // eval_sequences)  # (E + P) // E
 
     with atomic_directory(out, overwrite=replace) as tmp:
         jobs = [dict(name=d, paths=domains[d], out=os.path.join(tmp, d), seq_len=seq_len, wanted=wanted[d],
@@ -505,9 +508,10 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
         for d in domains:
             r = results[d]
             got = r["sequences"]
-            if got["eval"] < 1 or (got["prune"] + got["continue"] < 1 and wanted[d]["prune"] + wanted[d]["continue"] > 0):
+            training, training_wanted = got["prune"] + got["continue"], wanted[d]["prune"] + wanted[d]["continue"]
+            if got["eval"] < 1 or (training < 1 and training_wanted > 0):
                 raise ConfigError(f"domain '{d}' has too little text: {r['documents_used']} documents gave "
-                                  f"{got['eval']} eval and {got['prune'] + got['continue']} training sequences of "
+                                  f"{got['eval']} eval and {training} training sequences of "
                                   f"{seq_len} tokens (at least one of each is needed); add text or lower --seq-len")
             short = any(got[s] < wanted[d][s] for s in SPLITS)
             if short:
@@ -584,7 +588,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="input of a domain (jsonl / text / .gz / .zst / folder); repeat to add files or domains")
     parser.add_argument("--redpajama", metavar="DIR", help="RedPajama-Data-1T root: its 7 domain folders")
     parser.add_argument("--proportions", action="append", metavar="NAME=P",
-                        help="domain proportion (all domains, sum 1); default RedPajama's for its 7 domains, else equal")
+                        help="domain proportion (all domains, sum 1); default: RedPajama's for its 7 domains, "
+                             "else equal")
     parser.add_argument("--workers", type=int, help="processes (one domain each); default min(domains, cpus)")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out built with other arguments")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -7,6 +7,17 @@ import shutil
 import tempfile
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _as_created(path: str, mode: int) -> None:
+    """mkdtemp/mkstemp create 0700/0600; give the final output the permissions a plain create would."""
+    os.chmod(path, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, overwrite: bool = False):
     """Yield a temporary sibling directory; on success it replaces `path` by rename.
@@ -22,6 +33,7 @@ def atomic_directory(path: str, overwrite: bool = False):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
+        _as_created(tmp, 0o777)
         yield tmp
         old = None
         if os.path.exists(path):
@@ -39,6 +51,7 @@ def atomic_write_text(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
     try:
+        _as_created(tmp, 0o666)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

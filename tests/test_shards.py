@@ -79,11 +79,12 @@ def expected_streams(framed, wanted, seq_len, every):
     streams = {s: [] for s in SPLITS}
     full = lambda s: len(streams[s]) // seq_len >= wanted[s]  # noqa: E731
     for i, ids in enumerate(framed):
-        training = next((s for s in ("prune", "continue") if not full(s)), None)
-        if not full("eval") and (i % every == 0 or training is None):
+        if not full("eval") and (i % every == 0 or full("prune")):
             split = "eval"
-        elif training:
-            split = training
+        elif not full("prune"):
+            split = "prune"
+        elif not full("continue"):
+            split = "continue"
         else:
             break
         streams[split] += ids
@@ -119,6 +120,7 @@ def test_round_trip_disjoint_and_counts(corpus, tok_dir, bos_tok_dir, tmp_path, 
         assert seen["eval"] and not seen["eval"] & (seen["prune"] | seen["continue"])
         assert not seen["prune"] & seen["continue"]
         assert min(seen["eval"]) == 0 and entry["eval_every"] in seen["eval"]  # spread: every k-th document
+        assert entry["eval_every"] == max(2, (wanted["eval"] + wanted["prune"]) // wanted["eval"])
     assert m["format"] == FORMAT and m["dtype"] == "uint16" and read_manifest(str(tmp_path / "s")) == m
     assert m["tokenizer"]["vocab_size"] == len(tok) and m["proportions"] == props
     assert m["budgets"] == {"eval_sequences": 8, "prune_tokens": 2000, "continue_tokens": 3000}
@@ -133,6 +135,19 @@ def test_two_workers_same_shards(corpus, tok_dir, tmp_path):
         for s in SPLITS:
             assert stored(tmp_path / "one", d, s) == stored(tmp_path / "two", d, s)
     assert one["proportions"] == {"a": 0.5, "b": 0.5}
+
+
+def test_eval_and_prune_do_not_depend_on_the_continue_budget(corpus, tok_dir, tmp_path):
+    paths, _ = corpus
+    small = build(tmp_path / "small", tok_dir, paths, continue_tokens=0)
+    big = build(tmp_path / "big", tok_dir, paths)
+    for d in paths:
+        assert small["domains"][d]["splits"]["continue"]["sequences"] == 0
+        assert big["domains"][d]["splits"]["continue"]["sequences"] == math.ceil(1500 / SIZES["seq_len"])
+        for s in ("eval", "prune"):
+            assert stored(tmp_path / "small", d, s) == stored(tmp_path / "big", d, s)
+    with pytest.raises(ConfigError, match="holds no sequences"):
+        open_split(str(tmp_path / "small"), "a", "continue")
 
 
 def test_idempotent_then_changed_arguments(corpus, tok_dir, tmp_path, capsys):
@@ -250,7 +265,7 @@ def test_compressed_inputs(tmp_path, monkeypatch):
 def test_cli(corpus, tok_dir, tmp_path, capsys):
     paths, _ = corpus
     base = ["--tokenizer", tok_dir, "--seq-len", "32", "--eval-sequences", "8", "--prune-tokens", "2000",
-            "--continue-tokens", "3000", "--no-progress"]
+            "--continue-tokens", "3000", "--no-progress", "--workers", "1"]
     assert builder.main(base + ["--out", str(tmp_path / "x"), "--domain", "a=" + str(tmp_path / "nope")]) == 2
     assert "error: domain 'a': input" in capsys.readouterr().err
     assert builder.main(base + ["--out", str(tmp_path / "x"), "--domain", "a"]) == 2

@@ -162,3 +162,14 @@ def test_short_pruning_run_reaches_target_shape(tiny_setup):
     expected = model.l0.expected_shape()
     for key, value in target.as_dict().items():
         assert expected[key] == pytest.approx(value, rel=0.1), (key, expected)
+
+
+def test_fixed_mixture_keeps_the_weights_and_logs_losses(tiny_setup, tmp_path):
+    folder = str(tmp_path / "fixed")
+    proc = run([sys.executable, "train.py", TINY_YAML, *paths(tiny_setup, folder), "data.dynamic=null",
+                "data.proportions={prose: 0.25, code: 0.75}", "max_duration=20ba", "export_dir=null", "data.num_workers=0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = weights_log(folder)
+    assert [r["weights"] for r in rows] == [[0.25, 0.75]] * 2 and all(r["gaps"] is None for r in rows)
+    assert all(len(r["losses"]) == 2 for r in rows)
+    assert os.path.exists(os.path.join(folder, "domain_weights.png")) and not os.path.exists(os.path.join(folder, "domain_gaps.png"))
