@@ -35,7 +35,8 @@ import numpy as np
 
 from llmshearing.errors import ConfigError
 from llmshearing.io import atomic_directory, atomic_write_text
-from llmshearing.shards import FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, SPLITS, split_dir, tokenizer_fingerprint
+from llmshearing.shards import (FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, SPLITS, load_tokenizer, split_dir,
+                                tokenizer_fingerprint)
 
 BUILDER_VERSION = 2  # part of the build fingerprint: bump when the routing or framing rule changes
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".csv")  # plain text: the whole file is one document
@@ -213,26 +214,6 @@ def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
-
-
-def load_tokenizer(path: str, gguf_file: str | None = None):
-    if not os.path.isdir(path):
-        raise ConfigError(f"tokenizer '{path}' is not a directory; pass an HF model or tokenizer folder "
-                          f"(with tokenizer.json, or a GGUF file named by --gguf-file)")
-    if gguf_file and not os.path.exists(os.path.join(path, gguf_file)):
-        raise ConfigError(f"--gguf-file '{gguf_file}' is not in '{path}'")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs the path
-        raise ConfigError(f"cannot load a tokenizer from '{path}': {type(e).__name__}: {e}") from None
-    if not getattr(tok, "is_fast", False):
-        raise ConfigError(f"the tokenizer in '{path}' is not a fast (Rust) tokenizer; save one with tokenizer.json")
-    if tok.eos_token_id is None:
-        raise ConfigError(f"the tokenizer in '{path}' has no eos_token_id, so documents cannot be separated; "
-                          f"set eos_token in its tokenizer_config.json")
-    return tok
 
 
 def _file_stats(domains: dict[str, list[str]]) -> dict[str, list]:

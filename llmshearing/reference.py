@@ -62,46 +62,22 @@ def source_reference_losses(model_path: str, shards_root: str, gguf_file: str | 
     from llmshearing.arch import load_hf_config
     from llmshearing.evaluate import domain_losses
     from llmshearing.model import from_pretrained
-    from llmshearing.shards import check_domains, read_manifest
+    from llmshearing.shards import check_domains, check_tokenizer, load_tokenizer, read_manifest
 
     manifest = read_manifest(shards_root)
     domains = list(manifest["domains"]) if domains is None else list(domains)
     check_domains(manifest, shards_root, domains, "eval", key="domains")
     config = load_hf_config(model_path, gguf_file)
-    built = manifest.get("tokenizer") or {}
-    if "vocab_size" not in built:
-        raise ConfigError(f"the manifest of '{shards_root}' records no tokenizer vocab_size; rebuild the shards")
-    if int(built["vocab_size"]) > config.vocab_size:
-        raise ConfigError(
-            f"tokenizer vocab larger than the model's embedding: the shards in '{shards_root}' were tokenized with "
-            f"'{built.get('path', '?')}' ({built['vocab_size']} tokens) but '{model_path}' has {config.vocab_size} "
-            f"embedding rows; rebuild the shards with this model's tokenizer or pick the matching model"
-        )
-    _check_fingerprint(model_path, gguf_file, shards_root, built)
+    try:  # the model folder's own tokenizer, when it has one; else only the vocabulary size is checked
+        tokenizer = load_tokenizer(model_path, gguf_file)
+    except ConfigError:
+        tokenizer = None
+    check_tokenizer(shards_root, tokenizer, config.vocab_size, model_path)
     model = from_pretrained(model_path, gguf_file, attn_impl="auto")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     return domain_losses(lambda ids: model(ids.to(device)), shards_root, domains, "eval", max_sequences,
                          batch_size, progress)
-
-
-def _check_fingerprint(model_path: str, gguf_file: str | None, shards_root: str, built: dict) -> None:
-    """When the model folder carries a tokenizer, it must be the one the shards were built with."""
-    if not built.get("fingerprint"):
-        return
-    from transformers import AutoTokenizer
-
-    from llmshearing.shards import tokenizer_fingerprint
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # no tokenizer beside the weights: only the vocabulary size can be checked
-    if tokenizer_fingerprint(tokenizer) != built["fingerprint"]:
-        raise ConfigError(
-            f"the shards in '{shards_root}' were tokenized with '{built.get('path', '?')}', whose vocabulary differs "
-            f"from the tokenizer of '{model_path}'; rebuild the shards with the model's tokenizer"
-        )
 
 
 # ---------------------------------------------------------------------------------------------- scaling law

@@ -18,27 +18,14 @@ from llmshearing.io import atomic_write_text
 
 
 def load_tokenizer(model_cfg):
-    from transformers import AutoTokenizer
+    """The run's tokenizer: model.tokenizer, else the model's own (from its GGUF file when it has one)."""
+    from llmshearing.shards import load_tokenizer as load
 
     path = model_cfg.tokenizer or model_cfg.path
     if not os.path.exists(path):
         raise ConfigError(f"model.tokenizer '{path}' does not exist")
     same = model_cfg.tokenizer in (None, model_cfg.path)
-    kwargs = {"gguf_file": model_cfg.gguf_file} if (model_cfg.gguf_file and same) else {}
-    return AutoTokenizer.from_pretrained(path, **kwargs)
-
-
-def check_tokenizer(shards: str, tokenizer, vocab_size: int) -> None:
-    """The shards were tokenized with this tokenizer, and every id fits the model's embedding."""
-    from llmshearing.shards import read_manifest, tokenizer_fingerprint
-
-    built = read_manifest(shards)["tokenizer"]
-    if built["fingerprint"] != tokenizer_fingerprint(tokenizer):
-        raise ConfigError(f"the shards in '{shards}' were tokenized with '{built['path']}', whose vocabulary differs "
-                          f"from this run's tokenizer; rebuild the shards with the model's tokenizer")
-    if built["vocab_size"] > vocab_size:
-        raise ConfigError(f"the shards' tokenizer has {built['vocab_size']} tokens but the model's embedding has "
-                          f"only {vocab_size} rows: wrong tokenizer for this model (set model.tokenizer)")
+    return load(path, model_cfg.gguf_file if same else None)
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -83,11 +70,12 @@ def build_trainer(cfg: TrainConfig):
     from callbacks import DynamicLoading, PruningMonitor
     from callbacks.dynamic_loading import eval_label
     from llmshearing.mixture import DomainMixture, DomainSequences
+    from llmshearing.shards import check_tokenizer
 
     source_config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
     target = resolve_target(cfg.pruning.target, source_config) if cfg.pruning else None
     tokenizer = load_tokenizer(cfg.model)
-    check_tokenizer(cfg.data.shards, tokenizer, source_config.vocab_size)
+    check_tokenizer(cfg.data.shards, tokenizer, source_config.vocab_size, cfg.model.path)
     folder = run_dir(cfg)
     if dist.get_global_rank() == 0:
         atomic_write_text(os.path.join(folder, "run_config.yaml"), to_yaml(cfg))
