@@ -1,0 +1,94 @@
+"""One-shot structured pruning by weight magnitude: the baseline that LLM-Shearing's learned masks must beat.
+
+No training and no data: every prunable unit gets a score from the weights that belong to it, and the
+scores are handed to the same machinery the L0 masks use at test time (`HardConcrete.keep_index` keeps the
+top-k per row, `prune.finalize` slices), so there is one slicer and the result has the target shape exactly.
+
+Scores are squared L2 norms (sums of squared weights; the same order as the L2 norm):
+
+* intermediate unit i of layer l: row i of gate_proj and up_proj + column i of down_proj;
+* query head h: its rows of q_proj + its columns of o_proj;
+* KV group g: its rows of k_proj and v_proj + the scores of the query heads it serves;
+* hidden dim j: column j of the embedding (and of an untied lm_head) + column j of every q/k/v/gate/up
+  (what reads dim j) + row j of every o_proj/down_proj (what writes it);
+* layer l: |o_proj|^2 + |down_proj|^2, the size of what the layer writes into the residual stream.
+"""
+from __future__ import annotations
+
+import torch
+
+from llmshearing.arch import load_hf_config, resolve_target, shape_of
+from llmshearing.l0 import L0Module
+from llmshearing.model import DecoderLM
+
+SCORING = "magnitude: squared L2 norm of each unit's weights (llmshearing/oneshot.py)"
+# log_alpha of every unit is OPEN + rank/units: the order of the scores decides keep_index, and the
+# test-time gate value clamp(sigmoid(log_alpha) * 1.2 - 0.1, 0, 1) is exactly 1 for log_alpha > log 11,
+# so finalize folds nothing into the weights: the kept weights are the source's, unscaled.
+OPEN = 10.0
+
+
+def _sq_rows(w: torch.Tensor, n: int) -> torch.Tensor:
+    """Squared norm of `n` equal blocks of rows of w (out, in) -> (n,)."""
+    return w.float().pow(2).reshape(n, -1).sum(-1)
+
+
+def _sq_cols(w: torch.Tensor, n: int) -> torch.Tensor:
+    """Squared norm of `n` equal blocks of columns of w (out, in) -> (n,)."""
+    return w.float().pow(2).reshape(w.shape[0], n, -1).sum((0, 2))
+
+
+@torch.no_grad()
+def magnitude_scores(lm: DecoderLM) -> dict[str, torch.Tensor]:
+    """Scores of every unit, shaped like the L0 masks of `llmshearing.l0.plan_masks` (all five levels)."""
+    cfg, src = lm.config, shape_of(lm.config)
+    KV, R, H = src.num_key_value_heads, src.heads_per_group, src.num_attention_heads
+    hidden = lm.model.embed_tokens.weight.float().pow(2).sum(0)
+    if not cfg.tie_word_embeddings:
+        hidden = hidden + lm.lm_head.weight.float().pow(2).sum(0)
+    layer, head, kv_head, inter = [], [], [], []
+    for block in lm.model.layers:
+        a, m = block.self_attn, block.mlp
+        q_head = _sq_rows(a.q_proj.weight, H) + _sq_cols(a.o_proj.weight, H)  # (H,) in group-major order
+        head.append(q_head.reshape(KV, R))
+        kv_head.append(_sq_rows(a.k_proj.weight, KV) + _sq_rows(a.v_proj.weight, KV) + q_head.reshape(KV, R).sum(-1))
+        inter.append(_sq_rows(m.gate_proj.weight, m.gate_proj.out_features) + _sq_rows(m.up_proj.weight, m.up_proj.out_features)
+                     + _sq_cols(m.down_proj.weight, m.down_proj.in_features))
+        for w in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight):
+            hidden = hidden + w.float().pow(2).sum(0)
+        for w in (a.o_proj.weight, m.down_proj.weight):
+            hidden = hidden + w.float().pow(2).sum(1)
+        layer.append(a.o_proj.weight.float().pow(2).sum() + m.down_proj.weight.float().pow(2).sum())
+    return {"layer": torch.stack(layer), "hidden": hidden, "kv_head": torch.stack(kv_head),
+            "head": torch.stack(head), "intermediate": torch.stack(inter)}
+
+
+@torch.no_grad()
+def set_scores(l0: L0Module, scores: dict[str, torch.Tensor]) -> None:
+    """Make `l0`'s test-time masks keep the top-scoring units of every row, each with gate value exactly 1."""
+    for name, mask in l0.masks.items():
+        s = scores[name]
+        if tuple(s.shape) != mask.shape:
+            raise ValueError(f"scores for '{name}' have shape {tuple(s.shape)}, the mask {mask.shape}")
+        # rank 0 = lowest score; a stable sort breaks ties by index, as keep_index does
+        order = torch.argsort(s, dim=-1, stable=True)
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s.shape[-1]).expand_as(order).contiguous())
+        mask.log_alpha.copy_(OPEN + rank.float() / s.shape[-1])
+
+
+def oneshot_prune(model_path: str, target, out_dir: str, gguf_file: str | None = None,
+                  overwrite: bool = False) -> dict:
+    """Prune the HF model at `model_path` to `target` (preset, config path or dims) by magnitude and write
+    the dense HF model (+ tokenizer, `pruning.json` with the kept units) to `out_dir`, atomically."""
+    from llmshearing.model import from_pretrained
+    from llmshearing.prune import finalize, save_hf
+    from llmshearing.shards import load_tokenizer
+
+    config = load_hf_config(model_path, gguf_file)
+    lm = from_pretrained(model_path, gguf_file, attn_impl="sdpa")
+    l0 = L0Module(shape_of(config), resolve_target(target, config))
+    set_scores(l0, magnitude_scores(lm))
+    pruned, kept = finalize(lm, l0)
+    kept = {**kept, "scoring": SCORING}
+    save_hf(pruned, out_dir, load_tokenizer(model_path, gguf_file), kept, overwrite=overwrite)
+    return kept
