@@ -10,7 +10,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from llmshearing.io import atomic_write_text
+from llmshearing.io import append_jsonl, atomic_write_text, truncate_jsonl
 from llmshearing.mixture import DomainMixture, update_weights
 
 
@@ -44,6 +44,11 @@ class DynamicLoading(Callback):
             raise TypeError("DynamicLoading needs a DomainMixture as the training dataset")
         return dataset
 
+    def fit_start(self, state: State, logger: Logger) -> None:
+        resumed = int(state.timestamp.batch)
+        if self.folder and dist.get_global_rank() == 0:  # drop rows an interrupted run wrote after the checkpoint
+            truncate_jsonl(os.path.join(self.folder, "domain_weights.jsonl"), lambda row: row["batch"] <= resumed)
+
     def eval_after_all(self, state: State, logger: Logger) -> None:
         if state.train_dataloader is None or int(state.timestamp.batch) == 0:
             return
@@ -72,12 +77,10 @@ class DynamicLoading(Callback):
                 metrics[f"data/gap/{d}"] = float(gaps[i])
         logger.log_metrics(metrics)
         if self.folder and dist.get_global_rank() == 0:
-            os.makedirs(self.folder, exist_ok=True)
             row = {"batch": done, "effect_batch": effect, "ranks_agreeing": len(in_use), "domains": self.domains,
                    "weights": weights.tolist(),
                    "losses": losses.tolist(), "gaps": None if self.reference is None else gaps.tolist()}
-            with open(os.path.join(self.folder, "domain_weights.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_jsonl(os.path.join(self.folder, "domain_weights.jsonl"), row)
             atomic_write_text(os.path.join(self.folder, "domain_weights.json"),
                               json.dumps(dict(zip(self.domains, weights.tolist())), indent=1) + "\n")
 

@@ -1,7 +1,6 @@
 """Feeds the training step to the Lagrangian warm-up and records the expected shape and the multipliers."""
 from __future__ import annotations
 
-import json
 import os
 
 from composer.core import Callback, State
@@ -10,6 +9,7 @@ from composer.utils import dist
 
 from llmshearing.arch import SHAPE_KEYS, param_count
 from llmshearing.composer_model import unwrap
+from llmshearing.io import append_jsonl, truncate_jsonl
 
 
 class PruningMonitor(Callback):
@@ -20,6 +20,11 @@ class PruningMonitor(Callback):
 
     def __init__(self, folder: str | None = None):
         self.folder = folder
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        resumed = int(state.timestamp.batch)
+        if self.folder and dist.get_global_rank() == 0:  # drop rows an interrupted run wrote after the checkpoint
+            truncate_jsonl(os.path.join(self.folder, "pruning_log.jsonl"), lambda row: row["step"] < resumed)
 
     def batch_start(self, state: State, logger: Logger) -> None:
         unwrap(state.model).l0.step = int(state.timestamp.batch)
@@ -33,9 +38,7 @@ class PruningMonitor(Callback):
         metrics["expected/params"] = param_count(l0.target, model.model.config, floats=expected)
         logger.log_metrics(metrics)
         if self.folder and dist.get_global_rank() == 0:
-            os.makedirs(self.folder, exist_ok=True)
-            with open(os.path.join(self.folder, "pruning_log.jsonl"), "a") as f:
-                f.write(json.dumps({"step": l0.step, **metrics}) + "\n")
+            append_jsonl(os.path.join(self.folder, "pruning_log.jsonl"), {"step": l0.step, **metrics})
 
     def fit_end(self, state: State, logger: Logger) -> None:
         if self.folder and dist.get_global_rank() == 0:

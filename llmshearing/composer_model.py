@@ -31,7 +31,8 @@ class ShearingModel(ComposerModel):
         return isinstance(module, DecoderLayer)
 
     def forward(self, batch):
-        return self.model(batch["input_ids"], self.l0() if self.l0 is not None else None)
+        ids = batch["input_ids"]
+        return self.model(ids, self.l0(len(ids)) if self.l0 is not None else None)
 
     def loss(self, outputs, batch):
         logits = outputs[:, :-1].float()

@@ -101,7 +101,10 @@ class TrainConfig:
     save_overwrite: bool = False
     load_path: str | None = None
     autoresume: bool = False
-    export_dir: str | None = None  # pruning: write the dense HF model here when training ends
+    export_dir: str | None = None  # write the dense HF model here when training ends
+    save_on_sigterm: bool = True  # SIGTERM (preemption, job time limit): checkpoint, then stop (needs save_folder)
+    stop_on_nonfinite: bool = True  # NaN/inf loss or gradient: save the state before that batch and stop
+    dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before the run fails
     wandb: WandbConfig | None = None
     progress_bar: bool = True
     console_log_interval: str = "1ba"
@@ -192,6 +195,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"device must be cpu or gpu, got '{cfg.device}'")
     if cfg.fsdp is not None:
         check_fsdp(cfg.fsdp)
+    if cfg.load_path is not None and "://" not in cfg.load_path and not os.path.exists(cfg.load_path):
+        raise ConfigError(f"load_path '{cfg.load_path}' does not exist; point it at a checkpoint such as "
+                          f"<save_folder>/latest-rank0.pt, or use autoresume=true with the run's save_folder")
+    if cfg.autoresume and not cfg.save_folder:
+        raise ConfigError("autoresume=true needs save_folder (where the run's checkpoints are found)")
+    if cfg.dist_timeout <= 0:
+        raise ConfigError(f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.global_train_batch_size < 1 or cfg.global_train_batch_size % world:
         raise ConfigError(

@@ -47,13 +47,20 @@ def atomic_directory(path: str, overwrite: bool = False):
         raise
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(os.path.abspath(path)))
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w"):
+    """Yield a temporary file beside `path`; on success it is fsynced and renamed over `path`.
+
+    A kill at any moment leaves either the old file or the new one (plus, at worst, a `.<name>.tmp-*`
+    leftover that nothing reads); on error the temporary file is removed.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
     try:
         _as_created(tmp, 0o666)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,3 +68,36 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def append_jsonl(path: str, row: dict) -> None:
+    """One json line appended (the run logs: pruning_log.jsonl, domain_weights.jsonl, ...)."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_jsonl(path: str, keep) -> None:
+    """Keep the rows of a json-lines log for which `keep(row)` holds (atomically): a run resumed from a
+    checkpoint drops the rows the interrupted run wrote after that checkpoint, so logs are not doubled."""
+    import json
+
+    if not os.path.exists(path):
+        return
+    rows, torn = [], False
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a run killed while appending
+                torn = True
+    kept = [r for r in rows if keep(r)]
+    if torn or len(kept) != len(rows):
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

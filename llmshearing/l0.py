@@ -127,20 +127,23 @@ class L0Module(nn.Module):
         )
         self.lambdas = nn.Parameter(torch.zeros(len(self.masks), 2))
         self.step = 0  # set by the trainer each batch: the warm-up ramp and the mask noise read it
-        self._draw = (-1, 0)  # (step, draws within the step: one per microbatch)
+        self.sample_offset = 0  # this rank's first sample in the global batch (rank * per-device batch)
+        self._drawn = (-1, 0)  # (step, samples this rank has drawn masks for within the step)
 
-    def noise(self) -> torch.Generator:
-        """The mask noise of this draw, a pure function of (seed, rank, step, microbatch): resuming from a
-        checkpoint replays exactly the noise the uninterrupted run drew, whatever the global RNG did."""
-        from composer.utils import dist
-
-        step, draw = self._draw
-        self._draw = (self.step, draw + 1 if step == self.step else 0)
-        key = ((self.seed * 1_000_003 + dist.get_global_rank()) * 1_000_033 + self.step) * 1024 + self._draw[1]
+    def noise(self, samples: int) -> torch.Generator:
+        """The mask noise of one microbatch of `samples` sequences: a pure function of (seed, step, position
+        of the microbatch's first sample in the global batch). So resuming replays exactly the noise of the
+        uninterrupted run whatever the global RNG did, and N ranks draw what one rank with the same
+        microbatch size draws for the same global batch."""
+        step, drawn = self._drawn
+        drawn = drawn if step == self.step else 0
+        self._drawn = (self.step, drawn + samples)
+        key = (self.seed * 1_000_033 + self.step) * 1_048_576 + self.sample_offset + drawn
         return torch.Generator(device=self.lambdas.device).manual_seed(key % 2**63)
 
-    def forward(self) -> Masks:
-        gen = self.noise() if self.training else None
+    def forward(self, samples: int = 1) -> Masks:
+        """The masks for a microbatch of `samples` sequences (one draw shared by the microbatch)."""
+        gen = self.noise(samples) if self.training else None
         gates = {n: (m.sample(gen) if self.training else m.deterministic()) for n, m in self.masks.items()}
         L, R = self.source.num_hidden_layers, self.source.heads_per_group
         head = None

@@ -95,8 +95,27 @@ def check_domains(manifest: dict, root: str, domains: list[str], split: str, key
         n = manifest["domains"][name]["splits"].get(split, {}).get("sequences", 0)
         if n == 0:
             raise ConfigError(f"{key}: domain '{name}' has no '{split}' sequences in '{root}'; rebuild with a larger budget")
-        if not os.path.exists(os.path.join(split_dir(root, name, split), "index.json")):
-            raise ConfigError(f"shards of '{name}/{split}' are missing in '{root}' (no index.json); rebuild the shards")
+        check_shard_files(split_dir(root, name, split))
+
+
+def check_shard_files(path: str) -> None:
+    """Every shard file the split's index.json names exists with the size it records (a stat each): a
+    deleted or truncated shard stops a run at start, not hours in, inside a dataloader worker."""
+    index = os.path.join(path, "index.json")
+    if not os.path.exists(index):
+        raise ConfigError(f"shards at '{path}' are missing (no index.json); rebuild the shards")
+    with open(index) as f:
+        shards = json.load(f).get("shards", [])
+    for shard in shards:
+        data = shard.get("zip_data") or shard["raw_data"]
+        file = os.path.join(path, data["basename"])
+        if not os.path.exists(file) and shard.get("zip_data"):  # decompressed copies also do
+            data, file = shard["raw_data"], os.path.join(path, shard["raw_data"]["basename"])
+        if not os.path.exists(file):
+            raise ConfigError(f"shard file '{file}' is missing (listed in {index}); restore it or rebuild the shards")
+        if os.path.getsize(file) != data["bytes"]:
+            raise ConfigError(f"shard file '{file}' is {os.path.getsize(file)} bytes but {index} says {data['bytes']}: "
+                              f"truncated or overwritten; restore it or rebuild the shards")
 
 
 def open_split(root: str, domain: str, split: str):

@@ -5,7 +5,9 @@ checked before the weights are read, so a typo costs seconds.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
 
@@ -67,8 +69,9 @@ def build_trainer(cfg: TrainConfig):
     from composer.utils import dist
     from torch.utils.data import DataLoader
 
-    from callbacks import DynamicLoading, PruningMonitor
+    from callbacks import DynamicLoading, PruningMonitor, RunGuard
     from callbacks.dynamic_loading import eval_label
+    from llmshearing.checkpointing import install_atomic_writes, repair_latest
     from llmshearing.mixture import DomainMixture, DomainSequences
     from llmshearing.shards import check_tokenizer
 
@@ -80,7 +83,13 @@ def build_trainer(cfg: TrainConfig):
     if dist.get_global_rank() == 0:
         atomic_write_text(os.path.join(folder, "run_config.yaml"), to_yaml(cfg))
 
+    install_atomic_writes()
+    if cfg.autoresume and dist.get_global_rank() == 0:
+        repair_latest(cfg.save_folder)
+    per_device = cfg.global_train_batch_size // dist.get_world_size()
     model = build_model(cfg, source_config, target)
+    if model.l0 is not None:
+        model.l0.sample_offset = dist.get_global_rank() * per_device
     o = cfg.optimizer
     groups = model.param_groups(o.lr, o.weight_decay, *(
         (cfg.pruning.mask_lr, cfg.pruning.lambda_lr) if cfg.pruning else (0.0, 0.0)))
@@ -92,7 +101,6 @@ def build_trainer(cfg: TrainConfig):
         "constant": ConstantScheduler,
     }[s.name]()
 
-    per_device = cfg.global_train_batch_size // dist.get_world_size()
     d = cfg.data
     train_set = DomainMixture(d.shards, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed,
                               num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
@@ -105,7 +113,8 @@ def build_trainer(cfg: TrainConfig):
                             sampler=dist.get_sampler(eval_set, shuffle=False))
         evaluators.append(Evaluator(label=eval_label(domain), dataloader=loader,
                                     metric_names=["LanguageCrossEntropy", "LanguagePerplexity"]))
-    callbacks = [SpeedMonitor(window_size=10), LRMonitor()]
+    callbacks = [SpeedMonitor(window_size=10), LRMonitor(),
+                 RunGuard(cfg.save_folder, cfg.stop_on_nonfinite, cfg.save_on_sigterm)]
     if cfg.pruning:
         callbacks.append(PruningMonitor(folder))
     dyn = d.dynamic
@@ -131,7 +140,7 @@ def build_trainer(cfg: TrainConfig):
         optimizers=optimizer, schedulers=scheduler, step_schedulers_every_batch=True,
         device=device, precision=cfg.precision, device_train_microbatch_size=cfg.device_train_microbatch_size,
         parallelism_config={"fsdp": dict(cfg.fsdp)} if cfg.fsdp else None,
-        seed=cfg.seed, callbacks=callbacks, loggers=loggers,
+        seed=cfg.seed, callbacks=callbacks, loggers=loggers, dist_timeout=cfg.dist_timeout,
         save_folder=cfg.save_folder, save_interval=cfg.save_interval, save_overwrite=cfg.save_overwrite,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         load_path=cfg.load_path, autoresume=cfg.autoresume,
@@ -151,31 +160,46 @@ def export_model(model, out_dir: str, tokenizer, dtype=None, overwrite: bool = F
 
 
 def export_trained(trainer, tokenizer, out_dir: str, overwrite: bool = False) -> dict | None:
-    """Write the trained model as a dense HF model (rank 0) when training ends."""
+    """Write the trained model as a dense HF model (rank 0) when training ends. Under FSDP the full
+    parameters are gathered to rank 0's CPU first (written for GPU runs; not run on CPU, where Composer's
+    FSDP is unavailable: `llmshearing export` of the saved full checkpoint is the tested path)."""
     from composer.utils import dist
 
     from llmshearing.composer_model import unwrap
 
-    kept = None
-    if dist.get_global_rank() == 0:
-        kept = export_model(unwrap(trainer.state.model), out_dir, tokenizer, overwrite=overwrite)
+    kept, gather = None, contextlib.nullcontext()
+    if trainer.state.fsdp_enabled:  # FSDP1: materialize the full parameters on rank 0 (CPU) for the export
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        gather = FullyShardedDataParallel.summon_full_params(trainer.state.model, writeback=False, rank0_only=True,
+                                                             offload_to_cpu=True)
+    with gather:
+        if dist.get_global_rank() == 0:
+            kept = export_model(unwrap(trainer.state.model), out_dir, tokenizer, overwrite=overwrite)
     dist.barrier()
     return kept
 
 
 def run(cfg: TrainConfig) -> dict:
-    """Train one stage (pruning or continued pretraining) and export it when `export_dir` is set."""
+    """Train one stage (pruning or continued pretraining) and export it when `export_dir` is set.
+    A run stopped by SIGTERM returns {'stopped_after': batch} and exports nothing."""
+    from callbacks import RunGuard
+
     trainer, tokenizer = build_trainer(cfg)
+    guard = next(c for c in trainer.state.callbacks if isinstance(c, RunGuard))
     start = time.time()
     trainer.fit()
     seconds = time.time() - start
+    if guard.stopped_after is not None:
+        trainer.close()
+        return {"seconds": seconds, "kept": None, "stopped_after": guard.stopped_after}
     print(f"training finished in {seconds:.1f}s")
     kept = None
     if cfg.export_dir:
         kept = export_trained(trainer, tokenizer, cfg.export_dir, overwrite=True)
         print(f"exported the {'pruned' if cfg.pruning else 'trained'} model to {cfg.export_dir}")
     trainer.close()
-    return {"seconds": seconds, "kept": kept}
+    return {"seconds": seconds, "kept": kept, "stopped_after": None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,13 +207,18 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: composer train.py <recipe.yaml> [key=value ...]")
         return 0 if argv else 2
+    from callbacks.run_guard import NonFiniteLossError
+
     try:
         cfg = load_config(argv[0], argv[1:])
-        run(cfg)
+        result = run(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 128 + signal.SIGTERM if result["stopped_after"] is not None else 0
 
 
 def load_checkpoint(checkpoint: str, config_path: str | None = None):

@@ -114,11 +114,41 @@ def test_source_heads_not_divisible_by_kv_heads(tmp_path):
     ("device_train_microbatch_size=3", "must divide the per-device batch 4"),
     ("precision=fp8", "precision must be"),
     ("pruning.init_drop=1.5", "init_drop must be in"),
+    ("load_path=/no/ckpt.pt", "load_path '/no/ckpt.pt' does not exist"),
+    ("dist_timeout=0", "dist_timeout must be a positive number of seconds"),
+    ("save_on_sigterm=maybe", "'save_on_sigterm' must be of type bool"),
+    ("data.num_workers=-1", "data.num_workers must be >= 0"),
+    ("data.eval_sequences_per_domain=0", "eval_sequences_per_domain must be >= 1"),
     ("fsdp.sharding_stratgy=FULL_SHARD", "unknown key 'fsdp.sharding_stratgy'; did you mean 'fsdp.sharding_strategy'?"),
 ])
 def test_bad_config_keys(tiny_setup, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(TINY_YAML, tiny_overrides(tiny_setup) + [override])
+
+
+def test_autoresume_needs_a_save_folder(tiny_setup):
+    with pytest.raises(ConfigError, match="autoresume=true needs save_folder"):
+        load_config(TINY_YAML, tiny_overrides(tiny_setup) + ["save_folder=null", "autoresume=true"])
+
+
+def test_batch_not_divisible_by_world_size(tiny_setup, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="global_train_batch_size=4 must be a positive multiple of the world size 3"):
+        load_config(TINY_YAML, tiny_overrides(tiny_setup))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda f: os.remove(f), "is missing (listed in"),
+    (lambda f: os.truncate(f, 100), "is 100 bytes but"),
+])
+def test_missing_or_truncated_shard_file(tiny_setup, tmp_path, damage, message):
+    import shutil
+
+    shards = str(tmp_path / "shards")
+    shutil.copytree(tiny_setup["shards"], shards)
+    damage(os.path.join(shards, "code", "prune", "shard.00000.mds"))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(TINY_YAML, tiny_overrides(tiny_setup) + [f"data.shards={shards}"])
 
 
 def test_missing_config_file():

@@ -1,0 +1,116 @@
+"""Stops a run cleanly instead of wasting or losing it: a non-finite loss or gradient stops it before
+the optimizer applies it, SIGTERM (a preempted or timed-out job) checkpoints before exiting, and
+every evaluation checks that all ranks still hold the same parameters."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import torch
+from composer.core import Callback, State
+from composer.loggers import Logger
+from composer.utils import dist
+
+from llmshearing.checkpointing import save_now
+from llmshearing.composer_model import unwrap
+from llmshearing.io import append_jsonl
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or a gradient became NaN/inf; the state from before the offending batch was saved."""
+
+
+class RanksDisagreeError(RuntimeError):
+    """Replicated parameters differ across ranks (they must not under DDP)."""
+
+
+def _flag(state: State, value: float) -> int:
+    """The largest `value` over all ranks (one tiny all-reduce)."""
+    t = state.device.tensor_to_device(torch.tensor([float(value)]))
+    dist.all_reduce(t, reduce_operation="MAX")
+    return int(t.item())
+
+
+def _finite_loss(loss) -> bool:
+    values = loss.values() if isinstance(loss, dict) else (loss if isinstance(loss, (list, tuple)) else [loss])
+    return all(bool(torch.isfinite(v.detach()).all()) for v in values)
+
+
+class RunGuard(Callback):
+    """`check_finite`: after every backward, a NaN/inf loss or gradient on any rank saves the state as it
+    was before this batch (the weights are untouched: the optimizer has not stepped) and raises
+    `NonFiniteLossError`. Gradients are not checked under amp_fp16, whose grad scaler skips inf steps.
+    `save_on_sigterm`: SIGTERM sets a flag; at the end of the current batch every rank agrees on it,
+    saves a checkpoint (and points `latest` at it, for autoresume) and training stops (`stopped_after`).
+    """
+
+    def __init__(self, folder: str | None, check_finite: bool = True, save_on_sigterm: bool = True):
+        self.folder, self.check_finite, self.save_on_sigterm = folder, check_finite, save_on_sigterm
+        self.stopped_after: int | None = None
+        self._signalled = False
+        self._previous = None
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if self.save_on_sigterm and self.folder and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._signalled = True  # acted on at the end of the batch, where a checkpoint is consistent
+
+    def after_backward(self, state: State, logger: Logger) -> None:
+        if not self.check_finite:
+            return
+        bad = 2 if not _finite_loss(state.loss) else 0
+        if not bad and state.precision.value != "amp_fp16":
+            grads = [p.grad for p in state.model.parameters() if p.grad is not None]
+            bad = 1 if grads and not bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) else 0
+        bad = _flag(state, bad)
+        if not bad:
+            return
+        done = int(state.timestamp.batch)
+        where = "no checkpoint was written (save_folder is not set)"
+        if self.folder:
+            where = f"the state after batch {done} (before this one) is saved as {save_now(state, self.folder)}"
+        raise NonFiniteLossError(
+            f"non-finite {'loss' if bad == 2 else 'gradient'} in batch {done + 1} (loss on rank "
+            f"{dist.get_global_rank()}: {_describe(state.loss)}); the optimizer did not "
+            f"step, {where}. Resume from it with a lower optimizer.lr (or pruning.mask_lr / lambda_lr), or check the "
+            f"data of that batch")
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not (self.save_on_sigterm and self.folder) or not _flag(state, self._signalled):
+            return
+        self.stopped_after = int(state.timestamp.batch)
+        path = save_now(state, self.folder)
+        if dist.get_global_rank() == 0:
+            print(f"SIGTERM: saved {path} after batch {self.stopped_after}; resume with autoresume=true "
+                  f"(same save_folder and run_name) or load_path={path}", flush=True)
+        state.stop_training()
+
+    def eval_after_all(self, state: State, logger: Logger) -> None:
+        """All ranks must hold identical replicated parameters (masks, multipliers, weights)."""
+        if dist.get_world_size() == 1 or state.fsdp_enabled:
+            return  # FSDP shards parameters: each rank holds a different piece by design
+        model = unwrap(state.model)
+        sums = [float(p.detach().double().sum()) for p in model.parameters()]
+        every = dist.all_gather_object(sums)
+        if any(s != every[0] for s in every):
+            names = [n for (n, _), *vals in zip(model.named_parameters(), *every) if len(set(vals)) > 1]
+            raise RanksDisagreeError(f"after batch {int(state.timestamp.batch)} ranks hold different values of "
+                                     f"{names[:5]}{'...' if len(names) > 5 else ''}")
+        logger.log_metrics({"ranks/agreeing": len(every)})
+        if self.folder and dist.get_global_rank() == 0:
+            append_jsonl(os.path.join(self.folder, "rank_checks.jsonl"),
+                         {"batch": int(state.timestamp.batch), "ranks": len(every), "tensors": len(sums)})
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def _describe(loss) -> str:
+    if isinstance(loss, dict):
+        return ", ".join(f"{k}={float(v.detach().float().mean()):.4g}" for k, v in loss.items())
+    return f"{float(torch.as_tensor(loss).detach().float().mean()):.4g}"
