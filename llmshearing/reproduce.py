@@ -1,0 +1,559 @@
+"""`make reproduce-mini`: the paper's comparisons in miniature, every arm with the same total token budget.
+
+    python -m llmshearing.reproduce --scale 1 --out runs/reproduce-mini            # the CPU default
+    python -m llmshearing.reproduce --scale 50 --batch 32 --precision amp_bf16 ...  # the same on a GPU
+
+From one source model (SmolLM2-135M by default) to one target shape (`smollm2-135m-half`), on the shards'
+domains, each arm trains for the same number of batches of the same size (N = steps x scale batches):
+
+  sheared        L0 pruning with dynamic batch loading for share x N batches, export, then continued
+                 pretraining with dynamic batch loading (starting from the weights pruning ended with)
+  scratch        a random init of the target config (source tokenizer), continued pretraining for N batches
+  oneshot        magnitude pruning to the target (`llmshearing.oneshot`, no data, no steps), then N batches
+                 of continued pretraining: the whole budget goes to continued pretraining
+  fixed          as sheared, with the fixed mixture in both stages (data.dynamic=null)
+  sheared_pXX    as sheared with a pruning share of XX% (the paper's Table 5 question: pruning vs continued
+                 pretraining for a fixed budget)
+
+Both stages are the real Composer trainer (`llmshearing.train.run`) on the demo's recipes
+(yamls/demo_smollm2.yaml, yamls/demo_continue.yaml) with overrides for paths, steps and batch; the
+continued-pretraining recipe is the same for every arm. Per-domain losses come from
+`llmshearing.evaluate.domain_losses` (the final table) and from the trainers' evals (the curves); every
+arm's token count is read back from its Composer checkpoints. Each arm writes `<out>/<arm>/result.json`
+when done, and an arm (or stage) whose record exists is skipped, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from llmshearing.io import atomic_write_text
+
+YAMLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "yamls")
+PRUNE_YAML, CONTINUE_YAML = os.path.join(YAMLS, "demo_smollm2.yaml"), os.path.join(YAMLS, "demo_continue.yaml")
+# Scale 1 (the CPU default): 240 batches of 2 x 128 tokens = 61,440 training tokens per arm.
+BASE_STEPS, BASE_BATCH = 240, 2
+BASE_ARMS = ("sheared", "scratch", "oneshot", "fixed")
+
+
+@dataclasses.dataclass
+class Settings:
+    out: str = "runs/reproduce-mini"
+    model: str = "data/models/smollm2-135m"
+    shards: str = "data/shards"
+    target: str = "smollm2-135m-half"  # a preset, an HF config path, or dims as '{num_hidden_layers: 24, ...}'
+    scale: float = 1.0                 # multiplies the steps of every arm
+    steps: int = BASE_STEPS            # total batches per arm at scale 1
+    batch: int = BASE_BATCH            # global batch (sequences)
+    microbatch: int | None = None      # per-device microbatch; default: the per-device batch
+    prune_share: float = 0.25          # share of the budget the sheared arms spend pruning
+    sweep: tuple = (0.1, 0.25, 0.5)    # pruning shares of the sweep (the one equal to prune_share is `sheared`)
+    evals: int = 8                     # evals per arm: the eval interval is steps / evals batches in every stage
+    precision: str = "fp32"
+    device: str | None = None          # None: gpu when available
+    seed: int = 17
+    reference_losses: str | None = None  # for dynamic loading: a yaml file or '{domain: loss, ...}'; None: the source's
+    keep_checkpoints: bool = False     # the stages' Composer checkpoints (deleted once their counts are read)
+    overrides: tuple = ()              # key=value for both stages, prune.key=v / continue.key=v for one
+
+    @property
+    def total_steps(self) -> int:
+        return max(2, round(self.steps * self.scale))
+
+    def prune_steps(self, share: float) -> int:
+        return min(self.total_steps - 1, max(1, round(share * self.total_steps)))
+
+    @property
+    def eval_interval(self) -> int:
+        return max(1, round(self.total_steps / self.evals))
+
+
+def plan(s: Settings) -> dict[str, dict]:
+    """Every arm: how its model starts, batches of pruning and of continued pretraining, dynamic or fixed."""
+    n, p = s.total_steps, s.prune_steps(s.prune_share)
+    arms = {
+        "sheared": {"init": "l0", "prune": p, "dynamic": True, "share": s.prune_share},
+        "scratch": {"init": "random", "prune": 0, "dynamic": True, "share": 0.0},
+        "oneshot": {"init": "magnitude", "prune": 0, "dynamic": True, "share": 0.0},
+        "fixed": {"init": "l0", "prune": p, "dynamic": False, "share": s.prune_share},
+    }
+    for share in s.sweep:
+        if s.prune_steps(share) != p:
+            arms[f"sheared_p{round(100 * share)}"] = {"init": "l0", "prune": s.prune_steps(share), "dynamic": True,
+                                                      "share": share}
+    for arm in arms.values():
+        arm["continue"] = n - arm["prune"]
+    return arms
+
+
+def parse_target(spec: str):
+    """The target as load_config will read `pruning.target=<spec>` (a name/path string or a mapping)."""
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.to_container(OmegaConf.from_dotlist([f"target={spec}"]))["target"]
+    return value
+
+
+def log(msg: str) -> None:
+    print(f"[reproduce] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+def random_init(model_path: str, target, out_dir: str, seed: int) -> str:
+    """A randomly initialized HF model of the target config (transformers' own init) with the source tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from llmshearing.arch import load_hf_config, resolve_target, target_config
+    from llmshearing.io import atomic_directory
+    from llmshearing.shards import load_tokenizer
+
+    source = load_hf_config(model_path)
+    config = target_config(source, resolve_target(target, source))
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(model_path).save_pretrained(tmp)
+    return out_dir
+
+
+def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:
+    """Per-domain eval loss (nats/token) of the HF model at `path`, reloaded with transformers; its parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from llmshearing.evaluate import domain_losses
+
+    device = "cuda" if (s.device or ("gpu" if torch.cuda.is_available() else "cpu")) == "gpu" else "cpu"
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
+    losses = domain_losses(lambda ids: hf(ids.to(device)).logits, s.shards)
+    params = sum(p.numel() for p in {id(p): p for p in hf.parameters()}.values())
+    del hf
+    return losses, params
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def stage_overrides(s: Settings, stage: str, name: str, model_path: str, folder: str, export: str, steps: int,
+                    dynamic: bool, ref_file: str, proportions: str | None) -> list[str]:
+    from llmshearing.demo import _stage_overrides
+
+    o = [f"run_name=reproduce_{name}_{stage}", f"model.path={model_path}", f"data.shards={s.shards}",
+         f"save_folder={folder}", f"export_dir={export}", f"max_duration={steps}ba", f"save_interval={steps}ba",
+         f"global_train_batch_size={s.batch}", f"eval_interval={s.eval_interval}ba", f"precision={s.precision}",
+         f"seed={s.seed}", "save_overwrite=true", "progress_bar=false", "log_to_console=false",
+         f"device_train_microbatch_size={s.microbatch or s.batch // int(os.environ.get('WORLD_SIZE', '1'))}"]
+    if s.device:
+        o.append(f"device={s.device}")
+    o.append(f"data.dynamic.reference_losses={ref_file}" if dynamic else "data.dynamic=null")
+    if stage == "prune":
+        # the demo's warm-up share (40 of 100 steps): the Lagrangian ramps to the target over 40% of pruning
+        o += [f"pruning.target={s.target}", f"pruning.lagrangian_warmup={max(1, round(0.4 * steps))}ba"]
+    else:
+        # 3% warm-up as in the paper's continued pretraining; the start mixture: pruning's last, else the shards'
+        o += [f"scheduler.t_warmup={max(1, round(0.03 * steps))}ba", f"data.proportions={proportions or 'null'}"]
+    return o + _stage_overrides(list(s.overrides), stage)
+
+
+def read_log(path: str) -> list[dict]:
+    """DynamicLoading's rows, the last per batch (as the plots read them)."""
+    rows = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    rows[row["batch"]] = row
+    return [rows[b] for b in sorted(rows)]
+
+
+def checkpoint_counts(folder: str) -> dict:
+    """What the stage's last Composer checkpoint says was trained: batches, samples, tokens, samples per domain."""
+    paths = sorted(glob.glob(os.path.join(folder, "ep*-ba*-rank0.pt")),
+                   key=lambda p: int(os.path.basename(p).split("-ba")[1].split("-")[0]))
+    if not paths:
+        raise RuntimeError(f"no Composer checkpoint in '{folder}'")
+    state = torch.load(paths[-1], map_location="cpu", weights_only=False)["state"]
+    ts, data = state["timestamp"].get("Timestamp", state["timestamp"]), state["dataset_state"]["train"]
+    return {"checkpoint": os.path.basename(paths[-1]), "batches": int(ts["batch"]), "samples": int(ts["sample"]),
+            "tokens": int(ts["token"]), "samples_per_domain": dict(zip(data["domains"], data["counts"]))}
+
+
+def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool, ref_file: str,
+              proportions: str | None, steps: int) -> dict:
+    """One Composer training stage of an arm, skipped when its record exists; its record."""
+    from llmshearing.config import load_config
+    from llmshearing.train import run
+
+    arm_dir = os.path.join(s.out, name)
+    record_file = os.path.join(arm_dir, f"{stage}.json")
+    if os.path.exists(record_file):
+        with open(record_file) as f:
+            return {**json.load(f), "resumed": True}
+    folder = os.path.join(arm_dir, stage)
+    export = os.path.join(arm_dir, "pruned" if stage == "prune" else "continued")
+    shutil.rmtree(folder, ignore_errors=True)  # a half-run stage: its logs would be appended to
+    cfg = load_config(PRUNE_YAML if stage == "prune" else CONTINUE_YAML,
+                      stage_overrides(s, stage, name, model_path, folder, export, steps, dynamic, ref_file, proportions))
+    start = time.time()
+    result = run(cfg)
+    seconds = time.time() - start
+    counts = checkpoint_counts(folder)
+    seq_len = _seq_len(s.shards)
+    record = {
+        "stage": stage, "model_path": model_path, "export": export, "folder": folder, "steps": steps,
+        "batch": cfg.global_train_batch_size, "seq_len": seq_len, "dynamic": dynamic,
+        "start_weights": dict(zip(cfg.data.domains, cfg.data.proportions)),
+        "from_checkpoint": counts, "seconds": seconds, "train_seconds": result["seconds"],
+        "evals": read_log(os.path.join(folder, "domain_weights.jsonl")),
+    }
+    if not s.keep_checkpoints:
+        for path in glob.glob(os.path.join(folder, "*.pt")):
+            os.remove(path)
+    atomic_write_text(record_file, json.dumps(record, indent=1))
+    return record
+
+
+def _seq_len(shards: str) -> int:
+    from llmshearing.shards import read_manifest
+
+    return int(read_manifest(shards)["seq_len"])
+
+
+def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dict:
+    """Train and evaluate one arm; its result (read back from `<out>/<arm>/result.json` when it exists)."""
+    arm_dir = os.path.join(s.out, name)
+    result_file = os.path.join(arm_dir, "result.json")
+    if os.path.exists(result_file):
+        with open(result_file) as f:
+            result = json.load(f)
+        log(f"arm {index} {name}: done before ({result['total_tokens']:,} tokens), skipped")
+        return result
+    how = {"l0": f"L0 pruning {arm['prune']} batches ({'dynamic' if arm['dynamic'] else 'fixed'} mixture)",
+           "random": "random init", "magnitude": "magnitude one-shot pruning"}[arm["init"]]
+    log(f"arm {index} {name}: {how} + continued pretraining {arm['continue']} batches of {s.batch} ...")
+    start = time.time()
+    stages = {}
+    if arm["init"] == "l0":
+        stages["prune"] = run_stage(s, "prune", name, s.model, arm["dynamic"], ref_file, None, arm["prune"])
+        init, proportions = stages["prune"]["export"], os.path.join(stages["prune"]["folder"], "domain_weights.json")
+        log(f"arm {index} {name}: pruned in {stages['prune']['seconds']:.0f}s")
+    else:
+        init, proportions = os.path.join(arm_dir, "init"), None
+        if not os.path.exists(init):
+            if arm["init"] == "random":
+                random_init(s.model, parse_target(s.target), init, s.seed)
+            else:
+                from llmshearing.oneshot import oneshot_prune
+
+                oneshot_prune(s.model, parse_target(s.target), init, overwrite=True)
+    init_losses, params = eval_model(init, s)
+    stages["continue"] = run_stage(s, "continue", name, init, arm["dynamic"], ref_file, proportions, arm["continue"])
+    final_losses, _ = eval_model(stages["continue"]["export"], s)
+    with open(os.path.join(init, "config.json")) as f:
+        config = json.load(f)
+    result = {
+        "arm": name, **arm, "params": params,
+        "shape": {k: config[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                         "num_key_value_heads", "intermediate_size")},
+        "stages": stages, "total_tokens": sum(st["from_checkpoint"]["tokens"] for st in stages.values()),
+        "start_of_continue_losses": init_losses, "final_losses": final_losses,
+        # this run's time plus that of stages an earlier, interrupted run finished
+        "seconds": time.time() - start + sum(st["seconds"] for st in stages.values() if st.get("resumed")),
+    }
+    atomic_write_text(result_file, json.dumps(result, indent=1))
+    avg = math.exp(sum(final_losses.values()) / len(final_losses))
+    log(f"arm {index} {name}: done in {result['seconds']:.0f}s, {result['total_tokens']:,} tokens, "
+        f"mean-loss perplexity {avg:.1f}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def curve(result: dict) -> list[dict]:
+    """Eval points of an arm against training tokens seen: the trainers' per-domain evals, both stages, and
+    (arms without a pruning stage) the start model at 0 tokens."""
+    points, offset = [], 0
+    if "prune" not in result["stages"]:
+        points.append({"tokens": 0, "stage": "start", "losses": result["start_of_continue_losses"], "weights": None})
+    for name in ("prune", "continue"):
+        st = result["stages"].get(name)
+        if st is None:
+            continue
+        per_batch = st["batch"] * st["seq_len"]
+        for row in st["evals"]:
+            points.append({"tokens": offset + row["batch"] * per_batch, "stage": name,
+                           "losses": dict(zip(row["domains"], row["losses"])),
+                           "weights": dict(zip(row["domains"], row["weights"]))})
+        offset += st["from_checkpoint"]["tokens"]
+    return points
+
+
+def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, float], seconds: float) -> dict:
+    from llmshearing.evaluate import perplexities
+
+    domains = list(source_losses)
+    mean = lambda losses: sum(losses[d] for d in domains) / len(domains)  # noqa: E731
+    budgets = {name: r["total_tokens"] for name, r in results.items()}
+    return {
+        "settings": {**dataclasses.asdict(s), "total_steps": s.total_steps, "eval_interval": s.eval_interval,
+                     "seq_len": _seq_len(s.shards), "tokens_per_arm": s.total_steps * s.batch * _seq_len(s.shards)},
+        "domains": domains,
+        "source": {"losses": source_losses, "perplexity": perplexities(source_losses),
+                   "mean_loss": mean(source_losses)},
+        "arms": {name: {
+            "init": r["init"], "dynamic": r["dynamic"], "prune_share": r["share"], "params": r["params"],
+            "shape": r["shape"], "prune_batches": r["prune"], "continue_batches": r["continue"],
+            "tokens": {st: rec["from_checkpoint"]["tokens"] for st, rec in r["stages"].items()},
+            "total_tokens": r["total_tokens"],
+            "samples_per_domain": {st: rec["from_checkpoint"]["samples_per_domain"] for st, rec in r["stages"].items()},
+            "final_losses": r["final_losses"], "final_perplexity": perplexities(r["final_losses"]),
+            "final_mean_loss": mean(r["final_losses"]),
+            "start_of_continue_losses": r["start_of_continue_losses"],
+            "start_of_continue_perplexity": perplexities(r["start_of_continue_losses"]),
+            "final_weights": r["stages"]["continue"]["evals"][-1]["weights"] if r["stages"]["continue"]["evals"] else None,
+            "start_weights": r["stages"]["prune" if "prune" in r["stages"] else "continue"]["start_weights"],
+            "seconds": r["seconds"], "curve": curve(r),
+        } for name, r in results.items()},
+        "equal_budget": len(set(budgets.values())) == 1,
+        "seconds": seconds,  # wall time of this invocation (arms done before are skipped)
+        "arm_seconds_total": sum(r["seconds"] for r in results.values()),  # incl. arms/stages done before
+    }
+
+
+def format_report(summary: dict) -> str:
+    from llmshearing.evaluate import markdown_table
+
+    domains, arms, st = summary["domains"], summary["arms"], summary["settings"]
+    final = {"source (not pruned)": {**summary["source"]["perplexity"], "mean": math.exp(summary["source"]["mean_loss"])}}
+    start = {}
+    for name, a in arms.items():
+        final[name] = {**a["final_perplexity"], "mean": math.exp(a["final_mean_loss"])}
+        start[name] = {**a["start_of_continue_perplexity"],
+                       "mean": math.exp(sum(a["start_of_continue_losses"].values()) / len(domains))}
+    cols = domains + ["mean"]
+    tokens = "\n".join(
+        [f"| arm | init | mixture | pruning tokens | continued tokens | total tokens | seconds |", "|---|---|---|---:|---:|---:|---:|"]
+        + [f"| {n} | {a['init']} | {'dynamic' if a['dynamic'] else 'fixed'} | {a['tokens'].get('prune', 0):,} | "
+           f"{a['tokens']['continue']:,} | {a['total_tokens']:,} | {a['seconds']:.0f} |" for n, a in arms.items()])
+    sweep = sorted((a["prune_share"], n) for n, a in arms.items() if a["init"] == "l0" and a["dynamic"])
+    sweep_rows = {f"{share:.0%} pruning ({n})": {**arms[n]["final_perplexity"], "mean": math.exp(arms[n]["final_mean_loss"])}
+                  for share, n in sweep}
+    lines = [
+        f"Scale {st['scale']:g}: {st['total_steps']} batches of {st['batch']} x {st['seq_len']} tokens = "
+        f"{st['tokens_per_arm']:,} training tokens per arm; evals every {st['eval_interval']} batches. "
+        f"Equal budgets (from the checkpoints): {summary['equal_budget']}. Wall time {summary['seconds']:.0f}s "
+        f"(the arms' own times add up to {summary['arm_seconds_total']:.0f}s).",
+        "", "Token perplexity per domain on the shards' eval split after the whole budget "
+        "(`llmshearing.evaluate.domain_losses`, models reloaded with transformers; mean = exp of the mean loss):", "",
+        markdown_table(final, cols, label="arm"),
+        "", "At the start of continued pretraining (after pruning, one-shot pruning, or random init):", "",
+        markdown_table(start, cols, label="arm"),
+        "", "Pruning share of the budget (dynamic loading in both stages):", "",
+        markdown_table(sweep_rows, cols, label="share"),
+        "", "Budgets, read back from each stage's last Composer checkpoint:", "", tokens,
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _savefig(fig, path: str) -> str:
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_summary(summary: dict, out_dir: str) -> list[str]:
+    """loss_curves.png (eval loss per domain and mean vs tokens, one line per arm), domain_weights.png
+    (the dynamic arms' mixtures vs tokens) and prune_share.png (final mean loss vs pruning share)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains, arms = summary["domains"], summary["arms"]
+    out = []
+    panels = domains + ["mean"]
+    cols = 3
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for i, name in enumerate(arms):
+        pts = arms[name]["curve"]
+        for ax, panel in zip(axes.flat, panels):
+            val = lambda p: (sum(p["losses"].values()) / len(domains) if panel == "mean" else p["losses"][panel])  # noqa: E731
+            for stage, style in (("prune", "--"), ("continue", "-")):
+                sel = [p for p in pts if p["stage"] == stage or (stage == "continue" and p["stage"] == "start")]
+                if stage == "continue":  # join the continued curve to the end of pruning
+                    sel = [p for p in pts if p["stage"] == "prune"][-1:] + sel
+                if sel:
+                    ax.plot([p["tokens"] for p in sel], [val(p) for p in sel], style, color=f"C{i}", marker="o", ms=2.5,
+                            label=name if stage == "continue" else None)
+    for ax, panel in zip(axes.flat, panels):
+        ref = summary["source"]["mean_loss"] if panel == "mean" else summary["source"]["losses"][panel]
+        ax.axhline(ref, color="k", lw=0.8, ls=":")
+        ax.set(title=f"{panel} (dotted: source; dashed: pruning stage)", xlabel="training tokens seen",
+               ylabel="eval loss (nats/token)")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    out.append(_savefig(fig, os.path.join(out_dir, "loss_curves.png")))
+    plt.close(fig)
+
+    dynamic = [n for n, a in arms.items() if a["dynamic"]]
+    if dynamic:
+        fig, axes = plt.subplots(1, len(dynamic), figsize=(4 * len(dynamic), 3.4), squeeze=False, sharey=True)
+        for ax, name in zip(axes.flat, dynamic):
+            a = arms[name]
+            # the weights in use: the start mixture at 0 tokens, then the value set after each eval
+            pts = [p for p in a["curve"] if p["weights"] is not None]
+            for j, d in enumerate(domains):
+                ax.step([0] + [p["tokens"] for p in pts], [a["start_weights"][d]] + [p["weights"][d] for p in pts],
+                        where="post", color=f"C{j}", label=d)
+            ax.set(title=name, xlabel="training tokens seen")
+        axes.flat[0].set_ylabel("domain weight")
+        axes.flat[0].legend(fontsize=7)
+        fig.tight_layout()
+        out.append(_savefig(fig, os.path.join(out_dir, "domain_weights.png")))
+        plt.close(fig)
+
+    sweep = sorted((a["prune_share"], n) for n, a in arms.items() if a["init"] == "l0" and a["dynamic"])
+    if len(sweep) > 1:
+        fig, ax = plt.subplots(figsize=(5, 3.6))
+        shares = [100 * sh for sh, _ in sweep]
+        for j, d in enumerate(domains):
+            ax.plot(shares, [arms[n]["final_losses"][d] for _, n in sweep], marker="o", color=f"C{j}", label=d)
+        ax.plot(shares, [arms[n]["final_mean_loss"] for _, n in sweep], marker="s", color="k", label="mean")
+        ax.set(xlabel="pruning share of the budget (%)", ylabel="final eval loss (nats/token)",
+               title="Fixed budget: pruning vs continued pretraining")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        out.append(_savefig(fig, os.path.join(out_dir, "prune_share.png")))
+        plt.close(fig)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+# What an arm's numbers depend on: a folder holds the arms of one setting, so a skipped arm is comparable.
+SETTINGS_THAT_MATTER = ("model", "shards", "target", "batch", "prune_share", "evals", "precision", "seed",
+                        "reference_losses", "overrides")
+
+
+def check_out_dir(s: Settings) -> None:
+    """Write `<out>/settings.json` on the first run; refuse a later run of other settings in the same folder
+    (its arms would be skipped as done although they were run at another scale or recipe)."""
+    from llmshearing.errors import ConfigError
+
+    mine = {**{k: getattr(s, k) for k in SETTINGS_THAT_MATTER}, "total_steps": s.total_steps,
+            "eval_interval": s.eval_interval}
+    mine = json.loads(json.dumps(mine))  # tuples as lists, as read back
+    path = os.path.join(s.out, "settings.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            raise ConfigError(f"'{s.out}' holds arms run with other settings ({', '.join(f'{k}: {a} there, {b} now' for k, (a, b) in diff.items())}); "
+                              f"pass another --out or delete it")
+    else:
+        os.makedirs(s.out, exist_ok=True)
+        atomic_write_text(path, json.dumps(mine, indent=1))
+
+
+def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
+    """Run (or resume) the arms, then write `<out>/summary.{json,md}` and the plots; the summary."""
+    from llmshearing.errors import ConfigError
+    from llmshearing.reference import reference_snippet, source_reference_losses
+
+    t0 = time.time()
+    arms_plan = plan(s)
+    names = list(arms_plan) if not arms else list(arms)
+    unknown = [n for n in names if n not in arms_plan]
+    if unknown:
+        raise ConfigError(f"unknown arm(s) {unknown}; this plan has {list(arms_plan)}")
+    check_out_dir(s)
+    n, seq = s.total_steps, _seq_len(s.shards)
+    log(f"scale {s.scale:g}: {n} batches of {s.batch} x {seq} = {n * s.batch * seq:,} tokens per arm; "
+        f"arms {', '.join(names)}; out {s.out}")
+
+    source_file = os.path.join(s.out, "source_losses.json")
+    if not os.path.exists(source_file):
+        source = source_reference_losses(s.model, s.shards)
+        atomic_write_text(os.path.join(s.out, "reference_losses.yaml"),
+                          reference_snippet(source, f"per-domain eval loss of {s.model}"))
+        atomic_write_text(source_file, json.dumps(source, indent=1))
+    with open(source_file) as f:
+        source = json.load(f)
+    log("source losses: " + ", ".join(f"{d} {v:.3f}" for d, v in source.items()))
+    # dynamic loading moves the mixture towards the domains furthest above these (default: the source's own)
+    ref_file = s.reference_losses or os.path.join(s.out, "reference_losses.yaml")
+
+    results = {}
+    for i, name in enumerate(names):
+        results[name] = run_arm(s, name, arms_plan[name], ref_file, f"{i + 1}/{len(names)}")
+    summary = summarize(s, results, source, time.time() - t0)
+    summary["plots"] = plot_summary(summary, s.out)
+    atomic_write_text(os.path.join(s.out, "summary.json"), json.dumps(summary, indent=1))
+    report = format_report(summary)
+    atomic_write_text(os.path.join(s.out, "summary.md"), report)
+    print("\n" + report, flush=True)
+    if not summary["equal_budget"]:
+        raise RuntimeError("the arms' token budgets differ: " + ", ".join(
+            f"{n} {a['total_tokens']:,}" for n, a in summary["arms"].items()))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llmshearing.errors import ConfigError
+
+    d = Settings()
+    p = argparse.ArgumentParser(prog="python -m llmshearing.reproduce", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", type=float, default=d.scale, help="multiplies every arm's batches (default 1: CPU)")
+    p.add_argument("--out", default=d.out)
+    p.add_argument("--arms", nargs="+", help="run only these arms (default: all, see the module doc)")
+    p.add_argument("--model", default=d.model)
+    p.add_argument("--shards", default=d.shards)
+    p.add_argument("--target", default=d.target)
+    p.add_argument("--steps", type=int, default=d.steps, help="batches per arm at scale 1")
+    p.add_argument("--batch", type=int, default=d.batch, help="global batch in sequences")
+    p.add_argument("--microbatch", type=int, default=None)
+    p.add_argument("--prune-share", type=float, default=d.prune_share)
+    p.add_argument("--sweep", type=float, nargs="*", default=list(d.sweep), help="pruning shares of the sweep")
+    p.add_argument("--evals", type=int, default=d.evals, help="evals per arm")
+    p.add_argument("--precision", default=d.precision, choices=("fp32", "amp_bf16", "amp_fp16"))
+    p.add_argument("--device", default=None, choices=("cpu", "gpu"), help="default: gpu when available")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--reference-losses", default=None,
+                   help="dynamic loading's reference losses (a yaml file); default: the source model's own")
+    p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value for both stages; prune.key=v / continue.key=v for one")
+    a = p.parse_args(argv)
+    s = Settings(out=a.out, model=a.model, shards=a.shards, target=a.target, scale=a.scale, steps=a.steps,
+                 batch=a.batch, microbatch=a.microbatch, prune_share=a.prune_share, sweep=tuple(a.sweep),
+                 evals=a.evals, precision=a.precision, device=a.device, seed=a.seed, reference_losses=a.reference_losses,
+                 keep_checkpoints=a.keep_checkpoints, overrides=tuple(a.overrides))
+    try:
+        reproduce(s, a.arms)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
