@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 # constraints.txt pins every package to the set proved on CPU (see docs/dependencies.md)
 .venv/.installed: .venv/bin/python pyproject.toml constraints.txt
-	.venv/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,gguf]'
+	.venv/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,gguf,eval]'
 	touch $@
 
 install: .venv/.installed

@@ -1,5 +1,5 @@
 """`llmshearing <command>`: export a pruning checkpoint, make the tiny debug setup, run the demo, compute
-reference losses."""
+reference losses, evaluate model folders."""
 from __future__ import annotations
 
 import argparse
@@ -42,6 +42,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", help="target preset or HF config path for --fit, counted with llmshearing.arch")
     p.add_argument("--paper", metavar="PRESET", help="the Sheared-LLaMA paper's values (LLaMA-2 tokenizer, RedPajama)")
     p.add_argument("--out", help="write the snippet to this file (atomically) instead of printing it")
+    p = sub.add_parser(
+        "eval", help="per-domain perplexity on shards and zero-shot task accuracy of HF model folders",
+        description="Evaluate one or more model folders (source, exported pruned, continued): per-domain loss and "
+                    "perplexity on the shards' 'eval' split and, with the eval extra (lm-evaluation-harness), "
+                    "zero-shot accuracy on local multiple-choice tasks. Prints a markdown table with a column "
+                    "per model; --out writes everything as JSON.")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="HF model folder, or a .gguf file")
+    p.add_argument("--gguf-file", help="GGUF file name inside every MODEL folder")
+    p.add_argument("--shards", help="shard folder (manifest.json) whose 'eval' split is evaluated")
+    p.add_argument("--domains", help="comma-separated domains (default: all, in manifest order)")
+    p.add_argument("--max-sequences", type=int, help="evaluate the first N eval sequences per domain (default: all)")
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (shards and tasks)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--tasks", help="comma-separated lm-eval task names (shipped: llmshearing_mc)")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="folder of your own lm-eval task yamls (repeatable)")
+    p.add_argument("--lm-eval-tasks", action="store_true",
+                   help="also index lm-eval's own task catalogue (its datasets come from the HF hub)")
+    p.add_argument("--num-fewshot", type=int, default=0, help="in-context examples per task item (default 0)")
+    p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--out", help="write the results as JSON to this file (atomically)")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
@@ -66,10 +88,43 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {args.out}")
             else:
                 print(snippet, end="")
+        elif args.command == "eval":
+            run_eval(args)
     except (ConfigError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _names(value: str | None, key: str) -> list[str] | None:
+    """A comma-separated list (None when not given); an empty one is refused."""
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise ConfigError(f"{key}: give comma-separated names")
+    return names
+
+
+def run_eval(args) -> dict:
+    """`llmshearing eval`: evaluate, print the table, then write the JSON (only after everything worked)."""
+    import os
+
+    from llmshearing.evaluate import evaluate_models, report_table
+
+    if args.out is not None and os.path.isdir(args.out):
+        raise ConfigError(f"--out '{args.out}' is a folder; give a file name like eval.json")
+    report = evaluate_models(args.models, args.shards, args.gguf_file, _names(args.domains, "--domains"),
+                             args.max_sequences, args.batch_size, args.dtype, args.device,
+                             _names(args.tasks, "--tasks") or [], args.include_path, args.lm_eval_tasks,
+                             args.num_fewshot, args.limit, progress=sys.stderr.isatty())
+    print(report_table(report))
+    if args.out:
+        from llmshearing.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return report
 
 
 def reference_loss_snippet(args) -> str:

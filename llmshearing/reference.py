@@ -55,28 +55,19 @@ def source_reference_losses(model_path: str, shards_root: str, gguf_file: str | 
 
     Checked before any weights are read: the shards exist and hold the domains, every token id of the
     shards' tokenizer fits the model's embedding, and (when the model folder has a tokenizer) the shards
-    were built with that tokenizer.
+    were built with that tokenizer. Loaded and checked by `evaluate.check_model` / `evaluate.load_model`,
+    the same loader `llmshearing eval` uses, so a reference loss and an eval loss mean the same thing.
     """
-    import torch
-
-    from llmshearing.arch import load_hf_config
-    from llmshearing.evaluate import domain_losses
-    from llmshearing.model import from_pretrained
-    from llmshearing.shards import check_domains, check_tokenizer, load_tokenizer, read_manifest
+    from llmshearing.evaluate import check_model, domain_losses, load_model, resolve_device
+    from llmshearing.shards import check_domains, read_manifest
 
     manifest = read_manifest(shards_root)
     domains = list(manifest["domains"]) if domains is None else list(domains)
     check_domains(manifest, shards_root, domains, "eval", key="domains")
-    config = load_hf_config(model_path, gguf_file)
-    try:  # the model folder's own tokenizer, when it has one; else only the vocabulary size is checked
-        tokenizer = load_tokenizer(model_path, gguf_file)
-    except ConfigError:
-        tokenizer = None
-    check_tokenizer(shards_root, tokenizer, config.vocab_size, model_path)
-    model = from_pretrained(model_path, gguf_file, attn_impl="auto")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    return domain_losses(lambda ids: model(ids.to(device)), shards_root, domains, "eval", max_sequences,
+    check_model(model_path, gguf_file, shards_root)
+    device = resolve_device(None)
+    model = load_model(model_path, gguf_file, "float32", device)
+    return domain_losses(lambda ids: model(ids.to(device)).logits, shards_root, domains, "eval", max_sequences,
                          batch_size, progress)
 
 
