@@ -11,6 +11,7 @@ tasks defined by local files (`eval_tasks/` ships one), passing the loaded model
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -224,15 +225,36 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = (), lm_eva
         if not os.path.isdir(p):
             raise ConfigError(f"--include-path '{p}' is not a folder (expected a folder of lm-eval task yamls)")
     paths = [TASKS_DIR, *[os.path.abspath(p) for p in include_paths]]
-    manager = TaskManager(include_path=paths, include_defaults=lm_eval_tasks)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        known = ", ".join(manager.all_tasks) if not lm_eval_tasks else f"{len(manager.all_tasks)} tasks"
-        hint = "" if lm_eval_tasks else ("; lm-eval's own tasks (their data come from the HF hub) need "
-                                         "--lm-eval-tasks")
-        raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown)} (known: {known}); a task of your own "
-                          f"goes in a yaml in a folder given by --include-path{hint}")
+    with _quiet_lm_eval():
+        manager = TaskManager(include_path=paths, include_defaults=lm_eval_tasks)
+        unknown = [t for t in tasks if t not in manager.all_tasks]
+        if unknown:
+            known = ", ".join(manager.all_tasks) if not lm_eval_tasks else f"{len(manager.all_tasks)} tasks"
+            hint = "" if lm_eval_tasks else ("; lm-eval's own tasks (their data come from the HF hub) need "
+                                             "--lm-eval-tasks")
+            raise ConfigError(f"--tasks: unknown task(s) {', '.join(unknown)} (known: {known}); a task of your "
+                              f"own goes in a yaml in a folder given by --include-path{hint}")
+        for name in tasks:  # build each task once now: its yaml, helpers and data fail here, before any weights
+            try:
+                manager.load_task_or_group([name])
+            except Exception as e:  # noqa: BLE001 - a task's yaml, helper or data fail in many ways; say which task
+                hint = (" (its data come from the HF hub, which this machine cannot reach)"
+                        if isinstance(e, ConnectionError) else "")
+                raise ConfigError(f"--tasks: cannot build task '{name}'{hint}: {type(e).__name__}: {e}") from None
     return manager
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval's logger at ERROR inside the block: its warnings about a model object passed instead of a name,
+    custom datasets and num_fewshot overrides are expected here."""
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def run_tasks(model, tokenizer, tasks: Sequence[str], manager, batch_size: int = 4, num_fewshot: int | None = 0,
@@ -245,15 +267,10 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], manager, batch_size: int =
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    lm_log = logging.getLogger("lm_eval")
-    level = lm_log.level
-    lm_log.setLevel(logging.ERROR)  # its warnings about a model object instead of a name are expected here
-    try:
+    with _quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=num_fewshot,
                                       limit=limit, log_samples=False)
-    finally:
-        lm_log.setLevel(level)
     results = {}
     for name, metrics in out["results"].items():
         entry = {"items": out.get("n-samples", {}).get(name, {}).get("effective")}

@@ -97,13 +97,13 @@ def choice_logprobs(model, tok, pairs) -> list[float]:
 
 def direct_accuracy(model, tok, items, context, choices, label):
     """(acc, acc_norm) as a multiple-choice task defines them: the argmax of the summed log-likelihood,
-    and of the log-likelihood per byte of the choice."""
+    and of the log-likelihood per character of the choice (lm-eval's acc_norm)."""
     lls = iter(choice_logprobs(model, tok, [(it[context], c) for it in items for c in it[choices]]))
     acc = acc_norm = 0
     for it in items:
         ll = [next(lls) for _ in it[choices]]
         acc += int(np.argmax(ll) == it[label])
-        acc_norm += int(np.argmax([v / len(c.encode()) for v, c in zip(ll, it[choices])]) == it[label])
+        acc_norm += int(np.argmax([v / len(c) for v, c in zip(ll, it[choices])]) == it[label])
     return acc / len(items), acc_norm / len(items)
 
 
@@ -161,6 +161,7 @@ def foreign_shards(tiny_setup, tmp_path_factory):
     ("nothing", "nothing to evaluate"),
     ("unknown_task", "unknown task(s) no_such_task"),
     ("bad_include", "--include-path"),
+    ("task_data_missing", "cannot build task 'broken': FileNotFoundError"),
     ("out_is_dir", "is a folder"),
 ])
 def test_cli_errors(case, message, tiny_setup, foreign_shards, tmp_path, capsys):
@@ -175,9 +176,14 @@ def test_cli_errors(case, message, tiny_setup, foreign_shards, tmp_path, capsys)
         "unknown_task": [model, "--tasks", "llmshearing_mc,no_such_task"],
         "bad_include": [model, "--tasks", "llmshearing_mc", "--include-path", str(tmp_path / "none")],
         "out_is_dir": [model, "--shards", shards],
+        "task_data_missing": [model, "--tasks", "broken", "--include-path", str(tmp_path)],
     }[case]
-    if case in ("unknown_task", "bad_include"):
+    if case in ("unknown_task", "bad_include", "task_data_missing"):
         pytest.importorskip("lm_eval")
+    if case == "task_data_missing":  # a valid yaml whose jsonl is not there
+        (tmp_path / "broken.yaml").write_text(
+            f"task: broken\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'gone.jsonl'}\n"
+            "output_type: multiple_choice\ntest_split: test\ndoc_to_text: q\ndoc_to_choice: c\ndoc_to_target: a\n")
     if case == "out_is_dir":
         out.mkdir()
     assert main(["eval", *args, "--out", str(out)]) == 2
