@@ -24,11 +24,12 @@ EPS = 1e-6
 class HardConcrete(nn.Module):
     """Gates of shape `shape`; the last dim holds the units of which `keep` survive per row."""
 
-    def __init__(self, shape: tuple[int, ...], keep: int, init_drop: float = 0.5, init_std: float = 0.01):
+    def __init__(self, shape: tuple[int, ...], keep: int, init_drop: float = 0.5, init_std: float = 0.01,
+                 generator: torch.Generator | None = None):
         super().__init__()
         self.shape, self.keep = tuple(shape), keep
         mean = math.log(1 - init_drop) - math.log(init_drop)
-        self.log_alpha = nn.Parameter(torch.empty(self.shape).normal_(mean, init_std))
+        self.log_alpha = nn.Parameter(torch.empty(self.shape).normal_(mean, init_std, generator=generator))
 
     @property
     def units(self) -> int:
@@ -122,8 +123,9 @@ class L0Module(nn.Module):
     def __init__(self, source: Shape, target: Shape, warmup_steps: int = 0, init_drop: float = 0.5, seed: int = 0):
         super().__init__()
         self.source, self.target, self.warmup_steps, self.seed = source, target, warmup_steps, seed
+        init = torch.Generator().manual_seed(seed)  # the initial log_alphas are a function of the seed alone
         self.masks = nn.ModuleDict(
-            {name: HardConcrete(shape, keep, init_drop) for name, (shape, keep) in plan_masks(source, target).items()}
+            {name: HardConcrete(shape, keep, init_drop, generator=init) for name, (shape, keep) in plan_masks(source, target).items()}
         )
         self.lambdas = nn.Parameter(torch.zeros(len(self.masks), 2))
         self.step = 0  # set by the trainer each batch: the warm-up ramp and the mask noise read it

@@ -61,6 +61,15 @@ def update_weights(weights, losses, reference, eta: float = 1.0, smoothing: floa
     return new, gap
 
 
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader `worker_init_fn` for runs that checkpoint on SIGTERM: a scheduler signals the whole
+    process group, and a worker killed by it would crash the main process before it can save. The
+    workers exit with the main process (torch's workers watch their parent)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class DomainMixture(IterableDataset):
     """Endless per-rank stream of {'input_ids', 'labels', 'domain'} drawn from per-domain shards."""
 

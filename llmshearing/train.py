@@ -66,13 +66,13 @@ def build_trainer(cfg: TrainConfig):
     from composer import Evaluator, Trainer
     from composer.callbacks import LRMonitor, SpeedMonitor
     from composer.optim import ConstantScheduler, CosineAnnealingWithWarmupScheduler, LinearWithWarmupScheduler
-    from composer.utils import dist
+    from composer.utils import dist, reproducibility
     from torch.utils.data import DataLoader
 
     from callbacks import DynamicLoading, PruningMonitor, RunGuard
     from callbacks.dynamic_loading import eval_label
     from llmshearing.checkpointing import install_atomic_writes, repair_latest
-    from llmshearing.mixture import DomainMixture, DomainSequences
+    from llmshearing.mixture import DomainMixture, DomainSequences, ignore_sigterm
     from llmshearing.shards import check_tokenizer
 
     source_config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
@@ -83,6 +83,7 @@ def build_trainer(cfg: TrainConfig):
     if dist.get_global_rank() == 0:
         atomic_write_text(os.path.join(folder, "run_config.yaml"), to_yaml(cfg))
 
+    reproducibility.seed_all(cfg.seed)  # before the model is built: anything it draws follows the seed
     install_atomic_writes()
     if cfg.autoresume and dist.get_global_rank() == 0:
         repair_latest(cfg.save_folder)
@@ -104,8 +105,9 @@ def build_trainer(cfg: TrainConfig):
     d = cfg.data
     train_set = DomainMixture(d.shards, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed,
                               num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
+    workers = {"prefetch_factor": d.prefetch_factor, "worker_init_fn": ignore_sigterm if cfg.save_on_sigterm else None}
     train_loader = DataLoader(train_set, batch_size=per_device, num_workers=d.num_workers,
-                              **({"prefetch_factor": d.prefetch_factor} if d.num_workers else {}))
+                              **(workers if d.num_workers else {}))
     evaluators = []
     for domain in d.domains:
         eval_set = DomainSequences(d.shards, domain, "eval", d.eval_sequences_per_domain)

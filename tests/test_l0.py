@@ -127,3 +127,14 @@ def test_expected_shape_counts():
             m.log_alpha.fill_(50.0)  # every gate open with probability 1
     shape = l0.expected_shape()
     assert shape == pytest.approx({k: float(v) for k, v in SRC.as_dict().items()}, rel=1e-5)
+
+
+def test_initial_masks_follow_the_seed_alone():
+    """Two runs with the same seed start from the same log_alphas whatever the global RNG did before."""
+    source, target = Shape(4, 64, 4, 2, 128), Shape(2, 32, 2, 1, 64)
+    torch.manual_seed(1)
+    a = L0Module(source, target, seed=3)
+    torch.manual_seed(2)
+    b, c = L0Module(source, target, seed=3), L0Module(source, target, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.masks["intermediate"].log_alpha, c.masks["intermediate"].log_alpha)

@@ -121,7 +121,7 @@ def test_nonfinite_gradient_stops_with_a_checkpoint_from_before_it(tiny_setup, t
     assert "non-finite gradient in batch 2" in proc.stderr and "ep0-ba1-rank0.pt" in proc.stderr
     assert "Traceback" not in proc.stderr
     ckpt = torch.load(os.path.join(folder, "ep0-ba1-rank0.pt"), map_location="cpu", weights_only=False)
-    assert int(ckpt["state"]["timestamp"]["batch"]) == 1
+    assert ckpt["state"]["timestamp"]["Timestamp"]["batch"] == 1
     assert all(torch.isfinite(v).all() for v in ckpt["state"]["model"].values())
     assert not os.path.exists(os.path.join(folder, "ep0-ba2-rank0.pt"))
     assert os.path.realpath(os.path.join(folder, "latest-rank0.pt")).endswith("ep0-ba1-rank0.pt")

@@ -1,0 +1,1 @@
+"""lm-eval tasks defined on local files, shipped with llmshearing (`llmshearing eval --tasks llmshearing_mc`)."""
