@@ -209,6 +209,9 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
     start = time.time()
     result = run(cfg)
     seconds = time.time() - start
+    if result.get("stopped_after") is not None:  # SIGTERM (llmshearing.train's RunGuard): not a finished stage
+        raise SystemExit(f"[reproduce] {name}/{stage} stopped after batch {result['stopped_after']}; "
+                         f"run the same command again to redo this stage (finished arms and stages are kept)")
     counts = checkpoint_counts(folder)
     seq_len = _seq_len(s.shards)
     record = {
@@ -301,6 +304,18 @@ def curve(result: dict) -> list[dict]:
     return points
 
 
+def _expected_shape(result: dict) -> dict | None:
+    """The masks' expected shape at the last pruning step (PruningMonitor's log): how far the Lagrangian got
+    towards the target before the export cut to it exactly."""
+    st = result["stages"].get("prune")
+    path = st and os.path.join(st["folder"], "pruning_log.jsonl")
+    if not path or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        last = [json.loads(line) for line in f if line.strip()][-1]
+    return {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("expected/") and k != "expected/params"}
+
+
 def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, float], seconds: float) -> dict:
     from llmshearing.evaluate import perplexities
 
@@ -325,6 +340,7 @@ def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, fl
             "start_of_continue_perplexity": perplexities(r["start_of_continue_losses"]),
             "final_weights": r["stages"]["continue"]["evals"][-1]["weights"] if r["stages"]["continue"]["evals"] else None,
             "start_weights": r["stages"]["prune" if "prune" in r["stages"] else "continue"]["start_weights"],
+            "pruning_end_expected_shape": _expected_shape(r),
             "seconds": r["seconds"], "curve": curve(r),
         } for name, r in results.items()},
         "equal_budget": len(set(budgets.values())) == 1,
@@ -365,6 +381,15 @@ def format_report(summary: dict) -> str:
         markdown_table(sweep_rows, cols, label="share"),
         "", "Budgets, read back from each stage's last Composer checkpoint:", "", tokens,
     ]
+    expected = {n: a["pruning_end_expected_shape"] for n, a in arms.items() if a.get("pruning_end_expected_shape")}
+    if expected:
+        target = next(a["shape"] for a in arms.values())
+        keys = list(target)
+        lines += ["", "The masks' expected shape at the last pruning step (the export then keeps exactly the target's "
+                  "top-scoring units):", "",
+                  "| arm | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys),
+                  "| target | " + " | ".join(str(target[k]) for k in keys) + " |"]
+        lines += [f"| {n} | " + " | ".join(f"{e[k]:.1f}" for k in keys) + " |" for n, e in expected.items()]
     return "\n".join(lines) + "\n"
 
 
