@@ -21,6 +21,15 @@ class NonFiniteLossError(RuntimeError):
     """The loss or a gradient became NaN/inf; the state from before the offending batch was saved."""
 
 
+class Preempted(Exception):
+    """Raised on every rank after the SIGTERM checkpoint: ends `fit` at once (no fit-end evaluation,
+    which would change the domain weights after the checkpoint, and no export)."""
+
+    def __init__(self, batch: int, path: str):
+        super().__init__(f"stopped by SIGTERM after batch {batch}; checkpoint {path}")
+        self.batch, self.path = batch, path
+
+
 class RanksDisagreeError(RuntimeError):
     """Replicated parameters differ across ranks (they must not under DDP)."""
 
@@ -42,12 +51,11 @@ class RunGuard(Callback):
     was before this batch (the weights are untouched: the optimizer has not stepped) and raises
     `NonFiniteLossError`. Gradients are not checked under amp_fp16, whose grad scaler skips inf steps.
     `save_on_sigterm`: SIGTERM sets a flag; at the end of the current batch every rank agrees on it,
-    saves a checkpoint (and points `latest` at it, for autoresume) and training stops (`stopped_after`).
+    saves a checkpoint (and points `latest` at it, for autoresume) and raises `Preempted`.
     """
 
     def __init__(self, folder: str | None, check_finite: bool = True, save_on_sigterm: bool = True):
         self.folder, self.check_finite, self.save_on_sigterm = folder, check_finite, save_on_sigterm
-        self.stopped_after: int | None = None
         self._signalled = False
         self._previous = None
 
@@ -81,12 +89,12 @@ class RunGuard(Callback):
     def batch_end(self, state: State, logger: Logger) -> None:
         if not (self.save_on_sigterm and self.folder) or not _flag(state, self._signalled):
             return
-        self.stopped_after = int(state.timestamp.batch)
+        batch = int(state.timestamp.batch)
         path = save_now(state, self.folder)
         if dist.get_global_rank() == 0:
-            print(f"SIGTERM: saved {path} after batch {self.stopped_after}; resume with autoresume=true "
+            print(f"SIGTERM: saved {path} after batch {batch}; resume with autoresume=true "
                   f"(same save_folder and run_name) or load_path={path}", flush=True)
-        state.stop_training()
+        raise Preempted(batch, path)
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
         """All ranks must hold identical replicated parameters (masks, multipliers, weights)."""
@@ -104,7 +112,7 @@ class RunGuard(Callback):
             append_jsonl(os.path.join(self.folder, "rank_checks.jsonl"),
                          {"batch": int(state.timestamp.batch), "ranks": len(every), "tensors": len(sums)})
 
-    def fit_end(self, state: State, logger: Logger) -> None:
+    def close(self, state: State, logger: Logger) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
             self._previous = None

@@ -63,11 +63,31 @@ def update_weights(weights, losses, reference, eta: float = 1.0, smoothing: floa
 
 def ignore_sigterm(worker_id: int) -> None:
     """DataLoader `worker_init_fn` for runs that checkpoint on SIGTERM: a scheduler signals the whole
-    process group, and a worker killed by it would crash the main process before it can save. The
-    workers exit with the main process (torch's workers watch their parent)."""
+    process group, and a worker killed by it would crash the main process before it can save.
+    Such workers no longer stop on the SIGTERM that Python's multiprocessing sends them when the main
+    process exits, so `_kill_workers_at_exit` (registered by the first worker's parent) SIGKILLs them then."""
     import signal
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_EXIT_HOOK = []
+
+
+def kill_workers_at_exit() -> None:
+    """Register (once) an exit hook that SIGKILLs this process's remaining multiprocessing children (the
+    DataLoader workers): it runs before multiprocessing's own exit hook, which would wait for them forever."""
+    import atexit
+    import multiprocessing
+    import signal
+
+    def kill() -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as worker failures
+        for child in multiprocessing.active_children():
+            child.kill()
+
+    if not _EXIT_HOOK:
+        _EXIT_HOOK.append(atexit.register(kill))
 
 
 class DomainMixture(IterableDataset):

@@ -72,7 +72,7 @@ def build_trainer(cfg: TrainConfig):
     from callbacks import DynamicLoading, PruningMonitor, RunGuard
     from callbacks.dynamic_loading import eval_label
     from llmshearing.checkpointing import install_atomic_writes, repair_latest
-    from llmshearing.mixture import DomainMixture, DomainSequences, ignore_sigterm
+    from llmshearing.mixture import DomainMixture, DomainSequences, ignore_sigterm, kill_workers_at_exit
     from llmshearing.shards import check_tokenizer
 
     source_config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
@@ -106,6 +106,8 @@ def build_trainer(cfg: TrainConfig):
     train_set = DomainMixture(d.shards, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed,
                               num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
     workers = {"prefetch_factor": d.prefetch_factor, "worker_init_fn": ignore_sigterm if cfg.save_on_sigterm else None}
+    if d.num_workers and cfg.save_on_sigterm:
+        kill_workers_at_exit()
     train_loader = DataLoader(train_set, batch_size=per_device, num_workers=d.num_workers,
                               **(workers if d.num_workers else {}))
     evaluators = []
@@ -185,16 +187,16 @@ def export_trained(trainer, tokenizer, out_dir: str, overwrite: bool = False) ->
 def run(cfg: TrainConfig) -> dict:
     """Train one stage (pruning or continued pretraining) and export it when `export_dir` is set.
     A run stopped by SIGTERM returns {'stopped_after': batch} and exports nothing."""
-    from callbacks import RunGuard
+    from callbacks.run_guard import Preempted
 
     trainer, tokenizer = build_trainer(cfg)
-    guard = next(c for c in trainer.state.callbacks if isinstance(c, RunGuard))
     start = time.time()
-    trainer.fit()
-    seconds = time.time() - start
-    if guard.stopped_after is not None:
+    try:
+        trainer.fit()
+    except Preempted as stop:  # SIGTERM: checkpoint written, nothing else to do (no eval, no export)
         trainer.close()
-        return {"seconds": seconds, "kept": None, "stopped_after": guard.stopped_after}
+        return {"seconds": time.time() - start, "kept": None, "stopped_after": stop.batch}
+    seconds = time.time() - start
     print(f"training finished in {seconds:.1f}s")
     kept = None
     if cfg.export_dir:
