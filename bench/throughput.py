@@ -77,18 +77,29 @@ def _proc_status_kb(key: str) -> int | None:
     return None
 
 
+def _malloc_trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 class PeakMemory:
     """Extra memory at the peak of a phase, over what was in use when it started.
 
-    CUDA: torch.cuda.max_memory_allocated (exact tensor bytes). CPU: the process's peak RSS (VmHWM, reset
-    through /proc/self/clear_refs) minus its RSS at the start; it counts whatever the allocator keeps, so
-    it is a rough number, reported next to the exact parameter and KV-cache bytes.
+    CUDA: torch.cuda.max_memory_allocated (exact tensor bytes). CPU (Linux): the process's peak RSS (VmHWM,
+    reset through /proc/self/clear_refs) minus its RSS at the start, after malloc_trim(0) has handed
+    freed heap pages back (without it, memory freed by an earlier phase is reused unseen and the delta
+    reads 0). Page-granular and allocator-dependent, so it is reported next to the exact parameter and
+    KV-cache bytes.
     """
 
     def __init__(self, device: str):
         self.device = device
         self.kind = ("cuda max_memory_allocated - memory_allocated at start" if device == "cuda"
-                     else "cpu: VmHWM (peak RSS, reset per phase) - VmRSS at start; allocator-dependent")
+                     else "cpu: VmHWM (peak RSS, reset per phase) - VmRSS at start, after malloc_trim(0)")
 
     def __enter__(self):
         if self.device == "cuda":
@@ -96,6 +107,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
+            _malloc_trim()
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # resets VmHWM to the current RSS
@@ -178,9 +190,10 @@ def nonuniform_counts(src: Shape, tgt: Shape) -> list[tuple[int, int, int]]:
     """
     L, kv_t, r_t, i_t = tgt.num_hidden_layers, tgt.num_key_value_heads, tgt.heads_per_group, tgt.intermediate_size
     KV, R, I = src.num_key_value_heads, src.heads_per_group, src.intermediate_size
-    head_options = sorted(
-        ((kw, rw, 2 * kv_t - kw, rn) for kw in range(1, KV + 1) for rw in range(1, R + 1) for rn in range(1, R + 1)
-         if 1 <= 2 * kv_t - kw <= KV and kw * rw + (2 * kv_t - kw) * rn == 2 * kv_t * r_t and kw * rw > (2 * kv_t - kw) * rn),
+    options = [(kw, rw, 2 * kv_t - kw, rn) for kw in range(1, KV + 1) for rw in range(1, R + 1) for rn in range(1, R + 1)]
+    head_options = sorted(  # (wide KV, its heads per group, narrow KV, its heads per group), widest spread first
+        ((kw, rw, kn, rn) for kw, rw, kn, rn in options
+         if 1 <= kn <= KV and kw * rw + kn * rn == 2 * kv_t * r_t and kw * rw > kn * rn),
         key=lambda o: (-(o[0] * o[1] - o[2] * o[3]), o),
     ) or [(kv_t, r_t, kv_t, r_t)]
     pairs = L // 2
@@ -337,7 +350,7 @@ def train_bench(lm, target: Shape, args, device: str) -> dict:
     amp = args.dtype != "float32"
     times = {name: [] for name in variants}
     peaks = {name: None for name in variants}
-    for it in range(args.warmup + args.repeats):
+    for it in range(args.warmup + args.train_repeats):
         for name, model in variants.items():
             if model.l0 is not None:
                 model.l0.step = it
@@ -429,14 +442,24 @@ def inference_bench(models: dict, args, device: str) -> dict:
     return result
 
 
-def ratios(train: dict, infer: dict) -> dict:
-    out = {"train_masked_over_dense": train["masked_source"]["tokens_per_s"] / train["dense_source"]["tokens_per_s"]}
-    for metric in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-        short = metric.split("_")[0]
-        out[f"{short}_uniform_over_source"] = infer["uniform"][metric] / infer["source"][metric]
-        out[f"{short}_nonuniform_over_source"] = infer["nonuniform"][metric] / infer["source"][metric]
-        out[f"{short}_uniform_over_nonuniform"] = infer["uniform"][metric] / infer["nonuniform"][metric]
-    return out
+RATIO_PAIRS = {  # name: (section, numerator, denominator, time series); a speed ratio = denominator time / numerator time
+    "train_masked_over_dense": ("train", "masked_source", "dense_source", "step_s"),
+    **{f"{phase}_{a}_over_{b}": ("inference", a, b, f"{phase}_s") for phase in ("prefill", "decode")
+       for a, b in (("uniform", "source"), ("nonuniform", "source"), ("uniform", "nonuniform"))},
+}
+
+
+def ratios(train: dict, infer: dict) -> tuple[dict, dict]:
+    """Speed ratios two ways: of the medians, and per round (the two runs of one round were timed back to
+    back, so load from other processes that drifts between rounds cancels; their median and range)."""
+    sections = {"train": train, "inference": infer}
+    of_medians, per_round = {}, {}
+    for name, (section, a, b, series) in RATIO_PAIRS.items():
+        ta, tb = sections[section][a][series], sections[section][b][series]
+        of_medians[name] = statistics.median(tb) / statistics.median(ta)
+        rounds = [y / x for x, y in zip(ta, tb)]
+        per_round[name] = {"median": statistics.median(rounds), "min": min(rounds), "max": max(rounds), "all": rounds}
+    return of_medians, per_round
 
 
 def _mb(b) -> str:
@@ -447,7 +470,7 @@ def markdown(result: dict) -> str:
     s, m, tr, inf, rt = result["settings"], result["models"], result["train"], result["inference"], result["ratios"]
     lines = [
         f"Training (fwd + bwd + AdamW, {s['train_batch']} x {s['train_seq']} tokens, {s['dtype']}, median of "
-        f"{s['repeats']} after {s['warmup']} warm-up):", "",
+        f"{s['train_repeats']} after {s['warmup']} warm-up):", "",
         "| model | tokens/s | step s (median) | peak extra MB |", "|---|---|---|---|",
     ]
     for name in ("masked_source", "dense_source"):
@@ -470,7 +493,10 @@ def markdown(result: dict) -> str:
             f"{inter[0] if len(inter) == 1 else f'{inter[0]}-{inter[-1]}'} | {r['prefill_tokens_per_s']:,.1f} | "
             f"{r['decode_tokens_per_s']:,.1f} | {_mb(r['param_bytes'])} | {_mb(r['kv_cache_bytes'])} | "
             f"{_mb(r['peak_extra_bytes'])} |")
-    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.3f} |" for k, v in rt.items()]
+    pr = result["ratios_per_round"]
+    lines += ["", "| speed ratio | of the medians | median per round | per-round range |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v:.3f} | {pr[k]['median']:.3f} | {pr[k]['min']:.2f}-{pr[k]['max']:.2f} |"
+              for k, v in rt.items()]
     return "\n".join(lines)
 
 
@@ -490,13 +516,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None, help="timed generations per model")
+    p.add_argument("--train-repeats", type=int, default=None, help="timed training steps per variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON output (default: runs/bench/throughput[-quick].json)")
     args = p.parse_args(argv)
-    defaults = (dict(train_batch=2, train_seq=32, infer_batch=2, prompt_len=16, new_tokens=8, warmup=1, repeats=2)
-                if args.quick else
-                dict(train_batch=4, train_seq=256, infer_batch=1, prompt_len=128, new_tokens=64, warmup=1, repeats=5))
+    if args.quick:
+        defaults = dict(train_batch=2, train_seq=32, train_repeats=2, infer_batch=2, prompt_len=16, new_tokens=8,
+                        warmup=1, repeats=2)
+    else:
+        defaults = dict(train_batch=2, train_seq=256, train_repeats=3, infer_batch=1, prompt_len=128, new_tokens=64,
+                        warmup=1, repeats=5)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -525,14 +555,16 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {**machine_info(args.device), "loadavg_1m_before": load_before[0], "loadavg_1m_after": os.getloadavg()[0]},
+        "machine": {**machine_info(args.device), "loadavg_1m_before": load_before[0],
+                    "loadavg_1m_after": os.getloadavg()[0]},
         "torch": torch.__version__, "transformers": transformers.__version__,
         "settings": {k: getattr(args, k) for k in ("quick", "model", "target", "device", "dtype", "train_batch",
                                                    "train_seq", "infer_batch", "prompt_len", "new_tokens", "warmup",
-                                                   "repeats", "seed")},
-        "models": info, "train": train, "inference": infer, "ratios": ratios(train, infer),
+                                                   "repeats", "train_repeats", "seed")},
+        "models": info, "train": train, "inference": infer,
         "wall_s": time.time() - started,
     }
+    result["ratios"], result["ratios_per_round"] = ratios(train, infer)
     if args.quick:
         result["settings"]["model"] = f"tiny random smollm2-gqa {QUICK_SOURCE}"
         result["settings"]["target"] = QUICK_TARGET.as_dict()

@@ -43,7 +43,8 @@ def test_quick_benchmark_end_to_end(tmp_path):
 
     for name in ("masked_source", "dense_source"):
         t = r["train"][name]
-        assert _positive(t["tokens_per_s"]) and len(t["step_s"]) == s["repeats"] and all(map(_positive, t["step_s"]))
+        assert _positive(t["tokens_per_s"]) and len(t["step_s"]) == s["train_repeats"]
+        assert all(map(_positive, t["step_s"]))
     for name in ("source", "uniform", "nonuniform"):
         i = r["inference"][name]
         for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "param_bytes", "kv_cache_bytes"):
@@ -53,6 +54,10 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert set(r["ratios"]) >= {"train_masked_over_dense", "prefill_uniform_over_source", "decode_uniform_over_source",
                                 "prefill_uniform_over_nonuniform", "decode_uniform_over_nonuniform"}
     assert all(map(_positive, r["ratios"].values()))
+    assert set(r["ratios_per_round"]) == set(r["ratios"])
+    for name, pr in r["ratios_per_round"].items():
+        assert len(pr["all"]) == (s["train_repeats"] if name.startswith("train") else s["repeats"])
+        assert 0 < pr["min"] <= pr["median"] <= pr["max"]
 
     m = r["models"]
     src, uni, non = m["source"], m["uniform"], m["nonuniform"]
