@@ -1,7 +1,8 @@
-"""One-shot structured pruning by weight magnitude: the baseline that LLM-Shearing's learned masks must beat.
+"""One-shot structured pruning (weight magnitude, or activation importance): the baselines LLM-Shearing's
+learned masks must beat.
 
-No training and no data: every prunable unit gets a score from the weights that belong to it, and the
-scores are handed to the same machinery the L0 masks use at test time (`HardConcrete.keep_index` keeps the
+No training: every prunable unit gets a score (from its weights, or from its contribution on a few
+calibration sequences), and the scores are handed to the same machinery the L0 masks use at test time (`HardConcrete.keep_index` keeps the
 top-k per row, `prune.finalize` slices), so there is one slicer and the result has the target shape exactly.
 
 Scores are squared L2 norms (sums of squared weights; the same order as the L2 norm):
@@ -12,6 +13,10 @@ Scores are squared L2 norms (sums of squared weights; the same order as the L2 n
 * hidden dim j: column j of the embedding (and of an untied lm_head) + column j of every q/k/v/gate/up
   (what reads dim j) + row j of every o_proj/down_proj (what writes it);
 * layer l: |o_proj|^2 + |down_proj|^2, the size of what the layer writes into the residual stream.
+
+On SmolLM2-135M weight magnitude turned out worse than random choice at every level (docs/reproduce_mini.md),
+so `activation_scores` gives a second one-shot baseline from a few calibration sequences: each unit's average
+contribution and each layer's block influence.
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ from llmshearing.arch import load_hf_config, resolve_target, shape_of
 from llmshearing.l0 import L0Module
 from llmshearing.model import DecoderLM
 
-SCORING = "magnitude: squared L2 norm of each unit's weights (llmshearing/oneshot.py)"
+SCORING = {"magnitude": "magnitude: squared L2 norm of each unit's weights (llmshearing/oneshot.py)",
+           "activation": "activation: mean contribution of each unit and block influence of each layer on "
+                         "calibration sequences (llmshearing/oneshot.py)"}
 # log_alpha of every unit is OPEN + rank/units: the order of the scores decides keep_index, and the
 # test-time gate value clamp(sigmoid(log_alpha) * 1.2 - 0.1, 0, 1) is exactly 1 for log_alpha > log 11,
 # so finalize folds nothing into the weights: the kept weights are the source's, unscaled.
@@ -64,6 +71,61 @@ def magnitude_scores(lm: DecoderLM) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def block_influence(lm: DecoderLM, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-layer importance from activations: 1 - mean cosine similarity between a layer's input and output
+    hidden states (Men et al. 2024, "ShortGPT"), on a few calibration sequences. A layer that barely changes
+    the residual stream scores near 0."""
+    x = lm.model.embed_tokens(input_ids)
+    cos, sin = lm.rope(input_ids.shape[1], x.dtype, x.device)
+    scores = []
+    for layer in lm.model.layers:
+        y = layer(x, cos, sin)
+        scores.append(1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).mean())
+        x = y
+    return torch.stack(scores)
+
+
+@torch.no_grad()
+def activation_scores(lm: DecoderLM, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scores from what each unit contributes on calibration sequences `input_ids` (B, T), same shapes as
+    `magnitude_scores`:
+
+    * intermediate unit i: mean |silu(gate_i) * up_i| x |down_proj[:, i]| (its average write, Wanda-style);
+    * query head h: mean norm of its output through o_proj; KV group: the sum over its query heads;
+    * hidden dim j: mean |x_j| of the residual stream entering the layers (massive-activation dims win);
+    * layer: `block_influence`.
+    """
+    src = shape_of(lm.config)
+    KV, R, H = src.num_key_value_heads, src.heads_per_group, src.num_attention_heads
+    seen, hooks = {"act": [], "head": [], "resid": []}, []
+    for block in lm.model.layers:
+        down, o = block.mlp.down_proj, block.self_attn.o_proj
+
+        def mlp_hook(mod, args):
+            seen["act"].append(args[0].abs().float().mean((0, 1)) * mod.weight.float().norm(dim=0))
+
+        def head_hook(mod, args):
+            x = args[0].float()  # (B, T, H * hd): the heads' outputs before o_proj
+            w = mod.weight.float().reshape(mod.weight.shape[0], H, -1)  # (d, H, hd)
+            out = torch.einsum("bthk,dhk->bthd", x.reshape(*x.shape[:2], H, -1), w)
+            seen["head"].append(out.norm(dim=-1).mean((0, 1)))
+
+        def resid_hook(mod, args):
+            seen["resid"].append(args[0].abs().float().mean((0, 1)))
+
+        hooks += [down.register_forward_pre_hook(mlp_hook), o.register_forward_pre_hook(head_hook),
+                  block.register_forward_pre_hook(resid_hook)]
+    try:
+        layer = block_influence(lm, input_ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    head = torch.stack(seen["head"]).reshape(-1, KV, R)
+    return {"layer": layer, "hidden": torch.stack(seen["resid"]).mean(0), "kv_head": head.sum(-1), "head": head,
+            "intermediate": torch.stack(seen["act"])}
+
+
+@torch.no_grad()
 def set_scores(l0: L0Module, scores: dict[str, torch.Tensor]) -> None:
     """Make `l0`'s test-time masks keep the top-scoring units of every row, each with gate value exactly 1."""
     for name, mask in l0.masks.items():
@@ -76,19 +138,26 @@ def set_scores(l0: L0Module, scores: dict[str, torch.Tensor]) -> None:
         mask.log_alpha.copy_(OPEN + rank.float() / s.shape[-1])
 
 
-def oneshot_prune(model_path: str, target, out_dir: str, gguf_file: str | None = None,
-                  overwrite: bool = False) -> dict:
-    """Prune the HF model at `model_path` to `target` (preset, config path or dims) by magnitude and write
-    the dense HF model (+ tokenizer, `pruning.json` with the kept units) to `out_dir`, atomically."""
+def oneshot_prune(model_path: str, target, out_dir: str, gguf_file: str | None = None, overwrite: bool = False,
+                  method: str = "magnitude", calibration: torch.Tensor | None = None) -> dict:
+    """Prune the HF model at `model_path` to `target` (preset, config path or dims) in one shot and write the
+    dense HF model (+ tokenizer, `pruning.json` with the kept units and the scoring) to `out_dir`, atomically.
+    `method`: "magnitude" (no data) or "activation" (needs `calibration`, token ids (B, T))."""
     from llmshearing.model import from_pretrained
     from llmshearing.prune import finalize, save_hf
     from llmshearing.shards import load_tokenizer
 
+    if method not in SCORING:
+        raise ValueError(f"method must be one of {list(SCORING)}, got '{method}'")
+    if method == "activation" and calibration is None:
+        raise ValueError("activation scoring needs calibration token ids")
     config = load_hf_config(model_path, gguf_file)
     lm = from_pretrained(model_path, gguf_file, attn_impl="sdpa")
     l0 = L0Module(shape_of(config), resolve_target(target, config))
-    set_scores(l0, magnitude_scores(lm))
+    set_scores(l0, magnitude_scores(lm) if method == "magnitude" else activation_scores(lm, calibration))
     pruned, kept = finalize(lm, l0)
-    kept = {**kept, "scoring": SCORING}
+    kept = {**kept, "scoring": SCORING[method]}
+    if calibration is not None and method == "activation":
+        kept["calibration_tokens"] = int(calibration.numel())
     save_hf(pruned, out_dir, load_tokenizer(model_path, gguf_file), kept, overwrite=overwrite)
     return kept

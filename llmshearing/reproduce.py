@@ -11,6 +11,9 @@ domains, each arm trains for the same number of batches of the same size (N = st
   scratch        a random init of the target config (source tokenizer), continued pretraining for N batches
   oneshot        magnitude pruning to the target (`llmshearing.oneshot`, no data, no steps), then N batches
                  of continued pretraining: the whole budget goes to continued pretraining
+  oneshot_act    as oneshot, scoring units by their contribution on calibration sequences (the first
+                 `calibration` sequences of each domain's prune split, forward passes only, not counted
+                 as training tokens) and layers by block influence
   fixed          as sheared, with the fixed mixture in both stages (data.dynamic=null)
   sheared_pXX    as sheared with a pruning share of XX% (the paper's Table 5 question: pruning vs continued
                  pretraining for a fixed budget)
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import glob
 import json
 import math
@@ -57,6 +61,7 @@ class Settings:
     microbatch: int | None = None      # per-device microbatch; default: the per-device batch
     prune_share: float = 0.25          # share of the budget the sheared arms spend pruning
     sweep: tuple = (0.1, 0.25, 0.5)    # pruning shares of the sweep (the one equal to prune_share is `sheared`)
+    calibration: int = 4               # oneshot_act: calibration sequences per domain (prune split)
     evals: int = 8                     # evals per arm: the eval interval is steps / evals batches in every stage
     precision: str = "fp32"
     device: str | None = None          # None: gpu when available
@@ -84,6 +89,7 @@ def plan(s: Settings) -> dict[str, dict]:
         "sheared": {"init": "l0", "prune": p, "dynamic": True, "share": s.prune_share},
         "scratch": {"init": "random", "prune": 0, "dynamic": True, "share": 0.0},
         "oneshot": {"init": "magnitude", "prune": 0, "dynamic": True, "share": 0.0},
+        "oneshot_act": {"init": "activation", "prune": 0, "dynamic": True, "share": 0.0},
         "fixed": {"init": "l0", "prune": p, "dynamic": False, "share": s.prune_share},
     }
     for share in s.sweep:
@@ -126,6 +132,15 @@ def random_init(model_path: str, target, out_dir: str, seed: int) -> str:
         hf.save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(model_path).save_pretrained(tmp)
     return out_dir
+
+
+def calibration_ids(s: Settings) -> torch.Tensor:
+    """The first `s.calibration` sequences of every domain's prune split (B, T): oneshot_act's scoring data."""
+    from llmshearing.mixture import DomainSequences
+    from llmshearing.shards import read_manifest
+
+    return torch.stack([DomainSequences(s.shards, d, "prune")[i]["input_ids"]
+                        for d in read_manifest(s.shards)["domains"] for i in range(s.calibration)])
 
 
 def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:
@@ -209,6 +224,9 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
     start = time.time()
     result = run(cfg)
     seconds = time.time() - start
+    gc.collect()  # the stage's trainer, model and optimizer state: gone before the next stage builds its own
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     if result.get("stopped_after") is not None:  # SIGTERM (llmshearing.train's RunGuard): not a finished stage
         raise SystemExit(f"[reproduce] {name}/{stage} stopped after batch {result['stopped_after']}; "
                          f"run the same command again to redo this stage (finished arms and stages are kept)")
@@ -228,6 +246,15 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
     return record
 
 
+def _calibration_tokens(model_dir: str) -> int:
+    """Forward-only tokens a one-shot scoring read (pruning.json of the init), 0 for all other inits."""
+    path = os.path.join(model_dir, "pruning.json")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return int(json.load(f).get("calibration_tokens", 0))
+
+
 def _seq_len(shards: str) -> int:
     from llmshearing.shards import read_manifest
 
@@ -244,7 +271,8 @@ def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dic
         log(f"arm {index} {name}: done before ({result['total_tokens']:,} tokens), skipped")
         return result
     how = {"l0": f"L0 pruning {arm['prune']} batches ({'dynamic' if arm['dynamic'] else 'fixed'} mixture)",
-           "random": "random init", "magnitude": "magnitude one-shot pruning"}[arm["init"]]
+           "random": "random init", "magnitude": "magnitude one-shot pruning",
+           "activation": "activation-importance one-shot pruning"}[arm["init"]]
     log(f"arm {index} {name}: {how} + continued pretraining {arm['continue']} batches of {s.batch} ...")
     start = time.time()
     stages = {}
@@ -260,7 +288,8 @@ def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dic
             else:
                 from llmshearing.oneshot import oneshot_prune
 
-                oneshot_prune(s.model, parse_target(s.target), init, overwrite=True)
+                oneshot_prune(s.model, parse_target(s.target), init, overwrite=True, method=arm["init"],
+                              calibration=calibration_ids(s) if arm["init"] == "activation" else None)
     init_losses, params = eval_model(init, s)
     stages["continue"] = run_stage(s, "continue", name, init, arm["dynamic"], ref_file, proportions, arm["continue"])
     final_losses, _ = eval_model(stages["continue"]["export"], s)
@@ -271,6 +300,7 @@ def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dic
         "shape": {k: config[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                          "num_key_value_heads", "intermediate_size")},
         "stages": stages, "total_tokens": sum(st["from_checkpoint"]["tokens"] for st in stages.values()),
+        "calibration_tokens": _calibration_tokens(init),
         "start_of_continue_losses": init_losses, "final_losses": final_losses,
         # this run's time plus that of stages an earlier, interrupted run finished
         "seconds": time.time() - start + sum(st["seconds"] for st in stages.values() if st.get("resumed")),
@@ -332,7 +362,7 @@ def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, fl
             "init": r["init"], "dynamic": r["dynamic"], "prune_share": r["share"], "params": r["params"],
             "shape": r["shape"], "prune_batches": r["prune"], "continue_batches": r["continue"],
             "tokens": {st: rec["from_checkpoint"]["tokens"] for st, rec in r["stages"].items()},
-            "total_tokens": r["total_tokens"],
+            "total_tokens": r["total_tokens"], "calibration_tokens": r.get("calibration_tokens", 0),
             "samples_per_domain": {st: rec["from_checkpoint"]["samples_per_domain"] for st, rec in r["stages"].items()},
             "final_losses": r["final_losses"], "final_perplexity": perplexities(r["final_losses"]),
             "final_mean_loss": mean(r["final_losses"]),
@@ -361,9 +391,11 @@ def format_report(summary: dict) -> str:
                        "mean": math.exp(sum(a["start_of_continue_losses"].values()) / len(domains))}
     cols = domains + ["mean"]
     tokens = "\n".join(
-        [f"| arm | init | mixture | pruning tokens | continued tokens | total tokens | seconds |", "|---|---|---|---:|---:|---:|---:|"]
+        ["| arm | init | mixture | pruning tokens | continued tokens | total tokens | calibration tokens (forward only) "
+         "| seconds |", "|---|---|---|---:|---:|---:|---:|---:|"]
         + [f"| {n} | {a['init']} | {'dynamic' if a['dynamic'] else 'fixed'} | {a['tokens'].get('prune', 0):,} | "
-           f"{a['tokens']['continue']:,} | {a['total_tokens']:,} | {a['seconds']:.0f} |" for n, a in arms.items()])
+           f"{a['tokens']['continue']:,} | {a['total_tokens']:,} | {a['calibration_tokens']:,} | {a['seconds']:.0f} |"
+           for n, a in arms.items()])
     sweep = sorted((a["prune_share"], n) for n, a in arms.items() if a["init"] == "l0" and a["dynamic"])
     sweep_rows = {f"{share:.0%} pruning ({n})": {**arms[n]["final_perplexity"], "mean": math.exp(arms[n]["final_mean_loss"])}
                   for share, n in sweep}
@@ -439,16 +471,23 @@ def plot_summary(summary: dict, out_dir: str) -> list[str]:
 
     dynamic = [n for n, a in arms.items() if a["dynamic"]]
     if dynamic:
-        fig, axes = plt.subplots(1, len(dynamic), figsize=(4 * len(dynamic), 3.4), squeeze=False, sharey=True)
+        cols = min(3, len(dynamic))
+        rows = math.ceil(len(dynamic) / cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False, sharey=True)
+        for ax in list(axes.flat)[len(dynamic):]:
+            ax.axis("off")
         for ax, name in zip(axes.flat, dynamic):
             a = arms[name]
-            # the weights in use: the start mixture at 0 tokens, then the value set after each eval
+            # the weights in use: the start mixture from 0 tokens, then the value set after each eval, up to the
+            # end of training (the value set by the last eval, when training ended, was never used)
             pts = [p for p in a["curve"] if p["weights"] is not None]
+            xs = [0] + [p["tokens"] for p in pts]
             for j, d in enumerate(domains):
-                ax.step([0] + [p["tokens"] for p in pts], [a["start_weights"][d]] + [p["weights"][d] for p in pts],
-                        where="post", color=f"C{j}", label=d)
+                ys = [a["start_weights"][d]] + [p["weights"][d] for p in pts[:-1]]
+                ax.step(xs, ys + ys[-1:], where="post", color=f"C{j}", label=d)
             ax.set(title=name, xlabel="training tokens seen")
-        axes.flat[0].set_ylabel("domain weight")
+        for row in axes:
+            row[0].set_ylabel("domain weight")
         axes.flat[0].legend(fontsize=7)
         fig.tight_layout()
         out.append(_savefig(fig, os.path.join(out_dir, "domain_weights.png")))
@@ -475,7 +514,7 @@ def plot_summary(summary: dict, out_dir: str) -> list[str]:
 
 # What an arm's numbers depend on: a folder holds the arms of one setting, so a skipped arm is comparable.
 SETTINGS_THAT_MATTER = ("model", "shards", "target", "batch", "prune_share", "evals", "precision", "seed",
-                        "reference_losses", "overrides")
+                        "reference_losses", "overrides")  # calibration only changes oneshot_act: not checked
 
 
 def check_out_dir(s: Settings) -> None:
@@ -559,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--microbatch", type=int, default=None)
     p.add_argument("--prune-share", type=float, default=d.prune_share)
     p.add_argument("--sweep", type=float, nargs="*", default=list(d.sweep), help="pruning shares of the sweep")
+    p.add_argument("--calibration", type=int, default=d.calibration,
+                   help="oneshot_act: calibration sequences per domain from the prune split")
     p.add_argument("--evals", type=int, default=d.evals, help="evals per arm")
     p.add_argument("--precision", default=d.precision, choices=("fp32", "amp_bf16", "amp_fp16"))
     p.add_argument("--device", default=None, choices=("cpu", "gpu"), help="default: gpu when available")
@@ -570,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     s = Settings(out=a.out, model=a.model, shards=a.shards, target=a.target, scale=a.scale, steps=a.steps,
                  batch=a.batch, microbatch=a.microbatch, prune_share=a.prune_share, sweep=tuple(a.sweep),
-                 evals=a.evals, precision=a.precision, device=a.device, seed=a.seed, reference_losses=a.reference_losses,
+                 evals=a.evals, calibration=a.calibration, precision=a.precision, device=a.device, seed=a.seed, reference_losses=a.reference_losses,
                  keep_checkpoints=a.keep_checkpoints, overrides=tuple(a.overrides))
     try:
         reproduce(s, a.arms)

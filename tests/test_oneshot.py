@@ -1,7 +1,8 @@
-"""One-shot magnitude pruning: exactly the target config, the highest-magnitude units, the source's weights unscaled."""
+"""One-shot pruning: exactly the target config, the highest-scoring units (magnitude, activation), the source's weights unscaled."""
 import json
 import os
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -86,3 +87,46 @@ def test_oneshot_keeps_the_largest_units_with_the_target_shape(tiny_setup, tmp_p
                                sd["model.layers.1.mlp.down_proj.weight"][d][:, i], atol=0, rtol=0)
     torch.testing.assert_close(got["model.embed_tokens.weight"], sd["model.embed_tokens.weight"][:, d], atol=0, rtol=0)
     torch.testing.assert_close(got["model.norm.weight"], sd["model.norm.weight"][d], atol=0, rtol=0)
+
+
+def test_activation_scores_follow_what_units_contribute(tiny_setup, tmp_path):
+    """Block influence matches HF's hidden states; a unit that writes nothing is dropped, a loud one kept."""
+    from llmshearing.mixture import DomainSequences
+    from llmshearing.model import from_pretrained
+    from llmshearing.oneshot import activation_scores, block_influence
+
+    calib = torch.stack([DomainSequences(tiny_setup["shards"], d, "prune")[i]["input_ids"]
+                         for d in ("prose", "code") for i in range(4)])
+    source = AutoModelForCausalLM.from_pretrained(tiny_setup["model"]).eval()
+    with torch.no_grad():
+        hs = source(calib, output_hidden_states=True).hidden_states  # inputs of layers 0..L-1, then the final norm's output
+    lm = from_pretrained(tiny_setup["model"], attn_impl="sdpa")
+    bi = block_influence(lm, calib)
+    L = source.config.num_hidden_layers
+    want = [1 - torch.nn.functional.cosine_similarity(hs[l], hs[l + 1], dim=-1).mean() for l in range(L - 1)]
+    assert bi[:L - 1].tolist() == pytest.approx([float(w) for w in want], abs=1e-4)
+
+    sd = {k: v.clone() for k, v in source.state_dict().items()}
+    sd["model.layers.0.mlp.down_proj.weight"][:, 11] = 0   # unit 11 of layer 0 writes nothing: dropped
+    sd["model.layers.0.mlp.up_proj.weight"][12] *= 50      # unit 12 of layer 0 is loud: kept
+    sd["model.layers.2.mlp.down_proj.weight"] *= 1e-3      # layer 2 barely changes the residual stream: dropped
+    sd["model.layers.2.self_attn.o_proj.weight"] *= 1e-3
+    planted = str(tmp_path / "planted")
+    source.load_state_dict(sd)
+    source.save_pretrained(planted)
+    from llmshearing.shards import load_tokenizer
+    load_tokenizer(tiny_setup["model"]).save_pretrained(planted)
+    scores = activation_scores(from_pretrained(planted, attn_impl="sdpa"), calib)
+    assert scores["intermediate"][0, 11] == 0 and int(scores["intermediate"][0].argmax()) == 12
+    assert int(scores["layer"].argmin()) == 2
+
+    kept = oneshot_prune(planted, TARGET, str(tmp_path / "act"), method="activation", calibration=calib)
+    with open(os.path.join(tmp_path, "act", "config.json")) as f:
+        config = json.load(f)
+    assert {k: config[k] for k in TARGET} == TARGET
+    assert kept["scoring"].startswith("activation") and kept["calibration_tokens"] == calib.numel()
+    assert 2 not in kept["layers"] and 0 in kept["layers"]
+    assert 12 in kept["intermediate"][0] and 11 not in kept["intermediate"][0]
+    for level in ("intermediate", "hidden"):
+        want = scores[level] if level == "hidden" else scores[level][0]
+        assert (kept[level] if level == "hidden" else kept[level][0]) == top(want, TARGET[f"{level}_size"])

@@ -13,7 +13,7 @@ from llmshearing.reproduce import Settings, reproduce
 
 TARGET = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
           "intermediate_size": 64}
-ARMS = ["sheared", "scratch", "oneshot", "fixed", "sheared_p50"]
+ARMS = ["sheared", "scratch", "oneshot", "oneshot_act", "fixed", "sheared_p50"]
 DOMAINS = ["prose", "code"]
 STEPS, BATCH, SEQ = 8, 2, 64  # the tiny shards hold 64-token sequences
 
@@ -45,7 +45,7 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
 
     # Equal budgets, from the Composer checkpoints of every stage: batches, samples, tokens and the mixture's counts.
-    prune_batches = {"sheared": 2, "fixed": 2, "sheared_p50": 4, "scratch": 0, "oneshot": 0}
+    prune_batches = {"sheared": 2, "fixed": 2, "sheared_p50": 4, "scratch": 0, "oneshot": 0, "oneshot_act": 0}
     for arm in ARMS:
         stages = ["prune", "continue"] if prune_batches[arm] else ["continue"]
         tokens = 0
@@ -89,12 +89,17 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
 
     # Every arm's models have the target shape; one-shot kept units by magnitude, scratch is not the source.
     for arm in ARMS:
-        for model in ("init" if arm in ("scratch", "oneshot") else "pruned", "continued"):
+        for model in ("init" if arm in ("scratch", "oneshot", "oneshot_act") else "pruned", "continued"):
             with open(os.path.join(out, arm, model, "config.json")) as f:
                 config = json.load(f)
             assert {k: config[k] for k in TARGET} == TARGET, (arm, model)
     with open(os.path.join(out, "oneshot", "init", "pruning.json")) as f:
         assert json.load(f)["scoring"].startswith("magnitude")
+    with open(os.path.join(out, "oneshot_act", "init", "pruning.json")) as f:
+        assert json.load(f)["scoring"].startswith("activation")
+    # calibration reads 4 prune sequences per domain, forward only, reported apart from the training budget
+    assert summary["arms"]["oneshot_act"]["calibration_tokens"] == 4 * len(DOMAINS) * SEQ
+    assert all(summary["arms"][a]["calibration_tokens"] == 0 for a in ARMS if a != "oneshot_act")
     assert not os.path.exists(os.path.join(out, "scratch", "init", "pruning.json"))
     start = summary["arms"]
     assert start["scratch"]["start_of_continue_losses"] != start["oneshot"]["start_of_continue_losses"]
