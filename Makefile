@@ -29,8 +29,8 @@ demo: fetch
 tiny: install
 	$(PY) -m llmshearing.cli make-tiny data/tiny
 
-# The paper's comparisons in miniature (docs/reproduce_mini.md): sheared vs from scratch vs one-shot magnitude
-# pruning vs fixed mixture, and the pruning share of a fixed budget; SCALE multiplies every arm's steps.
+# The paper's comparisons in miniature (docs/reproduce_mini.md): sheared vs from scratch vs one-shot
+# (activation importance; magnitude too with REPRODUCE_ARGS="--arms all") vs fixed mixture, and the pruning share of a fixed budget; SCALE multiplies every arm's steps.
 # On a GPU e.g.: make reproduce-mini SCALE=10 REPRODUCE_ARGS="--batch 16 --precision amp_bf16 --out runs/rm-x10"
 SCALE ?= 1
 REPRODUCE_ARGS ?=

@@ -14,9 +14,10 @@ Scores are squared L2 norms (sums of squared weights; the same order as the L2 n
   (what reads dim j) + row j of every o_proj/down_proj (what writes it);
 * layer l: |o_proj|^2 + |down_proj|^2, the size of what the layer writes into the residual stream.
 
-On SmolLM2-135M weight magnitude turned out worse than random choice at every level (docs/reproduce_mini.md),
-so `activation_scores` gives a second one-shot baseline from a few calibration sequences: each unit's average
-contribution and each layer's block influence.
+On SmolLM2-135M weight magnitude chose worse layers and intermediate units than three random draws did, and
+was within the random draws' range for hidden dims and heads (docs/reproduce_mini.md), so `activation_scores`
+gives a second one-shot baseline from a few calibration sequences: each unit's average contribution and each
+layer's block influence.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """`make reproduce-mini`: the paper's comparisons in miniature, every arm with the same total token budget.
 
-    python -m llmshearing.reproduce --scale 1 --out runs/reproduce-mini            # the CPU default
+    python -m llmshearing.reproduce --scale 1 --out runs/reproduce-mini            # the CPU default (~1 h)
     python -m llmshearing.reproduce --scale 50 --batch 32 --precision amp_bf16 ...  # the same on a GPU
 
 From one source model (SmolLM2-135M by default) to one target shape (`smollm2-135m-half`), on the shards'
@@ -9,7 +9,7 @@ domains, each arm trains for the same number of batches of the same size (N = st
   sheared        L0 pruning with dynamic batch loading for share x N batches, export, then continued
                  pretraining with dynamic batch loading (starting from the weights pruning ended with)
   scratch        a random init of the target config (source tokenizer), continued pretraining for N batches
-  oneshot        magnitude pruning to the target (`llmshearing.oneshot`, no data, no steps), then N batches
+  oneshot        (only with --arms oneshot / all) magnitude pruning to the target (`llmshearing.oneshot`, no data, no steps), then N batches
                  of continued pretraining: the whole budget goes to continued pretraining
   oneshot_act    as oneshot, scoring units by their contribution on calibration sequences (the first
                  `calibration` sequences of each domain's prune split, forward passes only, not counted
@@ -44,9 +44,12 @@ from llmshearing.io import atomic_write_text
 
 YAMLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "yamls")
 PRUNE_YAML, CONTINUE_YAML = os.path.join(YAMLS, "demo_smollm2.yaml"), os.path.join(YAMLS, "demo_continue.yaml")
-# Scale 1 (the CPU default): 240 batches of 2 x 128 tokens = 61,440 training tokens per arm.
-BASE_STEPS, BASE_BATCH = 240, 2
-BASE_ARMS = ("sheared", "scratch", "oneshot", "fixed")
+# Scale 1 (the CPU default): 160 batches of 2 x 128 tokens = 40,960 training tokens per arm, 4 evals per arm;
+# the default arms take about an hour on 2 CPU cores (docs/reproduce_mini.md).
+BASE_STEPS, BASE_BATCH = 160, 2
+# Arms run only when asked for (--arms oneshot, or --arms all): weight magnitude chose worse units than random
+# draws on SmolLM2-135M (docs/reproduce_mini.md), so oneshot_act is the default one-shot baseline.
+OPTIONAL_ARMS = ("oneshot",)
 
 
 @dataclasses.dataclass
@@ -62,7 +65,7 @@ class Settings:
     prune_share: float = 0.25          # share of the budget the sheared arms spend pruning
     sweep: tuple = (0.1, 0.25, 0.5)    # pruning shares of the sweep (the one equal to prune_share is `sheared`)
     calibration: int = 4               # oneshot_act: calibration sequences per domain (prune split)
-    evals: int = 8                     # evals per arm: the eval interval is steps / evals batches in every stage
+    evals: int = 4                     # evals per arm: the eval interval is steps / evals batches in every stage
     precision: str = "fp32"
     device: str | None = None          # None: gpu when available
     seed: int = 17
@@ -368,7 +371,8 @@ def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, fl
             "final_mean_loss": mean(r["final_losses"]),
             "start_of_continue_losses": r["start_of_continue_losses"],
             "start_of_continue_perplexity": perplexities(r["start_of_continue_losses"]),
-            "final_weights": r["stages"]["continue"]["evals"][-1]["weights"] if r["stages"]["continue"]["evals"] else None,
+            "final_weights": (dict(zip(domains, r["stages"]["continue"]["evals"][-1]["weights"]))
+                              if r["stages"]["continue"]["evals"] else None),
             "start_weights": r["stages"]["prune" if "prune" in r["stages"] else "continue"]["start_weights"],
             "pruning_end_expected_shape": _expected_shape(r),
             "seconds": r["seconds"], "curve": curve(r),
@@ -402,8 +406,9 @@ def format_report(summary: dict) -> str:
     lines = [
         f"Scale {st['scale']:g}: {st['total_steps']} batches of {st['batch']} x {st['seq_len']} tokens = "
         f"{st['tokens_per_arm']:,} training tokens per arm; evals every {st['eval_interval']} batches. "
-        f"Equal budgets (from the checkpoints): {summary['equal_budget']}. Wall time {summary['seconds']:.0f}s "
-        f"(the arms' own times add up to {summary['arm_seconds_total']:.0f}s).",
+        f"Equal budgets (from the checkpoints): {summary['equal_budget']}. This command ran "
+        f"{summary['seconds']:.0f}s (arms recorded before are not rerun); the arms' own times add up to "
+        f"{summary['arm_seconds_total']:.0f}s.",
         "", "Token perplexity per domain on the shards' eval split after the whole budget "
         "(`llmshearing.evaluate.domain_losses`, models reloaded with transformers; mean = exp of the mean loss):", "",
         markdown_table(final, cols, label="arm"),
@@ -545,7 +550,12 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
 
     t0 = time.time()
     arms_plan = plan(s)
-    names = list(arms_plan) if not arms else list(arms)
+    if not arms:
+        names = [n for n in arms_plan if n not in OPTIONAL_ARMS]
+    elif list(arms) == ["all"]:
+        names = list(arms_plan)
+    else:
+        names = list(arms)
     unknown = [n for n in names if n not in arms_plan]
     if unknown:
         raise ConfigError(f"unknown arm(s) {unknown}; this plan has {list(arms_plan)}")
@@ -569,6 +579,13 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
     results = {}
     for i, name in enumerate(names):
         results[name] = run_arm(s, name, arms_plan[name], ref_file, f"{i + 1}/{len(names)}")
+    # The summary covers every arm recorded in this folder (one setting), e.g. an optional arm run later.
+    for name in arms_plan:
+        done = os.path.join(s.out, name, "result.json")
+        if name not in results and os.path.exists(done):
+            with open(done) as f:
+                results[name] = json.load(f)
+    results = {name: results[name] for name in arms_plan if name in results}
     summary = summarize(s, results, source, time.time() - t0)
     summary["plots"] = plot_summary(summary, s.out)
     atomic_write_text(os.path.join(s.out, "summary.json"), json.dumps(summary, indent=1))
@@ -589,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", type=float, default=d.scale, help="multiplies every arm's batches (default 1: CPU)")
     p.add_argument("--out", default=d.out)
-    p.add_argument("--arms", nargs="+", help="run only these arms (default: all, see the module doc)")
+    p.add_argument("--arms", nargs="+", help="run only these arms, or 'all' (default: all but %s; see the module doc)"
+                   % ", ".join(OPTIONAL_ARMS))
     p.add_argument("--model", default=d.model)
     p.add_argument("--shards", default=d.shards)
     p.add_argument("--target", default=d.target)
