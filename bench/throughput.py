@@ -78,12 +78,9 @@ def _proc_status_kb(key: str) -> int | None:
 
 
 def _malloc_trim() -> None:
-    try:
-        import ctypes
+    from llmshearing.train import malloc_trim
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    malloc_trim()
 
 
 class PeakMemory:
