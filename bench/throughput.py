@@ -27,6 +27,7 @@ from torch import nn
 
 from llmshearing.arch import PRESETS, Shape, head_dim_of, param_count, shape_of
 from llmshearing.io import atomic_write_text
+from llmshearing.train import malloc_trim
 
 # --quick: a SmolLM2-like tiny source (9 heads in 3 KV groups) and a target with the half preset's ratios.
 QUICK_SOURCE = dict(num_hidden_layers=6, num_attention_heads=9, num_key_value_heads=3)
@@ -77,12 +78,6 @@ def _proc_status_kb(key: str) -> int | None:
     return None
 
 
-def _malloc_trim() -> None:
-    from llmshearing.train import malloc_trim
-
-    malloc_trim()
-
-
 class PeakMemory:
     """Extra memory at the peak of a phase, over what was in use when it started.
 
@@ -104,7 +99,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
-            _malloc_trim()
+            malloc_trim()
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")  # resets VmHWM to the current RSS

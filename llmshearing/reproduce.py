@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import glob
 import json
 import math
@@ -227,9 +226,6 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
     start = time.time()
     result = run(cfg)
     seconds = time.time() - start
-    gc.collect()  # the stage's trainer, model and optimizer state: gone before the next stage builds its own
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     if result.get("stopped_after") is not None:  # SIGTERM (llmshearing.train's RunGuard): not a finished stage
         raise SystemExit(f"[reproduce] {name}/{stage} stopped after batch {result['stopped_after']}; "
                          f"run the same command again to redo this stage (finished arms and stages are kept)")
@@ -264,13 +260,21 @@ def _seq_len(shards: str) -> int:
     return int(read_manifest(shards)["seq_len"])
 
 
+def recorded_result(s: Settings, name: str) -> dict | None:
+    """The result an arm recorded in `<out>/<arm>/result.json` when it finished, None if it has not."""
+    path = os.path.join(s.out, name, "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dict:
     """Train and evaluate one arm; its result (read back from `<out>/<arm>/result.json` when it exists)."""
     arm_dir = os.path.join(s.out, name)
     result_file = os.path.join(arm_dir, "result.json")
-    if os.path.exists(result_file):
-        with open(result_file) as f:
-            result = json.load(f)
+    result = recorded_result(s, name)
+    if result is not None:
         log(f"arm {index} {name}: done before ({result['total_tokens']:,} tokens), skipped")
         return result
     how = {"l0": f"L0 pruning {arm['prune']} batches ({'dynamic' if arm['dynamic'] else 'fixed'} mixture)",
@@ -580,12 +584,8 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
     for i, name in enumerate(names):
         results[name] = run_arm(s, name, arms_plan[name], ref_file, f"{i + 1}/{len(names)}")
     # The summary covers every arm recorded in this folder (one setting), e.g. an optional arm run later.
-    for name in arms_plan:
-        done = os.path.join(s.out, name, "result.json")
-        if name not in results and os.path.exists(done):
-            with open(done) as f:
-                results[name] = json.load(f)
-    results = {name: results[name] for name in arms_plan if name in results}
+    results = {name: results[name] if name in results else recorded_result(s, name) for name in arms_plan}
+    results = {name: r for name, r in results.items() if r is not None}
     summary = summarize(s, results, source, time.time() - t0)
     summary["plots"] = plot_summary(summary, s.out)
     atomic_write_text(os.path.join(s.out, "summary.json"), json.dumps(summary, indent=1))

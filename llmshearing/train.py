@@ -187,15 +187,23 @@ def export_trained(trainer, tokenizer, out_dir: str, overwrite: bool = False) ->
 
 def run(cfg: TrainConfig) -> dict:
     """Train one stage (pruning or continued pretraining) and export it when `export_dir` is set.
-    A run stopped by SIGTERM returns {'stopped_after': batch} and exports nothing."""
+    A run stopped by SIGTERM returns {'stopped_after': batch} and exports nothing. The trainer is closed and
+    its memory freed before returning, so one process can run several stages (the demo, reproduce-mini)."""
+    trainer, tokenizer = build_trainer(cfg)
+    result = _fit_and_export(trainer, tokenizer, cfg)
+    close_trainer(trainer)
+    del trainer  # the last reference: free_memory can now collect the model, optimizer and dataloaders
+    free_memory()
+    return result
+
+
+def _fit_and_export(trainer, tokenizer, cfg: TrainConfig) -> dict:
     from callbacks.run_guard import Preempted
 
-    trainer, tokenizer = build_trainer(cfg)
     start = time.time()
     try:
         trainer.fit()
     except Preempted as stop:  # SIGTERM: checkpoint written, nothing else to do (no eval, no export)
-        close_trainer(trainer)
         return {"seconds": time.time() - start, "kept": None, "stopped_after": stop.batch}
     seconds = time.time() - start
     print(f"training finished in {seconds:.1f}s")
@@ -203,15 +211,13 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.export_dir:
         kept = export_trained(trainer, tokenizer, cfg.export_dir, overwrite=True)
         print(f"exported the {'pruned' if cfg.pruning else 'trained'} model to {cfg.export_dir}")
-    close_trainer(trainer)
     return {"seconds": seconds, "kept": kept, "stopped_after": None}
 
 
 def close_trainer(trainer) -> None:
-    """Close a trainer so that its memory can be freed while the process goes on (several stages or arms in one
-    process: the demo, reproduce-mini). Two references kept every trainer's state (model, optimizer,
-    dataloaders: 2-3 GB per SmolLM2 stage, 16.5 GB peak over reproduce-mini's six arms) until the process
-    exited: Composer 0.32's Engine registers `atexit(Engine._close, state, logger)`, and torch 2.7's
+    """Close a trainer and drop the references that outlive it. Two of them kept every trainer's state (model,
+    optimizer, dataloaders: 2-3 GB per SmolLM2 stage, 16.5 GB peak over reproduce-mini's six arms) until the
+    process exited: Composer 0.32's Engine registers `atexit(Engine._close, state, logger)`, and torch 2.7's
     `torch.distributed.checkpoint.state_dict._get_fqns` is an lru_cache keyed by the model. After close() the
     hook has nothing left to do, so it is unregistered (this also drops the hook of any other open trainer:
     close those yourself), and the cache is cleared (it only saves recomputing parameter names).
@@ -226,13 +232,19 @@ def close_trainer(trainer) -> None:
     cached = getattr(dcp_state_dict, "_get_fqns", None)
     if hasattr(cached, "cache_clear"):
         cached.cache_clear()
-    del trainer
+
+
+def free_memory() -> None:
+    """Collect garbage and hand freed memory back: the CUDA cache, and glibc's heap pages (kept otherwise, so
+    RSS would not fall after a stage)."""
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     malloc_trim()
 
 
 def malloc_trim() -> None:
-    """Hand freed heap pages back to the OS: glibc keeps them otherwise, so RSS would not fall after a stage."""
+    """glibc's malloc_trim(0); nothing on other C libraries."""
     try:
         import ctypes
 
