@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from llmshearing.mixture import DomainMixture  # noqa: E402
-from llmshearing.shards import read_manifest, split_dir  # noqa: E402
+from llmshearing.data.mixture import DomainMixture  # noqa: E402
+from llmshearing.data.layout import read_manifest, split_dir  # noqa: E402
 
 
 def tokens_per_s(loader, batches: int, warmup: int = 5) -> float:
@@ -56,7 +56,7 @@ def streaming_loader(args, domains, weights, workers, cache):
 
 
 def train_step_tokens_per_s(model_dir: str, batch: int, seq_len: int, steps: int = 3) -> float:
-    from llmshearing.model import from_pretrained
+    from llmshearing.model.hf import from_pretrained
 
     lm = from_pretrained(model_dir, attn_impl="sdpa").train()
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-5)

@@ -25,9 +25,11 @@ import time
 import torch
 from torch import nn
 
-from llmshearing.arch import PRESETS, Shape, head_dim_of, param_count, shape_of
+from llmshearing.compat import set_attn_implementation
+from llmshearing.model.hf import head_dim_of
+from llmshearing.pruning.shapes import param_count, PRESETS, Shape, shape_of
 from llmshearing.io import atomic_write_text
-from llmshearing.train import malloc_trim
+from llmshearing.train.run import malloc_trim
 
 # --quick: a SmolLM2-like tiny source (9 heads in 3 KV groups) and a target with the half preset's ratios.
 QUICK_SOURCE = dict(num_hidden_layers=6, num_attention_heads=9, num_key_value_heads=3)
@@ -130,18 +132,18 @@ def load_source(args):
     from transformers import AutoModelForCausalLM
 
     if args.quick:
-        from llmshearing.tiny import tiny_config
+        from llmshearing.experiments.tiny import tiny_config
 
         torch.manual_seed(args.seed)
         config = tiny_config("smollm2-gqa", **QUICK_SOURCE)
-        config._attn_implementation = "sdpa"
+        set_attn_implementation(config, "sdpa")
         return AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
     return AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32,
                                                 attn_implementation="sdpa").eval()
 
 
 def decoder_from_hf(hf):
-    from llmshearing.model import DecoderLM
+    from llmshearing.model.decoder import DecoderLM
 
     lm = DecoderLM(hf.config, attn_impl="auto")
     lm.load_state_dict(hf.state_dict(), strict=True)
@@ -153,7 +155,7 @@ def hf_from_decoder(lm):
     from transformers import AutoModelForCausalLM
 
     config = lm.config.__class__.from_dict(lm.config.to_dict())
-    config._attn_implementation = "sdpa"
+    set_attn_implementation(config, "sdpa")
     hf = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     missing, unexpected = hf.load_state_dict(lm.state_dict(), strict=False)
     assert not unexpected and not [k for k in missing if k != "lm_head.weight"], (missing, unexpected)
@@ -164,8 +166,8 @@ def hf_from_decoder(lm):
 
 def pruned(lm, target: Shape, seed: int):
     """A dense pruned DecoderLM of `target` via the project's own path: top-k test-time masks, finalize."""
-    from llmshearing.l0 import L0Module
-    from llmshearing.prune import finalize
+    from llmshearing.pruning.masks import L0Module
+    from llmshearing.pruning.export import finalize
 
     torch.manual_seed(seed)
     l0 = L0Module(shape_of(lm.config), target, seed=seed)
@@ -328,12 +330,12 @@ def train_bench(lm, target: Shape, args, device: str) -> dict:
     """tokens/s of fwd + bwd + AdamW for the masked source (L0 masks sampled each step, Lagrangian in the
     loss, mask and multiplier parameters in the optimizer) and the dense source; same weights, batch and
     sequence, steps alternated so that load from other processes hits both alike."""
-    from llmshearing.composer_model import ShearingModel
-    from llmshearing.l0 import L0Module
+    from llmshearing.model.composer_model import ComposerLM
+    from llmshearing.pruning.masks import L0Module
 
     lm = lm.to(device).train()
     l0 = L0Module(shape_of(lm.config), target, seed=args.seed).to(device).train()
-    variants = {"masked_source": ShearingModel(lm, l0), "dense_source": ShearingModel(lm, None)}
+    variants = {"masked_source": ComposerLM(lm, l0), "dense_source": ComposerLM(lm, None)}
     opts = {name: torch.optim.AdamW(m.param_groups(lr=1e-4, weight_decay=0.0, mask_lr=1.0, lambda_lr=1.0))
             for name, m in variants.items()}
     ids = torch.randint(0, lm.config.vocab_size, (args.train_batch, args.train_seq), device=device,

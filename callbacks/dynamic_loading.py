@@ -11,7 +11,8 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshearing.io import append_jsonl, atomic_write_text, truncate_jsonl
-from llmshearing.mixture import DomainMixture, update_weights
+from llmshearing.data.mixture import DomainMixture
+from llmshearing.data.mixing import update_weights
 
 
 def eval_label(domain: str) -> str:

@@ -12,8 +12,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from llmshearing.checkpointing import save_now
-from llmshearing.composer_model import unwrap
+from llmshearing.train.checkpointing import save_now
+from llmshearing.model.composer_model import unwrap
 from llmshearing.io import append_jsonl
 
 

@@ -67,16 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
-            from llmshearing.train import export_checkpoint
+            from llmshearing.pruning.export import export_checkpoint
 
             kept = export_checkpoint(args.checkpoint, args.out_dir, args.config, args.dtype, args.overwrite)
             print(f"wrote {args.out_dir}: {json.dumps(kept['target_shape'])}")
         elif args.command == "make-tiny":
-            from llmshearing.tiny import make_tiny
+            from llmshearing.experiments.tiny import make_tiny
 
             print(json.dumps(make_tiny(args.out_dir, args.family), indent=1))
         elif args.command == "demo":
-            from llmshearing.demo import run_demo
+            from llmshearing.experiments.demo import run_demo
 
             run_demo(args.data, args.out, args.overrides)
         elif args.command == "reference-loss":
@@ -110,7 +110,7 @@ def run_eval(args) -> dict:
     """`llmshearing eval`: evaluate, print the table, then write the JSON (only after everything worked)."""
     import os
 
-    from llmshearing.evaluate import evaluate_models, report_table
+    from llmshearing.eval.evaluate import evaluate_models, report_table
 
     if args.out is not None and os.path.isdir(args.out):
         raise ConfigError(f"--out '{args.out}' is a folder; give a file name like eval.json")
@@ -129,7 +129,7 @@ def run_eval(args) -> dict:
 
 def reference_loss_snippet(args) -> str:
     """The snippet of `llmshearing reference-loss`, after checking that one mode's arguments are given."""
-    from llmshearing import reference
+    from llmshearing.experiments import reference_losses as reference
 
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
     if args.domains is not None and not domains:

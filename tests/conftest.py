@@ -9,7 +9,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from llmshearing.tiny import FAMILY_CONFIGS, make_tiny  # noqa: E402
+from llmshearing.experiments.tiny import FAMILY_CONFIGS, make_tiny  # noqa: E402
 
 FAMILIES = list(FAMILY_CONFIGS)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

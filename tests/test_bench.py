@@ -18,8 +18,10 @@ from bench.throughput import (  # noqa: E402
     QUICK_SOURCE, QUICK_TARGET, layer_shapes, n_params, nonuniform_counts, nonuniform_plan, slice_nonuniform,
     zero_removed,
 )
-from llmshearing.arch import PRESETS, Shape, head_dim_of, param_count, shape_of  # noqa: E402
-from llmshearing.tiny import tiny_config  # noqa: E402
+from llmshearing.compat import set_attn_implementation  # noqa: E402
+from llmshearing.model.hf import head_dim_of  # noqa: E402
+from llmshearing.pruning.shapes import param_count, PRESETS, Shape, shape_of  # noqa: E402
+from llmshearing.experiments.tiny import tiny_config  # noqa: E402
 
 
 def _positive(x) -> bool:
@@ -83,7 +85,7 @@ def _carrier(layers: int, seed: int = 0):
 
     torch.manual_seed(seed)
     config = tiny_config("smollm2-gqa", **{**QUICK_SOURCE, "num_hidden_layers": layers})
-    config._attn_implementation = "sdpa"
+    set_attn_implementation(config, "sdpa")
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -5,10 +5,11 @@ import re
 import pytest
 from conftest import REPO
 
-from llmshearing.arch import PRESETS, Shape, load_hf_config, resolve_target
-from llmshearing.config import check_fsdp, load_config
+from llmshearing.model.hf import load_hf_config
+from llmshearing.pruning.shapes import PRESETS, resolve_target, Shape
+from llmshearing.train.config import check_fsdp, load_config
 from llmshearing.errors import ConfigError
-from llmshearing.tiny import tiny_config
+from llmshearing.experiments.tiny import tiny_config
 
 TINY_YAML = os.path.join(REPO, "yamls", "testing", "prune_tiny.yaml")
 
@@ -27,7 +28,7 @@ def test_tiny_recipe_validates(tiny_setup):
 def test_shipped_recipes_parse(yaml_name, tmp_path):
     from omegaconf import OmegaConf
 
-    from llmshearing.config import TrainConfig, _build
+    from llmshearing.train.config import _build, TrainConfig
 
     raw = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "yamls", yaml_name)), resolve=True)
     cfg = _build(TrainConfig, raw, "")  # all keys known and well typed (paths exist only on the cluster)
@@ -157,7 +158,7 @@ def test_missing_config_file():
 
 
 def test_shards_of_another_tokenizer_are_refused(tiny_setup, tmp_path):
-    from llmshearing.shards import check_tokenizer
+    from llmshearing.data.tokenizer import check_tokenizer
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_setup["model"])
@@ -175,7 +176,7 @@ def test_launcher_refuses_wrong_tokenizer_before_training(tiny_setup, tmp_path):
     import subprocess
     import sys
 
-    from llmshearing.tiny import train_tokenizer
+    from llmshearing.experiments.tiny import train_tokenizer
 
     model = tmp_path / "model"
     shutil.copytree(tiny_setup["model"], model)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llmshearing.cli import main
-from llmshearing.evaluate import TASKS_DIR
+from llmshearing.eval.evaluate import TASKS_DIR
 
 SHIPPED = os.path.join(TASKS_DIR, "llmshearing_mc.jsonl")
 USER_ITEMS = [

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from llmshearing.arch import Shape
-from llmshearing.l0 import HardConcrete, L0Module, plan_masks
+from llmshearing.pruning.shapes import Shape
+from llmshearing.pruning.masks import HardConcrete, L0Module, plan_masks
 
 SRC = Shape(4, 64, 6, 2, 96)
 TGT = Shape(3, 48, 2, 1, 64)

@@ -8,8 +8,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from llmshearing.errors import ConfigError
-from llmshearing.mixture import DomainMixture, DomainSequences, check_weights, update_weights
-from llmshearing.shards import FORMAT
+from llmshearing.data.layout import DomainSequences
+from llmshearing.data.mixture import DomainMixture
+from llmshearing.data.mixing import check_weights, update_weights
+from llmshearing.data.layout import FORMAT
 
 SEQ = 4
 

@@ -6,11 +6,12 @@ import torch
 from conftest import FAMILIES
 from transformers import AutoModelForCausalLM
 
-from llmshearing.arch import Shape, head_dim_of, param_count, shape_of
-from llmshearing.l0 import L0Module
-from llmshearing.model import DecoderLM
-from llmshearing.prune import finalize, save_hf
-from llmshearing.tiny import random_model
+from llmshearing.model.hf import head_dim_of
+from llmshearing.pruning.shapes import param_count, Shape, shape_of
+from llmshearing.pruning.masks import L0Module
+from llmshearing.model.decoder import DecoderLM
+from llmshearing.pruning.export import finalize, save_hf
+from llmshearing.experiments.tiny import random_model
 
 TOL = 1e-4  # fp32 logits of magnitude ~1: differences come from summation order only (seen: < 1e-6)
 TARGETS = {  # every structure shrinks; GQA targets keep num_heads divisible by num_kv_heads
@@ -92,7 +93,7 @@ def test_param_count_matches_model(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_from_pretrained_keeps_tied_embeddings_one_tensor(family, tmp_path):
-    from llmshearing.model import from_pretrained
+    from llmshearing.model.hf import from_pretrained
 
     hf = random_model(family)
     hf.save_pretrained(tmp_path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmshearing.oneshot import oneshot_prune
+from llmshearing.pruning.oneshot import oneshot_prune
 
 TARGET = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
           "intermediate_size": 64}
@@ -33,7 +33,7 @@ def test_oneshot_keeps_the_largest_units_with_the_target_shape(tiny_setup, tmp_p
     planted = str(tmp_path / "planted")
     source.load_state_dict(sd)
     source.save_pretrained(planted)
-    from llmshearing.shards import load_tokenizer
+    from llmshearing.data.tokenizer import load_tokenizer
     load_tokenizer(tiny_setup["model"]).save_pretrained(planted)
 
     out = str(tmp_path / "oneshot")
@@ -91,9 +91,9 @@ def test_oneshot_keeps_the_largest_units_with_the_target_shape(tiny_setup, tmp_p
 
 def test_activation_scores_follow_what_units_contribute(tiny_setup, tmp_path):
     """Block influence matches HF's hidden states; a unit that writes nothing is dropped, a loud one kept."""
-    from llmshearing.mixture import DomainSequences
-    from llmshearing.model import from_pretrained
-    from llmshearing.oneshot import activation_scores, block_influence
+    from llmshearing.data.layout import DomainSequences
+    from llmshearing.model.hf import from_pretrained
+    from llmshearing.pruning.oneshot import activation_scores, block_influence
 
     calib = torch.stack([DomainSequences(tiny_setup["shards"], d, "prune")[i]["input_ids"]
                          for d in ("prose", "code") for i in range(4)])
@@ -114,7 +114,7 @@ def test_activation_scores_follow_what_units_contribute(tiny_setup, tmp_path):
     planted = str(tmp_path / "planted")
     source.load_state_dict(sd)
     source.save_pretrained(planted)
-    from llmshearing.shards import load_tokenizer
+    from llmshearing.data.tokenizer import load_tokenizer
     load_tokenizer(tiny_setup["model"]).save_pretrained(planted)
     scores = activation_scores(from_pretrained(planted, attn_impl="sdpa"), calib)
     assert scores["intermediate"][0, 11] == 0 and int(scores["intermediate"][0].argmax()) == 12

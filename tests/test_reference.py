@@ -10,10 +10,10 @@ import yaml
 
 from llmshearing.cli import main
 from llmshearing.errors import ConfigError
-from llmshearing.evaluate import domain_losses, markdown_table, perplexities
-from llmshearing.reference import (PAPER_REFERENCE_LOSSES, fit_scaling_law, parse_count, predict_reference_losses,
-                                   reference_snippet, source_reference_losses)
-from llmshearing.shards import FORMAT, REDPAJAMA_PROPORTIONS, tokenizer_fingerprint
+from llmshearing.eval.evaluate import domain_losses, markdown_table, perplexities
+from llmshearing.experiments.reference_losses import (fit_scaling_law, PAPER_REFERENCE_LOSSES, parse_count, predict_reference_losses, reference_snippet, source_reference_losses)
+from llmshearing.data.layout import FORMAT, REDPAJAMA_PROPORTIONS
+from llmshearing.data.tokenizer import tokenizer_fingerprint
 
 SIZES = {"m-70m": 7.0e7, "m-410m": 4.05e8, "m-1.4b": 1.41e9, "m-2.8b": 2.78e9, "m-6.9b": 6.9e9}
 LAWS = {"common_crawl": (410.0, 0.35, 1.6), "github": (3.0e3, 0.7, 0.5), "book": (25.0, 0.2, 1.2)}
@@ -214,7 +214,7 @@ def test_cli_fit_target_preset(tmp_path, capsys, tiny):
     """--target counts parameters with arch.param_count: a config path on its own, a preset against --model."""
     from transformers import AutoConfig
 
-    from llmshearing.arch import param_count, shape_of
+    from llmshearing.pruning.shapes import param_count, shape_of
 
     path = tmp_path / "fit.yaml"
     path.write_text(yaml.safe_dump(table()))

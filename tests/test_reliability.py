@@ -12,7 +12,8 @@ import torch
 from conftest import BIN, CONTINUE_YAML, ENV, REPO, TINY_YAML, jsonl, paths, run, weights_log
 from transformers import AutoModelForCausalLM
 
-from llmshearing.checkpointing import install_atomic_writes, repair_latest
+from llmshearing.compat import install_atomic_writes
+from llmshearing.train.checkpointing import repair_latest
 
 
 def popen(args):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from composer.core import State
 
-from llmshearing.composer_model import ShearingModel
+from llmshearing.model.composer_model import ComposerLM
 from llmshearing.errors import ConfigError
-from llmshearing.reproduce import Settings, reproduce
+from llmshearing.experiments.reproduce import reproduce, Settings
 
 TARGET = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
           "intermediate_size": 64}
@@ -46,7 +46,7 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
     assert list(default["arms"]) == [a for a in ARMS if a != "oneshot"]
     # Each stage's trainer is freed once it is done (Composer's atexit hook used to hold all ten: 16.5 GB at scale 1).
     gc.collect()
-    assert not [o for o in gc.get_objects() if type(o) in (ShearingModel, State)]
+    assert not [o for o in gc.get_objects() if type(o) in (ComposerLM, State)]
     summary = reproduce(s, ["oneshot"])
     assert list(summary["arms"]) == ARMS
     for name in ("summary.json", "summary.md", "loss_curves.png", "domain_weights.png", "prune_share.png",

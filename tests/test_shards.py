@@ -13,7 +13,7 @@ import pytest
 
 from data_prep import shards as builder
 from llmshearing.errors import ConfigError
-from llmshearing.shards import FORMAT, REDPAJAMA_PROPORTIONS, SPLITS, open_split, read_manifest, tokens_of
+from llmshearing.data.layout import FORMAT, open_split, read_manifest, REDPAJAMA_PROPORTIONS, SPLITS, tokens_of
 
 from conftest import REPO
 

@@ -8,12 +8,14 @@ import torch
 from conftest import BIN, CONTINUE_YAML, REPO, TINY_YAML, paths, run, weights_log
 from transformers import AutoModelForCausalLM
 
-from llmshearing.arch import load_hf_config, resolve_target, shape_of
-from llmshearing.composer_model import ShearingModel
-from llmshearing.l0 import L0Module
-from llmshearing.model import from_pretrained
-from llmshearing.mixture import DomainSequences, update_weights
-from llmshearing.train import load_checkpoint
+from llmshearing.model.hf import load_hf_config
+from llmshearing.pruning.shapes import resolve_target, shape_of
+from llmshearing.model.composer_model import ComposerLM
+from llmshearing.pruning.masks import L0Module
+from llmshearing.model.hf import from_pretrained
+from llmshearing.data.layout import DomainSequences
+from llmshearing.data.mixing import update_weights
+from llmshearing.train.checkpointing import load_checkpoint
 
 
 def test_composer_launcher_prunes_checkpoints_and_exports(tiny_setup, tmp_path):
@@ -116,7 +118,7 @@ def test_short_pruning_run_reaches_target_shape(tiny_setup):
     target = resolve_target({"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
                              "num_key_value_heads": 1, "intermediate_size": 48}, source)
     train = torch.stack([DomainSequences(tiny_setup["shards"], "prose", "prune")[i]["input_ids"] for i in range(128)])
-    model = ShearingModel(from_pretrained(tiny_setup["model"], attn_impl="sdpa"),
+    model = ComposerLM(from_pretrained(tiny_setup["model"], attn_impl="sdpa"),
                           L0Module(shape_of(source), target, warmup_steps=50))
     model.train()
     opt = torch.optim.AdamW(model.param_groups(1e-3, 0.0, 0.1, 0.1))

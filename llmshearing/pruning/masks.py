@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmshearing.arch import Shape
+from llmshearing.pruning.shapes import Shape
 
 TEMPERATURE = 2.0 / 3.0
 LIMIT_LEFT, LIMIT_RIGHT = -0.1, 1.1

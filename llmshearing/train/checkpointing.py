@@ -19,43 +19,13 @@ import glob
 import os
 import re
 
+
+from llmshearing.compat import checkpoint_model_weights, install_atomic_writes
+from llmshearing.errors import ConfigError
+
 CHECKPOINT_NAME = "ep{epoch}-ba{batch}-rank{rank}.pt"  # Composer's default save_filename
 LATEST_NAME = "latest-rank{rank}.pt"  # Composer's default save_latest_filename
 _CHECKPOINT = re.compile(r"ep(\d+)-ba(\d+)-rank(\d+)\.pt")
-
-
-def _atomic_write_checkpoint_file(state_dict, filename: str) -> None:
-    import torch
-
-    from llmshearing.io import atomic_file
-
-    with atomic_file(filename, "wb") as f:
-        torch.save(state_dict, f)
-
-
-def install_atomic_writes() -> None:
-    """Route Composer's plain `.pt` checkpoint writes through `_atomic_write_checkpoint_file`.
-
-    Composer has no hook for this, so the module-level writer is replaced (pinned Composer 0.32.1;
-    a test checks the replacement is in force). Compressed and tar checkpoints keep Composer's writer.
-    """
-    from composer.utils import checkpoint
-
-    original = getattr(checkpoint, "_write_checkpoint_file", None)
-    if original is None:
-        raise RuntimeError("composer.utils.checkpoint._write_checkpoint_file is gone: this Composer version "
-                           "is not the pinned one; checkpoints would not be written atomically")
-    if getattr(original, "_llmshearing_atomic", False):
-        return
-
-    def write(state_dict, filename: str) -> None:
-        if filename.endswith(".pt"):
-            _atomic_write_checkpoint_file(state_dict, filename)
-        else:
-            original(state_dict, filename)
-
-    write._llmshearing_atomic = True
-    checkpoint._write_checkpoint_file = write
 
 
 def checkpoints(folder: str, rank: int = 0) -> list[str]:
@@ -108,3 +78,25 @@ def save_now(state, folder: str) -> str:
                                                        batch=int(state.timestamp.batch), rank=0))
     dist.barrier()
     return path
+
+
+def load_checkpoint(checkpoint: str, config_path: str | None = None):
+    """(run config, ComposerLM) from a Composer checkpoint of a pruning or continued-pretraining run.
+
+    The run's `run_config.yaml` (written beside the checkpoints at the start of training) says
+    which model, tokenizer and target the checkpoint belongs to.
+    """
+    from omegaconf import OmegaConf
+
+    from llmshearing.train.builders import build_model
+    from llmshearing.train.config import _build, TrainConfig
+
+    if not os.path.exists(checkpoint):
+        raise ConfigError(f"checkpoint '{checkpoint}' does not exist")
+    config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "run_config.yaml")
+    if not os.path.exists(config_path):
+        raise ConfigError(f"no run config at '{config_path}'; pass --config <run_config.yaml> of the training run")
+    cfg = _build(TrainConfig, OmegaConf.to_container(OmegaConf.load(config_path), resolve=True), "")
+    model = build_model(cfg, load_weights=False)
+    model.load_state_dict(checkpoint_model_weights(checkpoint), strict=True)
+    return cfg, model.eval()

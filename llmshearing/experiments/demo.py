@@ -16,7 +16,6 @@ import torch
 
 from llmshearing.io import atomic_write_text
 
-YAMLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "yamls")
 
 
 def _params(model) -> int:
@@ -40,10 +39,11 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
     from transformers import AutoModelForCausalLM
 
     from data_prep.shards import build_default_shards
-    from llmshearing.config import load_config
-    from llmshearing.evaluate import domain_losses
-    from llmshearing.reference import source_reference_losses, reference_snippet
-    from llmshearing.train import load_checkpoint, run
+    from llmshearing.train.config import load_config
+    from llmshearing.eval.evaluate import domain_losses
+    from llmshearing.experiments.reference_losses import reference_snippet, source_reference_losses
+    from llmshearing.train.checkpointing import load_checkpoint
+    from llmshearing.train.run import run
 
     overrides = list(overrides or [])
     times, t0 = {}, time.time()
@@ -59,14 +59,14 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
     times["reference losses (source eval)"] = time.time() - t
 
     stages = {}
-    for stage, yaml_name, model_path in (("prune", "demo_smollm2.yaml", model_dir),
-                                         ("continue", "demo_continue.yaml", os.path.join(out_dir, "pruned"))):
+    for stage, yaml_name, model_path in (("prune", "demo_smollm2", model_dir),
+                                         ("continue", "demo_continue", os.path.join(out_dir, "pruned"))):
         paths = [f"model.path={model_path}", f"data.shards={shards}", f"data.dynamic.reference_losses={ref_file}",
                  f"save_folder={os.path.join(out_dir, stage)}",
                  f"export_dir={os.path.join(out_dir, 'pruned' if stage == 'prune' else 'continued')}"]
         if stage == "continue":
             paths.append(f"data.proportions={os.path.join(out_dir, 'prune', 'domain_weights.json')}")
-        cfg = load_config(os.path.join(YAMLS, yaml_name), paths + _stage_overrides(overrides, stage))
+        cfg = load_config(yaml_name, paths + _stage_overrides(overrides, stage))
         t = time.time()
         stages[stage] = {"cfg": cfg, **run(cfg)}
         times[f"{stage} (train + export)"] = time.time() - t

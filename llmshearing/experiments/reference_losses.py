@@ -58,8 +58,8 @@ def source_reference_losses(model_path: str, shards_root: str, gguf_file: str | 
     were built with that tokenizer. Loaded and checked by `evaluate.check_model` / `evaluate.load_model`,
     the same loader `llmshearing eval` uses, so a reference loss and an eval loss mean the same thing.
     """
-    from llmshearing.evaluate import check_model, domain_losses, load_model, resolve_device
-    from llmshearing.shards import check_domains, read_manifest
+    from llmshearing.eval.evaluate import check_model, domain_losses, load_model, resolve_device
+    from llmshearing.data.layout import check_domains, read_manifest
 
     manifest = read_manifest(shards_root)
     domains = list(manifest["domains"]) if domains is None else list(domains)
@@ -227,7 +227,8 @@ def target_param_count(target: str, source_model: str | None = None, gguf_file: 
     A preset takes vocabulary, head_dim, biases and tying from the source model's config (`source_model`);
     a config path is counted on its own when no source is given.
     """
-    from llmshearing.arch import PRESETS, load_hf_config, param_count, resolve_target
+    from llmshearing.model.hf import load_hf_config
+    from llmshearing.pruning.shapes import param_count, PRESETS, resolve_target
 
     if target not in PRESETS and not os.path.exists(target):
         raise ConfigError(f"--target '{target}' is neither a preset ({', '.join(PRESETS)}) nor an existing config path")

@@ -10,11 +10,11 @@ disjoint from each other and from `eval`). Shards are read with streaming's publ
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 
 import numpy as np
+import torch
 
 from llmshearing.errors import ConfigError
 
@@ -26,47 +26,6 @@ REDPAJAMA_PROPORTIONS = {
     "common_crawl": 0.67, "c4": 0.15, "github": 0.045, "book": 0.045,
     "wikipedia": 0.045, "arxiv": 0.025, "stackexchange": 0.02,
 }
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of the vocabulary (token -> id) and special ids: equal iff the token ids mean the same."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    h = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode())
-    h.update(json.dumps([tokenizer.bos_token_id, tokenizer.eos_token_id]).encode())
-    return h.hexdigest()[:16]
-
-
-def load_tokenizer(path: str, gguf_file: str | None = None):
-    """The fast HF tokenizer in `path` (or in its GGUF file), with an eos to separate documents."""
-    if not os.path.isdir(path):
-        raise ConfigError(f"tokenizer '{path}' is not a directory; pass an HF model or tokenizer folder "
-                          f"(with tokenizer.json, or a GGUF file named by --gguf-file)")
-    if gguf_file and not os.path.exists(os.path.join(path, gguf_file)):
-        raise ConfigError(f"--gguf-file '{gguf_file}' is not in '{path}'")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds; the user needs the path
-        raise ConfigError(f"cannot load a tokenizer from '{path}': {type(e).__name__}: {e}") from None
-    if not getattr(tok, "is_fast", False):
-        raise ConfigError(f"the tokenizer in '{path}' is not a fast (Rust) tokenizer; save one with tokenizer.json")
-    if tok.eos_token_id is None:
-        raise ConfigError(f"the tokenizer in '{path}' has no eos_token_id, so documents cannot be separated; "
-                          f"set eos_token in its tokenizer_config.json")
-    return tok
-
-
-def check_tokenizer(root: str, tokenizer, vocab_size: int, model: str = "the model") -> None:
-    """The shards were tokenized with `tokenizer` (skipped when None) and every id fits `vocab_size` rows."""
-    built = read_manifest(root)["tokenizer"]
-    if tokenizer is not None and built["fingerprint"] != tokenizer_fingerprint(tokenizer):
-        raise ConfigError(f"the shards in '{root}' were tokenized with '{built['path']}', whose vocabulary differs "
-                          f"from this run's tokenizer ({model}'s); rebuild the shards with the model's tokenizer")
-    if built["vocab_size"] > vocab_size:
-        raise ConfigError(f"tokenizer vocab larger than the model's embedding: the shards' tokenizer has "
-                          f"{built['vocab_size']} tokens but the embedding of {model} has only {vocab_size} rows; "
-                          f"wrong tokenizer for this model (set model.tokenizer, or rebuild the shards)")
 
 
 def split_dir(root: str, domain: str, split: str) -> str:
@@ -134,3 +93,22 @@ def open_split(root: str, domain: str, split: str):
 
 def tokens_of(sample: dict) -> np.ndarray:
     return np.asarray(sample["tokens"], dtype=np.int64)
+
+
+class DomainSequences(torch.utils.data.Dataset):
+    """The first `limit` sequences of one domain's split, in order (the per-domain eval sets)."""
+
+    def __init__(self, root: str, domain: str, split: str = "eval", limit: int | None = None):
+        self.root, self.domain, self.split = root, domain, split
+        n = int(read_manifest(root)["domains"][domain]["splits"][split]["sequences"])
+        self.length = n if limit is None else min(n, int(limit))
+        self._reader = None
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if self._reader is None:
+            self._reader = open_split(self.root, self.domain, self.split)
+        ids = torch.from_numpy(np.asarray(self._reader[i]["tokens"], dtype=np.int64))
+        return {"input_ids": ids, "labels": ids}

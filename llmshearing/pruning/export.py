@@ -6,16 +6,20 @@ consume them, so the sliced model computes what the masked model computes in eva
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmshearing.arch import head_dim_of, target_config
+from llmshearing.model.hf import head_dim_of
+from llmshearing.pruning.shapes import target_config
 from llmshearing.io import atomic_directory
-from llmshearing.l0 import L0Module
-from llmshearing.model import DecoderLM
+from llmshearing.pruning.masks import L0Module
+from llmshearing.model.decoder import DecoderLM
+from llmshearing.data.tokenizer import model_tokenizer
+from llmshearing.train.checkpointing import load_checkpoint
 
 
 def kept_units(l0: L0Module) -> dict:
@@ -127,3 +131,40 @@ def save_hf(lm: DecoderLM, out_dir: str, tokenizer=None, kept: dict | None = Non
             with open(os.path.join(tmp, "pruning.json"), "w") as f:
                 json.dump(kept, f)
     return out_dir
+
+
+def export_model(model, out_dir: str, tokenizer, dtype=None, overwrite: bool = False) -> dict | None:
+    """The dense HF model of a ComposerLM: pruning folds and slices the masks, plain training saves as is."""
+    from llmshearing.pruning.export import finalize, save_hf
+
+    lm, kept = finalize(model.model, model.l0) if model.l0 is not None else (model.model, None)
+    save_hf(lm, out_dir, tokenizer, kept, dtype=dtype, overwrite=overwrite)
+    return kept
+
+
+def export_trained(trainer, tokenizer, out_dir: str, overwrite: bool = False) -> dict | None:
+    """Write the trained model as a dense HF model (rank 0) when training ends. Under FSDP the full
+    parameters are gathered to rank 0's CPU first (written for GPU runs; not run on CPU, where Composer's
+    FSDP is unavailable: `llmshearing export` of the saved full checkpoint is the tested path)."""
+    from composer.utils import dist
+
+    from llmshearing.model.composer_model import unwrap
+
+    kept, gather = None, contextlib.nullcontext()
+    if trainer.state.fsdp_enabled:  # FSDP1: materialize the full parameters on rank 0 (CPU) for the export
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        gather = FullyShardedDataParallel.summon_full_params(trainer.state.model, writeback=False, rank0_only=True,
+                                                             offload_to_cpu=True)
+    with gather:
+        if dist.get_global_rank() == 0:
+            kept = export_model(unwrap(trainer.state.model), out_dir, tokenizer, overwrite=overwrite)
+    dist.barrier()
+    return kept
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = None,
+                      dtype: str | None = None, overwrite: bool = False) -> dict | None:
+    """`llmshearing export`: a Composer checkpoint -> dense HF model (of the target shape when pruning)."""
+    cfg, model = load_checkpoint(checkpoint, config_path)
+    return export_model(model, out_dir, model_tokenizer(cfg.model), getattr(torch, dtype) if dtype else None, overwrite)

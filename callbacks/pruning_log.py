@@ -7,12 +7,12 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from llmshearing.arch import SHAPE_KEYS, param_count
-from llmshearing.composer_model import unwrap
+from llmshearing.pruning.shapes import param_count, SHAPE_KEYS
+from llmshearing.model.composer_model import unwrap
 from llmshearing.io import append_jsonl, truncate_jsonl
 
 
-class PruningMonitor(Callback):
+class PruningLog(Callback):
     """Every batch: logs expected layers/heads/kv heads/intermediate/hidden/parameters, the expected and
     target sparsity and both multipliers of every mask; appends them to `<folder>/pruning_log.jsonl`
     and, at the end of training, draws them in `<folder>/pruning_shape.png` and `pruning_lambdas.png`.

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from llmshearing.arch import load_hf_config, resolve_target, shape_of
-from llmshearing.l0 import L0Module
-from llmshearing.model import DecoderLM
+from llmshearing.model.hf import load_hf_config
+from llmshearing.pruning.shapes import resolve_target, shape_of
+from llmshearing.pruning.masks import L0Module
+from llmshearing.model.decoder import DecoderLM
 
 SCORING = {"magnitude": "magnitude: squared L2 norm of each unit's weights (llmshearing/oneshot.py)",
            "activation": "activation: mean contribution of each unit and block influence of each layer on "
@@ -144,9 +145,9 @@ def oneshot_prune(model_path: str, target, out_dir: str, gguf_file: str | None =
     """Prune the HF model at `model_path` to `target` (preset, config path or dims) in one shot and write the
     dense HF model (+ tokenizer, `pruning.json` with the kept units and the scoring) to `out_dir`, atomically.
     `method`: "magnitude" (no data) or "activation" (needs `calibration`, token ids (B, T))."""
-    from llmshearing.model import from_pretrained
-    from llmshearing.prune import finalize, save_hf
-    from llmshearing.shards import load_tokenizer
+    from llmshearing.model.hf import from_pretrained
+    from llmshearing.pruning.export import finalize, save_hf
+    from llmshearing.data.tokenizer import load_tokenizer
 
     if method not in SCORING:
         raise ValueError(f"method must be one of {list(SCORING)}, got '{method}'")

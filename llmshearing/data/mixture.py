@@ -24,70 +24,11 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from llmshearing.data.mixing import check_weights
 from llmshearing.errors import ConfigError
-from llmshearing.shards import open_split, read_manifest
+from llmshearing.data.layout import open_split, read_manifest
 
 _DRAW_STREAM = 0x6D6978  # separates the domain draws' seeds from the permutations' seeds
-
-
-def check_weights(weights, domains: list[str], key: str = "weights") -> np.ndarray:
-    """A mapping or sequence of non-negative numbers summing to 1 -> array in `domains` order."""
-    if isinstance(weights, dict):
-        if set(weights) != set(domains):
-            missing, extra = sorted(set(domains) - set(weights)), sorted(set(weights) - set(domains))
-            raise ConfigError(f"{key} must name exactly the domains {domains}; missing {missing}, unknown {extra}")
-        weights = [weights[d] for d in domains]
-    w = np.asarray(list(weights), dtype=np.float64)
-    if w.shape != (len(domains),):
-        raise ConfigError(f"{key} has {w.size} values but there are {len(domains)} domains {domains}")
-    if not np.all(np.isfinite(w)) or (w < 0).any():
-        raise ConfigError(f"{key} must be finite and non-negative, got {w.tolist()}")
-    if abs(w.sum() - 1) > 1e-3:
-        raise ConfigError(f"{key} must sum to 1, got {w.sum():.6f} ({w.tolist()})")
-    return w / w.sum()
-
-
-def update_weights(weights, losses, reference, eta: float = 1.0, smoothing: float = 0.0,
-                   clamp_min: float | None = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's dynamic batch loading step (Xia et al. 2024, Alg. 1), in log space:
-    gap = max(loss - reference, clamp_min); alpha = log w + eta * gap; w' = softmax(alpha);
-    then w' = (1 - smoothing) * w' + smoothing / k. Returns (new weights, gaps)."""
-    w, loss, ref = (np.asarray(x, dtype=np.float64) for x in (weights, losses, reference))
-    gap = loss - ref if clamp_min is None else np.maximum(loss - ref, clamp_min)
-    alpha = np.log(np.maximum(w, 1e-300)) + eta * gap
-    new = np.exp(alpha - alpha.max())
-    new /= new.sum()
-    new = (1 - smoothing) * new + smoothing / len(new)
-    return new, gap
-
-
-def ignore_sigterm(worker_id: int) -> None:
-    """DataLoader `worker_init_fn` for runs that checkpoint on SIGTERM: a scheduler signals the whole
-    process group, and a worker killed by it would crash the main process before it can save.
-    Such workers no longer stop on the SIGTERM that Python's multiprocessing sends them when the main
-    process exits, so `_kill_workers_at_exit` (registered by the first worker's parent) SIGKILLs them then."""
-    import signal
-
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-_EXIT_HOOK = []
-
-
-def kill_workers_at_exit() -> None:
-    """Register (once) an exit hook that SIGKILLs this process's remaining multiprocessing children (the
-    DataLoader workers): it runs before multiprocessing's own exit hook, which would wait for them forever."""
-    import atexit
-    import multiprocessing
-    import signal
-
-    def kill() -> None:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as worker failures
-        for child in multiprocessing.active_children():
-            child.kill()
-
-    if not _EXIT_HOOK:
-        _EXIT_HOOK.append(atexit.register(kill))
 
 
 class DomainMixture(IterableDataset):
@@ -222,20 +163,3 @@ class DomainMixture(IterableDataset):
             self._num_changes[0] = n + 1
 
 
-class DomainSequences(torch.utils.data.Dataset):
-    """The first `limit` sequences of one domain's split, in order (the per-domain eval sets)."""
-
-    def __init__(self, root: str, domain: str, split: str = "eval", limit: int | None = None):
-        self.root, self.domain, self.split = root, domain, split
-        n = int(read_manifest(root)["domains"][domain]["splits"][split]["sequences"])
-        self.length = n if limit is None else min(n, int(limit))
-        self._reader = None
-
-    def __len__(self):
-        return self.length
-
-    def __getitem__(self, i):
-        if self._reader is None:
-            self._reader = open_split(self.root, self.domain, self.split)
-        ids = torch.from_numpy(np.asarray(self._reader[i]["tokens"], dtype=np.int64))
-        return {"input_ids": ids, "labels": ids}

@@ -7,7 +7,7 @@ use them, so every number of the project about "loss on domain d" means the same
 `check_model` + `load_model` are the one loader of an HF model folder for evaluation (reference losses use it
 too): every check that needs no weights first, then `AutoModelForCausalLM.from_pretrained`.
 `evaluate_models` adds zero-shot multiple-choice accuracy through lm-evaluation-harness (the `eval` extra) on
-tasks defined by local files (`eval_tasks/` ships one), passing the loaded model object so nothing is fetched.
+tasks defined by local files (`tasks/` ships one), passing the loaded model object so nothing is fetched.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from llmshearing.errors import ConfigError
-from llmshearing.shards import check_domains, open_split, read_manifest, tokens_of
+from llmshearing.data.layout import check_domains, open_split, read_manifest, tokens_of
 
 
 def _positive_int(value, key: str, allow_none: bool = False):
@@ -123,8 +123,7 @@ def markdown_table(rows: Mapping[str, Mapping[str, float]], columns: list[str] |
 # ---------------------------------------------------------------------------------------------- model folders
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_tasks")
-SHIPPED_TASKS = ("llmshearing_mc",)
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 EVAL_EXTRA = "pip install -e '.[eval]'"
 
 
@@ -145,7 +144,7 @@ def check_model(path: str, gguf_file: str | None = None, shards_root: str | None
     """
     from transformers import AutoConfig
 
-    from llmshearing.shards import check_tokenizer, load_tokenizer
+    from llmshearing.data.tokenizer import check_tokenizer, load_tokenizer
 
     if not os.path.isdir(path):
         raise ConfigError(f"model '{path}' does not exist or is not a folder; give an HF model folder "
@@ -213,7 +212,7 @@ def parameter_count(model) -> int:
 def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = (), lm_eval_tasks: bool = False):
     """An lm-eval TaskManager that knows every task of `tasks`, or a ConfigError naming the unknown ones.
 
-    It indexes the shipped tasks (`eval_tasks/`) and `include_paths` only; lm-eval's own catalogue
+    It indexes the shipped tasks (`tasks/`) and `include_paths` only; lm-eval's own catalogue
     (thousands of yamls, ~16 s to index, datasets from the HF hub) only with `lm_eval_tasks`.
     """
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from importlib import resources
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
@@ -220,8 +221,8 @@ def check_data(data: DataConfig) -> None:
     Fills in data.domains and turns proportions / reference losses into lists in domain order."""
     import json
 
-    from llmshearing.mixture import check_weights
-    from llmshearing.shards import check_domains, read_manifest
+    from llmshearing.data.mixing import check_weights
+    from llmshearing.data.layout import check_domains, read_manifest
 
     if data.split not in ("prune", "continue"):
         raise ConfigError(f"data.split must be prune or continue, got '{data.split}'")
@@ -286,10 +287,33 @@ def check_fsdp(fsdp: dict) -> None:
     FSDPConfig(**fsdp)
 
 
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped in the package (the repository's yamls/), e.g. 'testing/prune_tiny'."""
+    root = resources.files("llmshearing.recipes")
+    names = []
+    for sub in ("", "testing/"):
+        folder = root.joinpath(sub) if sub else root
+        names += [sub + f.name.removesuffix(".yaml") for f in folder.iterdir() if f.name.endswith(".yaml")]
+    return sorted(names)
+
+
+def resolve_recipe(path_or_name: str) -> str:
+    """A recipe file: an existing path as given, else a shipped recipe by name ('prune_1.3b',
+    'testing/prune_tiny', with or without '.yaml'), so an installed package runs without the repository."""
+    if os.path.exists(path_or_name):
+        return path_or_name
+    name = path_or_name.removeprefix("yamls/").removesuffix(".yaml")
+    if name in shipped_recipes():
+        return str(resources.files("llmshearing.recipes").joinpath(f"{name}.yaml"))
+    close = difflib.get_close_matches(name, shipped_recipes(), n=1)
+    hint = f"; did you mean the shipped recipe '{close[0]}'?" if close else f"; shipped recipes: {', '.join(shipped_recipes())}"
+    raise ConfigError(f"config file '{path_or_name}' does not exist{hint}")
+
+
 def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a yaml recipe, apply `key=value` overrides (OmegaConf dotlist), validate."""
-    if not os.path.exists(path):
-        raise ConfigError(f"config file '{path}' does not exist")
+    """Read a yaml recipe (a path or a shipped recipe's name), apply `key=value` overrides (OmegaConf
+    dotlist), validate."""
+    path = resolve_recipe(path)
     conf = OmegaConf.load(path)
     if overrides:
         bad = [o for o in overrides if "=" not in o]

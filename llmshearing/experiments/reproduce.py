@@ -39,10 +39,10 @@ import time
 
 import torch
 
+from llmshearing.compat import checkpoint_state
 from llmshearing.io import atomic_write_text
 
-YAMLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "yamls")
-PRUNE_YAML, CONTINUE_YAML = os.path.join(YAMLS, "demo_smollm2.yaml"), os.path.join(YAMLS, "demo_continue.yaml")
+PRUNE_YAML, CONTINUE_YAML = "demo_smollm2", "demo_continue"  # shipped recipes (yamls/)
 # Scale 1 (the CPU default): 160 batches of 2 x 128 tokens = 40,960 training tokens per arm, 4 evals per arm;
 # the default arms take about an hour on 2 CPU cores (docs/reproduce_mini.md).
 BASE_STEPS, BASE_BATCH = 160, 2
@@ -122,9 +122,10 @@ def random_init(model_path: str, target, out_dir: str, seed: int) -> str:
     """A randomly initialized HF model of the target config (transformers' own init) with the source tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from llmshearing.arch import load_hf_config, resolve_target, target_config
+    from llmshearing.model.hf import load_hf_config
+    from llmshearing.pruning.shapes import resolve_target, target_config
     from llmshearing.io import atomic_directory
-    from llmshearing.shards import load_tokenizer
+    from llmshearing.data.tokenizer import load_tokenizer
 
     source = load_hf_config(model_path)
     config = target_config(source, resolve_target(target, source))
@@ -138,8 +139,8 @@ def random_init(model_path: str, target, out_dir: str, seed: int) -> str:
 
 def calibration_ids(s: Settings) -> torch.Tensor:
     """The first `s.calibration` sequences of every domain's prune split (B, T): oneshot_act's scoring data."""
-    from llmshearing.mixture import DomainSequences
-    from llmshearing.shards import read_manifest
+    from llmshearing.data.layout import DomainSequences
+    from llmshearing.data.layout import read_manifest
 
     return torch.stack([DomainSequences(s.shards, d, "prune")[i]["input_ids"]
                         for d in read_manifest(s.shards)["domains"] for i in range(s.calibration)])
@@ -149,7 +150,7 @@ def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:
     """Per-domain eval loss (nats/token) of the HF model at `path`, reloaded with transformers; its parameters."""
     from transformers import AutoModelForCausalLM
 
-    from llmshearing.evaluate import domain_losses
+    from llmshearing.eval.evaluate import domain_losses
 
     device = "cuda" if (s.device or ("gpu" if torch.cuda.is_available() else "cpu")) == "gpu" else "cpu"
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
@@ -164,7 +165,7 @@ def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:
 
 def stage_overrides(s: Settings, stage: str, name: str, model_path: str, folder: str, export: str, steps: int,
                     dynamic: bool, ref_file: str, proportions: str | None) -> list[str]:
-    from llmshearing.demo import _stage_overrides
+    from llmshearing.experiments.demo import _stage_overrides
 
     o = [f"run_name=reproduce_{name}_{stage}", f"model.path={model_path}", f"data.shards={s.shards}",
          f"save_folder={folder}", f"export_dir={export}", f"max_duration={steps}ba", f"save_interval={steps}ba",
@@ -201,7 +202,7 @@ def checkpoint_counts(folder: str) -> dict:
                    key=lambda p: int(os.path.basename(p).split("-ba")[1].split("-")[0]))
     if not paths:
         raise RuntimeError(f"no Composer checkpoint in '{folder}'")
-    state = torch.load(paths[-1], map_location="cpu", weights_only=False)["state"]
+    state = checkpoint_state(paths[-1])
     ts, data = state["timestamp"].get("Timestamp", state["timestamp"]), state["dataset_state"]["train"]
     return {"checkpoint": os.path.basename(paths[-1]), "batches": int(ts["batch"]), "samples": int(ts["sample"]),
             "tokens": int(ts["token"]), "samples_per_domain": dict(zip(data["domains"], data["counts"]))}
@@ -210,8 +211,8 @@ def checkpoint_counts(folder: str) -> dict:
 def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool, ref_file: str,
               proportions: str | None, steps: int) -> dict:
     """One Composer training stage of an arm, skipped when its record exists; its record."""
-    from llmshearing.config import load_config
-    from llmshearing.train import run
+    from llmshearing.train.config import load_config
+    from llmshearing.train.run import run
 
     arm_dir = os.path.join(s.out, name)
     record_file = os.path.join(arm_dir, f"{stage}.json")
@@ -255,7 +256,7 @@ def _calibration_tokens(model_dir: str) -> int:
 
 
 def _seq_len(shards: str) -> int:
-    from llmshearing.shards import read_manifest
+    from llmshearing.data.layout import read_manifest
 
     return int(read_manifest(shards)["seq_len"])
 
@@ -293,7 +294,7 @@ def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dic
             if arm["init"] == "random":
                 random_init(s.model, parse_target(s.target), init, s.seed)
             else:
-                from llmshearing.oneshot import oneshot_prune
+                from llmshearing.pruning.oneshot import oneshot_prune
 
                 oneshot_prune(s.model, parse_target(s.target), init, overwrite=True, method=arm["init"],
                               calibration=calibration_ids(s) if arm["init"] == "activation" else None)
@@ -342,7 +343,7 @@ def curve(result: dict) -> list[dict]:
 
 
 def _expected_shape(result: dict) -> dict | None:
-    """The masks' expected shape at the last pruning step (PruningMonitor's log): how far the Lagrangian got
+    """The masks' expected shape at the last pruning step (PruningLog's log): how far the Lagrangian got
     towards the target before the export cut to it exactly."""
     st = result["stages"].get("prune")
     path = st and os.path.join(st["folder"], "pruning_log.jsonl")
@@ -354,7 +355,7 @@ def _expected_shape(result: dict) -> dict | None:
 
 
 def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, float], seconds: float) -> dict:
-    from llmshearing.evaluate import perplexities
+    from llmshearing.eval.evaluate import perplexities
 
     domains = list(source_losses)
     mean = lambda losses: sum(losses[d] for d in domains) / len(domains)  # noqa: E731
@@ -388,7 +389,7 @@ def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, fl
 
 
 def format_report(summary: dict) -> str:
-    from llmshearing.evaluate import markdown_table
+    from llmshearing.eval.evaluate import markdown_table
 
     domains, arms, st = summary["domains"], summary["arms"], summary["settings"]
     final = {"source (not pruned)": {**summary["source"]["perplexity"], "mean": math.exp(summary["source"]["mean_loss"])}}
@@ -550,7 +551,7 @@ def check_out_dir(s: Settings) -> None:
 def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
     """Run (or resume) the arms, then write `<out>/summary.{json,md}` and the plots; the summary."""
     from llmshearing.errors import ConfigError
-    from llmshearing.reference import reference_snippet, source_reference_losses
+    from llmshearing.experiments.reference_losses import reference_snippet, source_reference_losses
 
     t0 = time.time()
     arms_plan = plan(s)

@@ -11,8 +11,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from llmshearing.arch import attention_biases, head_dim_of
-from llmshearing.l0 import Masks
+from llmshearing.model.hf import attention_biases, head_dim_of
+from llmshearing.pruning.masks import Masks
 
 try:  # optional GPU kernel; torch SDPA is the fallback everywhere
     from flash_attn import flash_attn_func
@@ -186,19 +186,3 @@ class DecoderLM(nn.Module):
         return self.lm_head(self.model.norm(x, m.hidden_kept))
 
 
-def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "auto",
-                    dtype: torch.dtype = torch.float32) -> DecoderLM:
-    """Load any Llama/Mistral/Qwen2 checkpoint that transformers reads (safetensors, bin, GGUF)."""
-    from transformers import AutoModelForCausalLM
-
-    from llmshearing.arch import load_hf_config
-
-    config = load_hf_config(path, gguf_file)
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
-    with torch.device("meta"):
-        lm = DecoderLM(hf.config, attn_impl)
-    lm.to_empty(device="cpu").to(dtype)  # allocate without a random init
-    lm.tie_weights()
-    lm.load_state_dict(hf.state_dict(), strict=True)
-    return lm.eval()

@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
-from llmshearing.l0 import L0Module
-from llmshearing.model import DecoderLayer, DecoderLM
+from llmshearing.pruning.masks import L0Module
+from llmshearing.model.decoder import DecoderLayer, DecoderLM
 
 
-class ShearingModel(ComposerModel):
+class ComposerLM(ComposerModel):
     """`model` is the HF-layout decoder; `l0` the masks and Lagrange multipliers (None: plain LM training).
 
     Masks are drawn inside `forward`: stochastic in training, the exact test-time masks in eval, so
@@ -60,6 +60,6 @@ class ShearingModel(ComposerModel):
         return groups
 
 
-def unwrap(model: torch.nn.Module) -> ShearingModel:
-    """The ShearingModel inside a DDP wrapper (Composer wraps state.model for DDP, not for FSDP)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, ShearingModel) else model
+def unwrap(model: torch.nn.Module) -> ComposerLM:
+    """The ComposerLM inside a DDP wrapper (Composer wraps state.model for DDP, not for FSDP)."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, ComposerLM) else model

@@ -1,0 +1,157 @@
+"""Every use of a private Composer / torch / transformers / multiprocessing API, in one place.
+
+Each shim names what it relies on and checks, when it is used, that the installed package still has
+it (`require`): the pinned versions (constraints.txt) are the ones it was written against. A failed
+check raises `CompatError` naming the shim and both versions: fix the shim here, never around it.
+`check_all()` runs every check (tests/test_compat.py), so an upgrade that breaks one fails the suite.
+"""
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import signal
+
+import torch
+
+PINNED = {"mosaicml": "0.32.1", "torch": "2.7.0", "transformers": "4.53.3"}
+
+
+class CompatError(RuntimeError):
+    """A private API that a shim relies on is gone or changed in the installed package."""
+
+
+def require(ok: bool, shim: str, what: str, package: str) -> None:
+    if not ok:
+        from importlib.metadata import version
+
+        raise CompatError(f"{shim}: {what} is gone or changed in {package} {version(package)} (written for "
+                          f"{PINNED[package]}); update llmshearing/compat.py for this version")
+
+
+# -- Composer: atomic checkpoint writes -----------------------------------------------------------------
+def _composer_checkpoint_module():
+    from composer.utils import checkpoint
+
+    require(callable(getattr(checkpoint, "_write_checkpoint_file", None)), "install_atomic_writes",
+            "composer.utils.checkpoint._write_checkpoint_file", "mosaicml")
+    return checkpoint
+
+
+def _atomic_write_checkpoint_file(state_dict, filename: str) -> None:
+    from llmshearing.io import atomic_file
+
+    with atomic_file(filename, "wb") as f:
+        torch.save(state_dict, f)
+
+
+def install_atomic_writes() -> None:
+    """Route Composer's plain `.pt` checkpoint writes through a temporary file + fsync + rename.
+
+    Composer 0.32 writes a checkpoint in place and has no hook for this, so its module-level writer is
+    replaced process-wide (idempotent). Compressed and tar checkpoints keep Composer's writer.
+    """
+    checkpoint = _composer_checkpoint_module()
+    original = checkpoint._write_checkpoint_file
+    if getattr(original, "_llmshearing_atomic", False):
+        return
+
+    def write(state_dict, filename: str) -> None:
+        if filename.endswith(".pt"):
+            _atomic_write_checkpoint_file(state_dict, filename)
+        else:
+            original(state_dict, filename)
+
+    write._llmshearing_atomic = True
+    checkpoint._write_checkpoint_file = write
+
+
+# -- Composer: the layout of a monolithic checkpoint ----------------------------------------------------
+def checkpoint_state(path: str) -> dict:
+    """The `state` dict of a monolithic Composer checkpoint (model weights under 'model', 'timestamp',
+    'dataset_state', callbacks...). Composer has no public reader for a checkpoint outside a Trainer."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    require(isinstance(ckpt, dict) and isinstance(ckpt.get("state"), dict) and "model" in ckpt["state"],
+            "checkpoint_state", f"the checkpoint layout {{'state': {{'model': ...}}}} (read from {path})", "mosaicml")
+    return ckpt["state"]
+
+
+def checkpoint_model_weights(path: str) -> dict[str, torch.Tensor]:
+    """The model's state dict in a Composer checkpoint, without DDP's `module.` prefix."""
+    return {k.removeprefix("module."): v for k, v in checkpoint_state(path)["model"].items()}
+
+
+# -- Composer / torch: memory that outlives a closed trainer ----------------------------------------------
+def _engine_close():
+    from composer.core.engine import Engine
+
+    require(callable(getattr(Engine, "_close", None)), "close_trainer", "composer.core.engine.Engine._close",
+            "mosaicml")
+    return Engine._close
+
+
+def _fqn_cache():
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+
+    cached = getattr(dcp_state_dict, "_get_fqns", None)
+    require(callable(getattr(cached, "cache_clear", None)), "close_trainer",
+            "torch.distributed.checkpoint.state_dict._get_fqns (an lru_cache)", "torch")
+    return cached
+
+
+def close_trainer(trainer) -> None:
+    """Close a trainer and drop the references that outlive it. Two of them kept every trainer's state (model,
+    optimizer, dataloaders: 2-3 GB per SmolLM2 stage, 16.5 GB peak over reproduce-mini's six arms) until the
+    process exited: Composer 0.32's Engine registers `atexit(Engine._close, state, logger)`, and torch 2.7's
+    `torch.distributed.checkpoint.state_dict._get_fqns` is an lru_cache keyed by the model. After close() the
+    hook has nothing left to do, so it is unregistered (this also drops the hook of any other open trainer:
+    close those yourself), and the cache is cleared (it only saves recomputing parameter names).
+    """
+    trainer.close()
+    atexit.unregister(_engine_close())
+    _fqn_cache().cache_clear()
+
+
+# -- multiprocessing: DataLoader workers that ignore SIGTERM --------------------------------------------------
+def ignore_sigterm(worker_id: int) -> None:
+    """DataLoader `worker_init_fn` for runs that checkpoint on SIGTERM: a scheduler signals the whole
+    process group, and a worker killed by it would crash the main process before it can save.
+    Such workers no longer stop on the SIGTERM that multiprocessing sends them when the main process
+    exits, so `kill_workers_at_exit` SIGKILLs them then."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_EXIT_HOOK = []
+
+
+def kill_workers_at_exit() -> None:
+    """Register (once) an exit hook that SIGKILLs this process's remaining multiprocessing children (the
+    DataLoader workers): atexit hooks run last-registered first, so it runs before multiprocessing's own
+    exit hook, which would otherwise join the SIGTERM-ignoring workers forever."""
+
+    def kill() -> None:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kills as worker failures
+        for child in multiprocessing.active_children():
+            child.kill()
+
+    if not _EXIT_HOOK:
+        _EXIT_HOOK.append(atexit.register(kill))
+
+
+# -- transformers: forcing an attention implementation on a config ---------------------------------------------
+def set_attn_implementation(config, name: str) -> None:
+    """Make `AutoModelForCausalLM.from_config(config)` use attention `name` ('sdpa', 'eager'); transformers
+    4.53 reads the private `config._attn_implementation` (from_config's own argument is not honoured
+    by every path used here)."""
+    require(hasattr(config, "_attn_implementation"), "set_attn_implementation",
+            "PretrainedConfig._attn_implementation", "transformers")
+    config._attn_implementation = name
+
+
+def check_all() -> None:
+    """Every shim's check against the installed packages (raises CompatError on the first that fails)."""
+    from transformers import LlamaConfig
+
+    _composer_checkpoint_module()
+    _engine_close()
+    _fqn_cache()
+    set_attn_implementation(LlamaConfig(), "sdpa")

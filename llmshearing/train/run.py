@@ -1,0 +1,82 @@
+"""Running a stage: train (pruning or continued pretraining), export, free the memory; the `composer train.py` entry."""
+from __future__ import annotations
+
+import gc
+import signal
+import sys
+import time
+
+import torch
+
+from llmshearing.compat import close_trainer
+from llmshearing.errors import ConfigError
+from llmshearing.pruning.export import export_trained
+from llmshearing.train.builders import build_trainer
+from llmshearing.train.config import load_config, TrainConfig
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train one stage (pruning or continued pretraining) and export it when `export_dir` is set.
+    A run stopped by SIGTERM returns {'stopped_after': batch} and exports nothing. The trainer is closed and
+    its memory freed before returning, so one process can run several stages (the demo, reproduce-mini)."""
+    trainer, tokenizer = build_trainer(cfg)
+    result = _fit_and_export(trainer, tokenizer, cfg)
+    close_trainer(trainer)
+    del trainer  # the last reference: free_memory can now collect the model, optimizer and dataloaders
+    free_memory()
+    return result
+
+
+def _fit_and_export(trainer, tokenizer, cfg: TrainConfig) -> dict:
+    from callbacks.run_guard import Preempted
+
+    start = time.time()
+    try:
+        trainer.fit()
+    except Preempted as stop:  # SIGTERM: checkpoint written, nothing else to do (no eval, no export)
+        return {"seconds": time.time() - start, "kept": None, "stopped_after": stop.batch}
+    seconds = time.time() - start
+    print(f"training finished in {seconds:.1f}s")
+    kept = None
+    if cfg.export_dir:
+        kept = export_trained(trainer, tokenizer, cfg.export_dir, overwrite=True)
+        print(f"exported the {'pruned' if cfg.pruning else 'trained'} model to {cfg.export_dir}")
+    return {"seconds": seconds, "kept": kept, "stopped_after": None}
+
+
+def free_memory() -> None:
+    """Collect garbage and hand freed memory back: the CUDA cache, and glibc's heap pages (kept otherwise, so
+    RSS would not fall after a stage)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    malloc_trim()
+
+
+def malloc_trim() -> None:
+    """glibc's malloc_trim(0); nothing on other C libraries."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: composer train.py <recipe.yaml> [key=value ...]")
+        return 0 if argv else 2
+    from callbacks.run_guard import NonFiniteLossError
+
+    try:
+        cfg = load_config(argv[0], argv[1:])
+        result = run(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 128 + signal.SIGTERM if result["stopped_after"] is not None else 0

@@ -1,0 +1,1 @@
+"""The shipped recipes (this folder is installed as the package `llmshearing.recipes`; see pyproject.toml)."""
