@@ -4,13 +4,13 @@ PIP_FLAGS ?= -q
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo fetch shards tiny test clean
+.PHONY: install demo fetch shards tiny test test-fast clean
 
 .venv/bin/python:
 	python3 -m venv .venv
 	.venv/bin/pip install $(PIP_FLAGS) --upgrade pip
 
-# constraints.txt pins every package to the set proved on CPU (see docs/dependencies.md)
+# constraints.txt pins every package to the set proved on CPU (README, Environment)
 .venv/.installed: .venv/bin/python pyproject.toml constraints.txt
 	.venv/bin/pip install $(PIP_FLAGS) -c constraints.txt -e '.[test,gguf,eval]'
 	touch $@
@@ -38,8 +38,12 @@ REPRODUCE_ARGS ?=
 reproduce-mini: shards
 	$(PY) -m llmshearing.reproduce --scale $(SCALE) --out runs/reproduce-mini $(REPRODUCE_ARGS)
 
+# The full suite (what CI runs). test-fast: math, config, model parity, mixture (no training runs, no subprocesses).
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 clean:
 	rm -rf runs data/tiny

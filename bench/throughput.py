@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from llmshearing.compat import set_attn_implementation
+from llmshearing.devices import DTYPES
+from llmshearing.pruning.export import head_rows
 from llmshearing.model.hf import head_dim_of
 from llmshearing.pruning.shapes import param_count, PRESETS, Shape, shape_of
 from llmshearing.io import atomic_write_text
@@ -34,7 +36,6 @@ from llmshearing.train.run import malloc_trim
 # --quick: a SmolLM2-like tiny source (9 heads in 3 KV groups) and a target with the half preset's ratios.
 QUICK_SOURCE = dict(num_hidden_layers=6, num_attention_heads=9, num_key_value_heads=3)
 QUICK_TARGET = Shape(4, 48, 4, 2, 64)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def log(msg: str) -> None:
@@ -229,10 +230,6 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return layer
 
 
-def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    return (torch.tensor(heads, dtype=torch.long)[:, None] * head_dim + torch.arange(head_dim)).flatten()
-
-
 @torch.no_grad()
 def slice_nonuniform(carrier, plan: list[dict]):
     """Cut each layer of an HF Llama `carrier` (all source heads and intermediate dims) down to its own
@@ -244,7 +241,7 @@ def slice_nonuniform(carrier, plan: list[dict]):
     hd = head_dim_of(model.config)
     for layer, keep in zip(model.model.layers, plan):
         attn, mlp = layer.self_attn, layer.mlp
-        q_rows, kv_rows = _head_rows(keep["heads"], hd), _head_rows(keep["kv_heads"], hd)
+        q_rows, kv_rows = head_rows(keep["heads"], hd), head_rows(keep["kv_heads"], hd)
         for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
             lin = getattr(attn, name)
             setattr(attn, name, _linear(lin.weight[rows], None if lin.bias is None else lin.bias[rows]))
@@ -270,7 +267,7 @@ def zero_removed(carrier, plan: list[dict]):
         o = layer.self_attn.o_proj.weight
         removed = [h for h in range(o.shape[1] // hd) if h not in keep["heads"]]
         if removed:
-            o[:, _head_rows(removed, hd)] = 0
+            o[:, head_rows(removed, hd)] = 0
         down = layer.mlp.down_proj.weight
         removed = [i for i in range(down.shape[1]) if i not in set(keep["intermediate"])]
         if removed:

@@ -1,4 +1,4 @@
-"""Feeds the training step to the Lagrangian warm-up and records the expected shape and the multipliers."""
+"""Records the expected shape, sparsities and multipliers of the masks every batch, and plots them at the end."""
 from __future__ import annotations
 
 import os
@@ -25,9 +25,6 @@ class PruningLog(Callback):
         resumed = int(state.timestamp.batch)
         if self.folder and dist.get_global_rank() == 0:  # drop rows an interrupted run wrote after the checkpoint
             truncate_jsonl(os.path.join(self.folder, "pruning_log.jsonl"), lambda row: row["step"] < resumed)
-
-    def batch_start(self, state: State, logger: Logger) -> None:
-        unwrap(state.model).l0.step = int(state.timestamp.batch)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         model = unwrap(state.model)

@@ -35,7 +35,7 @@ import numpy as np
 
 from llmshearing.errors import ConfigError
 from llmshearing.io import atomic_directory, atomic_write_text
-from llmshearing.data.layout import FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, split_dir, SPLITS
+from llmshearing.data.layout import FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, SPLITS
 from llmshearing.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 BUILDER_VERSION = 2  # part of the build fingerprint: bump when the routing or framing rule changes

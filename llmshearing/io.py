@@ -84,6 +84,21 @@ def append_jsonl(path: str, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def read_jsonl(path: str, last_per: str | None = None) -> list[dict]:
+    """The rows of a json-lines log ([] when it does not exist). With `last_per`, only the last row for each
+    value of that key, in key order: a resumed run logs again from its checkpoint, and the later row wins."""
+    import json
+
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if last_per is None:
+        return rows
+    last = {row[last_per]: row for row in rows}
+    return [last[k] for k in sorted(last)]
+
+
 def truncate_jsonl(path: str, keep) -> None:
     """Keep the rows of a json-lines log for which `keep(row)` holds (atomically): a run resumed from a
     checkpoint drops the rows the interrupted run wrote after that checkpoint, so logs are not doubled."""

@@ -1,8 +1,9 @@
 """PNG plots of a pruning run: expected shape against the target, and the Lagrange multipliers."""
 from __future__ import annotations
 
-import json
 import os
+
+from llmshearing.io import read_jsonl
 
 
 def plot_pruning_log(log_file: str, out_dir: str, source: dict, target: dict) -> list[str]:
@@ -11,14 +12,9 @@ def plot_pruning_log(log_file: str, out_dir: str, source: dict, target: dict) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not os.path.exists(log_file):
+    rows = read_jsonl(log_file, last_per="step")
+    if not rows:
         return []
-    with open(log_file) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    last = {}
-    for row in rows:  # a resumed run appends again from its checkpoint: keep the last value per step
-        last[row["step"]] = row
-    rows = [last[s] for s in sorted(last)]
     steps = [r["step"] for r in rows]
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -54,15 +50,9 @@ def plot_domain_log(log_file: str, out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not os.path.exists(log_file):
+    rows = read_jsonl(log_file, last_per="batch")
+    if not rows:
         return []
-    last = {}
-    with open(log_file) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                last[row["batch"]] = row  # a resumed run logs again from its checkpoint: keep the last
-    rows = [last[b] for b in sorted(last)]
     domains, batches = rows[-1]["domains"], [r["batch"] for r in rows]
     out = []
     panels = [("weights", "domain weight", "Domain weights (set after each eval)", "domain_weights.png"),

@@ -3,7 +3,6 @@ and non-uniform pruning only means something if the non-uniform model really has
 same size, and computes what its slicing claims. No assertion on timing."""
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from conftest import REPO
 sys.path.insert(0, REPO)
 
 from bench.throughput import (  # noqa: E402
-    QUICK_SOURCE, QUICK_TARGET, layer_shapes, n_params, nonuniform_counts, nonuniform_plan, slice_nonuniform,
+    QUICK_SOURCE, QUICK_TARGET, layer_shapes, nonuniform_counts, nonuniform_plan, slice_nonuniform,
     zero_removed,
 )
 from llmshearing.compat import set_attn_implementation  # noqa: E402

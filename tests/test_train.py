@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BIN, CONTINUE_YAML, REPO, TINY_YAML, paths, run, weights_log
+from conftest import BIN, CONTINUE_YAML, TINY_YAML, paths, run, weights_log
 from transformers import AutoModelForCausalLM
 
 from llmshearing.model.hf import load_hf_config

@@ -32,7 +32,8 @@ _DRAW_STREAM = 0x6D6978  # separates the domain draws' seeds from the permutatio
 
 
 class DomainMixture(IterableDataset):
-    """Endless per-rank stream of {'input_ids', 'labels', 'domain'} drawn from per-domain shards."""
+    """Endless per-rank stream of {'input_ids', 'labels', 'domain', 'batch_index'} drawn from per-domain shards.
+    `batch_index` (the global batch the sample belongs to) is the pruning step the model reads."""
 
     def __init__(self, root: str, split: str, domains: list[str], weights, *, batch_size: int, seed: int,
                  num_workers: int = 0, prefetch_factor: int = 2, max_updates: int = 65536):
@@ -120,7 +121,7 @@ class DomainMixture(IterableDataset):
             if k % workers == worker:  # the DataLoader takes batches from its workers in turn
                 for d, c in zip(dom[lo:hi], position[lo:hi]):
                     ids = torch.from_numpy(np.asarray(self._readers[d][self._item(d, c, perms)]["tokens"], dtype=np.int64))
-                    yield {"input_ids": ids, "labels": ids, "domain": torch.tensor(int(d))}
+                    yield {"input_ids": ids, "labels": ids, "domain": torch.tensor(int(d)), "batch_index": torch.tensor(batch)}
             batch, k = batch + 1, k + 1
 
     # -- Composer's dataset resumption hooks ------------------------------------------------------------

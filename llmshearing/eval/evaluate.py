@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmshearing.devices import dtype_of, resolve_device
 from llmshearing.errors import ConfigError
 from llmshearing.data.layout import check_domains, open_split, read_manifest, tokens_of
 
@@ -122,7 +123,6 @@ def markdown_table(rows: Mapping[str, Mapping[str, float]], columns: list[str] |
 
 # ---------------------------------------------------------------------------------------------- model folders
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
 EVAL_EXTRA = "pip install -e '.[eval]'"
 
@@ -170,19 +170,6 @@ def check_model(path: str, gguf_file: str | None = None, shards_root: str | None
     return config, tokenizer
 
 
-def resolve_device(device: str | None) -> str:
-    """`device`, or cuda when available and cpu otherwise ("auto" / None)."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device '{device}' is not a torch device (like cpu, cuda, cuda:1)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 def load_model(path: str, gguf_file: str | None = None, dtype: str | torch.dtype = "float32",
                device: str | None = None):
     """The model of `path` as transformers loads it (`AutoModelForCausalLM.from_pretrained`), in eval mode on
@@ -190,9 +177,7 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str | torch.dtype
     from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ConfigError(f"--dtype '{dtype}': choose one of {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
+        dtype = dtype_of(dtype)
     device = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype,
@@ -305,8 +290,7 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
     limit = _positive_int(limit, "--limit", allow_none=True)
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise ConfigError(f"--num-fewshot must be a non-negative integer, got {num_fewshot!r}")
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+    dtype_of(dtype)
     device = resolve_device(device)
     if shards is not None:
         manifest = read_manifest(shards)

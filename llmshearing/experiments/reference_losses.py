@@ -58,7 +58,8 @@ def source_reference_losses(model_path: str, shards_root: str, gguf_file: str | 
     were built with that tokenizer. Loaded and checked by `evaluate.check_model` / `evaluate.load_model`,
     the same loader `llmshearing eval` uses, so a reference loss and an eval loss mean the same thing.
     """
-    from llmshearing.eval.evaluate import check_model, domain_losses, load_model, resolve_device
+    from llmshearing.devices import resolve_device
+    from llmshearing.eval.evaluate import check_model, domain_losses, load_model
     from llmshearing.data.layout import check_domains, read_manifest
 
     manifest = read_manifest(shards_root)

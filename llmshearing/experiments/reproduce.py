@@ -40,7 +40,8 @@ import time
 import torch
 
 from llmshearing.compat import checkpoint_state
-from llmshearing.io import atomic_write_text
+from llmshearing.devices import resolve_device
+from llmshearing.io import atomic_write_text, read_jsonl
 
 PRUNE_YAML, CONTINUE_YAML = "demo_smollm2", "demo_continue"  # shipped recipes (yamls/)
 # Scale 1 (the CPU default): 160 batches of 2 x 128 tokens = 40,960 training tokens per arm, 4 evals per arm;
@@ -152,7 +153,7 @@ def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:
 
     from llmshearing.eval.evaluate import domain_losses
 
-    device = "cuda" if (s.device or ("gpu" if torch.cuda.is_available() else "cpu")) == "gpu" else "cpu"
+    device = resolve_device(s.device)
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
     losses = domain_losses(lambda ids: hf(ids.to(device)).logits, s.shards)
     params = sum(p.numel() for p in {id(p): p for p in hf.parameters()}.values())
@@ -186,14 +187,7 @@ def stage_overrides(s: Settings, stage: str, name: str, model_path: str, folder:
 
 def read_log(path: str) -> list[dict]:
     """DynamicLoading's rows, the last per batch (as the plots read them)."""
-    rows = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    rows[row["batch"]] = row
-    return [rows[b] for b in sorted(rows)]
+    return read_jsonl(path, last_per="batch")
 
 
 def checkpoint_counts(folder: str) -> dict:
@@ -349,8 +343,7 @@ def _expected_shape(result: dict) -> dict | None:
     path = st and os.path.join(st["folder"], "pruning_log.jsonl")
     if not path or not os.path.exists(path):
         return None
-    with open(path) as f:
-        last = [json.loads(line) for line in f if line.strip()][-1]
+    last = read_jsonl(path)[-1]
     return {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("expected/") and k != "expected/params"}
 
 

@@ -32,7 +32,12 @@ class ComposerLM(ComposerModel):
 
     def forward(self, batch):
         ids = batch["input_ids"]
-        return self.model(ids, self.l0(len(ids)) if self.l0 is not None else None)
+        if self.l0 is None:
+            return self.model(ids)
+        # The pruning step (target ramp, mask noise) is the global batch index the data carries, so it needs
+        # no callback and survives resume and FSDP wrapping; callers without it set `l0.step` themselves.
+        step = batch.get("batch_index") if self.training else None
+        return self.model(ids, self.l0(len(ids), None if step is None else int(step[0])))
 
     def loss(self, outputs, batch):
         logits = outputs[:, :-1].float()

@@ -19,6 +19,7 @@ from llmshearing.io import atomic_directory
 from llmshearing.pruning.masks import L0Module
 from llmshearing.model.decoder import DecoderLM
 from llmshearing.data.tokenizer import model_tokenizer
+from llmshearing.devices import dtype_of
 from llmshearing.train.checkpointing import load_checkpoint
 
 
@@ -49,7 +50,8 @@ def _rows(weight_or_bias: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return weight_or_bias.index_select(0, index)
 
 
-def _head_index(heads: list[int], head_dim: int) -> torch.Tensor:
+def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    """Rows of q/k/v (columns of o_proj) that belong to the given heads."""
     return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).flatten()
 
 
@@ -72,8 +74,8 @@ def finalize(lm: DecoderLM, l0: L0Module) -> tuple[DecoderLM, dict]:
         p, q = f"model.layers.{old}.", f"model.layers.{new}."
         gate = float(masks.layer[old]) if masks.layer is not None else 1.0
         write_scale = (z_hidden * gate)[:, None]  # residual writes: layer gate x hidden gate
-        head_idx = _head_index(kept["heads"][new], hd)
-        kv_idx = _head_index(kept["kv_heads"][new], hd)
+        head_idx = head_rows(kept["heads"][new], hd)
+        kv_idx = head_rows(kept["kv_heads"][new], hd)
         head_gate = masks.head[old][kept["heads"][new]] if masks.head is not None else torch.ones(len(kept["heads"][new]))
         i_idx = torch.tensor(kept["intermediate"][new])
         i_gate = masks.intermediate[old][i_idx] if masks.intermediate is not None else torch.ones(len(i_idx))
@@ -167,4 +169,4 @@ def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = N
                       dtype: str | None = None, overwrite: bool = False) -> dict | None:
     """`llmshearing export`: a Composer checkpoint -> dense HF model (of the target shape when pruning)."""
     cfg, model = load_checkpoint(checkpoint, config_path)
-    return export_model(model, out_dir, model_tokenizer(cfg.model), getattr(torch, dtype) if dtype else None, overwrite)
+    return export_model(model, out_dir, model_tokenizer(cfg.model), dtype_of(dtype) if dtype else None, overwrite)

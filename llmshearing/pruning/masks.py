@@ -128,7 +128,7 @@ class L0Module(nn.Module):
             {name: HardConcrete(shape, keep, init_drop, generator=init) for name, (shape, keep) in plan_masks(source, target).items()}
         )
         self.lambdas = nn.Parameter(torch.zeros(len(self.masks), 2))
-        self.step = 0  # set by the trainer each batch: the warm-up ramp and the mask noise read it
+        self.step = 0  # the training batch index: the warm-up ramp and the mask noise read it (set by forward)
         self.sample_offset = 0  # this rank's first sample in the global batch (rank * per-device batch)
         self._drawn = (-1, 0)  # (step, samples this rank has drawn masks for within the step)
 
@@ -143,8 +143,11 @@ class L0Module(nn.Module):
         key = (self.seed * 1_000_033 + self.step) * 1_048_576 + self.sample_offset + drawn
         return torch.Generator(device=self.lambdas.device).manual_seed(key % 2**63)
 
-    def forward(self, samples: int = 1) -> Masks:
-        """The masks for a microbatch of `samples` sequences (one draw shared by the microbatch)."""
+    def forward(self, samples: int = 1, step: int | None = None) -> Masks:
+        """The masks for a microbatch of `samples` sequences (one draw shared by the microbatch) at training
+        batch `step` (None: keep the current `self.step`)."""
+        if step is not None:
+            self.step = step
         gen = self.noise(samples) if self.training else None
         gates = {n: (m.sample(gen) if self.training else m.deterministic()) for n, m in self.masks.items()}
         L, R = self.source.num_hidden_layers, self.source.heads_per_group

@@ -5,35 +5,35 @@ checked before the weights are read, so a typo costs seconds.
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
+from composer import Evaluator, Trainer
+from composer.utils import dist, reproducibility
+from torch.utils.data import DataLoader
 
-from llmshearing.model.hf import load_hf_config
-from llmshearing.pruning.shapes import resolve_target, shape_of
-from llmshearing.data.tokenizer import model_tokenizer
-from llmshearing.train.config import to_yaml, TrainConfig
-from llmshearing.errors import ConfigError
+from llmshearing import registry
+from llmshearing.compat import ignore_sigterm, install_atomic_writes, kill_workers_at_exit
+from llmshearing.data.layout import DomainSequences
+from llmshearing.data.mixture import DomainMixture
+from llmshearing.data.tokenizer import check_tokenizer, model_tokenizer
 from llmshearing.io import atomic_write_text
+from llmshearing.model.composer_model import ComposerLM
+from llmshearing.model.decoder import DecoderLM
+from llmshearing.model.hf import from_pretrained, load_hf_config
+from llmshearing.pruning.masks import L0Module
+from llmshearing.pruning.shapes import resolve_target, shape_of
+from llmshearing.train.checkpointing import repair_latest
+from llmshearing.train.config import TrainConfig, batches, resolve_device, to_yaml
 
 
 def run_dir(cfg: TrainConfig) -> str:
     return cfg.save_folder or os.path.join("runs", cfg.run_name)
 
 
-def batches(duration: str) -> int:
-    if not duration.endswith("ba"):
-        raise ConfigError(f"expected a duration in batches like '320ba', got '{duration}'")
-    return int(duration[:-2])
-
-
-def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights: bool = True):
+def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights: bool = True) -> ComposerLM:
     """The ComposerLM: pretrained weights (or an empty shell to load a checkpoint into) + masks."""
-    from llmshearing.model.composer_model import ComposerLM
-    from llmshearing.pruning.masks import L0Module
-    from llmshearing.model.decoder import DecoderLM
-    from llmshearing.model.hf import from_pretrained
-
     source_config = source_config or load_hf_config(cfg.model.path, cfg.model.gguf_file)
     if load_weights:
         lm = from_pretrained(cfg.model.path, cfg.model.gguf_file, cfg.model.attn_impl)
@@ -46,30 +46,83 @@ def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights:
     if cfg.pruning is not None:
         target = target or resolve_target(cfg.pruning.target, source_config)
         l0 = L0Module(shape_of(source_config), target, batches(cfg.pruning.lagrangian_warmup), cfg.pruning.init_drop,
-                     seed=cfg.seed)
+                      seed=cfg.seed)
     return ComposerLM(lm, l0)
 
 
-def build_trainer(cfg: TrainConfig):
-    from composer import Evaluator, Trainer
-    from composer.callbacks import LRMonitor, SpeedMonitor
-    from composer.optim import ConstantScheduler, CosineAnnealingWithWarmupScheduler, LinearWithWarmupScheduler
-    from composer.utils import dist, reproducibility
-    from torch.utils.data import DataLoader
+def build_optimizer(cfg: TrainConfig, model: ComposerLM) -> torch.optim.Optimizer:
+    o = cfg.optimizer
+    lrs = (cfg.pruning.mask_lr, cfg.pruning.lambda_lr) if cfg.pruning else (0.0, 0.0)
+    groups = model.param_groups(o.lr, o.weight_decay, *lrs)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
-    from callbacks import DynamicLoading, PruningLog, RunGuard
+
+def build_scheduler(cfg: TrainConfig):
+    """The scheduler named by `scheduler.name`, given those of t_warmup / alpha_f that it takes."""
+    s = cfg.scheduler
+    factory = registry.schedulers.get(s.name, "scheduler.name")
+    accepted = inspect.signature(factory).parameters
+    return factory(**{k: v for k, v in (("t_warmup", s.t_warmup), ("alpha_f", s.alpha_f)) if k in accepted})
+
+
+def build_dataloaders(cfg: TrainConfig, per_device: int) -> tuple[DataLoader, list[Evaluator]]:
+    """The training DataLoader over the domain mixture and one Composer Evaluator per domain."""
     from callbacks.dynamic_loading import eval_label
-    from llmshearing.compat import install_atomic_writes
-    from llmshearing.train.checkpointing import repair_latest
-    from llmshearing.compat import ignore_sigterm, kill_workers_at_exit
-    from llmshearing.data.layout import DomainSequences
-    from llmshearing.data.mixture import DomainMixture
-    from llmshearing.data.tokenizer import check_tokenizer
 
+    d = cfg.data
+    train_set = DomainMixture(d.shards, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed,
+                              num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
+    workers = {}
+    if d.num_workers:
+        workers = {"prefetch_factor": d.prefetch_factor, "worker_init_fn": ignore_sigterm if cfg.save_on_sigterm else None}
+        if cfg.save_on_sigterm:
+            kill_workers_at_exit()
+    train_loader = DataLoader(train_set, batch_size=per_device, num_workers=d.num_workers, **workers)
+    evaluators = []
+    for domain in d.domains:
+        eval_set = DomainSequences(d.shards, domain, "eval", d.eval_sequences_per_domain)
+        loader = DataLoader(eval_set, batch_size=cfg.device_eval_batch_size,
+                            sampler=dist.get_sampler(eval_set, shuffle=False))
+        evaluators.append(Evaluator(label=eval_label(domain), dataloader=loader,
+                                    metric_names=["LanguageCrossEntropy", "LanguagePerplexity"]))
+    return train_loader, evaluators
+
+
+def build_callbacks(cfg: TrainConfig, folder: str) -> list:
+    """The project's callbacks (from their sections) and those named in `callbacks:`."""
+    from callbacks import DynamicLoading, PruningLog, RunGuard
+
+    built = [RunGuard(cfg.save_folder, cfg.stop_on_nonfinite, cfg.save_on_sigterm)]
+    if cfg.pruning:
+        built.append(PruningLog(folder))
+    d, dyn = cfg.data, cfg.data.dynamic
+    built.append(DynamicLoading(d.domains, dyn.reference_losses, dyn.eta, dyn.smoothing, dyn.clamp_min, folder)
+                 if dyn else DynamicLoading(d.domains, folder=folder))
+    built += [registry.callbacks.build(name, kwargs, "callbacks") for name, kwargs in (cfg.callbacks or {}).items()]
+    return built
+
+
+def build_loggers(cfg: TrainConfig, folder: str) -> list:
+    """`wandb:` (offline with WANDB_MODE=offline; its folder is created first) and those named in `loggers:`."""
+    built = []
+    if cfg.wandb is not None:
+        wandb_dir = cfg.wandb.dir or os.path.join(folder, "wandb")
+        os.makedirs(wandb_dir, exist_ok=True)
+        init = {"dir": wandb_dir, **({"mode": cfg.wandb.mode} if cfg.wandb.mode else {})}
+        built.append(registry.loggers.build("wandb", {"project": cfg.wandb.project, "entity": cfg.wandb.entity,
+                                                      "init_kwargs": init}, "wandb"))
+    built += [registry.loggers.build(name, kwargs, "loggers") for name, kwargs in (cfg.loggers or {}).items()]
+    return built
+
+
+def build_trainer(cfg: TrainConfig):
+    """(Composer Trainer, tokenizer) for a validated config. Checks that need the model's config and tokenizer
+    run first; the run config is written only then, and the weights are read last."""
     source_config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
     target = resolve_target(cfg.pruning.target, source_config) if cfg.pruning else None
     tokenizer = model_tokenizer(cfg.model)
     check_tokenizer(cfg.data.shards, tokenizer, source_config.vocab_size, cfg.model.path)
+    device = resolve_device(cfg)
     folder = run_dir(cfg)
     if dist.get_global_rank() == 0:
         atomic_write_text(os.path.join(folder, "run_config.yaml"), to_yaml(cfg))
@@ -82,60 +135,16 @@ def build_trainer(cfg: TrainConfig):
     model = build_model(cfg, source_config, target)
     if model.l0 is not None:
         model.l0.sample_offset = dist.get_global_rank() * per_device
-    o = cfg.optimizer
-    groups = model.param_groups(o.lr, o.weight_decay, *(
-        (cfg.pruning.mask_lr, cfg.pruning.lambda_lr) if cfg.pruning else (0.0, 0.0)))
-    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    s = cfg.scheduler
-    scheduler = {
-        "cosine_with_warmup": lambda: CosineAnnealingWithWarmupScheduler(t_warmup=s.t_warmup, alpha_f=s.alpha_f),
-        "linear_with_warmup": lambda: LinearWithWarmupScheduler(t_warmup=s.t_warmup, alpha_f=s.alpha_f),
-        "constant": ConstantScheduler,
-    }[s.name]()
-
-    d = cfg.data
-    train_set = DomainMixture(d.shards, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed,
-                              num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
-    workers = {"prefetch_factor": d.prefetch_factor, "worker_init_fn": ignore_sigterm if cfg.save_on_sigterm else None}
-    if d.num_workers and cfg.save_on_sigterm:
-        kill_workers_at_exit()
-    train_loader = DataLoader(train_set, batch_size=per_device, num_workers=d.num_workers,
-                              **(workers if d.num_workers else {}))
-    evaluators = []
-    for domain in d.domains:
-        eval_set = DomainSequences(d.shards, domain, "eval", d.eval_sequences_per_domain)
-        loader = DataLoader(eval_set, batch_size=cfg.device_eval_batch_size,
-                            sampler=dist.get_sampler(eval_set, shuffle=False))
-        evaluators.append(Evaluator(label=eval_label(domain), dataloader=loader,
-                                    metric_names=["LanguageCrossEntropy", "LanguagePerplexity"]))
-    callbacks = [SpeedMonitor(window_size=10), LRMonitor(),
-                 RunGuard(cfg.save_folder, cfg.stop_on_nonfinite, cfg.save_on_sigterm)]
-    if cfg.pruning:
-        callbacks.append(PruningLog(folder))
-    dyn = d.dynamic
-    callbacks.append(DynamicLoading(d.domains, dyn.reference_losses, dyn.eta, dyn.smoothing, dyn.clamp_min, folder)
-                     if dyn else DynamicLoading(d.domains, folder=folder))
-    loggers = []
-    if cfg.wandb is not None:
-        from composer.loggers import WandBLogger
-
-        wandb_dir = cfg.wandb.dir or os.path.join(folder, "wandb")
-        os.makedirs(wandb_dir, exist_ok=True)
-        init = {"dir": wandb_dir, **({"mode": cfg.wandb.mode} if cfg.wandb.mode else {})}
-        loggers.append(WandBLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, init_kwargs=init))
-
-    device = cfg.device or ("gpu" if torch.cuda.is_available() else "cpu")
-    if cfg.fsdp and device != "gpu":
-        raise ConfigError("fsdp is set but there is no GPU; set fsdp=null to train on CPU")
+    train_loader, evaluators = build_dataloaders(cfg, per_device)
     trainer = Trainer(
-        run_name=cfg.run_name, model=model, train_dataloader=train_loader,
-        eval_dataloader=evaluators,
+        run_name=cfg.run_name, model=model, train_dataloader=train_loader, eval_dataloader=evaluators,
         max_duration=cfg.max_duration, eval_interval=cfg.eval_interval,
         eval_subset_num_batches=cfg.eval_subset_num_batches,
-        optimizers=optimizer, schedulers=scheduler, step_schedulers_every_batch=True,
+        optimizers=build_optimizer(cfg, model), schedulers=build_scheduler(cfg), step_schedulers_every_batch=True,
         device=device, precision=cfg.precision, device_train_microbatch_size=cfg.device_train_microbatch_size,
         parallelism_config={"fsdp": dict(cfg.fsdp)} if cfg.fsdp else None,
-        seed=cfg.seed, callbacks=callbacks, loggers=loggers, dist_timeout=cfg.dist_timeout,
+        seed=cfg.seed, callbacks=build_callbacks(cfg, folder), loggers=build_loggers(cfg, folder),
+        dist_timeout=cfg.dist_timeout,
         save_folder=cfg.save_folder, save_interval=cfg.save_interval, save_overwrite=cfg.save_overwrite,
         save_num_checkpoints_to_keep=cfg.save_num_checkpoints_to_keep,
         load_path=cfg.load_path, autoresume=cfg.autoresume,
@@ -143,5 +152,3 @@ def build_trainer(cfg: TrainConfig):
         console_log_interval=cfg.console_log_interval,
     )
     return trainer, tokenizer
-
-

@@ -6,14 +6,19 @@ and every error names the key and the fix (a typo gets the closest key name sugg
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from importlib import resources
 import types
 import typing
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from llmshearing import registry
+from llmshearing.data.layout import check_domains, read_manifest
+from llmshearing.data.mixing import check_weights
+from llmshearing.devices import composer_device
 from llmshearing.errors import ConfigError
 
 
@@ -107,6 +112,9 @@ class TrainConfig:
     stop_on_nonfinite: bool = True  # NaN/inf loss or gradient: save the state before that batch and stop
     dist_timeout: float = 300.0  # seconds a collective waits for the other ranks before the run fails
     wandb: WandbConfig | None = None
+    # Extra Composer callbacks / loggers by registered name -> keyword arguments (llmshearing.registry).
+    callbacks: dict | None = field(default_factory=lambda: {"speed_monitor": {"window_size": 10}, "lr_monitor": {}})
+    loggers: dict | None = None
     progress_bar: bool = True
     console_log_interval: str = "1ba"
     log_to_console: bool = False
@@ -160,6 +168,20 @@ def _build(cls, raw, where: str):
     return cls(**kwargs)
 
 
+def batches(duration: str) -> int:
+    if not duration.endswith("ba"):
+        raise ConfigError(f"expected a duration in batches like '320ba', got '{duration}'")
+    return int(duration[:-2])
+
+
+def resolve_device(cfg: TrainConfig) -> str:
+    """Composer's device of the run (gpu when available unless `device` says otherwise)."""
+    device = composer_device(cfg.device)
+    if cfg.fsdp and device != "gpu":
+        raise ConfigError("fsdp is set but there is no GPU; set fsdp=null to train on CPU")
+    return device
+
+
 def _check_duration(key: str, value: str, units=("ba", "tok", "ep", "sp")) -> None:
     import re
 
@@ -175,7 +197,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.gguf_file '{cfg.model.gguf_file}' not found in '{cfg.model.path}'")
     if cfg.model.attn_impl not in ("auto", "sdpa", "flash"):
         raise ConfigError(f"model.attn_impl must be auto, sdpa or flash, got '{cfg.model.attn_impl}'")
-    check_data(cfg.data)
+    cfg = replace(cfg, data=resolve_data(cfg.data))
     for key in ("max_duration", "eval_interval", "save_interval", "console_log_interval", "scheduler.t_warmup"):
         obj = cfg
         for part in key.split("."):
@@ -188,8 +210,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _check_duration("pruning.lagrangian_warmup", cfg.pruning.lagrangian_warmup, ("ba",))
         if not 0 < cfg.pruning.init_drop < 1:
             raise ConfigError(f"pruning.init_drop must be in (0, 1), got {cfg.pruning.init_drop}")
-    if cfg.scheduler.name not in ("cosine_with_warmup", "linear_with_warmup", "constant"):
-        raise ConfigError(f"scheduler.name '{cfg.scheduler.name}' is not one of cosine_with_warmup, linear_with_warmup, constant")
+    registry.schedulers.get(cfg.scheduler.name, "scheduler.name")
+    for section, reg in (("callbacks", registry.callbacks), ("loggers", registry.loggers)):
+        if not isinstance(getattr(cfg, section) or {}, dict):
+            raise ConfigError(f"'{section}' must map registered names to keyword arguments, e.g. {{lr_monitor: {{}}}}")
+        for name, kwargs in (getattr(cfg, section) or {}).items():
+            reg.check(name, kwargs, section)
     if cfg.precision not in ("fp32", "amp_bf16", "amp_fp16"):
         raise ConfigError(f"precision must be fp32, amp_bf16 or amp_fp16, got '{cfg.precision}'")
     if cfg.device not in (None, "cpu", "gpu"):
@@ -216,24 +242,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def check_data(data: DataConfig) -> None:
+def resolve_data(data: DataConfig) -> DataConfig:
     """Shards exist and hold the domains; proportions and reference losses match the domains.
-    Fills in data.domains and turns proportions / reference losses into lists in domain order."""
-    import json
-
-    from llmshearing.data.mixing import check_weights
-    from llmshearing.data.layout import check_domains, read_manifest
-
+    Returns a copy with data.domains filled in and proportions / reference losses as lists in domain order
+    (`data` itself is left as given)."""
     if data.split not in ("prune", "continue"):
         raise ConfigError(f"data.split must be prune or continue, got '{data.split}'")
     manifest = read_manifest(data.shards)
-    data.domains = list(data.domains) if data.domains is not None else list(manifest["domains"])
-    if not data.domains:
+    domains = list(data.domains) if data.domains is not None else list(manifest["domains"])
+    if not domains:
         raise ConfigError("data.domains is empty; name at least one domain of the shards")
-    if len(set(data.domains)) != len(data.domains):
-        raise ConfigError(f"data.domains lists a domain twice: {data.domains}")
+    if len(set(domains)) != len(domains):
+        raise ConfigError(f"data.domains lists a domain twice: {domains}")
     for split in (data.split, "eval"):
-        check_domains(manifest, data.shards, data.domains, split)
+        check_domains(manifest, data.shards, domains, split)
     proportions = data.proportions
     if isinstance(proportions, str):
         if not os.path.exists(proportions):
@@ -241,11 +263,12 @@ def check_data(data: DataConfig) -> None:
         with open(proportions) as f:
             proportions = json.load(f)
     if proportions is None:
-        given = {d: float(manifest["domains"][d].get("proportion", 1.0)) for d in data.domains}
+        given = {d: float(manifest["domains"][d].get("proportion", 1.0)) for d in domains}
         total = sum(given.values())
         proportions = {d: v / total for d, v in given.items()} if total > 0 else None
-    data.proportions = check_weights(proportions, data.domains, "data.proportions").tolist()
-    if data.dynamic is not None:
+    proportions = check_weights(proportions, domains, "data.proportions").tolist()
+    dynamic = data.dynamic
+    if dynamic is not None:
         ref = data.dynamic.reference_losses
         if isinstance(ref, str):  # a file written by `llmshearing reference-loss --out`
             if not os.path.exists(ref):
@@ -254,25 +277,26 @@ def check_data(data: DataConfig) -> None:
             loaded = OmegaConf.to_container(OmegaConf.load(ref))
             ref = loaded.get("reference_losses", loaded) if isinstance(loaded, dict) else loaded
         if isinstance(ref, dict):
-            if set(ref) != set(data.domains):
-                missing, extra = sorted(set(data.domains) - set(ref)), sorted(set(ref) - set(data.domains))
-                raise ConfigError(f"data.dynamic.reference_losses must name the domains {data.domains}; "
+            if set(ref) != set(domains):
+                missing, extra = sorted(set(domains) - set(ref)), sorted(set(ref) - set(domains))
+                raise ConfigError(f"data.dynamic.reference_losses must name the domains {domains}; "
                                   f"missing {missing}, unknown {extra}")
-            ref = [ref[d] for d in data.domains]
-        if not isinstance(ref, (list, tuple)) or len(ref) != len(data.domains):
-            raise ConfigError(f"data.dynamic.reference_losses needs one loss per domain ({len(data.domains)}: "
-                              f"{data.domains}), got {ref!r}; compute them with 'llmshearing reference-loss'")
+            ref = [ref[d] for d in domains]
+        if not isinstance(ref, (list, tuple)) or len(ref) != len(domains):
+            raise ConfigError(f"data.dynamic.reference_losses needs one loss per domain ({len(domains)}: "
+                              f"{domains}), got {ref!r}; compute them with 'llmshearing reference-loss'")
         if not all(isinstance(x, (int, float)) and x > 0 for x in ref):
             raise ConfigError(f"data.dynamic.reference_losses must be positive numbers, got {ref}")
-        data.dynamic.reference_losses = [float(x) for x in ref]
-        if not 0 <= data.dynamic.smoothing < 1:
-            raise ConfigError(f"data.dynamic.smoothing must be in [0, 1), got {data.dynamic.smoothing}")
-        if data.dynamic.eta <= 0:
-            raise ConfigError(f"data.dynamic.eta must be positive, got {data.dynamic.eta}")
+        if not 0 <= dynamic.smoothing < 1:
+            raise ConfigError(f"data.dynamic.smoothing must be in [0, 1), got {dynamic.smoothing}")
+        if dynamic.eta <= 0:
+            raise ConfigError(f"data.dynamic.eta must be positive, got {dynamic.eta}")
+        dynamic = replace(dynamic, reference_losses=[float(x) for x in ref])
     if data.num_workers < 0 or data.prefetch_factor < 1:
         raise ConfigError("data.num_workers must be >= 0 and data.prefetch_factor >= 1")
     if data.eval_sequences_per_domain is not None and data.eval_sequences_per_domain < 1:
         raise ConfigError(f"data.eval_sequences_per_domain must be >= 1 or null, got {data.eval_sequences_per_domain}")
+    return replace(data, domains=domains, proportions=proportions, dynamic=dynamic)
 
 
 def check_fsdp(fsdp: dict) -> None:
