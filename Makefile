@@ -36,7 +36,7 @@ SCALE ?= 1
 REPRODUCE_ARGS ?=
 .PHONY: reproduce-mini
 reproduce-mini: shards
-	$(PY) -m llmshearing.reproduce --scale $(SCALE) --out runs/reproduce-mini $(REPRODUCE_ARGS)
+	$(PY) -m llmshearing.experiments.reproduce --scale $(SCALE) --out runs/reproduce-mini $(REPRODUCE_ARGS)
 
 # The full suite (what CI runs). test-fast: math, config, model parity, mixture (no training runs, no subprocesses).
 test: install

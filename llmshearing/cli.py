@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--fit", metavar="FILE", help="yaml/json with 'sizes: {model: N}' and 'losses: {domain: {model: loss}}'")
     p.add_argument("--target-params", help="target parameter count for --fit (e.g. 1.3e9 or 1.3B)")
-    p.add_argument("--target", help="target preset or HF config path for --fit, counted with llmshearing.arch")
+    p.add_argument("--target", help="target preset or HF config path for --fit, counted with llmshearing.pruning.shapes")
     p.add_argument("--paper", metavar="PRESET", help="the Sheared-LLaMA paper's values (LLaMA-2 tokenizer, RedPajama)")
     p.add_argument("--out", help="write the snippet to this file (atomically) instead of printing it")
     p = sub.add_parser(

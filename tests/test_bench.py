@@ -27,6 +27,7 @@ def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_quick_benchmark_end_to_end(tmp_path):
     out = tmp_path / "throughput.json"
     proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--quick", "--out", str(out)], cwd=REPO,

@@ -170,6 +170,7 @@ def test_shards_of_another_tokenizer_are_refused(tiny_setup, tmp_path):
         check_tokenizer(tiny_setup["shards"], tokenizer, 394)
 
 
+@pytest.mark.slow
 def test_launcher_refuses_wrong_tokenizer_before_training(tiny_setup, tmp_path):
     """A model whose tokenizer is not the shards' one stops at start with exit code 2."""
     import shutil

@@ -36,13 +36,14 @@ def hf(tiny_setup):
 
 
 def eval_split(shards, domain):
-    """The eval sequences of a domain, read with streaming directly (not through llmshearing.shards)."""
+    """The eval sequences of a domain, read with streaming directly (not through llmshearing.data.layout)."""
     from streaming import LocalDataset
 
     ds = LocalDataset(local=os.path.join(shards, domain, "eval"))
     return torch.tensor(np.stack([np.asarray(ds[i]["tokens"], dtype=np.int64) for i in range(len(ds))]))
 
 
+@pytest.mark.slow
 def test_perplexity_matches_transformers_loss(tiny_setup, hf, tmp_path, capsys):
     model, _ = hf
     out = tmp_path / "res" / "eval.json"
@@ -107,6 +108,7 @@ def direct_accuracy(model, tok, items, context, choices, label):
     return acc / len(items), acc_norm / len(items)
 
 
+@pytest.mark.slow
 def test_local_tasks_through_cli(tiny_setup, hf, tmp_path, capsys):
     """The shipped task and a user task (a jsonl named by `dataset_path: json` + data_files) run on the tiny
     model through lm-eval and score exactly what a direct computation with the model gives."""

@@ -1,6 +1,7 @@
 """The package layout contract: private-API shims hold against the pinned versions, recipes ship inside the
 wheel and resolve by name outside the repository, and named callbacks/schedulers/loggers are checked."""
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -34,8 +35,10 @@ def test_recipes_resolve_by_name_and_typos_get_a_suggestion():
 
 @pytest.mark.slow
 def test_wheel_ships_the_recipes_and_resolves_them_outside_the_repository(tmp_path):
+    shutil.rmtree(os.path.join(REPO, "build"), ignore_errors=True)  # setuptools' in-tree build folder: no stale files
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), REPO], capture_output=True, text=True, timeout=600)
+    shutil.rmtree(os.path.join(REPO, "build"), ignore_errors=True)
     assert built.returncode == 0, built.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("llmshearing-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -120,7 +120,7 @@ SEQ = 16
 
 
 def write_shards(root, tokenizer_info: dict, domains: dict[str, np.ndarray]) -> str:
-    """A shard folder per `llmshearing.shards`: each domain's `eval` split holds the given (n, SEQ) ids."""
+    """A shard folder per `llmshearing.data.layout`: each domain's `eval` split holds the given (n, SEQ) ids."""
     from streaming import MDSWriter
 
     info = {}

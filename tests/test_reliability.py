@@ -15,6 +15,8 @@ from transformers import AutoModelForCausalLM
 from llmshearing.compat import install_atomic_writes
 from llmshearing.train.checkpointing import repair_latest
 
+pytestmark = pytest.mark.slow  # Composer training runs / subprocesses: left out of `make test-fast`
+
 
 def popen(args):
     """A run in its own process group, so a signal reaches it and its dataloader workers like a scheduler's."""

@@ -14,6 +14,8 @@ from llmshearing.model.composer_model import ComposerLM
 from llmshearing.errors import ConfigError
 from llmshearing.experiments.reproduce import reproduce, Settings
 
+pytestmark = pytest.mark.slow  # Composer training runs / subprocesses: left out of `make test-fast`
+
 TARGET = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
           "intermediate_size": 64}
 ARMS = ["sheared", "scratch", "oneshot", "oneshot_act", "fixed", "sheared_p50"]
@@ -22,7 +24,7 @@ STEPS, BATCH, SEQ = 8, 2, 64  # the tiny shards hold 64-token sequences
 
 
 def checkpoint(folder):
-    """The last Composer checkpoint of a stage folder, read here independently of llmshearing.reproduce."""
+    """The last Composer checkpoint of a stage folder, read here independently of llmshearing.experiments.reproduce."""
     paths = glob.glob(os.path.join(folder, "ep0-ba*-rank0.pt"))
     assert len(paths) == 1, paths
     return torch.load(paths[0], map_location="cpu", weights_only=False)["state"]

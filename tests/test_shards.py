@@ -1,4 +1,4 @@
-"""The per-domain MDS shard builder (data_prep/shards.py) against the layout contract (llmshearing/shards.py)."""
+"""The per-domain MDS shard builder (data_prep/shards.py) against the layout contract (llmshearing/data/layout.py)."""
 import gzip
 import json
 import math
@@ -125,6 +125,7 @@ def test_round_trip_disjoint_and_counts(corpus, tok_dir, bos_tok_dir, tmp_path, 
     assert m["budgets"] == {"eval_sequences": 8, "prune_tokens": 2000, "continue_tokens": 3000}
 
 
+@pytest.mark.slow
 def test_two_workers_same_shards(corpus, tok_dir, tmp_path):
     paths, _ = corpus
     one = build(tmp_path / "one", tok_dir, paths)
@@ -175,6 +176,7 @@ def test_refuses_to_replace_a_folder_that_is_not_shards(corpus, tok_dir, tmp_pat
     assert os.listdir(tmp_path / "s") == ["precious.txt"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, match", [
     ("empty domain", "domain 'empty' has no documents"),
     ("missing file", "domain 'a': input .*nope.jsonl' does not exist"),

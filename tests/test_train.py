@@ -17,6 +17,8 @@ from llmshearing.data.layout import DomainSequences
 from llmshearing.data.mixing import update_weights
 from llmshearing.train.checkpointing import load_checkpoint
 
+pytestmark = pytest.mark.slow  # Composer training runs / subprocesses: left out of `make test-fast`
+
 
 def test_composer_launcher_prunes_checkpoints_and_exports(tiny_setup, tmp_path):
     folder = str(tmp_path / "run")

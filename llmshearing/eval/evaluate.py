@@ -1,6 +1,6 @@
 """Evaluation of model folders: the one place outside training that computes per-domain loss, and `llmshearing eval`.
 
-`domain_loss_stats` / `domain_losses` read each domain's `eval` split (see `llmshearing.shards`) and return the
+`domain_loss_stats` / `domain_losses` read each domain's `eval` split (see `llmshearing.data.layout`) and return the
 mean next-token cross-entropy in nats per predicted token. The reference losses, the demo and `llmshearing eval`
 use them, so every number of the project about "loss on domain d" means the same thing.
 

@@ -1,7 +1,7 @@
 """`make reproduce-mini`: the paper's comparisons in miniature, every arm with the same total token budget.
 
-    python -m llmshearing.reproduce --scale 1 --out runs/reproduce-mini            # the CPU default (~1 h)
-    python -m llmshearing.reproduce --scale 50 --batch 32 --precision amp_bf16 ...  # the same on a GPU
+    python -m llmshearing.experiments.reproduce --scale 1 --out runs/reproduce-mini            # the CPU default (~1 h)
+    python -m llmshearing.experiments.reproduce --scale 50 --batch 32 --precision amp_bf16 ...  # the same on a GPU
 
 From one source model (SmolLM2-135M by default) to one target shape (`smollm2-135m-half`), on the shards'
 domains, each arm trains for the same number of batches of the same size (N = steps x scale batches):
@@ -21,7 +21,7 @@ domains, each arm trains for the same number of batches of the same size (N = st
 Both stages are the real Composer trainer (`llmshearing.train.run`) on the demo's recipes
 (yamls/demo_smollm2.yaml, yamls/demo_continue.yaml) with overrides for paths, steps and batch; the
 continued-pretraining recipe is the same for every arm. Per-domain losses come from
-`llmshearing.evaluate.domain_losses` (the final table) and from the trainers' evals (the curves); every
+`llmshearing.eval.evaluate.domain_losses` (the final table) and from the trainers' evals (the curves); every
 arm's token count is read back from its Composer checkpoints. Each arm writes `<out>/<arm>/result.json`
 when done, and an arm (or stage) whose record exists is skipped, so an interrupted run resumes.
 """
@@ -408,7 +408,7 @@ def format_report(summary: dict) -> str:
         f"{summary['seconds']:.0f}s (arms recorded before are not rerun); the arms' own times add up to "
         f"{summary['arm_seconds_total']:.0f}s.",
         "", "Token perplexity per domain on the shards' eval split after the whole budget "
-        "(`llmshearing.evaluate.domain_losses`, models reloaded with transformers; mean = exp of the mean loss):", "",
+        "(`llmshearing.eval.evaluate.domain_losses`, models reloaded with transformers; mean = exp of the mean loss):", "",
         markdown_table(final, cols, label="arm"),
         "", "At the start of continued pretraining (after pruning, one-shot pruning, or random init):", "",
         markdown_table(start, cols, label="arm"),
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     from llmshearing.errors import ConfigError
 
     d = Settings()
-    p = argparse.ArgumentParser(prog="python -m llmshearing.reproduce", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m llmshearing.experiments.reproduce", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", type=float, default=d.scale, help="multiplies every arm's batches (default 1: CPU)")
     p.add_argument("--out", default=d.out)

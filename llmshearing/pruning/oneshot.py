@@ -28,9 +28,9 @@ from llmshearing.pruning.shapes import resolve_target, shape_of
 from llmshearing.pruning.masks import L0Module
 from llmshearing.model.decoder import DecoderLM
 
-SCORING = {"magnitude": "magnitude: squared L2 norm of each unit's weights (llmshearing/oneshot.py)",
+SCORING = {"magnitude": "magnitude: squared L2 norm of each unit's weights (llmshearing/pruning/oneshot.py)",
            "activation": "activation: mean contribution of each unit and block influence of each layer on "
-                         "calibration sequences (llmshearing/oneshot.py)"}
+                         "calibration sequences (llmshearing/pruning/oneshot.py)"}
 # log_alpha of every unit is OPEN + rank/units: the order of the scores decides keep_index, and the
 # test-time gate value clamp(sigmoid(log_alpha) * 1.2 - 0.1, 0, 1) is exactly 1 for log_alpha > log 11,
 # so finalize folds nothing into the weights: the kept weights are the source's, unscaled.
@@ -49,7 +49,7 @@ def _sq_cols(w: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def magnitude_scores(lm: DecoderLM) -> dict[str, torch.Tensor]:
-    """Scores of every unit, shaped like the L0 masks of `llmshearing.l0.plan_masks` (all five levels)."""
+    """Scores of every unit, shaped like the L0 masks of `llmshearing.pruning.masks.plan_masks` (all five levels)."""
     cfg, src = lm.config, shape_of(lm.config)
     KV, R, H = src.num_key_value_heads, src.heads_per_group, src.num_attention_heads
     hidden = lm.model.embed_tokens.weight.float().pow(2).sum(0)
