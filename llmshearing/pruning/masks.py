@@ -19,6 +19,11 @@ from llmshearing.pruning.shapes import Shape
 TEMPERATURE = 2.0 / 3.0
 LIMIT_LEFT, LIMIT_RIGHT = -0.1, 1.1
 EPS = 1e-6
+# The mask-noise seed of a microbatch is one integer per (seed, step, position of its first sample in the
+# global batch): distinct for global batches below 2**20 samples and runs below 1,000,033 steps (a prime, so
+# consecutive seeds do not share seeds within that many steps).
+NOISE_SAMPLES_PER_STEP = 2**20
+NOISE_STEPS_PER_SEED = 1_000_033
 
 
 class HardConcrete(nn.Module):
@@ -140,7 +145,7 @@ class L0Module(nn.Module):
         step, drawn = self._drawn
         drawn = drawn if step == self.step else 0
         self._drawn = (self.step, drawn + samples)
-        key = (self.seed * 1_000_033 + self.step) * 1_048_576 + self.sample_offset + drawn
+        key = (self.seed * NOISE_STEPS_PER_SEED + self.step) * NOISE_SAMPLES_PER_STEP + self.sample_offset + drawn
         return torch.Generator(device=self.lambdas.device).manual_seed(key % 2**63)
 
     def forward(self, samples: int = 1, step: int | None = None) -> Masks:
