@@ -7,24 +7,32 @@ import json
 import sys
 
 from llmshearing.errors import ConfigError
+from llmshearing.io import atomic_write_text
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llmshearing")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_export(sub) -> None:
     p = sub.add_parser("export", help="write the dense HF model of a pruning checkpoint")
     p.add_argument("checkpoint", help="Composer checkpoint of a pruning run (e.g. runs/x/latest-rank0.pt)")
     p.add_argument("out_dir")
     p.add_argument("--config", help="run_config.yaml of the run (default: beside the checkpoint)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
     p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_export)
+
+def _add_make_tiny(sub) -> None:
     p = sub.add_parser("make-tiny", help="write a tiny random model, tokenizer and two text domains")
     p.add_argument("out_dir")
     p.add_argument("--family", default="smollm2-gqa", choices=["llama-mha", "smollm2-gqa", "mistral", "qwen2"])
+    p.set_defaults(handler=_make_tiny)
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the embedded default: prune SmolLM2-135M on CPU, export, evaluate")
     p.add_argument("--data", default="data", help="folder made by `make fetch`")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of yamls/demo_smollm2.yaml")
+    p.set_defaults(handler=_demo)
+
+def _add_reference_loss(sub) -> None:
     p = sub.add_parser(
         "reference-loss", help="per-domain reference losses for dynamic batch loading, as a yaml snippet",
         description="Either the source model's eval loss per domain (--model --shards), or a scaling-law "
@@ -42,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", help="target preset or HF config path for --fit, counted with llmshearing.pruning.shapes")
     p.add_argument("--paper", metavar="PRESET", help="the Sheared-LLaMA paper's values (LLaMA-2 tokenizer, RedPajama)")
     p.add_argument("--out", help="write the snippet to this file (atomically) instead of printing it")
+    p.set_defaults(handler=_reference_loss)
+
+def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval", help="per-domain perplexity on shards and zero-shot task accuracy of HF model folders",
         description="Evaluate one or more model folders (source, exported pruned, continued): per-domain loss and "
@@ -64,36 +75,56 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-fewshot", type=int, default=0, help="in-context examples per task item (default 0)")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
     p.add_argument("--out", help="write the results as JSON to this file (atomically)")
-    args = parser.parse_args(argv)
+    p.set_defaults(handler=_eval)
+
+def _export(args) -> None:
+    from llmshearing.pruning.export import export_checkpoint
+
+    kept = export_checkpoint(args.checkpoint, args.out_dir, args.config, args.dtype, args.overwrite)
+    print(f"wrote {args.out_dir}: {json.dumps(kept['target_shape'])}")
+
+
+def _make_tiny(args) -> None:
+    from llmshearing.experiments.tiny import make_tiny
+
+    print(json.dumps(make_tiny(args.out_dir, args.family), indent=1))
+
+
+def _demo(args) -> None:
+    from llmshearing.experiments.demo import run_demo
+
+    run_demo(args.data, args.out, args.overrides)
+
+
+def _reference_loss(args) -> None:
+    snippet = reference_loss_snippet(args)
+    if args.out:
+        atomic_write_text(args.out, snippet)
+        print(f"wrote {args.out}")
+    else:
+        print(snippet, end="")
+
+
+def _eval(args) -> None:
+    run_eval(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmshearing")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_export, _add_make_tiny, _add_demo, _add_reference_loss, _add_eval):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "export":
-            from llmshearing.pruning.export import export_checkpoint
-
-            kept = export_checkpoint(args.checkpoint, args.out_dir, args.config, args.dtype, args.overwrite)
-            print(f"wrote {args.out_dir}: {json.dumps(kept['target_shape'])}")
-        elif args.command == "make-tiny":
-            from llmshearing.experiments.tiny import make_tiny
-
-            print(json.dumps(make_tiny(args.out_dir, args.family), indent=1))
-        elif args.command == "demo":
-            from llmshearing.experiments.demo import run_demo
-
-            run_demo(args.data, args.out, args.overrides)
-        elif args.command == "reference-loss":
-            snippet = reference_loss_snippet(args)
-            if args.out:
-                from llmshearing.io import atomic_write_text
-
-                atomic_write_text(args.out, snippet)
-                print(f"wrote {args.out}")
-            else:
-                print(snippet, end="")
-        elif args.command == "eval":
-            run_eval(args)
+        result = args.handler(args)
     except (ConfigError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 def _names(value: str | None, key: str) -> list[str] | None:
@@ -120,8 +151,6 @@ def run_eval(args) -> dict:
                              args.num_fewshot, args.limit, progress=sys.stderr.isatty())
     print(report_table(report))
     if args.out:
-        from llmshearing.io import atomic_write_text
-
         atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
         print(f"wrote {args.out}")
     return report
