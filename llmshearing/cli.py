@@ -8,6 +8,7 @@ import sys
 
 from llmshearing.errors import ConfigError
 from llmshearing.io import atomic_write_text
+from llmshearing.train import plan
 
 
 def _add_export(sub) -> None:
@@ -112,7 +113,7 @@ def _eval(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmshearing")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_make_tiny, _add_demo, _add_reference_loss, _add_eval):
+    for add in (_add_export, _add_make_tiny, _add_demo, _add_reference_loss, _add_eval, plan.add_parser):
         add(sub)
     return parser
 

@@ -1,0 +1,642 @@
+"""`llmshearing plan <yaml> --gpus N --gpu-memory-gb M`: will a recipe fit, from the configs alone (no weights).
+
+Reads the recipe raw (OmegaConf, env interpolations resolved leniently: `${oc.env:X,default}` gives the
+default, an unresolvable one keeps its text), the model's config.json (or the shipped
+`yamls/models/llama-2-7b.json` when the recipe's model path does not exist here) and prints the per-GPU
+memory of one training step, host RAM per node, a verdict and the largest microbatch that fits, with and
+without activation checkpointing. Every number is a formula below; nothing is measured.
+
+Notation
+--------
+P params of the trained model (`llmshearing.pruning.shapes.param_count`: for pruning the *source* model,
+all of whose weights are trained; for continued pretraining the pruned model). L layers, d hidden,
+H query heads, K KV heads, h head_dim, I intermediate, V vocab. U = (P - R) / L params of one decoder
+layer (one FSDP unit: `ComposerLM.fsdp_wrap_fn`), R = V*d*(1 if tied else 2) + d the root unit (embedding,
+lm_head, final norm). N GPUs, S the sharding group (FULL_SHARD / SHARD_GRAD_OP: N; HYBRID_SHARD /
+_HYBRID_SHARD_ZERO2: GPUs per node; NO_SHARD / no fsdp: 1). B microbatch, T sequence length.
+c bytes of the compute dtype (2 for amp_bf16 / amp_fp16, 4 for fp32); p bytes of the gathered parameter
+copy (Composer's fsdp.mixed_precision DEFAULT and PURE: c; FULL: 4); r bytes of the gradient
+reduction (DEFAULT and FULL: 4; PURE: c). GiB = 2**30 bytes throughout, and --gpu-memory-gb is read in
+GiB (an A100-80GB is 80 GiB = 81,920 MiB as nvidia-smi reports it).
+
+Per GPU (one training step; the model keeps fp32 master weights, as `from_pretrained` loads fp32)
+------------------------------------------------------------------------------------------------------
+  params     4P/S        fp32 master shard
+  grads      4P/S        fp32 gradient shard (no fsdp / DDP: 4P + 4P of DDP's gradient buckets)
+  optimizer  8P/S        AdamW exp_avg + exp_avg_sq, fp32
+  masks      16*M        pruning only: M = the L0 log-alphas (the gate shapes of `plan_masks`) + 2 Lagrange
+                         multipliers per mask; value + grad + 2 Adam states, fp32, counted as replicated
+                         on every rank (an upper bound: Composer wraps `l0` as its own FSDP module; it is
+                         ~1.4M numbers for Llama-2-7B, a few MB)
+  gathered_unit          FULL_SHARD / HYBRID_SHARD: 2*U*p (the all-gathered layer being computed and the
+                         one prefetched; Composer's limit_all_gathers keeps at most two in flight)
+                         + U*(p + r) (that layer's unsharded gradient, and its cast to the reduce dtype
+                         when r != p; U*p when r == p).
+                         SHARD_GRAD_OP / NO_SHARD: parameters are not freed after forward, so all of
+                         them are held gathered: P*p + the same unsharded layer gradient (0 for NO_SHARD
+                         without mixed precision, where the fp32 parameters and gradients are the ones
+                         counted above).
+                         No fsdp (DDP) with amp: autocast's cache of low-precision weight copies, P*c.
+  root_unit  2*R*p       FULL_SHARD / HYBRID_SHARD: FSDP does not reshard the root unit after forward
+                         (torch `_post_forward_reshard`), so the embedding and lm_head stay gathered
+                         through backward, and their gradient accumulates unsharded until the end of
+                         backward (its cast to r happens after the activations are freed, so not
+                         counted). SHARD_GRAD_OP / NO_SHARD: R*p (the gradient; the parameters are in
+                         P*p above); NO_SHARD in fp32 and DDP: 0.
+  activations            see below
+  logits     B*T*V*(c+12)  lm_head output in the compute dtype (Composer keeps `state.outputs` alive until
+                         after backward) + the fp32 upcast (`outputs[:, :-1].float()`) whose log-softmax
+                         output autograd keeps (4) + its gradient: in the backward of log_softmax the
+                         incoming fp32 gradient (4) and the outgoing one (4) are alive together.
+  reserve    1.5 GiB + 10% of the sum of the above: CUDA context, NCCL buffers, allocator
+                         fragmentation, cuBLAS workspaces and the transient activation gradients of the
+                         layer being back-propagated.
+
+Activations, derived from `llmshearing.model.decoder` (which tensors autograd saves; the accounting
+idea is Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", but
+the per-tensor counts are ours, and tests/test_plan.py checks them against the tensors that
+`torch.autograd.graph.saved_tensors_hooks` sees for a DecoderLayer). Per layer, in bytes (n = B*T):
+  each of the 2 RMSNorms:  4*n*d (fp32 copy of the input, saved by pow and mul) + 4*n (rsqrt)
+                           + c*n*d (normalized, saved by the weight multiply) + c*n*d (the output,
+                           saved by the q/k/v or gate/up projections as their input)
+  attention:  c*n*H*h (q after RoPE) + 2*c*n*K*h (k, v) + c*n*H*h (output) + 4*B*H*T (softmax
+              log-sum-exp): a fused kernel (flash-attn, or SDPA's flash / memory-efficient backends)
+              keeps no T x T matrix; RoPE's multiplies save only cos/sin. o_proj's input is a view of
+              the attention output, except with a head mask: + c*n*H*h for the masked product.
+  MLP:        4*c*n*I: gate_proj output (silu's input), silu output, up_proj output, their product
+              (down_proj's input); + c*n*I with an intermediate mask (the masked product).
+  residual writes (attention and MLP): + c*n*d for each of the layer gate and the hidden mask that
+              multiplies the update (the multiply saves its input); the residual add saves nothing,
+              so without masks the bf16 residual stream itself is not held by autograd.
+Outside the layers: 8*n (token ids, saved by the embedding) + c*n*d (the embedding output, with a hidden
+mask) + one RMSNorm (the final norm; its output is lm_head's input) + 2*T*h*c (cos, sin).
+  without checkpointing:  L * layer + outside
+  with checkpointing:     L * c*n*d (each layer keeps its input) + one layer (recomputed in backward)
+                          + outside
+During pruning every source layer runs (FSDP all-gathers every layer on every rank), so L is the
+source's layer count and the masks above are those of `plan_masks(source, target)`.
+
+Host RAM per node (G = GPUs per node, default 8; W = data.num_workers per rank)
+--------------------------------------------------------------------------------
+  rank-0-only loading:  P*s (one copy in the stored dtype s of the checkpoint: float16 for Llama-2-7B,
+                        float32 for an export of a pruning run) + G * 3 GiB (per rank process: torch,
+                        CUDA and NCCL host state) + G * W * 0.5 GiB (per dataloader worker)
+  every rank loads fp32 (today's behaviour: `llmshearing.model.hf.from_pretrained` on every rank):
+                        G * 4P + the same overheads; its peak is G * 8P, as the HF model and the
+                        DecoderLM hold a copy each until `load_state_dict` has copied the weights.
+The page cache of the checkpoint files is reclaimable and not counted.
+
+Verdict: fits when the per-GPU total at the recipe's microbatch and checkpointing setting is at most
+--gpu-memory-gb (and, when --host-memory-gb is given, host RAM per node fits too). The largest
+microbatch is the largest divisor of the per-device batch (global_train_batch_size / N) that fits.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from llmshearing.errors import ConfigError
+
+GiB = 2**30
+CONTEXT_RESERVE_GIB = 1.5  # CUDA context + NCCL + cuBLAS workspaces, per GPU
+FRAGMENTATION = 0.10  # allocator fragmentation and transient gradients, as a share of the modelled bytes
+RANK_HOST_GIB = 3.0  # host RAM of one training process besides the weights
+WORKER_HOST_GIB = 0.5  # host RAM of one dataloader worker process
+DEFAULT_GPUS_PER_NODE = 8
+DEFAULT_SEQ_LEN = 4096
+SHIPPED_LLAMA2_7B = os.path.join("models", "llama-2-7b.json")  # inside yamls/ (llmshearing.recipes)
+STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2", "NO_SHARD")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+PAPER_RECIPE_SHAPES = {"1.3b": "sheared-llama-1.3b", "2.7b": "sheared-llama-2.7b"}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def shipped_llama2_7b() -> str:
+    """Path of the shipped Llama-2-7b-hf config.json values (the repository's yamls/models/)."""
+    candidates = [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                               "yamls", SHIPPED_LLAMA2_7B)]
+    try:
+        from importlib import resources
+
+        candidates.append(str(resources.files("llmshearing.recipes").joinpath(SHIPPED_LLAMA2_7B)))
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - depends on the install
+        pass
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise ConfigError("the shipped yamls/models/llama-2-7b.json is missing from this install; "
+                      "give --model-config PATH (a Llama-2-7b-hf config.json)")
+
+
+def load_model_config(path: str):
+    """An HF config from a config.json file or a folder holding one (no weights, no network)."""
+    from transformers import AutoConfig
+
+    from llmshearing.model.hf import check_source_config
+
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ConfigError(f"model config '{path}' does not exist (give a config.json or a folder holding one)")
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"model config '{file}' is not readable JSON: {e}") from None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ConfigError(f"model config '{file}' has no model_type; expected an HF config.json")
+    raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    try:
+        config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"model config '{file}': {e}") from None
+    check_source_config(config)
+    return config
+
+
+def _lenient(conf, key: str, default=None):
+    """The value at `key` with interpolations resolved where they can be; an unresolvable interpolation
+    (an unset env var without default) keeps its text."""
+    from omegaconf import OmegaConf
+
+    try:
+        value = OmegaConf.select(conf, key, default=default, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - omegaconf's resolver errors
+        node = OmegaConf.to_container(conf, resolve=False)
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return default if node is None else node
+    if OmegaConf.is_config(value):
+        try:
+            return OmegaConf.to_container(value, resolve=True)
+        except Exception:  # noqa: BLE001
+            return OmegaConf.to_container(value, resolve=False)
+    return value
+
+
+def _raw(conf, key: str):
+    """The unresolved text at `key` (to see which env var a path comes from)."""
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(conf, resolve=False)
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def read_recipe(path_or_name: str) -> dict:
+    """The keys of a recipe that the plan needs, read without validating paths (the paper recipes name
+    cluster paths)."""
+    from omegaconf import OmegaConf
+
+    from llmshearing.train.config import resolve_recipe
+
+    path = resolve_recipe(path_or_name)
+    try:
+        conf = OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001 - yaml syntax errors
+        raise ConfigError(f"'{path}' is not a readable yaml recipe: {e}") from None
+    if not OmegaConf.is_dict(conf):
+        raise ConfigError(f"'{path}' must be a mapping of recipe keys")
+    model_path = _lenient(conf, "model.path")
+    if not isinstance(model_path, str):
+        raise ConfigError(f"'{path}': model.path is missing; a recipe names the model it trains")
+    fsdp = _lenient(conf, "fsdp")
+    if fsdp is not None and not isinstance(fsdp, dict):
+        raise ConfigError(f"'{path}': fsdp must be a mapping or null")
+    recipe = {
+        "path": path,
+        "run_name": _lenient(conf, "run_name", "") or "",
+        "model_path": model_path,
+        "model_path_raw": str(_raw(conf, "model.path")),
+        "pruning_target": _lenient(conf, "pruning.target"),
+        "pruning": _lenient(conf, "pruning") is not None,
+        "global_train_batch_size": _lenient(conf, "global_train_batch_size"),
+        "device_train_microbatch_size": _lenient(conf, "device_train_microbatch_size", "auto"),
+        "precision": _lenient(conf, "precision", "fp32"),
+        "fsdp": fsdp,
+        "num_workers": _lenient(conf, "data.num_workers", 0) or 0,
+        "shards": _lenient(conf, "data.shards"),
+    }
+    gbs = recipe["global_train_batch_size"]
+    if not isinstance(gbs, int) or isinstance(gbs, bool) or gbs < 1:
+        raise ConfigError(f"'{path}': global_train_batch_size must be a positive integer, got {gbs!r}")
+    mb = recipe["device_train_microbatch_size"]
+    if mb != "auto" and (not isinstance(mb, int) or isinstance(mb, bool) or mb < 1):
+        raise ConfigError(f"'{path}': device_train_microbatch_size must be a positive integer or 'auto', got {mb!r}")
+    if recipe["precision"] not in ("fp32", "amp_bf16", "amp_fp16"):
+        raise ConfigError(f"'{path}': precision must be fp32, amp_bf16 or amp_fp16, got {recipe['precision']!r}")
+    if not isinstance(recipe["num_workers"], int) or recipe["num_workers"] < 0:
+        raise ConfigError(f"'{path}': data.num_workers must be a non-negative integer")
+    return recipe
+
+
+def infer_target_shape(recipe: dict) -> str | None:
+    """The preset of a paper continue recipe from its name ('continue_1.3b' -> 'sheared-llama-1.3b')."""
+    names = f"{recipe['run_name']} {os.path.basename(recipe['path'])}".lower()
+    found = {preset for key, preset in PAPER_RECIPE_SHAPES.items() if key in names}
+    return found.pop() if len(found) == 1 else None
+
+
+def resolve_model(recipe: dict, model_config: str | None = None, target_shape: str | None = None):
+    """(HF config of the model the recipe trains, stored bytes per weight, a line saying which config)."""
+    from llmshearing.pruning.shapes import PRESETS, shape_of, target_config, validate_target
+
+    if target_shape is not None and target_shape not in PRESETS:
+        raise ConfigError(f"--target-shape '{target_shape}' is not a preset; presets: {', '.join(PRESETS)}")
+    if target_shape is not None and recipe["pruning"]:
+        raise ConfigError("--target-shape is for continued-pretraining recipes (the model is a pruned export); "
+                          "a pruning recipe's target is its pruning.target")
+    path, raw = recipe["model_path"], recipe["model_path_raw"]
+    shipped_fallback = False
+    if model_config is not None:
+        config, used = load_model_config(model_config), model_config
+    elif os.path.isfile(os.path.join(path, "config.json")):
+        config, used = load_model_config(path), os.path.join(path, "config.json")
+    elif "LLAMA2_7B" in raw or "PRUNED" in raw or "llama-2-7b" in path.lower():
+        used = shipped_llama2_7b()
+        config, shipped_fallback = load_model_config(used), True
+        used = f"{used} (model.path '{path}' does not exist here)"
+    else:
+        raise ConfigError(f"model.path '{path}' does not exist here and is not a Llama-2-7B path; "
+                          f"give --model-config PATH (the config.json of the model the recipe trains)")
+    preset = target_shape
+    pruned_export = "PRUNED" in raw
+    if preset is None and shipped_fallback and pruned_export:
+        preset = infer_target_shape(recipe)
+        if preset is None:
+            raise ConfigError(f"'{recipe['path']}' trains a pruned export ('{path}', not here); give "
+                              f"--target-shape PRESET ({', '.join(PRESETS)}) or --model-config of the export")
+    stored = DTYPE_BYTES.get(str(getattr(config, "torch_dtype", None) or "float32").replace("torch.", ""), 4)
+    if preset is not None:
+        validate_target(shape_of(config), PRESETS[preset])
+        config = target_config(config, PRESETS[preset])
+        config.torch_dtype = "float32"  # a pruning run exports its fp32 training weights unless told otherwise
+        stored = 4
+        used = f"{used} with the {preset} shape"
+    return config, stored, used
+
+
+def resolve_seq_len(recipe: dict, config, seq_len: int | None) -> tuple[int, str]:
+    if seq_len is not None:
+        if seq_len < 1:
+            raise ConfigError(f"--seq-len must be at least 1, got {seq_len}")
+        return seq_len, "--seq-len"
+    shards = recipe.get("shards")
+    if isinstance(shards, str) and os.path.isfile(os.path.join(shards, "manifest.json")):
+        try:
+            with open(os.path.join(shards, "manifest.json")) as f:
+                value = json.load(f).get("seq_len")
+            if isinstance(value, int) and value > 0:
+                return value, f"{shards}/manifest.json"
+        except (OSError, json.JSONDecodeError, AttributeError):
+            pass
+    value = getattr(config, "max_position_embeddings", None)
+    if isinstance(value, int) and value > 0:
+        return value, "the model's max_position_embeddings (the shards are not here; --seq-len to change)"
+    return DEFAULT_SEQ_LEN, "default (--seq-len to change)"
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def model_counts(config) -> dict:
+    """P (== shapes.param_count), U (one decoder layer) and R (embedding + lm_head + final norm)."""
+    from llmshearing.pruning.shapes import param_count, shape_of
+
+    P = int(param_count(shape_of(config), config))
+    d, V = config.hidden_size, config.vocab_size
+    R = V * d * (1 if config.tie_word_embeddings else 2) + d
+    L = config.num_hidden_layers
+    return {"params": P, "layer_unit": (P - R) // L, "root_unit": R, "layers": L}
+
+
+def mask_numbers(source_config, target) -> tuple[int, list[str]]:
+    """(M: L0 log-alphas + Lagrange multipliers, structures the forward multiplies by a mask)."""
+    from llmshearing.pruning.masks import plan_masks
+    from llmshearing.pruning.shapes import shape_of
+
+    plan = plan_masks(shape_of(source_config), target)
+    M = sum(math.prod(shape) for shape, _ in plan.values()) + 2 * len(plan)
+    applied = [name for name in ("layer", "hidden") if name in plan]
+    if "kv_head" in plan or "head" in plan:
+        applied.append("head")
+    if "intermediate" in plan:
+        applied.append("intermediate")
+    return M, applied
+
+
+def layer_saved_bytes(config, B: int, T: int, c: int, masks=()) -> dict[str, int]:
+    """Bytes autograd saves in one DecoderLayer forward, tensor by tensor (names as in the docstring)."""
+    from llmshearing.model.hf import head_dim_of
+
+    n, d, I = B * T, config.hidden_size, config.intermediate_size
+    H, h = config.num_attention_heads, head_dim_of(config)
+    K = getattr(config, "num_key_value_heads", None) or H
+    masks = set(masks)
+    gates = ("layer" in masks) + ("hidden" in masks)
+    out = {}
+    for norm in ("attn_norm", "mlp_norm"):
+        out[f"{norm}.input_fp32"] = 4 * n * d
+        out[f"{norm}.rstd_fp32"] = 4 * n
+        out[f"{norm}.normalized"] = c * n * d
+        out[f"{norm}.output"] = c * n * d
+    out["attn.q"] = c * n * H * h
+    out["attn.k"] = c * n * K * h
+    out["attn.v"] = c * n * K * h
+    out["attn.output"] = c * n * H * h
+    out["attn.softmax_lse_fp32"] = 4 * B * H * T
+    if "head" in masks:
+        out["attn.head_mask_product"] = c * n * H * h
+    out["mlp.gate"] = c * n * I
+    out["mlp.silu"] = c * n * I
+    out["mlp.up"] = c * n * I
+    out["mlp.product"] = c * n * I
+    if "intermediate" in masks:
+        out["mlp.intermediate_mask_product"] = c * n * I
+    for write in ("attn_write", "mlp_write"):
+        if gates:
+            out[f"{write}.masked_update"] = gates * c * n * d
+    return out
+
+
+def outside_saved_bytes(config, B: int, T: int, c: int, masks=()) -> dict[str, int]:
+    """Bytes saved outside the decoder layers: token ids, the masked embedding, the final norm, RoPE."""
+    from llmshearing.model.hf import head_dim_of
+
+    n, d = B * T, config.hidden_size
+    out = {"token_ids": 8 * n}
+    if "hidden" in set(masks):
+        out["embedding_output"] = c * n * d
+    out["final_norm"] = (4 + 2 * c) * n * d + 4 * n
+    out["rope_cos_sin"] = 2 * T * head_dim_of(config) * c
+    return out
+
+
+def activation_bytes(config, B: int, T: int, c: int, masks=(), checkpointing: bool = True) -> int:
+    layer = sum(layer_saved_bytes(config, B, T, c, masks).values())
+    outside = sum(outside_saved_bytes(config, B, T, c, masks).values())
+    L = config.num_hidden_layers
+    if checkpointing:
+        return L * c * B * T * config.hidden_size + layer + outside
+    return L * layer + outside
+
+
+def logits_bytes(config, B: int, T: int, c: int) -> int:
+    return B * T * config.vocab_size * (c + 12)
+
+
+def sharded_state_bytes(P: int, S: int, ddp: bool = False) -> dict[str, float]:
+    """fp32 master params, fp32 grads, AdamW's two fp32 states over a sharding group of S GPUs."""
+    return {"params": 4 * P / S, "grads": (8 * P if ddp else 4 * P) / S, "optimizer": 8 * P / S}
+
+
+def _dtypes(precision: str, fsdp: dict | None) -> tuple[int, int, int, str]:
+    """(c, p, r, description) for a precision and fsdp.mixed_precision."""
+    c = 4 if precision == "fp32" else 2
+    if fsdp is None:
+        return c, 4, 4, "no fsdp (DDP): fp32 params" + (", autocast" if c == 2 else "")
+    mp = fsdp.get("mixed_precision", "DEFAULT")
+    if isinstance(mp, dict):
+        def nbytes(key, default):
+            value = mp.get(key)
+            return default if value is None else DTYPE_BYTES.get(str(value).replace("torch.", ""), 4)
+        return c, nbytes("param_dtype", 4), nbytes("reduce_dtype", 4), f"mixed_precision {mp}"
+    mp = str(mp).upper()
+    if mp == "DEFAULT":
+        p, r = c, 4
+    elif mp == "PURE":
+        p, r = c, c
+    elif mp == "FULL":
+        p, r = 4, 4
+    else:
+        raise ConfigError(f"fsdp.mixed_precision '{mp}': expected DEFAULT, PURE, FULL or a mapping of dtypes")
+    name = {2: "bf16" if precision == "amp_bf16" else "fp16", 4: "fp32"}
+    return c, p, r, f"mixed_precision {mp}: params {name[p]}, reduce {name[r]}"
+
+
+# ---------------------------------------------------------------------------------------------- plan
+
+def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: int, r: int, M: int, masks,
+            B: int, T: int, checkpointing: bool) -> dict[str, float]:
+    """Per-GPU bytes of every term (see the module docstring) and their total, in GiB."""
+    P, U, R = counts["params"], counts["layer_unit"], counts["root_unit"]
+    ddp = strategy is None
+    state = sharded_state_bytes(P, S, ddp)
+    unit_grad = U * (p + (r if r != p else 0))
+    if ddp:
+        gathered, root = (P * c if c < 4 else 0), 0
+    elif strategy in ("FULL_SHARD", "HYBRID_SHARD") and S > 1:
+        gathered, root = 2 * U * p + unit_grad, 2 * R * p
+    elif S == 1 and p == 4:  # NO_SHARD in fp32: the parameters and gradients are the ones counted above
+        gathered, root = 0, 0
+    else:  # parameters stay gathered from forward to backward
+        gathered, root = P * p + unit_grad, R * p
+    terms = {**state, "masks": 16 * M, "gathered_unit": gathered, "root_unit": root,
+             "activations": activation_bytes(config, B, T, c, masks, checkpointing),
+             "logits": logits_bytes(config, B, T, c)}
+    subtotal = sum(terms.values())
+    terms["reserve"] = CONTEXT_RESERVE_GIB * GiB + FRAGMENTATION * subtotal
+    terms["total"] = subtotal + terms["reserve"]
+    return {k: v / GiB for k, v in terms.items()}
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb: float | None = None, *,
+              gpus_per_node: int = DEFAULT_GPUS_PER_NODE, seq_len: int | None = None,
+              model_config: str | None = None, target_shape: str | None = None) -> dict:
+    """Everything `llmshearing plan` prints, as a dict (the --json output)."""
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {gpus}")
+    if not gpu_memory_gb > 0:
+        raise ConfigError(f"--gpu-memory-gb must be positive, got {gpu_memory_gb}")
+    if host_memory_gb is not None and not host_memory_gb > 0:
+        raise ConfigError(f"--host-memory-gb must be positive, got {host_memory_gb}")
+    if not isinstance(gpus_per_node, int) or gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
+    recipe = read_recipe(recipe_path)
+    config, stored, config_used = resolve_model(recipe, model_config, target_shape)
+    T, seq_source = resolve_seq_len(recipe, config, seq_len)
+
+    from llmshearing.pruning.shapes import resolve_target, shape_of
+
+    target, M, masks = None, 0, []
+    if recipe["pruning"]:
+        spec = recipe["pruning_target"]
+        if spec is None:
+            raise ConfigError(f"'{recipe['path']}': pruning.target is missing")
+        target = resolve_target(spec, config)
+        M, masks = mask_numbers(config, target)
+
+    fsdp = recipe["fsdp"]
+    strategy = None
+    if fsdp is not None:
+        strategy = str(fsdp.get("sharding_strategy", "FULL_SHARD")).upper()
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"fsdp.sharding_strategy '{strategy}': expected one of {', '.join(STRATEGIES)}")
+    ranks_per_node = min(gpus, gpus_per_node)
+    nodes = math.ceil(gpus / gpus_per_node)
+    S = {None: 1, "NO_SHARD": 1, "HYBRID_SHARD": ranks_per_node, "_HYBRID_SHARD_ZERO2": ranks_per_node}.get(strategy, gpus)
+    c, p, r, dtypes = _dtypes(recipe["precision"], fsdp)
+    checkpointing = bool((fsdp or {}).get("activation_checkpointing", False))
+
+    gbs = recipe["global_train_batch_size"]
+    if gbs % gpus:
+        raise ConfigError(f"global_train_batch_size={gbs} is not a multiple of --gpus {gpus}; "
+                          f"the per-device batch must be a whole number of sequences")
+    per_device = gbs // gpus
+    mb = recipe["device_train_microbatch_size"]
+    if mb != "auto" and per_device % mb:
+        raise ConfigError(f"device_train_microbatch_size={mb} does not divide the per-device batch {per_device} "
+                          f"(global {gbs} / {gpus} GPUs)")
+    counts = model_counts(config)
+
+    def at(B, ckpt):
+        return per_gpu(counts=counts, config=config, S=S, strategy=strategy, c=c, p=p, r=r, M=M, masks=masks,
+                       B=B, T=T, checkpointing=ckpt)
+
+    largest = {}
+    for key, ckpt in (("with_checkpointing", True), ("without_checkpointing", False)):
+        fitting = [B for B in divisors(per_device) if at(B, ckpt)["total"] <= gpu_memory_gb]
+        largest[key] = max(fitting) if fitting else None
+    recipe_key = "with_checkpointing" if checkpointing else "without_checkpointing"
+    microbatch = mb if mb != "auto" else (largest[recipe_key] or 1)
+    by_ckpt = {"with_checkpointing": at(microbatch, True), "without_checkpointing": at(microbatch, False)}
+    chosen = by_ckpt[recipe_key]
+    gpu_fits = chosen["total"] <= gpu_memory_gb
+
+    P = counts["params"]
+    overhead = ranks_per_node * RANK_HOST_GIB + ranks_per_node * recipe["num_workers"] * WORKER_HOST_GIB
+    host = {
+        "weights_rank0": P * stored / GiB,
+        "rank_processes": ranks_per_node * RANK_HOST_GIB,
+        "dataloader_workers": ranks_per_node * recipe["num_workers"] * WORKER_HOST_GIB,
+    }
+    host_rank0 = sum(host.values())
+    host_every_rank = ranks_per_node * 4 * P / GiB + overhead
+    host_every_rank_peak = ranks_per_node * 8 * P / GiB + overhead
+    if host_memory_gb is None:
+        host_verdict = "not checked (give --host-memory-gb)"
+        host_fits = True
+    elif host_every_rank_peak <= host_memory_gb:
+        host_verdict, host_fits = "fits", True
+    elif host_rank0 <= host_memory_gb:
+        host_verdict, host_fits = "fits only with rank-0-only loading (every rank loading fp32 does not fit)", False
+    else:
+        host_verdict, host_fits = "does not fit", False
+    fits = gpu_fits and host_fits
+    return {
+        "recipe": recipe["path"],
+        "config_used": config_used,
+        "model": {"params": P, "layer_unit_params": counts["layer_unit"], "root_unit_params": counts["root_unit"],
+                  **shape_of(config).as_dict(), "vocab_size": config.vocab_size,
+                  "tie_word_embeddings": bool(config.tie_word_embeddings),
+                  "stored_dtype_bytes": stored},
+        "pruning": None if target is None else {"target": target.as_dict(), "masks": masks, "mask_numbers": M},
+        "gpus": gpus, "gpus_per_node": ranks_per_node, "nodes": nodes,
+        "sharding_strategy": strategy or "none (DDP)", "shard_group": S,
+        "precision": recipe["precision"], "dtypes": dtypes,
+        "bytes": {"compute": c, "gathered_params": p, "grad_reduce": r},
+        "seq_len": T, "seq_len_source": seq_source,
+        "global_train_batch_size": gbs, "per_device_batch": per_device,
+        "microbatch": microbatch, "microbatch_from_recipe": mb,
+        "activation_checkpointing": checkpointing,
+        "gpu_memory_gb": gpu_memory_gb,
+        "per_gpu_gb": chosen,
+        "per_gpu_gb_by_checkpointing": by_ckpt,
+        "gpu_fits": gpu_fits,
+        "host_gb_per_node": host_rank0,
+        "host_gb_per_node_detail": host,
+        "host_gb_per_node_every_rank_fp32": host_every_rank,
+        "host_gb_per_node_every_rank_fp32_peak": host_every_rank_peak,
+        "host_memory_gb": host_memory_gb,
+        "host_verdict": host_verdict,
+        "verdict": "fits" if fits else "does not fit",
+        "largest_microbatch": largest,
+        "assumptions": {"context_reserve_gb": CONTEXT_RESERVE_GIB, "fragmentation_share": FRAGMENTATION,
+                        "host_gb_per_rank": RANK_HOST_GIB, "host_gb_per_worker": WORKER_HOST_GIB,
+                        "units": "GiB (2**30 bytes)"},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+ROWS = [("params", "params (fp32 master shard)"), ("grads", "grads (fp32 shard)"),
+        ("optimizer", "optimizer (AdamW, fp32 shard)"), ("masks", "masks + multipliers"),
+        ("gathered_unit", "gathered layer x2 + its grad"), ("root_unit", "root unit (embed, lm_head) + grad"),
+        ("activations", "activations"), ("logits", "logits + fp32 loss"), ("reserve", "reserve (1.5 GiB + 10%)"),
+        ("total", "total")]
+
+
+def format_plan(plan: dict) -> str:
+    m = plan["model"]
+    lines = [f"llmshearing plan: {plan['recipe']}", f"  model config: {plan['config_used']}",
+             f"  model: {m['params'] / 1e9:.3f}B params ({m['params']:,}): {m['num_hidden_layers']} layers, "
+             f"hidden {m['hidden_size']}, {m['num_attention_heads']}/{m['num_key_value_heads']} heads, "
+             f"intermediate {m['intermediate_size']}, vocab {m['vocab_size']}"]
+    if plan["pruning"]:
+        t = plan["pruning"]["target"]
+        lines.append(f"  pruning to {t['num_hidden_layers']} layers / {t['hidden_size']} hidden / "
+                     f"{t['num_attention_heads']} heads / {t['intermediate_size']} intermediate; masks on "
+                     f"{', '.join(plan['pruning']['masks']) or 'nothing'} ({plan['pruning']['mask_numbers']:,} numbers)")
+    lines += [f"  {plan['gpus']} GPUs ({plan['nodes']} node(s) x {plan['gpus_per_node']}), {plan['sharding_strategy']} "
+              f"over {plan['shard_group']}, {plan['precision']} ({plan['dtypes']})",
+              f"  batch: global {plan['global_train_batch_size']} = {plan['gpus']} x {plan['per_device_batch']} per GPU, "
+              f"microbatch {plan['microbatch']} x {plan['seq_len']} tokens (seq len from {plan['seq_len_source']})", ""]
+    on, off = plan["per_gpu_gb_by_checkpointing"]["with_checkpointing"], plan["per_gpu_gb_by_checkpointing"]["without_checkpointing"]
+    mark = (" *", "  ") if plan["activation_checkpointing"] else ("  ", " *")
+    lines.append(f"  per GPU, GiB, microbatch {plan['microbatch']:<8}  ckpt on{mark[0]}  ckpt off{mark[1]}")
+    for key, label in ROWS:
+        lines.append(f"  {label:<34} {on[key]:>9.2f}  {off[key]:>10.2f}")
+    cap = plan["gpu_memory_gb"]
+    lines.append(f"  {'fits in ' + format(cap, 'g') + ' GiB?':<34} {'yes' if on['total'] <= cap else 'no':>9}  "
+                 f"{'yes' if off['total'] <= cap else 'no':>10}")
+    lm = plan["largest_microbatch"]
+    fmt = lambda v: "none" if v is None else str(v)  # noqa: E731
+    lines += [f"  (* the recipe's setting, activation_checkpointing={str(plan['activation_checkpointing']).lower()})",
+              f"  largest microbatch that fits (divisors of the per-GPU batch {plan['per_device_batch']}): "
+              f"{fmt(lm['with_checkpointing'])} with checkpointing, {fmt(lm['without_checkpointing'])} without", ""]
+    h = plan["host_gb_per_node_detail"]
+    lines += [f"  host RAM per node, GiB (rank-0-only loading): {plan['host_gb_per_node']:.1f} = weights "
+              f"{h['weights_rank0']:.1f} + {plan['gpus_per_node']} ranks {h['rank_processes']:.1f} + "
+              f"dataloader workers {h['dataloader_workers']:.1f}",
+              f"  host RAM per node if every rank loads fp32 (today): {plan['host_gb_per_node_every_rank_fp32']:.1f} "
+              f"(peak {plan['host_gb_per_node_every_rank_fp32_peak']:.1f} while the HF model and the DecoderLM both hold a copy)",
+              f"  host: {plan['host_verdict']}", "",
+              f"verdict: {plan['verdict']} ({plan['per_gpu_gb']['total']:.1f} of {cap:g} GiB per GPU at microbatch "
+              f"{plan['microbatch']}, checkpointing {'on' if plan['activation_checkpointing'] else 'off'})"]
+    return "\n".join(lines)
+
+
+def add_parser(sub) -> None:
+    """Register `plan` on an argparse subparsers object (sets `handler=run`)."""
+    p = sub.add_parser(
+        "plan", help="per-GPU memory and host RAM of a recipe, from the configs alone (no weights)",
+        description="Estimate the per-GPU memory of one training step (sharded fp32 state, gathered FSDP units, "
+                    "masks, activations with and without checkpointing, logits, a reserve) and host RAM per node "
+                    "of a recipe, with a verdict and the largest microbatch that fits. Formulas: docs/plan.md.")
+    p.add_argument("recipe", help="a yaml recipe (path, or a shipped name like prune_1.3b)")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (world size)")
+    p.add_argument("--gpu-memory-gb", type=float, required=True, help="memory of one GPU in GiB (A100-80GB: 80)")
+    p.add_argument("--host-memory-gb", type=float, help="host RAM per node in GiB (default: not checked)")
+    p.add_argument("--gpus-per-node", type=int, default=DEFAULT_GPUS_PER_NODE, help="default 8")
+    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the shards' manifest when present, "
+                                               "else the model's max_position_embeddings)")
+    p.add_argument("--model-config", metavar="PATH", help="config.json (or its folder) of the model the recipe trains, "
+                                                          "when model.path does not exist here")
+    p.add_argument("--target-shape", metavar="PRESET", help="continue recipes: the pruned shape to apply to the "
+                                                            "Llama-2-7B config (default: from the recipe name)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    """`llmshearing plan`: 0 when the recipe fits, 1 when it does not; bad input raises ConfigError."""
+    plan = make_plan(args.recipe, args.gpus, args.gpu_memory_gb, args.host_memory_gb,
+                     gpus_per_node=args.gpus_per_node, seq_len=args.seq_len, model_config=args.model_config,
+                     target_shape=args.target_shape)
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+    return 0 if plan["verdict"] == "fits" else 1

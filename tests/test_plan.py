@@ -1,0 +1,223 @@
+"""`llmshearing plan`: memory formulas by hand, against autograd's saved tensors, and the paper recipes' verdicts."""
+import argparse
+import contextlib
+import io
+import json
+import os
+
+import pytest
+import torch
+from conftest import REPO
+from transformers import LlamaConfig
+
+from llmshearing.errors import ConfigError
+from llmshearing.pruning.shapes import param_count, shape_of
+from llmshearing.train import plan
+
+GiB = 2**30
+YAMLS = os.path.join(REPO, "yamls")
+
+# What docs/plan.md states for 16 x A100-80GB (GiB per GPU at the recipe's microbatch, checkpointing on / off;
+# largest microbatch with / without checkpointing).
+PAPER = {
+    "prune_1.3b": dict(microbatch=2, on=19.96, off=82.66, largest=(2, 1)),
+    "prune_2.7b": dict(microbatch=2, on=19.82, off=78.26, largest=(2, 2)),
+    "continue_1.3b": dict(microbatch=8, on=25.96, off=94.66, largest=(16, 4)),
+    "continue_2.7b": dict(microbatch=4, on=18.33, off=76.36, largest=(16, 4)),
+}
+
+
+def tiny_config(**kw):
+    base = dict(hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=50, max_position_embeddings=32, tie_word_embeddings=False)
+    return LlamaConfig(**{**base, **kw})
+
+
+def cli(*argv):
+    parser = argparse.ArgumentParser()
+    plan.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["plan", *argv])
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = plan.run(args)
+    return rc, out.getvalue()
+
+
+def test_llama2_7b_param_count():
+    config = plan.load_model_config(plan.shipped_llama2_7b())
+    counts = plan.model_counts(config)
+    assert counts["params"] == 6_738_415_616 == param_count(shape_of(config), config)
+    assert counts["layer_unit"] * 32 + counts["root_unit"] == counts["params"]
+    assert counts["root_unit"] == 2 * 32000 * 4096 + 4096
+
+
+def test_sharded_state_is_16P_over_N():
+    config = tiny_config()
+    P = 2 * (4 * 64 * 64 + 3 * 64 * 88 + 2 * 64) + 2 * 50 * 64 + 64  # layers + untied embed/head + final norm
+    assert plan.model_counts(config)["params"] == P
+    state = plan.sharded_state_bytes(P, 4)
+    assert state == {"params": 4 * P / 4, "grads": 4 * P / 4, "optimizer": 8 * P / 4}
+    assert sum(state.values()) == 16 * P / 4
+    counts = plan.model_counts(config)
+    per = plan.per_gpu(counts=counts, config=config, S=4, strategy="FULL_SHARD", c=2, p=2, r=4, M=0, masks=(),
+                       B=1, T=8, checkpointing=True)
+    assert per["params"] + per["grads"] + per["optimizer"] == pytest.approx(16 * P / 4 / GiB)
+    U, R = counts["layer_unit"], counts["root_unit"]
+    assert per["gathered_unit"] == pytest.approx((2 * U * 2 + U * (2 + 4)) / GiB)
+    assert per["root_unit"] == pytest.approx(2 * R * 2 / GiB)
+
+
+def test_activation_bytes_hand_count():
+    config, B, T, c, d, I = tiny_config(), 3, 16, 2, 64, 88
+    n = B * T
+    norm = 4 * n * d + 4 * n + 2 * c * n * d  # fp32 input, rstd, normalized, output
+    attn = 4 * c * n * d + 4 * B * 4 * T  # q, k, v, output (H*h = K*h = d) + log-sum-exp
+    mlp = 4 * c * n * I
+    layer = 2 * norm + attn + mlp
+    assert sum(plan.layer_saved_bytes(config, B, T, c).values()) == layer
+    outside = 8 * n + norm + 2 * T * 16 * c  # token ids, final norm, cos/sin
+    assert plan.activation_bytes(config, B, T, c, (), checkpointing=False) == 2 * layer + outside
+    assert plan.activation_bytes(config, B, T, c, (), checkpointing=True) == 2 * c * n * d + layer + outside
+    masks = ("layer", "hidden", "head", "intermediate")
+    masked = layer + c * n * d + c * n * I + 2 * (2 * c * n * d)  # head product, mlp mask product, 2 writes x 2 gates
+    assert sum(plan.layer_saved_bytes(config, B, T, c, masks).values()) == masked
+    assert plan.activation_bytes(config, B, T, c, masks, False) == 2 * masked + outside + c * n * d
+    assert plan.logits_bytes(config, B, T, c) == n * 50 * (2 + 12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_layer_count_matches_autograd(dtype, masked):
+    """The per-layer formula equals the bytes autograd saves in a DecoderLayer (SDPA's fused path on CPU)."""
+    from llmshearing.model.decoder import DecoderLM
+
+    config, B, T = tiny_config(), 3, 16
+    lm = DecoderLM(config, "sdpa").to(dtype)
+    x = torch.randn(B, T, 64, dtype=dtype, requires_grad=True)
+    cos, sin = lm.rope(T, dtype, "cpu")
+    kw, names = {}, ()
+    if masked:
+        hidden = torch.rand(64, requires_grad=True)
+        kw = dict(layer_gate=torch.rand((), requires_grad=True), head_mask=torch.rand(4, requires_grad=True),
+                  intermediate_mask=torch.rand(88, requires_grad=True), hidden=hidden, kept=(hidden > 0).sum())
+        names = ("layer", "hidden", "head", "intermediate")
+    skip = {t.untyped_storage().data_ptr() for t in [*lm.parameters(), cos, sin]}
+    saved = {}
+
+    def pack(t):
+        # activations have B or B*T leading rows; masks and their casts do not (they are counted in `masks`)
+        if t.untyped_storage().data_ptr() not in skip and t.dim() and t.shape[0] in (B, B * T):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lm.model.layers[0](x, cos, sin, **kw)
+    c = 4 if dtype == torch.float32 else 2
+    assert sum(saved.values()) == sum(plan.layer_saved_bytes(config, B, T, c, names).values())
+
+
+def test_checkpointing_lowers_activations():
+    config = plan.load_model_config(plan.shipped_llama2_7b())
+    for masks in ((), ("layer", "hidden", "head", "intermediate")):
+        on = plan.activation_bytes(config, 2, 4096, 2, masks, True)
+        off = plan.activation_bytes(config, 2, 4096, 2, masks, False)
+        assert on < off / 5
+    p = plan.make_plan(os.path.join(YAMLS, "prune_1.3b.yaml"), 16, 80)
+    by = p["per_gpu_gb_by_checkpointing"]
+    assert by["with_checkpointing"]["activations"] < by["without_checkpointing"]["activations"]
+    assert by["with_checkpointing"]["total"] < by["without_checkpointing"]["total"]
+
+
+def test_more_gpus_lower_per_gpu_state():
+    totals = []
+    for gpus in (2, 4, 8, 16):
+        p = plan.make_plan(os.path.join(YAMLS, "prune_1.3b.yaml"), gpus, 80)["per_gpu_gb_by_checkpointing"]
+        # the sharded fp32 state: 16P / N
+        totals.append(sum(p["with_checkpointing"][k] for k in ("params", "grads", "optimizer")))
+    assert totals == sorted(totals, reverse=True) and totals[0] == pytest.approx(totals[-1] * 8)
+    assert totals[3] == pytest.approx(6_738_415_616 * 16 / 16 / GiB)
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_paper_recipes_on_16_a100_80gb(name):
+    want = PAPER[name]
+    p = plan.make_plan(os.path.join(YAMLS, f"{name}.yaml"), 16, 80, 1000)
+    assert p["verdict"] == "fits" and p["microbatch"] == want["microbatch"] and p["activation_checkpointing"]
+    by = p["per_gpu_gb_by_checkpointing"]
+    assert round(by["with_checkpointing"]["total"], 2) == want["on"]
+    assert round(by["without_checkpointing"]["total"], 2) == want["off"]
+    assert (p["largest_microbatch"]["with_checkpointing"], p["largest_microbatch"]["without_checkpointing"]) == want["largest"]
+    assert "llama-2-7b.json" in p["config_used"]
+    if name.startswith("continue"):
+        assert f"sheared-llama-{name.split('_')[1]} shape" in p["config_used"] and p["pruning"] is None
+        assert p["model"]["num_hidden_layers"] == (24 if "1.3b" in name else 32)
+    else:
+        assert p["model"]["params"] == 6_738_415_616 and p["pruning"]["mask_numbers"] > 0
+    with open(os.path.join(REPO, "docs", "plan.md")) as f:
+        doc = f.read()
+    row = next(line for line in doc.splitlines() if line.startswith(f"| {name} |"))
+    assert f"{by['with_checkpointing']['total']:.1f}" in row and f"{by['without_checkpointing']['total']:.1f}" in row
+
+
+def test_cli_json_keys_and_table():
+    rc, out = cli(os.path.join(YAMLS, "continue_1.3b.yaml"), "--gpus", "16", "--gpu-memory-gb", "80", "--json")
+    assert rc == 0
+    p = json.loads(out)
+    assert set(p["per_gpu_gb"]) >= {"params", "grads", "optimizer", "masks", "gathered_unit", "activations", "logits",
+                                    "reserve", "total"}
+    for key in ("host_gb_per_node", "host_gb_per_node_every_rank_fp32", "verdict", "largest_microbatch", "config_used"):
+        assert key in p
+    assert p["per_gpu_gb"]["masks"] == 0 and p["host_gb_per_node"] < p["host_gb_per_node_every_rank_fp32"]
+    rc, out = cli("prune_2.7b", "--gpus", "16", "--gpu-memory-gb", "80")  # a shipped recipe by name
+    assert rc == 0 and "verdict: fits" in out and "largest microbatch" in out and "llama-2-7b.json" in out
+
+
+def test_does_not_fit():
+    rc, out = cli(os.path.join(YAMLS, "prune_1.3b.yaml"), "--gpus", "16", "--gpu-memory-gb", "16")
+    assert rc == 1 and "verdict: does not fit" in out
+    p = plan.make_plan(os.path.join(YAMLS, "prune_1.3b.yaml"), 16, 80, host_memory_gb=100)
+    assert p["verdict"] == "does not fit" and p["host_verdict"].startswith("fits only with rank-0-only")
+    p = plan.make_plan(os.path.join(YAMLS, "continue_1.3b.yaml"), 1, 80)
+    assert p["largest_microbatch"]["without_checkpointing"] is not None and p["shard_group"] == 1
+
+
+def test_recipe_with_a_local_model(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    tiny_config().to_json_file(str(model / "config.json"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{path: {model}}}\npruning: {{target: {{num_hidden_layers: 1, intermediate_size: 40}}}}\n"
+                      "global_train_batch_size: 4\ndevice_train_microbatch_size: auto\nprecision: fp32\n"
+                      "data: {shards: nowhere}\n")
+    p = plan.make_plan(str(recipe), 2, 10)
+    assert p["config_used"] == str(model / "config.json") and p["seq_len"] == 32
+    assert p["pruning"]["masks"] == ["layer", "intermediate"]
+    assert p["pruning"]["mask_numbers"] == 2 + 2 * 88 + 2 * 2  # layer gates, intermediate gates, multipliers
+    assert p["sharding_strategy"].startswith("none") and p["microbatch"] == 2  # 'auto': the largest that fits
+    assert plan.make_plan(str(recipe), 2, 10, seq_len=8)["seq_len"] == 8
+
+
+def test_bad_inputs(tmp_path):
+    good = os.path.join(YAMLS, "prune_1.3b.yaml")
+    with pytest.raises(ConfigError, match="does not exist"):
+        plan.make_plan(str(tmp_path / "missing.yaml"), 16, 80)
+    with pytest.raises(ConfigError, match="--gpus"):
+        plan.make_plan(good, 0, 80)
+    with pytest.raises(ConfigError, match="--gpu-memory-gb"):
+        plan.make_plan(good, 16, 0)
+    with pytest.raises(ConfigError, match="--host-memory-gb"):
+        plan.make_plan(good, 16, 80, -1)
+    with pytest.raises(ConfigError, match="not a preset"):
+        plan.make_plan(os.path.join(YAMLS, "continue_1.3b.yaml"), 16, 80, target_shape="sheared-llama-9b")
+    with pytest.raises(ConfigError, match="multiple of --gpus"):
+        plan.make_plan(good, 3, 80)
+    with pytest.raises(ConfigError, match="--seq-len"):
+        plan.make_plan(good, 16, 80, seq_len=0)
+    with pytest.raises(ConfigError, match="does not exist"):
+        plan.make_plan(good, 16, 80, model_config=str(tmp_path / "nope.json"))
+    other = tmp_path / "other.yaml"
+    other.write_text("model: {path: /nowhere/model}\nglobal_train_batch_size: 4\ndata: {shards: x}\n")
+    with pytest.raises(ConfigError, match="--model-config"):
+        plan.make_plan(str(other), 2, 80)
+    with pytest.raises(ConfigError, match="--gpus"):
+        cli(good, "--gpus", "0", "--gpu-memory-gb", "80")
