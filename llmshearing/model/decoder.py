@@ -11,13 +11,15 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from llmshearing.errors import ConfigError
 from llmshearing.model.hf import attention_biases, head_dim_of
 from llmshearing.pruning.masks import Masks
 
 try:  # optional GPU kernel; torch SDPA is the fallback everywhere
+    import flash_attn
     from flash_attn import flash_attn_func
 except ImportError:  # pragma: no cover - depends on the machine
-    flash_attn_func = None
+    flash_attn = flash_attn_func = None
 
 
 def rms_norm(x, weight, eps, kept_dims=None):
@@ -130,14 +132,28 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+ATTN_IMPLS = ("auto", "sdpa", "flash")
+
+
 def resolve_attn_impl(attn_impl: str) -> bool:
     """'sdpa' never uses flash-attn; 'flash' requires it; 'auto' uses it when installed (on CUDA, half
     precision, decided per call)."""
-    if attn_impl not in ("auto", "sdpa", "flash"):
-        raise ValueError(f"attn_impl must be 'auto', 'sdpa' or 'flash', got '{attn_impl}'")
+    if attn_impl not in ATTN_IMPLS:
+        raise ConfigError(f"model.attn_impl must be auto, sdpa or flash, got '{attn_impl}'")
     if attn_impl == "flash" and flash_attn_func is None:
-        raise ImportError("attn_impl='flash' needs flash-attn: pip install 'llmshearing[gpu]'")
+        raise ConfigError("model.attn_impl=flash needs flash-attn, which is not importable here: "
+                          "pip install 'llmshearing[gpu]' on a CUDA machine, or set model.attn_impl=auto / sdpa")
     return attn_impl != "sdpa" and flash_attn_func is not None
+
+
+def attention_kernel(attn_impl: str, device: str, precision: str) -> str:
+    """The kernel a training run will use, in words (logged once at start)."""
+    half = precision in ("amp_bf16", "amp_fp16")
+    if resolve_attn_impl(attn_impl) and device == "gpu" and half:
+        return f"flash-attn {getattr(flash_attn, '__version__', '?')} (model.attn_impl={attn_impl})"
+    why = ("model.attn_impl=sdpa" if attn_impl == "sdpa" else "flash-attn is not installed" if flash_attn_func is None
+           else "flash-attn runs only on CUDA in bf16/fp16")
+    return f"torch scaled_dot_product_attention ({why})"
 
 
 class DecoderLM(nn.Module):

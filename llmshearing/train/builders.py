@@ -20,7 +20,7 @@ from llmshearing.data.mixture import DomainMixture
 from llmshearing.data.tokenizer import check_tokenizer, model_tokenizer
 from llmshearing.io import atomic_write_text
 from llmshearing.model.composer_model import ComposerLM
-from llmshearing.model.decoder import DecoderLM
+from llmshearing.model.decoder import DecoderLM, attention_kernel
 from llmshearing.model.hf import from_pretrained, load_hf_config
 from llmshearing.pruning.masks import L0Module
 from llmshearing.pruning.shapes import resolve_target, shape_of
@@ -126,6 +126,7 @@ def build_trainer(cfg: TrainConfig):
     folder = run_dir(cfg)
     if dist.get_global_rank() == 0:
         atomic_write_text(os.path.join(folder, "run_config.yaml"), to_yaml(cfg))
+        print(f"attention: {attention_kernel(cfg.model.attn_impl, device, cfg.precision)}", flush=True)
 
     reproducibility.seed_all(cfg.seed)  # before the model is built: anything it draws follows the seed
     install_atomic_writes()

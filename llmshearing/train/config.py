@@ -20,6 +20,7 @@ from llmshearing.data.layout import check_domains, read_manifest
 from llmshearing.data.mixing import check_weights
 from llmshearing.devices import composer_device
 from llmshearing.errors import ConfigError
+from llmshearing.model.decoder import resolve_attn_impl
 
 
 @dataclass
@@ -195,8 +196,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.path '{cfg.model.path}' does not exist; run 'make fetch' or point it at an HF model directory")
     if cfg.model.gguf_file and not os.path.exists(os.path.join(cfg.model.path, cfg.model.gguf_file)):
         raise ConfigError(f"model.gguf_file '{cfg.model.gguf_file}' not found in '{cfg.model.path}'")
-    if cfg.model.attn_impl not in ("auto", "sdpa", "flash"):
-        raise ConfigError(f"model.attn_impl must be auto, sdpa or flash, got '{cfg.model.attn_impl}'")
+    resolve_attn_impl(cfg.model.attn_impl)
     cfg = replace(cfg, data=resolve_data(cfg.data))
     for key in ("max_duration", "eval_interval", "save_interval", "console_log_interval", "scheduler.t_warmup"):
         obj = cfg
@@ -225,6 +225,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.load_path is not None and "://" not in cfg.load_path and not os.path.exists(cfg.load_path):
         raise ConfigError(f"load_path '{cfg.load_path}' does not exist; point it at a checkpoint such as "
                           f"<save_folder>/latest-rank0.pt, or use autoresume=true with the run's save_folder")
+    for key in ("save_folder", "export_dir"):
+        value = getattr(cfg, key)
+        if value is not None and "://" in value:
+            raise ConfigError(f"{key}='{value}': remote folders are not supported (checkpoints and exports are "
+                              f"written atomically to a local or shared filesystem); give a local path and copy "
+                              f"the results with your object-store tool")
     if cfg.autoresume and not cfg.save_folder:
         raise ConfigError("autoresume=true needs save_folder (where the run's checkpoints are found)")
     if cfg.dist_timeout <= 0:
