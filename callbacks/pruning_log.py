@@ -14,7 +14,8 @@ from llmshearing.io import append_jsonl, truncate_jsonl
 
 class PruningLog(Callback):
     """Every batch: logs expected layers/heads/kv heads/intermediate/hidden/parameters, the expected and
-    target sparsity and both multipliers of every mask; appends them to `<folder>/pruning_log.jsonl`
+    target sparsity and both multipliers of every mask; appends them and the batch's losses to
+    `<folder>/pruning_log.jsonl`
     and, at the end of training, draws them in `<folder>/pruning_shape.png` and `pruning_lambdas.png`.
     """
 
@@ -34,8 +35,9 @@ class PruningLog(Callback):
         metrics.update({f"expected/{k}": v for k, v in expected.items()})
         metrics["expected/params"] = param_count(l0.target, model.model.config, floats=expected)
         logger.log_metrics(metrics)
-        if self.folder and dist.get_global_rank() == 0:
-            append_jsonl(os.path.join(self.folder, "pruning_log.jsonl"), {"step": l0.step, **metrics})
+        if self.folder and dist.get_global_rank() == 0:  # the batch's losses, averaged over ranks by Composer
+            losses = {k: float(v) for k, v in (state.total_loss_dict or {}).items()}
+            append_jsonl(os.path.join(self.folder, "pruning_log.jsonl"), {"step": l0.step, **losses, **metrics})
 
     def fit_end(self, state: State, logger: Logger) -> None:
         if self.folder and dist.get_global_rank() == 0:

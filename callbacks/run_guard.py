@@ -97,14 +97,17 @@ class RunGuard(Callback):
         raise Preempted(batch, path)
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
-        """All ranks must hold identical replicated parameters (masks, multipliers, weights)."""
-        if dist.get_world_size() == 1 or state.fsdp_enabled:
-            return  # FSDP shards parameters: each rank holds a different piece by design
+        """All ranks must hold identical replicated parameters: every parameter under DDP; under FSDP, which
+        shards the decoder by design, the masks and multipliers (the part kept whole on every rank)."""
         model = unwrap(state.model)
-        sums = [float(p.detach().double().sum()) for p in model.parameters()]
+        replicated = model if not state.fsdp_enabled else model.l0
+        if dist.get_world_size() == 1 or replicated is None:
+            return
+        named = list(replicated.named_parameters())
+        sums = [float(p.detach().double().sum()) for _, p in named]
         every = dist.all_gather_object(sums)
         if any(s != every[0] for s in every):
-            names = [n for (n, _), *vals in zip(model.named_parameters(), *every) if len(set(vals)) > 1]
+            names = [n for (n, _), *vals in zip(named, *every) if len(set(vals)) > 1]
             raise RanksDisagreeError(f"after batch {int(state.timestamp.batch)} ranks hold different values of "
                                      f"{names[:5]}{'...' if len(names) > 5 else ''}")
         logger.log_metrics({"ranks/agreeing": len(every)})

@@ -8,8 +8,12 @@ check raises `CompatError` naming the shim and both versions: fix the shim here,
 from __future__ import annotations
 
 import atexit
+import contextlib
+import inspect
 import multiprocessing
+import os
 import signal
+import tempfile
 
 import torch
 
@@ -65,11 +69,24 @@ def install_atomic_writes() -> None:
     checkpoint._write_checkpoint_file = write
 
 
-# -- Composer: the layout of a monolithic checkpoint ----------------------------------------------------
+# -- Composer: the layout of a checkpoint -----------------------------------------------------------------
+def is_sharded_checkpoint(path: str) -> bool:
+    """A sharded (torch.distributed.checkpoint) checkpoint is a folder holding `.metadata` and `__<rank>_0.distcp`."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
 def checkpoint_state(path: str) -> dict:
-    """The `state` dict of a monolithic Composer checkpoint (model weights under 'model', 'timestamp',
-    'dataset_state', callbacks...). Composer has no public reader for a checkpoint outside a Trainer."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """The `state` dict of a Composer checkpoint, monolithic (`.pt` file) or sharded (a folder), read in one
+    process (model weights under 'model', 'timestamp', 'dataset_state', callbacks...). Composer has no public
+    reader for a checkpoint outside a Trainer."""
+    if is_sharded_checkpoint(path):
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:  # DCP's own single-process reader, through a temporary file
+            dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
+            ckpt = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=False)
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     require(isinstance(ckpt, dict) and isinstance(ckpt.get("state"), dict) and "model" in ckpt["state"],
             "checkpoint_state", f"the checkpoint layout {{'state': {{'model': ...}}}} (read from {path})", "mosaicml")
     return ckpt["state"]
@@ -78,6 +95,63 @@ def checkpoint_state(path: str) -> dict:
 def checkpoint_model_weights(path: str) -> dict[str, torch.Tensor]:
     """The model's state dict in a Composer checkpoint, without DDP's `module.` prefix."""
     return {k.removeprefix("module."): v for k, v in checkpoint_state(path)["model"].items()}
+
+
+# -- torch FSDP1 (through Composer) on CPU with gloo ------------------------------------------------------------
+_FSDP_CPU = []
+
+
+def _fsdp_private():
+    import torch.distributed.fsdp._flat_param as flat_param
+    import torch.distributed.fsdp._init_utils as init_utils
+    import torch.distributed.fsdp._optim_utils as optim_utils
+
+    shim = "enable_fsdp_on_cpu"
+    require(callable(getattr(init_utils, "_check_module_states_for_sync_module_states", None)), shim,
+            "torch.distributed.fsdp._init_utils._check_module_states_for_sync_module_states", "torch")
+    require(callable(getattr(flat_param.FlatParamHandle, "to_cpu", None)), shim,
+            "torch.distributed.fsdp._flat_param.FlatParamHandle.to_cpu", "torch")
+    gather = getattr(optim_utils, "_allgather_orig_param_states", None)
+    require(callable(gather) and "cpu_offload" in inspect.signature(gather).parameters, shim,
+            "torch.distributed.fsdp._optim_utils._allgather_orig_param_states(..., cpu_offload)", "torch")
+    return init_utils, flat_param, optim_utils
+
+
+def enable_fsdp_on_cpu() -> None:
+    """Let Composer's own FSDP1 path run on CPU processes (gloo), for tests and laptops. Idempotent; a no-op
+    where CUDA is available (GPU runs take the untouched path). Four private spots, each checked:
+
+    1. Composer passes `device_id=torch.cuda.current_device()` to FSDP, which fails without a driver:
+       `torch.cuda.current_device` returns the CPU device instead.
+    2. FSDP1 refuses `sync_module_states=True` for CPU tensors (it assumes NCCL); gloo broadcasts them fine:
+       `_init_utils._check_module_states_for_sync_module_states` is skipped.
+    3. A full state dict with `offload_to_cpu` "moves" the unsharded flat parameter to the CPU (a no-op there)
+       and then frees its storage, which the views still use: rank 0 died with SIGSEGV saving a full
+       checkpoint. `FlatParamHandle.to_cpu` does nothing when the parameter is already on the CPU.
+    4. The full optimizer state with `cpu_offload` `.cpu()`s each gathered state (a no-op on CPU) instead of
+       cloning it, so every state was a view of one reused buffer (exp_avg == exp_avg_sq in saved checkpoints):
+       `_optim_utils._allgather_orig_param_states` takes the cloning branch on CPU.
+    """
+    if _FSDP_CPU or torch.cuda.is_available():
+        return
+    init_utils, flat_param, optim_utils = _fsdp_private()
+    gather = optim_utils._allgather_orig_param_states
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    init_utils._check_module_states_for_sync_module_states = lambda module_states: None
+    to_cpu = flat_param.FlatParamHandle.to_cpu
+
+    def to_cpu_unless_there(self):
+        return contextlib.nullcontext() if self.flat_param.device.type == "cpu" else to_cpu(self)
+
+    flat_param.FlatParamHandle.to_cpu = to_cpu_unless_there
+
+    def gather_states(fsdp_param_info, gathered_state_info, input_states, shard_state, to_save, cpu_offload):
+        on_cpu = fsdp_param_info.state.compute_device.type == "cpu"
+        return gather(fsdp_param_info, gathered_state_info, input_states, shard_state, to_save,
+                      cpu_offload and not on_cpu)
+
+    optim_utils._allgather_orig_param_states = gather_states
+    _FSDP_CPU.append(True)
 
 
 # -- Composer / torch: memory that outlives a closed trainer ----------------------------------------------
@@ -152,6 +226,7 @@ def check_all() -> None:
     from transformers import LlamaConfig
 
     _composer_checkpoint_module()
+    _fsdp_private()
     _engine_close()
     _fqn_cache()
     set_attn_implementation(LlamaConfig(), "sdpa")

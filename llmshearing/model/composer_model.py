@@ -7,7 +7,7 @@ from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
 from composer.models import ComposerModel
 
 from llmshearing.pruning.masks import L0Module
-from llmshearing.model.decoder import DecoderLayer, DecoderLM
+from llmshearing.model.decoder import DecoderLM
 
 
 class ComposerLM(ComposerModel):
@@ -22,13 +22,6 @@ class ComposerLM(ComposerModel):
         self.model, self.l0 = model, l0
         self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy()}
         self.eval_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(), "LanguagePerplexity": LanguagePerplexity()}
-
-    # FSDP: one unit per decoder layer, and activation checkpointing at the same boundary.
-    def fsdp_wrap_fn(self, module) -> bool:
-        return isinstance(module, DecoderLayer)
-
-    def activation_checkpointing_fn(self, module) -> bool:
-        return isinstance(module, DecoderLayer)
 
     def forward(self, batch):
         ids = batch["input_ids"]

@@ -166,6 +166,14 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
+    # Composer's FSDP asks each child of the ComposerModel (this module), not the ComposerModel itself:
+    # every decoder layer is its own FSDP unit, checkpointed at the same boundary when asked.
+    def fsdp_wrap_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, DecoderLayer)
+
+    def activation_checkpointing_fn(self, module: nn.Module) -> bool:
+        return isinstance(module, DecoderLayer)
+
     def tie_weights(self) -> None:
         """One tensor for embedding and head when the config ties them (call again after `to_empty`,
         which allocates a separate tensor for each)."""

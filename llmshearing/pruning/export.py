@@ -6,7 +6,6 @@ consume them, so the sliced model computes what the masked model computes in eva
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
@@ -137,30 +136,31 @@ def save_hf(lm: DecoderLM, out_dir: str, tokenizer=None, kept: dict | None = Non
 
 def export_model(model, out_dir: str, tokenizer, dtype=None, overwrite: bool = False) -> dict | None:
     """The dense HF model of a ComposerLM: pruning folds and slices the masks, plain training saves as is."""
-    from llmshearing.pruning.export import finalize, save_hf
-
     lm, kept = finalize(model.model, model.l0) if model.l0 is not None else (model.model, None)
     save_hf(lm, out_dir, tokenizer, kept, dtype=dtype, overwrite=overwrite)
     return kept
 
 
-def export_trained(trainer, tokenizer, out_dir: str, overwrite: bool = False) -> dict | None:
-    """Write the trained model as a dense HF model (rank 0) when training ends. Under FSDP the full
-    parameters are gathered to rank 0's CPU first (written for GPU runs; not run on CPU, where Composer's
-    FSDP is unavailable: `llmshearing export` of the saved full checkpoint is the tested path)."""
+def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = False) -> dict | None:
+    """Write the trained model as a dense HF model (rank 0) when training ends. Under FSDP every rank takes part
+    in gathering the full state dict to rank 0's CPU, which loads it into an unwrapped model of the run's config
+    and exports that (the same path as exporting a checkpoint)."""
     from composer.utils import dist
 
     from llmshearing.model.composer_model import unwrap
+    from llmshearing.train.builders import build_model
 
-    kept, gather = None, contextlib.nullcontext()
-    if trainer.state.fsdp_enabled:  # FSDP1: materialize the full parameters on rank 0 (CPU) for the export
-        from torch.distributed.fsdp import FullyShardedDataParallel
+    model, kept = unwrap(trainer.state.model), None
+    if trainer.state.fsdp_enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        gather = FullyShardedDataParallel.summon_full_params(trainer.state.model, writeback=False, rank0_only=True,
-                                                             offload_to_cpu=True)
-    with gather:
+        full = get_model_state_dict(trainer.state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.get_global_rank() == 0:
-            kept = export_model(unwrap(trainer.state.model), out_dir, tokenizer, overwrite=overwrite)
+            model = build_model(cfg, load_weights=False)
+            model.load_state_dict(full, strict=True)
+        del full
+    if dist.get_global_rank() == 0:
+        kept = export_model(model, out_dir, tokenizer, overwrite=overwrite)
     dist.barrier()
     return kept
 

@@ -125,6 +125,11 @@ class L0Module(nn.Module):
     torch optimizers reject).
     """
 
+    # Under FSDP the masks stay whole and replicated on every rank (Composer skips children marked so): the
+    # Lagrangian and the expected shape read them outside forward. Their gradients are averaged across ranks
+    # by callbacks.ReplicatedGrads.
+    _fsdp_wrap = False
+
     def __init__(self, source: Shape, target: Shape, warmup_steps: int = 0, init_drop: float = 0.5, seed: int = 0):
         super().__init__()
         self.source, self.target, self.warmup_steps, self.seed = source, target, warmup_steps, seed

@@ -14,7 +14,7 @@ from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
 from llmshearing import registry
-from llmshearing.compat import ignore_sigterm, install_atomic_writes, kill_workers_at_exit
+from llmshearing.compat import enable_fsdp_on_cpu, ignore_sigterm, install_atomic_writes, kill_workers_at_exit
 from llmshearing.data.layout import DomainSequences
 from llmshearing.data.mixture import DomainMixture
 from llmshearing.data.tokenizer import check_tokenizer, model_tokenizer
@@ -90,9 +90,11 @@ def build_dataloaders(cfg: TrainConfig, per_device: int) -> tuple[DataLoader, li
 
 def build_callbacks(cfg: TrainConfig, folder: str) -> list:
     """The project's callbacks (from their sections) and those named in `callbacks:`."""
-    from callbacks import DynamicLoading, PruningLog, RunGuard
+    from callbacks import DynamicLoading, PruningLog, ReplicatedGrads, RunGuard
 
     built = [RunGuard(cfg.save_folder, cfg.stop_on_nonfinite, cfg.save_on_sigterm)]
+    if cfg.fsdp is not None:
+        built.append(ReplicatedGrads())
     if cfg.pruning:
         built.append(PruningLog(folder))
     d, dyn = cfg.data, cfg.data.dynamic
@@ -115,6 +117,20 @@ def build_loggers(cfg: TrainConfig, folder: str) -> list:
     return built
 
 
+def fsdp_settings(cfg: TrainConfig, device: str) -> dict | None:
+    """Composer's `parallelism_config['fsdp']` for the run. With several ranks, rank 0 alone reads the weights
+    and FSDP broadcasts them (`sync_module_states`), so that setting is forced on. On CPU (tests, laptops) the
+    shims of `compat.enable_fsdp_on_cpu` let the same Composer code path run over gloo."""
+    if cfg.fsdp is None:
+        return None
+    settings = dict(cfg.fsdp)
+    if dist.get_world_size() > 1:
+        settings["sync_module_states"] = True
+    if device == "cpu":
+        enable_fsdp_on_cpu()
+    return settings
+
+
 def build_trainer(cfg: TrainConfig):
     """(Composer Trainer, tokenizer) for a validated config. Checks that need the model's config and tokenizer
     run first; the run config is written only then, and the weights are read last."""
@@ -133,9 +149,13 @@ def build_trainer(cfg: TrainConfig):
     if cfg.autoresume and dist.get_global_rank() == 0:
         repair_latest(cfg.save_folder)
     per_device = cfg.global_train_batch_size // dist.get_world_size()
-    model = build_model(cfg, source_config, target)
+    fsdp = fsdp_settings(cfg, device)
+    rank0_reads = fsdp is not None and dist.get_world_size() > 1  # the others receive the weights from rank 0
+    model = build_model(cfg, source_config, target, load_weights=not rank0_reads or dist.get_global_rank() == 0)
     if model.l0 is not None:
         model.l0.sample_offset = dist.get_global_rank() * per_device
+        if fsdp is not None and device == "gpu":  # Composer moves only the FSDP-wrapped children to the GPU
+            model.l0.to(torch.device("cuda", dist.get_local_rank()))
     train_loader, evaluators = build_dataloaders(cfg, per_device)
     trainer = Trainer(
         run_name=cfg.run_name, model=model, train_dataloader=train_loader, eval_dataloader=evaluators,
@@ -143,7 +163,7 @@ def build_trainer(cfg: TrainConfig):
         eval_subset_num_batches=cfg.eval_subset_num_batches,
         optimizers=build_optimizer(cfg, model), schedulers=build_scheduler(cfg), step_schedulers_every_batch=True,
         device=device, precision=cfg.precision, device_train_microbatch_size=cfg.device_train_microbatch_size,
-        parallelism_config={"fsdp": dict(cfg.fsdp)} if cfg.fsdp else None,
+        parallelism_config={"fsdp": fsdp} if fsdp else None,
         seed=cfg.seed, callbacks=build_callbacks(cfg, folder), loggers=build_loggers(cfg, folder),
         dist_timeout=cfg.dist_timeout,
         save_folder=cfg.save_folder, save_interval=cfg.save_interval, save_overwrite=cfg.save_overwrite,

@@ -20,21 +20,29 @@ import os
 import re
 
 
-from llmshearing.compat import checkpoint_model_weights, install_atomic_writes
+from llmshearing.compat import checkpoint_model_weights, install_atomic_writes, is_sharded_checkpoint
 from llmshearing.errors import ConfigError
 
 CHECKPOINT_NAME = "ep{epoch}-ba{batch}-rank{rank}.pt"  # Composer's default save_filename
 LATEST_NAME = "latest-rank{rank}.pt"  # Composer's default save_latest_filename
 _CHECKPOINT = re.compile(r"ep(\d+)-ba(\d+)-rank(\d+)\.pt")
+_SHARDED_NAME = "ep{epoch}-ba{batch}"  # Composer's default sharded_ckpt_prefix_dir: a folder per checkpoint
+_SHARDED = re.compile(r"ep(\d+)-ba(\d+)")
 
 
 def checkpoints(folder: str, rank: int = 0) -> list[str]:
-    """Complete checkpoints of `rank` in `folder`, oldest first (by batch)."""
+    """Complete checkpoints of `rank` in `folder`, oldest first (by batch): monolithic `ep*-ba*-rank<rank>.pt`
+    files, and (for rank 0) sharded `ep*-ba*/` folders whose `.metadata` was written (DCP writes it last)."""
     found = []
-    for path in glob.glob(os.path.join(folder, f"ep*-ba*-rank{rank}.pt")):
-        m = _CHECKPOINT.fullmatch(os.path.basename(path))
-        if m and not os.path.islink(path):
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        path = os.path.join(folder, name)
+        if os.path.islink(path):
+            continue
+        m, s = _CHECKPOINT.fullmatch(name), _SHARDED.fullmatch(name)
+        if m and int(m.group(3)) == rank:
             found.append((int(m.group(2)), path))
+        elif s and rank == 0 and is_sharded_checkpoint(path):
+            found.append((int(s.group(2)), path))
     return [p for _, p in sorted(found)]
 
 
@@ -48,34 +56,47 @@ def point_latest(folder: str, checkpoint: str, rank: int = 0) -> None:
     os.replace(tmp, link)
 
 
+def _complete(path: str) -> bool:
+    return os.path.isfile(path) or is_sharded_checkpoint(path)
+
+
 def repair_latest(folder: str, rank: int = 0) -> str | None:
-    """Make `latest-rank<rank>.pt` point at the newest checkpoint when it is missing or dangling, and
-    remove leftovers of interrupted writes. Returns the checkpoint autoresume will load, if any."""
+    """Make `latest-rank<rank>.pt` point at the newest complete checkpoint when it is missing, dangling or points
+    at a sharded folder whose save never finished, and remove leftovers of interrupted writes. Returns the
+    checkpoint autoresume will load, if any."""
     if not os.path.isdir(folder):
         return None
     for partial in glob.glob(os.path.join(folder, ".ep*-ba*-rank*.pt.tmp-*")):
         os.remove(partial)
     link = os.path.join(folder, LATEST_NAME.format(rank=rank))
-    if os.path.exists(link):  # follows the link: it exists and points at a file
+    if os.path.exists(link) and _complete(os.path.realpath(link)):
         return os.path.realpath(link)
     found = checkpoints(folder, rank)
     if not found:
+        if os.path.lexists(link):
+            os.remove(link)  # an unfinished sharded save: autoresume must not try to load it
         return None
     point_latest(folder, found[-1], rank)
     return found[-1]
 
 
 def save_now(state, folder: str) -> str:
-    """Checkpoint `state` now (all ranks must call it) and point `latest` at it; returns rank 0's file."""
+    """Checkpoint `state` now (all ranks must call it) and point `latest` at it; returns the checkpoint (rank 0's
+    file, or the sharded folder)."""
     from composer.utils import checkpoint, dist
 
     install_atomic_writes()
     saved = checkpoint.save_checkpoint(state, os.path.join(folder, CHECKPOINT_NAME))
     rank = dist.get_global_rank()
-    if saved:
+    name = CHECKPOINT_NAME.format(epoch=int(state.timestamp.epoch), batch=int(state.timestamp.batch), rank=0)
+    path = os.path.join(folder, name)
+    if state.fsdp_sharded_state_dict_enabled:
+        path = os.path.join(folder, _SHARDED_NAME.format(epoch=int(state.timestamp.epoch),
+                                                         batch=int(state.timestamp.batch)))
+        if rank == 0:
+            point_latest(folder, path, 0)
+    elif saved:
         point_latest(folder, saved, rank)
-    path = os.path.join(folder, CHECKPOINT_NAME.format(epoch=int(state.timestamp.epoch),
-                                                       batch=int(state.timestamp.batch), rank=0))
     dist.barrier()
     return path
 
@@ -93,7 +114,8 @@ def load_checkpoint(checkpoint: str, config_path: str | None = None):
 
     if not os.path.exists(checkpoint):
         raise ConfigError(f"checkpoint '{checkpoint}' does not exist")
-    config_path = config_path or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "run_config.yaml")
+    checkpoint = os.path.realpath(checkpoint)  # latest-rank0.pt may link to a sharded checkpoint's folder
+    config_path = config_path or os.path.join(os.path.dirname(checkpoint), "run_config.yaml")
     if not os.path.exists(config_path):
         raise ConfigError(f"no run config at '{config_path}'; pass --config <run_config.yaml> of the training run")
     cfg = _build(TrainConfig, OmegaConf.to_container(OmegaConf.load(config_path), resolve=True), "")

@@ -178,8 +178,8 @@ def batches(duration: str) -> int:
 def resolve_device(cfg: TrainConfig) -> str:
     """Composer's device of the run (gpu when available unless `device` says otherwise)."""
     device = composer_device(cfg.device)
-    if cfg.fsdp and device != "gpu":
-        raise ConfigError("fsdp is set but there is no GPU; set fsdp=null to train on CPU")
+    if device == "cpu" and cfg.precision != "fp32":
+        raise ConfigError(f"precision={cfg.precision} needs a GPU; on CPU set precision=fp32")
     return device
 
 

@@ -39,7 +39,7 @@ def _fit_and_export(trainer, tokenizer, cfg: TrainConfig) -> dict:
     print(f"training finished in {seconds:.1f}s")
     kept = None
     if cfg.export_dir:
-        kept = export_trained(trainer, tokenizer, cfg.export_dir, overwrite=True)
+        kept = export_trained(trainer, cfg, tokenizer, cfg.export_dir, overwrite=True)
         print(f"exported the {'pruned' if cfg.pruning else 'trained'} model to {cfg.export_dir}")
     return {"seconds": seconds, "kept": kept, "stopped_after": None}
 
