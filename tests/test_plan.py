@@ -165,9 +165,11 @@ def test_cli_json_keys_and_table():
     p = json.loads(out)
     assert set(p["per_gpu_gb"]) >= {"params", "grads", "optimizer", "masks", "gathered_unit", "activations", "logits",
                                     "reserve", "total"}
-    for key in ("host_gb_per_node", "host_gb_per_node_every_rank_fp32", "verdict", "largest_microbatch", "config_used"):
+    for key in ("host_gb_per_node", "host_gb_per_node_if_every_rank_loads", "host_gb_per_node_gguf_or_bin",
+                "host_gb_per_node_other_nodes", "verdict", "largest_microbatch", "config_used"):
         assert key in p
-    assert p["per_gpu_gb"]["masks"] == 0 and p["host_gb_per_node"] < p["host_gb_per_node_every_rank_fp32"]
+    assert not any("every_rank_fp32" in key for key in p)
+    assert p["per_gpu_gb"]["masks"] == 0 and p["host_gb_per_node"] < p["host_gb_per_node_if_every_rank_loads"]
     rc, out = cli("prune_2.7b", "--gpus", "16", "--gpu-memory-gb", "80")  # a shipped recipe by name
     assert rc == 0 and "verdict: fits" in out and "largest microbatch" in out and "llama-2-7b.json" in out
 
@@ -175,10 +177,89 @@ def test_cli_json_keys_and_table():
 def test_does_not_fit():
     rc, out = cli(os.path.join(YAMLS, "prune_1.3b.yaml"), "--gpus", "16", "--gpu-memory-gb", "16")
     assert rc == 1 and "verdict: does not fit" in out
+    # FSDP: rank 0's node needs 4P + overheads (81.1 GiB for 7B); 100 GiB fits, 50 does not
     p = plan.make_plan(os.path.join(YAMLS, "prune_1.3b.yaml"), 16, 80, host_memory_gb=100)
-    assert p["verdict"] == "does not fit" and p["host_verdict"].startswith("fits only with rank-0-only")
+    assert p["verdict"] == "fits" and p["host_verdict"] == "fits"
+    p = plan.make_plan(os.path.join(YAMLS, "prune_1.3b.yaml"), 16, 80, host_memory_gb=50)
+    assert p["verdict"] == "does not fit" and p["host_verdict"] == "does not fit" and p["gpu_fits"]
+    rc, out = cli(os.path.join(YAMLS, "prune_1.3b.yaml"), "--gpus", "16", "--gpu-memory-gb", "80",
+                  "--host-memory-gb", "50")
+    assert rc == 1 and "host: does not fit" in out and "verdict: does not fit" in out
     p = plan.make_plan(os.path.join(YAMLS, "continue_1.3b.yaml"), 1, 80)
     assert p["largest_microbatch"]["without_checkpointing"] is not None and p["shard_group"] == 1
+
+
+P7B = 6_738_415_616
+
+
+@pytest.mark.parametrize("name", list(PAPER))
+def test_host_fsdp_rank0_reads(name):
+    """FSDP over 16 ranks: rank 0's node holds one fp32 model (4P) + overheads, the other node overheads only;
+    loading on every rank (DDP) would need G x 4P per node, more for every paper recipe."""
+    p = plan.make_plan(os.path.join(YAMLS, f"{name}.yaml"), 16, 80)
+    P, G, W = p["model"]["params"], 8, 8
+    overhead = G * plan.RANK_HOST_GIB + G * W * plan.WORKER_HOST_GIB
+    assert p["weights_format"] == "safetensors" and p["nodes"] == 2
+    assert p["host_gb_per_node_detail"]["weights"] == pytest.approx(4 * P / GiB)
+    assert p["host_gb_per_node"] == pytest.approx(4 * P / GiB + overhead)
+    assert p["host_gb_per_node_other_nodes"] == pytest.approx(overhead)
+    assert p["host_gb_per_node_if_every_rank_loads"] == pytest.approx(G * 4 * P / GiB + overhead)
+    assert p["host_gb_per_node_gguf_or_bin"] == pytest.approx(8 * P / GiB + overhead)
+    assert p["host_gb_per_node"] < p["host_gb_per_node_gguf_or_bin"] < p["host_gb_per_node_if_every_rank_loads"]
+    if name.startswith("prune"):
+        assert P == P7B and round(p["host_gb_per_node"], 1) == 81.1
+    with open(os.path.join(REPO, "docs", "plan.md")) as f:
+        doc = f.read()
+    host_rows = [line for line in doc.split("Host RAM per node (8 ranks")[1].splitlines() if line.startswith("| ")]
+    row = next(line for line in host_rows if name in line.split("|")[1])
+    for key in ("host_gb_per_node", "host_gb_per_node_if_every_rank_loads", "host_gb_per_node_gguf_or_bin"):
+        assert f"{p[key]:.1f}" in row
+    assert "today" not in doc
+
+
+def test_host_ddp_every_rank_reads(tmp_path):
+    """No fsdp section: every rank reads the full weights, G x 4P on every node."""
+    from omegaconf import OmegaConf
+
+    fsdp = plan.make_plan(os.path.join(YAMLS, "prune_1.3b.yaml"), 16, 80)  # the recipe as shipped, for comparison
+    conf = OmegaConf.load(os.path.join(YAMLS, "prune_1.3b.yaml"))
+    conf.fsdp = None
+    recipe = tmp_path / "prune_ddp.yaml"
+    OmegaConf.save(conf, str(recipe))
+    p = plan.make_plan(str(recipe), 16, 1000, host_memory_gb=200)
+    overhead = 8 * plan.RANK_HOST_GIB + 8 * 8 * plan.WORKER_HOST_GIB
+    assert p["sharding_strategy"].startswith("none")
+    assert p["host_gb_per_node"] == pytest.approx(8 * 4 * P7B / GiB + overhead)
+    assert p["host_gb_per_node"] == p["host_gb_per_node_if_every_rank_loads"] == p["host_gb_per_node_other_nodes"]
+    assert p["host_gb_per_node"] > fsdp["host_gb_per_node"]
+    assert p["host_verdict"] == "does not fit" and p["verdict"] == "does not fit"  # 256.8 > 200
+
+
+def test_host_gguf_and_bin_sources(tmp_path):
+    """GGUF (model.gguf_file) and .bin-only folders go through transformers' loader: 8P per loading rank."""
+    model = tmp_path / "model"
+    model.mkdir()
+    tiny_config().to_json_file(str(model / "config.json"))
+    (model / "pytorch_model.bin").write_bytes(b"")
+    base = ("global_train_batch_size: 4\nprecision: fp32\ndata: {shards: nowhere}\n"
+            "fsdp: {sharding_strategy: FULL_SHARD}\n")
+    recipe = tmp_path / "bin.yaml"
+    recipe.write_text(f"model: {{path: {model}}}\n" + base)
+    p = plan.make_plan(str(recipe), 2, 10)
+    P = p["model"]["params"]
+    assert p["weights_format"] == ".bin"
+    assert p["host_gb_per_node_detail"]["weights"] == pytest.approx(8 * P / GiB)
+    assert p["host_gb_per_node"] == p["host_gb_per_node_gguf_or_bin"]
+    recipe.write_text(f"model: {{path: {model}, gguf_file: m.gguf}}\n" + base)
+    assert plan.make_plan(str(recipe), 2, 10)["weights_format"] == "gguf"
+    (model / "model.safetensors").write_bytes(b"")
+    recipe.write_text(f"model: {{path: {model}}}\n" + base)
+    p = plan.make_plan(str(recipe), 2, 10)
+    assert p["weights_format"] == "safetensors"
+    assert p["host_gb_per_node_detail"]["weights"] == pytest.approx(4 * P / GiB)  # rank 0 only: one fp32 model
+    p = plan.make_plan(str(recipe), 1, 10)  # one process reads its own weights
+    assert p["host_gb_per_node"] == p["host_gb_per_node_if_every_rank_loads"]
+    assert "one process" in p["host_loading"]
 
 
 def test_recipe_with_a_local_model(tmp_path):

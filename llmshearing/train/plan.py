@@ -78,16 +78,27 @@ source's layer count and the masks above are those of `plan_masks(source, target
 
 Host RAM per node (G = GPUs per node, default 8; W = data.num_workers per rank)
 --------------------------------------------------------------------------------
-  rank-0-only loading:  P*s (one copy in the stored dtype s of the checkpoint: float16 for Llama-2-7B,
-                        float32 for an export of a pruning run) + G * 3 GiB (per rank process: torch,
-                        CUDA and NCCL host state) + G * W * 0.5 GiB (per dataloader worker)
-  every rank loads fp32 (today's behaviour: `llmshearing.model.hf.from_pretrained` on every rank):
-                        G * 4P + the same overheads; its peak is G * 8P, as the HF model and the
-                        DecoderLM hold a copy each until `load_state_dict` has copied the weights.
-The page cache of the checkpoint files is reclaimable and not counted.
+How `llmshearing.model.hf.from_pretrained` and `llmshearing.train.builders.build_trainer` load weights:
+a safetensors checkpoint is read tensor by tensor straight into a DecoderLM whose parameters are fp32
+(`empty_model`: allocated with `to_empty`), so a loading rank peaks at 4P bytes (the fp32 model) plus one
+tensor; GGUF and .bin checkpoints still go through transformers' loader, which holds the HF model and the
+DecoderLM together: 8P. Call that the loading rank's weights, w = 4P (safetensors) or 8P (GGUF / .bin).
+  FSDP with more than one rank (the paper recipes; `fsdp_settings` forces sync_module_states): only global
+             rank 0 reads the weights; the other ranks allocate their model with `to_empty` and never
+             write it (its pages stay unresident, ~0 host) and receive their shards by FSDP's broadcast.
+             node holding rank 0:  w + G * 3 GiB + G * W * 0.5 GiB     (the figure reported)
+             other nodes:          G * 3 GiB + G * W * 0.5 GiB
+  no fsdp (DDP) or one process: every rank reads the full weights: G * w + the same overheads on every node.
+3 GiB per rank process is torch, CUDA and NCCL host state; 0.5 GiB per dataloader worker. On GPUs FSDP
+moves each unit to the device when it wraps it, so the host copy is freed after wrapping; the peak above
+is what has to fit. The page cache of the checkpoint files is reclaimable and not counted. The weights'
+format is GGUF when the recipe sets model.gguf_file, .bin when model.path is here and holds only
+pytorch_model*.bin files, else safetensors (the Llama-2-7b-hf repository and a pruning run's export are
+safetensors).
 
 Verdict: fits when the per-GPU total at the recipe's microbatch and checkpointing setting is at most
---gpu-memory-gb (and, when --host-memory-gb is given, host RAM per node fits too). The largest
+--gpu-memory-gb (and, when --host-memory-gb is given, the applicable host figure above, FSDP's rank-0
+node or DDP's every node, is at most --host-memory-gb too). The largest
 microbatch is the largest divisor of the per-device batch (global_train_batch_size / N) that fits.
 """
 from __future__ import annotations
@@ -217,6 +228,7 @@ def read_recipe(path_or_name: str) -> dict:
         "precision": _lenient(conf, "precision", "fp32"),
         "fsdp": fsdp,
         "num_workers": _lenient(conf, "data.num_workers", 0) or 0,
+        "gguf_file": _lenient(conf, "model.gguf_file"),
         "shards": _lenient(conf, "data.shards"),
     }
     gbs = recipe["global_train_batch_size"]
@@ -230,6 +242,21 @@ def read_recipe(path_or_name: str) -> dict:
     if not isinstance(recipe["num_workers"], int) or recipe["num_workers"] < 0:
         raise ConfigError(f"'{path}': data.num_workers must be a non-negative integer")
     return recipe
+
+
+def weights_format(recipe: dict) -> str:
+    """'gguf' (model.gguf_file set), '.bin' (model.path is here and holds only pytorch_model*.bin) or
+    'safetensors' (otherwise: what the Llama-2-7b-hf repository and a pruning run's export hold)."""
+    if recipe.get("gguf_file"):
+        return "gguf"
+    path = recipe["model_path"]
+    if os.path.isdir(path):
+        from llmshearing.model.hf import safetensors_files
+
+        has_bin = any(n.startswith("pytorch_model") and n.endswith(".bin") for n in os.listdir(path))
+        if has_bin and not safetensors_files(path):
+            return ".bin"
+    return "safetensors"
 
 
 def infer_target_shape(recipe: dict) -> str | None:
@@ -509,22 +536,32 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
     gpu_fits = chosen["total"] <= gpu_memory_gb
 
     P = counts["params"]
-    overhead = ranks_per_node * RANK_HOST_GIB + ranks_per_node * recipe["num_workers"] * WORKER_HOST_GIB
-    host = {
-        "weights_rank0": P * stored / GiB,
-        "rank_processes": ranks_per_node * RANK_HOST_GIB,
-        "dataloader_workers": ranks_per_node * recipe["num_workers"] * WORKER_HOST_GIB,
-    }
-    host_rank0 = sum(host.values())
-    host_every_rank = ranks_per_node * 4 * P / GiB + overhead
-    host_every_rank_peak = ranks_per_node * 8 * P / GiB + overhead
+    fmt = weights_format(recipe)
+    load_bytes = 4 if fmt == "safetensors" else 8  # fp32 DecoderLM (+ transformers' HF model for GGUF / .bin)
+    rank0_reads = fsdp is not None and gpus > 1  # as `build_trainer`: the other ranks get FSDP's broadcast
+    overheads = {"rank_processes": ranks_per_node * RANK_HOST_GIB,
+                 "dataloader_workers": ranks_per_node * recipe["num_workers"] * WORKER_HOST_GIB}
+    overhead = sum(overheads.values())
+
+    def node_weights(bytes_per_param):
+        return (1 if rank0_reads else ranks_per_node) * bytes_per_param * P / GiB
+
+    host = {"weights": node_weights(load_bytes), **overheads}
+    host_node = sum(host.values())
+    if rank0_reads:
+        host_loading = (f"FSDP over {gpus} ranks: global rank 0 reads the {fmt} weights into its fp32 model "
+                        f"({load_bytes}P), the other ranks get them by FSDP's broadcast")
+        host_other = overhead if nodes > 1 else None
+    else:
+        host_loading = (f"{'one process' if gpus == 1 else 'no fsdp (DDP)'}: every rank reads the {fmt} weights "
+                        f"into its fp32 model ({load_bytes}P each)")
+        host_other = host_node if nodes > 1 else None
+    host_every_rank = ranks_per_node * load_bytes * P / GiB + overhead
+    host_gguf_or_bin = node_weights(8) + overhead
     if host_memory_gb is None:
-        host_verdict = "not checked (give --host-memory-gb)"
-        host_fits = True
-    elif host_every_rank_peak <= host_memory_gb:
+        host_verdict, host_fits = "not checked (give --host-memory-gb)", True
+    elif host_node <= host_memory_gb:
         host_verdict, host_fits = "fits", True
-    elif host_rank0 <= host_memory_gb:
-        host_verdict, host_fits = "fits only with rank-0-only loading (every rank loading fp32 does not fit)", False
     else:
         host_verdict, host_fits = "does not fit", False
     fits = gpu_fits and host_fits
@@ -548,10 +585,13 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
         "per_gpu_gb": chosen,
         "per_gpu_gb_by_checkpointing": by_ckpt,
         "gpu_fits": gpu_fits,
-        "host_gb_per_node": host_rank0,
+        "weights_format": fmt,
+        "host_loading": host_loading,
+        "host_gb_per_node": host_node,
         "host_gb_per_node_detail": host,
-        "host_gb_per_node_every_rank_fp32": host_every_rank,
-        "host_gb_per_node_every_rank_fp32_peak": host_every_rank_peak,
+        "host_gb_per_node_other_nodes": host_other,
+        "host_gb_per_node_if_every_rank_loads": host_every_rank,
+        "host_gb_per_node_gguf_or_bin": host_gguf_or_bin,
         "host_memory_gb": host_memory_gb,
         "host_verdict": host_verdict,
         "verdict": "fits" if fits else "does not fit",
@@ -600,11 +640,16 @@ def format_plan(plan: dict) -> str:
               f"  largest microbatch that fits (divisors of the per-GPU batch {plan['per_device_batch']}): "
               f"{fmt(lm['with_checkpointing'])} with checkpointing, {fmt(lm['without_checkpointing'])} without", ""]
     h = plan["host_gb_per_node_detail"]
-    lines += [f"  host RAM per node, GiB (rank-0-only loading): {plan['host_gb_per_node']:.1f} = weights "
-              f"{h['weights_rank0']:.1f} + {plan['gpus_per_node']} ranks {h['rank_processes']:.1f} + "
-              f"dataloader workers {h['dataloader_workers']:.1f}",
-              f"  host RAM per node if every rank loads fp32 (today): {plan['host_gb_per_node_every_rank_fp32']:.1f} "
-              f"(peak {plan['host_gb_per_node_every_rank_fp32_peak']:.1f} while the HF model and the DecoderLM both hold a copy)",
+    other = plan["host_gb_per_node_other_nodes"]
+    first = "rank-0 node" if plan["host_gb_per_node"] != other and other is not None else "each node"
+    lines += [f"  host RAM per node, GiB (peak while loading; {plan['host_loading']}):",
+              f"    {first} {plan['host_gb_per_node']:.1f} = weights {h['weights']:.1f} + {plan['gpus_per_node']} ranks "
+              f"{h['rank_processes']:.1f} + dataloader workers {h['dataloader_workers']:.1f}"
+              + (f"; other nodes {other:.1f}" if first == "rank-0 node" else ""),
+              *([f"    if every rank loaded the weights (no fsdp / DDP): {plan['host_gb_per_node_if_every_rank_loads']:.1f}"]
+                if plan["host_gb_per_node_if_every_rank_loads"] != plan["host_gb_per_node"] else []),
+              *([f"    a GGUF / .bin source (transformers' loader: HF model + DecoderLM, 8P per loading rank): "
+                 f"{plan['host_gb_per_node_gguf_or_bin']:.1f}"] if plan["weights_format"] == "safetensors" else []),
               f"  host: {plan['host_verdict']}", "",
               f"verdict: {plan['verdict']} ({plan['per_gpu_gb']['total']:.1f} of {cap:g} GiB per GPU at microbatch "
               f"{plan['microbatch']}, checkpointing {'on' if plan['activation_checkpointing'] else 'off'})"]
