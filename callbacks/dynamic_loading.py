@@ -12,7 +12,7 @@ from composer.utils import dist
 
 from llmshearing.io import append_jsonl, atomic_write_text, truncate_jsonl
 from llmshearing.data.mixture import DomainMixture
-from llmshearing.data.mixing import update_weights
+from llmshearing.data.mixing import RULES, update_weights
 
 
 def eval_label(domain: str) -> str:
@@ -32,10 +32,10 @@ class DynamicLoading(Callback):
     """
 
     def __init__(self, domains: list[str], reference_losses: list[float] | None = None, eta: float = 1.0,
-                 smoothing: float = 0.0, clamp_min: float | None = 0.0, folder: str | None = None):
+                 smoothing: float = 1e-4, rule: str = "paper", folder: str | None = None):
         self.domains, self.folder = list(domains), folder
         self.reference = None if reference_losses is None else np.asarray(reference_losses, dtype=np.float64)
-        self.eta, self.smoothing, self.clamp_min = eta, smoothing, clamp_min
+        self.eta, self.smoothing, self.clamp_min = eta, smoothing, RULES[rule]
         self.updates = 0
 
     @staticmethod

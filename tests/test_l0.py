@@ -45,16 +45,57 @@ def test_init_drop_sets_log_alpha():
     assert torch.allclose(gate.log_alpha, torch.full((1000,), math.log(0.8 / 0.2)))
 
 
-def test_deterministic_keeps_exactly_k_per_row_with_mean_noise_values():
+def test_deterministic_keeps_exactly_k_per_row_and_a_kept_unit_is_never_zero():
+    """Test-time value of a kept unit: sigmoid(log_alpha / (2/3) * 0.8) = sigmoid(1.2 log_alpha), the released
+    code's (l0_module.py `soft_mask`); it is positive for every kept unit, even a very closed one."""
     gate = HardConcrete((2, 5), keep=2)
     with torch.no_grad():
         gate.log_alpha.copy_(torch.tensor([[0.0, 3.0, -1.0, 1.0, -5.0], [-9.0, -8.0, -7.0, -6.0, -5.0]]))
     z = gate.deterministic()
-    assert (z > 0).sum(-1).tolist() == [2, 0]  # row 2: kept units whose mean-noise value is 0 stay 0
+    assert (z > 0).sum(-1).tolist() == [2, 2]
     assert gate.keep_index().tolist() == [[1, 3], [3, 4]]
-    kept_value = lambda a: min(1.0, max(0.0, 1 / (1 + math.exp(-a)) * 1.2 - 0.1))  # noqa: E731
-    assert z[0].tolist() == pytest.approx([0, kept_value(3.0), 0, kept_value(1.0), 0], abs=1e-6)
-    assert z[1].tolist() == pytest.approx([0, 0, 0, kept_value(-6.0), kept_value(-5.0)], abs=1e-6)
+    assert z[0].tolist() == pytest.approx([0, 0.9734030064, 0, 0.7685247835, 0], abs=1e-7)  # sigmoid(3.6), sigmoid(1.2)
+    assert z[1].tolist() == pytest.approx([0, 0, 0, 7.4658e-04, 2.4726e-03], rel=1e-3)  # sigmoid(-7.2), sigmoid(-6)
+
+
+def test_eval_during_pruning_keeps_the_expected_number_per_row():
+    """eval_target_model false (the released code's pruning evals): each row keeps units - round(units - sum of
+    P(z > 0)) units; the export (target_masks) keeps the target count."""
+    gate = HardConcrete((2, 4), keep=1)
+    with torch.no_grad():
+        gate.log_alpha.copy_(torch.tensor([[4.6, 4.6, 4.6, -4.6], [4.6, -4.6, -4.6, -4.6]]))
+    # P(z>0) = sigmoid(a + 1.59865): 0.99798 at 4.6, 0.04757 at -4.6 -> expected 3.04 and 1.14 units
+    assert gate.expected_keep().tolist() == [3, 1]
+    assert ((gate.deterministic(gate.expected_keep()) > 0).sum(-1)).tolist() == [3, 1]
+    l0 = L0Module(Shape(4, 64, 6, 2, 96), Shape(4, 64, 6, 2, 48))
+    l0.eval()
+    assert int((l0().intermediate > 0).sum(-1)[0]) == 96  # init: every gate open -> the expected size is all
+    with l0.target_masks():
+        assert int((l0().intermediate > 0).sum(-1)[0]) == 48
+    assert not l0.training and not l0.eval_target_model
+
+
+def test_initial_log_alpha_and_clamp_follow_the_released_code():
+    """log_alpha ~ N(5, 0.01) (l0_module.py: `mean = 5`, droprate_init unused), clamped in place to
+    [ln 0.01, ln 100] at every forward: every gate starts at exactly ln 100, open with probability 0.998."""
+    l0 = L0Module(SRC, TGT)
+    la = l0.masks["intermediate"].log_alpha
+    assert float(la.mean()) == pytest.approx(5.0, abs=0.01) and float(la.std()) == pytest.approx(0.01, rel=0.1)
+    l0.train()
+    l0(1, step=0)
+    for mask in l0.masks.values():
+        assert torch.all(mask.log_alpha == torch.tensor(math.log(100.0)))
+    p_open = 1 / (1 + math.exp(-(math.log(100.0) - (2 / 3) * math.log(0.1 / 1.1))))
+    assert p_open == pytest.approx(0.99798, abs=1e-5)
+    assert float(l0.masks["layer"].expected_sparsity()) == pytest.approx(1 - p_open, abs=1e-6)
+    with torch.no_grad():
+        l0.masks["layer"].log_alpha.copy_(torch.tensor([-9.0, 0.3, 9.0, 4.0]))
+    l0(1, step=1)
+    assert l0.masks["layer"].log_alpha.tolist() == pytest.approx([math.log(0.01), 0.3, math.log(100.0), 4.0])
+    free = L0Module(SRC, TGT, init_drop=0.5, log_alpha_range=None)  # the knobs: init_drop and no clamp
+    free.train()
+    free(1, step=0)
+    assert float(free.masks["layer"].log_alpha.mean()) == pytest.approx(0.0, abs=0.02)
 
 
 def test_plan_masks_gqa_levels():
@@ -77,10 +118,36 @@ def test_lagrangian_value_matches_formula():
     loss, logs = l0.lagrangian()
     expected = 0.0
     for name, mask in l0.masks.items():
-        s, t = float(mask.expected_sparsity()), (1 - mask.keep / mask.units) * 0.5  # half-way through warm-up
+        t = (1 - mask.keep / mask.units) * 0.5  # half-way through warm-up
         assert logs[f"l0/{name}/target_sparsity"] == pytest.approx(t)
-        expected += 0.5 * (s - t) + 2.0 * (s - t) ** 2
+        rows = (1 - mask.score().mean(-1)).flatten().tolist()
+        expected += sum(0.5 * (s - t) + 2.0 * (s - t) ** 2 for s in rows) / len(rows)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
+
+
+def test_lagrangian_is_per_row_with_hand_computed_value_and_gradients():
+    """The released code: lambda1 (s_r - t) + lambda2 (s_r - t)^2 for each row (layer) r, then the mean. Two layers
+    of 2 intermediate dims, target 1 of 2 (t = 0.5), log_alpha rows (a, a) and (b, b)."""
+    l0 = L0Module(Shape(2, 8, 2, 2, 2), Shape(2, 8, 2, 2, 1))
+    assert list(l0.masks) == ["intermediate"]
+    a, b = 2.0, -1.0
+    with torch.no_grad():
+        l0.masks["intermediate"].log_alpha.copy_(torch.tensor([[a, a], [b, b]]))
+        l0.lambdas.copy_(torch.tensor([[0.3, 1.5]]))
+    shift = (2 / 3) * math.log(0.1 / 1.1)
+    p = [1 / (1 + math.exp(-(x - shift))) for x in (a, b)]  # P(open): 0.97304, 0.64486
+    gaps = [(1 - q) - 0.5 for q in p]  # -0.47304, -0.14486
+    loss, _ = l0.lagrangian()
+    assert float(loss) == pytest.approx(sum(0.3 * g + 1.5 * g * g for g in gaps) / 2, rel=1e-6)
+    global_gap = sum(gaps) / 2  # the old, global form differs by lambda2 x the variance over layers
+    assert float(loss) != pytest.approx(0.3 * global_gap + 1.5 * global_gap**2, rel=1e-3)
+    loss.backward()
+    # d/dlambda (reversed for ascent): -mean(gap), -mean(gap^2)
+    assert l0.lambdas.grad[0].tolist() == pytest.approx([-sum(gaps) / 2, -sum(g * g for g in gaps) / 2], rel=1e-5)
+    # d/dlog_alpha of row r, unit i: (0.3 + 3 gap_r) * d s_r / d a = (0.3 + 3 gap_r) * (-p_r (1 - p_r) / 2), / 2 rows
+    want = [(0.3 + 3 * g) * (-q * (1 - q) / 2) / 2 for g, q in zip(gaps, p)]
+    grad = l0.masks["intermediate"].log_alpha.grad
+    assert grad[:, 0].tolist() == pytest.approx(want, rel=1e-5) and torch.equal(grad[:, 0], grad[:, 1])
 
 
 def test_lambda_update_is_gradient_ascent():

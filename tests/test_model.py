@@ -48,7 +48,7 @@ def test_masked_equals_sliced_equals_reloaded_export(family, tmp_path):
     hf = random_model(family)
     lm = ours(hf)
     target = TARGETS[family]
-    l0 = L0Module(shape_of(hf.config), target).eval()
+    l0 = L0Module(shape_of(hf.config), target, eval_target_model=True).eval()  # the export's masks
     random_masks(l0, seed=3)
     ids = torch.randint(0, hf.config.vocab_size, (2, 40))
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_masked_equals_sliced_equals_reloaded_export(family, tmp_path):
 
 def test_kept_heads_belong_to_kept_groups():
     hf = random_model("smollm2-gqa")
-    l0 = L0Module(shape_of(hf.config), TARGETS["smollm2-gqa"]).eval()
+    l0 = L0Module(shape_of(hf.config), TARGETS["smollm2-gqa"], eval_target_model=True).eval()
     random_masks(l0, seed=5)
     _, kept = finalize(ours(hf), l0)
     per_group = hf.config.num_attention_heads // hf.config.num_key_value_heads

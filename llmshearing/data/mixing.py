@@ -23,6 +23,9 @@ def check_weights(weights, domains: list[str], key: str = "weights") -> np.ndarr
     return w / w.sum()
 
 
+RULES = {"paper": 0.0, "released": None}  # the gap's lower clamp: Algorithm 1 clamps at 0, the released code not
+
+
 def update_weights(weights, losses, reference, eta: float = 1.0, smoothing: float = 0.0,
                    clamp_min: float | None = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """The paper's dynamic batch loading step (Xia et al. 2024, Alg. 1), in log space:

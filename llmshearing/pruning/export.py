@@ -57,10 +57,8 @@ def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
 @torch.no_grad()
 def finalize(lm: DecoderLM, l0: L0Module) -> tuple[DecoderLM, dict]:
     """A dense DecoderLM of the target shape equal (in eval) to `lm` under `l0`'s test-time masks."""
-    was_training = l0.training
-    l0.eval()
-    masks = l0()
-    l0.train(was_training)
+    with l0.target_masks():
+        masks = l0()
     kept = kept_units(l0)
     config = target_config(lm.config, l0.target)
     hd = head_dim_of(lm.config)

@@ -5,9 +5,16 @@ Hard concrete (Louizos et al. 2018): with u ~ U(0, 1),
 so z is exactly 0 or 1 with positive probability. The probability that a gate is open,
     score = P(z > 0) = sigmoid(log_alpha - beta * log(-l / r)),
 is differentiable and is what the Lagrangian constrains (Xia et al. 2024, Eq. 1-2).
+
+As the paper's released code does (docs/fidelity.md): log_alpha starts at N(5, 0.01) and is clamped in place to
+[ln 0.01, ln 100] before every use, so pruning starts from the (almost) dense model; the Lagrangian is taken
+per row (per layer for heads and intermediate dims) and averaged; a kept unit's test-time value is
+sigmoid(log_alpha / beta * 0.8), never 0; and evaluation during pruning keeps the expected number of units per row
+(the model's current expected size) unless `eval_target_model`, while the export always keeps the target.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -24,16 +31,20 @@ EPS = 1e-6
 # consecutive seeds do not share seeds within that many steps).
 NOISE_SAMPLES_PER_STEP = 2**20
 NOISE_STEPS_PER_SEED = 1_000_033
+INIT_LOG_ALPHA = 5.0  # the released code's initial mean (its droprate_init is overwritten: dead code)
+LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))  # the released code's in-place clamp before every forward
+TEST_TIME_SCALE = 0.8  # test-time value sigmoid(log_alpha / TEMPERATURE * 0.8), as the released code
 
 
 class HardConcrete(nn.Module):
     """Gates of shape `shape`; the last dim holds the units of which `keep` survive per row."""
 
-    def __init__(self, shape: tuple[int, ...], keep: int, init_drop: float = 0.5, init_std: float = 0.01,
+    def __init__(self, shape: tuple[int, ...], keep: int, init_drop: float | None = None, init_std: float = 0.01,
                  generator: torch.Generator | None = None):
         super().__init__()
         self.shape, self.keep = tuple(shape), keep
-        mean = math.log(1 - init_drop) - math.log(init_drop)
+        # init_drop p: log_alpha = log((1 - p) / p); None: the released code's mean of 5
+        mean = INIT_LOG_ALPHA if init_drop is None else math.log(1 - init_drop) - math.log(init_drop)
         self.log_alpha = nn.Parameter(torch.empty(self.shape).normal_(mean, init_std, generator=generator))
 
     @property
@@ -53,14 +64,29 @@ class HardConcrete(nn.Module):
         order = torch.argsort(self.log_alpha.detach(), dim=-1, descending=True, stable=True)
         return order[..., : self.keep].sort(dim=-1).values
 
-    def deterministic(self) -> torch.Tensor:
-        """Test-time gates: the kept units carry their mean-noise value, all others are 0."""
-        value = (torch.sigmoid(self.log_alpha) * (LIMIT_RIGHT - LIMIT_LEFT) + LIMIT_LEFT).clamp(0, 1)
-        kept = torch.zeros_like(value, dtype=torch.bool).scatter_(-1, self.keep_index(), True)
+    def expected_keep(self) -> torch.Tensor:
+        """Units each row keeps at its current expected size: units - round(units - sum of P(z > 0)), as the
+        released code's evaluation during pruning (`eval_target_model: false`)."""
+        score = self.score().detach()
+        return self.units - torch.round(self.units - score.sum(-1)).long()
+
+    def deterministic(self, keep: torch.Tensor | int | None = None) -> torch.Tensor:
+        """Test-time gates: the `keep` (default: the target count; or a count per row) highest-scoring units of
+        each row carry sigmoid(log_alpha / beta * 0.8), which is never 0; all others are 0."""
+        value = torch.sigmoid(self.log_alpha / TEMPERATURE * TEST_TIME_SCALE)
+        order = torch.argsort(self.log_alpha.detach(), dim=-1, descending=True, stable=True)
+        positions = torch.arange(self.units, device=order.device).expand_as(order).contiguous()
+        rank = torch.empty_like(order).scatter_(-1, order, positions)  # 0 = the highest-scoring unit of its row
+        keep = torch.as_tensor(self.keep if keep is None else keep, device=rank.device)
+        kept = rank < (keep.unsqueeze(-1) if keep.dim() else keep)
         return torch.where(kept, value, torch.zeros_like(value))
 
     def expected_sparsity(self) -> torch.Tensor:
         return 1 - self.score().mean()
+
+    def expected_sparsity_rows(self) -> torch.Tensor:
+        """Expected sparsity of every row (e.g. of every layer's heads), the released code's Lagrangian unit."""
+        return 1 - self.score().mean(-1)
 
     def target_sparsity(self) -> float:
         return 1 - self.keep / self.units
@@ -117,8 +143,9 @@ def plan_masks(source: Shape, target: Shape) -> dict[str, tuple[tuple[int, ...],
 class L0Module(nn.Module):
     """All masks of one pruning run plus their Lagrange multipliers.
 
-    For each mask j the loss adds  lambda1_j * (s_j - t_j) + lambda2_j * (s_j - t_j)^2  where s_j is the
-    expected sparsity and t_j the target sparsity ramped linearly from 0 over `warmup_steps`.
+    For each mask j the loss adds  mean over rows r of  lambda1_j * (s_jr - t_j) + lambda2_j * (s_jr - t_j)^2,
+    where s_jr is row r's expected sparsity (a row: the layers of the layer mask, one layer's heads or
+    intermediate dims) and t_j the target sparsity ramped linearly from 0 over `warmup_steps`.
     The multipliers are trained by gradient *ascent*: their gradient is reversed inside the autograd
     graph (`_reverse_grad`), so an ordinary optimizer with a positive learning rate maximizes over them
     and this holds under DDP/FSDP wrapping too (the original code used a negative learning rate, which
@@ -130,9 +157,13 @@ class L0Module(nn.Module):
     # by callbacks.ReplicatedGrads.
     _fsdp_wrap = False
 
-    def __init__(self, source: Shape, target: Shape, warmup_steps: int = 0, init_drop: float = 0.5, seed: int = 0):
+    def __init__(self, source: Shape, target: Shape, warmup_steps: int = 0, init_drop: float | None = None,
+                 seed: int = 0, log_alpha_range: tuple[float, float] | None = LOG_ALPHA_RANGE,
+                 eval_target_model: bool = False):
         super().__init__()
         self.source, self.target, self.warmup_steps, self.seed = source, target, warmup_steps, seed
+        self.log_alpha_range = None if log_alpha_range is None else tuple(log_alpha_range)
+        self.eval_target_model = eval_target_model  # eval keeps the target size, not the expected size
         init = torch.Generator().manual_seed(seed)  # the initial log_alphas are a function of the seed alone
         self.masks = nn.ModuleDict(
             {name: HardConcrete(shape, keep, init_drop, generator=init) for name, (shape, keep) in plan_masks(source, target).items()}
@@ -158,8 +189,12 @@ class L0Module(nn.Module):
         batch `step` (None: keep the current `self.step`)."""
         if step is not None:
             self.step = step
+        self.constrain()
         gen = self.noise(samples) if self.training else None
-        gates = {n: (m.sample(gen) if self.training else m.deterministic()) for n, m in self.masks.items()}
+        if self.training:
+            gates = {n: m.sample(gen) for n, m in self.masks.items()}
+        else:
+            gates = {n: m.deterministic(None if self.eval_target_model else m.expected_keep()) for n, m in self.masks.items()}
         L, R = self.source.num_hidden_layers, self.source.heads_per_group
         head = None
         if "kv_head" in gates or "head" in gates:
@@ -169,8 +204,27 @@ class L0Module(nn.Module):
         hidden = gates.get("hidden")
         kept = None
         if hidden is not None:
-            kept = self.target.hidden_size if not self.training else (hidden > 0).sum().clamp(min=1)
+            kept = (hidden > 0).sum().clamp(min=1)
         return Masks(gates.get("layer"), hidden, kept, head, gates.get("intermediate"))
+
+    @torch.no_grad()
+    def constrain(self) -> None:
+        """Clamp every log_alpha in place to `log_alpha_range` (the released code does so before every forward)."""
+        if self.log_alpha_range is not None:
+            for mask in self.masks.values():
+                mask.log_alpha.clamp_(*self.log_alpha_range)
+
+    @contextlib.contextmanager
+    def target_masks(self):
+        """Test-time masks of exactly the target shape (what export folds), whatever `eval_target_model` says."""
+        training, at_target = self.training, self.eval_target_model
+        self.eval()
+        self.eval_target_model = True
+        try:
+            yield
+        finally:
+            self.eval_target_model = at_target
+            self.train(training)
 
     def target_sparsity(self, name: str) -> float:
         ramp = 1.0 if self.warmup_steps <= 0 else min(1.0, self.step / self.warmup_steps)
@@ -181,8 +235,8 @@ class L0Module(nn.Module):
         logs = {}
         lambdas = _reverse_grad(self.lambdas)
         for j, (name, mask) in enumerate(self.masks.items()):
-            gap = mask.expected_sparsity() - self.target_sparsity(name)
-            loss = loss + lambdas[j, 0] * gap + lambdas[j, 1] * gap**2
+            gap = mask.expected_sparsity_rows() - self.target_sparsity(name)  # one gap per row (per layer)
+            loss = loss + (lambdas[j, 0] * gap + lambdas[j, 1] * gap**2).mean()
             logs[f"l0/{name}/expected_sparsity"] = float(mask.expected_sparsity())
             logs[f"l0/{name}/target_sparsity"] = self.target_sparsity(name)
             logs[f"l0/{name}/lambda_1"] = float(self.lambdas[j, 0])

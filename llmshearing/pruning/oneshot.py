@@ -32,9 +32,10 @@ SCORING = {"magnitude": "magnitude: squared L2 norm of each unit's weights (llms
            "activation": "activation: mean contribution of each unit and block influence of each layer on "
                          "calibration sequences (llmshearing/pruning/oneshot.py)"}
 # log_alpha of every unit is OPEN + rank/units: the order of the scores decides keep_index, and the
-# test-time gate value clamp(sigmoid(log_alpha) * 1.2 - 0.1, 0, 1) is exactly 1 for log_alpha > log 11,
-# so finalize folds nothing into the weights: the kept weights are the source's, unscaled.
-OPEN = 10.0
+# test-time gate value sigmoid(log_alpha / beta * 0.8) rounds to exactly 1.0 in float32 from log_alpha ~ 12 on,
+# so finalize folds nothing into the weights: the kept weights are the source's, unscaled. The masks are built
+# without the training clamp to [ln 0.01, ln 100], which would tie all these values.
+OPEN = 30.0
 
 
 def _sq_rows(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -155,7 +156,7 @@ def oneshot_prune(model_path: str, target, out_dir: str, gguf_file: str | None =
         raise ValueError("activation scoring needs calibration token ids")
     config = load_hf_config(model_path, gguf_file)
     lm = from_pretrained(model_path, gguf_file, attn_impl="sdpa")
-    l0 = L0Module(shape_of(config), resolve_target(target, config))
+    l0 = L0Module(shape_of(config), resolve_target(target, config), log_alpha_range=None)
     set_scores(l0, magnitude_scores(lm) if method == "magnitude" else activation_scores(lm, calibration))
     pruned, kept = finalize(lm, l0)
     kept = {**kept, "scoring": SCORING[method]}

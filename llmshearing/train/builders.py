@@ -45,8 +45,9 @@ def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights:
     l0 = None
     if cfg.pruning is not None:
         target = target or resolve_target(cfg.pruning.target, source_config)
-        l0 = L0Module(shape_of(source_config), target, batches(cfg.pruning.lagrangian_warmup), cfg.pruning.init_drop,
-                      seed=cfg.seed)
+        p = cfg.pruning
+        l0 = L0Module(shape_of(source_config), target, batches(p.lagrangian_warmup), p.init_drop, seed=cfg.seed,
+                      log_alpha_range=p.log_alpha_clamp, eval_target_model=p.eval_target_model)
     return ComposerLM(lm, l0)
 
 
@@ -90,15 +91,17 @@ def build_dataloaders(cfg: TrainConfig, per_device: int) -> tuple[DataLoader, li
 
 def build_callbacks(cfg: TrainConfig, folder: str) -> list:
     """The project's callbacks (from their sections) and those named in `callbacks:`."""
-    from callbacks import DynamicLoading, PruningLog, ReplicatedGrads, RunGuard
+    from callbacks import ClipGradNorm, DynamicLoading, PruningLog, ReplicatedGrads, RunGuard
 
     built = [RunGuard(cfg.save_folder, cfg.stop_on_nonfinite, cfg.save_on_sigterm)]
     if cfg.fsdp is not None:
         built.append(ReplicatedGrads())
+    if cfg.optimizer.clip_grad_norm is not None:  # after ReplicatedGrads: the masks' gradients are averaged first
+        built.append(ClipGradNorm(cfg.optimizer.clip_grad_norm))
     if cfg.pruning:
         built.append(PruningLog(folder))
     d, dyn = cfg.data, cfg.data.dynamic
-    built.append(DynamicLoading(d.domains, dyn.reference_losses, dyn.eta, dyn.smoothing, dyn.clamp_min, folder)
+    built.append(DynamicLoading(d.domains, dyn.reference_losses, dyn.eta, dyn.smoothing, dyn.rule, folder)
                  if dyn else DynamicLoading(d.domains, folder=folder))
     built += [registry.callbacks.build(name, kwargs, "callbacks") for name, kwargs in (cfg.callbacks or {}).items()]
     return built

@@ -6,6 +6,7 @@ and every error names the key and the fix (a typo gets the closest key name sugg
 from __future__ import annotations
 
 import difflib
+import math
 import json
 import os
 from importlib import resources
@@ -35,7 +36,11 @@ class ModelConfig:
 class PruningConfig:
     target: typing.Any  # preset name, path of an HF config.json (or its directory), or a mapping of dims
     lagrangian_warmup: str = "0ba"  # target sparsity ramps linearly from 0 over this many batches
-    init_drop: float = 0.5  # initial drop probability of every gate (log_alpha = log((1-p)/p))
+    # initial drop probability p of every gate (log_alpha = log((1-p)/p)); null: the released code's log_alpha
+    # N(5, 0.01), clamped to ln 100 = 4.61 at the first forward (P(gate open) 0.998: the dense model)
+    init_drop: float | None = None
+    log_alpha_clamp: tuple | None = (math.log(1e-2), math.log(1e2))  # clamp before every forward; null: none
+    eval_target_model: bool = False  # evals during pruning: false = the current expected size (released code)
     mask_lr: float = 1.0
     lambda_lr: float = 1.0
 
@@ -45,8 +50,8 @@ class DynamicLoadingConfig:
     """Dynamic batch loading (paper Sec. 2.2): after each eval, w <- softmax(log w + eta * gap)."""
     reference_losses: typing.Any  # domain -> loss, a list in data.domains order, or a yaml file from `llmshearing reference-loss`
     eta: float = 1.0  # step size on the loss gap (the paper's update is eta = 1)
-    smoothing: float = 0.0  # mix c/k of the uniform distribution into the new weights
-    clamp_min: float | None = 0.0  # gap = max(loss - reference, clamp_min); null: no clamp
+    smoothing: float = 1e-4  # mix c/k of the uniform distribution into the new weights (released code: 1e-4)
+    rule: str = "paper"  # paper: gap = max(loss - reference, 0) (Algorithm 1); released: no clamp (the code)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class OptimizerConfig:
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.0
+    clip_grad_norm: float | None = None  # clip the global gradient norm (masks and multipliers included)
 
 
 @dataclass
@@ -208,8 +214,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                               f"each domain), so there are no epochs; give batches, e.g. '100ba'")
     if cfg.pruning is not None:
         _check_duration("pruning.lagrangian_warmup", cfg.pruning.lagrangian_warmup, ("ba",))
-        if not 0 < cfg.pruning.init_drop < 1:
-            raise ConfigError(f"pruning.init_drop must be in (0, 1), got {cfg.pruning.init_drop}")
+        p = cfg.pruning
+        if p.init_drop is not None and not 0 < p.init_drop < 1:
+            raise ConfigError(f"pruning.init_drop must be in (0, 1) or null, got {p.init_drop}")
+        if p.log_alpha_clamp is not None and not (len(p.log_alpha_clamp) == 2 and all(
+                isinstance(x, (int, float)) for x in p.log_alpha_clamp) and p.log_alpha_clamp[0] < p.log_alpha_clamp[1]):
+            raise ConfigError(f"pruning.log_alpha_clamp must be [low, high] with low < high, or null; got "
+                              f"{list(p.log_alpha_clamp)}")
+    if cfg.optimizer.clip_grad_norm is not None and not cfg.optimizer.clip_grad_norm > 0:
+        raise ConfigError(f"optimizer.clip_grad_norm must be a positive number or null, got {cfg.optimizer.clip_grad_norm}")
     registry.schedulers.get(cfg.scheduler.name, "scheduler.name")
     for section, reg in (("callbacks", registry.callbacks), ("loggers", registry.loggers)):
         if not isinstance(getattr(cfg, section) or {}, dict):
@@ -295,6 +308,9 @@ def resolve_data(data: DataConfig) -> DataConfig:
             raise ConfigError(f"data.dynamic.reference_losses must be positive numbers, got {ref}")
         if not 0 <= dynamic.smoothing < 1:
             raise ConfigError(f"data.dynamic.smoothing must be in [0, 1), got {dynamic.smoothing}")
+        if dynamic.rule not in ("paper", "released"):
+            raise ConfigError(f"data.dynamic.rule must be paper (gap clamped at 0) or released (no clamp), got "
+                              f"'{dynamic.rule}'")
         if dynamic.eta <= 0:
             raise ConfigError(f"data.dynamic.eta must be positive, got {dynamic.eta}")
         dynamic = replace(dynamic, reference_losses=[float(x) for x in ref])
