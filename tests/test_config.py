@@ -121,6 +121,12 @@ def test_source_heads_not_divisible_by_kv_heads(tmp_path):
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
     ("data.eval_sequences_per_domain=0", "eval_sequences_per_domain must be >= 1"),
     ("fsdp.sharding_stratgy=FULL_SHARD", "unknown key 'fsdp.sharding_stratgy'; did you mean 'fsdp.sharding_strategy'?"),
+    ("model.attn_impl=flash", "model.attn_impl=flash needs flash-attn"),
+    ("model.attn_impl=xformers", "model.attn_impl must be auto, sdpa or flash"),
+    ("save_folder=s3://bucket/run", "save_folder='s3://bucket/run': remote folders are not supported"),
+    ("pruning.log_alpha_clamp=[3.0, -3.0]", "pruning.log_alpha_clamp must be [low, high] with low < high"),
+    ("optimizer.clip_grad_norm=0", "optimizer.clip_grad_norm must be a positive number or null"),
+    ("data.dynamic.rule=doremi", "data.dynamic.rule must be paper (gap clamped at 0) or released (no clamp)"),
 ])
 def test_bad_config_keys(tiny_setup, override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -145,22 +145,23 @@ def test_sharded_checkpoint_exports_like_the_end_of_run_export(runs, tiny_setup,
         assert torch.equal(p, q), name
 
 
-def test_fsdp_sigterm_saves_and_resumes(runs, tiny_setup):
+@pytest.mark.parametrize("kind", ["full", "sharded"])
+def test_fsdp_sigterm_saves_and_resumes(runs, tiny_setup, kind):
     """SIGTERM to every process (a scheduler's preemption): the ranks save at the end of the batch they are in
     and stop; the same command resumes and ends on the uninterrupted run's weights."""
-    stopped = str(runs["root"] / "stopped")
-    victim = two_procs(FSDP_YAML, tiny_setup, stopped, *COMMON, "save_interval=1000ba", "export_dir=null",
-                       popen_it=True)
+    stopped = str(runs["root"] / f"stopped-{kind}")
+    extra = [*COMMON, "save_interval=1000ba", "export_dir=null", f"fsdp.state_dict_type={kind}"]
+    victim = two_procs(FSDP_YAML, tiny_setup, stopped, *extra, popen_it=True)
     wait_for_lines(os.path.join(stopped, "pruning_log.jsonl"), 12, victim)
     os.killpg(victim.pid, signal.SIGTERM)
     out, err = victim.communicate(timeout=180)
-    saved = [n for n in os.listdir(stopped) if n.startswith("ep0-ba") and n.endswith("-rank0.pt")]
+    suffix = "-rank0.pt" if kind == "full" else ""
+    saved = [n for n in os.listdir(stopped) if n.startswith("ep0-ba") and n.endswith(suffix)]
     assert len(saved) == 1, (os.listdir(stopped), out[-2000:], err[-2000:])
-    assert 12 <= int(saved[0][len("ep0-ba"):-len("-rank0.pt")]) < 20
-    proc = two_procs(FSDP_YAML, tiny_setup, stopped, *COMMON, "save_interval=1000ba", "export_dir=null")
-    ok(proc, stopped)
-    base = runs["two"]
-    a, b = final_weights(base, False), checkpoint_state(os.path.join(stopped, "latest-rank0.pt"))["model"]
+    assert 12 <= int(saved[0][len("ep0-ba"):len(saved[0]) - len(suffix)]) < 20
+    assert os.path.realpath(os.path.join(stopped, "latest-rank0.pt")) == os.path.join(stopped, saved[0])
+    ok(two_procs(FSDP_YAML, tiny_setup, stopped, *extra), stopped)
+    a, b = final_weights(runs["two"], False), checkpoint_state(os.path.join(stopped, "latest-rank0.pt"))["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
 

@@ -225,3 +225,18 @@ def test_checkpoint_writes_are_atomic(tmp_path):
     assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10-rank0.pt")
     assert torch.equal(torch.load(tmp_path / "latest-rank0.pt")["weights"], torch.full((3,), 2.0))
     assert not (tmp_path / ".ep0-ba15-rank0.pt.tmp-x").exists()
+
+
+def test_repair_latest_with_sharded_checkpoints(tmp_path):
+    """Sharded checkpoints are folders whose `.metadata` is written last: a `latest` link at a folder without it
+    (a save cut short) is re-pointed at the newest complete one."""
+    for name, complete in (("ep0-ba5", True), ("ep0-ba10", True), ("ep0-ba15", False)):
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "__0_0.distcp", "wb") as f:
+            f.write(b"shard")
+        if complete:
+            (tmp_path / name / ".metadata").write_bytes(b"meta")
+    os.symlink("ep0-ba15", tmp_path / "latest-rank0.pt")
+    assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10")
+    assert os.readlink(tmp_path / "latest-rank0.pt") == "ep0-ba10"
+    assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10")  # a good link is left alone
