@@ -20,11 +20,13 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_export)
 
+
 def _add_make_tiny(sub) -> None:
     p = sub.add_parser("make-tiny", help="write a tiny random model, tokenizer and two text domains")
     p.add_argument("out_dir")
     p.add_argument("--family", default="smollm2-gqa", choices=["llama-mha", "smollm2-gqa", "mistral", "qwen2"])
     p.set_defaults(handler=_make_tiny)
+
 
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the embedded default: prune SmolLM2-135M on CPU, export, evaluate")
@@ -32,6 +34,7 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("overrides", nargs="*", help="key=value overrides of yamls/demo_smollm2.yaml")
     p.set_defaults(handler=_demo)
+
 
 def _add_reference_loss(sub) -> None:
     p = sub.add_parser(
@@ -52,6 +55,7 @@ def _add_reference_loss(sub) -> None:
     p.add_argument("--paper", metavar="PRESET", help="the Sheared-LLaMA paper's values (LLaMA-2 tokenizer, RedPajama)")
     p.add_argument("--out", help="write the snippet to this file (atomically) instead of printing it")
     p.set_defaults(handler=_reference_loss)
+
 
 def _add_eval(sub) -> None:
     p = sub.add_parser(
