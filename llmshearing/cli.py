@@ -82,6 +82,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", help="write the results as JSON to this file (atomically)")
     p.set_defaults(handler=_eval)
 
+
 def _export(args) -> None:
     from llmshearing.pruning.export import export_checkpoint
 
