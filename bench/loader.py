@@ -34,9 +34,8 @@ def tokens_per_s(loader, batches: int, warmup: int = 5) -> float:
 
 
 def mixture_loader(args, domains, weights, workers):
-    ds = DomainMixture(args.shards, args.split, domains, weights, batch_size=args.batch_size, seed=0,
-                       num_workers=workers)
-    return DataLoader(ds, batch_size=args.batch_size, num_workers=workers, **({"prefetch_factor": 2} if workers else {}))
+    ds = DomainMixture(args.shards, args.split, domains, weights, batch_size=args.batch_size, seed=0)
+    return ds.loader(num_workers=workers, prefetch_factor=2)
 
 
 def streaming_loader(args, domains, weights, workers, cache):

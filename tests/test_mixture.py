@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from llmshearing.errors import ConfigError
 from llmshearing.data.layout import DomainSequences
@@ -42,10 +41,8 @@ def shards(tmp_path_factory):
 
 def take(dataset, n_batches, workers=0, on_batch=None):
     """(domain, item) pairs of the first n batches, as the DataLoader hands them out."""
-    loader = DataLoader(dataset, batch_size=dataset.batch_size, num_workers=workers,
-                        **({"prefetch_factor": 2} if workers else {}))
     out = []
-    for i, batch in enumerate(loader):
+    for i, batch in enumerate(dataset.loader(num_workers=workers, prefetch_factor=2)):
         ids = batch["input_ids"]
         assert torch.equal(batch["domain"], ids[:, 0])
         out.append([(int(r[0]), int(r[1])) for r in ids])
@@ -85,7 +82,7 @@ def test_every_pass_is_a_fresh_permutation(shards):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_weight_change_takes_effect_at_the_documented_batch(shards, workers):
+def test_weight_change_takes_effect_at_the_next_batch(shards, workers):
     ds = mixture(shards, (0.5, 0.5, 0.0), workers=workers)
     change_after = 3
     effects = []
@@ -95,30 +92,56 @@ def test_weight_change_takes_effect_at_the_documented_batch(shards, workers):
             effects.append(ds.set_weights([0, 0, 1], after_batch=done))
 
     batches = take(ds, 12, workers, on_batch)
-    effect = change_after + workers * 2
-    assert effects == [effect]
+    assert effects == [change_after]  # batch 3 is the first one not yet consumed, whatever the prefetch
     for b, batch in enumerate(batches):
         domains = {d for d, _ in batch}
-        assert domains == {2} if b >= effect else 2 not in domains, (b, domains)
+        assert domains == {2} if b >= change_after else 2 not in domains, (b, domains)
+
+
+def test_workers_give_the_main_process_batches_through_weight_changes(shards):
+    """With 2 workers (prefetch 2) a change made after batch n is in effect at batch n, and every batch equals
+    a 0-worker run's with the same changes, including those the workers had already read."""
+    changes = {3: [0.05, 0.05, 0.9], 4: [0.9, 0.05, 0.05], 9: [0.1, 0.8, 0.1]}
+
+    def run(workers):
+        ds = mixture(shards, workers=workers, batch_size=16)
+        return take(ds, 20, workers, lambda done: done in changes and ds.set_weights(changes[done], after_batch=done))
+
+    ref = run(0)
+    assert run(2) == ref
+    share = [np.bincount([d for d, _ in b], minlength=3) / 16 for b in ref]
+    assert share[3][2] >= 0.6 and share[2][2] < 0.6  # domain c from batch 3 exactly
+    assert share[4][0] >= 0.6 and share[3][0] < 0.6
+    assert all(s[1] >= 0.5 for s in share[9:12]) and share[8][1] < 0.5
+    assert ref != take(mixture(shards, batch_size=16), 20)
+
+
+def test_a_weight_change_for_a_batch_already_handed_out_is_refused(shards):
+    ds = mixture(shards)
+    take(ds, 4)
+    with pytest.raises(ValueError, match="already handed out"):
+        ds.set_weights([0, 0, 1], after_batch=2)
+    assert ds.set_weights([0, 0, 1], after_batch=6) == 6  # a later batch is fine (kept as pending)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_pass_gives_the_uninterrupted_batches(shards, workers):
-    changes = {4: [0.2, 0.2, 0.6], 9: [0.6, 0.3, 0.1]}
+    # (made after batch, applies from batch, weights); the one made after 6 is still pending at the checkpoint
+    changes = {4: (4, [0.2, 0.2, 0.6]), 6: (7, [0.3, 0.3, 0.4]), 9: (9, [0.6, 0.3, 0.1])}
 
     def run(ds, start, n):
         return take(ds, n, workers, lambda done: start + done in changes and ds.set_weights(
-            changes[start + done], after_batch=start + done))
+            changes[start + done][1], after_batch=changes[start + done][0]))
 
     full = run(mixture(shards, workers=workers), 0, 16)
     first = mixture(shards, workers=workers)
-    part1 = run(first, 0, 6)  # the change after batch 4 is still pending at 6 when workers=2
+    part1 = run(first, 0, 6)
     state = first.state_dict(num_samples=6 * 8, from_beginning=True)
     assert len(json.dumps(state)) < 400  # O(domains), not O(samples)
     resumed = mixture(shards, workers=workers, seed=99)  # the seed comes from the state
     resumed.load_state_dict(json.loads(json.dumps(state)))
     assert part1 + run(resumed, 6, 10) == full
-    assert any(d == 2 and i >= 0 for b in full for d, i in b)
+    assert state["pending"] and any(d == 2 and i >= 0 for b in full for d, i in b)
     counts = np.bincount([d for b in full for d, _ in b], minlength=3)
     assert counts[2] > 7  # domain c (7 sequences) was passed over more than once
 

@@ -9,20 +9,32 @@ no limit on passes. So the batches depend only on the seed and the weights histo
 number of workers or where a run was resumed.
 
 When a weight change takes effect. `set_weights(w, after_batch=n)` (called at an eval after `n`
-batches) applies from global batch `n + num_workers * prefetch_factor`: the DataLoader may already
-have handed out work up to that point, so that is the first batch every worker can still honour.
-With `num_workers=0` it is batch `n`, the very next one. Weight changes reach the workers through a
-shared-memory table, so the DataLoader is never restarted.
+batches) applies from global batch `n`, the first one not yet consumed, whatever `num_workers` is.
+The DataLoader's workers still do the reading, but what they produce is only a prediction: each
+worker runs the draws below with the weights it sees in a shared-memory table of changes and
+tags every sample with its (batch, domain, position `c`). `MixtureLoader`, the DataLoader to
+train from, redraws every batch in the main process as it is consumed, with the weights in effect
+then, and reads itself the (few) samples whose (domain, c) the workers got wrong: those of the
+`num_workers * prefetch_factor` batches already prefetched when a change came. Each change is
+stored with the per-domain counts at its batch, so a worker that drew past it starts again from
+there and its later predictions are right. The DataLoader is never restarted, and the batches are
+the same for any number of workers.
 
 Resume. Composer calls `state_dict(num_samples, from_beginning)` when it checkpoints and
 `load_state_dict` when it resumes. The state is O(number of domains): the batch index, how many
-samples each domain has given so far, the weights in effect, and any change not yet in effect.
+samples each domain has given so far, the weights in effect, and any change not yet in effect
+(one set for a later batch than the next).
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+# At import time, not inside the draws: composer's first import stores a traceback whose frames would keep
+# MixtureLoader's iterator (and so the DataLoader's workers) alive after a loop over it ends.
+from composer.utils import dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from llmshearing.data.mixing import check_weights
 from llmshearing.errors import ConfigError
@@ -33,7 +45,9 @@ _DRAW_STREAM = 0x6D6978  # separates the domain draws' seeds from the permutatio
 
 class DomainMixture(IterableDataset):
     """Endless per-rank stream of {'input_ids', 'labels', 'domain', 'batch_index'} drawn from per-domain shards.
-    `batch_index` (the global batch the sample belongs to) is the pruning step the model reads."""
+    `batch_index` (the global batch the sample belongs to) is the pruning step the model reads. Iterate it
+    through `MixtureLoader` (`self.loader(...)`): that is what makes weight changes exact with workers.
+    `num_workers` and `prefetch_factor` are accepted for compatibility; they no longer change anything."""
 
     def __init__(self, root: str, split: str, domains: list[str], weights, *, batch_size: int, seed: int,
                  num_workers: int = 0, prefetch_factor: int = 2, max_updates: int = 65536):
@@ -41,46 +55,61 @@ class DomainMixture(IterableDataset):
         self.root, self.split, self.domains = root, split, list(domains)
         self.sizes = [int(manifest["domains"][d]["splits"][split]["sequences"]) for d in self.domains]
         self.batch_size, self.seed = int(batch_size), int(seed)
-        self.delay = int(num_workers) * int(prefetch_factor) if num_workers else 0
         k = len(self.domains)
         # Where this iteration starts: batch index, samples taken from each domain so far, weights.
         self._start = (0, np.zeros(k, dtype=np.int64), check_weights(weights, self.domains))
-        # Shared-memory table of weight changes [effect_batch, w_1..w_k], read by the workers.
-        self._changes = torch.zeros(max_updates, 1 + k, dtype=torch.float64).share_memory_()
+        # Shared-memory table of weight changes [effect_batch, w_1..w_k, counts_1..counts_k] (the counts:
+        # samples taken from each domain before the effect batch), read by the workers.
+        self._changes = torch.zeros(max_updates, 1 + 2 * k, dtype=torch.float64).share_memory_()
         self._num_changes = torch.zeros(1, dtype=torch.int64).share_memory_()
-        self._replay = None  # (batch, counts) cursor for state_dict, advanced monotonically
-        self._readers = None
+        self._replay = None  # (batch, counts) cursor for state_dict and set_weights, advanced monotonically
+        self._consumed = None  # the next batch MixtureLoader hands out (main process), None before it starts
+        self._readers, self._readers_pid = None, None
+
+    def __getstate__(self) -> dict:  # readers are per process
+        return {**self.__dict__, "_readers": None, "_readers_pid": None}
 
     # -- the schedule ---------------------------------------------------------------------------
     def set_weights(self, weights, after_batch: int) -> int:
-        """Use `weights` from batch `after_batch + delay` on; returns that batch index."""
+        """Use `weights` from batch `after_batch` on (the first batch not yet consumed after `after_batch`
+        batches); returns that batch index."""
         w = check_weights(weights, self.domains)
         n = int(self._num_changes[0])
-        effect = int(after_batch) + self.delay
+        effect = int(after_batch)
+        k = len(self.domains)
         if n and effect < self._changes[n - 1, 0]:
             raise ValueError(f"weight changes must come in batch order ({effect} < {int(self._changes[n - 1, 0])})")
+        if effect < self._start[0] or (self._consumed is not None and effect < self._consumed):
+            raise ValueError(f"batch {effect} was already handed out; a weight change can apply from batch "
+                             f"{max(self._start[0], self._consumed or 0)} on")
         if n == len(self._changes):
             raise RuntimeError(f"more than {n} weight changes; raise max_updates")
-        self._changes[n, 0], self._changes[n, 1:] = effect, torch.from_numpy(w)
-        self._num_changes[0] = n + 1
+        if self._replay is not None and self._replay[0] > effect:
+            self._replay = None
+        counts = self._counts_at(effect)
+        self._changes[n, 0], self._changes[n, 1:1 + k] = effect, torch.from_numpy(w)
+        self._changes[n, 1 + k:] = torch.from_numpy(counts.astype(np.float64))
+        self._num_changes[0] = n + 1  # last: a worker that sees the new count sees the whole row
         return effect
 
     def weights_at(self, batch: int) -> np.ndarray:
-        n = int(self._num_changes[0])
+        n, k = int(self._num_changes[0]), len(self.domains)
         effects = self._changes[:n, 0].numpy()
         i = int(np.searchsorted(effects, batch, side="right")) - 1
-        return self._changes[i, 1:].numpy().copy() if i >= 0 else self._start[2]
+        return self._changes[i, 1:1 + k].numpy().copy() if i >= 0 else self._start[2]
 
     @property
     def current_weights(self) -> np.ndarray:
-        n = int(self._num_changes[0])
-        return self._changes[n - 1, 1:].numpy().copy() if n else self._start[2].copy()
+        n, k = int(self._num_changes[0]), len(self.domains)
+        return self._changes[n - 1, 1:1 + k].numpy().copy() if n else self._start[2].copy()
 
     # -- the draws ----------------------------------------------------------------------------------
     def _global_batch(self) -> int:
-        from composer.utils import dist
-
         return self.batch_size * dist.get_world_size()
+
+    def _rank_slice(self) -> slice:
+        rank = dist.get_global_rank()
+        return slice(rank * self.batch_size, (rank + 1) * self.batch_size)
 
     def domains_of_batch(self, batch: int, global_batch: int) -> np.ndarray:
         """Domain index of every sample of global batch `batch`."""
@@ -105,24 +134,69 @@ class DomainMixture(IterableDataset):
             perms[d] = (p, np.random.default_rng([self.seed, d, p]).permutation(n))
         return int(perms[d][1][c % n])
 
-    def __iter__(self):
-        from composer.utils import dist
+    def _tokens(self, d: int, c: int, perms: dict) -> torch.Tensor:
+        if self._readers is None or self._readers_pid != os.getpid():  # each process opens its own
+            self._readers = [open_split(self.root, name, self.split) for name in self.domains]
+            self._readers_pid = os.getpid()
+        item = self._readers[d][self._item(d, c, perms)]["tokens"]
+        return torch.from_numpy(np.asarray(item, dtype=np.int64))
 
-        rank, G = dist.get_global_rank(), self._global_batch()
+    def _resync(self, batch: int, counts: np.ndarray, first: int, n: int, global_batch: int) -> np.ndarray:
+        """Counts before `batch` once changes `first..n-1` have appeared: if the earliest of them applies from a
+        batch already drawn, start again from the counts stored with it."""
+        k = len(self.domains)
+        row = self._changes[first].numpy()  # changes come in batch order: the earliest
+        effect = int(row[0])
+        if effect >= batch:
+            return counts
+        counts = row[1 + k:].astype(np.int64)
+        for b in range(effect, batch):
+            self._advance(b, counts, global_batch)
+        return counts
+
+    def __iter__(self):
+        G, mine = self._global_batch(), self._rank_slice()
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        if self._readers is None:
-            self._readers = [open_split(self.root, d, self.split) for d in self.domains]
         batch, counts, _ = self._start
         counts, perms, k = counts.copy(), {}, 0
-        lo, hi = rank * self.batch_size, (rank + 1) * self.batch_size
+        seen = int(self._num_changes[0])
         while True:
+            n = int(self._num_changes[0])
+            if n != seen:
+                counts, seen = self._resync(batch, counts, seen, n, G), n
             dom, position = self._advance(batch, counts, G)
             if k % workers == worker:  # the DataLoader takes batches from its workers in turn
-                for d, c in zip(dom[lo:hi], position[lo:hi]):
-                    ids = torch.from_numpy(np.asarray(self._readers[d][self._item(d, c, perms)]["tokens"], dtype=np.int64))
-                    yield {"input_ids": ids, "labels": ids, "domain": torch.tensor(int(d)), "batch_index": torch.tensor(batch)}
+                for d, c in zip(dom[mine], position[mine]):
+                    ids = self._tokens(int(d), int(c), perms)
+                    yield {"input_ids": ids, "labels": ids, "domain": torch.tensor(int(d)),
+                           "batch_index": torch.tensor(batch), "position": torch.tensor(int(c))}
             batch, k = batch + 1, k + 1
+
+    def _consume(self, batches):
+        """The batches as they are consumed (main process): redraw each with the weights in effect now and read
+        the samples the workers predicted wrongly."""
+        G, mine = self._global_batch(), self._rank_slice()
+        batch, counts, _ = self._start
+        counts, perms = counts.copy(), {}
+        self._consumed = batch
+        for got in batches:
+            dom, position = self._advance(batch, counts, G)
+            dom, position = dom[mine], position[mine]
+            predicted = got.pop("position")
+            if not bool((got["batch_index"] == batch).all()):
+                raise RuntimeError(f"the DataLoader handed out batch {got['batch_index'].tolist()} for batch {batch}")
+            for j in np.flatnonzero((got["domain"].numpy() != dom) | (predicted.numpy() != position)):
+                ids = self._tokens(int(dom[j]), int(position[j]), perms)
+                got["input_ids"][j], got["labels"][j], got["domain"][j] = ids, ids, int(dom[j])
+            batch += 1
+            self._consumed = batch
+            yield got
+
+    def loader(self, num_workers: int = 0, prefetch_factor: int | None = 2, **kwargs) -> "MixtureLoader":
+        """The DataLoader to train from (one batch of `batch_size` per step)."""
+        return MixtureLoader(self, num_workers=num_workers,
+                             prefetch_factor=prefetch_factor if num_workers else None, **kwargs)
 
     # -- Composer's dataset resumption hooks ------------------------------------------------------------
     def _counts_at(self, batch: int) -> np.ndarray:
@@ -141,8 +215,8 @@ class DomainMixture(IterableDataset):
         if num_samples % G:
             raise ValueError(f"{num_samples} samples is not a whole number of global batches of {G}")
         batch = num_samples // G
-        n = int(self._num_changes[0])
-        pending = [[int(r[0]), r[1:].tolist()] for r in self._changes[:n].numpy() if r[0] > batch]
+        n, k = int(self._num_changes[0]), len(self.domains)
+        pending = [[int(r[0]), r[1:1 + k].tolist()] for r in self._changes[:n].numpy() if r[0] > batch]
         return {"domains": self.domains, "seed": self.seed, "global_batch": G, "batch": batch,
                 "counts": self._counts_at(batch).tolist(), "weights": self.weights_at(batch).tolist(),
                 "pending": pending}
@@ -157,10 +231,19 @@ class DomainMixture(IterableDataset):
         self._start = (int(state["batch"]), np.asarray(state["counts"], dtype=np.int64),
                        np.asarray(state["weights"], dtype=np.float64))
         self._num_changes[0] = 0
-        self._replay = None
+        self._replay, self._consumed = None, None
         for effect, w in state["pending"]:
-            n = int(self._num_changes[0])
-            self._changes[n, 0], self._changes[n, 1:] = effect, torch.tensor(w, dtype=torch.float64)
-            self._num_changes[0] = n + 1
+            self.set_weights(w, after_batch=effect)
 
 
+class MixtureLoader(DataLoader):
+    """A DataLoader over a `DomainMixture` (its `dataset`, as Composer and DynamicLoading expect) whose
+    batches follow the weights in effect when each batch is consumed, whatever `num_workers` is."""
+
+    def __init__(self, dataset: DomainMixture, **kwargs):
+        if not isinstance(dataset, DomainMixture):
+            raise TypeError("MixtureLoader reads a DomainMixture")
+        super().__init__(dataset, batch_size=dataset.batch_size, **kwargs)
+
+    def __iter__(self):
+        return self.dataset._consume(super().__iter__())

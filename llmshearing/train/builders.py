@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from llmshearing import registry
 from llmshearing.compat import enable_fsdp_on_cpu, ignore_sigterm, install_atomic_writes, kill_workers_at_exit
 from llmshearing.data.layout import DomainSequences
-from llmshearing.data.mixture import DomainMixture
+from llmshearing.data.mixture import DomainMixture, MixtureLoader
 from llmshearing.data.tokenizer import check_tokenizer, model_tokenizer
 from llmshearing.io import atomic_write_text
 from llmshearing.model.composer_model import ComposerLM
@@ -71,14 +71,13 @@ def build_dataloaders(cfg: TrainConfig, per_device: int) -> tuple[DataLoader, li
     from callbacks.dynamic_loading import eval_label
 
     d = cfg.data
-    train_set = DomainMixture(d.shards, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed,
-                              num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
+    train_set = DomainMixture(d.shards, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed)
     workers = {}
     if d.num_workers:
         workers = {"prefetch_factor": d.prefetch_factor, "worker_init_fn": ignore_sigterm if cfg.save_on_sigterm else None}
         if cfg.save_on_sigterm:
             kill_workers_at_exit()
-    train_loader = DataLoader(train_set, batch_size=per_device, num_workers=d.num_workers, **workers)
+    train_loader = MixtureLoader(train_set, num_workers=d.num_workers, **workers)
     evaluators = []
     for domain in d.domains:
         eval_set = DomainSequences(d.shards, domain, "eval", d.eval_sequences_per_domain)
