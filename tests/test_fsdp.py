@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BIN, REPO, jsonl, paths, run, weights_log
+from conftest import BIN, jsonl, paths, run, weights_log
 from test_reliability import popen, wait_for_lines
 from transformers import AutoModelForCausalLM
 
