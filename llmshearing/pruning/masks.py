@@ -36,6 +36,14 @@ LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))  # the released code's in-plac
 TEST_TIME_SCALE = 0.8  # test-time value sigmoid(log_alpha / TEMPERATURE * 0.8), as the released code
 
 
+def row_ranks(x: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """The rank of every entry within its row (last dim), 0 = the smallest (largest with `descending`); a stable
+    sort breaks ties by index."""
+    order = torch.argsort(x.detach(), dim=-1, descending=descending, stable=True)
+    positions = torch.arange(x.shape[-1], device=order.device).expand_as(order).contiguous()
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
 class HardConcrete(nn.Module):
     """Gates of shape `shape`; the last dim holds the units of which `keep` survive per row."""
 
@@ -74,9 +82,7 @@ class HardConcrete(nn.Module):
         """Test-time gates: the `keep` (default: the target count; or a count per row) highest-scoring units of
         each row carry sigmoid(log_alpha / beta * 0.8), which is never 0; all others are 0."""
         value = torch.sigmoid(self.log_alpha / TEMPERATURE * TEST_TIME_SCALE)
-        order = torch.argsort(self.log_alpha.detach(), dim=-1, descending=True, stable=True)
-        positions = torch.arange(self.units, device=order.device).expand_as(order).contiguous()
-        rank = torch.empty_like(order).scatter_(-1, order, positions)  # 0 = the highest-scoring unit of its row
+        rank = row_ranks(self.log_alpha, descending=True)  # 0 = the highest-scoring unit of its row
         keep = torch.as_tensor(self.keep if keep is None else keep, device=rank.device)
         kept = rank < (keep.unsqueeze(-1) if keep.dim() else keep)
         return torch.where(kept, value, torch.zeros_like(value))

@@ -25,7 +25,7 @@ import torch
 
 from llmshearing.model.hf import load_hf_config
 from llmshearing.pruning.shapes import resolve_target, shape_of
-from llmshearing.pruning.masks import L0Module
+from llmshearing.pruning.masks import L0Module, row_ranks
 from llmshearing.model.decoder import DecoderLM
 
 SCORING = {"magnitude": "magnitude: squared L2 norm of each unit's weights (llmshearing/pruning/oneshot.py)",
@@ -135,10 +135,8 @@ def set_scores(l0: L0Module, scores: dict[str, torch.Tensor]) -> None:
         s = scores[name]
         if tuple(s.shape) != mask.shape:
             raise ValueError(f"scores for '{name}' have shape {tuple(s.shape)}, the mask {mask.shape}")
-        # rank 0 = lowest score; a stable sort breaks ties by index, as keep_index does
-        order = torch.argsort(s, dim=-1, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(s.shape[-1]).expand_as(order).contiguous())
-        mask.log_alpha.copy_(OPEN + rank.float() / s.shape[-1])
+        # rank 0 = lowest score; ties broken by index, as keep_index does
+        mask.log_alpha.copy_(OPEN + row_ranks(s).float() / s.shape[-1])
 
 
 def oneshot_prune(model_path: str, target, out_dir: str, gguf_file: str | None = None, overwrite: bool = False,

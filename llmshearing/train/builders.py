@@ -20,8 +20,8 @@ from llmshearing.data.mixture import DomainMixture, MixtureLoader
 from llmshearing.data.tokenizer import check_tokenizer, model_tokenizer
 from llmshearing.io import atomic_write_text
 from llmshearing.model.composer_model import ComposerLM
-from llmshearing.model.decoder import DecoderLM, attention_kernel
-from llmshearing.model.hf import from_pretrained, load_hf_config
+from llmshearing.model.decoder import attention_kernel
+from llmshearing.model.hf import empty_model, from_pretrained, load_hf_config
 from llmshearing.pruning.masks import L0Module
 from llmshearing.pruning.shapes import resolve_target, shape_of
 from llmshearing.train.checkpointing import repair_latest
@@ -38,10 +38,7 @@ def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights:
     if load_weights:
         lm = from_pretrained(cfg.model.path, cfg.model.gguf_file, cfg.model.attn_impl)
     else:
-        with torch.device("meta"):
-            lm = DecoderLM(source_config, cfg.model.attn_impl)
-        lm.to_empty(device="cpu")
-        lm.tie_weights()
+        lm = empty_model(source_config, cfg.model.attn_impl)
     l0 = None
     if cfg.pruning is not None:
         target = target or resolve_target(cfg.pruning.target, source_config)
