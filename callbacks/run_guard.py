@@ -22,12 +22,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Preempted(Exception):
-    """Raised on every rank after the SIGTERM checkpoint: ends `fit` at once (no fit-end evaluation,
+    """Raised on every rank after the SIGTERM / SIGINT checkpoint: ends `fit` at once (no fit-end evaluation,
     which would change the domain weights after the checkpoint, and no export)."""
 
-    def __init__(self, batch: int, path: str):
-        super().__init__(f"stopped by SIGTERM after batch {batch}; checkpoint {path}")
-        self.batch, self.path = batch, path
+    def __init__(self, batch: int, path: str, signum: int = signal.SIGTERM):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after batch {batch}; checkpoint {path}")
+        self.batch, self.path, self.signum = batch, path, signum
 
 
 class RanksDisagreeError(RuntimeError):
@@ -51,20 +51,29 @@ class RunGuard(Callback):
     was before this batch (the weights are untouched: the optimizer has not stepped) and raises
     `NonFiniteLossError`. Gradients are not checked under amp_fp16, whose grad scaler skips inf steps.
     `save_on_sigterm`: SIGTERM sets a flag; at the end of the current batch every rank agrees on it,
-    saves a checkpoint (and points `latest` at it, for autoresume) and raises `Preempted`.
+    saves a checkpoint (and points `latest` at it, for autoresume) and raises `Preempted`. SIGINT (Ctrl-C) alike.
     """
 
-    def __init__(self, folder: str | None, check_finite: bool = True, save_on_sigterm: bool = True):
+    def __init__(self, folder: str | None, check_finite: bool = True, save_on_sigterm: bool = True,
+                 run_config: str | None = None):
         self.folder, self.check_finite, self.save_on_sigterm = folder, check_finite, save_on_sigterm
-        self._signalled = False
-        self._previous = None
+        self.run_config = run_config  # the resolved run config (yaml), saved in every checkpoint for export
+        self._signalled = 0  # the stop signal received (SIGTERM or SIGINT), 0 for none
+        self._previous = {}
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.save_on_sigterm and self.folder and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C ends a run like a scheduler's SIGTERM
+                self._previous[signum] = signal.signal(signum, self._on_sigterm)
+
+    def state_dict(self) -> dict:
+        return {"run_config": self.run_config}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass  # the config of the resuming run is the one that counts (the run folder's binding checked it)
 
     def _on_sigterm(self, signum, frame) -> None:
-        self._signalled = True  # acted on at the end of the batch, where a checkpoint is consistent
+        self._signalled = signum  # acted on at the end of the batch, where a checkpoint is consistent
 
     def after_backward(self, state: State, logger: Logger) -> None:
         if not self.check_finite:
@@ -86,15 +95,19 @@ class RunGuard(Callback):
             f"step, {where}. Resume from it with a lower optimizer.lr (or pruning.mask_lr / lambda_lr), or check the "
             f"data of that batch")
 
-    def batch_end(self, state: State, logger: Logger) -> None:
-        if not (self.save_on_sigterm and self.folder) or not _flag(state, self._signalled):
+    def batch_checkpoint(self, state: State, logger: Logger) -> None:
+        """After every callback's batch_end (so the stopped batch's log rows are written and saved with it)."""
+        if not (self.save_on_sigterm and self.folder):
+            return
+        signum = _flag(state, self._signalled)
+        if not signum:
             return
         batch = int(state.timestamp.batch)
         path = save_now(state, self.folder)
         if dist.get_global_rank() == 0:
-            print(f"SIGTERM: saved {path} after batch {batch}; resume with autoresume=true "
+            print(f"{signal.Signals(signum).name}: saved {path} after batch {batch}; resume with autoresume=true "
                   f"(same save_folder and run_name) or load_path={path}", flush=True)
-        raise Preempted(batch, path)
+        raise Preempted(batch, path, signum)
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
         """All ranks must hold identical replicated parameters: every parameter under DDP; under FSDP, which
@@ -116,9 +129,9 @@ class RunGuard(Callback):
                          {"batch": int(state.timestamp.batch), "ranks": len(every), "tensors": len(sums)})
 
     def close(self, state: State, logger: Logger) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 def _describe(loss) -> str:

@@ -33,7 +33,8 @@ import sys
 
 import numpy as np
 
-from llmshearing.errors import ConfigError
+from llmshearing.checks import regular_file, sniff, writable_output
+from llmshearing.errors import ConfigError, run_entry
 from llmshearing.io import atomic_directory, atomic_write_text
 from llmshearing.data.layout import FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, SPLITS
 from llmshearing.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -41,7 +42,7 @@ from llmshearing.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 BUILDER_VERSION = 2  # part of the build fingerprint: bump when the routing or framing rule changes
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".csv")  # plain text: the whole file is one document
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # one json object with a `text` field per line
-COMPRESSED = (".gz", ".zst", ".zstd")
+COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz")  # recognised in names; the content decides how it is read
 REDPAJAMA_DOMAINS = tuple(sorted(REDPAJAMA_PROPORTIONS))
 DEFAULT_DOMAINS = ("news", "books", "code", "docs")
 DEFAULTS = dict(seq_len=128, eval_sequences=16, prune_tokens=120_000, continue_tokens=240_000)
@@ -84,20 +85,61 @@ def _zstandard(path: str):
 
 
 @contextlib.contextmanager
-def _open_text(path: str):
-    compression, _ = _inner_suffix(path)
-    if compression == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+def _open_binary(path: str):
+    """The decompressed bytes of an input, by its content (gzip, bz2, xz, zstd or plain), not by its name: a
+    compressed file is never tokenized as bytes of text. Archives and binary files are refused."""
+    import bz2
+    import lzma
+
+    kind = sniff(path)
+    if kind in ("zip", "binary"):
+        raise ConfigError(f"'{path}' is {'a zip archive' if kind == 'zip' else 'binary data'}, not text; inputs are "
+                          f"UTF-8 text or jsonl, optionally gzip/bz2/xz/zstd-compressed")
+    if kind == "gzip":
+        with gzip.open(path, "rb") as f:
             yield f
-    elif compression in (".zst", ".zstd"):
+    elif kind == "bz2":
+        with bz2.open(path, "rb") as f:
+            yield f
+    elif kind == "xz":
+        with lzma.open(path, "rb") as f:
+            yield f
+    elif kind == "zstd":
         zstandard = _zstandard(path)
         with open(path, "rb") as raw:
-            reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(raw)
-            with io.TextIOWrapper(reader, encoding="utf-8", errors="replace") as f:
-                yield f
+            yield zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(raw)
     else:
-        with open(path, encoding="utf-8", errors="replace") as f:
+        with open(path, "rb") as f:
             yield f
+
+
+@contextlib.contextmanager
+def _open_text(path: str):
+    """Text of an input as UTF-8. Encoding policy: `check_input` refuses a file whose first 64 KiB are not UTF-8
+    (another encoding, UTF-16, binary); past that, a rare invalid byte becomes U+FFFD instead of failing a
+    build hours in."""
+    with _open_binary(path) as raw, io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
+        yield f
+
+
+def check_input(path: str, domain: str) -> None:
+    """A regular file (a FIFO would block forever) whose content is UTF-8 text once decompressed."""
+    regular_file(path, f"domain '{domain}'")
+    with _open_binary(path) as f:
+        try:
+            head = f.read(65536)
+        except (OSError, EOFError, ValueError) as e:  # a damaged archive, or gzip named .zst
+            raise ConfigError(f"domain '{domain}': '{path}' cannot be decompressed ({type(e).__name__}: {e})") from None
+    if b"\x00" in head:
+        raise ConfigError(f"domain '{domain}': '{path}' holds NUL bytes: binary data or UTF-16 text, not UTF-8")
+    for cut in range(4):  # the 64 KiB may end inside a multi-byte character
+        try:
+            head[:len(head) - cut].decode("utf-8")
+            return
+        except UnicodeDecodeError as e:
+            error = e
+    raise ConfigError(f"domain '{domain}': '{path}' is not UTF-8 text (invalid byte at {error.start}); convert it, "
+                      f"e.g. iconv -f latin1 -t utf-8")
 
 
 def _read_file(path: str):
@@ -159,7 +201,7 @@ def redpajama_domains(root: str) -> dict[str, list[str]]:
 def _check_domains(domains) -> dict[str, list[str]]:
     if not isinstance(domains, dict) or not domains:
         raise ConfigError("no domains given; pass --domain name=path (repeatable) or --redpajama DIR")
-    out = {}
+    out, owner = {}, {}
     for name, paths in domains.items():
         if (not isinstance(name, str) or not name or name.startswith(".") or "/" in name or os.sep in name
                 or name == MANIFEST):
@@ -173,10 +215,14 @@ def _check_domains(domains) -> dict[str, list[str]]:
             files = input_files(str(p))
             if not files:
                 raise ConfigError(f"domain '{name}': directory '{p}' holds no readable files "
-                                  f"(.jsonl/.json/.txt/..., optionally .gz/.zst)")
+                                  f"(.jsonl/.json/.txt/..., optionally .gz/.bz2/.xz/.zst)")
             for f in files:
-                if _inner_suffix(f)[0] in (".zst", ".zstd"):
-                    _zstandard(f)
+                check_input(f, name)
+                real = os.path.realpath(f)
+                if real in owner:  # the same text twice would put eval documents into a training split
+                    raise ConfigError(f"input '{f}' is given twice (for domain '{owner[real]}' and domain '{name}'); "
+                                      f"each file may feed one domain once, or held-out text leaks into training")
+                owner[real] = name
         out[name] = [os.path.normpath(str(p)) for p in paths]
     return out
 
@@ -425,15 +471,14 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     is validated before any work; the shards are built in a temporary folder beside `out` and renamed
     into place. An `out` built with the same arguments and inputs is returned as is.
     """
-    seq_len = _check_int("seq_len", seq_len, 1)
+    seq_len = _check_int("seq_len", seq_len, 2)  # a sequence of 1 token has no next token to predict
     eval_sequences = _check_int("eval_sequences", eval_sequences, 1)
     prune_tokens = _check_int("prune_tokens", prune_tokens, 0)
     continue_tokens = _check_int("continue_tokens", continue_tokens, 0)
     domains = _check_domains(domains)
     props = resolve_proportions(list(domains), proportions)
     out = os.path.normpath(str(out))
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"--out '{out}' is a file; pass a folder path")
+    writable_output(out, "--out")
     tok = load_tokenizer(str(tokenizer), gguf_file)
     vocab = len(tok)
     bos = tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id else None
@@ -491,9 +536,14 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
             got = r["sequences"]
             training, training_wanted = got["prune"] + got["continue"], wanted[d]["prune"] + wanted[d]["continue"]
             if got["eval"] < 1 or (training < 1 and training_wanted > 0):
-                raise ConfigError(f"domain '{d}' has too little text: {r['documents_used']} documents gave "
+                few = (f" Documents go whole to one split (eval held out at document level), so a domain needs "
+                       f"several; a plain-text file ({', '.join(TEXT_SUFFIXES)}) is ONE document: split it into "
+                       f"several files, or give jsonl with one {{\"text\": ...}} per line."
+                       if r["documents_used"] < 3 else "")
+                raise ConfigError(f"domain '{d}' has too little text: {r['documents_used']} document(s) gave "
                                   f"{got['eval']} eval and {training} training sequences of "
-                                  f"{seq_len} tokens (at least one of each is needed); add text or lower --seq-len")
+                                  f"{seq_len} tokens (at least one of each is needed); add text or lower --seq-len."
+                                  + few)
             short = any(got[s] < wanted[d][s] for s in SPLITS)
             if short:
                 warnings.append(f"warning: domain '{d}' ran out of text after {r['documents_used']} documents: "
@@ -575,43 +625,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an --out built with other arguments")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)  # argparse exits 2 with 'error: ...' on malformed flags
-    try:
-        inputs = (args.tokenizer, args.gguf_file, args.out, args.seq_len, args.eval_sequences, args.prune_tokens,
-                  args.continue_tokens, args.domain, args.redpajama, args.proportions)
-        if all(v is None for v in inputs):  # the embedded default (`make shards`)
-            build_default_shards(workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
-            return 0
-        required = {"--tokenizer": args.tokenizer, "--out": args.out, "--seq-len": args.seq_len,
-                    "--eval-sequences": args.eval_sequences, "--prune-tokens": args.prune_tokens,
-                    "--continue-tokens": args.continue_tokens}
-        missing = [k for k, v in required.items() if v is None]
-        if missing:
-            raise ConfigError(f"missing {', '.join(missing)} (run without arguments for the embedded default)")
-        domains: dict[str, list[str]] = {}
-        if args.redpajama:
-            domains.update(redpajama_domains(args.redpajama))
-        seen_rp = set(domains)
-        for name, path in _pairs(args.domain, "--domain"):
-            if name in seen_rp:
-                raise ConfigError(f"--domain {name} is also a --redpajama domain; rename it")
-            domains.setdefault(name, []).append(path)
-        if not domains:
-            raise ConfigError("no domains: pass --domain name=path (repeatable) or --redpajama DIR")
-        proportions = None
-        if args.proportions:
-            proportions = {}
-            for name, value in _pairs(args.proportions, "--proportions"):
-                try:
-                    proportions[name] = float(value)
-                except ValueError:
-                    raise ConfigError(f"--proportions {name}={value}: not a number") from None
-        build_shards(args.out, args.tokenizer, domains, seq_len=args.seq_len, eval_sequences=args.eval_sequences,
-                     prune_tokens=args.prune_tokens, continue_tokens=args.continue_tokens, proportions=proportions,
-                     workers=args.workers, overwrite=args.overwrite, gguf_file=args.gguf_file,
-                     progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_entry(_build_from_args, args)
+
+
+def _build_from_args(args) -> int:
+    inputs = (args.tokenizer, args.gguf_file, args.out, args.seq_len, args.eval_sequences, args.prune_tokens,
+              args.continue_tokens, args.domain, args.redpajama, args.proportions)
+    if all(v is None for v in inputs):  # the embedded default (`make shards`)
+        build_default_shards(workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
+        return 0
+    required = {"--tokenizer": args.tokenizer, "--out": args.out, "--seq-len": args.seq_len,
+                "--eval-sequences": args.eval_sequences, "--prune-tokens": args.prune_tokens,
+                "--continue-tokens": args.continue_tokens}
+    missing = [k for k, v in required.items() if v is None]
+    if missing:
+        raise ConfigError(f"missing {', '.join(missing)} (run without arguments for the embedded default)")
+    domains: dict[str, list[str]] = {}
+    if args.redpajama:
+        domains.update(redpajama_domains(args.redpajama))
+    seen_rp = set(domains)
+    for name, path in _pairs(args.domain, "--domain"):
+        if name in seen_rp:
+            raise ConfigError(f"--domain {name} is also a --redpajama domain; rename it")
+        domains.setdefault(name, []).append(path)
+    if not domains:
+        raise ConfigError("no domains: pass --domain name=path (repeatable) or --redpajama DIR")
+    proportions = None
+    if args.proportions:
+        proportions = {}
+        for name, value in _pairs(args.proportions, "--proportions"):
+            try:
+                proportions[name] = float(value)
+            except ValueError:
+                raise ConfigError(f"--proportions {name}={value}: not a number") from None
+    build_shards(args.out, args.tokenizer, domains, seq_len=args.seq_len, eval_sequences=args.eval_sequences,
+                 prune_tokens=args.prune_tokens, continue_tokens=args.continue_tokens, proportions=proportions,
+                 workers=args.workers, overwrite=args.overwrite, gguf_file=args.gguf_file,
+                 progress=not args.no_progress)
     return 0
 
 

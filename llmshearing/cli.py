@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from llmshearing.errors import ConfigError
+from llmshearing.errors import ConfigError, run_entry
 from llmshearing.io import atomic_write_text
 from llmshearing.train import plan
 
@@ -83,16 +83,19 @@ def _add_eval(sub) -> None:
     p.set_defaults(handler=_eval)
 
 
-def _export(args) -> None:
+def _export(args) -> int:
     from llmshearing.pruning.export import export_checkpoint
 
     kept = export_checkpoint(args.checkpoint, args.out_dir, args.config, args.dtype, args.overwrite)
-    print(f"wrote {args.out_dir}: {json.dumps(kept['target_shape'])}")
+    print(f"wrote {args.out_dir}" + (f": {json.dumps(kept['target_shape'])}" if kept else " (not pruned: as trained)"))
+    return 0
 
 
 def _make_tiny(args) -> None:
+    from llmshearing.checks import writable_output
     from llmshearing.experiments.tiny import make_tiny
 
+    writable_output(args.out_dir, "out_dir")
     print(json.dumps(make_tiny(args.out_dir, args.family), indent=1))
 
 
@@ -103,6 +106,10 @@ def _demo(args) -> None:
 
 
 def _reference_loss(args) -> None:
+    from llmshearing.checks import writable_output
+
+    if args.out:
+        writable_output(args.out, "--out", folder=False)
     snippet = reference_loss_snippet(args)
     if args.out:
         atomic_write_text(args.out, snippet)
@@ -125,11 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        result = args.handler(args)
-    except (ConfigError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = run_entry(args.handler, args)
     return result if isinstance(result, int) else 0
 
 
@@ -145,12 +148,12 @@ def _names(value: str | None, key: str) -> list[str] | None:
 
 def run_eval(args) -> dict:
     """`llmshearing eval`: evaluate, print the table, then write the JSON (only after everything worked)."""
-    import os
-
     from llmshearing.eval.evaluate import evaluate_models, report_table
 
-    if args.out is not None and os.path.isdir(args.out):
-        raise ConfigError(f"--out '{args.out}' is a folder; give a file name like eval.json")
+    from llmshearing.checks import writable_output
+
+    if args.out is not None:
+        writable_output(args.out, "--out", folder=False)  # before the work, not after
     report = evaluate_models(args.models, args.shards, args.gguf_file, _names(args.domains, "--domains"),
                              args.max_sequences, args.batch_size, args.dtype, args.device,
                              _names(args.tasks, "--tasks") or [], args.include_path, args.lm_eval_tasks,

@@ -92,11 +92,6 @@ def checkpoint_state(path: str) -> dict:
     return ckpt["state"]
 
 
-def checkpoint_model_weights(path: str) -> dict[str, torch.Tensor]:
-    """The model's state dict in a Composer checkpoint, without DDP's `module.` prefix."""
-    return {k.removeprefix("module."): v for k, v in checkpoint_state(path)["model"].items()}
-
-
 # -- torch FSDP1 (through Composer) on CPU with gloo ------------------------------------------------------------
 _FSDP_CPU = []
 
@@ -185,13 +180,16 @@ def close_trainer(trainer) -> None:
     _fqn_cache().cache_clear()
 
 
-# -- multiprocessing: DataLoader workers that ignore SIGTERM --------------------------------------------------
-def ignore_sigterm(worker_id: int) -> None:
-    """DataLoader `worker_init_fn` for runs that checkpoint on SIGTERM: a scheduler signals the whole
-    process group, and a worker killed by it would crash the main process before it can save.
-    Such workers no longer stop on the SIGTERM that multiprocessing sends them when the main process
-    exits, so `kill_workers_at_exit` SIGKILLs them then."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+# -- multiprocessing: DataLoader workers that leave stop signals to the main process ---------------------------
+def ignore_stop_signals(worker_id: int, sigterm: bool = True) -> None:
+    """DataLoader `worker_init_fn`: Ctrl-C (SIGINT) and a scheduler's SIGTERM reach the whole process group,
+    and a worker stopped by one would print its own traceback or crash the main process before it can save.
+    Workers ignore SIGINT always and SIGTERM when `sigterm` (runs that checkpoint on SIGTERM); those no longer
+    stop on the SIGTERM that multiprocessing sends them when the main process exits, so
+    `kill_workers_at_exit` SIGKILLs them then."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 _EXIT_HOOK = []

@@ -116,7 +116,7 @@ def test_source_heads_not_divisible_by_kv_heads(tmp_path):
     ("precision=fp8", "precision must be"),
     ("pruning.init_drop=1.5", "init_drop must be in"),
     ("load_path=/no/ckpt.pt", "load_path '/no/ckpt.pt' does not exist"),
-    ("dist_timeout=0", "dist_timeout must be a positive number of seconds"),
+    ("dist_timeout=0", "dist_timeout' must be a positive number of seconds"),
     ("save_on_sigterm=maybe", "'save_on_sigterm' must be of type bool"),
     ("data.num_workers=-1", "data.num_workers must be >= 0"),
     ("data.eval_sequences_per_domain=0", "eval_sequences_per_domain must be >= 1"),

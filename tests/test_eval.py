@@ -156,7 +156,7 @@ def foreign_shards(tiny_setup, tmp_path_factory):
 
 @pytest.mark.parametrize("case, message", [
     ("missing_model", "does not exist or is not a folder"),
-    ("not_a_model", "is not an HF model folder (no config.json)"),
+    ("not_a_model", "is not an HF model folder: no config.json"),
     ("foreign_shards", "vocabulary differs"),
     ("unknown_domain", "domain 'web' has no shards"),
     ("no_shards", "no shards at"),

@@ -114,6 +114,41 @@ def test_continued_pretraining_sigterm_checkpoints_and_resumes_bit_identically(t
         assert torch.equal(x, y), name
 
 
+def test_ctrl_c_ends_a_run_like_sigterm_and_resumes_bit_identically(tiny_setup, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, 2 dataloader workers): a checkpoint at the end of the batch,
+    exit 130, one line and no worker tracebacks; the same command resumes to the uninterrupted run's state.
+    With save_on_sigterm=false there is nothing to save: exit 130, one line."""
+    def args(folder, *extra):
+        return [sys.executable, "train.py", TINY_YAML, *paths(tiny_setup, folder), "max_duration=20ba",
+                "save_interval=1000ba", "autoresume=true", "export_dir=null", *extra]
+
+    base, stopped = str(tmp_path / "base"), str(tmp_path / "stopped")
+    proc = run(args(base))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for extra, saves in (((), True), (("save_on_sigterm=false",), False)):
+        shutil.rmtree(stopped, ignore_errors=True)
+        victim = popen(args(stopped, *extra))
+        wait_for_lines(os.path.join(stopped, "pruning_log.jsonl"), 5, victim)
+        os.killpg(victim.pid, signal.SIGINT)
+        out, err = victim.communicate(timeout=120)
+        assert victim.returncode == 130, err[-3000:]
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+        saved = [n for n in os.listdir(stopped) if n.startswith("ep0-ba") and n.endswith("-rank0.pt")]
+        assert bool(saved) == saves and (("SIGINT: saved" in out) == saves), (saved, out[-2000:], err[-2000:])
+        if not saves:
+            assert "interrupted" in err and len(err.strip().splitlines()) == 1, err[-2000:]
+    shutil.rmtree(stopped)
+    victim = popen(args(stopped))
+    wait_for_lines(os.path.join(stopped, "pruning_log.jsonl"), 5, victim)
+    os.killpg(victim.pid, signal.SIGINT)
+    victim.communicate(timeout=120)
+    assert victim.returncode == 130
+    proc = run(args(stopped))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_weights(os.path.join(base, "ep0-ba20-rank0.pt"), os.path.join(stopped, "ep0-ba20-rank0.pt"))
+    assert jsonl(os.path.join(stopped, "pruning_log.jsonl")) == jsonl(os.path.join(base, "pruning_log.jsonl"))
+
+
 def test_nonfinite_gradient_stops_with_a_checkpoint_from_before_it(tiny_setup, tmp_path):
     """lr=1e30 makes the weights explode after one step: batch 2's gradient is inf. The run stops before
     the optimizer applies it, saves the state after batch 1 and says so; no traceback."""

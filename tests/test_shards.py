@@ -257,7 +257,7 @@ def test_compressed_inputs(tmp_path, monkeypatch):
     if zstandard is not None:
         (tmp_path / "y.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "three"}\n'))
         assert list(builder.read_documents(str(tmp_path / "y.jsonl.zst"))) == ["three"]
-    (tmp_path / "z.jsonl.zst").write_bytes(b"")
+    (tmp_path / "z.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd" + b"\x00" * 8)  # zstd's magic: zstd by content
     monkeypatch.setitem(sys.modules, "zstandard", None)  # as if not installed
     with pytest.raises(ConfigError, match="zstandard"):
         list(builder.read_documents(str(tmp_path / "z.jsonl.zst")))

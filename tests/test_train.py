@@ -55,7 +55,7 @@ def test_composer_launcher_prunes_checkpoints_and_exports(tiny_setup, tmp_path):
         assert len(json.load(f)["layers"]) == 3
 
     again = run([os.path.join(BIN, "llmshearing"), "export", os.path.join(folder, "ep0-ba30-rank0.pt"), out])
-    assert again.returncode == 2 and "exists; pass overwrite" in again.stderr  # nothing overwritten silently
+    assert again.returncode == 2 and "holds an earlier export; pass --overwrite" in again.stderr  # nothing overwritten silently
 
     # Dynamic batch loading: after every eval the weights follow the paper's rule from the logged losses.
     rows = weights_log(folder)

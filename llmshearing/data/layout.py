@@ -38,11 +38,36 @@ def read_manifest(root: str) -> dict:
     if not os.path.exists(path):
         hint = "run 'make shards' (or python -m data_prep.shards) to build it"
         raise ConfigError(f"no shards at '{root}' ({MANIFEST} missing); {hint}")
-    with open(path) as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT:
-        raise ConfigError(f"'{path}' is not a {FORMAT} manifest (format={manifest.get('format')!r}); rebuild the shards")
+    from llmshearing.checks import load_structured
+
+    manifest = load_structured(path, "shards")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ConfigError(f"'{path}' is not a {FORMAT} manifest (format={got!r}); rebuild the shards")
+    check_manifest(manifest, path)
     return manifest
+
+
+def check_manifest(manifest: dict, path: str) -> None:
+    """The fields every reader uses are there and of the right kind (a hand-edited or damaged manifest fails
+    here, naming the field, instead of as a KeyError in a dataloader)."""
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise ConfigError(f"'{path}': '{field}' is missing or not {what}; rebuild the shards")
+
+    seq_len = manifest.get("seq_len")
+    need(isinstance(seq_len, int) and seq_len >= 2, "seq_len", "an integer >= 2")
+    tok = manifest.get("tokenizer")
+    need(isinstance(tok, dict) and isinstance(tok.get("fingerprint"), str) and isinstance(tok.get("vocab_size"), int),
+         "tokenizer", "a mapping with 'fingerprint' and 'vocab_size'")
+    domains = manifest.get("domains")
+    need(isinstance(domains, dict) and len(domains) > 0, "domains", "a non-empty mapping")
+    for name, entry in domains.items():
+        splits = entry.get("splits") if isinstance(entry, dict) else None
+        need(isinstance(splits, dict), f"domains.{name}.splits", "a mapping of splits")
+        for split, info in splits.items():
+            n = info.get("sequences") if isinstance(info, dict) else None
+            need(isinstance(n, int) and n >= 0, f"domains.{name}.splits.{split}.sequences", "an integer >= 0")
 
 
 def check_domains(manifest: dict, root: str, domains: list[str], split: str, key: str = "data.domains") -> None:

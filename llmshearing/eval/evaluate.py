@@ -142,23 +142,13 @@ def check_model(path: str, gguf_file: str | None = None, shards_root: str | None
     shards were built with, and the shards' token ids fit the embedding. `need_tokenizer`: refuse a folder
     without a tokenizer (lm-eval tasks need one).
     """
-    from transformers import AutoConfig
-
+    from llmshearing.checks import check_model_folder, check_positions
     from llmshearing.data.tokenizer import check_tokenizer, load_tokenizer
 
     if not os.path.isdir(path):
         raise ConfigError(f"model '{path}' does not exist or is not a folder; give an HF model folder "
                           f"(config.json + weights) or a .gguf file")
-    if gguf_file:
-        if not os.path.isfile(os.path.join(path, gguf_file)):
-            raise ConfigError(f"--gguf-file '{gguf_file}' is not in '{path}'")
-    elif not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(f"'{path}' is not an HF model folder (no config.json); for a GGUF checkpoint pass "
-                          f"the .gguf file or --gguf-file NAME")
-    try:
-        config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except (OSError, ValueError, KeyError) as e:  # a broken or unknown config: the user needs the path
-        raise ConfigError(f"cannot read the model config in '{path}': {type(e).__name__}: {e}") from None
+    config = check_model_folder(path, gguf_file, key="model")
     try:  # the folder's own tokenizer, when it has one; else only the vocabulary size is checked
         tokenizer = load_tokenizer(path, gguf_file)
     except ConfigError as e:
@@ -167,6 +157,7 @@ def check_model(path: str, gguf_file: str | None = None, shards_root: str | None
         tokenizer = None
     if shards_root is not None:
         check_tokenizer(shards_root, tokenizer, config.vocab_size, path)
+        check_positions(shards_root, config, path)
     return config, tokenizer
 
 

@@ -10,6 +10,8 @@ import sysconfig
 
 import torch
 
+from llmshearing.errors import ConfigError
+
 FAMILY_CONFIGS = {
     "llama-mha": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
     "smollm2-gqa": dict(model_type="llama", num_attention_heads=6, num_key_value_heads=2, head_dim=16,
@@ -75,9 +77,15 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 def make_tiny(out_dir: str, family: str = "smollm2-gqa", vocab_size: int = 384, seed: int = 0) -> dict[str, str]:
     """Write `<out>/model` (HF checkpoint + tokenizer), `<out>/text/{prose,code}.jsonl` and their 64-token
     shards `<out>/shards` (4 eval sequences, 256 prune and 256 continue sequences in all); return paths."""
+    marker = os.path.join(out_dir, ".llmshearing-tiny")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(marker):
+        raise ConfigError(f"out_dir '{out_dir}' exists, is not empty and was not made by make-tiny; give a new "
+                          f"folder (make-tiny replaces only its own earlier output)")
     texts = domain_texts()
     paths = {"model": os.path.join(out_dir, "model")}
     os.makedirs(os.path.join(out_dir, "text"), exist_ok=True)
+    with open(marker, "w") as f:
+        f.write("written by llmshearing make-tiny\n")
     for name, docs in texts.items():
         paths[name] = os.path.join(out_dir, "text", f"{name}.jsonl")
         with open(paths[name], "w") as f:

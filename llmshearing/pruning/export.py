@@ -12,6 +12,7 @@ import os
 import torch
 from transformers import AutoModelForCausalLM
 
+from llmshearing.errors import ConfigError
 from llmshearing.model.hf import head_dim_of
 from llmshearing.pruning.shapes import target_config
 from llmshearing.io import atomic_directory
@@ -110,6 +111,25 @@ def finalize(lm: DecoderLM, l0: L0Module) -> tuple[DecoderLM, dict]:
     return pruned.eval(), kept
 
 
+EXPORT_MARKER = "llmshearing_export.json"  # written into every export: the only kind of folder an export replaces
+
+
+def check_export_dir(path: str, key: str, overwrite: bool = False) -> None:
+    """An export may create `path` or replace an earlier export (recognised by its EXPORT_MARKER, and only
+    with `overwrite`); never a folder it did not create, such as a run folder, a source model or your notes."""
+    from llmshearing.checks import writable_output
+
+    writable_output(path, key)
+    if not os.path.exists(path):
+        return
+    if not os.path.isfile(os.path.join(path, EXPORT_MARKER)):
+        what = "a run folder" if os.path.exists(os.path.join(path, "run_config.yaml")) else "not an llmshearing export"
+        raise ConfigError(f"{key}: '{path}' exists and is {what} (no {EXPORT_MARKER}); an export never replaces a "
+                          f"folder it did not write: give a new folder, or remove this one yourself")
+    if not overwrite:
+        raise ConfigError(f"{key}: '{path}' holds an earlier export; pass --overwrite to replace it")
+
+
 def save_hf(lm: DecoderLM, out_dir: str, tokenizer=None, kept: dict | None = None,
             dtype: torch.dtype | None = None, overwrite: bool = False) -> str:
     """Write `lm` as a standard HF checkpoint (safetensors), the tokenizer and `pruning.json`, atomically."""
@@ -122,6 +142,7 @@ def save_hf(lm: DecoderLM, out_dir: str, tokenizer=None, kept: dict | None = Non
         raise RuntimeError(f"state dict does not fit {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
     if config.tie_word_embeddings:
         hf.tie_weights()
+    check_export_dir(out_dir, "export", overwrite)  # again at the moment of writing: a folder made meanwhile
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         hf.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
@@ -129,6 +150,8 @@ def save_hf(lm: DecoderLM, out_dir: str, tokenizer=None, kept: dict | None = Non
         if kept is not None:
             with open(os.path.join(tmp, "pruning.json"), "w") as f:
                 json.dump(kept, f)
+        with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+            json.dump({"written_by": "llmshearing", "pruned": kept is not None, "dtype": str(dtype)}, f)
     return out_dir
 
 
@@ -166,5 +189,6 @@ def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = Fals
 def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = None,
                       dtype: str | None = None, overwrite: bool = False) -> dict | None:
     """`llmshearing export`: a Composer checkpoint -> dense HF model (of the target shape when pruning)."""
+    check_export_dir(out_dir, "out_dir", overwrite)  # before the checkpoint is read
     cfg, model = load_checkpoint(checkpoint, config_path)
     return export_model(model, out_dir, model_tokenizer(cfg.model), dtype_of(dtype) if dtype else None, overwrite)

@@ -6,7 +6,6 @@ A *shape* is the five numbers that structured pruning changes. Everything else o
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import asdict, dataclass, fields
 
@@ -64,9 +63,12 @@ def resolve_target(spec, source: PretrainedConfig) -> Shape:
         if spec in PRESETS:
             target = PRESETS[spec]
         elif os.path.exists(spec):
+            from llmshearing.checks import load_structured
+
             cfg_path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
-            with open(cfg_path) as f:
-                raw = json.load(f)
+            raw = load_structured(cfg_path, "pruning.target")
+            if not isinstance(raw, dict):
+                raise ConfigError(f"pruning.target: '{cfg_path}' is not an HF config (a json object)")
             missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size") if k not in raw]
             if missing:
                 raise ConfigError(f"target config '{cfg_path}' lacks {missing}; give explicit dims instead")

@@ -5,6 +5,7 @@ checked before the weights are read, so a typo costs seconds.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -14,7 +15,7 @@ from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
 from llmshearing import registry
-from llmshearing.compat import enable_fsdp_on_cpu, ignore_sigterm, install_atomic_writes, kill_workers_at_exit
+from llmshearing.compat import enable_fsdp_on_cpu, ignore_stop_signals, install_atomic_writes, kill_workers_at_exit
 from llmshearing.data.layout import DomainSequences
 from llmshearing.data.mixture import DomainMixture, MixtureLoader
 from llmshearing.data.tokenizer import check_tokenizer, model_tokenizer
@@ -25,7 +26,8 @@ from llmshearing.model.hf import empty_model, from_pretrained, load_hf_config
 from llmshearing.pruning.masks import L0Module
 from llmshearing.pruning.shapes import resolve_target, shape_of
 from llmshearing.train.checkpointing import repair_latest
-from llmshearing.train.config import TrainConfig, batches, resolve_device, to_yaml
+from llmshearing.train.config import TrainConfig, batches, microbatch_size, resolve_device, to_yaml
+from llmshearing.train.run_folder import CONFIG_NAME, check_binding, lock
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -71,7 +73,8 @@ def build_dataloaders(cfg: TrainConfig, per_device: int) -> tuple[DataLoader, li
     train_set = DomainMixture(d.shards, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed)
     workers = {}
     if d.num_workers:
-        workers = {"prefetch_factor": d.prefetch_factor, "worker_init_fn": ignore_sigterm if cfg.save_on_sigterm else None}
+        workers = {"prefetch_factor": d.prefetch_factor,
+                   "worker_init_fn": functools.partial(ignore_stop_signals, sigterm=cfg.save_on_sigterm)}
         if cfg.save_on_sigterm:
             kill_workers_at_exit()
     train_loader = MixtureLoader(train_set, num_workers=d.num_workers, **workers)
@@ -89,7 +92,7 @@ def build_callbacks(cfg: TrainConfig, folder: str) -> list:
     """The project's callbacks (from their sections) and those named in `callbacks:`."""
     from callbacks import ClipGradNorm, DynamicLoading, PruningLog, ReplicatedGrads, RunGuard
 
-    built = [RunGuard(cfg.save_folder, cfg.stop_on_nonfinite, cfg.save_on_sigterm)]
+    built = [RunGuard(cfg.save_folder, cfg.stop_on_nonfinite, cfg.save_on_sigterm, run_config=to_yaml(cfg))]
     if cfg.fsdp is not None:
         built.append(ReplicatedGrads())
     if cfg.optimizer.clip_grad_norm is not None:  # after ReplicatedGrads: the masks' gradients are averaged first
@@ -132,7 +135,8 @@ def fsdp_settings(cfg: TrainConfig, device: str) -> dict | None:
 
 def build_trainer(cfg: TrainConfig):
     """(Composer Trainer, tokenizer) for a validated config. Checks that need the model's config and tokenizer
-    run first; the run config is written only then, and the weights are read last."""
+    run first, then the run folder is locked and checked against the run it holds, the weights are read, and
+    the run config is written only once the Trainer exists (the run is known to start)."""
     source_config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
     target = resolve_target(cfg.pruning.target, source_config) if cfg.pruning else None
     tokenizer = model_tokenizer(cfg.model)
@@ -140,7 +144,8 @@ def build_trainer(cfg: TrainConfig):
     device = resolve_device(cfg)
     folder = run_dir(cfg)
     if dist.get_global_rank() == 0:
-        atomic_write_text(os.path.join(folder, "run_config.yaml"), to_yaml(cfg))
+        lock(folder)  # before the binding check, so that two runs started at once cannot both pass it
+        check_binding(folder, cfg)
         print(f"attention: {attention_kernel(cfg.model.attn_impl, device, cfg.precision)}", flush=True)
 
     reproducibility.seed_all(cfg.seed)  # before the model is built: anything it draws follows the seed
@@ -161,7 +166,8 @@ def build_trainer(cfg: TrainConfig):
         max_duration=cfg.max_duration, eval_interval=cfg.eval_interval,
         eval_subset_num_batches=cfg.eval_subset_num_batches,
         optimizers=build_optimizer(cfg, model), schedulers=build_scheduler(cfg), step_schedulers_every_batch=True,
-        device=device, precision=cfg.precision, device_train_microbatch_size=cfg.device_train_microbatch_size,
+        device=device, precision=cfg.precision,
+        device_train_microbatch_size=microbatch_size(cfg.device_train_microbatch_size, per_device, device),
         parallelism_config={"fsdp": fsdp} if fsdp else None,
         seed=cfg.seed, callbacks=build_callbacks(cfg, folder), loggers=build_loggers(cfg, folder),
         dist_timeout=cfg.dist_timeout,
@@ -171,4 +177,6 @@ def build_trainer(cfg: TrainConfig):
         progress_bar=cfg.progress_bar, log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
     )
+    if dist.get_global_rank() == 0:
+        atomic_write_text(os.path.join(folder, CONFIG_NAME), to_yaml(cfg))
     return trainer, tokenizer

@@ -20,7 +20,7 @@ import os
 import re
 
 
-from llmshearing.compat import checkpoint_model_weights, install_atomic_writes, is_sharded_checkpoint
+from llmshearing.compat import install_atomic_writes, is_sharded_checkpoint
 from llmshearing.errors import ConfigError
 
 CHECKPOINT_NAME = "ep{epoch}-ba{batch}-rank{rank}.pt"  # Composer's default save_filename
@@ -101,24 +101,49 @@ def save_now(state, folder: str) -> str:
     return path
 
 
+def embedded_config(state: dict) -> str | None:
+    """The resolved run config (yaml) that RunGuard saves in every checkpoint; None in older checkpoints."""
+    callbacks = state.get("callbacks") or {}
+    return (callbacks.get("RunGuard") or {}).get("run_config") if isinstance(callbacks, dict) else None
+
+
 def load_checkpoint(checkpoint: str, config_path: str | None = None):
     """(run config, ComposerLM) from a Composer checkpoint of a pruning or continued-pretraining run.
 
-    The run's `run_config.yaml` (written beside the checkpoints at the start of training) says
-    which model, tokenizer and target the checkpoint belongs to.
+    The checkpoint carries its run's resolved config (model, tokenizer, target), so it needs nothing beside it;
+    `config_path` overrides that, and the run folder's `run_config.yaml` is read only for checkpoints written
+    before configs were embedded.
     """
     from omegaconf import OmegaConf
 
+    from llmshearing.checks import check_checkpoint, load_structured
+    from llmshearing.compat import checkpoint_state
     from llmshearing.train.builders import build_model
     from llmshearing.train.config import _build, TrainConfig
 
-    if not os.path.exists(checkpoint):
-        raise ConfigError(f"checkpoint '{checkpoint}' does not exist")
-    checkpoint = os.path.realpath(checkpoint)  # latest-rank0.pt may link to a sharded checkpoint's folder
-    config_path = config_path or os.path.join(os.path.dirname(checkpoint), "run_config.yaml")
-    if not os.path.exists(config_path):
-        raise ConfigError(f"no run config at '{config_path}'; pass --config <run_config.yaml> of the training run")
-    cfg = _build(TrainConfig, OmegaConf.to_container(OmegaConf.load(config_path), resolve=True), "")
+    checkpoint = check_checkpoint(checkpoint, "checkpoint")  # latest-rank0.pt may link to a sharded folder
+    try:
+        state = checkpoint_state(checkpoint)
+    except Exception as e:  # noqa: BLE001 - torch/DCP fail in many ways on a damaged file; name it
+        raise ConfigError(f"checkpoint '{checkpoint}' cannot be read ({type(e).__name__}: {e}); use an earlier "
+                          f"checkpoint") from None
+    embedded = embedded_config(state)
+    if config_path is not None:
+        raw = load_structured(config_path, "--config")
+    elif embedded is not None:
+        raw = OmegaConf.to_container(OmegaConf.create(embedded), resolve=True)
+    else:
+        config_path = os.path.join(os.path.dirname(checkpoint), "run_config.yaml")
+        if not os.path.exists(config_path):
+            raise ConfigError(f"checkpoint '{checkpoint}' carries no run config and there is none at "
+                              f"'{config_path}'; pass --config <run_config.yaml> of the training run")
+        raw = load_structured(config_path, "--config")
+    cfg = _build(TrainConfig, raw, "")
     model = build_model(cfg, load_weights=False)
-    model.load_state_dict(checkpoint_model_weights(checkpoint), strict=True)
+    weights = {k.removeprefix("module."): v for k, v in state["model"].items()}
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"checkpoint '{checkpoint}' does not fit the model of its run config "
+                          f"({str(e).splitlines()[0]}); pass the run's own --config") from None
     return cfg, model.eval()

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import difflib
 import math
-import json
 import os
+import sys
 from importlib import resources
 import types
 import typing
@@ -17,6 +17,8 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llmshearing import registry
+from llmshearing.checks import (check_checkpoint, check_finite, check_model_folder, check_positions, inside,
+                               load_structured, writable_output)
 from llmshearing.data.layout import check_domains, read_manifest
 from llmshearing.data.mixing import check_weights
 from llmshearing.devices import composer_device
@@ -196,25 +198,86 @@ def _check_duration(key: str, value: str, units=("ba", "tok", "ep", "sp")) -> No
         raise ConfigError(f"'{key}'='{value}' is not a duration like '100ba' (units: {', '.join(units)})")
 
 
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+# key -> (test, what it must be): numeric ranges, checked after the types. A key whose section is off is skipped.
+RANGES = {
+    "optimizer.lr": (lambda v: v >= 0, ">= 0"),
+    "optimizer.betas": (lambda v: len(v) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in v),
+                        "two numbers in [0, 1)"),
+    "optimizer.eps": (lambda v: v > 0, "> 0"),
+    "optimizer.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "scheduler.alpha_f": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "pruning.mask_lr": (lambda v: v > 0, "> 0"),
+    "pruning.lambda_lr": (lambda v: v > 0, "> 0"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
+    "device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval_subset_num_batches": (lambda v: v == -1 or v >= 1, "-1 (all) or >= 1"),
+    "save_num_checkpoints_to_keep": (lambda v: v >= -1, "-1 (all) or >= 0"),
+    "dist_timeout": (lambda v: v > 0, "a positive number of seconds"),
+}
+
+
+def _check_ranges(cfg: TrainConfig) -> None:
+    for f in fields(cfg):
+        check_finite(_as_dict(getattr(cfg, f.name)), f.name)
+    for key, (ok, what) in RANGES.items():
+        try:
+            value = _get(cfg, key)
+        except AttributeError:  # e.g. pruning.* in a run without pruning
+            continue
+        if not ok(value):
+            raise ConfigError(f"'{key}' must be {what}, got {value!r}")
+
+
+def microbatch_size(mb, per_device: int, device: str):
+    """Composer's `device_train_microbatch_size`: 'auto' searches for the largest microbatch that fits in GPU
+    memory, which Composer supports only on GPUs; on CPU it means the whole per-device batch."""
+    return per_device if mb == "auto" and device == "cpu" else mb
+
+
+def check_outputs(cfg: TrainConfig) -> None:
+    """The run folder and export folder can be written, and the export can never replace the run or a folder
+    it did not create (see llmshearing.pruning.export.check_export_dir)."""
+    from llmshearing.pruning.export import check_export_dir
+
+    folder = cfg.save_folder or os.path.join("runs", cfg.run_name)
+    writable_output(folder, "save_folder")
+    if cfg.export_dir:
+        if inside(folder, cfg.export_dir):
+            raise ConfigError(f"export_dir '{cfg.export_dir}' would replace the run folder '{folder}' (its "
+                              f"checkpoints and logs); give export_dir its own folder, e.g. {folder}/export")
+        check_export_dir(cfg.export_dir, "export_dir", overwrite=True)
+
+
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Checks that need no weights: paths, choices, divisibility, durations."""
+    """Checks that need no weights: paths, files, ranges, choices, divisibility, durations, outputs."""
     if not os.path.exists(cfg.model.path):
         raise ConfigError(f"model.path '{cfg.model.path}' does not exist; run 'make fetch' or point it at an HF model directory")
     if cfg.model.gguf_file and not os.path.exists(os.path.join(cfg.model.path, cfg.model.gguf_file)):
         raise ConfigError(f"model.gguf_file '{cfg.model.gguf_file}' not found in '{cfg.model.path}'")
     resolve_attn_impl(cfg.model.attn_impl)
+    _check_ranges(cfg)
     cfg = replace(cfg, data=resolve_data(cfg.data))
     for key in ("max_duration", "eval_interval", "save_interval", "console_log_interval", "scheduler.t_warmup"):
-        obj = cfg
-        for part in key.split("."):
-            obj = getattr(obj, part)
+        obj = _get(cfg, key)
         _check_duration(key, obj)
         if str(obj).endswith("ep"):
             raise ConfigError(f"'{key}'='{obj}': the training stream is endless (any number of passes over "
                               f"each domain), so there are no epochs; give batches, e.g. '100ba'")
+        if key != "scheduler.t_warmup" and int(str(obj).rstrip("abtokesp")) == 0:
+            raise ConfigError(f"'{key}'='{obj}' must be positive (0 would {'never train' if key == 'max_duration' else 'never happen'})")
     if cfg.pruning is not None:
         _check_duration("pruning.lagrangian_warmup", cfg.pruning.lagrangian_warmup, ("ba",))
         p = cfg.pruning
+        if str(cfg.max_duration).endswith("ba") and batches(p.lagrangian_warmup) > batches(cfg.max_duration):
+            print(f"warning: pruning.lagrangian_warmup={p.lagrangian_warmup} is longer than max_duration="
+                  f"{cfg.max_duration}: the target sparsity ramp ends after the run, so the masks are not driven all "
+                  f"the way to the target (the export still cuts to it exactly)", file=sys.stderr)
         if p.init_drop is not None and not 0 < p.init_drop < 1:
             raise ConfigError(f"pruning.init_drop must be in (0, 1) or null, got {p.init_drop}")
         if p.log_alpha_clamp is not None and not (len(p.log_alpha_clamp) == 2 and all(
@@ -233,11 +296,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"precision must be fp32, amp_bf16 or amp_fp16, got '{cfg.precision}'")
     if cfg.device not in (None, "cpu", "gpu"):
         raise ConfigError(f"device must be cpu or gpu, got '{cfg.device}'")
+    resolve_device(cfg)
     if cfg.fsdp is not None:
         check_fsdp(cfg.fsdp)
-    if cfg.load_path is not None and "://" not in cfg.load_path and not os.path.exists(cfg.load_path):
-        raise ConfigError(f"load_path '{cfg.load_path}' does not exist; point it at a checkpoint such as "
-                          f"<save_folder>/latest-rank0.pt, or use autoresume=true with the run's save_folder")
+    if cfg.load_path is not None and "://" not in cfg.load_path:
+        if not os.path.exists(cfg.load_path):
+            raise ConfigError(f"load_path '{cfg.load_path}' does not exist; point it at a checkpoint such as "
+                              f"<save_folder>/latest-rank0.pt, or use autoresume=true with the run's save_folder")
+        check_checkpoint(cfg.load_path, "load_path")
     for key in ("save_folder", "export_dir"):
         value = getattr(cfg, key)
         if value is not None and "://" in value:
@@ -258,6 +324,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"device_train_microbatch_size must be an integer or 'auto', got '{mb}'")
     if isinstance(mb, int) and (mb < 1 or (cfg.global_train_batch_size // world) % mb):
         raise ConfigError(f"device_train_microbatch_size={mb} must divide the per-device batch {cfg.global_train_batch_size // world}")
+    check_outputs(cfg)
+    check_positions(cfg.data.shards, check_model_folder(cfg.model.path, cfg.model.gguf_file, "model.path"),
+                    cfg.model.path)
     return cfg
 
 
@@ -279,8 +348,7 @@ def resolve_data(data: DataConfig) -> DataConfig:
     if isinstance(proportions, str):
         if not os.path.exists(proportions):
             raise ConfigError(f"data.proportions: '{proportions}' does not exist (expected a domain_weights.json)")
-        with open(proportions) as f:
-            proportions = json.load(f)
+        proportions = load_structured(proportions, "data.proportions")
     if proportions is None:
         given = {d: float(manifest["domains"][d].get("proportion", 1.0)) for d in domains}
         total = sum(given.values())
@@ -293,7 +361,7 @@ def resolve_data(data: DataConfig) -> DataConfig:
             if not os.path.exists(ref):
                 raise ConfigError(f"data.dynamic.reference_losses: '{ref}' does not exist; write it with "
                                   f"'llmshearing reference-loss ... --out {ref}'")
-            loaded = OmegaConf.to_container(OmegaConf.load(ref))
+            loaded = load_structured(ref, "data.dynamic.reference_losses")
             ref = loaded.get("reference_losses", loaded) if isinstance(loaded, dict) else loaded
         if isinstance(ref, dict):
             if set(ref) != set(domains):
@@ -304,14 +372,14 @@ def resolve_data(data: DataConfig) -> DataConfig:
         if not isinstance(ref, (list, tuple)) or len(ref) != len(domains):
             raise ConfigError(f"data.dynamic.reference_losses needs one loss per domain ({len(domains)}: "
                               f"{domains}), got {ref!r}; compute them with 'llmshearing reference-loss'")
-        if not all(isinstance(x, (int, float)) and x > 0 for x in ref):
+        if not all(isinstance(x, (int, float)) and 0 < x < math.inf for x in ref):
             raise ConfigError(f"data.dynamic.reference_losses must be positive numbers, got {ref}")
         if not 0 <= dynamic.smoothing < 1:
             raise ConfigError(f"data.dynamic.smoothing must be in [0, 1), got {dynamic.smoothing}")
         if dynamic.rule not in ("paper", "released"):
             raise ConfigError(f"data.dynamic.rule must be paper (gap clamped at 0) or released (no clamp), got "
                               f"'{dynamic.rule}'")
-        if dynamic.eta <= 0:
+        if not 0 < dynamic.eta < math.inf:
             raise ConfigError(f"data.dynamic.eta must be positive, got {dynamic.eta}")
         dynamic = replace(dynamic, reference_losses=[float(x) for x in ref])
     if data.num_workers < 0 or data.prefetch_factor < 1:
@@ -360,7 +428,10 @@ def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
     """Read a yaml recipe (a path or a shipped recipe's name), apply `key=value` overrides (OmegaConf
     dotlist), validate."""
     path = resolve_recipe(path)
-    conf = OmegaConf.load(path)
+    raw = load_structured(path, "config")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: '{path}' must be a yaml mapping of keys, got {type(raw).__name__}")
+    conf = OmegaConf.create(raw)
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import gc
-import signal
 import sys
 import time
 
 import torch
 
 from llmshearing.compat import close_trainer
-from llmshearing.errors import ConfigError
+from llmshearing.errors import run_entry
 from llmshearing.pruning.export import export_trained
-from llmshearing.train.builders import build_trainer
+from llmshearing.train.builders import build_trainer, run_dir
+from llmshearing.train.run_folder import unlock
 from llmshearing.train.config import load_config, TrainConfig
 
 
@@ -19,9 +19,12 @@ def run(cfg: TrainConfig) -> dict:
     """Train one stage (pruning or continued pretraining) and export it when `export_dir` is set.
     A run stopped by SIGTERM returns {'stopped_after': batch} and exports nothing. The trainer is closed and
     its memory freed before returning, so one process can run several stages (the demo, reproduce-mini)."""
-    trainer, tokenizer = build_trainer(cfg)
-    result = _fit_and_export(trainer, tokenizer, cfg)
-    close_trainer(trainer)
+    try:
+        trainer, tokenizer = build_trainer(cfg)
+        result = _fit_and_export(trainer, tokenizer, cfg)
+        close_trainer(trainer)
+    finally:
+        unlock(run_dir(cfg))
     del trainer  # the last reference: free_memory can now collect the model, optimizer and dataloaders
     free_memory()
     return result
@@ -33,8 +36,8 @@ def _fit_and_export(trainer, tokenizer, cfg: TrainConfig) -> dict:
     start = time.time()
     try:
         trainer.fit()
-    except Preempted as stop:  # SIGTERM: checkpoint written, nothing else to do (no eval, no export)
-        return {"seconds": time.time() - start, "kept": None, "stopped_after": stop.batch}
+    except Preempted as stop:  # SIGTERM / SIGINT: checkpoint written, nothing else to do (no eval, no export)
+        return {"seconds": time.time() - start, "kept": None, "stopped_after": stop.batch, "signal": stop.signum}
     seconds = time.time() - start
     print(f"training finished in {seconds:.1f}s")
     kept = None
@@ -68,15 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: composer train.py <recipe.yaml> [key=value ...]")
         return 0 if argv else 2
+    return run_entry(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     from callbacks.run_guard import NonFiniteLossError
 
     try:
         cfg = load_config(argv[0], argv[1:])
         result = run(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    return 128 + signal.SIGTERM if result["stopped_after"] is not None else 0
+    return 128 + result["signal"] if result["stopped_after"] is not None else 0

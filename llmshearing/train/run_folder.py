@@ -1,0 +1,90 @@
+"""A run folder belongs to one run: one process tree writes it at a time (a lock), and it stays bound to the
+model, pruning target and data it was started with (its run_config.yaml), so a rerun or an autoresume with
+another of those refuses instead of mixing two runs' checkpoints and logs."""
+from __future__ import annotations
+
+import fcntl
+import os
+
+from llmshearing.errors import ConfigError
+
+LOCK_NAME = ".lock"
+CONFIG_NAME = "run_config.yaml"
+_held: dict[str, int] = {}  # folder -> open file descriptor of its lock, for the life of the process
+
+
+def lock(folder: str) -> None:
+    """Take the folder's lock (an flock, released by the OS when the process ends, however it ends); a second
+    run on the same folder refuses, naming the PID that holds it. Idempotent within a process."""
+    folder = os.path.realpath(folder)
+    if folder in _held:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(f"save_folder '{folder}' is in use by another run (PID {holder}); wait for it to end, "
+                          f"or give this run another save_folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[folder] = fd
+
+
+def unlock(folder: str) -> None:
+    fd = _held.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def identity(cfg) -> dict:
+    """What a run folder is bound to: the source model, the pruning target (as its resolved shape when the
+    model config is at hand) and the data. Learning rates, durations and intervals may change on resume."""
+    from llmshearing.pruning.shapes import resolve_target
+    from llmshearing.model.hf import load_hf_config
+
+    target = None
+    if cfg.pruning is not None:
+        try:
+            target = resolve_target(cfg.pruning.target, load_hf_config(cfg.model.path, cfg.model.gguf_file)).as_dict()
+        except (ConfigError, OSError, ValueError):  # the old run's model may be gone: compare the spec as given
+            target = cfg.pruning.target
+    d = cfg.data
+    return {
+        "model.path": os.path.realpath(cfg.model.path),
+        "model.gguf_file": cfg.model.gguf_file,
+        "pruning.target": target,
+        "data.shards": os.path.realpath(d.shards),
+        "data.split": d.split,
+        "data.domains": list(d.domains) if d.domains is not None else None,
+    }
+
+
+def check_binding(folder: str, cfg) -> None:
+    """Refuse to run in a folder that holds another run (a different model, target or data), and refuse to
+    silently start over in a folder that holds this run's checkpoints without autoresume / load_path /
+    save_overwrite. Nothing is written here."""
+    from llmshearing.train.checkpointing import checkpoints
+    from llmshearing.train.config import _build, TrainConfig
+
+    path = os.path.join(folder, CONFIG_NAME)
+    if os.path.exists(path):
+        from llmshearing.checks import load_structured
+
+        try:
+            old = _build(TrainConfig, load_structured(path, "run folder"), "")
+        except ConfigError as e:
+            raise ConfigError(f"save_folder '{folder}' holds a run config that cannot be read ({e}); give another "
+                              f"save_folder") from None
+        before, now = identity(old), identity(cfg)
+        differ = {k: (before[k], now[k]) for k in before if before[k] != now[k]}
+        if differ:
+            lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+            raise ConfigError(f"save_folder '{folder}' belongs to another run ({lines}); its checkpoints and logs are "
+                              f"kept: give this run another save_folder")
+    if checkpoints(folder) and not (cfg.autoresume or cfg.load_path or cfg.save_overwrite):
+        raise ConfigError(f"save_folder '{folder}' already holds checkpoints of this run; continue it with "
+                          f"autoresume=true, start over with save_overwrite=true, or give another save_folder")

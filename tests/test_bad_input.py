@@ -1,0 +1,400 @@
+"""Bad input, given as a hostile new user would give it, to every entry point: `composer train.py`,
+`llmshearing export | eval | reference-loss | make-tiny` and `python -m data_prep.shards`.
+
+Each case asserts the exit code, that no traceback is printed, that the message names the key or path at
+fault, and that nothing was written or replaced. Classes (README "When things go wrong"): data loss, silently
+wrong, hang, unclear, traceback."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ENV, REPO, TINY_YAML, paths
+
+from data_prep.shards import main as shards_main
+from llmshearing.cli import main as cli_main
+from llmshearing.train.run import main as train_main
+
+
+def snapshot(*roots):
+    """path -> sha256 of every file under `roots` (and the folders themselves): 'nothing written or replaced'."""
+    seen = {}
+    for root in roots:
+        if not os.path.exists(root):
+            seen[root] = None
+            continue
+        for folder, dirs, files in os.walk(root):
+            seen[folder] = "dir"
+            for name in files:
+                path = os.path.join(folder, name)
+                with open(path, "rb") as f:
+                    seen[path] = hashlib.sha256(f.read()).hexdigest()
+    return seen
+
+
+def refused(capsys, rc, *names, code=2):
+    """The call returned `code`, printed one clear error naming `names`, and no traceback."""
+    out, err = capsys.readouterr()
+    assert rc == code, (rc, err[-2000:])
+    assert "Traceback" not in err and "Traceback" not in out
+    for name in names:
+        assert name in err, (name, err[-2000:])
+    return err
+
+
+@pytest.fixture()
+def tiny(tiny_setup, tmp_path):
+    """The tiny setup plus a run folder and a copy of the model that a case may break."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_setup["model"], model)
+    return {**tiny_setup, "run": str(tmp_path / "run"), "copy": str(model), "tmp": tmp_path}
+
+
+def train(t, *extra, model=None):
+    args = paths(t, t["run"]) + list(extra)
+    if model:
+        args.append(f"model.path={model}")
+    return train_main([TINY_YAML, *args])
+
+
+# ----------------------------------------------------------------------------------------- the run config
+
+@pytest.mark.parametrize("override, names", [
+    ("optimizer.lr=-1", ["optimizer.lr"]),
+    ("optimizer.lr=.nan", ["optimizer.lr"]),
+    ("optimizer.betas=[1.5,0.9]", ["optimizer.betas"]),
+    ("optimizer.eps=0", ["optimizer.eps"]),
+    ("optimizer.weight_decay=-0.1", ["optimizer.weight_decay"]),
+    ("device_eval_batch_size=0", ["device_eval_batch_size"]),
+    ("max_duration=0ba", ["max_duration"]),
+    ("eval_interval=0ba", ["eval_interval"]),
+    ("save_interval=0ba", ["save_interval"]),
+    ("eval_subset_num_batches=0", ["eval_subset_num_batches"]),
+    ("data.dynamic.eta=.nan", ["data.dynamic.eta"]),
+    ("data.dynamic.reference_losses={prose: .inf, code: 3.0}", ["data.dynamic.reference_losses"]),
+    ("data.proportions={prose: .nan, code: 0.5}", ["data.proportions"]),
+    ("pruning.mask_lr=0", ["pruning.mask_lr"]),
+    ("pruning.lambda_lr=-1", ["pruning.lambda_lr"]),
+    ("scheduler.alpha_f=2", ["scheduler.alpha_f"]),
+    ("seed=-1", ["seed"]),
+    ("dist_timeout=.inf", ["dist_timeout"]),
+    ("data.eval_sequences_per_domain=0", ["data.eval_sequences_per_domain"]),
+])
+def test_numbers_out_of_range_are_refused_before_training(tiny, capsys, override, names):
+    before = snapshot(tiny["run"])
+    refused(capsys, train(tiny, override), *names)
+    assert snapshot(tiny["run"]) == before
+
+
+def test_a_yaml_that_does_not_parse_names_file_and_line(tiny, capsys):
+    bad = tiny["tmp"] / "bad.yaml"
+    bad.write_text("run_name: x\nmodel: {path: data/tiny/model\nmax_duration: 10ba\n")
+    refused(capsys, train_main([str(bad)]), str(bad), "line")
+
+
+def test_gpu_settings_without_a_gpu_are_refused(tiny, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    refused(capsys, train(tiny, "precision=amp_fp16"), "precision")
+    refused(capsys, train(tiny, "device=gpu"), "device")
+    assert not os.path.exists(tiny["run"])
+
+
+def test_microbatch_auto_on_cpu_means_the_whole_batch(tiny, capsys):
+    """The config's own default must run on CPU (Composer's 'auto' needs CUDA)."""
+    from llmshearing.train.config import microbatch_size
+
+    assert microbatch_size("auto", 8, "cpu") == 8
+    assert microbatch_size("auto", 8, "gpu") == "auto"
+    assert microbatch_size(2, 8, "cpu") == 2
+    assert train(tiny, "device_train_microbatch_size=auto", "max_duration=2ba", "eval_interval=2ba") == 0
+
+
+def test_structured_files_that_do_not_parse_name_the_key(tiny, capsys):
+    bad_yaml = tiny["tmp"] / "ref.yaml"
+    bad_yaml.write_text("reference_losses: {prose: 4.0, code: [3.0\n")
+    refused(capsys, train(tiny, f"data.dynamic.reference_losses={bad_yaml}"), "data.dynamic.reference_losses",
+            str(bad_yaml))
+    bad_json = tiny["tmp"] / "w.json"
+    bad_json.write_text('{"prose": 0.5, "code": ')
+    refused(capsys, train(tiny, f"data.proportions={bad_json}"), "data.proportions", str(bad_json))
+    refused(capsys, train(tiny, f"pruning.target={bad_json}"), "pruning.target", str(bad_json))
+    empty = tiny["tmp"] / "empty_target"
+    empty.mkdir()
+    refused(capsys, train(tiny, f"pruning.target={empty}"), "pruning.target", "config.json")
+
+
+def test_load_path_that_is_not_a_checkpoint(tiny, capsys):
+    text = tiny["tmp"] / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    refused(capsys, train(tiny, f"load_path={text}"), "load_path", str(text))
+
+
+# ------------------------------------------------------------------------------------------ model folders
+
+def _config(folder, **changes):
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.update(changes)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+def _broken_models(t):
+    """name -> (folder, words the message must hold)."""
+    base = t["copy"]
+    cases = {}
+
+    def copy(name):
+        path = str(t["tmp"] / name)
+        shutil.copytree(base, path)
+        return path
+
+    no_config = copy("no_config")
+    os.remove(os.path.join(no_config, "config.json"))
+    cases["no config.json"] = (no_config, ["config.json"])
+    bad_json = copy("bad_json")
+    with open(os.path.join(bad_json, "config.json"), "w") as f:
+        f.write('{"model_type": "llama", ')
+    cases["config.json not json"] = (bad_json, ["config.json"])
+    wrong_hidden = copy("wrong_hidden")
+    _config(wrong_hidden, hidden_size=128)
+    cases["wrong hidden size"] = (wrong_hidden, ["model.embed_tokens.weight"])
+    fewer_layers = copy("fewer_layers")
+    with open(os.path.join(base, "config.json")) as f:
+        layers = json.load(f)["num_hidden_layers"]
+    _config(fewer_layers, num_hidden_layers=layers - 1)
+    cases["config says fewer layers"] = (fewer_layers, [f"model.layers.{layers - 1}."])
+    truncated = copy("truncated")
+    weights = os.path.join(truncated, "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    cases["truncated safetensors"] = (truncated, ["model.safetensors"])
+    garbage = copy("garbage")
+    with open(os.path.join(garbage, "model.safetensors"), "wb") as f:
+        f.write(b"\x00" * 100)
+    cases["not safetensors"] = (garbage, ["model.safetensors"])
+    no_weights = copy("no_weights")
+    os.remove(os.path.join(no_weights, "model.safetensors"))
+    cases["no weights"] = (no_weights, ["weights"])
+    return cases
+
+
+def test_broken_model_folders_are_refused_by_every_entry_point(tiny, capsys):
+    for name, (folder, words) in _broken_models(tiny).items():
+        before = snapshot(tiny["run"])
+        refused(capsys, train(tiny, model=folder), folder, *words)
+        assert snapshot(tiny["run"]) == before, name
+        refused(capsys, cli_main(["eval", folder, "--shards", tiny["shards"]]), folder, *words)
+        refused(capsys, cli_main(["reference-loss", "--model", folder, "--shards", tiny["shards"]]), folder, *words)
+
+
+def test_shards_longer_than_the_model_positions_are_refused(tiny, capsys):
+    _config(tiny["copy"], max_position_embeddings=32)  # the tiny shards hold 64-token sequences
+    refused(capsys, train(tiny, model=tiny["copy"]), "seq_len", "max_position_embeddings")
+    refused(capsys, cli_main(["eval", tiny["copy"], "--shards", tiny["shards"]]), "max_position_embeddings")
+
+
+def test_a_manifest_without_its_splits_is_refused(tiny, capsys):
+    shards = str(tiny["tmp"] / "shards")
+    shutil.copytree(tiny["shards"], shards)
+    path = os.path.join(shards, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    del manifest["domains"]["prose"]["splits"]
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    refused(capsys, train(tiny, f"data.shards={shards}"), path, "splits")
+    refused(capsys, cli_main(["eval", tiny["model"], "--shards", shards]), path, "splits")
+    with open(path, "w") as f:
+        f.write("{not json")
+    refused(capsys, train(tiny, f"data.shards={shards}"), path)
+
+
+# ---------------------------------------------------------------------------------------------- data loss
+
+def test_export_dir_never_replaces_what_it_did_not_write(tiny, capsys):
+    """A foreign folder, the run folder itself, or a folder above it: refused before training, intact after."""
+    notes = tiny["tmp"] / "notes"
+    notes.mkdir()
+    (notes / "NOTES.txt").write_text("mine\n")
+    run_folder = tiny["run"]
+    for export_dir, words in ((str(notes), ["export_dir", "not an llmshearing export"]),
+                              (run_folder, ["export_dir", "run folder"]),
+                              (str(tiny["tmp"]), ["export_dir", "run folder"])):
+        before = snapshot(str(notes), run_folder)
+        refused(capsys, train(tiny, f"export_dir={export_dir}"), *words)
+        assert snapshot(str(notes), run_folder) == before, export_dir
+
+
+def test_an_export_replaces_only_an_earlier_export(tiny, capsys):
+    """A finished run exports; a rerun into the same export_dir replaces that export (it carries the marker);
+    `llmshearing export` into a foreign folder or over an export without --overwrite refuses."""
+    from llmshearing.pruning.export import EXPORT_MARKER
+
+    export = os.path.join(tiny["run"], "export")
+    assert train(tiny, "max_duration=2ba", "eval_interval=2ba", "save_interval=2ba") == 0
+    assert os.path.isfile(os.path.join(export, EXPORT_MARKER))
+    checkpoint = os.path.join(tiny["run"], "latest-rank0.pt")
+    capsys.readouterr()
+    before = snapshot(export)
+    refused(capsys, cli_main(["export", checkpoint, export]), "--overwrite")
+    assert snapshot(export) == before
+    notes = tiny["tmp"] / "notes"
+    notes.mkdir()
+    (notes / "NOTES.txt").write_text("mine\n")
+    refused(capsys, cli_main(["export", checkpoint, str(notes), "--overwrite"]), str(notes), "not an llmshearing export")
+    assert (notes / "NOTES.txt").read_text() == "mine\n"
+    assert cli_main(["export", checkpoint, export, "--overwrite"]) == 0
+
+
+def test_a_finished_run_folder_is_bound_to_its_run(tiny, capsys):
+    """A rerun with another target refuses and changes nothing (run_config.yaml included); the checkpoint
+    carries its config, so exporting it gives the old run's shape even if run_config.yaml beside it is another
+    run's; a rerun of the same run without autoresume refuses to silently start over."""
+    from transformers import AutoConfig
+
+    common = ["max_duration=2ba", "eval_interval=2ba", "save_interval=2ba", "save_overwrite=false", "export_dir=null"]
+    assert train(tiny, *common) == 0
+    capsys.readouterr()
+    before = snapshot(tiny["run"])
+    other = "pruning.target={num_hidden_layers: 2, hidden_size: 48, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}"
+    refused(capsys, train(tiny, *common, other), "pruning.target", "another run")
+    assert snapshot(tiny["run"]) == before
+    refused(capsys, train(tiny, *common), "autoresume=true")
+    assert snapshot(tiny["run"]) == before
+
+    other_run = str(tiny["tmp"] / "other")
+    assert train_main([TINY_YAML, *paths(tiny, other_run), *common, other]) == 0
+    shutil.copy(os.path.join(other_run, "run_config.yaml"), os.path.join(tiny["run"], "run_config.yaml"))
+    out = str(tiny["tmp"] / "export")
+    assert cli_main(["export", os.path.join(tiny["run"], "latest-rank0.pt"), out]) == 0
+    assert AutoConfig.from_pretrained(out).num_hidden_layers == 3  # the checkpoint's own target, not the other run's
+
+
+def test_a_second_run_on_a_locked_folder_refuses_naming_the_holder(tiny, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from llmshearing.train.run_folder import lock; lock(sys.argv[1]); print('locked', "
+        "flush=True); time.sleep(120)"), tiny["run"]], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = snapshot(tiny["run"])
+        refused(capsys, train(tiny), "in use by another run", f"PID {holder.pid}")
+        assert snapshot(tiny["run"]) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(tiny, "max_duration=2ba", "eval_interval=2ba", "save_interval=2ba") == 0  # released with the process
+
+
+# ----------------------------------------------------------------------------------------- other commands
+
+def test_export_of_something_that_is_not_a_checkpoint(tiny, capsys):
+    text = tiny["tmp"] / "notes.txt"
+    text.write_text("hello\n")
+    out = str(tiny["tmp"] / "out")
+    refused(capsys, cli_main(["export", str(text), out]), str(text), "not a Composer checkpoint")
+    truncated = tiny["tmp"] / "half.pt"
+    torch.save({"state": {"model": {"w": torch.zeros(1000)}}}, truncated)
+    with open(truncated, "r+b") as f:
+        f.truncate(os.path.getsize(truncated) // 2)
+    refused(capsys, cli_main(["export", str(truncated), out]), str(truncated), "truncated")
+    refused(capsys, cli_main(["export", str(tiny["tmp"]), out]), "not a sharded checkpoint")
+    assert not os.path.exists(out)
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_the_work(tiny, capsys):
+    blocker = tiny["tmp"] / "a_file"
+    blocker.write_text("x")
+    under = str(blocker / "sub" / "out.json")
+    refused(capsys, cli_main(["eval", tiny["model"], "--shards", tiny["shards"], "--out", under]), "--out", str(blocker))
+    refused(capsys, cli_main(["reference-loss", "--paper", "llama2-7b-to-1.3b", "--out", under]), "--out", str(blocker))
+    refused(capsys, train(tiny, f"save_folder={blocker}/run"), "save_folder", str(blocker))
+    refused(capsys, train(tiny, f"export_dir={blocker}/export"), "export_dir", str(blocker))
+    refused(capsys, cli_main(["make-tiny", str(blocker / "tiny")]), str(blocker))
+    refused(capsys, shards_main(["--tokenizer", tiny["model"], "--out", str(blocker / "shards"), "--seq-len", "16",
+                                 "--eval-sequences", "1", "--prune-tokens", "64", "--continue-tokens", "64",
+                                 "--domain", f"prose={tiny['prose']}", "--no-progress"]), "--out", str(blocker))
+    assert blocker.read_text() == "x"
+
+
+# ------------------------------------------------------------------------------------------------- shards
+
+def shards_args(t, out, *domains, seq_len="16"):
+    return ["--tokenizer", t["model"], "--out", out, "--seq-len", seq_len, "--eval-sequences", "1",
+            "--prune-tokens", "256", "--continue-tokens", "256", "--no-progress",
+            *[a for d in domains for a in ("--domain", d)]]
+
+
+def test_shard_inputs_are_checked_before_tokenizing(tiny, capsys):
+    out = str(tiny["tmp"] / "shards")
+    fifo = str(tiny["tmp"] / "pipe.jsonl")
+    os.mkfifo(fifo)
+    binary = tiny["tmp"] / "weights.txt"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    latin = tiny["tmp"] / "latin.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    archive = tiny["tmp"] / "docs.jsonl"
+    shutil.make_archive(str(tiny["tmp"] / "docs_zip"), "zip", tiny["tmp"], "weights.txt")
+    os.replace(str(tiny["tmp"] / "docs_zip.zip"), archive)
+    cases = [
+        ([f"prose={fifo}"], ["pipe.jsonl", "not a regular file"]),  # would block forever
+        ([f"prose={binary}"], ["weights.txt", "binary"]),
+        ([f"prose={latin}"], ["latin.txt", "UTF-8"]),
+        ([f"prose={archive}"], ["docs.jsonl", "zip"]),
+        ([f"prose={tiny['prose']}", f"prose={tiny['prose']}"], ["given twice"]),
+        ([f"prose={tiny['prose']}", f"code={tiny['prose']}"], ["given twice", "leaks"]),
+    ]
+    for domains, words in cases:
+        start = time.time()
+        refused(capsys, shards_main(shards_args(tiny, out, *domains)), *words)
+        assert time.time() - start < 60
+        assert not os.path.exists(out)
+    refused(capsys, shards_main(shards_args(tiny, out, f"prose={tiny['prose']}", seq_len="1")), "seq_len", ">= 2")
+
+
+def test_compressed_inputs_are_read_by_content(tiny, capsys):
+    """.jsonl.bz2 / .jsonl.xz / gzip content under a plain name: the same documents as the plain file."""
+    import bz2
+    import gzip
+    import lzma
+
+    from data_prep.shards import iter_documents
+
+    raw = open(tiny["prose"], "rb").read()
+    expected = list(iter_documents([tiny["prose"]]))
+    for name, data in (("p.jsonl.bz2", bz2.compress(raw)), ("p.jsonl.xz", lzma.compress(raw)),
+                       ("p.jsonl", gzip.compress(raw))):
+        path = tiny["tmp"] / name
+        path.write_bytes(data)
+        assert list(iter_documents([str(path)])) == expected, name
+
+
+def test_one_plain_text_file_per_domain_says_why_it_is_too_little(tiny, capsys):
+    big = tiny["tmp"] / "book.txt"
+    big.write_text("All work and no play. " * 20000)
+    refused(capsys, shards_main(shards_args(tiny, str(tiny["tmp"] / "s"), f"prose={big}")), "too little text",
+            "ONE document")
+
+
+def test_a_full_disk_while_building_shards_is_one_line_and_leaves_nothing(tiny):
+    """RLIMIT_FSIZE makes writes fail with EFBIG as a full disk would (Python ignores SIGXFSZ)."""
+    import resource
+
+    out = str(tiny["tmp"] / "shards")
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # noqa: E731
+    args = shards_args(tiny, out, f"prose={tiny['prose']}", f"code={tiny['code']}")
+    args[args.index("--prune-tokens") + 1] = "8192"
+    proc = subprocess.run([sys.executable, "-m", "data_prep.shards", *args, "--workers", "1"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "File too large" in proc.stderr
+    assert not os.path.exists(out)
+    assert not [n for n in os.listdir(tiny["tmp"]) if n.startswith(".shards")]  # no temporary folder left behind
