@@ -97,6 +97,10 @@ def main(argv=None) -> int:
         r = res[name]
         print(f"{name:<7} {r['tokens_per_s']:>10.0f} tokens/s  peak {r['peak_gpu_gib']:.2f} GiB  ({r['attention']})")
     print(f"masked / dense step: {res['masked_over_dense_step']:.3f} on {res['gpu']}")
+    from bench.profile_masked import main as profile  # where the masked step's extra GPU time goes, by operator
+
+    profile(["--device", "cuda", "--dtype", "bfloat16", "--train-batch", "8", "--train-seq", "512"]
+            + (["--out", args.out.removesuffix(".json") + "-profile.json"] if args.out else []))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -46,6 +46,26 @@ def op_times(model, opt, batch, device, dtype, steps: int) -> dict:
     return dict(table)
 
 
+def saved_for_backward(model, batch, device, dtype) -> int:
+    """Bytes autograd keeps for backward after forward + loss (unique storages, parameters excluded): the
+    activation memory of a step, exact and independent of the allocator (unlike peak RSS)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device_type=device, dtype=DTYPES[dtype], enabled=dtype != "float32"):
+            out = model(batch)
+            loss = model.loss(out, batch)
+    del out, loss
+    return sum(seen.values())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="data/models/smollm2-135m")
@@ -71,8 +91,9 @@ def main(argv=None) -> int:
     ids = torch.randint(0, lm.config.vocab_size, (args.train_batch, args.train_seq), device=args.device,
                         generator=torch.Generator(device=args.device).manual_seed(args.seed))
     batch = {"input_ids": ids, "labels": ids}
-    tables = {}
+    tables, saved = {}, {}
     for name, model in (("dense", ComposerLM(lm, None)), ("masked", ComposerLM(lm, l0))):
+        saved[name] = saved_for_backward(model, batch, args.device, args.dtype)
         opt = torch.optim.AdamW(model.param_groups(1e-4, 0.0, 1.0, 1.0))
         step(model, opt, batch, args.device, args.dtype)  # warm-up
         tables[name] = op_times(model, opt, batch, args.device, args.dtype, args.steps)
@@ -86,12 +107,15 @@ def main(argv=None) -> int:
                      f"{extra / 1e3:+.2f} |")
     lines.append(f"| **all operators** | {total['dense'] / 1e3:.1f} | {total['masked'] / 1e3:.1f} | "
                  f"{(total['masked'] - total['dense']) / 1e3:+.1f} |")
+    lines.append(f"\nsaved for backward: dense {saved['dense'] / 2**20:.1f} MB, masked {saved['masked'] / 2**20:.1f} MB "
+                 f"(x{saved['masked'] / saved['dense']:.3f})")
     info = {**machine_info(args.device), "loadavg_start": os.getloadavg(), "threads": torch.get_num_threads()}
     print("\n".join(lines))
     print(json.dumps({k: info[k] for k in ("loadavg_start", "threads")}))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": info, "settings": vars(args), "tables_us_per_step": tables}, f, indent=1)
+            json.dump({"machine": info, "settings": vars(args), "tables_us_per_step": tables,
+                       "saved_for_backward_bytes": saved}, f, indent=1)
     return 0
 
 

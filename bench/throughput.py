@@ -55,6 +55,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPU time that was busy over the next `seconds` (/proc/stat; None elsewhere): the
+    1-minute load average lags by a minute and still counts the previous benchmark, this does not."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    try:
+        (t0, i0), _, (t1, i1) = sample(), time.sleep(seconds), sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1 - (i1 - i0) / max(1, t1 - t0)
+
+
 def machine_info(device: str) -> dict:
     info = {
         "cpu_model": cpu_model(),
@@ -446,6 +461,8 @@ def ratios(train: dict, infer: dict) -> tuple[dict, dict]:
     sections = {"train": train, "inference": infer}
     of_medians, per_round = {}, {}
     for name, (section, a, b, series) in RATIO_PAIRS.items():
+        if not sections[section]:  # --train-only
+            continue
         ta, tb = sections[section][a][series], sections[section][b][series]
         of_medians[name] = statistics.median(tb) / statistics.median(ta)
         rounds = [y / x for x, y in zip(ta, tb)]
@@ -467,14 +484,14 @@ def markdown(result: dict) -> str:
     for name in ("masked_source", "dense_source"):
         lines.append(f"| {name} | {tr[name]['tokens_per_s']:,.1f} | {tr[name]['step_s_median']:.3f} | "
                      f"{_mb(tr[name]['peak_extra_bytes'])} |")
-    lines += [
+    lines += [] if not inf else [
         "", f"Inference (batch {s['infer_batch']}, prompt {s['prompt_len']}, {s['new_tokens']} greedy new tokens "
         f"with KV cache, {s['dtype']}, median of {s['repeats']} after {s['warmup']} warm-up):", "",
         "| model | params | non-emb. params | heads per layer | intermediate per layer | prefill tok/s | "
         "decode tok/s | param MB | KV cache MB | peak extra MB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in ("source", "uniform", "nonuniform"):
+    for name in ("source", "uniform", "nonuniform") if inf else ():
         pl, r = m[name]["per_layer"], inf[name]
         heads = sorted({l["heads"] for l in pl})
         inter = sorted({l["intermediate"] for l in pl})
@@ -510,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed generations per model")
     p.add_argument("--train-repeats", type=int, default=None, help="timed training steps per variant")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-only", action="store_true", help="only the masked vs dense training step")
     p.add_argument("--out", default=None, help="JSON output (default: runs/bench/throughput[-quick].json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -530,7 +548,12 @@ def main(argv: list[str] | None = None) -> int:
     out_path = args.out or os.path.join("runs", "bench", "throughput-quick.json" if args.quick else "throughput.json")
 
     started = time.time()
-    load_before = os.getloadavg()
+    load_before, busy_before = os.getloadavg(), cpu_busy()
+    busy = busy_before is not None and busy_before > 0.10
+    if busy:
+        log(f"WARNING: the machine is busy ({busy_before:.0%} of its {os.cpu_count()} cores in use before the start, load "
+            f"average {load_before[0]:.2f}): other processes hide or inflate overheads; speed ratios from this run do "
+            f"not count (recorded as busy)")
     log(f"building models ({'quick: tiny random source' if args.quick else args.model})")
     models, info, lm = build_models(args)
     target = QUICK_TARGET if args.quick else PRESETS[args.target]
@@ -538,8 +561,10 @@ def main(argv: list[str] | None = None) -> int:
     train = train_bench(lm, target, args, args.device)
     del lm
     gc.collect()
-    log("inference benchmark: source, uniform, non-uniform")
-    infer = inference_bench(models, args, args.device)
+    infer = {}
+    if not args.train_only:
+        log("inference benchmark: source, uniform, non-uniform")
+        infer = inference_bench(models, args, args.device)
 
     import transformers
 
@@ -547,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.throughput " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {**machine_info(args.device), "loadavg_1m_before": load_before[0],
-                    "loadavg_1m_after": os.getloadavg()[0]},
+                    "loadavg_1m_after": os.getloadavg()[0], "cpu_busy_before": busy_before, "busy": busy},
         "torch": torch.__version__, "transformers": transformers.__version__,
         "settings": {k: getattr(args, k) for k in ("quick", "model", "target", "device", "dtype", "train_batch",
                                                    "train_seq", "infer_batch", "prompt_len", "new_tokens", "warmup",

@@ -104,3 +104,30 @@ def test_from_pretrained_keeps_tied_embeddings_one_tensor(family, tmp_path):
     ids = torch.randint(0, hf.config.vocab_size, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(lm(ids), hf(ids).logits, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("gates", ["cols", "rows", "both"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_masked_linear_equals_masking_the_activations(gates, bias):
+    """masked_linear (row gates folded into the weight, x * cols recomputed in backward instead of stored) gives
+    linear(x * cols) * rows and the same gradients for x, weight, bias and both gate vectors."""
+    from llmshearing.model.decoder import masked_linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 16, bias=bias).double()
+    x = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
+    cols = torch.rand(24, dtype=torch.float64, requires_grad=True) if gates != "rows" else None
+    rows = torch.rand(16, dtype=torch.float64, requires_grad=True) if gates != "cols" else None
+    leaves = [t for t in (x, cols, rows, linear.weight, linear.bias) if t is not None]
+    grad_out = torch.randn(2, 5, 16, dtype=torch.float64)
+
+    def run(fn):
+        for t in leaves:
+            t.grad = None
+        y = fn()
+        y.backward(grad_out)
+        return [y.detach()] + [t.grad.clone() for t in leaves]
+
+    reference = run(lambda: linear(x if cols is None else x * cols) * (1 if rows is None else rows))
+    for a, b in zip(run(lambda: masked_linear(x, linear, cols, rows)), reference):
+        torch.testing.assert_close(a, b)

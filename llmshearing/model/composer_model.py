@@ -37,7 +37,7 @@ class ComposerLM(ComposerModel):
         lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
         if self.l0 is None:
             return lm_loss
-        lagrangian, _ = self.l0.lagrangian()
+        lagrangian, _ = self.l0.lagrangian(logs=False)
         return {"total": lm_loss + lagrangian, "lm": lm_loss, "lagrangian": lagrangian}
 
     def eval_forward(self, batch, outputs=None):

@@ -42,6 +42,64 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps, kept_dims)
 
 
+class _MaskedLinear(torch.autograd.Function):
+    """y = F.linear(x * cols, W * rows[:, None], b * rows): input gates on the activations, output gates folded
+    into the weight rows. Saves only what the plain linear saves (x and W) plus the gate vectors: x * cols is
+    recomputed in backward (one cheap product) instead of being stored, and the row gates' gradient is a
+    reduction over the weight (grad_W' * W), not over every token. Matmuls run in the dtype the forward's ran
+    in (autocast), accumulating into the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, cols, rows):
+        xm = x if cols is None else x * cols.to(x.dtype)
+        w = weight if rows is None else weight * rows.to(weight.dtype)[:, None]
+        b = bias if bias is None or rows is None else bias * rows.to(bias.dtype)
+        y = F.linear(xm, w, b)
+        ctx.save_for_backward(x, weight, bias, cols, rows)
+        ctx.compute_dtype = y.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, cols, rows = ctx.saved_tensors
+        dt = ctx.compute_dtype
+        acc = torch.promote_types(dt, torch.float32)  # reductions and weight gradients at least in fp32
+        xm = (x if cols is None else x * cols.to(x.dtype)).to(dt)
+        w = (weight if rows is None else weight * rows.to(weight.dtype)[:, None]).to(dt)
+        g = grad.to(dt)
+        g2 = g.reshape(-1, g.shape[-1])
+        grad_x = grad_w = grad_b = grad_cols = grad_rows = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[3]:
+            grad_xm = g @ w
+            if ctx.needs_input_grad[0]:
+                grad_x = (grad_xm if cols is None else grad_xm * cols.to(dt)).to(x.dtype)
+            if ctx.needs_input_grad[3]:
+                grad_cols = (grad_xm.to(acc) * x.to(acc)).reshape(-1, x.shape[-1]).sum(0).to(cols.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[4]:
+            grad_wfold = (g2.t() @ xm.reshape(-1, xm.shape[-1])).to(acc)  # d loss / d (W * rows)
+            if ctx.needs_input_grad[1]:
+                grad_w = (grad_wfold if rows is None else grad_wfold * rows.to(acc)[:, None]).to(weight.dtype)
+            if ctx.needs_input_grad[4]:
+                grad_rows = (grad_wfold * weight.to(acc)).sum(1)
+        if bias is not None and (ctx.needs_input_grad[2] or ctx.needs_input_grad[4]):
+            gsum = g2.to(acc).sum(0)
+            if ctx.needs_input_grad[2]:
+                grad_b = (gsum if rows is None else gsum * rows.to(acc)).to(bias.dtype)
+            if ctx.needs_input_grad[4]:
+                grad_rows = grad_rows + gsum * bias.to(acc)
+        if grad_rows is not None:
+            grad_rows = grad_rows.to(rows.dtype)
+        return grad_x, grad_w, grad_b, grad_cols, grad_rows
+
+
+def masked_linear(x: torch.Tensor, linear: nn.Linear, cols: torch.Tensor | None = None,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(x * cols) * rows without storing a masked copy of any activation (see _MaskedLinear)."""
+    if cols is None and rows is None:
+        return linear(x)
+    return _MaskedLinear.apply(x, linear.weight, linear.bias, cols, rows)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -63,7 +121,7 @@ class Attention(nn.Module):
         self.sliding_window = window
         self.use_flash = use_flash
 
-    def forward(self, x, cos, sin, head_mask=None):
+    def forward(self, x, cos, sin, head_mask=None, out_scale=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -83,9 +141,8 @@ class Attention(nn.Module):
                 mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
             out = out.transpose(1, 2)
-        if head_mask is not None:
-            out = out * head_mask.view(1, 1, -1, 1).to(out.dtype)
-        return self.o_proj(out.reshape(B, T, -1))
+        cols = None if head_mask is None else head_mask.repeat_interleave(self.head_dim)  # a gate per head
+        return masked_linear(out.reshape(B, T, -1), self.o_proj, cols, out_scale)
 
 
 class MLP(nn.Module):
@@ -96,11 +153,8 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, i, bias=bias)
         self.down_proj = nn.Linear(i, d, bias=bias)
 
-    def forward(self, x, intermediate_mask=None):
-        act = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        if intermediate_mask is not None:
-            act = act * intermediate_mask.to(act.dtype)
-        return self.down_proj(act)
+    def forward(self, x, intermediate_mask=None, out_scale=None):
+        return masked_linear(F.silu(self.gate_proj(x)) * self.up_proj(x), self.down_proj, intermediate_mask, out_scale)
 
 
 class DecoderLayer(nn.Module):
@@ -112,15 +166,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x, cos, sin, layer_gate=None, head_mask=None, intermediate_mask=None, hidden=None, kept=None):
-        def write(update):  # a residual write: scaled by the layer gate, zero in pruned hidden dims
-            if layer_gate is not None:
-                update = update * layer_gate.to(update.dtype)
-            if hidden is not None:
-                update = update * hidden.to(update.dtype)
-            return x + update
-
-        x = write(self.self_attn(self.input_layernorm(x, kept), cos, sin, head_mask))
-        x = write(self.mlp(self.post_attention_layernorm(x, kept), intermediate_mask))
+        # Residual writes are scaled by the layer gate and zero in pruned hidden dims: one (d,) vector, applied
+        # by the output projections (to their weight rows or outputs, see masked_linear).
+        write = hidden if layer_gate is None else layer_gate * (hidden if hidden is not None else x.new_ones(x.shape[-1]))
+        x = x + self.self_attn(self.input_layernorm(x, kept), cos, sin, head_mask, write)
+        x = x + self.mlp(self.post_attention_layernorm(x, kept), intermediate_mask, write)
         return x
 
 

@@ -236,18 +236,21 @@ class L0Module(nn.Module):
         ramp = 1.0 if self.warmup_steps <= 0 else min(1.0, self.step / self.warmup_steps)
         return self.masks[name].target_sparsity() * ramp
 
-    def lagrangian(self) -> tuple[torch.Tensor, dict[str, float]]:
+    def lagrangian(self, logs: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss, logs); `logs=False` skips the per-mask values (a host sync each on a GPU) in the training step."""
         loss = self.lambdas.new_zeros(())
-        logs = {}
+        values = {}
         lambdas = _reverse_grad(self.lambdas)
         for j, (name, mask) in enumerate(self.masks.items()):
             gap = mask.expected_sparsity_rows() - self.target_sparsity(name)  # one gap per row (per layer)
             loss = loss + (lambdas[j, 0] * gap + lambdas[j, 1] * gap**2).mean()
-            logs[f"l0/{name}/expected_sparsity"] = float(mask.expected_sparsity())
-            logs[f"l0/{name}/target_sparsity"] = self.target_sparsity(name)
-            logs[f"l0/{name}/lambda_1"] = float(self.lambdas[j, 0])
-            logs[f"l0/{name}/lambda_2"] = float(self.lambdas[j, 1])
-        return loss, logs
+            if not logs:
+                continue
+            values[f"l0/{name}/expected_sparsity"] = float(mask.expected_sparsity())
+            values[f"l0/{name}/target_sparsity"] = self.target_sparsity(name)
+            values[f"l0/{name}/lambda_1"] = float(self.lambdas[j, 0])
+            values[f"l0/{name}/lambda_2"] = float(self.lambdas[j, 1])
+        return loss, values
 
     @torch.no_grad()
     def expected_shape(self) -> dict[str, float]:

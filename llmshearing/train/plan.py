@@ -360,8 +360,7 @@ def layer_saved_bytes(config, B: int, T: int, c: int, masks=()) -> dict[str, int
     n, d, I = B * T, config.hidden_size, config.intermediate_size
     H, h = config.num_attention_heads, head_dim_of(config)
     K = getattr(config, "num_key_value_heads", None) or H
-    masks = set(masks)
-    gates = ("layer" in masks) + ("hidden" in masks)
+    del masks  # masks save nothing extra in a layer (decoder._MaskedLinear): kept for the callers' symmetry
     out = {}
     for norm in ("attn_norm", "mlp_norm"):
         out[f"{norm}.input_fp32"] = 4 * n * d
@@ -373,17 +372,10 @@ def layer_saved_bytes(config, B: int, T: int, c: int, masks=()) -> dict[str, int
     out["attn.v"] = c * n * K * h
     out["attn.output"] = c * n * H * h
     out["attn.softmax_lse_fp32"] = 4 * B * H * T
-    if "head" in masks:
-        out["attn.head_mask_product"] = c * n * H * h
     out["mlp.gate"] = c * n * I
     out["mlp.silu"] = c * n * I
     out["mlp.up"] = c * n * I
     out["mlp.product"] = c * n * I
-    if "intermediate" in masks:
-        out["mlp.intermediate_mask_product"] = c * n * I
-    for write in ("attn_write", "mlp_write"):
-        if gates:
-            out[f"{write}.masked_update"] = gates * c * n * d
     return out
 
 
