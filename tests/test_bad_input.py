@@ -270,6 +270,14 @@ def test_a_finished_run_folder_is_bound_to_its_run(tiny, capsys):
     assert snapshot(tiny["run"]) == before
     refused(capsys, train(tiny, *common), "autoresume=true")
     assert snapshot(tiny["run"]) == before
+    import yaml  # a run config written by an older version (a key since removed) still binds by what it names
+
+    config_path = os.path.join(tiny["run"], "run_config.yaml")
+    old = yaml.safe_load(open(config_path))
+    old["data"]["dynamic"]["clamp_min"] = 0.0
+    with open(config_path, "w") as f:
+        yaml.safe_dump(old, f)
+    assert train(tiny, *common, "autoresume=true", "max_duration=3ba") == 0
 
     other_run = str(tiny["tmp"] / "other")
     assert train_main([TINY_YAML, *paths(tiny, other_run), *common, other]) == 0

@@ -40,46 +40,42 @@ def unlock(folder: str) -> None:
         os.close(fd)  # closing the descriptor releases the flock
 
 
-def identity(cfg) -> dict:
-    """What a run folder is bound to: the source model, the pruning target (as its resolved shape when the
-    model config is at hand) and the data. Learning rates, durations and intervals may change on resume."""
-    from llmshearing.pruning.shapes import resolve_target
+def identity(raw: dict) -> dict:
+    """What a run folder is bound to, from a run config as a plain mapping (so that a run config written by an
+    older version, with keys since renamed, still compares): the source model, the pruning target (as its
+    resolved shape when the model config is at hand) and the data. Learning rates, durations and intervals may
+    change on resume."""
     from llmshearing.model.hf import load_hf_config
+    from llmshearing.pruning.shapes import resolve_target
 
-    target = None
-    if cfg.pruning is not None:
+    model, data = raw.get("model") or {}, raw.get("data") or {}
+    target = (raw.get("pruning") or {}).get("target")
+    if target is not None:
         try:
-            target = resolve_target(cfg.pruning.target, load_hf_config(cfg.model.path, cfg.model.gguf_file)).as_dict()
-        except (ConfigError, OSError, ValueError):  # the old run's model may be gone: compare the spec as given
-            target = cfg.pruning.target
-    d = cfg.data
-    return {
-        "model.path": os.path.realpath(cfg.model.path),
-        "model.gguf_file": cfg.model.gguf_file,
-        "pruning.target": target,
-        "data.shards": os.path.realpath(d.shards),
-        "data.split": d.split,
-        "data.domains": list(d.domains) if d.domains is not None else None,
-    }
+            target = resolve_target(target, load_hf_config(model.get("path"), model.get("gguf_file"))).as_dict()
+        except Exception:  # noqa: BLE001 - the old run's model may be gone or changed: compare the spec as given
+            pass
+    path = lambda p: os.path.realpath(p) if isinstance(p, str) else p  # noqa: E731
+    return {"model.path": path(model.get("path")), "model.gguf_file": model.get("gguf_file"), "pruning.target": target,
+            "data.shards": path(data.get("shards")), "data.split": data.get("split", "prune"),
+            "data.domains": data.get("domains")}
 
 
 def check_binding(folder: str, cfg) -> None:
     """Refuse to run in a folder that holds another run (a different model, target or data), and refuse to
     silently start over in a folder that holds this run's checkpoints without autoresume / load_path /
     save_overwrite. Nothing is written here."""
+    from llmshearing.checks import load_structured
     from llmshearing.train.checkpointing import checkpoints
-    from llmshearing.train.config import _build, TrainConfig
+    from llmshearing.train.config import _as_dict
 
     path = os.path.join(folder, CONFIG_NAME)
     if os.path.exists(path):
-        from llmshearing.checks import load_structured
-
-        try:
-            old = _build(TrainConfig, load_structured(path, "run folder"), "")
-        except ConfigError as e:
-            raise ConfigError(f"save_folder '{folder}' holds a run config that cannot be read ({e}); give another "
-                              f"save_folder") from None
-        before, now = identity(old), identity(cfg)
+        old = load_structured(path, f"save_folder '{folder}'")
+        if not isinstance(old, dict):
+            raise ConfigError(f"save_folder '{folder}' holds a {CONFIG_NAME} that is not a run config; give another "
+                              f"save_folder")
+        before, now = identity(old), identity(_as_dict(cfg))
         differ = {k: (before[k], now[k]) for k in before if before[k] != now[k]}
         if differ:
             lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
