@@ -4,7 +4,7 @@
     python -m data_prep.shards --tokenizer MODEL_DIR --out data/rp_shards --seq-len 4096 \\
         --eval-sequences 500 --prune-tokens 400000000 --continue-tokens 50000000000 --redpajama RedPajama-Data-1T
 
-Per domain (one process each): documents are read lazily in order, tokenized in batches with the fast
+Per domain (one after another; tokenization spread over --workers processes): documents are read lazily in order, tokenized in batches with the fast
 tokenizer (no special tokens), framed as [bos] + ids + [eos] (bos only when the tokenizer has one that
 differs from eos) and routed, a whole document at a time, to one split:
 
@@ -282,16 +282,29 @@ def build_fingerprint(args: dict, domains: dict[str, list[str]], tok_fingerprint
 
 # ----------------------------------------------------------------------------------------------- one domain
 
-_REPORT = None  # set in pool workers: a queue of (domain, tokens written since the last report)
+_TOKENIZER = None  # set in each pool worker by _init_tokenizer
 
 
-def _init_worker(queue) -> None:
-    global _REPORT
-    _REPORT = queue
+def _make_tokenizer(tokenizer_json: str):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
 
 
-def _pool_job(job: dict) -> dict:
-    return build_domain(job, lambda name, n: _REPORT.put((name, n)))
+def _init_tokenizer(tokenizer_json: str) -> None:
+    """Pool initializer: one single-threaded tokenizer per process. Without RAYON_NUM_THREADS=1 (read when
+    `tokenizers` first runs in parallel) every worker would start a thread per core: N workers, N x cores threads."""
+    global _TOKENIZER
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    _TOKENIZER = _make_tokenizer(tokenizer_json)
+
+
+def _encode(texts: list[str], tok=None) -> list[np.ndarray]:
+    """Token ids of each document (no special tokens), in order."""
+    return [np.asarray(e.ids, dtype=np.int64) for e in (tok or _TOKENIZER).encode_batch(texts, add_special_tokens=False)]
 
 
 class _Split:
@@ -319,47 +332,62 @@ class _Split:
         return n
 
 
-def build_domain(job: dict, report=None) -> dict:
-    """Tokenize, route and write one domain (see the module docstring); returns its counts."""
-    from tokenizers import Tokenizer
+def _batches(docs, need) -> list[str]:
+    """The next batch of documents: about `need()` tokens' worth of text (~4 characters a token, read a little
+    past the end), at most MAX_BATCH_DOCS documents or MAX_BATCH_CHARS characters."""
+    budget = min(MAX_BATCH_CHARS, max(65_536, 6 * need()))
+    batch, chars = [], 0
+    for text in docs:
+        batch.append(text)
+        chars += len(text)
+        if chars >= budget or len(batch) >= MAX_BATCH_DOCS:
+            break
+    return batch
+
+
+def build_domain(job: dict, pool=None, workers: int = 1, report=None) -> dict:
+    """Read, tokenize, route and write one domain (see the module docstring); returns its counts.
+
+    Documents are read and routed here, in order; their tokenization runs in `pool` (`workers` processes, at
+    most 2 x workers batches in flight, so memory stays bounded) or in this process when `pool` is None.
+    Routing depends only on the documents' order and lengths, so the shards are the same for any `workers`."""
+    from collections import deque
 
     name, seq_len, wanted = job["name"], job["seq_len"], job["wanted"]
-    tok = Tokenizer.from_str(job["tokenizer_json"])
-    tok.no_truncation()
-    tok.no_padding()
+    tok = None if pool is not None else _make_tokenizer(job["tokenizer_json"])
     dtype = np.dtype(job["dtype"])
-    head = [job["bos"]] if job["bos"] is not None else []
-    tail = [job["eos"]]
+    head = np.asarray([job["bos"]] if job["bos"] is not None else [], dtype=np.int64)
+    tail = np.asarray([job["eos"]], dtype=np.int64)
     splits = {s: _Split(os.path.join(job["out"], s), seq_len, dtype, wanted[s]) for s in SPLITS}
     every = job["eval_every"]
     index, limit = 0, np.iinfo(dtype).max
+    need = lambda: sum((s.wanted - s.sequences) * seq_len for s in splits.values()) // max(1, workers)  # noqa: E731
 
     def route(i: int):  # the rule of the module docstring
         if not splits["eval"].full and (i % every == 0 or splits["prune"].full):
             return "eval"
         return next((s for s in ("prune", "continue") if not splits[s].full), None)
 
+    in_flight = deque()
     try:
         with contextlib.closing(iter_documents(job["paths"])) as docs:
-            done = all(s.full for s in splits.values())
+            done = exhausted = all(s.full for s in splits.values())
             while not done:
-                need = sum((s.wanted - s.sequences) * seq_len for s in splits.values())
-                budget = min(MAX_BATCH_CHARS, max(65_536, 6 * need))  # ~4 chars a token: read little past the end
-                batch, chars = [], 0
-                for text in docs:
-                    batch.append(text)
-                    chars += len(text)
-                    if chars >= budget or len(batch) >= MAX_BATCH_DOCS:
-                        break
-                if not batch:
+                while not exhausted and len(in_flight) < (2 * workers if pool is not None else 1):
+                    batch = _batches(docs, need)
+                    exhausted = not batch
+                    if batch:
+                        in_flight.append(pool.submit(_encode, batch) if pool is not None else _encode(batch, tok))
+                if not in_flight:
                     break
+                encoded = in_flight.popleft()
                 written = 0
-                for enc in tok.encode_batch(batch, add_special_tokens=False):
+                for ids in (encoded.result() if pool is not None else encoded):
                     split = route(index)
                     if split is None:
                         done = True
                         break
-                    ids = np.array(head + enc.ids + tail, dtype=np.int64)
+                    ids = np.concatenate([head, ids, tail])
                     if ids.max() > limit:
                         raise ConfigError(f"token id {int(ids.max())} does not fit {dtype.name}; the tokenizer's "
                                           f"len() understates its ids")
@@ -369,6 +397,9 @@ def build_domain(job: dict, report=None) -> dict:
                 if report and written:
                     report(name, written)
     finally:
+        for f in in_flight:  # batches read past the end: not needed
+            if pool is not None:
+                f.cancel()
         for s in splits.values():
             s.writer.finish()
     return {"name": name, "documents_used": index,
@@ -386,56 +417,36 @@ def _cpu_count() -> int:
 
 
 def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> dict[str, dict]:
+    """The domains one after another, each tokenized by `workers` processes (none for 1: this process, whose
+    tokenizer may use several threads); a progress bar per domain with tokens/s and the ETA."""
     from tqdm import tqdm
 
     bars = {j["name"]: tqdm(total=sum(j["wanted"].values()) * j["seq_len"], desc=f"{j['name']:>14}", unit="tok",
                             unit_scale=True, position=i, leave=True, disable=not progress, dynamic_ncols=True)
             for i, j in enumerate(jobs)}
-    results = {}
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = None
     try:
-        if workers <= 1:
-            for job in jobs:
-                results[job["name"]] = build_domain(job, lambda name, n: bars[name].update(n))
-            return results
-        import multiprocessing as mp
-        import queue as queue_mod
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-        from concurrent.futures.process import BrokenProcessPool
+        if workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
 
-        ctx = mp.get_context("spawn")  # fork would copy the parent's threads and locks (torch, tokenizers)
-        q = ctx.Queue()
-
-        def drain():
-            with contextlib.suppress(queue_mod.Empty):
-                while True:
-                    name, n = q.get_nowait()
-                    bars[name].update(n)
-
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(q,))
-        ok = False
-        try:
-            futures = {pool.submit(_pool_job, job): job["name"] for job in jobs}
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
-                drain()
-                for f in done:
-                    results[futures[f]] = f.result()  # re-raises a worker's error
-            drain()
-            ok = True
-            for name, r in results.items():  # updates still in the queue's pipe
-                bars[name].update(sum(r["sequences"].values()) * jobs[0]["seq_len"] - bars[name].n)
-        except BrokenProcessPool:
-            raise RuntimeError("a shard worker process died (killed, out of memory, or it could not start: a script "
-                               "that calls build_shards with workers > 1 needs `if __name__ == '__main__':`; "
-                               "or pass workers=1)") from None
-        finally:
-            if not ok:  # stop the other domains now; nothing they write is kept
-                for proc in list((getattr(pool, "_processes", None) or {}).values()):
-                    proc.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
+            ctx = mp.get_context("spawn")  # fork would copy the parent's threads and locks (torch, tokenizers)
+            pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_tokenizer,
+                                       initargs=(jobs[0]["tokenizer_json"],))
+        results = {}
+        for job in jobs:
+            try:
+                results[job["name"]] = build_domain(job, pool, workers, lambda name, n: bars[name].update(n))
+            except BrokenProcessPool:
+                raise RuntimeError("a shard worker process died (killed, out of memory, or it could not start: a "
+                                   "script that calls build_shards with workers > 1 needs `if __name__ == "
+                                   "'__main__':`; or pass workers=1)") from None
         return results
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
         for bar in bars.values():
             bar.close()
 
@@ -519,7 +530,7 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     wanted = {d: {"eval": eval_sequences,
                   "prune": math.ceil(prune_tokens * props[d] / seq_len),
                   "continue": math.ceil(continue_tokens * props[d] / seq_len)} for d in domains}
-    workers = min(len(domains), _cpu_count()) if workers is None else _check_int("workers", workers, 1)
+    workers = _cpu_count() if workers is None else _check_int("workers", workers, 1)
     tokenizer_json = tok.backend_tokenizer.to_str()
     eval_every = {}
     for d in domains:
@@ -529,7 +540,7 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
         jobs = [dict(name=d, paths=domains[d], out=os.path.join(tmp, d), seq_len=seq_len, wanted=wanted[d],
                      eval_every=eval_every[d], tokenizer_json=tokenizer_json, bos=bos, eos=tok.eos_token_id,
                      dtype=dtype) for d in domains]
-        results = _run_jobs(jobs, min(workers, len(jobs)), progress)
+        results = _run_jobs(jobs, workers, progress)
         entries, warnings = {}, []
         for d in domains:
             r = results[d]
@@ -621,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proportions", action="append", metavar="NAME=P",
                         help="domain proportion (all domains, sum 1); default: RedPajama's for its 7 domains, "
                              "else equal")
-    parser.add_argument("--workers", type=int, help="processes (one domain each); default min(domains, cpus)")
+    parser.add_argument("--workers", type=int, help="tokenizer processes, all on one domain at a time (the output is "
+                                                    "the same for any number); default: the usable CPUs")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out built with other arguments")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)  # argparse exits 2 with 'error: ...' on malformed flags

@@ -127,10 +127,16 @@ def test_round_trip_disjoint_and_counts(corpus, tok_dir, bos_tok_dir, tmp_path, 
 
 @pytest.mark.slow
 def test_two_workers_same_shards(corpus, tok_dir, tmp_path):
+    """Tokenized by 2 processes or in this one: the same folder, byte for byte (MDS shards, indexes, manifest)."""
     paths, _ = corpus
     one = build(tmp_path / "one", tok_dir, paths)
     two = build(tmp_path / "two", tok_dir, paths, workers=2)
     assert one == two
+    files = sorted(str(p.relative_to(tmp_path / "one")) for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(tmp_path / "two")) for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert any(f.endswith(".mds") for f in files)
+    for f in files:
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes(), f
     for d in paths:
         for s in SPLITS:
             assert stored(tmp_path / "one", d, s) == stored(tmp_path / "two", d, s)
