@@ -530,7 +530,10 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     wanted = {d: {"eval": eval_sequences,
                   "prune": math.ceil(prune_tokens * props[d] / seq_len),
                   "continue": math.ceil(continue_tokens * props[d] / seq_len)} for d in domains}
-    workers = _cpu_count() if workers is None else _check_int("workers", workers, 1)
+    # Default: a core for the main process (reading, routing, writing) and one worker per other core; with 2
+    # cores that is 1, i.e. tokenizing in the main process on `tokenizers`' own threads (docs/shards.md: faster
+    # here than 2 worker processes competing with the main one).
+    workers = max(1, _cpu_count() - 1) if workers is None else _check_int("workers", workers, 1)
     tokenizer_json = tok.backend_tokenizer.to_str()
     eval_every = {}
     for d in domains:
@@ -633,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="domain proportion (all domains, sum 1); default: RedPajama's for its 7 domains, "
                              "else equal")
     parser.add_argument("--workers", type=int, help="tokenizer processes, all on one domain at a time (the output is "
-                                                    "the same for any number); default: the usable CPUs")
+                                                    "the same for any number); default: usable CPUs - 1")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out built with other arguments")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)  # argparse exits 2 with 'error: ...' on malformed flags
