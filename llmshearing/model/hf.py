@@ -79,30 +79,16 @@ def safetensors_files(path: str) -> list[str] | None:
 
 def load_safetensors_into(lm, files: list[str]) -> None:
     """Copy the tensors of `files` into `lm` one file at a time, in their stored dtype until the copy: peak
-    memory is the model plus one file (memory-mapped), not a second model. Every tensor must exist and fit:
-    a missing, extra or misshapen tensor is a ConfigError naming it (no silently dropped layer)."""
+    memory is the model plus one file (memory-mapped), not a second model. The key set and shapes are checked
+    first, from the headers (`checks.check_weights_match`, called by `from_pretrained`)."""
     from safetensors import safe_open
 
     params = lm.state_dict(keep_vars=True)
-    seen = set()
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
-                if name not in params:
-                    raise ConfigError(f"'{file}' holds tensor '{name}', which a model of this config.json does not "
-                                      f"have (does config.json match the weights? e.g. num_hidden_layers)")
-                tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(params[name].shape):
-                    raise ConfigError(f"tensor '{name}' in '{file}' has shape {tuple(tensor.shape)} but config.json "
-                                      f"implies {tuple(params[name].shape)}")
                 with torch.no_grad():
-                    params[name].copy_(tensor)
-                seen.add(name)
-    tied = {"lm_head.weight"} if lm.config.tie_word_embeddings else set()
-    missing = sorted(set(params) - seen - tied)
-    if missing:
-        raise ConfigError(f"the weights in {os.path.dirname(files[0])} lack {len(missing)} tensor(s) of this "
-                          f"config.json, e.g. {missing[:3]}")
+                    params[name].copy_(f.get_tensor(name))
 
 
 def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "auto",
@@ -112,6 +98,9 @@ def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "a
     config = load_hf_config(path, gguf_file)  # refuses unsupported families before the weights are read
     files = None if gguf_file else safetensors_files(path)
     if files:
+        from llmshearing.checks import check_weights_match
+
+        check_weights_match(path, config, "model.path")  # a missing, extra or misshapen tensor, by name
         lm = empty_model(config, attn_impl, dtype)
         load_safetensors_into(lm, files)
         return lm.eval()

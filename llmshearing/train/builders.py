@@ -26,12 +26,8 @@ from llmshearing.model.hf import empty_model, from_pretrained, load_hf_config
 from llmshearing.pruning.masks import L0Module
 from llmshearing.pruning.shapes import resolve_target, shape_of
 from llmshearing.train.checkpointing import repair_latest
-from llmshearing.train.config import TrainConfig, batches, microbatch_size, resolve_device, to_yaml
+from llmshearing.train.config import TrainConfig, batches, microbatch_size, resolve_device, run_dir, to_yaml
 from llmshearing.train.run_folder import CONFIG_NAME, check_binding, lock
-
-
-def run_dir(cfg: TrainConfig) -> str:
-    return cfg.save_folder or os.path.join("runs", cfg.run_name)
 
 
 def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights: bool = True) -> ComposerLM:

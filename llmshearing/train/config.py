@@ -240,12 +240,17 @@ def microbatch_size(mb, per_device: int, device: str):
     return per_device if mb == "auto" and device == "cpu" else mb
 
 
+def run_dir(cfg: TrainConfig) -> str:
+    """The run folder: logs, plots, run_config.yaml and checkpoints."""
+    return cfg.save_folder or os.path.join("runs", cfg.run_name)
+
+
 def check_outputs(cfg: TrainConfig) -> None:
     """The run folder and export folder can be written, and the export can never replace the run or a folder
     it did not create (see llmshearing.pruning.export.check_export_dir)."""
     from llmshearing.pruning.export import check_export_dir
 
-    folder = cfg.save_folder or os.path.join("runs", cfg.run_name)
+    folder = run_dir(cfg)
     writable_output(folder, "save_folder")
     if cfg.export_dir:
         if inside(folder, cfg.export_dir):

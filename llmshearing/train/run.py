@@ -10,9 +10,9 @@ import torch
 from llmshearing.compat import close_trainer
 from llmshearing.errors import run_entry
 from llmshearing.pruning.export import export_trained
-from llmshearing.train.builders import build_trainer, run_dir
+from llmshearing.train.builders import build_trainer
 from llmshearing.train.run_folder import unlock
-from llmshearing.train.config import load_config, TrainConfig
+from llmshearing.train.config import load_config, run_dir, TrainConfig
 
 
 def run(cfg: TrainConfig) -> dict:
