@@ -332,7 +332,7 @@ class _Split:
         return n
 
 
-def _batches(docs, need) -> list[str]:
+def _next_batch(docs, need) -> list[str]:
     """The next batch of documents: about `need()` tokens' worth of text (~4 characters a token, read a little
     past the end), at most MAX_BATCH_DOCS documents or MAX_BATCH_CHARS characters."""
     budget = min(MAX_BATCH_CHARS, max(65_536, 6 * need()))
@@ -374,7 +374,7 @@ def build_domain(job: dict, pool=None, workers: int = 1, report=None) -> dict:
             done = exhausted = all(s.full for s in splits.values())
             while not done:
                 while not exhausted and len(in_flight) < (2 * workers if pool is not None else 1):
-                    batch = _batches(docs, need)
+                    batch = _next_batch(docs, need)
                     exhausted = not batch
                     if batch:
                         in_flight.append(pool.submit(_encode, batch) if pool is not None else _encode(batch, tok))

@@ -116,11 +116,8 @@ def inside(path: str, folder: str) -> bool:
 
 # ------------------------------------------------------------------------------------------ model folders
 
-def model_config_file(path: str, key: str) -> dict:
-    """The parsed config.json of an HF model folder."""
-    if not os.path.isdir(path):
-        raise ConfigError(f"{key}: model '{path}' does not exist or is not a folder; give an HF model folder "
-                          f"(config.json + weights)")
+def _config_json(path: str, key: str) -> None:
+    """The folder's config.json exists and is a json object (transformers' own error would not name it)."""
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
         raise ConfigError(f"{key}: '{path}' is not an HF model folder: no config.json")
@@ -132,7 +129,6 @@ def model_config_file(path: str, key: str) -> dict:
         raise ConfigError(f"{key}: '{file}' is not valid json: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{key}: '{file}' is not a json object")
-    return raw
 
 
 def safetensors_header(file: str, key: str) -> dict:
@@ -205,12 +201,13 @@ def check_model_folder(path: str, gguf_file: str | None = None, key: str = "mode
 
     from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, check_source_config
 
+    if not os.path.isdir(path):
+        raise ConfigError(f"{key}: model '{path}' does not exist or is not a folder; give an HF model folder "
+                          f"(config.json + weights) or a .gguf file")
     if gguf_file:
-        if not os.path.isdir(path):
-            raise ConfigError(f"{key}: model '{path}' does not exist or is not a folder")
         regular_file(os.path.join(path, gguf_file), f"{key} (gguf_file)")
     else:
-        model_config_file(path, key)
+        _config_json(path, key)
     try:
         config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken config; name the folder

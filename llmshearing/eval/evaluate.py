@@ -145,9 +145,6 @@ def check_model(path: str, gguf_file: str | None = None, shards_root: str | None
     from llmshearing.checks import check_model_folder, check_positions
     from llmshearing.data.tokenizer import check_tokenizer, load_tokenizer
 
-    if not os.path.isdir(path):
-        raise ConfigError(f"model '{path}' does not exist or is not a folder; give an HF model folder "
-                          f"(config.json + weights) or a .gguf file")
     config = check_model_folder(path, gguf_file, key="model")
     try:  # the folder's own tokenizer, when it has one; else only the vocabulary size is checked
         tokenizer = load_tokenizer(path, gguf_file)

@@ -317,8 +317,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                               f"the results with your object-store tool")
     if cfg.autoresume and not cfg.save_folder:
         raise ConfigError("autoresume=true needs save_folder (where the run's checkpoints are found)")
-    if cfg.dist_timeout <= 0:
-        raise ConfigError(f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.global_train_batch_size < 1 or cfg.global_train_batch_size % world:
         raise ConfigError(
