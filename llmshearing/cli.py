@@ -1,5 +1,5 @@
 """`llmshearing <command>`: export a pruning checkpoint, make the tiny debug setup, run the demo, compute
-reference losses, evaluate model folders."""
+reference losses, evaluate model folders, solve the target shape of a parameter budget."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +83,51 @@ def _add_eval(sub) -> None:
     p.set_defaults(handler=_eval)
 
 
+def _add_target(sub) -> None:
+    p = sub.add_parser(
+        "target", help="the uniform target shape for a parameter budget, with its nearest alternatives",
+        description="Solve the shape that `pruning.target: {params: N}` (or {params_fraction: F}) resolves to: the "
+                    "source's dims scaled by one common factor, rounded to valid GQA shapes (hidden and intermediate "
+                    "sizes in multiples of 64, or finer for tiny sources), the one closest to the source's proportions "
+                    "within half an intermediate step of the budget. Rule: llmshearing/pruning/budget.py, "
+                    "docs/budget.md.")
+    p.add_argument("source", help="HF model folder or config.json of the source model")
+    p.add_argument("--params", help="parameter budget, all parameters counted (70000000, 7e7, 70M, 1.3B)")
+    p.add_argument("--fraction", type=float, help="budget as a fraction of the source's parameters, in (0, 1)")
+    p.add_argument("--gguf-file", help="GGUF file name inside the source folder")
+    p.add_argument("--alternatives", type=int, default=4, help="how many neighbouring shapes to list (default 4)")
+    p.add_argument("--json", action="store_true", help="print {shape, params, budget, alternatives: [{shape, params}]}")
+    p.set_defaults(handler=_target)
+
+
+def _target(args) -> int:
+    from llmshearing.model.hf import load_hf_config
+    from llmshearing.pruning.budget import budget_tolerance, parse_cli_budget, size_multiple, solve_budget
+    from llmshearing.pruning.shapes import param_count, shape_of
+
+    if args.alternatives < 0:
+        raise ConfigError(f"--alternatives must be at least 0, got {args.alternatives}")
+    config = load_hf_config(args.source, args.gguf_file)
+    solution = solve_budget(config, parse_cli_budget(args.params, args.fraction, config), args.alternatives)
+    if args.json:
+        print(json.dumps({"shape": solution.shape.as_dict(), "params": solution.params, "budget": solution.budget,
+                          "alternatives": [{"shape": s.as_dict(), "params": n} for s, n in solution.alternatives]}))
+        return 0
+    source, total = shape_of(config), int(param_count(shape_of(config), config))
+    row = lambda s, n: (f"{s.num_hidden_layers:>6} {s.hidden_size:>6} {s.num_attention_heads:>5} "  # noqa: E731
+                        f"{s.num_key_value_heads:>3} {s.intermediate_size:>12} {n:>15,} {n - solution.budget:>+13,}")
+    print(f"source: {'/'.join(map(str, source.as_dict().values()))} (layers/hidden/heads/kv/intermediate), "
+          f"{total:,} params")
+    print(f"budget: {solution.budget:,} params ({solution.budget / total:.1%} of the source); common factor "
+          f"{solution.factor:.4f}; hidden in multiples of {size_multiple(source.hidden_size)}, intermediate of "
+          f"{size_multiple(source.intermediate_size)}; tolerance +-{budget_tolerance(solution.shape, config):,.0f}")
+    print(f"        {'layers':>6} {'hidden':>6} {'heads':>5} {'kv':>3} {'intermediate':>12} {'params':>15} {'gap':>13}")
+    print("chosen  " + row(solution.shape, solution.params))
+    for shape, n in solution.alternatives:
+        print("        " + row(shape, n))
+    return 0
+
+
 def _export(args) -> int:
     from llmshearing.pruning.export import export_checkpoint
 
@@ -125,7 +170,7 @@ def _eval(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmshearing")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_make_tiny, _add_demo, _add_reference_loss, _add_eval, plan.add_parser):
+    for add in (_add_export, _add_make_tiny, _add_demo, _add_reference_loss, _add_eval, _add_target, plan.add_parser):
         add(sub)
     return parser
 

@@ -54,7 +54,8 @@ def shape_of(config: PretrainedConfig) -> Shape:
 
 
 def resolve_target(spec, source: PretrainedConfig) -> Shape:
-    """A target given as a preset name, an HF config path (file or directory) or explicit dims.
+    """A target given as a preset name, an HF config path (file or directory), explicit dims or a parameter
+    budget ({params: N} or {params_fraction: F}, solved by pruning/budget.py).
 
     Explicit dims may be partial: a dimension left out keeps the source size (so it is not pruned).
     """
@@ -87,9 +88,14 @@ def resolve_target(spec, source: PretrainedConfig) -> Shape:
                 f"target '{spec}' is neither a preset ({', '.join(PRESETS)}) nor an existing config path"
             )
     elif isinstance(spec, dict):
+        from llmshearing.pruning.budget import BUDGET_KEYS, budget_target
+
+        if set(spec) & set(BUDGET_KEYS):  # a parameter budget: the solver's uniform shape (pruning/budget.py)
+            return budget_target(spec, source)
         unknown = set(spec) - set(SHAPE_KEYS)
         if unknown:
-            raise ConfigError(f"target: unknown keys {sorted(unknown)}; allowed: {list(SHAPE_KEYS)}")
+            raise ConfigError(f"target: unknown keys {sorted(unknown)}; allowed: {list(SHAPE_KEYS)}, or a budget "
+                              f"{{params: N}} / {{params_fraction: F}}")
         values = {**src.as_dict(), **spec}
         bad = {k: v for k, v in values.items() if not isinstance(v, int) or isinstance(v, bool)}
         if bad:

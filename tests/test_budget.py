@@ -1,0 +1,208 @@
+"""Parameter budgets: `pruning.target: {params: N}` solves a valid uniform shape whose count is an HF model's."""
+import json
+import math
+import os
+import re
+
+import pytest
+import torch
+from conftest import REPO
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from llmshearing.cli import main as cli_main
+from llmshearing.errors import ConfigError
+from llmshearing.experiments.tiny import tiny_config
+from llmshearing.model.hf import head_dim_of, load_hf_config
+from llmshearing.pruning.budget import budget_tolerance, size_multiple, smallest_shape, solve_budget
+from llmshearing.pruning.shapes import (SHAPE_KEYS, Shape, param_count, resolve_target, shape_of, target_config,
+                                        validate_target)
+from llmshearing.train.config import load_config
+
+SMOLLM2_JSON = os.path.join(REPO, "data", "models", "smollm2-135m", "config.json")
+
+
+def smollm2_135m():
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, head_dim=64, tie_word_embeddings=True,
+                       rope_theta=100000.0, max_position_embeddings=8192)
+
+
+def llama2_7b():
+    return AutoConfig.from_pretrained(os.path.join(REPO, "yamls", "models", "llama-2-7b.json"))
+
+
+def mistral_7b():
+    return MistralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False, rope_theta=1e6)
+
+
+def qwen2_0_5b():
+    return Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)
+
+
+SOURCES = {"smollm2-135m": smollm2_135m, "llama-2-7b": llama2_7b, "mistral-7b": mistral_7b, "qwen2-0.5b": qwen2_0_5b}
+SOURCE_PARAMS = {"smollm2-135m": 134_515_008, "llama-2-7b": 6_738_415_616, "mistral-7b": 7_241_732_096,
+                 "qwen2-0.5b": 494_032_768}  # the published counts
+
+
+def hf_params(config) -> int:
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def total(config) -> int:
+    return int(param_count(shape_of(config), config))
+
+
+def distortion(shape: Shape, config, factor: float) -> float:
+    src = shape_of(config)
+    return sum(math.log(getattr(shape, k) / (factor * getattr(src, k))) ** 2 for k in SHAPE_KEYS)
+
+
+@pytest.mark.parametrize("name", SOURCES)
+def test_source_counts_are_the_published_ones(name):
+    assert total(SOURCES[name]()) == hf_params(SOURCES[name]()) == SOURCE_PARAMS[name]
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("name", SOURCES)
+def test_solved_shape_is_a_valid_model_of_the_budget(name, fraction):
+    config = SOURCES[name]()
+    src = shape_of(config)
+    budget = round(fraction * total(config))
+    solution = solve_budget(config, budget)
+    shape = solution.shape
+    pruned = target_config(config, shape)
+    assert solution.params == int(param_count(shape, config)) == hf_params(pruned)
+    assert abs(solution.params - budget) <= budget_tolerance(shape, config) < 0.02 * budget
+    validate_target(src, shape)
+    assert head_dim_of(pruned) == head_dim_of(config)
+    assert shape.num_attention_heads % shape.num_key_value_heads == 0
+    assert shape.heads_per_group <= src.heads_per_group
+    assert shape.hidden_size % 64 == 0 and shape.intermediate_size % 64 == 0
+    assert shape != src and all(getattr(shape, k) <= getattr(src, k) for k in SHAPE_KEYS)
+    # the config keys resolve to the same shape
+    assert resolve_target({"params": budget}, config) == shape
+    assert resolve_target({"params_fraction": fraction}, config) == shape
+    # the rule: no neighbour within tolerance is closer to the source's proportions
+    for alt, n in solution.alternatives:
+        assert n == int(param_count(alt, config))
+        if abs(n - budget) <= budget_tolerance(alt, config):
+            assert distortion(alt, config, solution.factor) >= distortion(shape, config, solution.factor)
+
+
+def test_documented_examples():
+    """docs/budget.md's examples; a change of rule changes them (and must change the doc)."""
+    llama = solve_budget(llama2_7b(), 1_300_000_000)
+    assert llama.shape == Shape(18, 2304, 18, 18, 6208) and llama.params == 1_302_121_728
+    smol = solve_budget(smollm2_135m(), 70_000_000)
+    assert smol.shape == Shape(23, 448, 6, 2, 1216) and smol.params == 70_181_440
+    assert len(smol.alternatives) == 4 and len(set(s for s, _ in smol.alternatives) | {smol.shape}) == 5
+
+
+@pytest.mark.skipif(not os.path.exists(SMOLLM2_JSON), reason="data/ not fetched (make fetch)")
+def test_real_smollm2_config_matches_the_constructed_one():
+    real = load_hf_config(SMOLLM2_JSON)
+    assert solve_budget(real, 70_000_000) == solve_budget(smollm2_135m(), 70_000_000)
+
+
+def test_rounding_multiple():
+    assert [size_multiple(n) for n in (4096, 11008, 14336, 576, 1536, 896, 4864)] == [64] * 7
+    assert size_multiple(64) == 8 and size_multiple(96) == 8 and size_multiple(48) == 4 and size_multiple(4095) == 1
+
+
+def test_tiny_source_uses_finer_multiples():
+    config = tiny_config("smollm2-gqa")  # 4 layers, hidden 64, 6 heads / 2 KV, intermediate 96
+    budget = round(0.5 * total(config))
+    shape = solve_budget(config, budget).shape
+    validate_target(shape_of(config), shape)
+    assert shape.hidden_size % 8 == 0 and shape.intermediate_size % 8 == 0 and shape.hidden_size < 64
+    assert abs(param_count(shape, config) - budget) <= budget_tolerance(shape, config)
+    assert hf_params(target_config(config, shape)) == param_count(shape, config)
+
+
+def test_edges_of_the_feasible_range():
+    config = smollm2_135m()
+    low = int(param_count(smallest_shape(shape_of(config)), config))
+    assert solve_budget(config, low).shape == Shape(1, 64, 1, 1, 64)
+    near_source = resolve_target({"params": total(config) - 1}, config)
+    validate_target(shape_of(config), near_source)
+    assert near_source != shape_of(config)  # a budget below the source must prune something
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"params": 134_515_008}, "pruning.target.params=134,515,008 is outside the feasible range [3,174,592, 134,515,008)"),
+    ({"params": 10**12}, "outside the feasible range"),
+    ({"params": 3_174_591}, "outside the feasible range [3,174,592,"),
+    ({"params": 0}, "outside the feasible range"),
+    ({"params": -5}, "outside the feasible range"),
+    ({"params": 70_000_000.5}, "pruning.target.params: 70000000.5 is not a whole number"),
+    ({"params": "70000000.5"}, "is not a whole number"),
+    ({"params": "lots"}, "pruning.target.params: expected a positive number"),
+    ({"params": True}, "pruning.target.params: expected a whole number"),
+    ({"params": [1]}, "pruning.target.params: expected a whole number"),
+    ({"params_fraction": 0}, "params_fraction: expected a number in (0, 1), got 0"),
+    ({"params_fraction": 1}, "expected a number in (0, 1), got 1"),
+    ({"params_fraction": 1.5}, "expected a number in (0, 1)"),
+    ({"params_fraction": "half"}, "expected a number in (0, 1)"),
+    ({"params_fraction": 0.001}, "params_fraction=0.001 is below the smallest valid shape 1/64/1/1/64 (3,174,592 params); "
+                                 "feasible: [0.0237, 1)"),
+    ({"params": 7e7, "params_fraction": 0.5}, "exactly one of {params: N} or {params_fraction: F}"),
+    ({"params": 7e7, "num_hidden_layers": 20}, "without dims"),
+])
+def test_impossible_budgets(spec, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        resolve_target(spec, smollm2_135m())
+
+
+@pytest.mark.parametrize("value", [70_000_000, 7e7, "7e7", "70M", "70000000", "0.07B"])
+def test_budget_spellings(value):
+    assert resolve_target({"params": value}, smollm2_135m()) == Shape(23, 448, 6, 2, 1216)
+
+
+def test_cli_json_matches_the_solver(tmp_path, capsys):
+    smollm2_135m().to_json_file(str(tmp_path / "config.json"))
+    for source in (str(tmp_path), str(tmp_path / "config.json")):
+        assert cli_main(["target", source, "--params", "70M", "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        solution = solve_budget(smollm2_135m(), 70_000_000)
+        assert out == {"shape": solution.shape.as_dict(), "params": solution.params, "budget": 70_000_000,
+                       "alternatives": [{"shape": s.as_dict(), "params": n} for s, n in solution.alternatives]}
+        assert list(out["shape"]) == list(SHAPE_KEYS)
+    assert cli_main(["target", str(tmp_path), "--fraction", "0.5", "--json", "--alternatives", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["budget"] == round(0.5 * SOURCE_PARAMS["smollm2-135m"]) and len(out["alternatives"]) == 2
+    assert cli_main(["target", str(tmp_path), "--params", "7e7"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"chosen +23 +448 +6 +2 +1216 +70,181,440 +\+181,440", text), text
+    assert "multiples of 64" in text and len(text.strip().splitlines()) == 3 + 1 + 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--params", "200M"], "--params=200,000,000 is outside the feasible range"),
+    (["--params", "70000000.5"], "--params: '70000000.5' is not a whole number"),
+    (["--fraction", "1.0"], "--fraction: expected a number in (0, 1)"),
+    (["--params", "70M", "--fraction", "0.5"], "exactly one of --params N"),
+    ([], "exactly one of --params N"),
+])
+def test_cli_errors(tmp_path, capsys, args, message):
+    smollm2_135m().to_json_file(str(tmp_path / "config.json"))
+    assert cli_main(["target", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_budget_in_a_run_config(tiny_setup):
+    base = [f"model.path={tiny_setup['model']}", f"data.shards={tiny_setup['shards']}"]
+    yaml = os.path.join(REPO, "yamls", "testing", "prune_tiny.yaml")
+    source = load_hf_config(tiny_setup["model"])
+    for spec, budget in [("{params: 80000}", 80_000), ("{params: 8e4}", 80_000), ("{params: 80K}", 80_000),
+                         ("{params_fraction: 0.5}", round(0.5 * total(source)))]:
+        cfg = load_config(yaml, base + [f"pruning.target={spec}"])
+        shape = resolve_target(cfg.pruning.target, source)
+        assert shape == solve_budget(source, budget).shape
+        assert abs(param_count(shape, source) - budget) <= budget_tolerance(shape, source)
+    cfg = load_config(yaml, base + ["pruning.target={params: 10000000}"])
+    with pytest.raises(ConfigError, match=re.escape("pruning.target.params=10,000,000 is outside the feasible range")):
+        resolve_target(cfg.pruning.target, source)
