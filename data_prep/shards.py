@@ -48,6 +48,7 @@ DEFAULT_DOMAINS = ("news", "books", "code", "docs")
 DEFAULTS = dict(seq_len=128, eval_sequences=16, prune_tokens=120_000, continue_tokens=240_000)
 MAX_BATCH_DOCS = 1024
 MAX_BATCH_CHARS = 4_000_000
+SHARD_SIZE = 1 << 26  # bytes per MDS shard file: streaming's default (64 MiB), the unit of a download
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -308,10 +309,12 @@ def _encode(texts: list[str], tok=None) -> list[np.ndarray]:
 
 
 class _Split:
-    def __init__(self, out: str, seq_len: int, dtype, wanted: int):
+    def __init__(self, out: str, seq_len: int, dtype, wanted: int, shard_size: int = SHARD_SIZE):
         from streaming import MDSWriter
 
-        self.writer = MDSWriter(out=out, columns={"tokens": f"ndarray:{np.dtype(dtype).name}:{seq_len}"})
+        # xxh64 of every shard file in index.json: a copy fetched from object storage is checked against it
+        self.writer = MDSWriter(out=out, columns={"tokens": f"ndarray:{np.dtype(dtype).name}:{seq_len}"},
+                                hashes=["xxh64"], size_limit=shard_size)
         self.seq_len, self.dtype, self.wanted = seq_len, dtype, wanted
         self.buf = np.zeros(0, dtype=dtype)
         self.sequences = self.documents = 0
@@ -358,7 +361,8 @@ def build_domain(job: dict, pool=None, workers: int = 1, report=None) -> dict:
     dtype = np.dtype(job["dtype"])
     head = np.asarray([job["bos"]] if job["bos"] is not None else [], dtype=np.int64)
     tail = np.asarray([job["eos"]], dtype=np.int64)
-    splits = {s: _Split(os.path.join(job["out"], s), seq_len, dtype, wanted[s]) for s in SPLITS}
+    splits = {s: _Split(os.path.join(job["out"], s), seq_len, dtype, wanted[s], job.get("shard_size", SHARD_SIZE))
+              for s in SPLITS}
     every = job["eval_every"]
     index, limit = 0, np.iinfo(dtype).max
     need = lambda: sum((s.wanted - s.sequences) * seq_len for s in splits.values()) // max(1, workers)  # noqa: E731
@@ -474,7 +478,8 @@ def _summary(manifest: dict) -> str:
 
 def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_sequences: int, prune_tokens: int,
                  continue_tokens: int, proportions: dict | None = None, workers: int | None = None,
-                 overwrite: bool = False, gguf_file: str | None = None, progress: bool = True) -> dict:
+                 overwrite: bool = False, gguf_file: str | None = None, progress: bool = True,
+                 shard_size: int | None = None) -> dict:
     """Build `<out>/manifest.json` and `<out>/<domain>/{eval,prune,continue}/` MDS shards; return the manifest.
 
     `tokenizer`: an HF tokenizer / model folder (`gguf_file` inside it, optionally). `domains`: name ->
@@ -486,6 +491,7 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     eval_sequences = _check_int("eval_sequences", eval_sequences, 1)
     prune_tokens = _check_int("prune_tokens", prune_tokens, 0)
     continue_tokens = _check_int("continue_tokens", continue_tokens, 0)
+    shard_size = SHARD_SIZE if shard_size is None else _check_int("shard_size", shard_size, 1024)
     domains = _check_domains(domains)
     props = resolve_proportions(list(domains), proportions)
     out = os.path.normpath(str(out))
@@ -498,6 +504,8 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     args = dict(seq_len=seq_len, eval_sequences=eval_sequences, prune_tokens=prune_tokens,
                 continue_tokens=continue_tokens, proportions=props, gguf_file=gguf_file,
                 domains={d: [os.path.abspath(p) for p in ps] for d, ps in domains.items()})
+    if shard_size != SHARD_SIZE:  # only then: folders built before the option existed stay up to date
+        args["shard_size"] = shard_size
     fingerprint = build_fingerprint(args, domains, tok_fp)
 
     replace = False
@@ -540,7 +548,7 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
         eval_every[d] = max(2, (eval_sequences + wanted[d]["prune"]) // eval_sequences)  # (E + P) // E
 
     with atomic_directory(out, overwrite=replace) as tmp:
-        jobs = [dict(name=d, paths=domains[d], out=os.path.join(tmp, d), seq_len=seq_len, wanted=wanted[d],
+        jobs = [dict(name=d, paths=domains[d], out=os.path.join(tmp, d), seq_len=seq_len, wanted=wanted[d], shard_size=shard_size,
                      eval_every=eval_every[d], tokenizer_json=tokenizer_json, bos=bos, eos=tok.eos_token_id,
                      dtype=dtype) for d in domains]
         results = _run_jobs(jobs, workers, progress)
@@ -637,6 +645,8 @@ def main(argv: list[str] | None = None) -> int:
                              "else equal")
     parser.add_argument("--workers", type=int, help="tokenizer processes, all on one domain at a time (the output is "
                                                     "the same for any number); default: usable CPUs - 1")
+    parser.add_argument("--shard-size", type=int, help=f"bytes per MDS shard file (default {SHARD_SIZE:,}, streaming's "
+                                                       f"default): the unit a node downloads from object storage")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out built with other arguments")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)  # argparse exits 2 with 'error: ...' on malformed flags
@@ -676,7 +686,7 @@ def _build_from_args(args) -> int:
     build_shards(args.out, args.tokenizer, domains, seq_len=args.seq_len, eval_sequences=args.eval_sequences,
                  prune_tokens=args.prune_tokens, continue_tokens=args.continue_tokens, proportions=proportions,
                  workers=args.workers, overwrite=args.overwrite, gguf_file=args.gguf_file,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, shard_size=args.shard_size)
     return 0
 
 

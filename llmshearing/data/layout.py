@@ -6,7 +6,8 @@
 
 Splits: `eval` (held out at document level), `prune` and `continue` (training data of the two stages,
 disjoint from each other and from `eval`). Shards are read with streaming's public `LocalDataset`
-(random access, no shared memory), so any number of dataloader workers can read them.
+(random access, no shared memory), so any number of dataloader workers can read them; the same folder copied to
+object storage is read through a per-node cache (llmshearing.data.remote).
 """
 from __future__ import annotations
 
@@ -70,16 +71,25 @@ def check_manifest(manifest: dict, path: str) -> None:
             need(isinstance(n, int) and n >= 0, f"domains.{name}.splits.{split}.sequences", "an integer >= 0")
 
 
-def check_domains(manifest: dict, root: str, domains: list[str], split: str, key: str = "data.domains") -> None:
-    """Every named domain has a non-empty `split` in the shards."""
+def check_domains(manifest: dict, root: str, domains: list[str], split: str, key: str = "data.domains",
+                  remote: str | None = None) -> None:
+    """Every named domain has a non-empty `split` in the shards. With a `remote` (root is then its cache) the
+    split's index.json is fetched and the shard files are left for their first read (where their size and hash are
+    checked)."""
     have = list(manifest["domains"])
     for name in domains:
         if name not in manifest["domains"]:
             raise ConfigError(f"{key}: domain '{name}' has no shards in '{root}' (it has: {', '.join(have)})")
         n = manifest["domains"][name]["splits"].get(split, {}).get("sequences", 0)
         if n == 0:
-            raise ConfigError(f"{key}: domain '{name}' has no '{split}' sequences in '{root}'; rebuild with a larger budget")
-        check_shard_files(split_dir(root, name, split))
+            raise ConfigError(f"{key}: domain '{name}' has no '{split}' sequences in '{remote or root}'; rebuild with "
+                              f"a larger budget")
+        if remote:
+            from llmshearing.data.remote import fetch_index
+
+            fetch_index(remote, root, name, split)
+        else:
+            check_shard_files(split_dir(root, name, split))
 
 
 def check_shard_files(path: str) -> None:
@@ -102,8 +112,9 @@ def check_shard_files(path: str) -> None:
                               f"truncated or overwritten; restore it or rebuild the shards")
 
 
-def open_split(root: str, domain: str, split: str):
-    """Random-access dataset of one domain's split; item i is {'tokens': ndarray (seq_len,)}."""
+def open_split(root: str, domain: str, split: str, remote: str | None = None):
+    """Random-access dataset of one domain's split; item i is {'tokens': ndarray (seq_len,)}. With a `remote`,
+    `root` is its cache and shard files are fetched on first use (llmshearing.data.remote)."""
     from streaming import LocalDataset
 
     path = split_dir(root, domain, split)
@@ -113,6 +124,10 @@ def open_split(root: str, domain: str, split: str):
         if not json.load(f).get("shards"):  # LocalDataset fails with an IndexError on an empty split
             raise ConfigError(f"'{path}' holds no sequences (a zero budget or proportion); rebuild the shards "
                               f"with a budget for it")
+    if remote:
+        from llmshearing.data.remote import open_cached_split
+
+        return open_cached_split(remote, root, domain, split)
     return LocalDataset(local=path)
 
 
@@ -123,8 +138,9 @@ def tokens_of(sample: dict) -> np.ndarray:
 class DomainSequences(torch.utils.data.Dataset):
     """The first `limit` sequences of one domain's split, in order (the per-domain eval sets)."""
 
-    def __init__(self, root: str, domain: str, split: str = "eval", limit: int | None = None):
-        self.root, self.domain, self.split = root, domain, split
+    def __init__(self, root: str, domain: str, split: str = "eval", limit: int | None = None,
+                 remote: str | None = None):
+        self.root, self.domain, self.split, self.remote = root, domain, split, remote
         n = int(read_manifest(root)["domains"][domain]["splits"][split]["sequences"])
         self.length = n if limit is None else min(n, int(limit))
         self._reader = None
@@ -134,6 +150,6 @@ class DomainSequences(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if self._reader is None:
-            self._reader = open_split(self.root, self.domain, self.split)
+            self._reader = open_split(self.root, self.domain, self.split, self.remote)
         ids = torch.from_numpy(np.asarray(self._reader[i]["tokens"], dtype=np.int64))
         return {"input_ids": ids, "labels": ids}

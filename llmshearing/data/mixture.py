@@ -50,9 +50,9 @@ class DomainMixture(IterableDataset):
     `num_workers` and `prefetch_factor` are accepted for compatibility; they no longer change anything."""
 
     def __init__(self, root: str, split: str, domains: list[str], weights, *, batch_size: int, seed: int,
-                 num_workers: int = 0, prefetch_factor: int = 2, max_updates: int = 65536):
-        manifest = read_manifest(root)
-        self.root, self.split, self.domains = root, split, list(domains)
+                 num_workers: int = 0, prefetch_factor: int = 2, max_updates: int = 65536, remote: str | None = None):
+        manifest = read_manifest(root)  # with a `remote`, root is its cache (llmshearing.data.remote)
+        self.root, self.split, self.domains, self.remote = root, split, list(domains), remote
         self.sizes = [int(manifest["domains"][d]["splits"][split]["sequences"]) for d in self.domains]
         self.batch_size, self.seed = int(batch_size), int(seed)
         k = len(self.domains)
@@ -136,7 +136,7 @@ class DomainMixture(IterableDataset):
 
     def _tokens(self, d: int, c: int, perms: dict) -> torch.Tensor:
         if self._readers is None or self._readers_pid != os.getpid():  # each process opens its own
-            self._readers = [open_split(self.root, name, self.split) for name in self.domains]
+            self._readers = [open_split(self.root, name, self.split, self.remote) for name in self.domains]
             self._readers_pid = os.getpid()
         item = self._readers[d][self._item(d, c, perms)]["tokens"]
         return torch.from_numpy(np.asarray(item, dtype=np.int64))

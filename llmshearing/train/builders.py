@@ -66,7 +66,8 @@ def build_dataloaders(cfg: TrainConfig, per_device: int) -> tuple[DataLoader, li
     from callbacks.dynamic_loading import eval_label
 
     d = cfg.data
-    train_set = DomainMixture(d.shards, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed)
+    train_set = DomainMixture(d.root, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed,
+                              remote=d.remote)
     workers = {}
     if d.num_workers:
         workers = {"prefetch_factor": d.prefetch_factor,
@@ -76,7 +77,7 @@ def build_dataloaders(cfg: TrainConfig, per_device: int) -> tuple[DataLoader, li
     train_loader = MixtureLoader(train_set, num_workers=d.num_workers, **workers)
     evaluators = []
     for domain in d.domains:
-        eval_set = DomainSequences(d.shards, domain, "eval", d.eval_sequences_per_domain)
+        eval_set = DomainSequences(d.root, domain, "eval", d.eval_sequences_per_domain, d.remote)
         loader = DataLoader(eval_set, batch_size=cfg.device_eval_batch_size,
                             sampler=dist.get_sampler(eval_set, shuffle=False))
         evaluators.append(Evaluator(label=eval_label(domain), dataloader=loader,
@@ -136,7 +137,7 @@ def build_trainer(cfg: TrainConfig):
     source_config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
     target = resolve_target(cfg.pruning.target, source_config) if cfg.pruning else None
     tokenizer = model_tokenizer(cfg.model)
-    check_tokenizer(cfg.data.shards, tokenizer, source_config.vocab_size, cfg.model.path)
+    check_tokenizer(cfg.data.root, tokenizer, source_config.vocab_size, cfg.model.path)
     device = resolve_device(cfg)
     folder = run_dir(cfg)
     if dist.get_global_rank() == 0:

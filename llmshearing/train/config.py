@@ -58,7 +58,11 @@ class DynamicLoadingConfig:
 
 @dataclass
 class DataConfig:
-    shards: str  # folder built by `make shards` / `python -m data_prep.shards` (manifest.json + MDS shards)
+    shards: str | None = None  # folder built by `make shards` / `python -m data_prep.shards` (manifest.json + MDS shards)
+    # ... or that folder in object storage (s3://, gs://, oci://, or a path such as an NFS mount), read through
+    # `local`, a per-node cache filled on first use (llmshearing/data/remote.py); give shards or remote + local
+    remote: str | None = None
+    local: str | None = None
     split: str = "prune"  # training split: prune | continue
     domains: list | None = None  # subset and order of the shards' domains; default: all
     proportions: typing.Any = None  # initial weights: domain -> weight, a domain_weights.json path, or the shards'
@@ -66,6 +70,11 @@ class DataConfig:
     eval_sequences_per_domain: int | None = None  # default: the whole eval split
     num_workers: int = 0
     prefetch_factor: int = 2
+
+    @property
+    def root(self) -> str:
+        """The folder the manifest and indexes are read from: the shards, or the remote's cache."""
+        return self.shards or self.local
 
 
 @dataclass
@@ -328,7 +337,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if isinstance(mb, int) and (mb < 1 or (cfg.global_train_batch_size // world) % mb):
         raise ConfigError(f"device_train_microbatch_size={mb} must divide the per-device batch {cfg.global_train_batch_size // world}")
     check_outputs(cfg)
-    check_positions(cfg.data.shards, check_model_folder(cfg.model.path, cfg.model.gguf_file, "model.path"),
+    check_positions(cfg.data.root, check_model_folder(cfg.model.path, cfg.model.gguf_file, "model.path"),
                     cfg.model.path)
     return cfg
 
@@ -339,14 +348,27 @@ def resolve_data(data: DataConfig) -> DataConfig:
     (`data` itself is left as given)."""
     if data.split not in ("prune", "continue"):
         raise ConfigError(f"data.split must be prune or continue, got '{data.split}'")
-    manifest = read_manifest(data.shards)
+    if (data.shards is None) == (data.remote is None):
+        raise ConfigError("give the shards either as data.shards=<folder> or as data.remote=<uri or folder> with "
+                          "data.local=<cache folder>" + (" (not both)" if data.shards else ""))
+    if data.remote is not None:
+        if not data.local:
+            raise ConfigError(f"data.remote='{data.remote}' needs data.local=<cache folder on this node> (each node "
+                              f"downloads the shard files it reads there once, shared by its ranks)")
+        from llmshearing.data.remote import prepare_cache
+
+        prepare_cache(data.remote, data.local)
+    elif data.local is not None:
+        raise ConfigError(f"data.local='{data.local}' is the cache of data.remote, which is not set; to read a local "
+                          f"folder use data.shards")
+    manifest = read_manifest(data.root)
     domains = list(data.domains) if data.domains is not None else list(manifest["domains"])
     if not domains:
         raise ConfigError("data.domains is empty; name at least one domain of the shards")
     if len(set(domains)) != len(domains):
         raise ConfigError(f"data.domains lists a domain twice: {domains}")
     for split in (data.split, "eval"):
-        check_domains(manifest, data.shards, domains, split)
+        check_domains(manifest, data.root, domains, split, remote=data.remote)
     proportions = data.proportions
     if isinstance(proportions, str):
         if not os.path.exists(proportions):

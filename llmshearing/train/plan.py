@@ -229,7 +229,7 @@ def read_recipe(path_or_name: str) -> dict:
         "fsdp": fsdp,
         "num_workers": _lenient(conf, "data.num_workers", 0) or 0,
         "gguf_file": _lenient(conf, "model.gguf_file"),
-        "shards": _lenient(conf, "data.shards"),
+        "shards": _lenient(conf, "data.shards") or _lenient(conf, "data.local"),  # a remote's cache has the manifest
     }
     gbs = recipe["global_train_batch_size"]
     if not isinstance(gbs, int) or isinstance(gbs, bool) or gbs < 1:

@@ -57,7 +57,7 @@ def identity(raw: dict) -> dict:
             pass
     path = lambda p: os.path.realpath(p) if isinstance(p, str) else p  # noqa: E731
     return {"model.path": path(model.get("path")), "model.gguf_file": model.get("gguf_file"), "pruning.target": target,
-            "data.shards": path(data.get("shards")), "data.split": data.get("split", "prune"),
+            "data.shards": path(data.get("shards")), "data.remote": data.get("remote"), "data.split": data.get("split", "prune"),
             "data.domains": data.get("domains")}
 
 
