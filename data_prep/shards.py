@@ -143,22 +143,57 @@ def check_input(path: str, domain: str) -> None:
                       f"e.g. iconv -f latin1 -t utf-8")
 
 
+def _text_of(line: str, where: str) -> str | None:
+    """The `text` of one jsonl line (None for a blank line); `where` names the line in errors."""
+    if not line.strip():
+        return None
+    try:
+        text = json.loads(line)["text"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"{where}: not a json object with a 'text' field ({type(e).__name__}: {e}); "
+                          f"jsonl inputs need one {{\"text\": ...}} object per line") from None
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: the 'text' field is {type(text).__name__}, not a string")
+    return text
+
+
 def _read_file(path: str):
     with _open_text(path) as f:
         if _inner_suffix(path)[1] not in JSONL_SUFFIXES:
             yield f.read()
             return
         for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(f"{path}:{i + 1}: not a json object with a 'text' field ({type(e).__name__}: {e}); "
-                                  f"jsonl inputs need one {{\"text\": ...}} object per line") from None
-            if not isinstance(text, str):
-                raise ConfigError(f"{path}:{i + 1}: the 'text' field is {type(text).__name__}, not a string")
-            yield text
+            text = _text_of(line, f"{path}:{i + 1}")
+            if text is not None:
+                yield text
+
+
+def _splittable(path: str) -> bool:
+    """An uncompressed jsonl file: workers can read byte ranges of it themselves."""
+    return _inner_suffix(path)[1] in JSONL_SUFFIXES and sniff(path) == "text"
+
+
+def _read_range(path: str, start: int, end: int) -> list[str]:
+    """The non-empty documents of the jsonl lines that start in bytes [start, end) of `path`, in order. Lines are
+    split at b"\\n" and decoded on their own (a newline byte never occurs inside a UTF-8 character, so this is
+    what reading the whole file gives), with the same policy: invalid bytes become U+FFFD."""
+    docs = []
+    with open(path, "rb") as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the rest of the line that starts before `start` (its reader takes it)
+        pos, line = f.tell(), 0
+        while pos < end:
+            raw = f.readline()
+            if not raw:
+                break
+            line += 1
+            where = f"{path}:{line}" if start == 0 else f"{path} (the line at byte {pos})"
+            text = _text_of(raw.decode("utf-8", errors="replace"), where)
+            if text:
+                docs.append(text)
+            pos += len(raw)
+    return docs
 
 
 def read_documents(path: str):
@@ -303,9 +338,36 @@ def _init_tokenizer(tokenizer_json: str) -> None:
     _TOKENIZER = _make_tokenizer(tokenizer_json)
 
 
-def _encode(texts: list[str], tok=None) -> list[np.ndarray]:
-    """Token ids of each document (no special tokens), in order."""
-    return [np.asarray(e.ids, dtype=np.int64) for e in (tok or _TOKENIZER).encode_batch(texts, add_special_tokens=False)]
+def _tasks(paths: list[str], need):
+    """A domain's work, in document order: ("range", file, start, end) for about `need()` tokens' worth of bytes of
+    an uncompressed jsonl file, which the worker reads and parses itself, so the main process only routes and
+    writes; ("docs", texts) for documents read here (compressed and plain-text files cannot be split)."""
+    for file in (f for p in paths for f in input_files(p)):
+        if _splittable(file):
+            size, start = os.path.getsize(file), 0
+            while start < size:
+                end = min(size, start + min(MAX_BATCH_CHARS, max(65_536, 6 * need())))
+                yield ("range", file, start, end)
+                start = end
+        else:
+            with contextlib.closing(_read_file(file)) as docs:
+                docs = (text for text in docs if text)
+                while batch := _next_batch(docs, need):
+                    yield ("docs", batch)
+
+
+def _work(task: tuple, tok=None) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (no special tokens) of a task's documents, concatenated, and each document's length: one array
+    crosses the process boundary instead of one per document."""
+    texts = _read_range(*task[1:]) if task[0] == "range" else task[1]
+    encoded = (tok or _TOKENIZER).encode_batch(texts, add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) for e in encoded), dtype=np.int64, count=len(encoded))
+    ids = np.fromiter((i for e in encoded for i in e.ids), dtype=np.int64, count=int(lengths.sum()))
+    return ids, lengths
+
+
+def _documents(ids: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    return np.split(ids, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
 class _Split:
@@ -374,19 +436,19 @@ def build_domain(job: dict, pool=None, workers: int = 1, report=None) -> dict:
 
     in_flight = deque()
     try:
-        with contextlib.closing(iter_documents(job["paths"])) as docs:
+        with contextlib.closing(_tasks(job["paths"], need)) as tasks:
             done = exhausted = all(s.full for s in splits.values())
             while not done:
                 while not exhausted and len(in_flight) < (2 * workers if pool is not None else 1):
-                    batch = _next_batch(docs, need)
-                    exhausted = not batch
-                    if batch:
-                        in_flight.append(pool.submit(_encode, batch) if pool is not None else _encode(batch, tok))
+                    task = next(tasks, None)
+                    exhausted = task is None
+                    if task is not None:
+                        in_flight.append(pool.submit(_work, task) if pool is not None else _work(task, tok))
                 if not in_flight:
                     break
                 encoded = in_flight.popleft()
                 written = 0
-                for ids in (encoded.result() if pool is not None else encoded):
+                for ids in _documents(*(encoded.result() if pool is not None else encoded)):
                     split = route(index)
                     if split is None:
                         done = True

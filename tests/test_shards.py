@@ -298,3 +298,37 @@ def test_cli(corpus, tok_dir, tmp_path, capsys):
 def test_default_inputs_need_fetch(tmp_path):
     with pytest.raises(ConfigError, match="make fetch"):
         builder.default_inputs(str(tmp_path))
+
+
+def test_byte_ranges_read_exactly_the_documents_of_the_whole_file(tmp_path):
+    """Workers read uncompressed jsonl files in byte ranges (the line that starts in a range belongs to it): any cut
+    of a file into ranges gives the documents the sequential reader gives, in order, including multi-byte characters
+    at the cuts, CRLF line ends, blank lines and empty texts, and invalid bytes past the first 64 KiB (U+FFFD)."""
+    lines = [json.dumps({"text": t}, ensure_ascii=False).encode() + end for t, end in [
+        ("héllo wörld ✓", b"\n"), ("", b"\n"), ("crlf line", b"\r\n"), ("日本語のテキスト", b"\n"), ("x" * 300, b"\n")]]
+    data = b"".join(lines) + b"\n\n" + b"".join(lines[::-1])
+    data = data + b'{"text": "' + b"y" * 70_000 + b'\xff\xfe tail"}\n' + lines[0]  # an invalid byte past 64 KiB
+    path = tmp_path / "doc.jsonl"
+    path.write_bytes(data)
+    whole = [t for t in builder._read_file(str(path)) if t]
+    assert len(whole) == 10 and "\ufffd" in whole[-2]
+    rng = random.Random(0)
+    for _ in range(200):
+        cuts = sorted({0, len(data), *(rng.randrange(len(data)) for _ in range(rng.randrange(1, 6)))})
+        got = [t for a, b in zip(cuts, cuts[1:]) for t in builder._read_range(str(path), a, b)]
+        assert got == whole, cuts
+    assert [t for a in range(len(data) - 2000, len(data)) for t in builder._read_range(str(path), a, a + 1)] == whole[-1:]
+    assert builder._splittable(str(path))
+    gz = tmp_path / "doc.jsonl.gz"
+    gz.write_bytes(gzip.compress(data))
+    assert not builder._splittable(str(gz))  # compressed: read in the main process, whole
+
+
+def test_a_bad_line_in_a_later_range_is_named_by_its_byte_offset(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = b'{"text": "fine"}\n'
+    path.write_bytes(good * 3 + b'{"txt": "no"}\n')
+    with pytest.raises(ConfigError, match=r"bad.jsonl:4: not a json object"):
+        builder._read_range(str(path), 0, 10_000)
+    with pytest.raises(ConfigError, match=rf"bad.jsonl \(the line at byte {3 * len(good)}\): not a json object"):
+        builder._read_range(str(path), 20, 10_000)
