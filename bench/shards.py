@@ -12,6 +12,7 @@ import argparse
 import filecmp
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -36,20 +37,22 @@ def copies(text: str, folder: str, n: int) -> dict[str, list[str]]:
     return inputs
 
 
-def build(out: str, workers: int, pin: bool, args, inputs) -> tuple[float, int]:
-    """Wall seconds of one `python -m data_prep.shards` build and the tokens it wrote."""
+def build(out: str, workers: int, pin: bool, args, inputs) -> tuple[float, int, float]:
+    """Wall seconds of one `python -m data_prep.shards` build, the tokens it wrote and the CPU seconds of its main
+    process (reading what cannot be split, routing, writing: what bounds the use of more workers)."""
     env = {**os.environ, **({"RAYON_NUM_THREADS": "1"} if pin else {})}
     cmd = [sys.executable, "-m", "data_prep.shards", "--tokenizer", args.tokenizer, "--out", out,
            "--seq-len", "128", "--eval-sequences", "16", "--prune-tokens", str(args.prune_tokens),
            "--continue-tokens", str(args.continue_tokens), "--workers", str(workers), "--no-progress",
            *[a for d in DOMAINS for path in inputs[d] for a in ("--domain", f"{d}={path}")]]
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    proc = subprocess.run(cmd, check=True, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
+    main_cpu = float(re.search(r"main process ([0-9.]+) s CPU", proc.stdout).group(1))
     with open(os.path.join(out, "manifest.json")) as f:
         manifest = json.load(f)
     tokens = sum(s["tokens"] for d in manifest["domains"].values() for s in d["splits"].values())
-    return seconds, tokens
+    return seconds, tokens, main_cpu
 
 
 def same_tree(a: str, b: str) -> bool:
@@ -86,18 +89,46 @@ def main(argv=None) -> int:
         for r in range(args.repeats):  # rounds alternate the settings, so drifting load hits all alike
             for label, workers, pin in settings:
                 out = os.path.join(tmp, f"{r}-{workers}-{pin}")
-                seconds, tokens = build(out, workers, pin, args, inputs)
+                seconds, tokens, main_cpu = build(out, workers, pin, args, inputs)
                 first = first or out
                 identical = same_tree(first, out)
                 rows.append({"setting": label, "workers": workers, "pinned": pin, "round": r, "seconds": seconds,
-                             "tokens": tokens, "tokens_per_s": tokens / seconds, "identical_to_first": identical})
-                log(f"{label}: {seconds:.1f} s, {tokens / seconds / 1e6:.2f}M tokens/s, identical output: {identical}")
+                             "tokens": tokens, "tokens_per_s": tokens / seconds, "main_cpu_s": main_cpu,
+                             "identical_to_first": identical})
+                log(f"{label}: {seconds:.1f} s, {tokens / seconds / 1e6:.2f}M tokens/s, main process {main_cpu:.1f} s "
+                    f"CPU, identical output: {identical}")
     result = {"command": "python -m bench.shards " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "cpu_busy_before": busy, "loadavg_before": os.getloadavg(), "cpus": os.cpu_count(), "rows": rows}
+              "cpu_busy_before": busy, "loadavg_before": os.getloadavg(), "cpus": os.cpu_count(), "rows": rows,
+              "projection": projection(rows)}
+    log(json.dumps(result["projection"], indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
     return 0 if all(r["identical_to_first"] for r in rows) else 1
+
+
+# The 1.3B recipe's splits (paper: 0.4B pruning tokens, 50B continued-pretraining tokens; 7 domains x 500 eval
+# sequences of 4096), tokenized once.
+RECIPE_TOKENS = 0.4e9 + 50e9 + 7 * 500 * 4096
+
+
+def projection(rows: list[dict], cores: int = 64) -> dict:
+    """Wall time of the 1.3B recipe's shards on `cores` cores, from this machine's numbers: one pinned worker
+    process's rate (tokenizing on one core) times cores - 1 workers, capped by the main process's ceiling (tokens
+    per CPU second of the main process with 2 workers). Assumes the same per-core speed and text as measured."""
+    def best(setting):
+        got = [r for r in rows if r["setting"] == setting]
+        return max(got, key=lambda r: r["tokens_per_s"]) if got else None
+
+    one, two = best("1 worker, 1 thread"), best("2 workers")
+    if not one or not two:
+        return {}
+    per_worker = one["tokens_per_s"]
+    ceiling = two["tokens"] / two["main_cpu_s"]
+    rate = min((cores - 1) * per_worker, ceiling)
+    return {"cores": cores, "per_worker_tokens_per_s": per_worker, "main_ceiling_tokens_per_s": ceiling,
+            "projected_tokens_per_s": rate, "bound_by": "main process" if ceiling < (cores - 1) * per_worker else
+            "workers", "recipe_tokens": RECIPE_TOKENS, "projected_hours": RECIPE_TOKENS / rate / 3600}
 
 
 if __name__ == "__main__":
