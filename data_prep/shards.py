@@ -4,9 +4,11 @@
     python -m data_prep.shards --tokenizer MODEL_DIR --out data/rp_shards --seq-len 4096 \\
         --eval-sequences 500 --prune-tokens 400000000 --continue-tokens 50000000000 --redpajama RedPajama-Data-1T
 
-Per domain (one after another; tokenization spread over --workers processes): documents are read lazily in order, tokenized in batches with the fast
-tokenizer (no special tokens), framed as [bos] + ids + [eos] (bos only when the tokenizer has one that
-differs from eos) and routed, a whole document at a time, to one split:
+Per domain (one after another): documents are read lazily in order and tokenized in batches with the fast tokenizer
+(no special tokens) by --workers processes, which read uncompressed jsonl files themselves in byte ranges (a line
+belongs to the range it starts in; compressed and plain-text files are read by the main process); the main process
+takes the results in document order, frames each document as [bos] + ids + [eos] (bos only when the tokenizer has
+one that differs from eos) and routes it, a whole document at a time, to one split:
 
   document i (counting non-empty documents from 0) goes to `eval` while eval is not full and either
   i % eval_every == 0 or `prune` is full; otherwise to `prune` while it is not full; otherwise to
