@@ -25,8 +25,8 @@ class ClipGradNorm(Callback):
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.max_norm))
         else:
             children = list(model.children())
-            square = sum(float(c.clip_grad_norm_(math.inf)) ** 2 for c in children
-                         if isinstance(c, FullyShardedDataParallel))
+            square = sum(float(c.clip_grad_norm_(math.inf)) ** 2 for c in children  # not the frozen teacher
+                         if isinstance(c, FullyShardedDataParallel) and any(p.requires_grad for p in c.parameters()))
             square += sum(float(p.grad.detach().float().pow(2).sum()) for c in children
                           if not isinstance(c, FullyShardedDataParallel) for p in c.parameters() if p.grad is not None)
             norm = math.sqrt(square)

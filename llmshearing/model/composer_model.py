@@ -8,18 +8,22 @@ from composer.models import ComposerModel
 
 from llmshearing.pruning.masks import L0Module
 from llmshearing.model.decoder import DecoderLM
+from llmshearing.model.distill import Teacher, kd_loss
+
+TEACHER = "teacher."  # state-dict prefix of the distillation teacher: in training checkpoints, not in exports
 
 
 class ComposerLM(ComposerModel):
-    """`model` is the HF-layout decoder; `l0` the masks and Lagrange multipliers (None: plain LM training).
+    """`model` is the HF-layout decoder; `l0` the masks and Lagrange multipliers (None: plain LM training);
+    `teacher` the frozen distillation teacher (None: the loss is the plain LM loss).
 
     Masks are drawn inside `forward`: stochastic in training, the exact test-time masks in eval, so
     evaluation during pruning measures the model that export will write.
     """
 
-    def __init__(self, model: DecoderLM, l0: L0Module | None = None):
+    def __init__(self, model: DecoderLM, l0: L0Module | None = None, teacher: Teacher | None = None):
         super().__init__()
-        self.model, self.l0 = model, l0
+        self.model, self.l0, self.teacher = model, l0, teacher
         self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy()}
         self.eval_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(), "LanguagePerplexity": LanguagePerplexity()}
 
@@ -33,12 +37,21 @@ class ComposerLM(ComposerModel):
         return self.model(ids, self.l0(len(ids), None if step is None else int(step[0])))
 
     def loss(self, outputs, batch):
-        logits = outputs[:, :-1].float()
-        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        """`total` is minimised: the LM cross-entropy, with a teacher (1 - alpha) * ce + alpha * kd (both logged),
+        plus the Lagrangian when pruning (the cross-entropy is then logged as `lm` too, as without a teacher)."""
+        logits, labels = outputs[:, :-1].float(), batch["labels"][:, 1:]
+        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+        losses = {"total": lm_loss}
+        if self.teacher is not None:
+            t = self.teacher
+            with torch.no_grad():
+                teacher_logits = t(batch["input_ids"])[:, :-1]
+            kd = kd_loss(logits, teacher_logits, labels, t.temperature, t.top_k)
+            losses = {"total": (1 - t.alpha) * lm_loss + t.alpha * kd, "ce": lm_loss, "kd": kd}
         if self.l0 is None:
-            return lm_loss
+            return losses if self.teacher is not None else lm_loss
         lagrangian, _ = self.l0.lagrangian(logs=False)
-        return {"total": lm_loss + lagrangian, "lm": lm_loss, "lagrangian": lagrangian}
+        return {**losses, "total": losses["total"] + lagrangian, "lm": lm_loss, "lagrangian": lagrangian}
 
     def eval_forward(self, batch, outputs=None):
         return outputs if outputs is not None else self.forward(batch)
@@ -56,6 +69,11 @@ class ComposerLM(ComposerModel):
             groups.append({"params": [m.log_alpha for m in self.l0.masks.values()], "lr": mask_lr, "weight_decay": 0.0})
             groups.append({"params": [self.l0.lambdas], "lr": lambda_lr, "weight_decay": 0.0})
         return groups
+
+
+def student_state(state_dict: dict) -> dict:
+    """A ComposerLM state dict without the teacher's weights (what an unwrapped student model loads)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(TEACHER)}
 
 
 def unwrap(model: torch.nn.Module) -> ComposerLM:

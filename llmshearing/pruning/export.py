@@ -168,7 +168,7 @@ def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = Fals
     and exports that (the same path as exporting a checkpoint)."""
     from composer.utils import dist
 
-    from llmshearing.model.composer_model import unwrap
+    from llmshearing.model.composer_model import student_state, unwrap
     from llmshearing.train.builders import build_model
 
     model, kept = unwrap(trainer.state.model), None
@@ -178,7 +178,7 @@ def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = Fals
         full = get_model_state_dict(trainer.state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.get_global_rank() == 0:
             model = build_model(cfg, load_weights=False)
-            model.load_state_dict(full, strict=True)
+            model.load_state_dict(student_state(full), strict=True)
         del full
     if dist.get_global_rank() == 0:
         kept = export_model(model, out_dir, tokenizer, overwrite=overwrite)

@@ -22,6 +22,7 @@ from llmshearing.data.tokenizer import check_tokenizer, model_tokenizer
 from llmshearing.io import atomic_write_text
 from llmshearing.model.composer_model import ComposerLM
 from llmshearing.model.decoder import attention_kernel
+from llmshearing.model.distill import Teacher
 from llmshearing.model.hf import empty_model, from_pretrained, load_hf_config
 from llmshearing.pruning.masks import L0Module
 from llmshearing.pruning.shapes import resolve_target, shape_of
@@ -44,6 +45,19 @@ def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights:
         l0 = L0Module(shape_of(source_config), target, batches(p.lagrangian_warmup), p.init_drop, seed=cfg.seed,
                       log_alpha_range=p.log_alpha_clamp, eval_target_model=p.eval_target_model)
     return ComposerLM(lm, l0)
+
+
+def build_teacher(cfg: TrainConfig, load_weights: bool = True) -> Teacher | None:
+    """The frozen teacher of `distill:` (None without): `source` reads model.path again (the unmasked source),
+    otherwise the named folder; fp32 like the student, so both run in the run's precision (autocast / FSDP's
+    mixed precision apply to both alike). Ranks that receive weights from rank 0 get an unwritten shell."""
+    d = cfg.distill
+    if d is None:
+        return None
+    path, gguf = (cfg.model.path, cfg.model.gguf_file) if d.teacher == "source" else (d.teacher, None)
+    lm = (from_pretrained(path, gguf, cfg.model.attn_impl) if load_weights
+          else empty_model(load_hf_config(path, gguf), cfg.model.attn_impl))
+    return Teacher(lm, d.alpha, d.temperature, d.top_k)
 
 
 def build_optimizer(cfg: TrainConfig, model: ComposerLM) -> torch.optim.Optimizer:
@@ -153,6 +167,8 @@ def build_trainer(cfg: TrainConfig):
     fsdp = fsdp_settings(cfg, device)
     rank0_reads = fsdp is not None and dist.get_world_size() > 1  # the others receive the weights from rank 0
     model = build_model(cfg, source_config, target, load_weights=not rank0_reads or dist.get_global_rank() == 0)
+    # Not part of build_model: exports and checkpoint loading need the student alone (see composer_model.TEACHER).
+    model.teacher = build_teacher(cfg, load_weights=not rank0_reads or dist.get_global_rank() == 0)
     if model.l0 is not None:
         model.l0.sample_offset = dist.get_global_rank() * per_device
         if fsdp is not None and device == "gpu":  # Composer moves only the FSDP-wrapped children to the GPU

@@ -118,6 +118,7 @@ def load_checkpoint(checkpoint: str, config_path: str | None = None):
 
     from llmshearing.checks import check_checkpoint, load_structured
     from llmshearing.compat import checkpoint_state
+    from llmshearing.model.composer_model import student_state
     from llmshearing.train.builders import build_model
     from llmshearing.train.config import _build, TrainConfig
 
@@ -140,7 +141,7 @@ def load_checkpoint(checkpoint: str, config_path: str | None = None):
         raw = load_structured(config_path, "--config")
     cfg = _build(TrainConfig, raw, "")
     model = build_model(cfg, load_weights=False)
-    weights = {k.removeprefix("module."): v for k, v in state["model"].items()}
+    weights = student_state({k.removeprefix("module."): v for k, v in state["model"].items()})
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as e:

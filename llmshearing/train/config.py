@@ -48,6 +48,16 @@ class PruningConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Logit distillation (llmshearing.model.distill): loss = alpha * T^2 * KL(teacher || student) at temperature T
+    + (1 - alpha) * cross-entropy, on the next-token logits of the training batches (evals stay plain LM losses)."""
+    teacher: str = "source"  # source: the pruning source (model.path, read again, without masks); or an HF model folder
+    alpha: float = 1.0  # weight of the KD term; 1: logits only (as Minitron), 0: plain LM loss, KD only logged
+    temperature: float = 1.0
+    top_k: int | None = None  # null: KL over the whole vocabulary; k: over the teacher's top-k tokens, both renormalised
+
+
+@dataclass
 class DynamicLoadingConfig:
     """Dynamic batch loading (paper Sec. 2.2): after each eval, w <- softmax(log w + eta * gap)."""
     reference_losses: typing.Any  # domain -> loss, a list in data.domains order, or a yaml file from `llmshearing reference-loss`
@@ -109,6 +119,7 @@ class TrainConfig:
     global_train_batch_size: int
     run_name: str = "llmshearing"
     pruning: PruningConfig | None = None
+    distill: DistillConfig | None = None  # null: no teacher
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     seed: int = 17
@@ -223,6 +234,9 @@ RANGES = {
     "scheduler.alpha_f": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "pruning.mask_lr": (lambda v: v > 0, "> 0"),
     "pruning.lambda_lr": (lambda v: v > 0, "> 0"),
+    "distill.alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "distill.temperature": (lambda v: v > 0, "> 0"),
+    "distill.top_k": (lambda v: v is None or v >= 1, "null (the whole vocabulary) or >= 1"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
     "device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
     "eval_subset_num_batches": (lambda v: v == -1 or v >= 1, "-1 (all) or >= 1"),
@@ -336,10 +350,55 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"device_train_microbatch_size must be an integer or 'auto', got '{mb}'")
     if isinstance(mb, int) and (mb < 1 or (cfg.global_train_batch_size // world) % mb):
         raise ConfigError(f"device_train_microbatch_size={mb} must divide the per-device batch {cfg.global_train_batch_size // world}")
+    if cfg.distill is not None:
+        check_distill(cfg)
     check_outputs(cfg)
     check_positions(cfg.data.root, check_model_folder(cfg.model.path, cfg.model.gguf_file, "model.path"),
                     cfg.model.path)
     return cfg
+
+
+def check_distill(cfg: TrainConfig) -> None:
+    """The teacher is a supported model folder whose token ids mean what the student's do (same vocab_size and,
+    when its folder has a tokenizer, the same vocabulary), and Composer's FSDP can leave it out of the optimizer."""
+    from llmshearing.data.tokenizer import load_tokenizer, model_tokenizer, tokenizer_fingerprint
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, load_hf_config
+
+    d = cfg.distill
+    student = load_hf_config(cfg.model.path, cfg.model.gguf_file)
+    if d.top_k is not None and d.top_k > student.vocab_size:
+        raise ConfigError(f"distill.top_k={d.top_k} is larger than the vocabulary ({student.vocab_size}); use null "
+                          f"for the whole vocabulary")
+    if cfg.fsdp is not None and cfg.fsdp.get("use_orig_params") is False:
+        raise ConfigError("distill needs fsdp.use_orig_params=true (the default): Composer's FSDP can leave the "
+                          "frozen teacher out of the optimizer only with the original parameters")
+    if d.teacher == "source":
+        if cfg.pruning is None:
+            raise ConfigError(f"distill.teacher=source is the pruning source, but this run has no pruning section: "
+                              f"its model.path '{cfg.model.path}' is the student itself; give the model to distil "
+                              f"from, e.g. distill.teacher=<the pruning run's model.path>")
+        return  # the student's own folder, checked as model.path
+    if not os.path.exists(d.teacher):
+        raise ConfigError(f"distill.teacher '{d.teacher}' does not exist; give 'source' (the pruning source) or an "
+                          f"HF model folder")
+    teacher = check_model_folder(d.teacher, None, "distill.teacher")
+    if teacher.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"distill.teacher '{d.teacher}': model_type '{teacher.model_type}' is not supported; "
+                          f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if teacher.vocab_size != student.vocab_size:
+        raise ConfigError(f"distill.teacher '{d.teacher}' has vocab_size {teacher.vocab_size} but the student "
+                          f"(model.path '{cfg.model.path}') has {student.vocab_size}: distillation compares the two "
+                          f"next-token distributions token id by token id, so both need the same tokenizer")
+    if any(os.path.exists(os.path.join(d.teacher, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
+        theirs, ours = load_tokenizer(d.teacher), model_tokenizer(cfg.model)
+        if tokenizer_fingerprint(theirs) != tokenizer_fingerprint(ours):
+            raise ConfigError(f"distill.teacher '{d.teacher}' has a different tokenizer from the student's "
+                              f"('{cfg.model.tokenizer or cfg.model.path}'): the same vocab_size, but token ids that "
+                              f"mean other strings; distil from a model with the student's tokenizer")
+    else:
+        print(f"warning: distill.teacher '{d.teacher}' holds no tokenizer; only its vocab_size was checked against "
+              f"the student's", file=sys.stderr)
+    check_positions(cfg.data.root, teacher, d.teacher)
 
 
 def resolve_data(data: DataConfig) -> DataConfig:
