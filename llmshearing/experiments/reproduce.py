@@ -140,11 +140,9 @@ def random_init(model_path: str, target, out_dir: str, seed: int) -> str:
 
 def calibration_ids(s: Settings) -> torch.Tensor:
     """The first `s.calibration` sequences of every domain's prune split (B, T): oneshot_act's scoring data."""
-    from llmshearing.data.layout import DomainSequences
-    from llmshearing.data.layout import read_manifest
+    from llmshearing.pruning.oneshot import calibration_ids as first_sequences
 
-    return torch.stack([DomainSequences(s.shards, d, "prune")[i]["input_ids"]
-                        for d in read_manifest(s.shards)["domains"] for i in range(s.calibration)])
+    return first_sequences(s.shards, per_domain=s.calibration)
 
 
 def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:

@@ -34,6 +34,17 @@ NOISE_STEPS_PER_SEED = 1_000_033
 INIT_LOG_ALPHA = 5.0  # the released code's initial mean (its droprate_init is overwritten: dead code)
 LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))  # the released code's in-place clamp before every forward
 TEST_TIME_SCALE = 0.8  # test-time value sigmoid(log_alpha / TEMPERATURE * 0.8), as the released code
+# `pruning.init: activation`: the kept units of each row start in the top INIT_BAND of the clamp range, the others in
+# the bottom one, in score order (oneshot.set_scores); chosen by measurement (docs/fidelity.md, "Importance-initialised
+# masks")
+INIT_BAND = 1.0
+
+
+def init_bands(clamp: tuple[float, float] | None = LOG_ALPHA_RANGE) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(kept, dropped) log_alpha bands of `pruning.init: activation` inside `clamp` (None: no clamp; the default
+    range)."""
+    low, high = clamp or LOG_ALPHA_RANGE
+    return (high - INIT_BAND, high), (low, low + INIT_BAND)
 
 
 def row_ranks(x: torch.Tensor, descending: bool = False) -> torch.Tensor:

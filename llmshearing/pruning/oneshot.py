@@ -17,7 +17,8 @@ Scores are squared L2 norms (sums of squared weights; the same order as the L2 n
 On SmolLM2-135M weight magnitude chose worse layers and intermediate units than three random draws did, and
 was within the random draws' range for hidden dims and heads (docs/reproduce_mini.md), so `activation_scores`
 gives a second one-shot baseline from a few calibration sequences: each unit's average contribution and each
-layer's block influence.
+layer's block influence. The same scores can start the L0 masks instead (`pruning.init: activation`,
+llmshearing/train/mask_init.py), through `set_scores` with trainable log_alpha bands.
 """
 from __future__ import annotations
 
@@ -129,14 +130,36 @@ def activation_scores(lm: DecoderLM, input_ids: torch.Tensor) -> dict[str, torch
 
 
 @torch.no_grad()
-def set_scores(l0: L0Module, scores: dict[str, torch.Tensor]) -> None:
-    """Make `l0`'s test-time masks keep the top-scoring units of every row, each with gate value exactly 1."""
+def set_scores(l0: L0Module, scores: dict[str, torch.Tensor], kept: tuple[float, float] | None = None,
+               dropped: tuple[float, float] | None = None) -> None:
+    """Make `l0`'s masks keep the top-scoring units of every row. By default (one-shot) every log_alpha is
+    OPEN + rank/units, so each kept gate's test-time value is exactly 1. With `kept` and `dropped` (low, high)
+    bands of log_alpha (the training init `pruning.init: activation`), the top `keep` units of each row are
+    spread evenly over `kept` and the others over `dropped`, in score order: same keep set, trainable values."""
     for name, mask in l0.masks.items():
         s = scores[name]
         if tuple(s.shape) != mask.shape:
             raise ValueError(f"scores for '{name}' have shape {tuple(s.shape)}, the mask {mask.shape}")
-        # rank 0 = lowest score; ties broken by index, as keep_index does
-        mask.log_alpha.copy_(OPEN + row_ranks(s).float() / s.shape[-1])
+        rank = row_ranks(s).float()  # 0 = lowest score; ties broken by index
+        if kept is None:
+            mask.log_alpha.copy_(OPEN + rank / s.shape[-1])
+            continue
+        drop = mask.units - mask.keep
+        low = rank < drop
+        where = torch.where(low, (rank + 0.5) / drop, (rank - drop + 0.5) / mask.keep)  # in (0, 1) within the band
+        a, b = torch.where(low, dropped[0], kept[0]), torch.where(low, dropped[1], kept[1])
+        mask.log_alpha.copy_(a + (b - a) * where)
+
+
+def calibration_ids(root: str, domains: list[str] | None = None, per_domain: int = 4, split: str = "prune",
+                    remote: str | None = None) -> torch.Tensor:
+    """The first `per_domain` sequences of every domain's `split` (B, T), domains in the shards' order by default:
+    the data of activation scoring (the oneshot_act arm, `pruning.init: activation`)."""
+    from llmshearing.data.layout import DomainSequences, read_manifest
+
+    domains = list(read_manifest(root)["domains"]) if domains is None else domains
+    seqs = [DomainSequences(root, d, split, per_domain, remote=remote) for d in domains]
+    return torch.stack([s[i]["input_ids"] for s in seqs for i in range(len(s))])
 
 
 def oneshot_prune(model_path: str, target, out_dir: str, gguf_file: str | None = None, overwrite: bool = False,

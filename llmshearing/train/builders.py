@@ -28,6 +28,7 @@ from llmshearing.pruning.masks import L0Module
 from llmshearing.pruning.shapes import resolve_target, shape_of
 from llmshearing.train.checkpointing import repair_latest
 from llmshearing.train.config import TrainConfig, batches, microbatch_size, resolve_device, run_dir, to_yaml
+from llmshearing.train.mask_init import init_masks, share_masks
 from llmshearing.train.run_folder import CONFIG_NAME, check_binding, lock
 
 
@@ -170,6 +171,7 @@ def build_trainer(cfg: TrainConfig):
     # Not part of build_model: exports and checkpoint loading need the student alone (see composer_model.TEACHER).
     model.teacher = build_teacher(cfg, load_weights=not rank0_reads or dist.get_global_rank() == 0)
     if model.l0 is not None:
+        init_masks(cfg, model, folder, device)  # pruning.init=activation, fresh runs only (rank 0; see share_masks)
         model.l0.sample_offset = dist.get_global_rank() * per_device
         if fsdp is not None and device == "gpu":  # Composer moves only the FSDP-wrapped children to the GPU
             model.l0.to(torch.device("cuda", dist.get_local_rank()))
@@ -190,6 +192,7 @@ def build_trainer(cfg: TrainConfig):
         progress_bar=cfg.progress_bar, log_to_console=cfg.log_to_console,
         console_log_interval=cfg.console_log_interval,
     )
+    share_masks(cfg, model)
     if dist.get_global_rank() == 0:
         atomic_write_text(os.path.join(folder, CONFIG_NAME), to_yaml(cfg))
     return trainer, tokenizer

@@ -45,6 +45,11 @@ class PruningConfig:
     eval_target_model: bool = False  # evals during pruning: false = the current expected size (released code)
     mask_lr: float = 1.0
     lambda_lr: float = 1.0
+    # uniform: every gate starts (almost) open, as above (the released code); activation: log_alpha from one-shot
+    # activation importance, so the masks start on oneshot_act's keep set, at the target (use lagrangian_warmup
+    # 0ba with it; docs/fidelity.md "Importance-initialised masks")
+    init: str = "uniform"
+    init_sequences: int = 4  # init=activation: calibration sequences per domain of data.split (not training tokens)
 
 
 @dataclass
@@ -312,6 +317,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 isinstance(x, (int, float)) for x in p.log_alpha_clamp) and p.log_alpha_clamp[0] < p.log_alpha_clamp[1]):
             raise ConfigError(f"pruning.log_alpha_clamp must be [low, high] with low < high, or null; got "
                               f"{list(p.log_alpha_clamp)}")
+        check_mask_init(p)
     if cfg.optimizer.clip_grad_norm is not None and not cfg.optimizer.clip_grad_norm > 0:
         raise ConfigError(f"optimizer.clip_grad_norm must be a positive number or null, got {cfg.optimizer.clip_grad_norm}")
     registry.schedulers.get(cfg.scheduler.name, "scheduler.name")
@@ -399,6 +405,31 @@ def check_distill(cfg: TrainConfig) -> None:
         print(f"warning: distill.teacher '{d.teacher}' holds no tokenizer; only its vocab_size was checked against "
               f"the student's", file=sys.stderr)
     check_positions(cfg.data.root, teacher, d.teacher)
+
+
+def check_mask_init(p: PruningConfig) -> None:
+    """pruning.init is a known init; activation needs calibration sequences and room in the clamp range for its
+    two bands (llmshearing.pruning.masks.init_bands)."""
+    from llmshearing.pruning.masks import INIT_BAND
+
+    if p.init not in ("uniform", "activation"):
+        raise ConfigError(f"pruning.init must be uniform (every gate starts open) or activation (log_alpha from "
+                          f"activation importance on calibration sequences), got '{p.init}'")
+    if p.init == "uniform":
+        return
+    if p.init_sequences < 1:
+        raise ConfigError(f"pruning.init_sequences must be >= 1 (calibration sequences per domain), got {p.init_sequences}")
+    if p.log_alpha_clamp is not None and p.log_alpha_clamp[1] - p.log_alpha_clamp[0] <= 2 * INIT_BAND:
+        raise ConfigError(f"pruning.init=activation puts kept and dropped units in the top and bottom {INIT_BAND} of "
+                          f"pruning.log_alpha_clamp; {list(p.log_alpha_clamp)} is too narrow for both")
+    if p.init_drop is not None:
+        print(f"warning: pruning.init_drop={p.init_drop} is ignored with pruning.init=activation (the scores set "
+              f"every log_alpha)", file=sys.stderr)
+    if batches(p.lagrangian_warmup) > 0:
+        print(f"warning: pruning.init=activation starts the masks at the target, and pruning.lagrangian_warmup="
+              f"{p.lagrangian_warmup} ramps the target sparsity up from 0, so the Lagrangian first reopens them (on "
+              f"SmolLM2-135M this cost 2.4 nats at the cut after 40 steps, docs/fidelity.md); set "
+              f"pruning.lagrangian_warmup=0ba", file=sys.stderr)
 
 
 def resolve_data(data: DataConfig) -> DataConfig:
