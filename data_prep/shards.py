@@ -51,6 +51,8 @@ DEFAULT_DOMAINS = ("news", "books", "code", "docs")
 DEFAULTS = dict(seq_len=128, eval_sequences=16, prune_tokens=120_000, continue_tokens=240_000)
 MAX_BATCH_DOCS = 1024
 MAX_BATCH_CHARS = 4_000_000
+RANGE_BYTES = 1 << 20  # most bytes of a file one task reads: ~0.3 s of a core, so little waits at a domain's end
+CHARS_PER_TOKEN = 4  # a rough average of text per token (English prose ~4.5, code ~3): sizes read-ahead only
 SHARD_SIZE = 1 << 26  # bytes per MDS shard file: streaming's default (64 MiB), the unit of a download
 
 
@@ -349,7 +351,7 @@ def _tasks(paths: list[str], need):
         if _splittable(file):
             size, start = os.path.getsize(file), 0
             while start < size:
-                end = min(size, start + min(MAX_BATCH_CHARS, max(65_536, 6 * need())))
+                end = min(size, start + min(RANGE_BYTES, max(65_536, 6 * need())))
                 yield ("range", file, start, end)
                 start = end
         else:
@@ -430,7 +432,15 @@ def build_domain(job: dict, pool=None, workers: int = 1, report=None) -> dict:
               for s in SPLITS}
     every = job["eval_every"]
     index, limit = 0, np.iinfo(dtype).max
-    need = lambda: sum((s.wanted - s.sequences) * seq_len for s in splits.values()) // max(1, workers)  # noqa: E731
+    slots = 2 * workers if pool is not None else 1  # tasks in flight
+    pending = [0]  # characters of the tasks in flight
+
+    def need() -> int:
+        """Tokens the next task should cover: what the splits still lack, less what the tasks in flight will
+        likely bring (~CHARS_PER_TOKEN characters a token), shared among the free slots, so that few characters
+        are read and tokenized past the point where the splits are full."""
+        lacking = sum((s.wanted - s.sequences) * seq_len for s in splits.values())
+        return max(0, lacking - pending[0] // CHARS_PER_TOKEN) // slots
 
     def route(i: int):  # the rule of the module docstring
         if not splits["eval"].full and (i % every == 0 or splits["prune"].full):
@@ -442,14 +452,17 @@ def build_domain(job: dict, pool=None, workers: int = 1, report=None) -> dict:
         with contextlib.closing(_tasks(job["paths"], need)) as tasks:
             done = exhausted = all(s.full for s in splits.values())
             while not done:
-                while not exhausted and len(in_flight) < (2 * workers if pool is not None else 1):
+                while not exhausted and len(in_flight) < slots:
                     task = next(tasks, None)
                     exhausted = task is None
                     if task is not None:
-                        in_flight.append(pool.submit(_work, task) if pool is not None else _work(task, tok))
+                        chars = task[3] - task[2] if task[0] == "range" else sum(map(len, task[1]))
+                        pending[0] += chars
+                        in_flight.append((chars, pool.submit(_work, task) if pool is not None else _work(task, tok)))
                 if not in_flight:
                     break
-                encoded = in_flight.popleft()
+                chars, encoded = in_flight.popleft()
+                pending[0] -= chars
                 written = 0
                 for ids in _documents(*(encoded.result() if pool is not None else encoded)):
                     split = route(index)
@@ -466,7 +479,7 @@ def build_domain(job: dict, pool=None, workers: int = 1, report=None) -> dict:
                 if report and written:
                     report(name, written)
     finally:
-        for f in in_flight:  # batches read past the end: not needed
+        for _, f in in_flight:  # batches read past the end: not needed
             if pool is not None:
                 f.cancel()
         for s in splits.values():
@@ -603,10 +616,10 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     wanted = {d: {"eval": eval_sequences,
                   "prune": math.ceil(prune_tokens * props[d] / seq_len),
                   "continue": math.ceil(continue_tokens * props[d] / seq_len)} for d in domains}
-    # Default: a core for the main process (reading, routing, writing) and one worker per other core; with 2
-    # cores that is 1, i.e. tokenizing in the main process on `tokenizers`' own threads (docs/shards.md: faster
-    # here than 2 worker processes competing with the main one).
-    workers = max(1, _cpu_count() - 1) if workers is None else _check_int("workers", workers, 1)
+    # Default: one worker per core. The workers read, parse and tokenize; the main process only routes and writes
+    # (~10% of a core at 1.2M tokens/s), so it does not need a core of its own (docs/shards.md: 2 workers 1.8x one
+    # pinned process, and ahead of one process on `tokenizers`' own threads, on this 2-core machine).
+    workers = _cpu_count() if workers is None else _check_int("workers", workers, 1)
     tokenizer_json = tok.backend_tokenizer.to_str()
     eval_every = {}
     for d in domains:
@@ -715,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="domain proportion (all domains, sum 1); default: RedPajama's for its 7 domains, "
                              "else equal")
     parser.add_argument("--workers", type=int, help="tokenizer processes, all on one domain at a time (the output is "
-                                                    "the same for any number); default: usable CPUs - 1")
+                                                    "the same for any number); default: usable CPUs")
     parser.add_argument("--shard-size", type=int, help=f"bytes per MDS shard file (default {SHARD_SIZE:,}, streaming's "
                                                        f"default): the unit a node downloads from object storage")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out built with other arguments")

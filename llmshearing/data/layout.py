@@ -15,7 +15,6 @@ import json
 import os
 
 import numpy as np
-import torch
 
 from llmshearing.errors import ConfigError
 
@@ -135,8 +134,10 @@ def tokens_of(sample: dict) -> np.ndarray:
     return np.asarray(sample["tokens"], dtype=np.int64)
 
 
-class DomainSequences(torch.utils.data.Dataset):
-    """The first `limit` sequences of one domain's split, in order (the per-domain eval sets)."""
+class DomainSequences:
+    """The first `limit` sequences of one domain's split, in order (the per-domain eval sets). A map-style dataset
+    (len + getitem, all a DataLoader needs); torch is imported on first read, so the shard builder's worker
+    processes, which import this module for its constants, start without it."""
 
     def __init__(self, root: str, domain: str, split: str = "eval", limit: int | None = None,
                  remote: str | None = None):
@@ -151,5 +152,7 @@ class DomainSequences(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if self._reader is None:
             self._reader = open_split(self.root, self.domain, self.split, self.remote)
+        import torch
+
         ids = torch.from_numpy(np.asarray(self._reader[i]["tokens"], dtype=np.int64))
         return {"input_ids": ids, "labels": ids}
