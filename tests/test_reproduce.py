@@ -118,7 +118,7 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
     # Resumable and idempotent: a second run skips every arm and rewrites the same numbers.
     mtimes = {arm: os.path.getmtime(os.path.join(out, arm, "result.json")) for arm in ARMS}
     capsys.readouterr()
-    again = reproduce(s, ["all"])
+    again = reproduce(s, ARMS)  # ("all" would add the optional issue-15 arms)
     log = capsys.readouterr().out
     assert log.count("skipped") == len(ARMS)
     assert mtimes == {arm: os.path.getmtime(os.path.join(out, arm, "result.json")) for arm in ARMS}
@@ -138,3 +138,44 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
     assert resumed["arms"]["sheared_p50"]["total_tokens"] == STEPS * BATCH * SEQ
     assert [r["batch"] for r in rows(os.path.join(arm, "continue"))] == [2, 4]  # the log was not appended to
     assert resumed["arms"]["sheared_p50"]["final_losses"] == pytest.approx(summary["arms"]["sheared_p50"]["final_losses"], abs=1e-5)
+
+
+@pytest.mark.timeout(600)
+def test_beyond_the_paper_arms_over_seeds(tiny_setup, tmp_path):
+    """The issue-15 arms (distillation, activation-initialised masks) through the real trainer, two seeds, and the
+    summary over seeds: per arm each seed's final mean eval loss, read back from that seed's own summary."""
+    from llmshearing.experiments.reproduce import main
+
+    out = str(tmp_path / "seeds")
+    target = "{" + ", ".join(f"{k}: {v}" for k, v in TARGET.items()) + "}"
+    arms = ["sheared", "sheared_kd", "sheared_act_kd", "oneshot_act_kd"]
+    assert main(["--out", out, "--model", tiny_setup["model"], "--shards", tiny_setup["shards"], "--target", target,
+                 "--steps", str(STEPS), "--batch", str(BATCH), "--evals", "2", "--reference-losses",
+                 "{prose: 4.0, code: 3.0}", "--seeds", "1", "2", "--arms", *arms]) == 0
+    combined = json.load(open(os.path.join(out, "summary.json")))
+    assert combined["seeds"] == ["1", "2"] and list(combined["arms"]) == arms and combined["equal_budget"]
+    for seed in ("1", "2"):
+        own = json.load(open(os.path.join(out, f"seed-{seed}", "summary.json")))
+        assert own["settings"]["seed"] == int(seed)
+        for arm in arms:
+            assert combined["arms"][arm]["final_mean_loss_by_seed"][seed] == own["arms"][arm]["final_mean_loss"]
+            assert own["arms"][arm]["final_mean_loss_by_seed"] == {seed: own["arms"][arm]["final_mean_loss"]}
+    by_seed = combined["arms"]["sheared"]["final_mean_loss_by_seed"]
+    assert by_seed["1"] != by_seed["2"]  # the seed reaches the data order and the mask noise
+    assert combined["arms"]["sheared"]["final_mean_loss_range"] == [min(by_seed.values()), max(by_seed.values())]
+
+    run_config = lambda arm, stage: open(os.path.join(out, "seed-1", arm, stage, "run_config.yaml")).read()  # noqa: E731
+    assert "distill: null" in run_config("sheared", "prune")
+    assert "teacher: source" in run_config("sheared_kd", "prune")
+    assert f"teacher: {tiny_setup['model']}" in run_config("sheared_kd", "continue")
+    assert f"teacher: {tiny_setup['model']}" in run_config("oneshot_act_kd", "continue")
+    assert "init: activation" in run_config("sheared_act_kd", "prune")
+    assert "init: uniform" in run_config("sheared_kd", "prune")
+    record = json.load(open(os.path.join(out, "seed-1", "sheared_act_kd", "prune", "mask_init.json")))
+    assert combined["arms"]["sheared_act_kd"]["calibration_tokens"] == record["calibration_tokens"] == 4 * 2 * SEQ
+    assert combined["arms"]["oneshot_act_kd"]["calibration_tokens"] == 4 * 2 * SEQ
+    assert combined["arms"]["sheared_kd"]["calibration_tokens"] == 0
+    kd_log = [json.loads(line) for line in open(os.path.join(out, "seed-1", "sheared_kd", "prune", "pruning_log.jsonl"))]
+    assert kd_log  # the pruning stage ran and logged
+    md = open(os.path.join(out, "summary.md")).read()
+    assert all(f"| {arm} | 2 |" in md for arm in arms)

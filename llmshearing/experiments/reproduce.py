@@ -18,6 +18,18 @@ domains, each arm trains for the same number of batches of the same size (N = st
   sheared_pXX    as sheared with a pruning share of XX% (the paper's Table 5 question: pruning vs continued
                  pretraining for a fixed budget)
 
+Beyond the paper (issue 15; optional arms, e.g. `--arms sheared sheared_kd sheared_act_kd oneshot_act
+oneshot_act_kd --seeds 17 18 19`):
+
+  sheared_kd     as sheared, with logit distillation from the source in both stages (`distill:`, alpha 1, T 1)
+  sheared_act_kd as sheared_kd, the masks initialised from activation importance (`pruning.init: activation`, on
+                 the same calibration sequences as oneshot_act, not counted as training tokens) and no Lagrangian
+                 warm-up (the masks start at the target: a warm-up would first reopen them, docs/fidelity.md)
+  oneshot_act_kd as oneshot_act, with distillation from the source during continued pretraining
+
+`--seeds A B C` runs every arm once per seed (`<out>/seed-<n>/`, each a complete run of this script) and writes
+`<out>/summary.{json,md}` over the seeds: per arm the final mean eval loss of each seed, their mean and range.
+
 Both stages are the real Composer trainer (`llmshearing.train.run`) on the demo's recipes
 (yamls/demo_smollm2.yaml, yamls/demo_continue.yaml) with overrides for paths, steps and batch; the
 continued-pretraining recipe is the same for every arm. Per-domain losses come from
@@ -49,7 +61,7 @@ PRUNE_YAML, CONTINUE_YAML = "demo_smollm2", "demo_continue"  # shipped recipes (
 BASE_STEPS, BASE_BATCH = 160, 2
 # Arms run only when asked for (--arms oneshot, or --arms all): weight magnitude chose worse units than random
 # draws on SmolLM2-135M (docs/reproduce_mini.md), so oneshot_act is the default one-shot baseline.
-OPTIONAL_ARMS = ("oneshot",)
+OPTIONAL_ARMS = ("oneshot", "sheared_kd", "sheared_act_kd", "oneshot_act_kd")
 
 
 @dataclasses.dataclass
@@ -99,8 +111,13 @@ def plan(s: Settings) -> dict[str, dict]:
         if s.prune_steps(share) != p:
             arms[f"sheared_p{round(100 * share)}"] = {"init": "l0", "prune": s.prune_steps(share), "dynamic": True,
                                                       "share": share}
+    arms["sheared_kd"] = {**arms["sheared"], "distill": True}
+    arms["sheared_act_kd"] = {**arms["sheared"], "distill": True, "mask_init": "activation"}
+    arms["oneshot_act_kd"] = {**arms["oneshot_act"], "distill": True}
     for arm in arms.values():
         arm["continue"] = n - arm["prune"]
+        arm.setdefault("distill", False)
+        arm.setdefault("mask_init", "uniform")
     return arms
 
 
@@ -163,7 +180,7 @@ def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:
 
 
 def stage_overrides(s: Settings, stage: str, name: str, model_path: str, folder: str, export: str, steps: int,
-                    dynamic: bool, ref_file: str, proportions: str | None) -> list[str]:
+                    dynamic: bool, ref_file: str, proportions: str | None, arm: dict | None = None) -> list[str]:
     from llmshearing.experiments.demo import _stage_overrides
 
     o = [f"run_name=reproduce_{name}_{stage}", f"model.path={model_path}", f"data.shards={s.shards}",
@@ -174,9 +191,15 @@ def stage_overrides(s: Settings, stage: str, name: str, model_path: str, folder:
     if s.device:
         o.append(f"device={s.device}")
     o.append(f"data.dynamic.reference_losses={ref_file}" if dynamic else "data.dynamic=null")
+    arm = arm or {}
+    if arm.get("distill"):  # the teacher is the source model in both stages (in pruning, `source` is model.path)
+        o.append(f"distill.teacher={'source' if stage == 'prune' else s.model}")
     if stage == "prune":
-        # the demo's warm-up share (40 of 100 steps): the Lagrangian ramps to the target over 40% of pruning
-        o += [f"pruning.target={s.target}", f"pruning.lagrangian_warmup={max(1, round(0.4 * steps))}ba"]
+        o.append(f"pruning.target={s.target}")
+        if arm.get("mask_init") == "activation":
+            o += ["pruning.init=activation", f"pruning.init_sequences={s.calibration}", "pruning.lagrangian_warmup=0ba"]
+        else:  # the demo's warm-up share (40 of 100 steps): the Lagrangian ramps to the target over 40% of pruning
+            o.append(f"pruning.lagrangian_warmup={max(1, round(0.4 * steps))}ba")
     else:
         # 3% warm-up as in the paper's continued pretraining; the start mixture: pruning's last, else the shards'
         o += [f"scheduler.t_warmup={max(1, round(0.03 * steps))}ba", f"data.proportions={proportions or 'null'}"]
@@ -201,7 +224,7 @@ def checkpoint_counts(folder: str) -> dict:
 
 
 def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool, ref_file: str,
-              proportions: str | None, steps: int) -> dict:
+              proportions: str | None, steps: int, arm: dict | None = None) -> dict:
     """One Composer training stage of an arm, skipped when its record exists; its record."""
     from llmshearing.train.config import load_config
     from llmshearing.train.run import run
@@ -215,7 +238,8 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
     export = os.path.join(arm_dir, "pruned" if stage == "prune" else "continued")
     shutil.rmtree(folder, ignore_errors=True)  # a half-run stage: its logs would be appended to
     cfg = load_config(PRUNE_YAML if stage == "prune" else CONTINUE_YAML,
-                      stage_overrides(s, stage, name, model_path, folder, export, steps, dynamic, ref_file, proportions))
+                      stage_overrides(s, stage, name, model_path, folder, export, steps, dynamic, ref_file, proportions,
+                                      arm))
     start = time.time()
     result = run(cfg)
     seconds = time.time() - start
@@ -238,13 +262,17 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
     return record
 
 
-def _calibration_tokens(model_dir: str) -> int:
-    """Forward-only tokens a one-shot scoring read (pruning.json of the init), 0 for all other inits."""
-    path = os.path.join(model_dir, "pruning.json")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as f:
-        return int(json.load(f).get("calibration_tokens", 0))
+def _calibration_tokens(folder: str | None) -> int:
+    """Forward-only tokens an activation scoring read: the one-shot init's pruning.json, or the mask init's
+    mask_init.json in a pruning stage's folder; 0 for all other inits."""
+    from llmshearing.train.mask_init import REPORT
+
+    for name in ("pruning.json", REPORT):
+        path = folder and os.path.join(folder, name)
+        if path and os.path.exists(path):
+            with open(path) as f:
+                return int(json.load(f).get("calibration_tokens", 0))
+    return 0
 
 
 def _seq_len(shards: str) -> int:
@@ -270,14 +298,16 @@ def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dic
     if result is not None:
         log(f"arm {index} {name}: done before ({result['total_tokens']:,} tokens), skipped")
         return result
-    how = {"l0": f"L0 pruning {arm['prune']} batches ({'dynamic' if arm['dynamic'] else 'fixed'} mixture)",
+    how = {"l0": f"L0 pruning {arm['prune']} batches ({'dynamic' if arm['dynamic'] else 'fixed'} mixture"
+                 f"{', activation-initialised masks' if arm['mask_init'] == 'activation' else ''})",
            "random": "random init", "magnitude": "magnitude one-shot pruning",
            "activation": "activation-importance one-shot pruning"}[arm["init"]]
-    log(f"arm {index} {name}: {how} + continued pretraining {arm['continue']} batches of {s.batch} ...")
+    log(f"arm {index} {name}: {how} + continued pretraining {arm['continue']} batches of {s.batch}"
+        f"{', distilled from the source' if arm['distill'] else ''} ...")
     start = time.time()
     stages = {}
     if arm["init"] == "l0":
-        stages["prune"] = run_stage(s, "prune", name, s.model, arm["dynamic"], ref_file, None, arm["prune"])
+        stages["prune"] = run_stage(s, "prune", name, s.model, arm["dynamic"], ref_file, None, arm["prune"], arm)
         init, proportions = stages["prune"]["export"], os.path.join(stages["prune"]["folder"], "domain_weights.json")
         log(f"arm {index} {name}: pruned in {stages['prune']['seconds']:.0f}s")
     else:
@@ -291,7 +321,8 @@ def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dic
                 oneshot_prune(s.model, parse_target(s.target), init, overwrite=True, method=arm["init"],
                               calibration=calibration_ids(s) if arm["init"] == "activation" else None)
     init_losses, params = eval_model(init, s)
-    stages["continue"] = run_stage(s, "continue", name, init, arm["dynamic"], ref_file, proportions, arm["continue"])
+    stages["continue"] = run_stage(s, "continue", name, init, arm["dynamic"], ref_file, proportions, arm["continue"],
+                                   arm)
     final_losses, _ = eval_model(stages["continue"]["export"], s)
     with open(os.path.join(init, "config.json")) as f:
         config = json.load(f)
@@ -300,7 +331,8 @@ def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dic
         "shape": {k: config[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                          "num_key_value_heads", "intermediate_size")},
         "stages": stages, "total_tokens": sum(st["from_checkpoint"]["tokens"] for st in stages.values()),
-        "calibration_tokens": _calibration_tokens(init),
+        "calibration_tokens": _calibration_tokens(init) + _calibration_tokens(stages["prune"]["folder"]
+                                                                             if "prune" in stages else None),
         "start_of_continue_losses": init_losses, "final_losses": final_losses,
         # this run's time plus that of stages an earlier, interrupted run finished
         "seconds": time.time() - start + sum(st["seconds"] for st in stages.values() if st.get("resumed")),
@@ -359,12 +391,14 @@ def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, fl
                    "mean_loss": mean(source_losses)},
         "arms": {name: {
             "init": r["init"], "dynamic": r["dynamic"], "prune_share": r["share"], "params": r["params"],
+            "distill": r.get("distill", False), "mask_init": r.get("mask_init", "uniform"),
             "shape": r["shape"], "prune_batches": r["prune"], "continue_batches": r["continue"],
             "tokens": {st: rec["from_checkpoint"]["tokens"] for st, rec in r["stages"].items()},
             "total_tokens": r["total_tokens"], "calibration_tokens": r.get("calibration_tokens", 0),
             "samples_per_domain": {st: rec["from_checkpoint"]["samples_per_domain"] for st, rec in r["stages"].items()},
             "final_losses": r["final_losses"], "final_perplexity": perplexities(r["final_losses"]),
             "final_mean_loss": mean(r["final_losses"]),
+            "final_mean_loss_by_seed": {str(s.seed): mean(r["final_losses"])},
             "start_of_continue_losses": r["start_of_continue_losses"],
             "start_of_continue_perplexity": perplexities(r["start_of_continue_losses"]),
             "final_weights": (dict(zip(domains, r["stages"]["continue"]["evals"][-1]["weights"]))
@@ -377,6 +411,12 @@ def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, fl
         "seconds": seconds,  # wall time of this invocation (arms done before are skipped)
         "arm_seconds_total": sum(r["seconds"] for r in results.values()),  # incl. arms/stages done before
     }
+
+
+def _sweep(arms: dict) -> list[tuple[float, str]]:
+    """(pruning share, arm) of the plain sheared arms (dynamic loading, uniform masks, no distillation)."""
+    return sorted((a["prune_share"], n) for n, a in arms.items() if a["init"] == "l0" and a["dynamic"]
+                  and not a.get("distill") and a.get("mask_init", "uniform") == "uniform")
 
 
 def format_report(summary: dict) -> str:
@@ -396,7 +436,7 @@ def format_report(summary: dict) -> str:
         + [f"| {n} | {a['init']} | {'dynamic' if a['dynamic'] else 'fixed'} | {a['tokens'].get('prune', 0):,} | "
            f"{a['tokens']['continue']:,} | {a['total_tokens']:,} | {a['calibration_tokens']:,} | {a['seconds']:.0f} |"
            for n, a in arms.items()])
-    sweep = sorted((a["prune_share"], n) for n, a in arms.items() if a["init"] == "l0" and a["dynamic"])
+    sweep = _sweep(arms)
     sweep_rows = {f"{share:.0%} pruning ({n})": {**arms[n]["final_perplexity"], "mean": math.exp(arms[n]["final_mean_loss"])}
                   for share, n in sweep}
     lines = [
@@ -494,7 +534,7 @@ def plot_summary(summary: dict, out_dir: str) -> list[str]:
         out.append(_savefig(fig, os.path.join(out_dir, "domain_weights.png")))
         plt.close(fig)
 
-    sweep = sorted((a["prune_share"], n) for n, a in arms.items() if a["init"] == "l0" and a["dynamic"])
+    sweep = _sweep(arms)
     if len(sweep) > 1:
         fig, ax = plt.subplots(figsize=(5, 3.6))
         shares = [100 * sh for sh, _ in sweep]
@@ -590,6 +630,61 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
     return summary
 
 
+def combine_seeds(out: str, summaries: dict[int, dict]) -> dict:
+    """`<out>/summary.{json,md}` over the seeds' runs: per arm the final mean eval loss of each seed (with its
+    perplexity), their mean and range, the start-of-recovery perplexity and the masks' expected shape at the cut.
+    An arm missing in some seed (an interrupted run) is reported with the seeds it has."""
+    first = next(iter(summaries.values()))
+    names = list(dict.fromkeys(n for sm in summaries.values() for n in sm["arms"]))
+    arms = {}
+    for name in names:
+        runs = {str(seed): sm["arms"][name] for seed, sm in summaries.items() if name in sm["arms"]}
+        losses = {seed: a["final_mean_loss"] for seed, a in runs.items()}
+        start = {seed: sum(a["start_of_continue_losses"].values()) / len(a["start_of_continue_losses"])
+                 for seed, a in runs.items()}
+        any_run = next(iter(runs.values()))
+        arms[name] = {
+            "init": any_run["init"], "dynamic": any_run["dynamic"], "distill": any_run.get("distill", False),
+            "mask_init": any_run.get("mask_init", "uniform"), "total_tokens": any_run["total_tokens"],
+            "calibration_tokens": any_run["calibration_tokens"], "seeds": list(runs),
+            "final_mean_loss_by_seed": losses,
+            "final_mean_loss": sum(losses.values()) / len(losses),
+            "final_mean_loss_range": [min(losses.values()), max(losses.values())],
+            "final_perplexity_by_seed": {seed: math.exp(v) for seed, v in losses.items()},
+            "start_of_continue_mean_loss_by_seed": start,
+            "pruning_end_expected_shape_by_seed": {seed: a["pruning_end_expected_shape"] for seed, a in runs.items()
+                                                   if a.get("pruning_end_expected_shape")},
+            "seconds_by_seed": {seed: a["seconds"] for seed, a in runs.items()},
+        }
+    combined = {"seeds": [str(x) for x in summaries], "runs": {str(x): os.path.join(out, f"seed-{x}") for x in summaries},
+                "settings": {k: v for k, v in first["settings"].items() if k not in ("seed", "out")},
+                "domains": first["domains"], "source": first["source"], "arms": arms,
+                "equal_budget": len({a["total_tokens"] for a in arms.values()}) == 1}
+    lines = [f"Seeds {', '.join(combined['seeds'])}; {first['settings']['tokens_per_arm']:,} training tokens per arm "
+             f"(equal budgets: {combined['equal_budget']}). Mean eval perplexity = exp(mean over domains of the eval "
+             f"loss); per arm the mean over seeds of that loss, and the range over seeds.", "",
+             "| arm | seeds | final perplexity, mean (range) | per seed | start of recovery, mean | "
+             "calibration tokens |", "|---|---:|---:|---|---:|---:|"]
+    for name, a in arms.items():
+        lo, hi = a["final_mean_loss_range"]
+        per_seed = ", ".join(f"{seed}: {math.exp(v):.1f}" for seed, v in a["final_mean_loss_by_seed"].items())
+        start = sum(a["start_of_continue_mean_loss_by_seed"].values()) / len(a["seeds"])
+        lines.append(f"| {name} | {len(a['seeds'])} | {math.exp(a['final_mean_loss']):.1f} ({math.exp(lo):.1f}-"
+                     f"{math.exp(hi):.1f}) | {per_seed} | {math.exp(start):.1f} | {a['calibration_tokens']:,} |")
+    shapes = {n: a["pruning_end_expected_shape_by_seed"] for n, a in arms.items() if a["pruning_end_expected_shape_by_seed"]}
+    if shapes:
+        keys = list(next(iter(next(iter(shapes.values())).values())))
+        lines += ["", "The masks' expected shape at the cut (mean over seeds):", "",
+                  "| arm | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+        for n, by_seed in shapes.items():
+            lines.append(f"| {n} | " + " | ".join(f"{sum(e[k] for e in by_seed.values()) / len(by_seed):.1f}"
+                                                   for k in keys) + " |")
+    atomic_write_text(os.path.join(out, "summary.json"), json.dumps(combined, indent=1))
+    atomic_write_text(os.path.join(out, "summary.md"), "\n".join(lines) + "\n")
+    print("\n" + "\n".join(lines), flush=True)
+    return combined
+
+
 def main(argv: list[str] | None = None) -> int:
     from llmshearing.errors import ConfigError
 
@@ -614,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default=d.precision, choices=("fp32", "amp_bf16", "amp_fp16"))
     p.add_argument("--device", default=None, choices=("cpu", "gpu"), help="default: gpu when available")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seeds", type=int, nargs="+", help="run every arm once per seed, in <out>/seed-<n>/, and "
+                                                        "summarize over the seeds in <out>/summary.{json,md}")
     p.add_argument("--reference-losses", default=None,
                    help="dynamic loading's reference losses (a yaml file); default: the source model's own")
     p.add_argument("--keep-checkpoints", action="store_true")
@@ -624,7 +721,14 @@ def main(argv: list[str] | None = None) -> int:
                  evals=a.evals, calibration=a.calibration, precision=a.precision, device=a.device, seed=a.seed, reference_losses=a.reference_losses,
                  keep_checkpoints=a.keep_checkpoints, overrides=tuple(a.overrides))
     try:
-        reproduce(s, a.arms)
+        if a.seeds:
+            summaries = {}
+            for seed in a.seeds:  # seed-major: an interrupted run has whole seeds first
+                summaries[seed] = reproduce(dataclasses.replace(s, seed=seed, out=os.path.join(a.out, f"seed-{seed}")),
+                                            a.arms)
+                combine_seeds(a.out, summaries)
+        else:
+            reproduce(s, a.arms)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
