@@ -11,7 +11,7 @@ import torch
 from conftest import CONTINUE_YAML, TINY_YAML, jsonl, paths, run, weights_log
 from safetensors.torch import load_file
 from test_bad_input import refused, snapshot, tiny, train  # noqa: F401 - `tiny` is a fixture
-from test_fsdp import FSDP_YAML, ok, two_procs
+from test_fsdp import BUILD_AND_CHAIN, FSDP_YAML, ok, two_procs
 
 from llmshearing.compat import checkpoint_state
 from llmshearing.data.tokenizer import load_tokenizer
@@ -273,18 +273,7 @@ def test_teacher_source_without_pruning_is_refused(tiny, capsys):
 
 # ---------------------------------------------------------------------------------------------- FSDP
 
-STRUCTURE = """
-import json, sys
-from llmshearing.train.builders import build_trainer
-from llmshearing.train.config import load_config
-trainer, _ = build_trainer(load_config(sys.argv[1], sys.argv[2:]))
-def chain(x):
-    names = []
-    while x is not None:
-        names.append(type(x).__name__)
-        x = getattr(x, "_fsdp_wrapped_module", None) or getattr(x, "_checkpoint_wrapped_module", None)
-    return names
-m = trainer.state.model
+STRUCTURE = BUILD_AND_CHAIN + """m = trainer.state.model
 grouped = {id(p) for g in trainer.state.optimizers[0].param_groups for p in g["params"]}
 print("STRUCTURE " + json.dumps({"teacher": chain(m.teacher), "student_layer": chain(m.model.model.layers[0]),
       "layers": [chain(x) for x in m.teacher.lm.model.layers],

@@ -22,7 +22,8 @@ CONTINUE_FSDP_YAML = os.path.join("yamls", "testing", "continue_tiny_fsdp.yaml")
 COMMON = ["max_duration=20ba", "save_interval=5ba", "autoresume=true"]
 TARGET = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,
           "intermediate_size": 64}
-PROBE = """
+# A script that builds the trainer of a recipe + overrides and defines chain(x): the wrappers around a module.
+BUILD_AND_CHAIN = """
 import json, sys
 from llmshearing.train.builders import build_trainer
 from llmshearing.train.config import load_config
@@ -33,7 +34,8 @@ def chain(x):
         names.append(type(x).__name__)
         x = getattr(x, "_fsdp_wrapped_module", None) or getattr(x, "_checkpoint_wrapped_module", None)
     return names
-m = trainer.state.model
+"""
+PROBE = BUILD_AND_CHAIN + """m = trainer.state.model
 print("STRUCTURE " + json.dumps({"model": chain(m.model), "l0": chain(m.l0), "layers": [chain(x) for x in m.model.model.layers]}))
 """
 
