@@ -81,8 +81,8 @@ def fetch(remote: str, local: str, rel: str) -> str:
 
 def prepare_cache(remote: str, local: str) -> None:
     """Make `local` the cache of `remote`: checks the two differ and that the cache is not another remote's, and
-    fetches the manifest. The node's first process (LOCAL_RANK 0) also compares the remote's manifest with the
-    cached one, so shards rebuilt at the remote are not read mixed with stale cached files."""
+    fetches the manifest. The node's first process (LOCAL_RANK 0) also compares the remote's manifest with a
+    cached one it did not just fetch, so shards rebuilt at the remote are not read mixed with stale cached files."""
     from llmshearing.checks import writable_output
     from llmshearing.data.layout import MANIFEST
 
@@ -104,12 +104,13 @@ def prepare_cache(remote: str, local: str) -> None:
             if held != remote:
                 raise ConfigError(f"data.local '{local}' is the cache of another remote ('{held}'); give this remote "
                                   f"its own cache folder")
+        cached_before = os.path.exists(os.path.join(local, MANIFEST))
         cached = fetch(remote, local, MANIFEST)
         if not os.path.exists(marker):  # only once the remote answered: a typo does not claim the cache
             with open(marker + ".tmp", "w") as f:
                 json.dump({"remote": remote}, f)
             os.replace(marker + ".tmp", marker)
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    if cached_before and os.environ.get("LOCAL_RANK", "0") == "0":  # just fetched: fresh by construction
         with _locked(local, MANIFEST):
             fresh = cached + ".check"
             if os.path.exists(fresh):
