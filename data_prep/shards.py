@@ -351,7 +351,7 @@ def _tasks(paths: list[str], need):
         if _splittable(file):
             size, start = os.path.getsize(file), 0
             while start < size:
-                end = min(size, start + min(RANGE_BYTES, max(65_536, 6 * need())))
+                end = min(size, start + _read_ahead(need, RANGE_BYTES))
                 yield ("range", file, start, end)
                 start = end
         else:
@@ -402,10 +402,15 @@ class _Split:
         return n
 
 
+def _read_ahead(need, cap: int) -> int:
+    """Characters (or bytes) of text for about `need()` tokens (~4 characters a token, read a little past the end),
+    at least 64 KiB and at most `cap`."""
+    return min(cap, max(65_536, 6 * need()))
+
+
 def _next_batch(docs, need) -> list[str]:
-    """The next batch of documents: about `need()` tokens' worth of text (~4 characters a token, read a little
-    past the end), at most MAX_BATCH_DOCS documents or MAX_BATCH_CHARS characters."""
-    budget = min(MAX_BATCH_CHARS, max(65_536, 6 * need()))
+    """The next batch of documents: `_read_ahead` characters, at most MAX_BATCH_DOCS documents."""
+    budget = _read_ahead(need, MAX_BATCH_CHARS)
     batch, chars = [], 0
     for text in docs:
         batch.append(text)
@@ -418,8 +423,9 @@ def _next_batch(docs, need) -> list[str]:
 def build_domain(job: dict, pool=None, workers: int = 1, report=None) -> dict:
     """Read, tokenize, route and write one domain (see the module docstring); returns its counts.
 
-    Documents are read and routed here, in order; their tokenization runs in `pool` (`workers` processes, at
-    most 2 x workers batches in flight, so memory stays bounded) or in this process when `pool` is None.
+    Tasks (`_tasks`: byte ranges a worker reads itself, or documents read here) run in `pool` (`workers`
+    processes, at most 2 x workers tasks in flight, so memory stays bounded) or in this process when `pool` is
+    None; their documents are routed here, in order.
     Routing depends only on the documents' order and lengths, so the shards are the same for any `workers`."""
     from collections import deque
 
