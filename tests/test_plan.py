@@ -302,3 +302,108 @@ def test_bad_inputs(tmp_path):
         plan.make_plan(str(other), 2, 80)
     with pytest.raises(ConfigError, match="--gpus"):
         cli(good, "--gpus", "0", "--gpu-memory-gb", "80")
+
+
+class LiveTensors:
+    """A dispatch mode that records the peak bytes of the storages created inside it that are alive at once
+    (alive: referenced by anything besides this tracker), checked after every op."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
+                        tracker.storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+                tracker.peak = max(tracker.peak, tracker.alive())
+                return out
+
+        self.storages, self.peak, self.mode = {}, 0, Mode()
+
+    def alive(self):
+        return sum(s.nbytes() for s in self.storages.values() if torch._C._storage_Use_Count(s._cdata) > 1)
+
+
+@pytest.mark.parametrize("top_k", [None, 7, 100, 400, 500])
+@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
+def test_kd_loss_peak_matches_live_tensors(top_k, teacher_dtype):
+    """kd_loss_peak_bytes is the peak of what distill.kd_loss allocates (beyond the keep mask, n bytes), for
+    the whole vocabulary and for top-k on each side of the formula's three phases."""
+    from llmshearing.model.distill import kd_loss
+
+    n, V = 400, 500
+    student = torch.randn(n, V, requires_grad=True)
+    teacher = torch.randn(n, V).to(teacher_dtype)
+    labels = torch.randint(0, V, (n,))
+    labels[:30] = -100
+    live = LiveTensors()
+    with live.mode:
+        kd_loss(student, teacher, labels, 2.0, top_k)
+    expected = plan.kd_loss_peak_bytes(n - 30, V, top_k)
+    assert expected <= live.peak <= expected + n + 64
+
+
+def kd_recipe(tmp_path, name, teacher, **distill):
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(os.path.join(YAMLS, f"{name}.yaml"))
+    conf.distill = {"teacher": teacher, "alpha": 1.0, **distill}
+    path = tmp_path / f"{name}_kd.yaml"
+    OmegaConf.save(conf, str(path))
+    return str(path)
+
+
+def test_distill_teacher_terms(tmp_path):
+    """A teacher adds its fp32 shard, its gathered units and the teacher logits + KD loss to every GPU, and
+    its weights to the loading rank's host RAM; the rest of the plan is unchanged."""
+    base = plan.make_plan(os.path.join(YAMLS, "prune_1.3b.yaml"), 16, 80)
+    p = plan.make_plan(kd_recipe(tmp_path, "prune_1.3b", "source"), 16, 80)
+    assert p["distill"]["params"] == P7B and p["distill"]["top_k"] is None
+    g, g0 = p["per_gpu_gb"], base["per_gpu_gb"]
+    counts = plan.model_counts(plan.load_model_config(plan.shipped_llama2_7b()))
+    assert g["teacher"] == pytest.approx(4 * P7B / 16 / GiB)
+    assert g["teacher_gathered"] == pytest.approx((2 * counts["layer_unit"] * 2 + counts["root_unit"] * 2) / GiB)
+    n, V = 2 * 4096, 32000
+    assert g["distill_logits"] == pytest.approx((n * V * 2 + 28 * n * V) / GiB)
+    for key in ("params", "grads", "optimizer", "masks", "activations", "logits"):
+        assert g[key] == g0[key]
+    added = g["teacher"] + g["teacher_gathered"] + g["distill_logits"]
+    assert g["total"] == pytest.approx(g0["total"] + 1.1 * added)  # 10% of the reserve is on the added terms
+    assert "teacher" not in g0
+    assert p["host_gb_per_node_detail"]["weights"] == pytest.approx(8 * P7B / GiB)  # student + teacher, fp32
+    assert p["host_gb_per_node"] == pytest.approx(base["host_gb_per_node"] + 4 * P7B / GiB)
+    top = plan.make_plan(kd_recipe(tmp_path, "prune_1.3b", "source", top_k=64), 16, 80)["per_gpu_gb"]
+    assert top["distill_logits"] == pytest.approx((n * V * 2 + 12 * n * V) / GiB)
+    # a continued-pretraining recipe names its teacher; on this machine the Llama-2-7B path falls back to the
+    # shipped config, another folder needs --teacher-config
+    recipe = kd_recipe(tmp_path, "continue_1.3b", "${oc.env:LLAMA2_7B,/cluster/llama-2-7b}")
+    p = plan.make_plan(recipe, 16, 80)
+    assert p["distill"]["params"] == P7B and "llama-2-7b.json" in p["distill"]["config_used"]
+    assert p["per_gpu_gb"]["teacher"] == pytest.approx(4 * P7B / 16 / GiB)
+    rc, out = cli(recipe, "--gpus", "16", "--gpu-memory-gb", "80")
+    assert rc == 0 and "distillation from" in out and "teacher logits + fp32 KD loss" in out
+    ddp = plan.make_plan(os.path.join(YAMLS, "continue_1.3b.yaml"), 1, 80)
+    assert "teacher" not in ddp["per_gpu_gb"] and ddp["distill"] is None
+
+
+def test_distill_bad_inputs(tmp_path):
+    with pytest.raises(ConfigError, match="no pruning section"):
+        plan.make_plan(kd_recipe(tmp_path, "continue_1.3b", "source"), 16, 80)
+    unknown = kd_recipe(tmp_path, "continue_1.3b", "/nowhere/teacher")
+    with pytest.raises(ConfigError, match="--teacher-config"):
+        plan.make_plan(unknown, 16, 80)
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    tiny_config().to_json_file(str(teacher / "config.json"))  # vocab 50, not Llama-2's 32000
+    with pytest.raises(ConfigError, match="vocab_size 50"):
+        plan.make_plan(unknown, 16, 80, teacher_config=str(teacher))
+    with pytest.raises(ConfigError, match="vocab_size 50"):
+        plan.make_plan(kd_recipe(tmp_path, "continue_1.3b", str(teacher)), 16, 80)
+    with pytest.raises(ConfigError, match="with a distill section"):
+        plan.make_plan(os.path.join(YAMLS, "continue_1.3b.yaml"), 16, 80, teacher_config=str(teacher))
+    with pytest.raises(ConfigError, match="top_k"):
+        plan.make_plan(kd_recipe(tmp_path, "prune_1.3b", "source", top_k=0), 16, 80)

@@ -48,6 +48,14 @@ Per GPU (one training step; the model keeps fp32 master weights, as `from_pretra
                          after backward) + the fp32 upcast (`outputs[:, :-1].float()`) whose log-softmax
                          output autograd keeps (4) + its gradient: in the backward of log_softmax the
                          incoming fp32 gradient (4) and the outgoing one (4) are alive together.
+  With `distill:` (P_t, U_t, R_t the teacher's params, layer unit and root unit):
+  teacher    4*P_t/S     its fp32 shard (frozen: no gradient, no optimizer state); DDP: 4*P_t
+  teacher_gathered       FULL_SHARD / HYBRID_SHARD: 2*U_t*p + R_t*p (its no-grad forward: two layers in
+                         flight and the root unit); SHARD_GRAD_OP / NO_SHARD in low precision: P_t*p (an
+                         upper bound); NO_SHARD in fp32 and DDP: 0
+  distill_logits         B*T*V*c (the teacher's logits) + `kd_loss_peak_bytes`: 28*n*V for the whole
+                         vocabulary, max(12nV, 8nV + 12nk, 4nV + 36nk) for top-k (fp32 tensors of the KD
+                         loss alive at once, checked against the live tensors in tests/test_plan.py)
   reserve    1.5 GiB + 10% of the sum of the above: CUDA context, NCCL buffers, allocator
                          fragmentation, cuBLAS workspaces and the transient activation gradients of the
                          layer being back-propagated.
@@ -95,6 +103,9 @@ is what has to fit. The page cache of the checkpoint files is reclaimable and no
 format is GGUF when the recipe sets model.gguf_file, .bin when model.path is here and holds only
 pytorch_model*.bin files, else safetensors (the Llama-2-7b-hf repository and a pruning run's export are
 safetensors).
+
+With `distill:`, the loading rank also reads the teacher (`builders.build_teacher`, before the Trainer wraps
+either model): + 4P_t (safetensors) or 8P_t (GGUF / .bin) beside w.
 
 Verdict: fits when the per-GPU total at the recipe's microbatch and checkpointing setting is at most
 --gpu-memory-gb (and, when --host-memory-gb is given, the applicable host figure above, FSDP's rank-0
@@ -230,6 +241,8 @@ def read_recipe(path_or_name: str) -> dict:
         "num_workers": _lenient(conf, "data.num_workers", 0) or 0,
         "gguf_file": _lenient(conf, "model.gguf_file"),
         "shards": _lenient(conf, "data.shards") or _lenient(conf, "data.local"),  # a remote's cache has the manifest
+        "distill": _lenient(conf, "distill"),
+        "distill_teacher_raw": str(_raw(conf, "distill.teacher")),
     }
     gbs = recipe["global_train_batch_size"]
     if not isinstance(gbs, int) or isinstance(gbs, bool) or gbs < 1:
@@ -241,15 +254,28 @@ def read_recipe(path_or_name: str) -> dict:
         raise ConfigError(f"'{path}': precision must be fp32, amp_bf16 or amp_fp16, got {recipe['precision']!r}")
     if not isinstance(recipe["num_workers"], int) or recipe["num_workers"] < 0:
         raise ConfigError(f"'{path}': data.num_workers must be a non-negative integer")
+    distill = recipe["distill"]
+    if distill is not None:
+        if not isinstance(distill, dict):
+            raise ConfigError(f"'{path}': distill must be a mapping or null")
+        top_k = distill.get("top_k")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+            raise ConfigError(f"'{path}': distill.top_k must be null or a positive integer, got {top_k!r}")
+        if not isinstance(distill.get("teacher", "source"), str):
+            raise ConfigError(f"'{path}': distill.teacher must be 'source' or a model folder")
     return recipe
 
 
 def weights_format(recipe: dict) -> str:
     """'gguf' (model.gguf_file set), '.bin' (model.path is here and holds only pytorch_model*.bin) or
     'safetensors' (otherwise: what the Llama-2-7b-hf repository and a pruning run's export hold)."""
-    if recipe.get("gguf_file"):
+    return folder_format(recipe["model_path"], recipe.get("gguf_file"))
+
+
+def folder_format(path: str, gguf_file: str | None = None) -> str:
+    """weights_format of one model folder (the trained model's or a distillation teacher's)."""
+    if gguf_file:
         return "gguf"
-    path = recipe["model_path"]
     if os.path.isdir(path):
         from llmshearing.model.hf import safetensors_files
 
@@ -303,6 +329,39 @@ def resolve_model(recipe: dict, model_config: str | None = None, target_shape: s
         stored = 4
         used = f"{used} with the {preset} shape"
     return config, stored, used
+
+
+def resolve_teacher(recipe: dict, config, teacher_config: str | None = None):
+    """(HF config of the distillation teacher, its weights' format, a line saying which config), or None
+    without `distill:`. `teacher: source` is the pruning source, i.e. the model a pruning recipe trains."""
+    d = recipe["distill"]
+    if d is None:
+        if teacher_config is not None:
+            raise ConfigError("--teacher-config is for recipes with a distill section; this one has none")
+        return None
+    teacher = d.get("teacher", "source")
+    if teacher == "source":
+        if not recipe["pruning"]:
+            raise ConfigError(f"'{recipe['path']}': distill.teacher=source is the pruning source, but the recipe has "
+                              f"no pruning section; name the teacher's folder")
+        if teacher_config is not None:
+            raise ConfigError("--teacher-config: distill.teacher=source is the model the recipe prunes "
+                              "(--model-config sets it)")
+        return config, weights_format(recipe), "the pruning source (distill.teacher=source)"
+    if teacher_config is not None:
+        tconfig, used = load_model_config(teacher_config), teacher_config
+    elif os.path.isfile(os.path.join(teacher, "config.json")):
+        tconfig, used = load_model_config(teacher), os.path.join(teacher, "config.json")
+    elif "LLAMA2_7B" in recipe["distill_teacher_raw"] or "llama-2-7b" in teacher.lower():
+        tconfig = load_model_config(shipped_llama2_7b())
+        used = f"{shipped_llama2_7b()} (distill.teacher '{teacher}' does not exist here)"
+    else:
+        raise ConfigError(f"distill.teacher '{teacher}' does not exist here and is not a Llama-2-7B path; give "
+                          f"--teacher-config PATH (the teacher's config.json)")
+    if tconfig.vocab_size != config.vocab_size:
+        raise ConfigError(f"distill.teacher ({used}) has vocab_size {tconfig.vocab_size} but the trained model has "
+                          f"{config.vocab_size}; distillation compares the two distributions token by token")
+    return tconfig, folder_format(teacher), used
 
 
 def resolve_seq_len(recipe: dict, config, seq_len: int | None) -> tuple[int, str]:
@@ -405,6 +464,34 @@ def logits_bytes(config, B: int, T: int, c: int) -> int:
     return B * T * config.vocab_size * (c + 12)
 
 
+def kd_loss_peak_bytes(n: int, V: int, top_k: int | None = None) -> int:
+    """Peak bytes of the fp32 tensors `distill.kd_loss` holds at once over n positions (tests/test_plan.py
+    checks it against the tensors alive after every op). Whole vocabulary: the scaled student and teacher
+    logits, both log-softmaxes, the teacher's probabilities, their difference and product (7 x 4nV; the two
+    kept for backward are part of it). Top-k: the scaled student and teacher logits with the teacher's upcast
+    (12nV), then top-k's values and indices beside both (8nV + 12nk), then the k-token terms beside the full
+    student logits that gather keeps for backward (4nV + 36nk)."""
+    if top_k is None or top_k >= V:
+        return 28 * n * V
+    k = top_k
+    return max(12 * n * V, 8 * n * V + 12 * n * k, 4 * n * V + 36 * n * k)
+
+
+def teacher_bytes(tcounts: dict, S: int, strategy: str | None, p: int) -> dict[str, float]:
+    """The frozen teacher's per-GPU weights: its fp32 shard (no grads, no optimizer state) and what FSDP holds
+    gathered during its no-grad forward (`model.distill.Teacher`: wrapped like the student)."""
+    Pt, Ut, Rt = tcounts["params"], tcounts["layer_unit"], tcounts["root_unit"]
+    if strategy is None:  # DDP: the whole fp32 teacher on every rank; autocast caches no casts of frozen weights
+        return {"teacher": 4 * Pt, "teacher_gathered": 0}
+    if strategy in ("FULL_SHARD", "HYBRID_SHARD") and S > 1:
+        gathered = 2 * Ut * p + Rt * p  # two layers in flight + the root unit (embedding, lm_head)
+    elif S == 1 and p == 4:
+        gathered = 0
+    else:  # SHARD_GRAD_OP / NO_SHARD in low precision: counted as held gathered (an upper bound)
+        gathered = Pt * p
+    return {"teacher": 4 * Pt / S, "teacher_gathered": gathered}
+
+
 def sharded_state_bytes(P: int, S: int, ddp: bool = False) -> dict[str, float]:
     """fp32 master params, fp32 grads, AdamW's two fp32 states over a sharding group of S GPUs."""
     return {"params": 4 * P / S, "grads": (8 * P if ddp else 4 * P) / S, "optimizer": 8 * P / S}
@@ -437,8 +524,9 @@ def _dtypes(precision: str, fsdp: dict | None) -> tuple[int, int, int, str]:
 # ---------------------------------------------------------------------------------------------- plan
 
 def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: int, r: int, M: int, masks,
-            B: int, T: int, checkpointing: bool) -> dict[str, float]:
-    """Per-GPU bytes of every term (see the module docstring) and their total, in GiB."""
+            B: int, T: int, checkpointing: bool, teacher: dict | None = None) -> dict[str, float]:
+    """Per-GPU bytes of every term (see the module docstring) and their total, in GiB. `teacher`
+    ({"counts", "top_k"}) adds the distillation terms."""
     P, U, R = counts["params"], counts["layer_unit"], counts["root_unit"]
     ddp = strategy is None
     state = sharded_state_bytes(P, S, ddp)
@@ -454,6 +542,10 @@ def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: in
     terms = {**state, "masks": 16 * M, "gathered_unit": gathered, "root_unit": root,
              "activations": activation_bytes(config, B, T, c, masks, checkpointing),
              "logits": logits_bytes(config, B, T, c)}
+    if teacher is not None:
+        terms.update(teacher_bytes(teacher["counts"], S, strategy, p))
+        terms["distill_logits"] = B * T * config.vocab_size * c + kd_loss_peak_bytes(B * T, config.vocab_size,
+                                                                                      teacher["top_k"])
     subtotal = sum(terms.values())
     terms["reserve"] = CONTEXT_RESERVE_GIB * GiB + FRAGMENTATION * subtotal
     terms["total"] = subtotal + terms["reserve"]
@@ -466,7 +558,8 @@ def divisors(n: int) -> list[int]:
 
 def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb: float | None = None, *,
               gpus_per_node: int = DEFAULT_GPUS_PER_NODE, seq_len: int | None = None,
-              model_config: str | None = None, target_shape: str | None = None) -> dict:
+              model_config: str | None = None, target_shape: str | None = None,
+              teacher_config: str | None = None) -> dict:
     """Everything `llmshearing plan` prints, as a dict (the --json output)."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"--gpus must be at least 1, got {gpus}")
@@ -479,6 +572,7 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
     recipe = read_recipe(recipe_path)
     config, stored, config_used = resolve_model(recipe, model_config, target_shape)
     T, seq_source = resolve_seq_len(recipe, config, seq_len)
+    resolved_teacher = resolve_teacher(recipe, config, teacher_config)
 
     from llmshearing.pruning.shapes import resolve_target, shape_of
 
@@ -512,10 +606,16 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
         raise ConfigError(f"device_train_microbatch_size={mb} does not divide the per-device batch {per_device} "
                           f"(global {gbs} / {gpus} GPUs)")
     counts = model_counts(config)
+    teacher, distill = None, None
+    if resolved_teacher is not None:
+        tconfig, tformat, tused = resolved_teacher
+        teacher = {"counts": model_counts(tconfig), "top_k": recipe["distill"].get("top_k")}
+        distill = {"teacher": recipe["distill"].get("teacher", "source"), "config_used": tused,
+                   "params": teacher["counts"]["params"], "weights_format": tformat, "top_k": teacher["top_k"]}
 
     def at(B, ckpt):
         return per_gpu(counts=counts, config=config, S=S, strategy=strategy, c=c, p=p, r=r, M=M, masks=masks,
-                       B=B, T=T, checkpointing=ckpt)
+                       B=B, T=T, checkpointing=ckpt, teacher=teacher)
 
     largest = {}
     for key, ckpt in (("with_checkpointing", True), ("without_checkpointing", False)):
@@ -535,21 +635,26 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
                  "dataloader_workers": ranks_per_node * recipe["num_workers"] * WORKER_HOST_GIB}
     overhead = sum(overheads.values())
 
-    def node_weights(bytes_per_param):
-        return (1 if rank0_reads else ranks_per_node) * bytes_per_param * P / GiB
+    # the teacher is read beside the student (builders.build_teacher, before the Trainer wraps either)
+    t_params = 0 if distill is None else distill["params"]
+    t_bytes = 0 if distill is None else (4 if distill["weights_format"] == "safetensors" else 8)
+
+    def node_weights(bytes_per_param, teacher_bytes_per_param=t_bytes):
+        return (1 if rank0_reads else ranks_per_node) * (bytes_per_param * P + teacher_bytes_per_param * t_params) / GiB
 
     host = {"weights": node_weights(load_bytes), **overheads}
     host_node = sum(host.values())
+    with_teacher = "" if distill is None else f" and the teacher's ({t_bytes}P_t)"
     if rank0_reads:
         host_loading = (f"FSDP over {gpus} ranks: global rank 0 reads the {fmt} weights into its fp32 model "
-                        f"({load_bytes}P), the other ranks get them by FSDP's broadcast")
+                        f"({load_bytes}P){with_teacher}, the other ranks get them by FSDP's broadcast")
         host_other = overhead if nodes > 1 else None
     else:
         host_loading = (f"{'one process' if gpus == 1 else 'no fsdp (DDP)'}: every rank reads the {fmt} weights "
-                        f"into its fp32 model ({load_bytes}P each)")
+                        f"into its fp32 model ({load_bytes}P each){with_teacher}")
         host_other = host_node if nodes > 1 else None
-    host_every_rank = ranks_per_node * load_bytes * P / GiB + overhead
-    host_gguf_or_bin = node_weights(8) + overhead
+    host_every_rank = ranks_per_node * (load_bytes * P + t_bytes * t_params) / GiB + overhead
+    host_gguf_or_bin = node_weights(8, 8) + overhead
     if host_memory_gb is None:
         host_verdict, host_fits = "not checked (give --host-memory-gb)", True
     elif host_node <= host_memory_gb:
@@ -565,6 +670,7 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
                   "tie_word_embeddings": bool(config.tie_word_embeddings),
                   "stored_dtype_bytes": stored},
         "pruning": None if target is None else {"target": target.as_dict(), "masks": masks, "mask_numbers": M},
+        "distill": distill,
         "gpus": gpus, "gpus_per_node": ranks_per_node, "nodes": nodes,
         "sharding_strategy": strategy or "none (DDP)", "shard_group": S,
         "precision": recipe["precision"], "dtypes": dtypes,
@@ -599,7 +705,9 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
 ROWS = [("params", "params (fp32 master shard)"), ("grads", "grads (fp32 shard)"),
         ("optimizer", "optimizer (AdamW, fp32 shard)"), ("masks", "masks + multipliers"),
         ("gathered_unit", "gathered layer x2 + its grad"), ("root_unit", "root unit (embed, lm_head) + grad"),
-        ("activations", "activations"), ("logits", "logits + fp32 loss"), ("reserve", "reserve (1.5 GiB + 10%)"),
+        ("activations", "activations"), ("logits", "logits + fp32 loss"),
+        ("teacher", "teacher (fp32 shard, frozen)"), ("teacher_gathered", "teacher gathered layers + root"),
+        ("distill_logits", "teacher logits + fp32 KD loss"), ("reserve", "reserve (1.5 GiB + 10%)"),
         ("total", "total")]
 
 
@@ -614,6 +722,10 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  pruning to {t['num_hidden_layers']} layers / {t['hidden_size']} hidden / "
                      f"{t['num_attention_heads']} heads / {t['intermediate_size']} intermediate; masks on "
                      f"{', '.join(plan['pruning']['masks']) or 'nothing'} ({plan['pruning']['mask_numbers']:,} numbers)")
+    if plan["distill"]:
+        d = plan["distill"]
+        lines.append(f"  distillation from {d['config_used']}: {d['params'] / 1e9:.3f}B params, "
+                     f"{'the whole vocabulary' if d['top_k'] is None else 'top ' + str(d['top_k']) + ' tokens'}")
     lines += [f"  {plan['gpus']} GPUs ({plan['nodes']} node(s) x {plan['gpus_per_node']}), {plan['sharding_strategy']} "
               f"over {plan['shard_group']}, {plan['precision']} ({plan['dtypes']})",
               f"  batch: global {plan['global_train_batch_size']} = {plan['gpus']} x {plan['per_device_batch']} per GPU, "
@@ -622,6 +734,8 @@ def format_plan(plan: dict) -> str:
     mark = (" *", "  ") if plan["activation_checkpointing"] else ("  ", " *")
     lines.append(f"  per GPU, GiB, microbatch {plan['microbatch']:<8}  ckpt on{mark[0]}  ckpt off{mark[1]}")
     for key, label in ROWS:
+        if key not in on:
+            continue
         lines.append(f"  {label:<34} {on[key]:>9.2f}  {off[key]:>10.2f}")
     cap = plan["gpu_memory_gb"]
     lines.append(f"  {'fits in ' + format(cap, 'g') + ' GiB?':<34} {'yes' if on['total'] <= cap else 'no':>9}  "
@@ -666,6 +780,8 @@ def add_parser(sub) -> None:
                                                           "when model.path does not exist here")
     p.add_argument("--target-shape", metavar="PRESET", help="continue recipes: the pruned shape to apply to the "
                                                             "Llama-2-7B config (default: from the recipe name)")
+    p.add_argument("--teacher-config", metavar="PATH", help="config.json (or its folder) of distill.teacher, when "
+                                                            "that folder does not exist here")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(handler=run)
 
@@ -674,6 +790,6 @@ def run(args) -> int:
     """`llmshearing plan`: 0 when the recipe fits, 1 when it does not; bad input raises ConfigError."""
     plan = make_plan(args.recipe, args.gpus, args.gpu_memory_gb, args.host_memory_gb,
                      gpus_per_node=args.gpus_per_node, seq_len=args.seq_len, model_config=args.model_config,
-                     target_shape=args.target_shape)
+                     target_shape=args.target_shape, teacher_config=args.teacher_config)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0 if plan["verdict"] == "fits" else 1
