@@ -329,22 +329,38 @@ class LiveTensors:
 
 
 @pytest.mark.parametrize("top_k", [None, 7, 100, 400, 500])
-@pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
-def test_kd_loss_peak_matches_live_tensors(top_k, teacher_dtype):
-    """kd_loss_peak_bytes is the peak of what distill.kd_loss allocates (beyond the keep mask, n bytes), for
-    the whole vocabulary and for top-k on each side of the formula's three phases."""
-    from llmshearing.model.distill import kd_loss
+@pytest.mark.parametrize("chunk_elements", [2**22, 2000])
+def test_kd_loss_memory_matches_live_tensors(top_k, chunk_elements, monkeypatch):
+    """kd_loss_bytes' parts are what distill.kd_loss allocates (beyond the row indices and the keep mask): in
+    forward, the kept gradient (+ top-k indices) and one chunk's temporaries, in one chunk and in many; in
+    backward, the kept buffers, the gradient it returns and one chunk of it (+ top-k's scatter)."""
+    from llmshearing.model import distill
 
-    n, V = 400, 500
-    student = torch.randn(n, V, requires_grad=True)
-    teacher = torch.randn(n, V).to(teacher_dtype)
-    labels = torch.randint(0, V, (n,))
-    labels[:30] = -100
-    live = LiveTensors()
-    with live.mode:
-        kd_loss(student, teacher, labels, 2.0, top_k)
-    expected = plan.kd_loss_peak_bytes(n - 30, V, top_k)
-    assert expected <= live.peak <= expected + n + 64
+    monkeypatch.setattr(distill, "KD_CHUNK_ELEMENTS", chunk_elements)
+    B, L, V = 4, 100, 500
+    n = B * L
+    logits = torch.randn(B, L + 1, V, requires_grad=True)
+    student = logits[:, :-1]  # a non-contiguous view, as ComposerLM.loss passes it
+    teacher = torch.randn(B, L, V).to(torch.bfloat16)
+    labels = torch.randint(0, V, (B, L))
+    chunk = min(n, max(1, chunk_elements // V))
+    K = V if top_k is None or top_k >= V else top_k
+    kept = 4 * n * K + (8 * n * K if K < V else 0)
+    forward = LiveTensors()
+    with forward.mode:
+        loss = distill.kd_loss(student, teacher, labels, 2.0, top_k)
+    expected = kept + plan.kd_chunk_peak_bytes(chunk, V, top_k)
+    assert expected <= forward.peak <= expected + 17 * n + 256  # + the keep mask and the row indices
+    backward = LiveTensors()
+    with backward.mode:
+        torch.autograd.grad(loss, student)  # the KD backward alone (not the slice's into logits)
+    # (the kept buffers count here too: backward reads them through views made inside the mode)
+    expected = kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0)
+    assert expected <= backward.peak <= expected + 17 * n + 256
+    monkeypatch.setattr(distill, "KD_CHUNK_ELEMENTS", 2**22)
+    chunk = min(n, 2**22 // V)
+    assert plan.kd_loss_bytes(n, V, 2, top_k) == max(2 * n * V + kept + plan.kd_chunk_peak_bytes(chunk, V, top_k),
+                                                     kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0))
 
 
 def kd_recipe(tmp_path, name, teacher, **distill):
@@ -368,7 +384,10 @@ def test_distill_teacher_terms(tmp_path):
     assert g["teacher"] == pytest.approx(4 * P7B / 16 / GiB)
     assert g["teacher_gathered"] == pytest.approx((2 * counts["layer_unit"] * 2 + counts["root_unit"] * 2) / GiB)
     n, V = 2 * 4096, 32000
-    assert g["distill_logits"] == pytest.approx((n * V * 2 + 28 * n * V) / GiB)
+    chunk = 2**22 // V
+    # backward (the kept gradient + the one returned + one chunk) outweighs forward (+ the teacher's bf16 logits)
+    assert g["distill_logits"] == pytest.approx((4 * n * V + 4 * n * V + 4 * chunk * V) / GiB)
+    assert 4 * n * V + 4 * chunk * V > 2 * n * V + 28 * chunk * V
     for key in ("params", "grads", "optimizer", "masks", "activations", "logits"):
         assert g[key] == g0[key]
     added = g["teacher"] + g["teacher_gathered"] + g["distill_logits"]
@@ -377,7 +396,7 @@ def test_distill_teacher_terms(tmp_path):
     assert p["host_gb_per_node_detail"]["weights"] == pytest.approx(8 * P7B / GiB)  # student + teacher, fp32
     assert p["host_gb_per_node"] == pytest.approx(base["host_gb_per_node"] + 4 * P7B / GiB)
     top = plan.make_plan(kd_recipe(tmp_path, "prune_1.3b", "source", top_k=64), 16, 80)["per_gpu_gb"]
-    assert top["distill_logits"] == pytest.approx((n * V * 2 + 12 * n * V) / GiB)
+    assert top["distill_logits"] == pytest.approx((12 * n * 64 + 4 * n * V + 4 * chunk * (V + 64)) / GiB)  # backward
     # a continued-pretraining recipe names its teacher; on this machine the Llama-2-7B path falls back to the
     # shipped config, another folder needs --teacher-config
     recipe = kd_recipe(tmp_path, "continue_1.3b", "${oc.env:LLAMA2_7B,/cluster/llama-2-7b}")

@@ -13,6 +13,10 @@ from torch import nn
 from llmshearing.model.decoder import DecoderLM
 
 
+# fp32 elements of one chunk's tensors in kd_loss (16 MiB each): bounds the loss's temporaries whatever B*T*V is
+KD_CHUNK_ELEMENTS = 2**22
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
             top_k: int | None = None) -> torch.Tensor:
     """T^2 * mean over the positions whose label is not -100 of KL(p_teacher || p_student), with
@@ -24,16 +28,57 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, 
     a truncated, overconfident teacher. The T^2 factor (Hinton et al. 2015): the soft targets' gradients scale
     as 1/T^2, so without it a higher T would quietly shift the balance alpha sets towards the cross-entropy.
 
-    student, teacher: (..., V) logits aligned with labels (...,); computed in fp32.
+    student, teacher: (..., V) logits aligned with labels (...,); computed in fp32, a chunk of positions at a
+    time, keeping for backward only the gradient (softmax(s) - p_teacher) per kept position: 4 bytes per
+    position and token instead of the 28 autograd would hold through the same formula (docs/plan.md).
     """
-    keep = labels != -100
-    s, t = student[keep].float() / temperature, teacher[keep].float() / temperature
-    if top_k is not None and top_k < t.shape[-1]:
-        t, idx = t.topk(top_k, dim=-1)
-        s = s.gather(-1, idx)
-    t_logp, s_logp = F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    return temperature ** 2 * kl.sum() / keep.sum().clamp(min=1)
+    rows = (labels != -100).nonzero(as_tuple=True)
+    return _KDLoss.apply(student, teacher, rows, float(temperature), top_k)
+
+
+class _KDLoss(torch.autograd.Function):
+    """kd_loss's value and its exact gradient d/d student = T^2 / m * (q - p) / T on the kept positions
+    (q the student's and p the teacher's softmax over the same token set at temperature T, m kept positions),
+    zero elsewhere and outside a top-k set."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, rows, temperature, top_k):
+        V, m = student.shape[-1], rows[0].numel()
+        k = V if top_k is None or top_k >= V else int(top_k)
+        chunk = max(1, KD_CHUNK_ELEMENTS // V)
+        grad = torch.empty((m, k), dtype=torch.float32, device=student.device)
+        index = None if k == V else torch.empty((m, k), dtype=torch.long, device=student.device)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for a in range(0, m, chunk):
+            at = tuple(r[a:a + chunk] for r in rows)
+            t = teacher[at].float() / temperature
+            s = student[at].float() / temperature
+            if index is not None:
+                t, index[a:a + chunk] = t.topk(k, dim=-1)
+                s = s.gather(-1, index[a:a + chunk])
+            t_logp, s_logp = F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1)
+            p = t_logp.exp()
+            total += (p * (t_logp - s_logp)).sum()
+            torch.sub(s_logp.exp_(), p, out=grad[a:a + chunk])
+            del t, s, t_logp, s_logp, p  # before the next chunk's: one chunk's temporaries at a time
+        ctx.save_for_backward(grad, index, *rows)
+        ctx.shape, ctx.dtype, ctx.temperature = student.shape, student.dtype, temperature
+        return temperature ** 2 * total / max(m, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        grad, index, *rows = ctx.saved_tensors
+        m = grad.shape[0]
+        out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
+        scale = g * ctx.temperature / max(m, 1)  # T^2 (the factor) / T (s = logits / T) / m (the mean)
+        chunk = max(1, KD_CHUNK_ELEMENTS // ctx.shape[-1])
+        for a in range(0, m, chunk):
+            part = grad[a:a + chunk] * scale
+            if index is not None:
+                part = part.new_zeros((part.shape[0], ctx.shape[-1])).scatter_(-1, index[a:a + chunk], part)
+            out[tuple(r[a:a + chunk] for r in rows)] = part.to(ctx.dtype)
+            del part
+        return out, None, None, None, None
 
 
 class Teacher(nn.Module):

@@ -53,9 +53,11 @@ Per GPU (one training step; the model keeps fp32 master weights, as `from_pretra
   teacher_gathered       FULL_SHARD / HYBRID_SHARD: 2*U_t*p + R_t*p (its no-grad forward: two layers in
                          flight and the root unit); SHARD_GRAD_OP / NO_SHARD in low precision: P_t*p (an
                          upper bound); NO_SHARD in fp32 and DDP: 0
-  distill_logits         B*T*V*c (the teacher's logits) + `kd_loss_peak_bytes`: 28*n*V for the whole
-                         vocabulary, max(12nV, 8nV + 12nk, 4nV + 36nk) for top-k (fp32 tensors of the KD
-                         loss alive at once, checked against the live tensors in tests/test_plan.py)
+  distill_logits         `kd_loss_bytes`: the KD loss keeps only its gradient for backward (4nK, K = V or
+                         top_k, + 8nk of top-k indices); forward adds the teacher's logits (c*n*V) and one
+                         chunk's temporaries (`kd_chunk_peak_bytes`, about 117 MB for V = 32,000), backward
+                         the gradient it returns for the fp32 logits (4nV); the larger of the two (checked
+                         against the live tensors in tests/test_plan.py)
   reserve    1.5 GiB + 10% of the sum of the above: CUDA context, NCCL buffers, allocator
                          fragmentation, cuBLAS workspaces and the transient activation gradients of the
                          layer being back-propagated.
@@ -464,17 +466,32 @@ def logits_bytes(config, B: int, T: int, c: int) -> int:
     return B * T * config.vocab_size * (c + 12)
 
 
-def kd_loss_peak_bytes(n: int, V: int, top_k: int | None = None) -> int:
-    """Peak bytes of the fp32 tensors `distill.kd_loss` holds at once over n positions (tests/test_plan.py
-    checks it against the tensors alive after every op). Whole vocabulary: the scaled student and teacher
-    logits, both log-softmaxes, the teacher's probabilities, their difference and product (7 x 4nV; the two
-    kept for backward are part of it). Top-k: the scaled student and teacher logits with the teacher's upcast
-    (12nV), then top-k's values and indices beside both (8nV + 12nk), then the k-token terms beside the full
-    student logits that gather keeps for backward (4nV + 36nk)."""
+def kd_chunk_peak_bytes(c: int, V: int, top_k: int | None = None) -> int:
+    """Peak bytes of one chunk's temporaries in `distill.kd_loss` (c positions): the whole vocabulary: the
+    scaled teacher and student logits, both log-softmaxes, the teacher's probabilities, their difference and
+    product (7 x 4cV); top-k: the scaled student logits beside the teacher's (12cV), top-k's values and indices
+    beside both (8cV + 12ck), then seven k-wide tensors (28ck)."""
     if top_k is None or top_k >= V:
-        return 28 * n * V
+        return 28 * c * V
     k = top_k
-    return max(12 * n * V, 8 * n * V + 12 * n * k, 4 * n * V + 36 * n * k)
+    return max(12 * c * V, 8 * c * V + 12 * c * k, 28 * c * k)
+
+
+def kd_loss_bytes(n: int, V: int, c: int, top_k: int | None = None) -> int:
+    """Peak bytes the KD loss adds over n positions with the teacher's logits in c-byte elements (tests/test_plan.py
+    checks the parts against the tensors alive after every op of `distill.kd_loss`, forward and backward).
+    Kept from forward to backward: the gradient (q - p), 4nK (K = V or top_k), and top-k's indices, 8nk.
+    Forward: the teacher's logits (cnV) + that + one chunk's temporaries (`kd_chunk_peak_bytes`, chunks of
+    `distill.KD_CHUNK_ELEMENTS // V` positions). Backward: that + the gradient it returns for the student's
+    fp32 logits (4nV) + one chunk of it in fp32 (4 x chunk x V, + 4 x chunk x k before top-k's scatter)."""
+    from llmshearing.model.distill import KD_CHUNK_ELEMENTS
+
+    K = V if top_k is None or top_k >= V else top_k
+    chunk = min(n, max(1, KD_CHUNK_ELEMENTS // V))
+    kept = 4 * n * K + (8 * n * K if K < V else 0)
+    forward = c * n * V + kept + kd_chunk_peak_bytes(chunk, V, top_k)
+    backward = kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0)
+    return max(forward, backward)
 
 
 def teacher_bytes(tcounts: dict, S: int, strategy: str | None, p: int) -> dict[str, float]:
@@ -544,8 +561,7 @@ def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: in
              "logits": logits_bytes(config, B, T, c)}
     if teacher is not None:
         terms.update(teacher_bytes(teacher["counts"], S, strategy, p))
-        terms["distill_logits"] = B * T * config.vocab_size * c + kd_loss_peak_bytes(B * T, config.vocab_size,
-                                                                                      teacher["top_k"])
+        terms["distill_logits"] = kd_loss_bytes(B * T, config.vocab_size, c, teacher["top_k"])
     subtotal = sum(terms.values())
     terms["reserve"] = CONTEXT_RESERVE_GIB * GiB + FRAGMENTATION * subtotal
     terms["total"] = subtotal + terms["reserve"]
