@@ -36,6 +36,15 @@ def _add_demo(sub) -> None:
     p.set_defaults(handler=_demo)
 
 
+def add_remote_arguments(p) -> None:
+    """--remote / --local: shards in object storage (or another folder) read through a cache, as a run's
+    data.remote / data.local (llmshearing.data.remote)."""
+    p.add_argument("--remote", metavar="URI", help="shards at s3:// / gs:// / oci:// or a folder, instead of --shards; "
+                                                   "shard files are fetched into --local on first read")
+    p.add_argument("--local", metavar="DIR", help="cache folder for --remote (the one a run's data.local names can "
+                                                  "be shared)")
+
+
 def _add_reference_loss(sub) -> None:
     p = sub.add_parser(
         "reference-loss", help="per-domain reference losses for dynamic batch loading, as a yaml snippet",
@@ -46,6 +55,7 @@ def _add_reference_loss(sub) -> None:
                                    "--target, the source whose vocabulary and tying enter the parameter count")
     p.add_argument("--gguf-file", help="GGUF file name inside --model")
     p.add_argument("--shards", help="shard folder (manifest.json) whose 'eval' split is evaluated")
+    add_remote_arguments(p)
     p.add_argument("--domains", help="comma-separated domains (default: all, in manifest / input order)")
     p.add_argument("--max-sequences", type=int, help="evaluate the first N eval sequences per domain (default: all)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -67,6 +77,7 @@ def _add_eval(sub) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL", help="HF model folder, or a .gguf file")
     p.add_argument("--gguf-file", help="GGUF file name inside every MODEL folder")
     p.add_argument("--shards", help="shard folder (manifest.json) whose 'eval' split is evaluated")
+    add_remote_arguments(p)
     p.add_argument("--domains", help="comma-separated domains (default: all, in manifest order)")
     p.add_argument("--max-sequences", type=int, help="evaluate the first N eval sequences per domain (default: all)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (shards and tasks)")
@@ -202,7 +213,8 @@ def run_eval(args) -> dict:
     report = evaluate_models(args.models, args.shards, args.gguf_file, _names(args.domains, "--domains"),
                              args.max_sequences, args.batch_size, args.dtype, args.device,
                              _names(args.tasks, "--tasks") or [], args.include_path, args.lm_eval_tasks,
-                             args.num_fewshot, args.limit, progress=sys.stderr.isatty())
+                             args.num_fewshot, args.limit, progress=sys.stderr.isatty(), remote=args.remote,
+                             local=args.local)
     print(report_table(report))
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
@@ -221,7 +233,7 @@ def reference_loss_snippet(args) -> str:
     if args.fit is not None and args.paper is not None:
         raise ConfigError("give one of --model/--shards, --fit or --paper, not --fit and --paper")
     if args.paper is not None:
-        extra = given("model", "gguf_file", "shards", "max_sequences", "target_params", "target")
+        extra = given("model", "gguf_file", "shards", "remote", "local", "max_sequences", "target_params", "target")
         if extra:
             raise ConfigError(f"--paper takes no {', '.join(extra)}")
         if args.paper not in reference.PAPER_REFERENCE_LOSSES:
@@ -236,7 +248,7 @@ def reference_loss_snippet(args) -> str:
                                                    f"on the LLaMA2 series; LLaMA-2 tokenizer, RedPajama), as released in "
                                                    f"princeton-nlp/LLM-Shearing llmshearing/scripts/pruning.sh")
     if args.fit is not None:
-        extra = given("shards", "max_sequences")
+        extra = given("shards", "remote", "local", "max_sequences")
         if extra:
             raise ConfigError(f"--fit takes no {', '.join(extra)} (those are for a source model's eval loss)")
         targets = given("target_params", "target")
@@ -249,14 +261,18 @@ def reference_loss_snippet(args) -> str:
             return reference.fit_snippet(args.fit, args.target_params, None, domains)
         n = reference.target_param_count(args.target, args.model, args.gguf_file)
         return reference.fit_snippet(args.fit, n, args.target, domains)
-    if args.model is None or args.shards is None:
-        raise ConfigError("reference-loss needs --model DIR --shards DIR (the source model's eval loss), "
-                          "--fit FILE with --target-params N or --target PRESET, or --paper PRESET")
+    if args.model is None or (args.shards is None and args.remote is None):
+        raise ConfigError("reference-loss needs --model DIR with --shards DIR or --remote URI --local DIR (the "
+                          "source model's eval loss), --fit FILE with --target-params N or --target PRESET, or "
+                          "--paper PRESET")
     extra = given("target_params", "target")
     if extra:
         raise ConfigError(f"{', '.join(extra)} only go with --fit FILE")
-    return reference.source_snippet(args.model, args.shards, args.gguf_file, domains, args.max_sequences,
-                                    args.batch_size, progress=sys.stderr.isatty())
+    from llmshearing.data.remote import shards_root
+
+    root = shards_root(args.shards, args.remote, args.local, ("--shards", "--remote", "--local"))
+    return reference.source_snippet(args.model, root, args.gguf_file, domains, args.max_sequences,
+                                    args.batch_size, progress=sys.stderr.isatty(), remote=args.remote)
 
 
 if __name__ == "__main__":

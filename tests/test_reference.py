@@ -232,8 +232,8 @@ def test_cli_paper(capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "needs --model DIR --shards DIR"),
-    (["--model", "m"], "needs --model DIR --shards DIR"),
+    ([], "needs --model DIR with --shards DIR or --remote URI --local DIR"),
+    (["--model", "m"], "needs --model DIR with --shards DIR or --remote URI --local DIR"),
     (["--fit", "f.yaml"], "exactly one of --target-params"),
     (["--fit", "f.yaml", "--target-params", "1e9", "--target", "x"], "exactly one of --target-params"),
     (["--fit", "f.yaml", "--target-params", "1e9", "--shards", "s"], "--fit takes no --shards"),

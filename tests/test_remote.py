@@ -3,6 +3,7 @@ through a per-node cache: the same samples as local shards, each file fetched on
 under concurrent processes, damaged copies refused, bad remotes clear errors at start, and training from a remote
 equal to training from local shards, across SIGKILL + autoresume and with two ranks."""
 import json
+import re
 import os
 import shutil
 import signal
@@ -216,3 +217,38 @@ def test_training_from_a_remote_equals_local_shards_across_sigkill_and_two_ranks
         assert a["weights"] == pytest.approx(b["weights"], abs=1e-5)
     files = downloads(cache2)
     assert len(files) == len(set(files)) and any(f.endswith(".mds") for f in files)
+
+
+def test_eval_and_reference_loss_read_a_remote(tiny_setup, remote, tmp_path, capsys):
+    """`llmshearing eval` and `reference-loss` take --remote/--local as a run takes data.remote/data.local: the
+    same numbers as from the folder, only the eval split's files fetched; bad combinations are one-line errors."""
+    from llmshearing.cli import main
+    from llmshearing.eval.evaluate import evaluate_models
+
+    model, cache = tiny_setup["model"], str(tmp_path / "cache")
+    here = evaluate_models([model], remote, max_sequences=3, batch_size=2)
+    there = evaluate_models([model], remote=remote, local=cache, max_sequences=3, batch_size=2)
+    assert there["models"][0]["domains"] == here["models"][0]["domains"]
+    assert there["shards"] == f"{remote} (cache {cache})"
+    fetched = [f for f in downloads(cache) if f.endswith(".mds")]
+    assert fetched and all(f.split(os.sep)[1] == "eval" for f in fetched)
+
+    capsys.readouterr()
+    assert main(["reference-loss", "--model", model, "--shards", remote, "--max-sequences", "3"]) == 0
+    from_folder = capsys.readouterr().out
+    assert main(["reference-loss", "--model", model, "--remote", remote, "--local", cache, "--max-sequences", "3"]) == 0
+    from_remote = capsys.readouterr().out
+    assert from_remote.splitlines()[-1] == from_folder.splitlines()[-1]  # reference_losses: {...}
+    assert from_remote.splitlines()[-1].startswith("reference_losses:")
+
+    for argv, message in [
+        (["eval", model, "--shards", remote, "--remote", remote, "--local", cache], "not both"),
+        (["eval", model, "--remote", remote], "needs --local"),
+        (["eval", model, "--shards", remote, "--local", cache], "--local=.* is the cache of --remote"),
+        (["eval", model, "--remote", str(tmp_path / "nowhere"), "--local", cache], "--remote=.* is not a folder"),
+        (["reference-loss", "--model", model, "--remote", remote], "needs --local"),
+        (["reference-loss", "--paper", "7b", "--remote", remote], "--paper takes no --remote"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(message, err) and "Traceback" not in err, (argv, err)

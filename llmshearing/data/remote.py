@@ -79,22 +79,45 @@ def fetch(remote: str, local: str, rel: str) -> str:
     return dest
 
 
-def prepare_cache(remote: str, local: str) -> None:
+CONFIG_KEYS = ("data.shards", "data.remote", "data.local")  # how a run's config names the three; the CLIs' --flags
+
+
+def shards_root(shards: str | None, remote: str | None, local: str | None, keys=CONFIG_KEYS) -> str | None:
+    """The folder the manifest and indexes are read from: `shards`, or `local` made the cache of `remote`
+    (`prepare_cache`); None when neither is given. `keys` name the three in errors."""
+    k_shards, k_remote, k_local = keys
+    if shards is not None and remote is not None:
+        raise ConfigError(f"give the shards either as {k_shards}=<folder> or as {k_remote}=<uri or folder> with "
+                          f"{k_local}=<cache folder> (not both)")
+    if remote is not None:
+        if not local:
+            raise ConfigError(f"{k_remote}='{remote}' needs {k_local}=<cache folder on this node> (each node "
+                              f"downloads the shard files it reads there once, shared by its ranks)")
+        prepare_cache(remote, local, keys)
+        return local
+    if local is not None:
+        raise ConfigError(f"{k_local}='{local}' is the cache of {k_remote}, which is not set; to read a local "
+                          f"folder use {k_shards}")
+    return shards
+
+
+def prepare_cache(remote: str, local: str, keys=CONFIG_KEYS) -> None:
     """Make `local` the cache of `remote`: checks the two differ and that the cache is not another remote's, and
     fetches the manifest. The node's first process (LOCAL_RANK 0) also compares the remote's manifest with a
     cached one it did not just fetch, so shards rebuilt at the remote are not read mixed with stale cached files."""
     from llmshearing.checks import writable_output
     from llmshearing.data.layout import MANIFEST
 
+    k_shards, k_remote, k_local = keys
     if "://" in local:
-        raise ConfigError(f"data.local='{local}' must be a folder on this node (the cache), not a URI")
+        raise ConfigError(f"{k_local}='{local}' must be a folder on this node (the cache), not a URI")
     if "://" not in remote and not os.path.isdir(remote):
-        raise ConfigError(f"data.remote='{remote}' is not a folder (a shard folder made by data_prep.shards, or an "
+        raise ConfigError(f"{k_remote}='{remote}' is not a folder (a shard folder made by data_prep.shards, or an "
                           f"s3:// / gs:// / oci:// URI)")
     if "://" not in remote and os.path.realpath(remote) == os.path.realpath(local):
-        raise ConfigError(f"data.local is data.remote ('{local}'); to read shards in place use data.shards={local} "
-                          f"data.remote=null data.local=null")
-    writable_output(local, "data.local")
+        raise ConfigError(f"{k_local} is {k_remote} ('{local}'); to read shards in place use {k_shards}={local} "
+                          f"and no {k_remote} / {k_local}")
+    writable_output(local, k_local)
     os.makedirs(local, exist_ok=True)
     with _locked(local, MARKER):
         marker = os.path.join(local, MARKER)
@@ -102,7 +125,7 @@ def prepare_cache(remote: str, local: str) -> None:
             with open(marker) as f:
                 held = json.load(f).get("remote")
             if held != remote:
-                raise ConfigError(f"data.local '{local}' is the cache of another remote ('{held}'); give this remote "
+                raise ConfigError(f"{k_local} '{local}' is the cache of another remote ('{held}'); give this remote "
                                   f"its own cache folder")
         cached_before = os.path.exists(os.path.join(local, MANIFEST))
         cached = fetch(remote, local, MANIFEST)
@@ -119,7 +142,7 @@ def prepare_cache(remote: str, local: str) -> None:
             same = filecmp.cmp(fresh, cached, shallow=False)
             os.remove(fresh)
         if not same:
-            raise ConfigError(f"the shards at data.remote '{remote}' changed since the cache '{local}' was filled; "
+            raise ConfigError(f"the shards at {k_remote} '{remote}' changed since the cache '{local}' was filled; "
                               f"delete the cache folder (or give a new data.local) so nothing stale is read")
 
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from llmshearing.devices import dtype_of, resolve_device
 from llmshearing.errors import ConfigError
 from llmshearing.data.layout import check_domains, open_split, read_manifest, tokens_of
+from llmshearing.data.remote import shards_root
 
 
 def _positive_int(value, key: str, allow_none: bool = False):
@@ -38,20 +39,21 @@ def _positive_int(value, key: str, allow_none: bool = False):
 @torch.no_grad()
 def domain_loss_stats(logits_fn: Callable[[torch.Tensor], torch.Tensor], root: str, domains: list[str] | None = None,
                       split: str = "eval", max_sequences: int | None = None, batch_size: int = 4,
-                      progress: bool = False) -> dict[str, dict]:
+                      progress: bool = False, remote: str | None = None) -> dict[str, dict]:
     """Per domain on `split` of the shards at `root`: {"loss": mean next-token cross-entropy (nats/token),
     "tokens": predicted tokens it averages over, "sequences": sequences read}.
 
     `logits_fn(input_ids)` maps a LongTensor (B, T) to logits (B, T, V) (on any device). Every sequence
     contributes its T-1 predicted positions; the mean is over all of them (a token-weighted mean).
     `domains` defaults to all domains of the manifest, in its order; `max_sequences` takes the first N
-    sequences of each domain (all when None).
+    sequences of each domain (all when None). With `remote`, `root` is its cache (`remote.shards_root`) and
+    shard files are fetched on first read.
     """
     manifest = read_manifest(root)
     domains = list(manifest["domains"]) if domains is None else list(domains)
     if not domains:
         raise ConfigError(f"domains: no domain to evaluate in '{root}'")
-    check_domains(manifest, root, domains, split, key="domains")
+    check_domains(manifest, root, domains, split, key="domains", remote=remote)
     max_sequences = _positive_int(max_sequences, "max_sequences", allow_none=True)
     batch_size = _positive_int(batch_size, "batch_size")
 
@@ -59,12 +61,12 @@ def domain_loss_stats(logits_fn: Callable[[torch.Tensor], torch.Tensor], root: s
     if progress:
         from tqdm.auto import tqdm
 
-        total = sum(min(len(open_split(root, d, split)), max_sequences or 10**18) for d in domains)
+        total = sum(min(len(open_split(root, d, split, remote)), max_sequences or 10**18) for d in domains)
         bar = tqdm(total=total, desc=f"loss on '{split}'", unit="seq")
     losses = {}
     try:
         for name in domains:
-            dataset = open_split(root, name, split)
+            dataset = open_split(root, name, split, remote)
             n = len(dataset) if max_sequences is None else min(len(dataset), max_sequences)
             total, count = 0.0, 0
             for start in range(0, n, batch_size):
@@ -93,9 +95,9 @@ def domain_loss_stats(logits_fn: Callable[[torch.Tensor], torch.Tensor], root: s
 
 def domain_losses(logits_fn: Callable[[torch.Tensor], torch.Tensor], root: str, domains: list[str] | None = None,
                   split: str = "eval", max_sequences: int | None = None, batch_size: int = 4,
-                  progress: bool = False) -> dict[str, float]:
+                  progress: bool = False, remote: str | None = None) -> dict[str, float]:
     """Mean next-token cross-entropy (nats/token) per domain: the "loss" of `domain_loss_stats`."""
-    stats = domain_loss_stats(logits_fn, root, domains, split, max_sequences, batch_size, progress)
+    stats = domain_loss_stats(logits_fn, root, domains, split, max_sequences, batch_size, progress, remote)
     return {d: s["loss"] for d, s in stats.items()}
 
 
@@ -260,8 +262,10 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
                     domains: list[str] | None = None, max_sequences: int | None = None, batch_size: int = 4,
                     dtype: str = "float32", device: str | None = None, tasks: Sequence[str] = (),
                     include_paths: Sequence[str] = (), lm_eval_tasks: bool = False, num_fewshot: int = 0,
-                    limit: int | None = None, progress: bool = False) -> dict:
-    """Per-domain loss/perplexity on the shards' `eval` split and task accuracies of each model folder.
+                    limit: int | None = None, progress: bool = False, remote: str | None = None,
+                    local: str | None = None) -> dict:
+    """Per-domain loss/perplexity on the shards' `eval` split and task accuracies of each model folder. The
+    shards are a folder (`shards`) or object storage read through a cache (`remote` + `local`).
 
     Every input is checked before any weights are read (so a bad call costs seconds and writes nothing);
     then the models are loaded and evaluated one at a time.
@@ -269,9 +273,10 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
     t_start = time.time()
     if not models:
         raise ConfigError("give at least one model folder")
-    if shards is None and not tasks:
-        raise ConfigError("nothing to evaluate: give --shards DIR (per-domain perplexity) and/or --tasks NAMES")
-    if shards is None and (domains is not None or max_sequences is not None):
+    if shards is None and remote is None and not tasks:
+        raise ConfigError("nothing to evaluate: give --shards DIR or --remote URI --local DIR (per-domain "
+                          "perplexity) and/or --tasks NAMES")
+    if shards is None and remote is None and (domains is not None or max_sequences is not None):
         raise ConfigError("--domains and --max-sequences select shard sequences; give --shards DIR too")
     batch_size = _positive_int(batch_size, "--batch-size")
     max_sequences = _positive_int(max_sequences, "--max-sequences", allow_none=True)
@@ -280,12 +285,14 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
         raise ConfigError(f"--num-fewshot must be a non-negative integer, got {num_fewshot!r}")
     dtype_of(dtype)
     device = resolve_device(device)
+    given_shards = shards if remote is None else f"{remote} (cache {local})"
+    shards = shards_root(shards, remote, local, ("--shards", "--remote", "--local"))
     if shards is not None:
         manifest = read_manifest(shards)
         domains = list(manifest["domains"]) if domains is None else list(domains)
         if not domains:
             raise ConfigError(f"--domains: no domain to evaluate in '{shards}'")
-        check_domains(manifest, shards, domains, "eval", key="--domains")
+        check_domains(manifest, shards, domains, "eval", key="--domains", remote=remote)
     located = [model_location(m, gguf_file) for m in models]
     checked = [check_model(path, gguf, shards, need_tokenizer=bool(tasks)) for path, gguf in located]
     manager = task_manager(tasks, include_paths, lm_eval_tasks) if tasks else None
@@ -299,7 +306,7 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
         if shards is not None:
             t = time.time()
             stats = domain_loss_stats(lambda ids: model(ids.to(device)).logits, shards, domains, "eval",
-                                      max_sequences, batch_size, progress)
+                                      max_sequences, batch_size, progress, remote)
             times["perplexity"] = time.time() - t
             entry["domains"] = {d: {"loss": s["loss"], "ppl": math.exp(s["loss"]), "tokens": s["tokens"],
                                     "sequences": s["sequences"]} for d, s in stats.items()}
@@ -312,7 +319,7 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
         entry["seconds"] = times
         results.append(entry)
         del model
-    report = {"shards": shards, "split": "eval" if shards is not None else None, "domains": domains,
+    report = {"shards": given_shards, "split": "eval" if shards is not None else None, "domains": domains,
               "max_sequences": max_sequences, "batch_size": batch_size, "dtype": dtype, "device": device,
               "tasks": list(tasks), "num_fewshot": num_fewshot if tasks else None, "limit": limit,
               "models": results, "seconds": time.time() - t_start}

@@ -50,8 +50,9 @@ _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 def source_reference_losses(model_path: str, shards_root: str, gguf_file: str | None = None,
                             domains: list[str] | None = None, max_sequences: int | None = None,
-                            batch_size: int = 4, progress: bool = False) -> dict[str, float]:
-    """Per-domain eval loss (nats/token) of the model at `model_path` on the shards' `eval` split.
+                            batch_size: int = 4, progress: bool = False, remote: str | None = None) -> dict[str, float]:
+    """Per-domain eval loss (nats/token) of the model at `model_path` on the shards' `eval` split (with `remote`,
+    `shards_root` is its cache: `data.remote.shards_root`).
 
     Checked before any weights are read: the shards exist and hold the domains, every token id of the
     shards' tokenizer fits the model's embedding, and (when the model folder has a tokenizer) the shards
@@ -64,12 +65,12 @@ def source_reference_losses(model_path: str, shards_root: str, gguf_file: str | 
 
     manifest = read_manifest(shards_root)
     domains = list(manifest["domains"]) if domains is None else list(domains)
-    check_domains(manifest, shards_root, domains, "eval", key="domains")
+    check_domains(manifest, shards_root, domains, "eval", key="domains", remote=remote)
     check_model(model_path, gguf_file, shards_root)
     device = resolve_device(None)
     model = load_model(model_path, gguf_file, "float32", device)
     return domain_losses(lambda ids: model(ids.to(device)).logits, shards_root, domains, "eval", max_sequences,
-                         batch_size, progress)
+                         batch_size, progress, remote)
 
 
 # ---------------------------------------------------------------------------------------------- scaling law
@@ -273,13 +274,14 @@ def reference_snippet(losses: Mapping[str, float], provenance: str, notes: Seque
 
 def source_snippet(model_path: str, shards_root: str, gguf_file: str | None = None,
                    domains: list[str] | None = None, max_sequences: int | None = None, batch_size: int = 4,
-                   progress: bool = False) -> str:
+                   progress: bool = False, remote: str | None = None) -> str:
     """`source_reference_losses` as a snippet, with where the numbers come from."""
-    losses = source_reference_losses(model_path, shards_root, gguf_file, domains, max_sequences, batch_size, progress)
+    losses = source_reference_losses(model_path, shards_root, gguf_file, domains, max_sequences, batch_size, progress,
+                                     remote)
     model = f"{model_path} (gguf {gguf_file})" if gguf_file else model_path
     amount = "all sequences" if max_sequences is None else f"first {max_sequences} sequences per domain"
     return reference_snippet(losses, f"mean next-token loss (nats/token) of the source model {model} on the "
-                                     f"'eval' split of {shards_root} ({amount})")
+                                     f"'eval' split of {remote or shards_root} ({amount})")
 
 
 def fit_snippet(table_path: str, target_params: float, target_label: str | None = None,

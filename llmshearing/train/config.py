@@ -438,19 +438,12 @@ def resolve_data(data: DataConfig) -> DataConfig:
     (`data` itself is left as given)."""
     if data.split not in ("prune", "continue"):
         raise ConfigError(f"data.split must be prune or continue, got '{data.split}'")
-    if (data.shards is None) == (data.remote is None):
-        raise ConfigError("give the shards either as data.shards=<folder> or as data.remote=<uri or folder> with "
-                          "data.local=<cache folder>" + (" (not both)" if data.shards else ""))
-    if data.remote is not None:
-        if not data.local:
-            raise ConfigError(f"data.remote='{data.remote}' needs data.local=<cache folder on this node> (each node "
-                              f"downloads the shard files it reads there once, shared by its ranks)")
-        from llmshearing.data.remote import prepare_cache
+    from llmshearing.data.remote import shards_root
 
-        prepare_cache(data.remote, data.local)
-    elif data.local is not None:
-        raise ConfigError(f"data.local='{data.local}' is the cache of data.remote, which is not set; to read a local "
-                          f"folder use data.shards")
+    if data.shards is None and data.remote is None:
+        raise ConfigError("give the shards either as data.shards=<folder> or as data.remote=<uri or folder> with "
+                          "data.local=<cache folder>")
+    shards_root(data.shards, data.remote, data.local)
     manifest = read_manifest(data.root)
     domains = list(data.domains) if data.domains is not None else list(manifest["domains"])
     if not domains:
