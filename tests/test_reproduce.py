@@ -165,7 +165,9 @@ def test_beyond_the_paper_arms_over_seeds(tiny_setup, tmp_path):
     assert combined["arms"]["sheared"]["final_mean_loss_range"] == [min(by_seed.values()), max(by_seed.values())]
 
     run_config = lambda arm, stage: open(os.path.join(out, "seed-1", arm, stage, "run_config.yaml")).read()  # noqa: E731
-    assert "distill: null" in run_config("sheared", "prune")
+    assert "distill: null" in run_config("sheared", "prune")  # the paper's arms whatever the demo recipes default to
+    assert "distill: null" in run_config("sheared", "continue")
+    assert "init: uniform" in run_config("sheared", "prune") and "lagrangian_warmup: 0ba" not in run_config("sheared", "prune")
     assert "teacher: source" in run_config("sheared_kd", "prune")
     assert f"teacher: {tiny_setup['model']}" in run_config("sheared_kd", "continue")
     assert f"teacher: {tiny_setup['model']}" in run_config("oneshot_act_kd", "continue")

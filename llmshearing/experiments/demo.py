@@ -39,7 +39,9 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
     from transformers import AutoModelForCausalLM
 
     from data_prep.shards import build_default_shards
-    from llmshearing.train.config import load_config
+    from omegaconf import OmegaConf
+
+    from llmshearing.train.config import load_config, resolve_recipe
     from llmshearing.eval.evaluate import domain_losses
     from llmshearing.experiments.reference_losses import reference_snippet, source_reference_losses
     from llmshearing.train.checkpointing import load_checkpoint
@@ -66,6 +68,8 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
                  f"export_dir={os.path.join(out_dir, 'pruned' if stage == 'prune' else 'continued')}"]
         if stage == "continue":
             paths.append(f"data.proportions={os.path.join(out_dir, 'prune', 'domain_weights.json')}")
+            if OmegaConf.load(resolve_recipe(yaml_name)).get("distill") is not None:
+                paths.append(f"distill.teacher={model_dir}")  # the source this demo pruned
         cfg = load_config(yaml_name, paths + _stage_overrides(overrides, stage))
         t = time.time()
         stages[stage] = {"cfg": cfg, **run(cfg)}

@@ -31,8 +31,9 @@ oneshot_act_kd --seeds 17 18 19`):
 `<out>/summary.{json,md}` over the seeds: per arm the final mean eval loss of each seed, their mean and range.
 
 Both stages are the real Composer trainer (`llmshearing.train.run`) on the demo's recipes
-(yamls/demo_smollm2.yaml, yamls/demo_continue.yaml) with overrides for paths, steps and batch; the
-continued-pretraining recipe is the same for every arm. Per-domain losses come from
+(yamls/demo_smollm2.yaml, yamls/demo_continue.yaml) with overrides for paths, steps and batch, and each arm's
+mask init and distillation stated (so the demo's defaults, activation init + distillation since issue 15, do not
+leak into the paper's arms); the continued-pretraining recipe is otherwise the same for every arm. Per-domain losses come from
 `llmshearing.eval.evaluate.domain_losses` (the final table) and from the trainers' evals (the curves); every
 arm's token count is read back from its Composer checkpoints. Each arm writes `<out>/<arm>/result.json`
 when done, and an arm (or stage) whose record exists is skipped, so an interrupted run resumes.
@@ -192,14 +193,19 @@ def stage_overrides(s: Settings, stage: str, name: str, model_path: str, folder:
         o.append(f"device={s.device}")
     o.append(f"data.dynamic.reference_losses={ref_file}" if dynamic else "data.dynamic=null")
     arm = arm or {}
+    # Every arm states its distillation and mask init, whatever the demo recipes default to
     if arm.get("distill"):  # the teacher is the source model in both stages (in pruning, `source` is model.path)
-        o.append(f"distill.teacher={'source' if stage == 'prune' else s.model}")
+        o += ["distill.alpha=1.0", "distill.temperature=1.0", "distill.top_k=null",
+              f"distill.teacher={'source' if stage == 'prune' else s.model}"]
+    else:
+        o.append("distill=null")
     if stage == "prune":
         o.append(f"pruning.target={s.target}")
         if arm.get("mask_init") == "activation":
             o += ["pruning.init=activation", f"pruning.init_sequences={s.calibration}", "pruning.lagrangian_warmup=0ba"]
-        else:  # the demo's warm-up share (40 of 100 steps): the Lagrangian ramps to the target over 40% of pruning
-            o.append(f"pruning.lagrangian_warmup={max(1, round(0.4 * steps))}ba")
+        else:  # the paper's uniform init; the Lagrangian ramps to the target over 40% of pruning (the demo's share
+            # before issue 15: 40 of 100 steps)
+            o += ["pruning.init=uniform", f"pruning.lagrangian_warmup={max(1, round(0.4 * steps))}ba"]
     else:
         # 3% warm-up as in the paper's continued pretraining; the start mixture: pruning's last, else the shards'
         o += [f"scheduler.t_warmup={max(1, round(0.03 * steps))}ba", f"data.proportions={proportions or 'null'}"]
