@@ -17,6 +17,11 @@ from llmshearing.model.decoder import DecoderLM
 KD_CHUNK_ELEMENTS = 2**22
 
 
+def kd_chunk_rows(vocab: int) -> int:
+    """Positions kd_loss handles at once: KD_CHUNK_ELEMENTS worth of one vocabulary-wide row each."""
+    return max(1, KD_CHUNK_ELEMENTS // vocab)
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
             top_k: int | None = None) -> torch.Tensor:
     """T^2 * mean over the positions whose label is not -100 of KL(p_teacher || p_student), with
@@ -45,7 +50,7 @@ class _KDLoss(torch.autograd.Function):
     def forward(ctx, student, teacher, rows, temperature, top_k):
         V, m = student.shape[-1], rows[0].numel()
         k = V if top_k is None or top_k >= V else int(top_k)
-        chunk = max(1, KD_CHUNK_ELEMENTS // V)
+        chunk = kd_chunk_rows(V)
         grad = torch.empty((m, k), dtype=torch.float32, device=student.device)
         index = None if k == V else torch.empty((m, k), dtype=torch.long, device=student.device)
         total = torch.zeros((), dtype=torch.float32, device=student.device)
@@ -71,7 +76,7 @@ class _KDLoss(torch.autograd.Function):
         m = grad.shape[0]
         out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
         scale = g * ctx.temperature / max(m, 1)  # T^2 (the factor) / T (s = logits / T) / m (the mean)
-        chunk = max(1, KD_CHUNK_ELEMENTS // ctx.shape[-1])
+        chunk = kd_chunk_rows(ctx.shape[-1])
         for a in range(0, m, chunk):
             part = grad[a:a + chunk] * scale
             if index is not None:

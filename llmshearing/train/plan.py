@@ -154,6 +154,11 @@ def shipped_llama2_7b() -> str:
                       "give --model-config PATH (a Llama-2-7b-hf config.json)")
 
 
+def names_llama2_7b(raw: str, path: str) -> bool:
+    """A recipe path that means Llama-2-7B (its env var, or the model's name), so the shipped config stands in."""
+    return "LLAMA2_7B" in raw or "llama-2-7b" in path.lower()
+
+
 def load_model_config(path: str):
     """An HF config from a config.json file or a folder holding one (no weights, no network)."""
     from transformers import AutoConfig
@@ -309,7 +314,7 @@ def resolve_model(recipe: dict, model_config: str | None = None, target_shape: s
         config, used = load_model_config(model_config), model_config
     elif os.path.isfile(os.path.join(path, "config.json")):
         config, used = load_model_config(path), os.path.join(path, "config.json")
-    elif "LLAMA2_7B" in raw or "PRUNED" in raw or "llama-2-7b" in path.lower():
+    elif names_llama2_7b(raw, path) or "PRUNED" in raw:
         used = shipped_llama2_7b()
         config, shipped_fallback = load_model_config(used), True
         used = f"{used} (model.path '{path}' does not exist here)"
@@ -354,7 +359,7 @@ def resolve_teacher(recipe: dict, config, teacher_config: str | None = None):
         tconfig, used = load_model_config(teacher_config), teacher_config
     elif os.path.isfile(os.path.join(teacher, "config.json")):
         tconfig, used = load_model_config(teacher), os.path.join(teacher, "config.json")
-    elif "LLAMA2_7B" in recipe["distill_teacher_raw"] or "llama-2-7b" in teacher.lower():
+    elif names_llama2_7b(recipe["distill_teacher_raw"], teacher):
         tconfig = load_model_config(shipped_llama2_7b())
         used = f"{shipped_llama2_7b()} (distill.teacher '{teacher}' does not exist here)"
     else:
@@ -482,12 +487,12 @@ def kd_loss_bytes(n: int, V: int, c: int, top_k: int | None = None) -> int:
     checks the parts against the tensors alive after every op of `distill.kd_loss`, forward and backward).
     Kept from forward to backward: the gradient (q - p), 4nK (K = V or top_k), and top-k's indices, 8nk.
     Forward: the teacher's logits (cnV) + that + one chunk's temporaries (`kd_chunk_peak_bytes`, chunks of
-    `distill.KD_CHUNK_ELEMENTS // V` positions). Backward: that + the gradient it returns for the student's
+    `distill.kd_chunk_rows(V)` positions). Backward: that + the gradient it returns for the student's
     fp32 logits (4nV) + one chunk of it in fp32 (4 x chunk x V, + 4 x chunk x k before top-k's scatter)."""
-    from llmshearing.model.distill import KD_CHUNK_ELEMENTS
+    from llmshearing.model.distill import kd_chunk_rows
 
     K = V if top_k is None or top_k >= V else top_k
-    chunk = min(n, max(1, KD_CHUNK_ELEMENTS // V))
+    chunk = min(n, kd_chunk_rows(V))
     kept = 4 * n * K + (8 * n * K if K < V else 0)
     forward = c * n * V + kept + kd_chunk_peak_bytes(chunk, V, top_k)
     backward = kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0)
