@@ -283,3 +283,25 @@ def test_activation_scores_in_bounded_passes_equal_the_one_pass_scores(family, m
     weights = param_count(shape_of(config), config) * 4
     # Llama-2-7B x 4096 tokens: one sequence per pass, the MLP phase the larger: 836 MiB beside 25.1 GiB of weights
     assert activation_peak_bytes(config, 4096) - weights == 4 * 4096 * (3 * 11008 + 5 * 4096) == 836 * 2**20
+
+
+@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2"])
+def test_every_family_trains_evaluates_and_exports_on_meta(family):
+    """The family-specific paths at tiny shapes: tied embeddings (the export's final-norm fold), q/k/v biases (the
+    masked linear's bias gradient), GQA, and Mistral's sliding-window mask (T = 40 > window 24)."""
+    from llmshearing.experiments.tiny import tiny_config
+
+    config = tiny_config(family)
+    src = shape_of(config)
+    target = Shape(2, 32, src.num_key_value_heads, src.num_key_value_heads, 48)  # every level masked but KV/MHA
+    case = {"config": config, "target": target, "teacher": config, "dtype": torch.float32, "batch": 2, "seq": 40}
+    model = build(case)
+    with meta_values():
+        model.train()
+        data = batch(case)
+        model.loss(model(data), data)["total"].backward()
+        model.eval()
+        assert model.eval_forward(data).shape == (2, 40, config.vocab_size)
+        pruned, _ = finalize(model.model, model.l0)
+        assert {k: v.shape for k, v in pruned.state_dict().items()} == \
+               {k: v.shape for k, v in meta_lm(target_config(config, target)).state_dict().items()}
