@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from llmshearing.model.hf import head_dim_of, load_hf_config
-from llmshearing.pruning.shapes import resolve_target, shape_of
+from llmshearing.pruning.shapes import param_count, resolve_target, shape_of
 from llmshearing.pruning.masks import L0Module, row_ranks
 from llmshearing.model.decoder import DecoderLM
 
@@ -97,8 +97,6 @@ def activation_peak_bytes(config, seq_len: int, weight_bytes: int = 4) -> int:
       attention: three residual-width tensors, q/k/v, the attention output and its reshaped copy, and one chunk of
                  per-head outputs: 4 * (n * (3 d + (H + 2 KV) hd + 2 H hd) + min(HEAD_CHUNK_ELEMENTS, n H d)).
     Checked against the live meta tensors of a pass at Llama-2-7B and Llama-3.1-8B x 4096 tokens (docs/devices.md)."""
-    from llmshearing.pruning.shapes import param_count, shape_of
-
     d, I, hd = config.hidden_size, config.intermediate_size, head_dim_of(config)
     H, KV = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     n = seq_len * sequences_per_pass(seq_len)
