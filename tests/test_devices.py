@@ -305,3 +305,17 @@ def test_every_family_trains_evaluates_and_exports_on_meta(family):
         pruned, _ = finalize(model.model, model.l0)
         assert {k: v.shape for k, v in pruned.state_dict().items()} == \
                {k: v.shape for k, v in meta_lm(target_config(config, target)).state_dict().items()}
+
+
+def test_eval_losses_on_meta(tiny_setup):
+    """`llmshearing eval`'s loss path (domain_loss_stats with evaluate_models' logits function) on meta at the
+    sheared-llama-1.3b export's shape: shard ids read on the CPU meet the model's device only as evaluate_models
+    moves them, the targets as domain_loss_stats moves them. (The transformers model that `llmshearing eval` loads
+    does not run on meta: its rotary embedding opens an autocast region for the tensors' device type, which meta is
+    not; the DecoderLM computes the same logits.)"""
+    from llmshearing.eval.evaluate import domain_loss_stats
+
+    model = meta_lm(recipe_case("continue_1.3b")["config"], torch.bfloat16).eval()
+    with meta_values():
+        stats = domain_loss_stats(lambda ids: model(ids.to(META)), tiny_setup["shards"], batch_size=4)
+    assert set(stats) == {"prose", "code"} and all(s["loss"] == 0.5 / s["tokens"] for s in stats.values())
