@@ -73,8 +73,8 @@ def install_atomic_writes() -> None:
 def _composer_dist_module():
     from composer.utils import dist
 
-    require(callable(getattr(dist, "get_node_signal_file_name", None)) and callable(getattr(dist, "get_node_rank", None)),
-            "per_node_signal_files", "composer.utils.dist.get_node_signal_file_name", "mosaicml")
+    require(all(callable(getattr(dist, n, None)) for n in ("get_node_signal_file_name", "get_node_rank")),
+            "per_node_signal_files", "composer.utils.dist.get_node_signal_file_name / get_node_rank", "mosaicml")
     return dist
 
 

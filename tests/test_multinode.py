@@ -160,6 +160,7 @@ def test_a_node_that_dies_ends_both_and_autoresume_ends_bit_identical(runs, tiny
         except subprocess.TimeoutExpired:
             codes.append(None)
     took = time.time() - start
+    print(f"exit codes {codes}, {took:.1f}s after node 1's worker was killed")
     for w in workers:  # nothing may be left; clean up by PID if something is
         if w.is_running() and w.status() != psutil.STATUS_ZOMBIE:
             w.kill()
@@ -193,7 +194,7 @@ def test_a_save_folder_the_nodes_do_not_share_is_refused_at_start(runs, tiny_set
         assert "is not the folder rank 0 writes on node(s) [1]" in tail(folder, node), tail(folder, node)
         assert "Traceback" not in tail(folder, node)
     assert not os.path.exists(os.path.join(folder, "pruning_log.jsonl")) and not checkpoints(folder)
-    assert not os.path.exists(os.path.join(folder, ".shared-check"))
+    assert not [n for n in os.listdir(folder) if n.startswith(".shared-check")]
 
 
 def readme_node_command():
