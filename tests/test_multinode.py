@@ -148,23 +148,28 @@ def test_a_node_that_dies_ends_both_and_autoresume_ends_bit_identical(runs, tiny
 
     killed = str(runs["root"] / "killed")
     procs = nodes(tiny_setup, runs["remote"], killed, free_port(), SHARDED)
-    wait_for_lines(os.path.join(killed, "pruning_log.jsonl"), 4, procs[0])
-    workers = [c for p in procs for c in psutil.Process(p.pid).children(recursive=True)]
-    victim = next(c for c in psutil.Process(procs[1].pid).children() if c.environ().get("RANK") == "1")
-    victim.kill()
-    start = time.time()
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(timeout=max(1.0, DIST_TIMEOUT + 30 - (time.time() - start))))
-        except subprocess.TimeoutExpired:
-            codes.append(None)
-    took = time.time() - start
+    try:
+        wait_for_lines(os.path.join(killed, "pruning_log.jsonl"), 4, procs[0])
+        workers = [c for p in procs for c in psutil.Process(p.pid).children(recursive=True)]  # dataloader workers too
+        victim = next(c for c in psutil.Process(procs[1].pid).children() if c.environ().get("RANK") == "1")
+        victim.kill()
+        start = time.time()
+        codes = []
+        for p in procs:
+            try:
+                codes.append(p.wait(timeout=max(1.0, DIST_TIMEOUT + 30 - (time.time() - start))))
+            except subprocess.TimeoutExpired:
+                codes.append(None)
+        took = time.time() - start
+    finally:
+        for p in procs:  # the launchers' process groups (their workers are in them), if the test failed early
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
     print(f"exit codes {codes}, {took:.1f}s after node 1's worker was killed")
-    for w in workers:  # nothing may be left; clean up by PID if something is
-        if w.is_running() and w.status() != psutil.STATUS_ZOMBIE:
-            w.kill()
-            pytest.fail(f"process {w.pid} of the killed run was still running {took:.0f}s after node 1 died")
+    left = [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+    for w in left:
+        w.kill()
+    assert not left, f"processes {[w.pid for w in left]} of the killed run were still running {took:.0f}s later"
     assert None not in codes, f"a launcher did not end within {DIST_TIMEOUT + 30}s of node 1 dying: {codes}"
     assert all(c != 0 for c in codes), (codes, tail(killed, 0), tail(killed, 1))
     assert took < DIST_TIMEOUT + 30  # the dist_timeout, and the launcher's 30 s to stop its processes
