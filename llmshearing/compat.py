@@ -69,6 +69,39 @@ def install_atomic_writes() -> None:
     checkpoint._write_checkpoint_file = write
 
 
+# -- Composer: autoresume on a save_folder shared by several nodes ----------------------------------------------
+def _composer_dist_module():
+    from composer.utils import dist
+
+    require(all(callable(getattr(dist, n, None)) for n in ("get_node_signal_file_name", "get_node_rank")),
+            "per_node_signal_files", "composer.utils.dist.get_node_signal_file_name / get_node_rank", "mosaicml")
+    return dist
+
+
+def per_node_signal_files() -> None:
+    """Name the signal files of Composer's collective waits after this node (process-wide, idempotent).
+
+    Composer 0.32 broadcasts rank 0's name (`._signal_file_node0_<random>`); at autoresume every node's local
+    rank 0 writes that file into save_folder and then removes it. On a save_folder shared by the nodes (what
+    sharded checkpoints and autoresume need) the nodes write and remove the same file, and the node that removes
+    it second fails at start with FileNotFoundError. A name per node keeps the wait within the node, as meant.
+    """
+    dist = _composer_dist_module()
+    original = dist.get_node_signal_file_name
+    if getattr(original, "_llmshearing_per_node", False):
+        return
+
+    def per_node(rng=None) -> str:
+        name = original(rng)  # a collective: every rank calls it, as before
+        prefix = "._signal_file_node"
+        if not name.startswith(prefix):
+            return name
+        return f"{prefix}{dist.get_node_rank()}_{name[len(prefix):].split('_', 1)[-1]}"
+
+    per_node._llmshearing_per_node = True
+    dist.get_node_signal_file_name = per_node
+
+
 # -- Composer: the layout of a checkpoint -----------------------------------------------------------------
 def is_sharded_checkpoint(path: str) -> bool:
     """A sharded (torch.distributed.checkpoint) checkpoint is a folder holding `.metadata` and `__<rank>_0.distcp`."""
@@ -224,6 +257,7 @@ def check_all() -> None:
     from transformers import LlamaConfig
 
     _composer_checkpoint_module()
+    _composer_dist_module()
     _fsdp_private()
     _engine_close()
     _fqn_cache()

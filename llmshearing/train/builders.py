@@ -15,7 +15,8 @@ from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
 from llmshearing import registry
-from llmshearing.compat import enable_fsdp_on_cpu, ignore_stop_signals, install_atomic_writes, kill_workers_at_exit
+from llmshearing.compat import (enable_fsdp_on_cpu, ignore_stop_signals, install_atomic_writes, kill_workers_at_exit,
+                               per_node_signal_files)
 from llmshearing.data.layout import DomainSequences
 from llmshearing.data.mixture import DomainMixture, MixtureLoader
 from llmshearing.data.tokenizer import check_tokenizer, model_tokenizer
@@ -162,6 +163,7 @@ def build_trainer(cfg: TrainConfig):
 
     reproducibility.seed_all(cfg.seed)  # before the model is built: anything it draws follows the seed
     install_atomic_writes()
+    per_node_signal_files()  # autoresume on a save_folder shared by several nodes
     if cfg.autoresume and dist.get_global_rank() == 0:
         repair_latest(cfg.save_folder)
     per_device = cfg.global_train_batch_size // dist.get_world_size()
