@@ -147,9 +147,9 @@ def flow(mapping: dict) -> str:
 
 
 def overrides(src: dict, folder: str, ranks: int, args, *, batches: int, export: bool, stop_after=None,
-              pruning=True, distill=True) -> list[str]:
+              pruning=True, distill=True, every: int = SAVE_EVERY) -> list[str]:
     """The demo recipe pointed at `src`, with every feature under check set explicitly (so a recipe change
-    cannot switch one off unseen)."""
+    cannot switch one off unseen); a sharded checkpoint and an eval every `every` batches."""
     from llmshearing.data.layout import read_manifest
 
     gpu = args.device == "gpu"
@@ -157,7 +157,7 @@ def overrides(src: dict, folder: str, ranks: int, args, *, batches: int, export:
     target = src["target"] if isinstance(src["target"], str) else flow(src["target"])
     o = [f"model.path={src['model']}", f"data.shards={src['shards']}", "data.num_workers=0",
          f"data.dynamic={{reference_losses: {[3.0] * len(domains)}, eta: 0.3}}",
-         f"max_duration={batches}ba", f"save_interval={SAVE_EVERY}ba", f"eval_interval={SAVE_EVERY}ba",
+         f"max_duration={batches}ba", f"save_interval={every}ba", f"eval_interval={every}ba",
          "eval_subset_num_batches=1", f"save_folder={folder}", "save_overwrite=false", "autoresume=true",
          f"export_dir={os.path.join(folder, 'export') if export else 'null'}", f"device={args.device}",
          f"precision={'amp_bf16' if gpu else 'fp32'}", f"model.attn_impl={'auto' if gpu else 'sdpa'}",
@@ -170,7 +170,7 @@ def overrides(src: dict, folder: str, ranks: int, args, *, batches: int, export:
     return o + (["distill={teacher: source, alpha: 1.0, temperature: 1.0}"] if distill else ["distill=null"])
 
 
-def launch(name: str, ranks: int, stages: list[tuple[str, list[str]]], work: str, timeout: float) -> dict:
+def launch(name: str, ranks: int, stages: list[tuple[str, list[str]]], work: str, budget: float) -> dict:
     """`composer -n ranks bench/gpu_check.py --worker` over `stages`; returns each stage's report (or error)."""
     plan = os.path.join(work, f"{name}.plan.json")
     reports = {stage: os.path.join(work, f"{stage}.json") for stage, _ in stages}
@@ -186,6 +186,7 @@ def launch(name: str, ranks: int, stages: list[tuple[str, list[str]]], work: str
     print(f"[{time.time() - T0:6.1f}s] launch {name}: composer -n {ranks}, stages {', '.join(reports)}", flush=True)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    timeout = max(budget - (time.time() - T0) - 30, 30)  # 30 s kept for the export and resume checks
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -230,7 +231,8 @@ def timing(r: dict) -> dict:
     return {"median_step_s": median, "tokens_per_s": r["tokens_per_batch"][-1] / median, "steps_timed": len(steady)}
 
 
-def check_training(r: dict, folder: str, ranks: int, batches: int, shapes: tuple | None = None, distill=True) -> dict:
+def check_training(r: dict, folder: str, ranks: int, batches: int, shapes: dict | None = None, distill=True,
+                   every: int = SAVE_EVERY) -> dict:
     """The stage ran to the end on `ranks` ranks with the features it was given, every logged number finite; with
     pruning (`shapes`: source and target), the activation init took the masks' expected shape at least 3/4 of the
     way from the source to the target."""
@@ -242,17 +244,17 @@ def check_training(r: dict, folder: str, ranks: int, batches: int, shapes: tuple
     res = {"world_size": r["world_size"], "precision": r["precision"], "attention": r["attention"],
            "batches": len(r["batch_seconds"]), "peak_gpu_gib": r["peak_gpu_gib"], **timing(r)}
     wanted = ["loss/train/total"] + (["loss/train/kd"] if distill else []) + ["grad_norm/before_clipping"]
-    every = {k: [v for _, v in metrics.get(k, [])] for k in wanted}
-    res["final_loss"] = every["loss/train/total"][-1] if every["loss/train/total"] else None
-    res["grad_norms"] = every["grad_norm/before_clipping"]
-    problems = [f"{k} logged {len(v)} of {batches} batches or not finite" for k, v in every.items()
+    logged = {k: [v for _, v in metrics.get(k, [])] for k in wanted}
+    res["final_loss"] = logged["loss/train/total"][-1] if logged["loss/train/total"] else None
+    res["grad_norms"] = logged["grad_norm/before_clipping"]
+    problems = [f"{k} logged {len(v)} of {batches} batches or not finite" for k, v in logged.items()
                 if len(v) != batches or not finite(v)]
     if r["world_size"] != ranks:
         problems.append(f"ran on {r['world_size']} ranks, not {ranks}")
     if r["stopped_after"] is not None:
         problems.append(f"stopped after batch {r['stopped_after']}")
-    if not is_sharded_checkpoint(os.path.join(folder, f"ep0-ba{SAVE_EVERY}")):
-        problems.append(f"no sharded checkpoint ep0-ba{SAVE_EVERY}/ with .metadata in {folder}")
+    if not is_sharded_checkpoint(os.path.join(folder, f"ep0-ba{every}")):
+        problems.append(f"no sharded checkpoint ep0-ba{every}/ with .metadata in {folder}")
     if shapes is not None:
         init = os.path.join(folder, "mask_init.json")
         record = json.load(open(init)) if os.path.exists(init) else {}
@@ -357,7 +359,8 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", help="a `make tiny` folder to reuse (made there when missing; default: in --work)")
     p.add_argument("--tiny-only", action="store_true", help="the tiny GQA model even where SmolLM2-135M is present")
     p.add_argument("--work", help="folder for the runs (default: a temporary folder, removed at the end)")
-    p.add_argument("--timeout", type=float, default=420, help="seconds per launch")
+    p.add_argument("--budget", type=float, default=540,
+                   help="seconds for the whole check; a launch still running when its share is spent is killed")
     args = p.parse_args(argv)
     if args.worker:
         worker(args.worker)
@@ -403,15 +406,15 @@ def _check(args, work: str, out: str) -> int:
     B = RESUME_BATCHES
     one = [("mha", overrides(sources["mha"], folder["mha"], 1, args, batches=B, export=True)),
            ("masked", overrides(sources["gqa"], folder["masked"], 1, args, batches=args.batches, export=False,
-                                distill=False)),
+                                distill=False, every=args.batches)),
            ("dense", overrides(sources["gqa"], folder["dense"], 1, args, batches=args.batches, export=False,
-                               pruning=False, distill=False))]
+                               pruning=False, distill=False, every=args.batches))]
     stop = overrides(sources["gqa"], folder["gqa_stop"], ranks, args, batches=B, export=False, stop_after=STOP_AFTER)
     resume = overrides(sources["gqa"], folder["gqa_stop"], ranks, args, batches=B, export=False)
-    stages = {**launch("one", 1, one, work, args.timeout),
+    stages = {**launch("one", 1, one, work, args.budget),
               **launch("all", ranks, [("gqa", overrides(sources["gqa"], folder["gqa"], ranks, args, batches=B,
-                                                        export=True)), ("gqa_stop", stop)], work, args.timeout)}
-    stages.update(launch("resume", ranks, [("gqa_resume", resume)], work, args.timeout)
+                                                        export=True)), ("gqa_stop", stop)], work, args.budget)}
+    stages.update(launch("resume", ranks, [("gqa_resume", resume)], work, args.budget)
                   if "error" not in stages["gqa_stop"] else {"gqa_resume": {"error": "gqa_stop failed"}})
     target, shapes = {}, {}
     for name, src in sources.items():
@@ -422,8 +425,9 @@ def _check(args, work: str, out: str) -> int:
         "train_mha_1_rank": check_training(stages["mha"], folder["mha"], 1, B, shapes["mha"]),
         f"train_gqa_{ranks}_ranks": check_training(stages["gqa"], folder["gqa"], ranks, B, shapes["gqa"]),
         "train_masked_1_rank": check_training(stages["masked"], folder["masked"], 1, args.batches, shapes["gqa"],
-                                              distill=False),
-        "train_dense_1_rank": check_training(stages["dense"], folder["dense"], 1, args.batches, distill=False),
+                                              distill=False, every=args.batches),
+        "train_dense_1_rank": check_training(stages["dense"], folder["dense"], 1, args.batches, distill=False,
+                                             every=args.batches),
         "export_mha": check_export(folder["mha"], target["mha"], args.device)
         if "error" not in stages["mha"] else {"ok": False, "error": "stage mha failed"},
         "export_gqa": check_export(folder["gqa"], target["gqa"], args.device)
