@@ -198,8 +198,7 @@ def launch(name: str, ranks: int, stages: list[tuple[str, list[str]]], work: str
     results = {}
     for stage, path in reports.items():
         if os.path.exists(path):
-            with open(path) as f:
-                results[stage] = json.load(f)
+            results[stage] = read_json(path)
         else:
             results[stage] = {"error": f"launch {name} exited {proc.returncode} before this stage ended"}
         if "error" in results[stage]:
@@ -257,7 +256,7 @@ def check_training(r: dict, folder: str, ranks: int, batches: int, shapes: dict 
         problems.append(f"no sharded checkpoint ep0-ba{every}/ with .metadata in {folder}")
     if shapes is not None:
         init = os.path.join(folder, "mask_init.json")
-        record = json.load(open(init)) if os.path.exists(init) else {}
+        record = read_json(init) if os.path.exists(init) else {}
         expected = res["mask_init_expected_shape"] = record.get("expected_shape_step0") or {}
         if record.get("init") != "activation" or not record.get("calibration_sequences"):
             problems.append("pruning.init=activation wrote no mask_init.json with calibration sequences")
@@ -299,9 +298,9 @@ def check_export(folder: str, target: dict, device: str) -> dict:
     return {"ok": not res["problems"], **res}
 
 
-def read_jsonl(path: str) -> list:
+def read_json(path: str):
     with open(path) as f:
-        return [json.loads(line) for line in f]
+        return json.load(f)
 
 
 def check_resume(stop: dict, resumed: dict, base: str, folder: str, device: str) -> dict:
@@ -309,6 +308,7 @@ def check_resume(stop: dict, resumed: dict, base: str, folder: str, device: str)
     at that batch, its logs continue without a gap or repeat, and it ends where the uninterrupted run ended:
     exactly on CPU; on a GPU (non-deterministic kernels) losses within 2% and the weights' difference reported."""
     from llmshearing.compat import checkpoint_state, is_sharded_checkpoint
+    from llmshearing.io import read_jsonl
 
     for name, r in (("stop", stop), ("resume", resumed)):
         if "error" in r:
