@@ -241,6 +241,9 @@ def read_recipe(path_or_name: str) -> dict:
         "model_path_raw": str(_raw(conf, "model.path")),
         "pruning_target": _lenient(conf, "pruning.target"),
         "pruning": _lenient(conf, "pruning") is not None,
+        "pruning_init": _lenient(conf, "pruning.init", "uniform"),
+        "init_sequences": _lenient(conf, "pruning.init_sequences", 4),
+        "domains": _lenient(conf, "data.domains"),
         "global_train_batch_size": _lenient(conf, "global_train_batch_size"),
         "device_train_microbatch_size": _lenient(conf, "device_train_microbatch_size", "auto"),
         "precision": _lenient(conf, "precision", "fp32"),
@@ -546,10 +549,12 @@ def _dtypes(precision: str, fsdp: dict | None) -> tuple[int, int, int, str]:
 # ---------------------------------------------------------------------------------------------- plan
 
 def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: int, r: int, M: int, masks,
-            B: int, T: int, checkpointing: bool, teacher: dict | None = None) -> dict[str, float]:
-    """Per-GPU bytes of every term (see the module docstring) and their total, in GiB. `teacher`
-    ({"counts", "top_k"}) adds the distillation terms."""
+            B: int, T: int, checkpointing: bool, teacher: dict | None = None, accumulating: bool = False) -> dict[str, float]:
+    """Per-GPU bytes of every term (see the module docstring), the two moments of the step they meet in, and the
+    total, in GiB. `teacher` ({"counts", "top_k"}) adds the distillation terms; `accumulating` (more than one
+    microbatch per step) keeps the fp32 gradient shard alive through the later microbatches."""
     P, U, R = counts["params"], counts["layer_unit"], counts["root_unit"]
+    L, n = config.num_hidden_layers, B * T
     ddp = strategy is None
     state = sharded_state_bytes(P, S, ddp)
     unit_grad = U * (p + (r if r != p else 0))
@@ -561,16 +566,75 @@ def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: in
         gathered, root = 0, 0
     else:  # parameters stay gathered from forward to backward
         gathered, root = P * p + unit_grad, R * p
+    layer = sum(layer_saved_bytes(config, B, T, c, masks).values())
+    outside = sum(outside_saved_bytes(config, B, T, c, masks).values())
+    kept = L * c * n * config.hidden_size if checkpointing else L * layer  # saved by the layers at the end of forward
     terms = {**state, "masks": 16 * M, "gathered_unit": gathered, "root_unit": root,
-             "activations": activation_bytes(config, B, T, c, masks, checkpointing),
+             "activations": kept + (layer if checkpointing else 0) + outside,
              "logits": logits_bytes(config, B, T, c)}
     if teacher is not None:
         terms.update(teacher_bytes(teacher["counts"], S, strategy, p))
-        terms["distill_logits"] = kd_loss_bytes(B * T, config.vocab_size, c, teacher["top_k"])
-    subtotal = sum(terms.values())
-    terms["reserve"] = CONTEXT_RESERVE_GIB * GiB + FRAGMENTATION * subtotal
-    terms["total"] = subtotal + terms["reserve"]
-    return {k: v / GiB for k, v in terms.items()}
+        terms["distill_logits"] = kd_loss_bytes(n, config.vocab_size, c, teacher["top_k"])
+    distill = sum(terms.get(k, 0) for k in ("teacher", "teacher_gathered", "distill_logits"))
+    fixed = terms["params"] + terms["optimizer"] + terms["masks"] + distill
+    # The terms do not all peak together. At the loss (end of forward, start of backward) the layers hold what
+    # they saved and the logits peak, no layer is gathered but the root unit is (R*p), and in the first
+    # microbatch of a step there are no gradients yet (zero_grad sets them to None). In backward, layer by
+    # layer, each layer's saved share is freed as its gradient shard appears, so the sum of the two is largest
+    # at one end: all saved and no shard yet, or one layer's share and all shards but the last.
+    grads = terms["grads"]
+    if accumulating or ddp:
+        saved_and_grads = kept + grads
+        loss_grads = grads
+    else:
+        saved_and_grads = max(kept, kept / L + grads * (L - 1) / L)
+        loss_grads = 0
+    loss_moment = fixed + loss_grads + kept + outside + root / 2 + terms["logits"]
+    # backward: + one layer recomputed, the gathered layers and the layer's unsharded gradient, the root unit
+    # with its gradient, and the logits Composer keeps (state.outputs) in the compute dtype
+    backward_moment = (fixed + saved_and_grads + (layer if checkpointing else 0) + outside + gathered + root
+                       + c * n * config.vocab_size)
+    peak = max(loss_moment, backward_moment)
+    terms["reserve"] = CONTEXT_RESERVE_GIB * GiB + FRAGMENTATION * peak
+    terms["total"] = peak + terms["reserve"]
+    out = {k: v / GiB for k, v in terms.items()}
+    out["moments"] = {"loss": loss_moment / GiB, "backward": backward_moment / GiB}
+    return out
+
+
+def traced(chosen: dict, **step) -> dict:
+    """The trace of one training step (`plan_trace.trace_step`) beside the formula: `estimate_gib` is the formula's
+    peak without the reserve (the reserve is what a trace cannot see: CUDA context, NCCL, fragmentation)."""
+    from llmshearing.train.plan_trace import trace_step
+
+    estimate = max(chosen["moments"].values())
+    result = trace_step(**step)
+    return {"estimate_gib": estimate, "traced_gib": result["traced_gib"],
+            "ratio": result["traced_gib"] / estimate, "estimate_total_gib": chosen["total"], **result}
+
+
+REDPAJAMA_DOMAINS = 7  # the paper's data: the calibration sequences are init_sequences per domain
+
+
+def activation_init(recipe: dict, config, T: int) -> dict:
+    """`pruning.init: activation`'s phase on rank 0's GPU (`mask_init.init_masks`), traced on the meta device: the
+    fp32 source model and the scoring of init_sequences x domains calibration sequences (domains: data.domains, else
+    RedPajama's 7). Reported for every pruning recipe; `applies` says whether this recipe sets the init."""
+    from llmshearing.train.plan_trace import trace_activation_init
+
+    domains = recipe["domains"]
+    count = len(domains) if isinstance(domains, list) and domains else REDPAJAMA_DOMAINS
+    sequences = int(recipe["init_sequences"]) * count
+    return {"applies": recipe["pruning_init"] == "activation", "domains": count,
+            "domains_from": "data.domains" if isinstance(domains, list) and domains else "RedPajama's 7 (the paper's)",
+            **trace_activation_init(config, sequences, T)}
+
+
+def export_host_bytes(counts: dict) -> int:
+    """Host bytes of exporting the trained model (`llmshearing export`, or export_dir at the end of a run): one fp32
+    copy of the student (its tensors read from the checkpoint, the teacher's never) and the layer being folded and
+    written (4U); the export streams layer by layer into sharded safetensors."""
+    return 4 * counts["params"] + 4 * counts["layer_unit"]
 
 
 def divisors(n: int) -> list[int]:
@@ -580,8 +644,9 @@ def divisors(n: int) -> list[int]:
 def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb: float | None = None, *,
               gpus_per_node: int = DEFAULT_GPUS_PER_NODE, seq_len: int | None = None,
               model_config: str | None = None, target_shape: str | None = None,
-              teacher_config: str | None = None) -> dict:
-    """Everything `llmshearing plan` prints, as a dict (the --json output)."""
+              teacher_config: str | None = None, trace: bool = False) -> dict:
+    """Everything `llmshearing plan` prints, as a dict (the --json output). `trace`: also run one training step
+    on the meta device (`plan_trace.trace_step`) and report its measured peak beside the estimate."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"--gpus must be at least 1, got {gpus}")
     if not gpu_memory_gb > 0:
@@ -636,7 +701,7 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
 
     def at(B, ckpt):
         return per_gpu(counts=counts, config=config, S=S, strategy=strategy, c=c, p=p, r=r, M=M, masks=masks,
-                       B=B, T=T, checkpointing=ckpt, teacher=teacher)
+                       B=B, T=T, checkpointing=ckpt, teacher=teacher, accumulating=B < per_device)
 
     largest = {}
     for key, ckpt in (("with_checkpointing", True), ("without_checkpointing", False)):
@@ -683,7 +748,7 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
     else:
         host_verdict, host_fits = "does not fit", False
     fits = gpu_fits and host_fits
-    return {
+    result = {
         "recipe": recipe["path"],
         "config_used": config_used,
         "model": {"params": P, "layer_unit_params": counts["layer_unit"], "root_unit_params": counts["root_unit"],
@@ -718,7 +783,14 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
         "assumptions": {"context_reserve_gb": CONTEXT_RESERVE_GIB, "fragmentation_share": FRAGMENTATION,
                         "host_gb_per_rank": RANK_HOST_GIB, "host_gb_per_worker": WORKER_HOST_GIB,
                         "units": "GiB (2**30 bytes)"},
+        "export_host_gb": export_host_bytes(counts) / GiB,
+        "trace": None if not trace else traced(
+            chosen, config=config, target=target, teacher_config=None if resolved_teacher is None else resolved_teacher[0],
+            distill=recipe["distill"], fsdp=fsdp, precision=recipe["precision"], gpus=gpus, microbatch=microbatch,
+            per_device=per_device, T=T),
     }
+    result["activation_init"] = None if not trace or target is None else activation_init(recipe, config, T)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -780,6 +852,22 @@ def format_plan(plan: dict) -> str:
               f"  host: {plan['host_verdict']}", "",
               f"verdict: {plan['verdict']} ({plan['per_gpu_gb']['total']:.1f} of {cap:g} GiB per GPU at microbatch "
               f"{plan['microbatch']}, checkpointing {'on' if plan['activation_checkpointing'] else 'off'})"]
+    lines.append(f"export host RAM: {plan['export_host_gb']:.1f} GiB (one fp32 copy of the student + the layer being "
+                 f"folded)")
+    a = plan.get("activation_init")
+    if a:
+        lines.append(f"pruning.init=activation phase ({'this recipe' if a['applies'] else 'not set by this recipe'}): "
+                     f"rank 0's GPU peaks at {a['traced_gib']:.1f} GiB (traced: the fp32 model + scoring "
+                     f"{a['sequences']} x {a['seq_len']} calibration tokens)"
+                     + ("" if a["traced_gib"] <= plan["gpu_memory_gb"] else f", more than {plan['gpu_memory_gb']:g} GiB"))
+    t = plan.get("trace")
+    if t:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in t["at_peak_gib"].items())
+        lines += ["", f"trace (one training step on the meta device, FSDP over a fake process group of {plan['gpus']}, "
+                      f"{t['microbatches']} microbatch(es), {t['seconds']:.0f} s):",
+                  f"  estimate {t['estimate_gib']:.2f} GiB per GPU without the reserve; traced peak {t['traced_gib']:.2f} "
+                  f"GiB ({t['ratio']:.2f} of the estimate) in {t['peak_phase']}",
+                  f"  alive at the peak, GiB: {parts}"]
     return "\n".join(lines)
 
 
@@ -803,6 +891,10 @@ def add_parser(sub) -> None:
                                                             "Llama-2-7B config (default: from the recipe name)")
     p.add_argument("--teacher-config", metavar="PATH", help="config.json (or its folder) of distill.teacher, when "
                                                             "that folder does not exist here")
+    p.add_argument("--trace", action="store_true",
+                   help="also run one training step of the recipe at its real shapes on the meta device (no GPU, no "
+                        "weights; FSDP over a fake process group of --gpus ranks) and report its measured per-GPU peak "
+                        "beside the estimate (a minute for a 7B recipe)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(handler=run)
 
@@ -811,6 +903,6 @@ def run(args) -> int:
     """`llmshearing plan`: 0 when the recipe fits, 1 when it does not; bad input raises ConfigError."""
     plan = make_plan(args.recipe, args.gpus, args.gpu_memory_gb, args.host_memory_gb,
                      gpus_per_node=args.gpus_per_node, seq_len=args.seq_len, model_config=args.model_config,
-                     target_shape=args.target_shape, teacher_config=args.teacher_config)
+                     target_shape=args.target_shape, teacher_config=args.teacher_config, trace=args.trace)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0 if plan["verdict"] == "fits" else 1
