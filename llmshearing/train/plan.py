@@ -4,7 +4,8 @@ Reads the recipe raw (OmegaConf, env interpolations resolved leniently: `${oc.en
 default, an unresolvable one keeps its text), the model's config.json (or the shipped
 `yamls/models/llama-2-7b.json` when the recipe's model path does not exist here) and prints the per-GPU
 memory of one training step, host RAM per node, a verdict and the largest microbatch that fits, with and
-without activation checkpointing. Every number is a formula below; nothing is measured.
+without activation checkpointing. Every number is a formula below; nothing is measured, except with `--trace`,
+which also runs one training step on the meta device and reports its measured peak (`plan_trace.py`).
 
 Notation
 --------
@@ -58,9 +59,21 @@ Per GPU (one training step; the model keeps fp32 master weights, as `from_pretra
                          chunk's temporaries (`kd_chunk_peak_bytes`, about 117 MB for V = 32,000), backward
                          the gradient it returns for the fp32 logits (4nV); the larger of the two (checked
                          against the live tensors in tests/test_plan.py)
-  reserve    1.5 GiB + 10% of the sum of the above: CUDA context, NCCL buffers, allocator
-                         fragmentation, cuBLAS workspaces and the transient activation gradients of the
-                         layer being back-propagated.
+  reserve    1.5 GiB + 10% of the peak below: CUDA context, NCCL buffers, allocator fragmentation,
+                         cuBLAS workspaces.
+
+The peak is not the sum of the terms: they meet in two moments, and the total is the larger plus the reserve
+(`--trace` measured both within 3% for the paper recipes, docs/plan.md). G = grads (4P/S), A = what the layers
+keep at the end of forward (checkpointing: L*c*n*d, else L x the per-layer activations), `layer` one layer's
+activations (recomputed in backward under checkpointing), `outside` the activations outside the layers,
+F = params + optimizer + masks (+ teacher):
+  loss      F + (G when a step has several microbatches, else 0: zero_grad sets the gradients to None) + A
+            + outside + R*p (the root unit is gathered, no layer is) + logits (with distill: the largest of the
+            LM loss's backward + the KD loss's kept gradient, the KD loss's forward or backward beside the
+            student's logits, and the teacher's forward: `per_gpu`)
+  backward  F + (A + G with several microbatches, else max(A, A/L + G*(L-1)/L): each layer's share of A is
+            freed as its gradient shard appears, so the sum is largest at one end) + layer (checkpointing)
+            + outside + gathered_unit + root_unit + c*n*V (the logits Composer keeps as state.outputs)
 
 Activations, derived from `llmshearing.model.decoder` (which tensors autograd saves; the accounting
 idea is Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", but
@@ -485,21 +498,26 @@ def kd_chunk_peak_bytes(c: int, V: int, top_k: int | None = None) -> int:
     return max(12 * c * V, 8 * c * V + 12 * c * k, 28 * c * k)
 
 
-def kd_loss_bytes(n: int, V: int, c: int, top_k: int | None = None) -> int:
-    """Peak bytes the KD loss adds over n positions with the teacher's logits in c-byte elements (tests/test_plan.py
-    checks the parts against the tensors alive after every op of `distill.kd_loss`, forward and backward).
-    Kept from forward to backward: the gradient (q - p), 4nK (K = V or top_k), and top-k's indices, 8nk.
-    Forward: the teacher's logits (cnV) + that + one chunk's temporaries (`kd_chunk_peak_bytes`, chunks of
-    `distill.kd_chunk_rows(V)` positions). Backward: that + the gradient it returns for the student's
-    fp32 logits (4nV) + one chunk of it in fp32 (4 x chunk x V, + 4 x chunk x k before top-k's scatter)."""
+def kd_loss_parts(n: int, V: int, c: int, top_k: int | None = None) -> dict[str, int]:
+    """The KD loss's bytes over n positions with the teacher's logits in c-byte elements (tests/test_plan.py checks
+    them against the tensors alive after every op of `distill.kd_loss`, forward and backward).
+    kept: from forward to backward, the gradient (q - p), 4nK (K = V or top_k), and top-k's indices, 8nk.
+    forward: the teacher's logits (cnV) + kept + one chunk's temporaries (`kd_chunk_peak_bytes`, chunks of
+    `distill.kd_chunk_rows(V)` positions). backward: kept + the gradient it returns for the student's fp32 logits
+    (4nV) + one chunk of it in fp32 (4 x chunk x V, + 4 x chunk x k before top-k's scatter)."""
     from llmshearing.model.distill import kd_chunk_rows
 
     K = V if top_k is None or top_k >= V else top_k
     chunk = min(n, kd_chunk_rows(V))
     kept = 4 * n * K + (8 * n * K if K < V else 0)
-    forward = c * n * V + kept + kd_chunk_peak_bytes(chunk, V, top_k)
-    backward = kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0)
-    return max(forward, backward)
+    return {"kept": kept, "forward": c * n * V + kept + kd_chunk_peak_bytes(chunk, V, top_k),
+            "backward": kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0)}
+
+
+def kd_loss_bytes(n: int, V: int, c: int, top_k: int | None = None) -> int:
+    """Peak bytes the KD loss adds on its own: the larger of its forward and backward (`kd_loss_parts`)."""
+    parts = kd_loss_parts(n, V, c, top_k)
+    return max(parts["forward"], parts["backward"])
 
 
 def teacher_bytes(tcounts: dict, S: int, strategy: str | None, p: int) -> dict[str, float]:
@@ -575,8 +593,7 @@ def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: in
     if teacher is not None:
         terms.update(teacher_bytes(teacher["counts"], S, strategy, p))
         terms["distill_logits"] = kd_loss_bytes(n, config.vocab_size, c, teacher["top_k"])
-    distill = sum(terms.get(k, 0) for k in ("teacher", "teacher_gathered", "distill_logits"))
-    fixed = terms["params"] + terms["optimizer"] + terms["masks"] + distill
+    fixed = terms["params"] + terms["optimizer"] + terms["masks"] + terms.get("teacher", 0)
     # The terms do not all peak together. At the loss (end of forward, start of backward) the layers hold what
     # they saved and the logits peak, no layer is gathered but the root unit is (R*p), and in the first
     # microbatch of a step there are no gradients yet (zero_grad sets them to None). In backward, layer by
@@ -589,7 +606,18 @@ def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: in
     else:
         saved_and_grads = max(kept, kept / L + grads * (L - 1) / L)
         loss_grads = 0
-    loss_moment = fixed + loss_grads + kept + outside + root / 2 + terms["logits"]
+    lm_and_kd = terms["logits"]
+    if teacher is not None:
+        # ComposerLM.loss: the LM loss, then the teacher's no-grad forward, then the KD loss; in backward the LM loss's
+        # (whose peak is in `logits`) and the KD loss's each while the other's result or kept buffer is alive. The
+        # student's logits meanwhile: bf16 output, its fp32 copy and log-softmax's saved output, (c + 8)nV.
+        V = config.vocab_size
+        kd = kd_loss_parts(n, V, c, teacher["top_k"])
+        lm_and_kd = max(terms["logits"] + kd["kept"],  # log-softmax's backward, the KD gradient kept
+                        (c + 8) * n * V + kd["forward"],  # the KD loss's forward
+                        c * n * V + 4 * n * V + kd["backward"],  # its backward beside the LM loss's gradient
+                        (c + 8) * n * V + terms["teacher_gathered"])  # the teacher's forward
+    loss_moment = fixed + loss_grads + kept + outside + root / 2 + lm_and_kd
     # backward: + one layer recomputed, the gathered layers and the layer's unsharded gradient, the root unit
     # with its gradient, and the logits Composer keeps (state.outputs) in the compute dtype
     backward_moment = (fixed + saved_and_grads + (layer if checkpointing else 0) + outside + gathered + root
@@ -829,6 +857,10 @@ def format_plan(plan: dict) -> str:
     for key, label in ROWS:
         if key not in on:
             continue
+        if key == "reserve":  # the terms meet in two moments; the larger is the peak (module docstring)
+            for moment in ("loss", "backward"):
+                lines.append(f"  {'= peak at the ' + moment if moment == 'loss' else '= peak in backward':<34} "
+                             f"{on['moments'][moment]:>9.2f}  {off['moments'][moment]:>10.2f}")
         lines.append(f"  {label:<34} {on[key]:>9.2f}  {off[key]:>10.2f}")
     cap = plan["gpu_memory_gb"]
     lines.append(f"  {'fits in ' + format(cap, 'g') + ' GiB?':<34} {'yes' if on['total'] <= cap else 'no':>9}  "
