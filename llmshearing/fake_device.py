@@ -66,12 +66,12 @@ class LiveBytes(TorchDispatchMode):
     pointer: a storage is keyed by its StorageImpl (`untyped_storage()._cdata`) and is alive while anything besides
     this tracker holds it (`torch._C._storage_Use_Count > 1`); dead entries are dropped as they are found, so a check
     costs the number of live storages. Sizes are read at every check, so FSDP's `_free_storage` (a resize to 0)
-    counts as a free. `phase` (set by the caller) is recorded with each new peak; `labels` (storage key -> name, set by
-    `label`) split the peak's bytes into named parts, the rest under 'other'."""
+    counts as a free. `phase` (set by the caller) is recorded with each new peak; `label` names storages, and each
+    new peak's bytes are split by name (`peak_parts`, the unnamed under 'other')."""
 
     def __init__(self):
         super().__init__()
-        self.storages: dict[int, torch.UntypedStorage] = {}
+        self.storages: dict[int, tuple[torch.UntypedStorage, str]] = {}
         self.labels: dict[int, str] = {}
         self.peak: dict[str, int] = {}
         self.peak_phase: dict[str, str | None] = {}
@@ -83,7 +83,7 @@ class LiveBytes(TorchDispatchMode):
         key = storage._cdata
         if key in self.storages:
             return False
-        self.storages[key] = storage
+        self.storages[key] = (storage, storage.device.type)
         return True
 
     def track(self, tensors, label: str | None = None) -> None:
@@ -100,17 +100,11 @@ class LiveBytes(TorchDispatchMode):
     def live(self) -> dict[str, int]:
         """Bytes alive now per device type ('meta', 'cpu', 'cuda'); checks the peak."""
         total: dict[str, int] = {}
-        parts: dict[str, dict[str, int]] = {}
         dead = []
         count = torch._C._storage_Use_Count
-        for key, storage in self.storages.items():
+        for key, (storage, device) in self.storages.items():
             if count(key) > 1:
-                device = storage.device.type
-                n = storage.nbytes()
-                total[device] = total.get(device, 0) + n
-                by = parts.setdefault(device, {})
-                name = self.labels.get(key, "other")
-                by[name] = by.get(name, 0) + n
+                total[device] = total.get(device, 0) + storage.nbytes()
             else:
                 dead.append(key)
         for key in dead:
@@ -118,8 +112,17 @@ class LiveBytes(TorchDispatchMode):
             self.labels.pop(key, None)
         for device, n in total.items():
             if n > self.peak.get(device, -1):
-                self.peak[device], self.peak_phase[device], self.peak_parts[device] = n, self.phase, parts[device]
+                self.peak[device], self.peak_phase[device] = n, self.phase
+                self.peak_parts[device] = self._parts(device)
         return total
+
+    def _parts(self, device: str) -> dict[str, int]:
+        parts: dict[str, int] = {}
+        for key, (storage, where) in self.storages.items():
+            if where == device:
+                name = self.labels.get(key, "other")
+                parts[name] = parts.get(name, 0) + storage.nbytes()
+        return parts
 
     def reset_peak(self) -> None:
         self.peak, self.peak_phase, self.peak_parts = {}, {}, {}

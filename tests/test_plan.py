@@ -476,6 +476,14 @@ def test_trace_tiny_recipe_agrees_with_the_estimate(tmp_path, prune):
     assert rc == 0 and "trace (one training step" not in text and "init=activation phase" not in text
 
 
+@pytest.mark.parametrize("strategy, mixed_precision", [("SHARD_GRAD_OP", "DEFAULT"), ("NO_SHARD", "FULL")])
+def test_trace_other_strategies(tmp_path, strategy, mixed_precision):
+    """The strategies that keep parameters gathered from forward to backward trace within 15% too."""
+    recipe = tiny_fsdp_recipe(tmp_path, sharding_strategy=strategy, mixed_precision=mixed_precision)
+    t = plan.make_plan(recipe, 2, 80, trace=True)["trace"]
+    assert 0.85 <= t["ratio"] <= 1.15
+
+
 def test_trace_bad_inputs(tmp_path):
     with pytest.raises(ConfigError, match="two-level device mesh"):
         plan.make_plan(tiny_fsdp_recipe(tmp_path, sharding_strategy="HYBRID_SHARD"), 2, 80, trace=True)

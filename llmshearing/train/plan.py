@@ -576,14 +576,19 @@ def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: in
     ddp = strategy is None
     state = sharded_state_bytes(P, S, ddp)
     unit_grad = U * (p + (r if r != p else 0))
+    # at_loss: what is gathered at the end of forward
     if ddp:
         gathered, root = (P * c if c < 4 else 0), 0
+        at_loss = gathered
     elif strategy in ("FULL_SHARD", "HYBRID_SHARD") and S > 1:
         gathered, root = 2 * U * p + unit_grad, 2 * R * p
+        at_loss = R * p
     elif S == 1 and p == 4:  # NO_SHARD in fp32: the parameters and gradients are the ones counted above
         gathered, root = 0, 0
+        at_loss = 0
     else:  # parameters stay gathered from forward to backward
         gathered, root = P * p + unit_grad, R * p
+        at_loss = P * p
     layer = sum(layer_saved_bytes(config, B, T, c, masks).values())
     outside = sum(outside_saved_bytes(config, B, T, c, masks).values())
     kept = L * c * n * config.hidden_size if checkpointing else L * layer  # saved by the layers at the end of forward
@@ -617,7 +622,7 @@ def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: in
                         (c + 8) * n * V + kd["forward"],  # the KD loss's forward
                         c * n * V + 4 * n * V + kd["backward"],  # its backward beside the LM loss's gradient
                         (c + 8) * n * V + terms["teacher_gathered"])  # the teacher's forward
-    loss_moment = fixed + loss_grads + kept + outside + root / 2 + lm_and_kd
+    loss_moment = fixed + loss_grads + kept + outside + at_loss + lm_and_kd
     # backward: + one layer recomputed, the gathered layers and the layer's unsharded gradient, the root unit
     # with its gradient, and the logits Composer keeps (state.outputs) in the compute dtype
     backward_moment = (fixed + saved_and_grads + (layer if checkpointing else 0) + outside + gathered + root

@@ -9,7 +9,7 @@ forward, loss (+ the teacher and the KD loss) and backward, then AdamW's step, w
 parameter already there (created by a first step). `fake_device.LiveBytes` records the peak bytes alive on the
 device, which is rank 0's per-GPU peak (ranks differ only by a few elements of padding).
 
-FSDP1 does not know the meta device; five private spots are bridged for the duration of the trace (`_meta_fsdp`):
+FSDP1 does not know the meta device; six private spots are bridged for the duration of the trace (`_meta_fsdp`):
   1. `torch.meta`: FSDP looks up a device module by the device's type (torch.cuda on GPUs); a stand-in answering
      `current_device()` with 'meta' and everything else (streams, events) with torch.cpu's no-op versions.
   2. `torch.cuda.current_device` returns the meta device: Composer passes it to FSDP as `device_id`.
@@ -22,6 +22,8 @@ FSDP1 does not know the meta device; five private spots are bridged for the dura
      kernel's op directly (`aten._scaled_dot_product_flash_attention`, which has meta kernels), i.e. what flash-attn
      or SDPA's flash backend keeps on a GPU. With grouped-query attention its K/V are expanded to the query heads
      first (an overcount of 2 (H - K) h bytes per token per layer; the paper recipes have K = H).
+  6. FSDP's `_data_ptr_allocated` (is an unsharded flat parameter allocated?) reads a data pointer, which meta
+     storages do not have (0); on meta it reads the storage's size instead (SHARD_GRAD_OP asserts on it).
 And `torch.fx.experimental._config.meta_nonzero_assume_all_nonzero`: the KD loss's `nonzero` of its label mask
 assumes every position is labelled (packed sequences: all are).
 
@@ -42,7 +44,7 @@ from llmshearing.errors import ConfigError
 from llmshearing.fake_device import META, LiveBytes, meta_values
 
 GiB = 2**30
-TRACEABLE = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")
+TRACEABLE = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD")  # HYBRID strategies need a two-level device mesh
 
 
 class _MetaDeviceHandle:
@@ -100,7 +102,7 @@ def _meta_fsdp(world_size: int):
     """FSDP1 over a fake process group of `world_size` ranks, on the meta device, for the duration."""
     import torch.distributed as dist
     import torch.fx.experimental._config as fx_config
-    from torch.distributed.fsdp import _init_utils
+    from torch.distributed.fsdp import _flat_param, _init_utils
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import warnings
@@ -108,8 +110,10 @@ def _meta_fsdp(world_size: int):
     if dist.is_initialized():
         raise ConfigError("--trace starts its own (fake) process group; run it outside a distributed launch")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    saved = (torch.cuda.current_device, _init_utils._need_to_materialize_module,
+    saved = (torch.cuda.current_device, _init_utils._need_to_materialize_module, _flat_param._data_ptr_allocated,
              fx_config.meta_nonzero_assume_all_nonzero)
+    allocated = _flat_param._data_ptr_allocated
+    _flat_param._data_ptr_allocated = lambda t: t.untyped_storage().nbytes() > 0 if t.is_meta else allocated(t)
     torch.meta = _MetaDeviceHandle()
     torch.cuda.current_device = lambda: META
     _init_utils._need_to_materialize_module = lambda *args, **kwargs: (False, False)
@@ -120,7 +124,7 @@ def _meta_fsdp(world_size: int):
             warnings.filterwarnings("ignore", message=".*(explicit index|CheckpointImpl).*")
             yield
     finally:
-        (torch.cuda.current_device, _init_utils._need_to_materialize_module,
+        (torch.cuda.current_device, _init_utils._need_to_materialize_module, _flat_param._data_ptr_allocated,
          fx_config.meta_nonzero_assume_all_nonzero) = saved
         del torch.meta
         dist.destroy_process_group()
