@@ -28,9 +28,10 @@ def kept_units(l0: L0Module) -> dict:
     src = l0.source
     L, KV, R = src.num_hidden_layers, src.num_key_value_heads, src.heads_per_group
     keep = {name: mask.keep_index() for name, mask in l0.masks.items()}
+    device = l0.lambdas.device  # a level without a mask keeps every unit: indices beside the masks' own
     layers = keep["layer"].tolist() if "layer" in keep else list(range(L))
-    kv = keep["kv_head"] if "kv_head" in keep else torch.arange(KV).expand(L, KV)
-    in_group = keep["head"] if "head" in keep else torch.arange(R).expand(L, KV, R)
+    kv = keep["kv_head"] if "kv_head" in keep else torch.arange(KV, device=device).expand(L, KV)
+    in_group = keep["head"] if "head" in keep else torch.arange(R, device=device).expand(L, KV, R)
     heads = [[g * R + r for g in kv[l].tolist() for r in in_group[l, g].tolist()] for l in range(L)]
     return {
         "source_shape": src.as_dict(),
@@ -50,33 +51,38 @@ def _rows(weight_or_bias: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return weight_or_bias.index_select(0, index)
 
 
-def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    """Rows of q/k/v (columns of o_proj) that belong to the given heads."""
-    return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).flatten()
+def head_rows(heads: list[int], head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Rows of q/k/v (columns of o_proj) that belong to the given heads (on `device`: that of the weights they
+    select from; index_select on a GPU refuses a CPU index)."""
+    return (torch.tensor(heads, device=device)[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
 
 
 @torch.no_grad()
 def finalize(lm: DecoderLM, l0: L0Module) -> tuple[DecoderLM, dict]:
-    """A dense DecoderLM of the target shape equal (in eval) to `lm` under `l0`'s test-time masks."""
+    """A dense DecoderLM of the target shape equal (in eval) to `lm` under `l0`'s test-time masks, on `lm`'s
+    device: indices and gates are made beside the weights they select and scale, and the pruned model holds the
+    sliced tensors themselves (fp32), not a randomly initialised copy they are loaded into."""
     with l0.target_masks():
         masks = l0()
     kept = kept_units(l0)
     config = target_config(lm.config, l0.target)
     hd = head_dim_of(lm.config)
     sd = lm.state_dict()
-    d_idx = torch.tensor(kept["hidden"])
-    z_hidden = masks.hidden[d_idx] if masks.hidden is not None else torch.ones(len(d_idx))
+    device = next(lm.parameters()).device
+    d_idx = torch.tensor(kept["hidden"], device=device)
+    z_hidden = masks.hidden[d_idx] if masks.hidden is not None else torch.ones(len(d_idx), device=device)
 
     out = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"][:, d_idx] * z_hidden}
     for new, old in enumerate(kept["layers"]):
         p, q = f"model.layers.{old}.", f"model.layers.{new}."
         gate = float(masks.layer[old]) if masks.layer is not None else 1.0
         write_scale = (z_hidden * gate)[:, None]  # residual writes: layer gate x hidden gate
-        head_idx = head_rows(kept["heads"][new], hd)
-        kv_idx = head_rows(kept["kv_heads"][new], hd)
-        head_gate = masks.head[old][kept["heads"][new]] if masks.head is not None else torch.ones(len(kept["heads"][new]))
-        i_idx = torch.tensor(kept["intermediate"][new])
-        i_gate = masks.intermediate[old][i_idx] if masks.intermediate is not None else torch.ones(len(i_idx))
+        head_idx = head_rows(kept["heads"][new], hd, device)
+        kv_idx = head_rows(kept["kv_heads"][new], hd, device)
+        heads = torch.tensor(kept["heads"][new], device=device)
+        head_gate = masks.head[old][heads] if masks.head is not None else torch.ones(len(heads), device=device)
+        i_idx = torch.tensor(kept["intermediate"][new], device=device)
+        i_gate = masks.intermediate[old][i_idx] if masks.intermediate is not None else torch.ones(len(i_idx), device=device)
 
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[q + norm + ".weight"] = sd[p + norm + ".weight"][d_idx]
@@ -106,8 +112,10 @@ def finalize(lm: DecoderLM, l0: L0Module) -> tuple[DecoderLM, dict]:
         out["lm_head.weight"] = sd["lm_head.weight"][:, d_idx]
     out["model.norm.weight"] = final_norm
 
-    pruned = DecoderLM(config)
-    pruned.load_state_dict({k: v.contiguous() for k, v in out.items()}, strict=True)
+    with torch.device("meta"):
+        pruned = DecoderLM(config)
+    pruned.load_state_dict({k: v.float().contiguous() for k, v in out.items()}, strict=True, assign=True)
+    pruned.tie_weights()
     return pruned.eval(), kept
 
 
