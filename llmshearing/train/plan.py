@@ -894,8 +894,9 @@ def format_plan(plan: dict) -> str:
     a = plan.get("activation_init")
     if a:
         lines.append(f"pruning.init=activation phase ({'this recipe' if a['applies'] else 'not set by this recipe'}): "
-                     f"rank 0's GPU peaks at {a['traced_gib']:.1f} GiB (traced: the fp32 model + scoring "
-                     f"{a['sequences']} x {a['seq_len']} calibration tokens)"
+                     f"rank 0's GPU peaks at {a['traced_gib']:.1f} GiB traced, {a['estimate_gib']:.1f} estimated "
+                     f"(the fp32 model + scoring {a['sequences']} x {a['seq_len']} calibration tokens, "
+                     f"{a['traced_sequences']} per pass)"
                      + ("" if a["traced_gib"] <= plan["gpu_memory_gb"] else f", more than {plan['gpu_memory_gb']:g} GiB"))
     t = plan.get("trace")
     if t:

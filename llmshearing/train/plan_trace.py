@@ -24,8 +24,8 @@ FSDP1 does not know the meta device; six private spots are bridged for the durat
      first (an overcount of 2 (H - K) h bytes per token per layer; the paper recipes have K = H).
   6. FSDP's `_data_ptr_allocated` (is an unsharded flat parameter allocated?) reads a data pointer, which meta
      storages do not have (0); on meta it reads the storage's size instead (SHARD_GRAD_OP asserts on it).
-And `torch.fx.experimental._config.meta_nonzero_assume_all_nonzero`: the KD loss's `nonzero` of its label mask
-assumes every position is labelled (packed sequences: all are).
+`fake_device.meta_values` answers value reads and `nonzero` (the KD loss's label mask: every position labelled, as in
+packed sequences) and checks that no CPU tensor meets the meta ones, as CUDA would.
 
 What the trace cannot see: CUDA's context, NCCL's buffers, cuBLAS workspaces and the caching allocator's
 fragmentation (the plan's reserve), the gradient clipping and the masks' all-reduce callbacks (a few temporaries of
@@ -101,7 +101,6 @@ _SDPA = F.scaled_dot_product_attention
 def _meta_fsdp(world_size: int):
     """FSDP1 over a fake process group of `world_size` ranks, on the meta device, for the duration."""
     import torch.distributed as dist
-    import torch.fx.experimental._config as fx_config
     from torch.distributed.fsdp import _flat_param, _init_utils
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -110,22 +109,19 @@ def _meta_fsdp(world_size: int):
     if dist.is_initialized():
         raise ConfigError("--trace starts its own (fake) process group; run it outside a distributed launch")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    saved = (torch.cuda.current_device, _init_utils._need_to_materialize_module, _flat_param._data_ptr_allocated,
-             fx_config.meta_nonzero_assume_all_nonzero)
+    saved = (torch.cuda.current_device, _init_utils._need_to_materialize_module, _flat_param._data_ptr_allocated)
     allocated = _flat_param._data_ptr_allocated
     _flat_param._data_ptr_allocated = lambda t: t.untyped_storage().nbytes() > 0 if t.is_meta else allocated(t)
     torch.meta = _MetaDeviceHandle()
     torch.cuda.current_device = lambda: META
     _init_utils._need_to_materialize_module = lambda *args, **kwargs: (False, False)
-    fx_config.meta_nonzero_assume_all_nonzero = True
     try:
         with _flash_attention(), _FakeCollectives(), warnings.catch_warnings():
             # FSDP's note that the meta device has no index, Composer's that reentrant checkpointing is its default
             warnings.filterwarnings("ignore", message=".*(explicit index|CheckpointImpl).*")
             yield
     finally:
-        (torch.cuda.current_device, _init_utils._need_to_materialize_module, _flat_param._data_ptr_allocated,
-         fx_config.meta_nonzero_assume_all_nonzero) = saved
+        torch.cuda.current_device, _init_utils._need_to_materialize_module, _flat_param._data_ptr_allocated = saved
         del torch.meta
         dist.destroy_process_group()
 
@@ -177,10 +173,6 @@ def _build(config, target, teacher_config, distill: dict | None):
             d = distill
             model.teacher = Teacher(DecoderLM(teacher_config, "sdpa"), d.get("alpha", 1.0),
                                     d.get("temperature", 1.0), d.get("top_k"))
-    if l0 is not None:
-        # The noise generator of a microbatch is built on the masks' device, and torch has no meta generator:
-        # draw unseeded (the same ops and shapes; the values do not matter here).
-        l0.noise = lambda samples: None
     return model
 
 
@@ -288,9 +280,11 @@ def trace_step(*, config, target, teacher_config, distill: dict | None, fsdp: di
 def trace_activation_init(config, sequences: int, T: int) -> dict:
     """Peak bytes on rank 0's device while `pruning.init: activation` scores the units (`mask_init.init_masks`: the
     fp32 model moved to the GPU before FSDP wraps it, `oneshot.activation_scores` on `sequences` calibration
-    sequences of T tokens, no gradients, no autocast), traced on the meta device as `trace_step` is."""
+    sequences of T tokens, no gradients, no autocast), traced on the meta device as `trace_step` is, beside
+    `oneshot.activation_peak_bytes`, the formula. The scoring takes `sequences_per_pass` sequences at a time and
+    keeps only per-unit sums between passes, so one pass has the peak: that is what is traced."""
     from llmshearing.model.decoder import DecoderLM
-    from llmshearing.pruning.oneshot import activation_scores
+    from llmshearing.pruning.oneshot import activation_peak_bytes, activation_scores, sequences_per_pass
 
     started = time.monotonic()
     with torch.device(META):
@@ -299,7 +293,9 @@ def trace_activation_init(config, sequences: int, T: int) -> dict:
     tracker.label([*lm.parameters()], "model")
     with _flash_attention(), meta_values(), tracker:
         tracker.reset_peak()
-        activation_scores(lm, torch.zeros(sequences, T, dtype=torch.long, device=META))
+        traced = min(sequences, sequences_per_pass(T))
+        activation_scores(lm, torch.zeros(traced, T, dtype=torch.long, device=META))
     parts = {k: v / GiB for k, v in sorted(tracker.peak_parts.get("meta", {}).items())}
-    return {"traced_gib": tracker.peak.get("meta", 0) / GiB, "at_peak_gib": parts, "sequences": sequences,
+    return {"estimate_gib": activation_peak_bytes(config, T) / GiB, "traced_gib": tracker.peak.get("meta", 0) / GiB,
+            "at_peak_gib": parts, "sequences": sequences, "traced_sequences": traced,
             "seq_len": T, "seconds": round(time.monotonic() - started, 1)}
