@@ -510,6 +510,7 @@ def test_trace_paper_recipe_prune_1_3b():
     assert t["at_peak_gib"]["optimizer"] == pytest.approx(8 * P7B / 16 / GiB, rel=0.01)
     a = p["activation_init"]  # the fp32 source model on rank 0's GPU + the scoring (docs/plan.md states today's figure)
     assert not a["applies"] and a["sequences"] == 28 and a["at_peak_gib"]["model"] == pytest.approx(4 * P7B / GiB)
+    assert a["traced_sequences"] == 1 and 0.85 <= a["traced_gib"] / a["estimate_gib"] <= 1.15
     with open(os.path.join(REPO, "docs", "plan.md")) as f:
         traced_section = f.read().split("## Traced on the meta device")[1]
     row = next(line for line in traced_section.splitlines() if line.startswith("| prune_1.3b |"))
