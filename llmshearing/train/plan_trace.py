@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +104,6 @@ def _meta_fsdp(world_size: int):
     import torch.distributed as dist
     from torch.distributed.fsdp import _flat_param, _init_utils
     from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    import warnings
 
     if dist.is_initialized():
         raise ConfigError("--trace starts its own (fake) process group; run it outside a distributed launch")
