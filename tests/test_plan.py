@@ -476,6 +476,7 @@ def test_trace_tiny_recipe_agrees_with_the_estimate(tmp_path, prune):
     assert rc == 0 and "trace (one training step" not in text and "init=activation phase" not in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, mixed_precision", [("SHARD_GRAD_OP", "DEFAULT"), ("NO_SHARD", "FULL")])
 def test_trace_other_strategies(tmp_path, strategy, mixed_precision):
     """The strategies that keep parameters gathered from forward to backward trace within 15% too."""
