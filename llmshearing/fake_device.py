@@ -92,3 +92,84 @@ def _nonzero_all():
 def to_meta(module: torch.nn.Module) -> torch.nn.Module:
     """`module` with every parameter and buffer on the meta device (ties kept: `Module.to` moves shared tensors once)."""
     return module.to(META)
+
+
+class LiveBytes(TorchDispatchMode):
+    """The bytes of the tensors alive at once, per device type, and their peak: a dispatch mode that registers the
+    storage of every tensor an op returns (and those given to `track`). Works on meta tensors, which have no data
+    pointer: a storage is keyed by its StorageImpl (`untyped_storage()._cdata`) and is alive while anything besides
+    this tracker holds it (`torch._C._storage_Use_Count > 1`); dead entries are dropped as they are found, so a check
+    costs the number of live storages. Sizes are read at every check, so FSDP's `_free_storage` (a resize to 0)
+    counts as a free. `phase` (set by the caller) is recorded with each new peak; `label` names storages, and each
+    new peak's bytes are split by name (`peak_parts`, the unnamed under 'other')."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, tuple[torch.UntypedStorage, str]] = {}
+        self.labels: dict[int, str] = {}
+        self.peak: dict[str, int] = {}
+        self.peak_phase: dict[str, str | None] = {}
+        self.peak_parts: dict[str, dict[str, int]] = {}
+        self.phase: str | None = None
+
+    def _add(self, t: torch.Tensor) -> bool:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.storages:
+            return False
+        self.storages[key] = (storage, storage.device.type)
+        return True
+
+    def track(self, tensors, label: str | None = None) -> None:
+        """Count tensors created outside the mode (parameters, optimizer states); `label` names their part."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                self._add(t)
+                if label is not None:
+                    self.labels[t.untyped_storage()._cdata] = label
+
+    def label(self, tensors, name: str) -> None:
+        self.track(tensors, name)
+
+    def live(self) -> dict[str, int]:
+        """Bytes alive now per device type ('meta', 'cpu', 'cuda'); checks the peak."""
+        total: dict[str, int] = {}
+        dead = []
+        count = torch._C._storage_Use_Count
+        for key, (storage, device) in self.storages.items():
+            if count(key) > 1:
+                total[device] = total.get(device, 0) + storage.nbytes()
+            else:
+                dead.append(key)
+        for key in dead:
+            del self.storages[key]
+            self.labels.pop(key, None)
+        for device, n in total.items():
+            if n > self.peak.get(device, -1):
+                self.peak[device], self.peak_phase[device] = n, self.phase
+                self.peak_parts[device] = self._parts(device)
+        return total
+
+    def _parts(self, device: str) -> dict[str, int]:
+        parts: dict[str, int] = {}
+        for key, (storage, where) in self.storages.items():
+            if where == device:
+                name = self.labels.get(key, "other")
+                parts[name] = parts.get(name, 0) + storage.nbytes()
+        return parts
+
+    def reset_peak(self) -> None:
+        self.peak, self.peak_phase, self.peak_parts = {}, {}, {}
+        self.live()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        new = False
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                new = self._add(t) or new
+        # a view or an in-place op allocates nothing, except that FSDP resizes a flat parameter's storage before
+        # the collective that fills it
+        if new or func.namespace == "c10d":
+            self.live()
+        return out
