@@ -94,24 +94,21 @@ def dense_tensors(get, config, masks: Masks, kept: dict, scope=_whole):
     z_hidden = masks.hidden[d_idx] if masks.hidden is not None else torch.ones(len(d_idx))
     with scope(None):
         embed = get("model.embed_tokens.weight")
-        z_hidden = z_hidden.to(embed.device)
-        d_idx = d_idx.to(embed.device)
+        z_hidden, d_idx = z_hidden.to(embed.device), d_idx.to(embed.device)
         embed = embed[:, d_idx] * z_hidden
-        final_norm = get("model.norm.weight")[d_idx]
-        if config.tie_word_embeddings:
-            # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
-            final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30), torch.zeros_like(final_norm))
-            head = None
-        else:
-            head = get("lm_head.weight")[:, d_idx]
     yield "model.embed_tokens.weight", embed
     del embed
     for new, old in enumerate(kept["layers"]):
         with scope(old):
             yield from _dense_layer(get, masks, kept, new, old, hd, d_idx, z_hidden).items()
-    yield "model.norm.weight", final_norm
-    if head is not None:
-        yield "lm_head.weight", head
+    with scope(None):
+        final_norm = get("model.norm.weight")[d_idx]
+        if config.tie_word_embeddings:
+            # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
+            final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30), torch.zeros_like(final_norm))
+        yield "model.norm.weight", final_norm
+        if not config.tie_word_embeddings:
+            yield "lm_head.weight", get("lm_head.weight")[:, d_idx]
 
 
 def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_idx, z_hidden) -> dict:
@@ -253,52 +250,90 @@ def export_config(config: PretrainedConfig, dtype: torch.dtype) -> dict:
     from transformers import AutoConfig
 
     known = set(AutoConfig.for_model(config.model_type).to_dict()) | {"head_dim"}
-    out = {k: v for k, v in config.to_dict().items() if k in known and not k.startswith("_") and k != "layer_types"}
+    # The non-default values (as save_pretrained writes them); Qwen2's per-layer `layer_types` describes the source's
+    # layers, and the stock class rebuilds it from the pruned count.
+    out = {k: v for k, v in config.to_diff_dict().items() if k in known and not k.startswith("_") and k != "layer_types"}
     out.update(head_dim=head_dim_of(config), torch_dtype=str(dtype).removeprefix("torch."),
                architectures=[ARCHITECTURES[config.model_type]], model_type=config.model_type)
     return dict(sorted(out.items()))
 
 
-def shard_names(n: int) -> list[str]:
-    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
-def write_weights(folder: str, tensors, dtype: torch.dtype | None, max_shard_size: str | int) -> dict:
-    """Write `(name, tensor)` pairs as Hugging Face safetensors: one `model.safetensors` when they fit in
-    `max_shard_size`, else `model-0000k-of-0000n.safetensors` + `model.safetensors.index.json` (shards filled in
-    order, a new one started when the next tensor would not fit, as transformers' save_pretrained does). At most
-    one shard is held in memory. Returns {name: (shape, dtype)} of what was written."""
-    from safetensors.torch import save_file
+def weight_plan(config: PretrainedConfig) -> list[tuple[str, tuple]]:
+    """(name, shape) of every tensor an export of `config` holds, in Hugging Face order (no tied head), from a
+    model on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        state = DecoderLM(config).state_dict()
+    tied = config.tie_word_embeddings
+    return [(k, tuple(v.shape)) for k, v in state.items() if not (tied and k == "lm_head.weight")]
 
-    limit = parse_size(max_shard_size)
-    shard, size, parts, weight_map, written = {}, 0, [], {}, {}
 
-    def flush():
-        part = os.path.join(folder, f".part-{len(parts)}.safetensors")
-        save_file(shard, part, metadata={"format": "pt"})
-        parts.append((part, list(shard)))
+def plan_shards(plan, dtype: torch.dtype, max_shard_size: str | int) -> list[tuple[str, list]]:
+    """Hugging Face's sharding: tensors in order, a new shard when the next would pass `max_shard_size` (a tensor
+    larger than that gets a shard of its own); one `model.safetensors` when everything fits."""
+    limit, shards, size = parse_size(max_shard_size), [[]], 0
+    for name, shape in plan:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return list(zip(names, shards))
 
-    for name, tensor in tensors:
-        tensor = tensor.detach().to("cpu", dtype or tensor.dtype).contiguous()
-        nbytes = tensor.numel() * tensor.element_size()
-        if shard and size + nbytes > limit:
-            flush()
-            shard, size = {}, 0
-        shard[name], size = tensor, size + nbytes
-        written[name] = (tuple(tensor.shape), tensor.dtype)
-        del tensor
-    flush()
-    shard = None
-    total = 0
-    for (part, names), final in zip(parts, shard_names(len(parts))):
-        os.rename(part, os.path.join(folder, final))
-        weight_map.update(dict.fromkeys(names, final))
-    for shape, dt in written.values():
-        total += math.prod(shape) * dt.itemsize
-    if len(parts) > 1:
-        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
-    return written
+
+class SafetensorsWriter:
+    """Streams tensors into safetensors files laid out in advance (`plan_shards`): each file's header is written
+    from the plan, then every tensor's bytes as it arrives, so nothing is held but what a layer hands in out of
+    plan order (the safetensors format: 8-byte header length, JSON header with dtype/shape/data_offsets, data)."""
+
+    def __init__(self, folder: str, plan, dtype: torch.dtype, max_shard_size: str | int):
+        self.folder, self.dtype = folder, dtype
+        self.shards = plan_shards(plan, dtype, max_shard_size)
+        self.order = [(file, name, shape) for file, tensors in self.shards for name, shape in tensors]
+        self.pending, self.next, self.file, self.out = {}, 0, None, None
+
+    def _open(self, file: str) -> None:
+        if self.out is not None:
+            self.out.close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in dict(self.shards)[file]:
+            nbytes = math.prod(shape) * self.dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # data starts 8-byte aligned
+        self.file, self.out = file, open(os.path.join(self.folder, file), "wb")
+        self.out.write(len(text).to_bytes(8, "little") + text)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.pending[name] = tensor
+        while self.next < len(self.order) and self.order[self.next][1] in self.pending:
+            file, name, shape = self.order[self.next]
+            t = self.pending.pop(name).detach().to("cpu", self.dtype).contiguous()
+            if tuple(t.shape) != shape:
+                raise RuntimeError(f"export: '{name}' has shape {tuple(t.shape)}, its config says {shape}")
+            if file != self.file:
+                self._open(file)
+            self.out.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            self.next += 1
+
+    def close(self) -> None:
+        if self.pending or self.next < len(self.order):
+            missing = [name for _, name, _ in self.order[self.next:]]
+            raise RuntimeError(f"export: tensors {missing[:3]} never came (or {list(self.pending)[:3]} are extra)")
+        self.out.close()
+        if len(self.shards) > 1:
+            total = sum(math.prod(shape) * self.dtype.itemsize for _, _, shape in self.order)
+            weight_map = {name: file for file, name, _ in self.order}
+            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                          indent=2)
 
 
 def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None, kept: dict | None = None,
@@ -311,6 +346,9 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
     from llmshearing.pruning import card
 
     options = options or ExportOptions()
+    dtype = options.dtype
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ConfigError(f"export dtype {dtype}: choose float32, bfloat16 or float16")
     check_export_dir(out_dir, "export", overwrite)  # again at the moment of writing: a folder made meanwhile
     if options.gguf_dtype is not None:
         from llmshearing.pruning.gguf_export import check_gguf
@@ -318,8 +356,12 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
         check_gguf(config, tokenizer, options.gguf_dtype)  # refuse before anything is written
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            written = write_weights(tmp, tensors, options.dtype, options.max_shard_size)
-            dtype = next(iter(written.values()))[1]
+            plan = weight_plan(config)
+            writer = SafetensorsWriter(tmp, plan, dtype, options.max_shard_size)
+            for name, tensor in tensors:
+                writer.add(name, tensor)
+                del tensor
+            writer.close()
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(export_config(config, dtype), f, indent=2)
             generation = source_dir and os.path.join(source_dir, "generation_config.json")
@@ -330,7 +372,7 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
             if kept is not None:
                 with open(os.path.join(tmp, "pruning.json"), "w") as f:
                     json.dump(kept, f)
-            params = sum(math.prod(shape) for shape, _ in written.values())
+            params = sum(math.prod(shape) for _, shape in plan)
             if options.gguf_dtype is not None:
                 from llmshearing.pruning.gguf_export import write_gguf
 
