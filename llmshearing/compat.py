@@ -139,10 +139,17 @@ class CheckpointModel:
     def _dcp_load(self, fqn: str, value):
         from torch.distributed.checkpoint import FileSystemReader, load
 
+        from torch.distributed.checkpoint.api import CheckpointException
+
         holder = {fqn: value}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-            load(holder, storage_reader=FileSystemReader(self.path), no_dist=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                load(holder, storage_reader=FileSystemReader(self.path), no_dist=True)
+        except CheckpointException as e:  # a BaseException carrying each rank's (exception, traceback)
+            failure = next(iter(e.failures.values()), None)
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            raise RuntimeError(f"reading '{fqn}': {type(cause).__name__}: {str(cause).splitlines()[0][:200]}") from None
         return holder[fqn]
 
     def tensor(self, name: str) -> torch.Tensor:

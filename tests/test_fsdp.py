@@ -166,6 +166,7 @@ def test_sharded_export_reads_only_the_student_and_writes_no_temporary_file(runs
     import tempfile
 
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from test_export import assert_bit_identical, weights
 
@@ -185,7 +186,7 @@ def test_sharded_export_reads_only_the_student_and_writes_no_temporary_file(runs
             f.write(b"\xff" * info.length)
         spoiled += info.length
     assert spoiled > 0
-    with pytest.raises(Exception):
+    with pytest.raises(CheckpointException):
         checkpoint_state(damaged)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir" / "tmp"))
     export_checkpoint(damaged, str(tmp_path / "a"))

@@ -217,8 +217,9 @@ PRECISION_DTYPES = {"fp32": torch.float32, "amp_bf16": torch.bfloat16, "amp_fp16
 
 @dataclass
 class ExportOptions:
-    """How an export is written: weights dtype (None: the source tensors'), safetensors shard size, and a GGUF file
-    beside the HF files (`gguf_dtype` None: none)."""
+    """How an export is written: weights dtype (None: the caller's default, the run's precision for a run or a
+    checkpoint, the model's dtype for `save_hf`), safetensors shard size, and a GGUF file beside the HF files
+    (`gguf_dtype` None: none)."""
 
     dtype: torch.dtype | None = None
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE
