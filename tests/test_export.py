@@ -6,7 +6,6 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import weakref
 
@@ -289,7 +288,9 @@ GGUF_CASES = {  # family -> (config overrides, target): the Qwen2 target keeps h
     "qwen2": ({}, {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
                    "intermediate_size": 64}),
 }
-TOLERANCE = {"f32": 1e-5, "f16": 2e-2, "bf16": 1e-1, "q8_0": 2e-1}  # max |logit difference|, logits ~ N(0, 1)
+# max |logit difference| to the HF export; these random models' logits have std ~0.14 (observed: f32 0, f16 <=2.2e-4,
+# bf16 <=2.5e-3, q8_0 <=4.6e-3 over the four families)
+TOLERANCE = {"f32": 1e-5, "f16": 1e-3, "bf16": 1e-2, "q8_0": 2e-2}
 
 
 def pruned_export(tiny_setup, tmp_path, family):
