@@ -303,6 +303,7 @@ def check_all() -> None:
     from transformers import LlamaConfig
 
     _composer_checkpoint_module()
+    _dcp_load_everything()
     _fsdp_private()
     _engine_close()
     _fqn_cache()
