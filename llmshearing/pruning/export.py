@@ -481,7 +481,7 @@ def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = Fals
         options.card = {**card.run_facts(cfg, int(trainer.state.timestamp.token), cfg.save_folder), **options.card}
         write_export(out_dir, target, tensors, tokenizer, kept if model.l0 is not None else None, options, overwrite,
                      cfg.model.path)
-    else:
+    elif trainer.state.fsdp_enabled:
         for _ in tensors:  # the same gathers as rank 0, in the same order
             pass
     dist.barrier()
