@@ -301,7 +301,6 @@ def pruned_export(tiny_setup, tmp_path, family):
     return out
 
 
-@pytest.mark.slow  # 4 families x 4 tensor types, each read back by transformers (~20 s a family)
 @pytest.mark.parametrize("family", list(GGUF_CASES))
 def test_gguf_of_a_pruned_export_reads_back_in_transformers(tiny_setup, tmp_path, family):
     """`llmshearing convert --to gguf` of a pruned export: transformers' GGUF reader gives the same config dims,
@@ -344,6 +343,7 @@ def test_gguf_q_k_permutation_is_what_transformers_reverses():
         assert not (_permute(w[:rows], kv) == w[:rows]).all()
 
 
+@pytest.mark.slow  # `llmshearing convert` in a subprocess
 @pytest.mark.parametrize("family, overrides, target, why", [
     ("mistral", {}, GGUF_CASES["mistral"][1], "sliding_window=24"),
     ("qwen2", {}, GGUF_CASES["smollm2-gqa"][1], "head_dim 16 != hidden_size/num_attention_heads"),
