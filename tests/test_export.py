@@ -344,11 +344,11 @@ def test_gguf_q_k_permutation_is_what_transformers_reverses():
 
 
 @pytest.mark.slow  # `llmshearing convert` in a subprocess
-@pytest.mark.parametrize("family, overrides, target, why", [
-    ("mistral", {}, GGUF_CASES["mistral"][1], "sliding_window=24"),
-    ("qwen2", {}, GGUF_CASES["smollm2-gqa"][1], "head_dim 16 != hidden_size/num_attention_heads"),
+@pytest.mark.parametrize("family, target, why", [
+    ("mistral", GGUF_CASES["mistral"][1], "sliding_window=24"),
+    ("qwen2", GGUF_CASES["smollm2-gqa"][1], "head_dim 16 != hidden_size/num_attention_heads"),
 ])
-def test_gguf_refuses_what_it_cannot_carry(tiny_setup, tmp_path, family, overrides, target, why):
+def test_gguf_refuses_what_it_cannot_carry(tiny_setup, tmp_path, family, target, why):
     source = model_folder(tiny_setup, str(tmp_path / "src"), family)
     out = str(tmp_path / "pruned")
     oneshot_prune(source, target, out)
