@@ -33,9 +33,10 @@ def kept_units(l0: L0Module) -> dict:
     src = l0.source
     L, KV, R = src.num_hidden_layers, src.num_key_value_heads, src.heads_per_group
     keep = {name: mask.keep_index() for name, mask in l0.masks.items()}
+    device = l0.lambdas.device  # a level without a mask keeps every unit: indices beside the masks' own
     layers = keep["layer"].tolist() if "layer" in keep else list(range(L))
-    kv = keep["kv_head"] if "kv_head" in keep else torch.arange(KV).expand(L, KV)
-    in_group = keep["head"] if "head" in keep else torch.arange(R).expand(L, KV, R)
+    kv = keep["kv_head"] if "kv_head" in keep else torch.arange(KV, device=device).expand(L, KV)
+    in_group = keep["head"] if "head" in keep else torch.arange(R, device=device).expand(L, KV, R)
     heads = [[g * R + r for g in kv[l].tolist() for r in in_group[l, g].tolist()] for l in range(L)]
     return {
         "source_shape": src.as_dict(),
@@ -55,9 +56,10 @@ def _rows(weight_or_bias: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return weight_or_bias.index_select(0, index)
 
 
-def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    """Rows of q/k/v (columns of o_proj) that belong to the given heads."""
-    return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).flatten()
+def head_rows(heads: list[int], head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Rows of q/k/v (columns of o_proj) that belong to the given heads (on `device`: that of the weights they
+    select from; index_select on a GPU refuses a CPU index)."""
+    return (torch.tensor(heads, device=device)[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
 
 
 def all_units(config) -> dict:
@@ -83,19 +85,18 @@ def _whole(layer):
 
 
 @torch.no_grad()
-def dense_tensors(get, config, masks: Masks, kept: dict, scope=_whole):
+def dense_tensors(get, config, masks: Masks, kept: dict, scope=_whole, device=None):
     """The dense model's tensors (HF names, HF order; no `lm_head.weight` when tied), one group at a time: the
     embedding, each kept layer, the final norm and head. `get(name)` returns a tensor of the source (names of a
     DecoderLM) and is called once per tensor, inside `scope(layer)` (layer None: embedding, norm, head), so a
     reader can hand out one layer at a time (FSDP gathers it) and the source needs never be whole in memory:
-    what is alive is what was yielded plus one source tensor and its slices."""
+    what is alive is what was yielded plus one source tensor and its slices. Indices and gates are made on
+    `device`, that of the source tensors (index_select on a GPU refuses a CPU index; the masks live there too)."""
     hd = head_dim_of(config)
-    d_idx = torch.tensor(kept["hidden"])
-    z_hidden = masks.hidden[d_idx] if masks.hidden is not None else torch.ones(len(d_idx))
+    d_idx = torch.tensor(kept["hidden"], device=device)
+    z_hidden = masks.hidden[d_idx] if masks.hidden is not None else torch.ones(len(d_idx), device=device)
     with scope(None):
-        embed = get("model.embed_tokens.weight")
-        z_hidden, d_idx = z_hidden.to(embed.device), d_idx.to(embed.device)
-        embed = embed[:, d_idx] * z_hidden
+        embed = get("model.embed_tokens.weight")[:, d_idx] * z_hidden
     yield "model.embed_tokens.weight", embed
     del embed
     for new, old in enumerate(kept["layers"]):
@@ -114,16 +115,15 @@ def dense_tensors(get, config, masks: Masks, kept: dict, scope=_whole):
 def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_idx, z_hidden) -> dict:
     """Layer `old` of the source as layer `new` of the dense model: kept rows/columns, gates folded in."""
     p, q = f"model.layers.{old}.", f"model.layers.{new}."
-    dev = d_idx.device
+    device = d_idx.device
     gate = float(masks.layer[old]) if masks.layer is not None else 1.0
     write_scale = (z_hidden * gate)[:, None]  # residual writes: layer gate x hidden gate
-    head_idx = head_rows(kept["heads"][new], hd).to(dev)
-    kv_idx = head_rows(kept["kv_heads"][new], hd).to(dev)
-    head_gate = (masks.head[old][kept["heads"][new]] if masks.head is not None
-                 else torch.ones(len(kept["heads"][new]))).to(dev)
-    i_idx = torch.tensor(kept["intermediate"][new], device=dev)
-    i_gate = (masks.intermediate[old][i_idx.cpu()] if masks.intermediate is not None
-              else torch.ones(len(i_idx))).to(dev)
+    head_idx = head_rows(kept["heads"][new], hd, device)
+    kv_idx = head_rows(kept["kv_heads"][new], hd, device)
+    heads = torch.tensor(kept["heads"][new], device=device)
+    head_gate = masks.head[old][heads] if masks.head is not None else torch.ones(len(heads), device=device)
+    i_idx = torch.tensor(kept["intermediate"][new], device=device)
+    i_gate = masks.intermediate[old][i_idx] if masks.intermediate is not None else torch.ones(len(i_idx), device=device)
     has = _names_probe(get)
     out = {}
     for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -181,13 +181,18 @@ def state_getter(state: dict) -> TensorGetter:
 
 @torch.no_grad()
 def finalize(lm: DecoderLM, l0: L0Module) -> tuple[DecoderLM, dict]:
-    """A dense DecoderLM of the target shape equal (in eval) to `lm` under `l0`'s test-time masks."""
+    """A dense DecoderLM of the target shape equal (in eval) to `lm` under `l0`'s test-time masks, on `lm`'s
+    device: indices and gates are made beside the weights they select and scale, and the pruned model holds the
+    sliced tensors themselves (fp32), not a randomly initialised copy they are loaded into."""
     masks, kept, config = export_plan(l0, lm.config)
-    out = dict(dense_tensors(state_getter(lm.state_dict()), lm.config, masks, kept))
+    device = next(lm.parameters()).device
+    out = dict(dense_tensors(state_getter(lm.state_dict()), lm.config, masks, kept, device=device))
     if config.tie_word_embeddings:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    pruned = DecoderLM(config)
-    pruned.load_state_dict({k: v.contiguous() for k, v in out.items()}, strict=True)
+    with torch.device("meta"):
+        pruned = DecoderLM(config)
+    pruned.load_state_dict({k: v.float().contiguous() for k, v in out.items()}, strict=True, assign=True)
+    pruned.tie_weights()
     return pruned.eval(), kept
 
 
@@ -471,11 +476,12 @@ def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = Fals
     model = unwrap(trainer.state.model)
     config = model.model.config
     masks, kept, target = export_plan(model.l0, config)
+    device = model.l0.lambdas.device if model.l0 is not None else next(model.model.parameters()).device
     if trainer.state.fsdp_enabled:
         get, scope = _fsdp_scope(model.model)
     else:
         get, scope = state_getter(model.model.state_dict()), _whole
-    tensors = dense_tensors(get, config, masks, kept, scope)
+    tensors = dense_tensors(get, config, masks, kept, scope, device)
     if dist.get_global_rank() == 0:
         options = replace(options or ExportOptions(), dtype=(options and options.dtype) or recipe_dtype(cfg))
         options.card = {**card.run_facts(cfg, int(trainer.state.timestamp.token), cfg.save_folder), **options.card}
