@@ -38,7 +38,7 @@ def earlier_stages(source_dir: str | None) -> list[dict]:
         return list(json.load(f).get("stages", []))
 
 
-def run_facts(cfg, tokens, run_folder: str | None, checkpoint: str | None = None) -> dict:
+def run_facts(cfg, tokens, run_folder: str | None, checkpoint: str | None = None, batch: int | None = None) -> dict:
     """What the card says about the run that produced the weights: stage, tokens trained, the data mixture, the
     final domain weights and per-domain eval perplexities (DynamicLoading's log, up to the exported batch)."""
     facts = {"stage": "pruning" if cfg.pruning is not None else "continued pretraining",
@@ -47,6 +47,7 @@ def run_facts(cfg, tokens, run_folder: str | None, checkpoint: str | None = None
              "dynamic_loading": cfg.data.dynamic is not None, "checkpoint": checkpoint,
              "command": shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
     rows = read_jsonl(os.path.join(run_folder, "domain_weights.jsonl"), last_per="batch") if run_folder else []
+    rows = [r for r in rows if batch is None or r["batch"] <= batch]  # a later checkpoint's rows are not this model's
     if rows:
         last = rows[-1]
         facts["final_domain_weights"] = dict(zip(last["domains"], last["weights"]))
@@ -95,8 +96,8 @@ def model_card(config, params: int, dtype, kept: dict | None, facts: dict, sourc
         lines.append("- Final domain weights: " + ", ".join(f"{d} {w:.3f}" for d, w in
                                                             facts["final_domain_weights"].items()))
     if facts.get("eval_perplexity"):
-        lines.append(f"- Eval perplexity per domain (held-out eval split, batch {facts.get('eval_batch')}, "
-                     f"measured by the run before the export's dense cut): " +
+        lines.append(f"- Eval perplexity per domain (the run's evaluation at batch {facts.get('eval_batch')}, "
+                     f"held-out eval split; while pruning, of the masked model): " +
                      ", ".join(f"{d} {p:.2f}" for d, p in facts["eval_perplexity"].items()))
     if facts.get("checkpoint"):
         lines.append(f"- Exported from checkpoint `{facts['checkpoint']}`")

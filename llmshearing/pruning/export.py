@@ -484,7 +484,8 @@ def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = Fals
     tensors = dense_tensors(get, config, masks, kept, scope, device)
     if dist.get_global_rank() == 0:
         options = replace(options or ExportOptions(), dtype=(options and options.dtype) or recipe_dtype(cfg))
-        options.card = {**card.run_facts(cfg, int(trainer.state.timestamp.token), cfg.save_folder), **options.card}
+        ts = trainer.state.timestamp
+        options.card = {**card.run_facts(cfg, int(ts.token), cfg.save_folder, batch=int(ts.batch)), **options.card}
         write_export(out_dir, target, tensors, tokenizer, kept if model.l0 is not None else None, options, overwrite,
                      cfg.model.path)
     elif trainer.state.fsdp_enabled:
@@ -519,8 +520,8 @@ def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = N
     tokens = reader.value("timestamp", "Timestamp", "token")
     options = options or ExportOptions()
     options = replace(options, dtype=dtype_of(dtype) if dtype else options.dtype or recipe_dtype(cfg))
-    options.card = {**card.run_facts(cfg, tokens, os.path.dirname(os.path.realpath(reader.path)),
-                                     checkpoint=checkpoint), **options.card}
+    options.card = {**card.run_facts(cfg, tokens, os.path.dirname(os.path.realpath(reader.path)), checkpoint=checkpoint,
+                                     batch=reader.value("timestamp", "Timestamp", "batch")), **options.card}
     write_export(out_dir, target, dense_tensors(get, config, masks, kept), model_tokenizer(cfg.model),
                  kept if l0 is not None else None, options, overwrite, cfg.model.path)
     return kept if l0 is not None else None
