@@ -13,7 +13,7 @@ import inspect
 import multiprocessing
 import os
 import signal
-import tempfile
+import warnings
 
 import torch
 
@@ -108,21 +108,100 @@ def is_sharded_checkpoint(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
 
 
-def checkpoint_state(path: str) -> dict:
-    """The `state` dict of a Composer checkpoint, monolithic (`.pt` file) or sharded (a folder), read in one
-    process (model weights under 'model', 'timestamp', 'dataset_state', callbacks...). Composer has no public
-    reader for a checkpoint outside a Trainer."""
-    if is_sharded_checkpoint(path):
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:  # DCP's own single-process reader, through a temporary file
-            dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
-            ckpt = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=False)
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+def _check_layout(ckpt, path: str) -> None:
     require(isinstance(ckpt, dict) and isinstance(ckpt.get("state"), dict) and "model" in ckpt["state"],
             "checkpoint_state", f"the checkpoint layout {{'state': {{'model': ...}}}} (read from {path})", "mosaicml")
+
+
+def _dcp_load_everything():
+    from torch.distributed.checkpoint import state_dict_loader
+
+    load = getattr(state_dict_loader, "_load_state_dict_from_keys", None)
+    require(callable(load), "checkpoint_state", "torch.distributed.checkpoint.state_dict_loader."
+            "_load_state_dict_from_keys", "torch")
+    return load
+
+
+def checkpoint_state(path: str) -> dict:
+    """The whole `state` dict of a Composer checkpoint, monolithic (`.pt` file) or sharded (a folder), read in one
+    process: model (teacher included), optimizer, 'timestamp', 'dataset_state', callbacks... For tests and run
+    summaries; an export reads only the model through `CheckpointModel`. Composer has no public reader for a
+    checkpoint outside a Trainer; a sharded one is read by DCP's own single-process loader, in memory (no
+    temporary file)."""
+    if is_sharded_checkpoint(path):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            ckpt = _dcp_load_everything()({"state"}, checkpoint_id=path)  # every key under 'state' (not 'rng')
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    _check_layout(ckpt, path)
     return ckpt["state"]
+
+
+class CheckpointModel:
+    """The `state.model` tensors of a Composer checkpoint (ComposerLM names: 'model.model.layers.0...',
+    'l0.lambdas', 'teacher....'), each read when asked for, and its callbacks' small values.
+
+    Nothing else is read: a monolithic `.pt` is memory-mapped (torch.load(mmap=True)), so only the pages of the
+    tensors asked for are ever read from disk; a sharded checkpoint is read through DCP's metadata, one tensor
+    per `dcp.load` of exactly that key (the optimizer's and the teacher's entries are never touched), in memory.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sharded = is_sharded_checkpoint(path)
+        if self.sharded:
+            from torch.distributed.checkpoint import FileSystemReader
+
+            metadata = FileSystemReader(path).read_metadata()
+            self._meta = metadata.state_dict_metadata
+            # DCP flattens {'state': {'model': {name: tensor}}} into 'state.model.<name>'; planner_data keeps the path
+            self._fqn = {p[2]: fqn for fqn, p in metadata.planner_data.items()
+                         if len(p) == 3 and tuple(p[:2]) == ("state", "model")}
+            self._objects = {tuple(p): fqn for fqn, p in metadata.planner_data.items()}
+            require(bool(self._fqn), "CheckpointModel", f"the sharded layout 'state.model.<name>' (read from {path})",
+                    "mosaicml")
+            self.names = list(self._fqn)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            _check_layout(ckpt, path)
+            self._state = ckpt["state"]
+            self._model = {k.removeprefix("module."): v for k, v in self._state["model"].items()}
+            self.names = list(self._model)
+
+    def _dcp_load(self, fqn: str, value):
+        from torch.distributed.checkpoint import FileSystemReader, load
+
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        holder = {fqn: value}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                load(holder, storage_reader=FileSystemReader(self.path), no_dist=True)
+        except CheckpointException as e:  # a BaseException carrying each rank's (exception, traceback)
+            failure = next(iter(e.failures.values()), None)
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            raise RuntimeError(f"reading '{fqn}': {type(cause).__name__}: {str(cause).splitlines()[0][:200]}") from None
+        return holder[fqn]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One model tensor (KeyError when the checkpoint has none of that name)."""
+        if not self.sharded:
+            return self._model[name]
+        fqn = self._fqn[name]
+        meta = self._meta[fqn]
+        return self._dcp_load(fqn, torch.empty(meta.size, dtype=meta.properties.dtype))
+
+    def value(self, *path: str):
+        """A small non-tensor entry of `state`, e.g. value('callbacks', 'RunGuard', 'run_config'); None if absent."""
+        if not self.sharded:
+            node = self._state
+            for key in path:
+                node = node.get(key) if isinstance(node, dict) else None
+            return node
+        fqn = self._objects.get(("state", *path))
+        return None if fqn is None else self._dcp_load(fqn, None)
 
 
 # -- torch FSDP1 (through Composer) on CPU with gloo ------------------------------------------------------------
@@ -258,6 +337,7 @@ def check_all() -> None:
 
     _composer_checkpoint_module()
     _composer_dist_module()
+    _dcp_load_everything()
     _fsdp_private()
     _engine_close()
     _fqn_cache()

@@ -40,13 +40,17 @@ def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights:
         lm = from_pretrained(cfg.model.path, cfg.model.gguf_file, cfg.model.attn_impl)
     else:
         lm = empty_model(source_config, cfg.model.attn_impl)
-    l0 = None
-    if cfg.pruning is not None:
-        target = target or resolve_target(cfg.pruning.target, source_config)
-        p = cfg.pruning
-        l0 = L0Module(shape_of(source_config), target, batches(p.lagrangian_warmup), p.init_drop, seed=cfg.seed,
-                      log_alpha_range=p.log_alpha_clamp, eval_target_model=p.eval_target_model)
-    return ComposerLM(lm, l0)
+    return ComposerLM(lm, build_l0(cfg, source_config, target))
+
+
+def build_l0(cfg: TrainConfig, source_config, target=None) -> L0Module | None:
+    """The run's masks and multipliers (None without pruning), at their initial values."""
+    if cfg.pruning is None:
+        return None
+    target = target or resolve_target(cfg.pruning.target, source_config)
+    p = cfg.pruning
+    return L0Module(shape_of(source_config), target, batches(p.lagrangian_warmup), p.init_drop, seed=cfg.seed,
+                    log_alpha_range=p.log_alpha_clamp, eval_target_model=p.eval_target_model)
 
 
 def build_teacher(cfg: TrainConfig, load_weights: bool = True) -> Teacher | None:
