@@ -52,6 +52,15 @@ def test_llama2_7b_param_count():
     assert counts["root_unit"] == 2 * 32000 * 4096 + 4096
 
 
+def test_export_host_is_one_unit_read_and_its_copy():
+    """The export folds one unit at a time: a Llama-2-7B layer (4 d^2 + 3 d I + 2 d = 202,383,360 parameters) is larger
+    than its embedding (32000 x 4096), Llama-3.1-8B's 128256 x 4096 embedding larger than its layer."""
+    counts = plan.model_counts(plan.load_model_config(plan.shipped_llama2_7b()))
+    assert plan.export_host_bytes(counts) == 8 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096)
+    llama3 = plan.model_counts(plan.load_model_config(os.path.join(REPO, "yamls", "models", "llama-3.1-8b.json")))
+    assert plan.export_host_bytes(llama3) == 8 * 128256 * 4096
+
+
 def test_sharded_state_is_16P_over_N():
     config = tiny_config()
     P = 2 * (4 * 64 * 64 + 3 * 64 * 88 + 2 * 64) + 2 * 50 * 64 + 64  # layers + untied embed/head + final norm

@@ -410,14 +410,14 @@ def resolve_seq_len(recipe: dict, config, seq_len: int | None) -> tuple[int, str
 # ---------------------------------------------------------------------------------------------- model
 
 def model_counts(config) -> dict:
-    """P (== shapes.param_count), U (one decoder layer) and R (embedding + lm_head + final norm)."""
+    """P (== shapes.param_count), U (one decoder layer), R (embedding + lm_head + final norm), V * d (one embedding)."""
     from llmshearing.pruning.shapes import param_count, shape_of
 
     P = int(param_count(shape_of(config), config))
     d, V = config.hidden_size, config.vocab_size
     R = V * d * (1 if config.tie_word_embeddings else 2) + d
     L = config.num_hidden_layers
-    return {"params": P, "layer_unit": (P - R) // L, "root_unit": R, "layers": L}
+    return {"params": P, "layer_unit": (P - R) // L, "root_unit": R, "layers": L, "embedding": V * d}
 
 
 def mask_numbers(source_config, target) -> tuple[int, list[str]]:
@@ -664,10 +664,11 @@ def activation_init(recipe: dict, config, T: int) -> dict:
 
 
 def export_host_bytes(counts: dict) -> int:
-    """Host bytes of exporting the trained model (`llmshearing export`, or export_dir at the end of a run): one fp32
-    copy of the student (its tensors read from the checkpoint, the teacher's never) and the layer being folded and
-    written (4U); the export streams layer by layer into sharded safetensors."""
-    return 4 * counts["params"] + 4 * counts["layer_unit"]
+    """Host bytes of exporting the trained model (`llmshearing export`, or export_dir at the end of a run, there on
+    top of the run's own host memory): the export reads only the student's tensors and folds, slices and writes one
+    unit at a time (a decoder layer, or the embedding / head when larger), so its peak is one source unit read in
+    fp32 plus its sliced copy, at most as large: 8 * max(U, V * d), plus the reader's one-tensor buffer."""
+    return 8 * max(counts["layer_unit"], counts["embedding"])
 
 
 def divisors(n: int) -> list[int]:
@@ -889,8 +890,8 @@ def format_plan(plan: dict) -> str:
               f"  host: {plan['host_verdict']}", "",
               f"verdict: {plan['verdict']} ({plan['per_gpu_gb']['total']:.1f} of {cap:g} GiB per GPU at microbatch "
               f"{plan['microbatch']}, checkpointing {'on' if plan['activation_checkpointing'] else 'off'})"]
-    lines.append(f"export host RAM: {plan['export_host_gb']:.1f} GiB (one fp32 copy of the student + the layer being "
-                 f"folded)")
+    lines.append(f"export host RAM: {plan['export_host_gb']:.1f} GiB (one source layer or embedding in fp32 + its sliced "
+                 f"copy; at the end of a run, on top of the run's own host memory)")
     a = plan.get("activation_init")
     if a:
         lines.append(f"pruning.init=activation phase ({'this recipe' if a['applies'] else 'not set by this recipe'}): "
