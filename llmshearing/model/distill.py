@@ -59,9 +59,10 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor,
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
     for part, at in _chunks(rows, logits.shape[-1]):
         s = logits[at].float()
-        lse[part] = torch.logsumexp(s, dim=-1)
+        top = s.amax(dim=-1, keepdim=True)  # log-sum-exp written out: one fp32 temporary beside s
+        lse[part] = (s - top).exp_().sum(dim=-1).log_().add_(top.squeeze(-1))
         total += lse[part].sum() - s.gather(-1, targets[part, None]).sum()
-        del s  # before the next chunk's
+        del s, top  # before the next chunk's
     return total, lse
 
 
