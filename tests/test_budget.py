@@ -206,3 +206,22 @@ def test_budget_in_a_run_config(tiny_setup):
     cfg = load_config(yaml, base + ["pruning.target={params: 10000000}"])
     with pytest.raises(ConfigError, match=re.escape("pruning.target.params=10,000,000 is outside the feasible range")):
         resolve_target(cfg.pruning.target, source)
+
+
+def test_llama3_presets_take_the_released_small_models_shapes():
+    """llama-3.2-3b is Llama-3.2-3B's shape (its shipped config resolves to the preset); Llama-3.2-1B's config is
+    refused (head_dim 64, never pruned) with the way out, and llama-3.2-1b-hd128 has the 1B's parameters but for the
+    output embedding the 8B does not tie (128,256 x 2,048)."""
+    from llmshearing.pruning.shapes import PRESETS
+    from llmshearing.train.plan import load_model_config
+
+    models = os.path.join(REPO, "yamls", "models")
+    source = load_model_config(os.path.join(models, "llama-3.1-8b.json"))
+    small = {n: load_model_config(os.path.join(models, f"llama-3.2-{n}.json")) for n in ("3b", "1b")}
+    assert resolve_target(os.path.join(models, "llama-3.2-3b.json"), source) == PRESETS["llama-3.2-3b"]
+    assert shape_of(small["3b"]) == resolve_target("llama-3.2-3b", source)
+    with pytest.raises(ConfigError, match="has head_dim 64 but the source has 128; head_dim is never pruned"):
+        resolve_target(os.path.join(models, "llama-3.2-1b.json"), source)
+    hd128 = resolve_target("llama-3.2-1b-hd128", source)
+    assert param_count(hd128, source) == param_count(shape_of(small["1b"]), small["1b"]) + 128256 * 2048
+    assert param_count(hd128, source) == 1_498_482_688

@@ -37,6 +37,12 @@ SHAPE_KEYS = tuple(f.name for f in fields(Shape))
 PRESETS: dict[str, Shape] = {
     "sheared-llama-1.3b": Shape(24, 2048, 16, 16, 5504),
     "sheared-llama-2.7b": Shape(32, 2560, 20, 20, 6912),
+    # Llama-3.1-8B (32/4096/32/8/14336, head_dim 128) to the shapes of the released Llama-3.2 small models
+    # (yamls/models/llama-3.2-*.json). The 3B's is exact. The 1B has head_dim 64 (32 heads x 64) and head_dim is
+    # never pruned, so its preset keeps head_dim 128 with the 1B's attention widths: 16 query heads (2048 wide)
+    # and 4 KV heads (512 wide), the 1B's 4 query heads per KV group: the same parameters per layer as the 1B.
+    "llama-3.2-3b": Shape(28, 3072, 24, 8, 8192),
+    "llama-3.2-1b-hd128": Shape(16, 2048, 16, 4, 8192),
     # The embedded default: SmolLM2-135M (30/576/9/3/1536) to ~49% of its non-embedding parameters.
     # 2 KV groups of 2 query heads keep GQA valid and exercise both group and in-group head masks.
     "smollm2-135m-half": Shape(24, 512, 4, 2, 1152),
