@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from conftest import REPO
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from llmshearing.cli import main as cli_main
 from llmshearing.errors import ConfigError
@@ -41,9 +41,18 @@ def qwen2_0_5b():
                        num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)
 
 
-SOURCES = {"smollm2-135m": smollm2_135m, "llama-2-7b": llama2_7b, "mistral-7b": mistral_7b, "qwen2-0.5b": qwen2_0_5b}
+def qwen3_0_6b():
+    return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                       rope_theta=1e6)
+
+
+SOURCES = {"smollm2-135m": smollm2_135m, "llama-2-7b": llama2_7b, "mistral-7b": mistral_7b, "qwen2-0.5b": qwen2_0_5b,
+           "qwen3-0.6b": qwen3_0_6b}
+# the published counts; Qwen3-0.6B's card says 0.6B and 0.44B non-embedding: this is the count by hand (per layer
+# 3 x 2,097,152 attention + 9,437,184 MLP + 2,048 layer norms + 256 q_norm/k_norm, + 151,936 x 1,024 tied + 1,024)
 SOURCE_PARAMS = {"smollm2-135m": 134_515_008, "llama-2-7b": 6_738_415_616, "mistral-7b": 7_241_732_096,
-                 "qwen2-0.5b": 494_032_768}  # the published counts
+                 "qwen2-0.5b": 494_032_768, "qwen3-0.6b": 596_049_920}
 
 
 def hf_params(config) -> int:

@@ -86,6 +86,9 @@ def finalize(lm: DecoderLM, l0: L0Module) -> tuple[DecoderLM, dict]:
 
         for norm in ("input_layernorm", "post_attention_layernorm"):
             out[q + norm + ".weight"] = sd[p + norm + ".weight"][d_idx]
+        for norm in ("q_norm", "k_norm"):  # Qwen3: over head_dim (never pruned), one weight for all heads
+            if p + f"self_attn.{norm}.weight" in sd:
+                out[q + f"self_attn.{norm}.weight"] = sd[p + f"self_attn.{norm}.weight"]
         for name, idx in (("q_proj", head_idx), ("k_proj", kv_idx), ("v_proj", kv_idx)):
             out[q + f"self_attn.{name}.weight"] = _rows(sd[p + f"self_attn.{name}.weight"], idx)[:, d_idx]
             if p + f"self_attn.{name}.bias" in sd:
