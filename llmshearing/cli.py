@@ -42,9 +42,11 @@ def _add_convert(sub) -> None:
 
 
 def _add_make_tiny(sub) -> None:
+    from llmshearing.experiments.tiny import FAMILY_CONFIGS
+
     p = sub.add_parser("make-tiny", help="write a tiny random model, tokenizer and two text domains")
     p.add_argument("out_dir")
-    p.add_argument("--family", default="smollm2-gqa", choices=["llama-mha", "smollm2-gqa", "mistral", "qwen2"])
+    p.add_argument("--family", default="smollm2-gqa", choices=list(FAMILY_CONFIGS))
     p.set_defaults(handler=_make_tiny)
 
 

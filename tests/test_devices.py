@@ -63,6 +63,20 @@ def llama3_case(distill: bool = False, init: bool = False) -> dict:
             "batch": 2, "seq": 4096, "dtype": torch.bfloat16}
 
 
+def llama3_recipe_case(name: str, distill: bool = False, init: bool = False) -> dict:
+    """A Llama-3 recipe (yamls/*llama3*) resolved as `llmshearing plan NAME --model-config
+    yamls/models/llama-3.1-8b.json [--target-shape PRESET]` does: the pruning source, or its pruned export."""
+    recipe = read_recipe(name)
+    preset = None if recipe["pruning"] else read_recipe(name.replace("continue", "prune"))["pruning_target"]
+    if distill:  # as the recipes' comments say: the pruning source, or Llama-3.1-8B for continued pretraining
+        recipe = {**recipe, "distill": {"teacher": "source" if recipe["pruning"] else LLAMA31_8B}}
+    config, _, _ = resolve_model(recipe, LLAMA31_8B, preset)
+    teacher = resolve_teacher(recipe, config, None if recipe["pruning"] or not distill else LLAMA31_8B)
+    target = resolve_target(recipe["pruning_target"], config) if recipe["pruning"] else None
+    return {"config": config, "target": target, "teacher": teacher and teacher[0], "init": init,
+            "batch": recipe["device_train_microbatch_size"], "seq": 4096, "dtype": DTYPES[recipe["precision"]]}
+
+
 CASES = {
     "prune_1.3b": lambda: recipe_case("prune_1.3b"),
     "prune_1.3b+distill+init": lambda: recipe_case("prune_1.3b", distill=True, init=True),
@@ -71,6 +85,10 @@ CASES = {
     "continue_2.7b": lambda: recipe_case("continue_2.7b"),
     "llama3.1-8b->3.2-3b": lambda: llama3_case(),
     "llama3.1-8b->3.2-3b+distill+init": lambda: llama3_case(distill=True, init=True),
+    # the shipped Llama-3 recipes (prune_llama3_3b's shape, microbatch and dtype are llama3_case's)
+    "prune_llama3_1b+distill+init": lambda: llama3_recipe_case("prune_llama3_1b", distill=True, init=True),
+    "continue_llama3_3b+distill": lambda: llama3_recipe_case("continue_llama3_3b", distill=True),
+    "continue_llama3_1b": lambda: llama3_recipe_case("continue_llama3_1b"),
 }
 
 
@@ -285,7 +303,7 @@ def test_activation_scores_in_bounded_passes_equal_the_one_pass_scores(family, m
     assert activation_peak_bytes(config, 4096) - weights == 4 * 4096 * (3 * 11008 + 5 * 4096) == 836 * 2**20
 
 
-@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2", "qwen3"])
 def test_every_family_trains_evaluates_and_exports_on_meta(family):
     """The family-specific paths at tiny shapes: tied embeddings (the export's final-norm fold), q/k/v biases (the
     masked linear's bias gradient), GQA, and Mistral's sliding-window mask (T = 40 > window 24)."""

@@ -128,6 +128,9 @@ def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_i
     out = {}
     for norm in ("input_layernorm", "post_attention_layernorm"):
         out[q + norm + ".weight"] = get(p + norm + ".weight")[d_idx]
+    for norm in ("q_norm", "k_norm"):  # Qwen3: over head_dim (never pruned), one weight for all heads
+        if has(p + f"self_attn.{norm}.weight"):
+            out[q + f"self_attn.{norm}.weight"] = get(p + f"self_attn.{norm}.weight")
     for name, idx in (("q_proj", head_idx), ("k_proj", kv_idx), ("v_proj", kv_idx)):
         out[q + f"self_attn.{name}.weight"] = _rows(get(p + f"self_attn.{name}.weight"), idx)[:, d_idx]
         if has(p + f"self_attn.{name}.bias"):
