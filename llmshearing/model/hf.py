@@ -9,7 +9,10 @@ from transformers import AutoConfig, PretrainedConfig
 
 from llmshearing.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# The families the decoder implements, with the transformers class an export of each is loaded as.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 QK_NORM_TYPES = ("qwen3",)  # an RMSNorm over head_dim on every query and key head (one weight for all heads)
 
 

@@ -19,7 +19,7 @@ import torch
 from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import head_dim_of
+from llmshearing.model.hf import ARCHITECTURES, head_dim_of
 from llmshearing.pruning.shapes import target_config
 from llmshearing.io import atomic_directory
 from llmshearing.pruning.masks import L0Module, Masks
@@ -218,7 +218,6 @@ def check_export_dir(path: str, key: str, overwrite: bool = False) -> None:
         raise ConfigError(f"{key}: '{path}' holds an earlier export; pass --overwrite to replace it")
 
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's default for save_pretrained / push_to_hub
 PRECISION_DTYPES = {"fp32": torch.float32, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
 
