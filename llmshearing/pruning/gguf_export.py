@@ -7,8 +7,9 @@ GGUF reader undoes exactly that permutation, and `qwen2` (NeoX-style rope in lla
 
 What is refused, with a one-line reason (ConfigError), is what GGUF or transformers' GGUF reader (4.53) cannot
 carry: rope scaling, a Mistral sliding window shorter than the context, Qwen2 sliding windows or a head_dim other
-than hidden/heads (the reader derives it), Llama biases, and tokenizers that are not byte-level BPE (GPT-2 style;
-SentencePiece Llama-2 tokenizers are not written yet). Tensors are streamed: one is in memory at a time.
+than hidden/heads (the reader derives it), Llama biases, and tokenizers that are neither byte-level BPE (GPT-2 style,
+GGUF tokenizer `gpt2`) nor SentencePiece BPE with byte fallback (Llama-2's, GGUF tokenizer `llama`; a unigram model
+is refused: llama.cpp would split it by merge scores). Tensors are streamed: one is in memory at a time.
 """
 from __future__ import annotations
 
@@ -81,10 +82,10 @@ def tokenizer_spec(tokenizer, vocab_size: int) -> dict:
     prefix = _spm_prefix(spec) if model.get("type") == "BPE" and model.get("byte_fallback") else None
     if model.get("type") != "BPE" or (pre is None and prefix is None):
         kind = model.get("type", "?") + (" with byte fallback" if model.get("byte_fallback") else "")
-        raise _refuse(f"the tokenizer ({kind}, normalizer {(spec.get('normalizer') or {}).get('type')}, "
-                      f"pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')}) is neither a byte-level BPE of "
-                      f"a known pre-tokenizer (gpt-2, smollm, qwen2, llama-bpe) nor a SentencePiece BPE with byte "
-                      f"fallback (Llama-2 style); only those are written to GGUF")
+        norm, split = (spec.get(k) or {} for k in ("normalizer", "pre_tokenizer"))
+        raise _refuse(f"the tokenizer ({kind}, normalizer {norm.get('type')}, pre-tokenizer {split.get('type')}) is "
+                      f"neither a byte-level BPE of a known pre-tokenizer (gpt-2, smollm, qwen2, llama-bpe) nor a "
+                      f"SentencePiece BPE with byte fallback (Llama-2 style); only those are written to GGUF")
     n = len(tokenizer)
     if n > vocab_size:
         raise _refuse(f"the tokenizer has {n} tokens, more than the model's {vocab_size} embedding rows")
