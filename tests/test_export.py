@@ -36,10 +36,11 @@ WIDE_TARGET = {"num_hidden_layers": 4, "hidden_size": 96, "num_attention_heads":
 SAMPLE = "the quick brown fox jumps over the lazy dog and then some more words about the river"
 
 
-def model_folder(tiny_setup, folder, family, **overrides):
-    """A random model of `family` (config overrides allowed) with the tiny tokenizer, saved as an HF folder."""
+def model_folder(tiny_setup, folder, family, tokenizer=None, **overrides):
+    """A random model of `family` (config overrides allowed) with the tiny tokenizer (or `tokenizer`), saved as an
+    HF folder."""
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_setup["model"])
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(tiny_setup["model"])
     if overrides:
         model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=len(tokenizer), **overrides))
     else:
@@ -278,37 +279,62 @@ def test_exported_config_has_only_stock_fields(tiny_setup, tmp_path, family):
 
 
 # ----------------------------------------------------------------------------------------------------- GGUF
-GGUF_CASES = {  # family -> (config overrides, target): the Qwen2 target keeps hidden/heads == head_dim
-    "llama-mha": ({}, {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 2,
-                       "intermediate_size": 64}),
-    "smollm2-gqa": ({}, {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2,
-                         "num_key_value_heads": 1, "intermediate_size": 64}),
-    "mistral": ({"sliding_window": None}, {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2,
-                                           "num_key_value_heads": 1, "intermediate_size": 64}),
-    "qwen2": ({}, {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
-                   "intermediate_size": 64}),
+GGUF_CASES = {  # case -> (family, config overrides, target): the Qwen2 target keeps hidden/heads == head_dim
+    "llama-mha": ("llama-mha", {}, {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2,
+                                    "num_key_value_heads": 2, "intermediate_size": 64}),
+    "smollm2-gqa": ("smollm2-gqa", {}, {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2,
+                                        "num_key_value_heads": 1, "intermediate_size": 64}),
+    "mistral": ("mistral", {"sliding_window": None}, {"num_hidden_layers": 3, "hidden_size": 48,
+                                                      "num_attention_heads": 2, "num_key_value_heads": 1,
+                                                      "intermediate_size": 64}),
+    "qwen2": ("qwen2", {}, {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 2,
+                            "num_key_value_heads": 1, "intermediate_size": 64}),
+    "llama-2-spm": ("llama-mha", {}, {"num_hidden_layers": 2, "hidden_size": 48, "num_attention_heads": 2,
+                                      "num_key_value_heads": 2, "intermediate_size": 64}),
 }
+# a leading space, double spaces, a tab, digits and characters outside the vocabulary (byte fallback)
+SPM_SAMPLE = " the quick brown fox ü→日本  jumps\n\tdef f(): return 42"
+
+
+def spm_tokenizer(tiny_setup, folder, model_type="bpe"):
+    """A Llama-2-style SentencePiece tokenizer (BPE, byte fallback, split digits, '▁' prefix; <unk> <s> </s>)
+    trained on the tiny setup's text, as transformers' LlamaTokenizerFast."""
+    import sentencepiece as spm
+    from transformers import LlamaTokenizerFast
+
+    texts = [json.loads(line)["text"] for name in ("prose", "code") for line in open(tiny_setup[name])]
+    os.makedirs(folder, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=os.path.join(folder, "sp"), model_type=model_type, vocab_size=512,
+        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=1 << 16,
+        num_threads=1, minloglevel=2)
+    return LlamaTokenizerFast(vocab_file=os.path.join(folder, "sp.model"), add_prefix_space=True, legacy=True)
+
+
 # max |logit difference| to the HF export; these random models' logits have std ~0.14 (observed: f32 0, f16 <=2.2e-4,
 # bf16 <=2.5e-3, q8_0 <=4.6e-3 over the four families)
 TOLERANCE = {"f32": 1e-5, "f16": 1e-3, "bf16": 1e-2, "q8_0": 2e-2}
 
 
-def pruned_export(tiny_setup, tmp_path, family):
-    overrides, target = GGUF_CASES[family]
-    source = model_folder(tiny_setup, str(tmp_path / "src"), family, **overrides)
+def pruned_export(tiny_setup, tmp_path, case):
+    family, overrides, target = GGUF_CASES[case]
+    tokenizer = spm_tokenizer(tiny_setup, str(tmp_path / "spm")) if case == "llama-2-spm" else None
+    source = model_folder(tiny_setup, str(tmp_path / "src"), family, tokenizer, **overrides)
     out = str(tmp_path / "pruned")
     oneshot_prune(source, target, out)
     return out
 
 
-@pytest.mark.parametrize("family", list(GGUF_CASES))
-def test_gguf_of_a_pruned_export_reads_back_in_transformers(tiny_setup, tmp_path, family):
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_gguf_of_a_pruned_export_reads_back_in_transformers(tiny_setup, tmp_path, case):
     """`llmshearing convert --to gguf` of a pruned export: transformers' GGUF reader gives the same config dims,
     token ids and logits (f32 to 1e-5; f16, bf16 and q8_0 within their rounding), q/k permuted for llama.cpp."""
-    out = pruned_export(tiny_setup, tmp_path, family)
+    out = pruned_export(tiny_setup, tmp_path, case)
+    family, sample = GGUF_CASES[case][0], SPM_SAMPLE if case == "llama-2-spm" else SAMPLE
     hf = AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
-    ids = tokenizer(SAMPLE, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits
     for dtype in ("f32", "f16", "bf16", "q8_0"):
@@ -322,13 +348,51 @@ def test_gguf_of_a_pruned_export_reads_back_in_transformers(tiny_setup, tmp_path
             assert getattr(g.config, key) == pytest.approx(getattr(hf.config, key), rel=1e-6), (dtype, key)
         assert g.config.head_dim == hf.config.head_dim if family != "qwen2" else True
         gt = AutoTokenizer.from_pretrained(out, gguf_file=name)
-        assert gt(SAMPLE, add_special_tokens=False)["input_ids"] == ids
+        assert gt(sample, add_special_tokens=False)["input_ids"] == ids
         with torch.no_grad():
             got = g(torch.tensor([ids])).logits
         diff = float((got - expected).abs().max())
         assert diff <= TOLERANCE[dtype], (dtype, diff)
         if dtype == "f32":
             assert diff <= 1e-5
+    if case == "llama-2-spm":
+        assert_llama_2_tokenizer(os.path.join(out, "model-f32.gguf"), str(tmp_path / "spm" / "sp.model"), tokenizer,
+                                 AutoTokenizer.from_pretrained(out, gguf_file="model-f32.gguf"))
+
+
+def assert_llama_2_tokenizer(gguf_file, sp_model, tokenizer, gt):
+    """The GGUF `llama` tokenizer of a SentencePiece export: the HF tokenizer and the read-back one give
+    SentencePiece's own ids (byte fallback, leading space) and BOS, the file has its types and its score order."""
+    import sentencepiece as spm
+    from gguf import GGUFReader, TokenType
+
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    ids = sp.encode(SPM_SAMPLE)
+    assert tokenizer(SPM_SAMPLE, add_special_tokens=False)["input_ids"] == ids
+    assert sum(t.startswith("<0x") for t in tokenizer.convert_ids_to_tokens(ids)) >= 8  # ü → 日本 and the tab
+    assert gt(SPM_SAMPLE)["input_ids"] == tokenizer(SPM_SAMPLE)["input_ids"] == [sp.bos_id(), *ids]
+    assert gt.decode(ids) == tokenizer.decode(ids) == SPM_SAMPLE
+    fields = GGUFReader(gguf_file).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama"
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    types, scores = fields["tokenizer.ggml.token_type"].contents(), fields["tokenizer.ggml.scores"].contents()
+    n = sp.get_piece_size()
+    assert types[:3] == [TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+    assert [i for i in range(n) if types[i] == TokenType.BYTE] == [i for i in range(n) if sp.is_byte(i)]
+    assert len([i for i in range(n) if sp.is_byte(i)]) == 256
+    normal = [i for i in range(n) if types[i] == TokenType.NORMAL]  # llama.cpp merges by these scores
+    order = sorted(normal, key=sp.get_score, reverse=True)
+    assert len(normal) == n - 259 and all(scores[a] > scores[b] for a, b in zip(order, order[1:]))
+
+
+def test_gguf_refuses_a_sentencepiece_unigram_tokenizer(tiny_setup, tmp_path):
+    """llama.cpp's `llama` tokenizer merges pairs by score (SentencePiece BPE); a unigram model would split
+    otherwise, so it is refused before anything is written."""
+    from llmshearing.pruning.gguf_export import tokenizer_spec
+
+    tokenizer = spm_tokenizer(tiny_setup, str(tmp_path), "unigram")
+    with pytest.raises(ConfigError, match=r"GGUF export refused: the tokenizer \(Unigram with byte fallback"):
+        tokenizer_spec(tokenizer, len(tokenizer))
 
 
 def test_gguf_q_k_permutation_is_what_transformers_reverses():
@@ -345,8 +409,8 @@ def test_gguf_q_k_permutation_is_what_transformers_reverses():
 
 @pytest.mark.slow  # `llmshearing convert` in a subprocess
 @pytest.mark.parametrize("family, target, why", [
-    ("mistral", GGUF_CASES["mistral"][1], "sliding_window=24"),
-    ("qwen2", GGUF_CASES["smollm2-gqa"][1], "head_dim 16 != hidden_size/num_attention_heads"),
+    ("mistral", GGUF_CASES["mistral"][2], "sliding_window=24"),
+    ("qwen2", GGUF_CASES["smollm2-gqa"][2], "head_dim 16 != hidden_size/num_attention_heads"),
 ])
 def test_gguf_refuses_what_it_cannot_carry(tiny_setup, tmp_path, family, target, why):
     source = model_folder(tiny_setup, str(tmp_path / "src"), family)

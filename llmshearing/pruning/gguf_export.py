@@ -7,13 +7,15 @@ GGUF reader undoes exactly that permutation, and `qwen2` (NeoX-style rope in lla
 
 What is refused, with a one-line reason (ConfigError), is what GGUF or transformers' GGUF reader (4.53) cannot
 carry: rope scaling, a Mistral sliding window shorter than the context, Qwen2 sliding windows or a head_dim other
-than hidden/heads (the reader derives it), Llama biases, and tokenizers that are not byte-level BPE (GPT-2 style;
-SentencePiece Llama-2 tokenizers are not written yet). Tensors are streamed: one is in memory at a time.
+than hidden/heads (the reader derives it), Llama biases, and tokenizers that are neither byte-level BPE (GPT-2 style,
+GGUF tokenizer `gpt2`) nor SentencePiece BPE with byte fallback (Llama-2's, GGUF tokenizer `llama`; a unigram model
+is refused: llama.cpp would split it by merge scores). Tensors are streamed: one is in memory at a time.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import torch
@@ -51,35 +53,70 @@ def _pre_name(pre: dict | None) -> str | None:
     return None
 
 
+def _spm_prefix(spec: dict) -> bool | None:
+    """For a SentencePiece-style tokenizer.json (spaces -> '▁', as transformers converts Llama-2's tokenizer.model):
+    whether a '▁' is prepended to the text (GGUF's add_space_prefix); None when it is not that style."""
+    norm, pre = spec.get("normalizer") or {}, spec.get("pre_tokenizer")
+    steps = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm] if norm else []
+    kinds = [(n.get("type"), n.get("prepend"), (n.get("pattern") or {}).get("String"), n.get("content"))
+             for n in steps]
+    replace = ("Replace", None, " ", "\u2581")
+    if pre is None and kinds in ([("Prepend", "\u2581", None, None), replace], [replace]):  # legacy Llama-2 form
+        return len(kinds) == 2
+    if not norm and (pre or {}).get("type") == "Metaspace" and pre.get("replacement") == "\u2581" \
+            and not pre.get("split", True):  # transformers' legacy=False form
+        return pre.get("prepend_scheme", "always") != "never"
+    return None
+
+
 def tokenizer_spec(tokenizer, vocab_size: int) -> dict:
-    """What GGUF's `gpt2` tokenizer model stores: tokens (padded to the embedding's rows), types, merges,
-    special ids, whether BOS/EOS are added, the pre-tokenizer name and the chat template."""
+    """What GGUF's tokenizer stores: tokens (padded to the embedding's rows), types, merges, special ids, whether
+    BOS/EOS are added, the chat template, and per model: `gpt2` (byte-level BPE) the pre-tokenizer name; `llama`
+    (SentencePiece BPE with byte fallback, Llama-2's) the scores and whether a '▁' is prepended."""
     from gguf import TokenType
 
     if tokenizer is None or not getattr(tokenizer, "is_fast", False):
         raise _refuse("the export has no fast (tokenizer.json) tokenizer to write into the GGUF file")
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model, pre = spec.get("model", {}), _pre_name(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or pre is None:
-        kind = model.get("type", "?") + (" with byte fallback (SentencePiece style)" if model.get("byte_fallback")
-                                         else "")
-        raise _refuse(f"the tokenizer ({kind}, pre-tokenizer {(spec.get('pre_tokenizer') or {}).get('type')}) is "
-                      f"not a byte-level BPE of a known pre-tokenizer (gpt-2, smollm, qwen2, llama-bpe); only those "
-                      f"are written to GGUF")
+    prefix = _spm_prefix(spec) if model.get("type") == "BPE" and model.get("byte_fallback") else None
+    if model.get("type") != "BPE" or (pre is None and prefix is None):
+        kind = model.get("type", "?") + (" with byte fallback" if model.get("byte_fallback") else "")
+        norm, split = (spec.get(k) or {} for k in ("normalizer", "pre_tokenizer"))
+        raise _refuse(f"the tokenizer ({kind}, normalizer {norm.get('type')}, pre-tokenizer {split.get('type')}) is "
+                      f"neither a byte-level BPE of a known pre-tokenizer (gpt-2, smollm, qwen2, llama-bpe) nor a "
+                      f"SentencePiece BPE with byte fallback (Llama-2 style); only those are written to GGUF")
     n = len(tokenizer)
     if n > vocab_size:
         raise _refuse(f"the tokenizer has {n} tokens, more than the model's {vocab_size} embedding rows")
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     added = {t.content: t.special for t in tokenizer.added_tokens_decoder.values()}
-    types = [TokenType.CONTROL if added.get(t) else TokenType.USER_DEFINED if t in added else TokenType.NORMAL
-             for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    spm = prefix is not None
+    byte = re.compile(r"<0x[0-9A-F]{2}>")
+
+    def kind(i, t):
+        if spm and i == tokenizer.unk_token_id:
+            return TokenType.UNKNOWN
+        if t in added:
+            return TokenType.CONTROL if added[t] else TokenType.USER_DEFINED
+        return TokenType.BYTE if spm and byte.fullmatch(t) else TokenType.NORMAL
+
+    types = [kind(i, t) for i, t in enumerate(tokens)]
+    out = {"model": "llama" if spm else "gpt2", "pre": pre, "add_space_prefix": prefix, "merges": merges}
+    if spm:  # SentencePiece BPE merges the adjacent pair whose result scores highest: rank order, as the merges
+        rank = {}
+        for r, m in enumerate(merges):
+            rank.setdefault(m.replace(" ", ""), r)
+        out["scores"] = [0.0 if ty != TokenType.NORMAL else -float(rank[t]) if t in rank else -float(len(merges) + i)
+                         for i, (t, ty) in enumerate(zip(tokens, types))]  # single characters below every merge
+        out["scores"] += [0.0] * (vocab_size - n)
     tokens += [f"[PAD{i}]" for i in range(n, vocab_size)]  # embedding rows without a token
     types += [TokenType.UNUSED] * (vocab_size - n)
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     probe = "a"
     with_special, plain = tokenizer(probe)["input_ids"], tokenizer(probe, add_special_tokens=False)["input_ids"]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    return {"pre": pre, "tokens": tokens, "types": [int(t) for t in types], "merges": merges,
+    return {**out, "tokens": tokens, "types": [int(t) for t in types],
             "bos": bos, "eos": eos, "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id,
             "add_bos": bos is not None and with_special[:1] == [bos] and plain[:1] != [bos],
             "add_eos": eos is not None and with_special[-1:] == [eos] and plain[-1:] != [eos],
@@ -176,11 +213,15 @@ def write_gguf(hf_dir: str, out_file: str, dtype: str = "f16", tokenizer=None) -
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(tok["pre"])
+    w.add_tokenizer_model(tok["model"])
+    if tok["model"] == "gpt2":
+        w.add_tokenizer_pre(tok["pre"])
     w.add_token_list(tok["tokens"])
     w.add_token_types(tok["types"])
-    w.add_token_merges(tok["merges"])
+    if tok["model"] == "llama":
+        w.add_token_scores(tok["scores"])
+        w.add_add_space_prefix(tok["add_space_prefix"])
+    w.add_token_merges(tok["merges"])  # llama.cpp's `llama` model merges by score; transformers reads these
     for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
                      ("pad", w.add_pad_token_id)):
         if tok[key] is not None:
