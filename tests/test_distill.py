@@ -164,8 +164,7 @@ def test_lm_loss_memory_is_one_chunk_and_the_gradient(dtype, chunk_elements, mon
     log-sum-exp) + 8cV (a chunk's fp32 logits and one temporary); backward that + the gradient it returns
     (b bytes per position and entry, b the logits' element size) + a chunk's (4 + b)cV (just 4cV in fp32):
     never an fp32 copy of all n x V logits."""
-    from test_plan import LiveTensors
-
+    from llmshearing.fake_device import LiveBytes
     from llmshearing.model import distill
 
     monkeypatch.setattr(distill, "KD_CHUNK_ELEMENTS", chunk_elements)
@@ -174,15 +173,15 @@ def test_lm_loss_memory_is_one_chunk_and_the_gradient(dtype, chunk_elements, mon
     logits = torch.randn(B, L, V).to(dtype).requires_grad_()
     labels = torch.randint(0, V, (B, L))
     c, b = min(n, max(1, chunk_elements // V)), logits.element_size()
-    forward = LiveTensors()
-    with forward.mode:
+    forward = LiveBytes()
+    with forward:
         loss = distill.lm_loss(logits, labels)
-    assert 28 * n + 8 * c * V <= forward.peak <= 28 * n + 8 * c * V + n + 12 * c + 256  # + keep mask, row maxima
-    backward = LiveTensors()
-    with backward.mode:
+    assert 28 * n + 8 * c * V <= forward.peak["cpu"] <= 28 * n + 8 * c * V + n + 12 * c + 256  # + keep mask, row maxima
+    backward = LiveBytes()
+    with backward:
         torch.autograd.grad(loss, logits)
     expected = 28 * n + b * n * V + (4 + b if b < 4 else 4) * c * V
-    assert expected <= backward.peak <= expected + n + 12 * c + 256
+    assert expected <= backward.peak["cpu"] <= expected + n + 12 * c + 256
 
 
 def test_chunked_metrics_equal_composers(monkeypatch):
