@@ -45,10 +45,11 @@ Per GPU (one training step; the model keeps fp32 master weights, as `from_pretra
                          counted). SHARD_GRAD_OP / NO_SHARD: R*p (the gradient; the parameters are in
                          P*p above); NO_SHARD in fp32 and DDP: 0.
   activations            see below
-  logits     B*T*V*(c+12)  lm_head output in the compute dtype (Composer keeps `state.outputs` alive until
-                         after backward) + the fp32 upcast (`outputs[:, :-1].float()`) whose log-softmax
-                         output autograd keeps (4) + its gradient: in the backward of log_softmax the
-                         incoming fp32 gradient (4) and the outgoing one (4) are alive together.
+  logits     c*n*V + 28*n + c*n*V + (4+c)*k*V   lm_head output in the compute dtype (Composer keeps
+                         `state.outputs` alive until after backward) + the LM loss's backward (`lm_loss_parts`):
+                         `distill.lm_loss` keeps 28 bytes per position (row indices, targets, log-sum-exp)
+                         and returns its gradient in the logits' dtype, built k = 2**22 // V positions at a
+                         time in fp32 and cast back ((4+c)kV; 4kV in fp32); its forward, 28n + 8kV, is smaller.
   With `distill:` (P_t, U_t, R_t the teacher's params, layer unit and root unit):
   teacher    4*P_t/S     its fp32 shard (frozen: no gradient, no optimizer state); DDP: 4*P_t
   teacher_gathered       FULL_SHARD / HYBRID_SHARD: 2*U_t*p + R_t*p (its no-grad forward: two layers in
@@ -57,23 +58,25 @@ Per GPU (one training step; the model keeps fp32 master weights, as `from_pretra
   distill_logits         `kd_loss_bytes`: the KD loss keeps only its gradient for backward (4nK, K = V or
                          top_k, + 8nk of top-k indices); forward adds the teacher's logits (c*n*V) and one
                          chunk's temporaries (`kd_chunk_peak_bytes`, about 117 MB for V = 32,000), backward
-                         the gradient it returns for the fp32 logits (4nV); the larger of the two (checked
-                         against the live tensors in tests/test_plan.py)
+                         the gradient it returns in the logits' dtype (c*n*V) and one chunk of it; the larger
+                         of the two (checked against the live tensors in tests/test_plan.py)
   reserve    1.5 GiB + 10% of the peak below: CUDA context, NCCL buffers, allocator fragmentation,
                          cuBLAS workspaces.
 
 The peak is not the sum of the terms: they meet in two moments, and the total is the larger plus the reserve
-(`--trace` measured both within 3% for the paper recipes, docs/plan.md). G = grads (4P/S), A = what the layers
+(`--trace` measured both within 5% for the paper and Llama-3 recipes, docs/plan.md). G = grads (4P/S), A = what the layers
 keep at the end of forward (checkpointing: L*c*n*d, else L x the per-layer activations), `layer` one layer's
 activations (recomputed in backward under checkpointing), `outside` the activations outside the layers,
 F = params + optimizer + masks (+ teacher):
   loss      F + (G when a step has several microbatches, else 0: zero_grad sets the gradients to None) + A
             + outside + R*p (the root unit is gathered, no layer is) + logits (with distill: the largest of the
-            LM loss's backward + the KD loss's kept gradient, the KD loss's forward or backward beside the
-            student's logits, and the teacher's forward: `per_gpu`)
+            teacher's forward, the KD loss's forward or backward, and the LM loss's backward beside the KD
+            gradient, each beside the student's logits and, after the teacher's forward, its root unit R_t*p,
+            which FSDP keeps gathered: `per_gpu`)
   backward  F + (A + G with several microbatches, else max(A, A/L + G*(L-1)/L): each layer's share of A is
             freed as its gradient shard appears, so the sum is largest at one end) + layer (checkpointing)
             + outside + gathered_unit + root_unit + c*n*V (the logits Composer keeps as state.outputs)
+            (+ R_t*p with distill)
 
 Activations, derived from `llmshearing.model.decoder` (which tensors autograd saves; the accounting
 idea is Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", but
@@ -483,8 +486,25 @@ def activation_bytes(config, B: int, T: int, c: int, masks=(), checkpointing: bo
     return L * layer + outside
 
 
+def lm_loss_parts(n: int, V: int, c: int) -> dict[str, int]:
+    """`distill.lm_loss`'s bytes over n positions of c-byte logits (tests/test_plan.py checks them against the tensors
+    alive after every op). kept: from forward to backward, the kept positions' row indices, targets and log-sum-exp
+    (28n). forward: kept + one chunk of `distill.kd_chunk_rows(V)` positions in fp32 and one temporary (8 x chunk x V).
+    backward: kept + the gradient it returns in the logits' dtype (cnV) + one chunk of it in fp32 and its cast
+    ((4 + c) x chunk x V; 4 x chunk x V in fp32)."""
+    from llmshearing.model.distill import kd_chunk_rows
+
+    chunk = min(n, kd_chunk_rows(V))
+    kept = 28 * n
+    return {"kept": kept, "forward": kept + 8 * chunk * V,
+            "backward": kept + c * n * V + (4 + c if c < 4 else 4) * chunk * V}
+
+
 def logits_bytes(config, B: int, T: int, c: int) -> int:
-    return B * T * config.vocab_size * (c + 12)
+    """lm_head's output in the compute dtype (Composer keeps `state.outputs` through backward) + the LM loss's peak."""
+    n, V = B * T, config.vocab_size
+    lm = lm_loss_parts(n, V, c)
+    return c * n * V + max(lm["forward"], lm["backward"])
 
 
 def kd_chunk_peak_bytes(c: int, V: int, top_k: int | None = None) -> int:
@@ -499,19 +519,21 @@ def kd_chunk_peak_bytes(c: int, V: int, top_k: int | None = None) -> int:
 
 
 def kd_loss_parts(n: int, V: int, c: int, top_k: int | None = None) -> dict[str, int]:
-    """The KD loss's bytes over n positions with the teacher's logits in c-byte elements (tests/test_plan.py checks
-    them against the tensors alive after every op of `distill.kd_loss`, forward and backward).
-    kept: from forward to backward, the gradient (q - p), 4nK (K = V or top_k), and top-k's indices, 8nk.
-    forward: the teacher's logits (cnV) + kept + one chunk's temporaries (`kd_chunk_peak_bytes`, chunks of
-    `distill.kd_chunk_rows(V)` positions). backward: kept + the gradient it returns for the student's fp32 logits
-    (4nV) + one chunk of it in fp32 (4 x chunk x V, + 4 x chunk x k before top-k's scatter)."""
+    """The KD loss's bytes over n positions with the student's and the teacher's logits in c-byte elements
+    (tests/test_plan.py checks them against the tensors alive after every op of `distill.kd_loss`, forward and
+    backward). kept: from forward to backward, the gradient (q - p) in fp32, 4nK (K = V or top_k), and top-k's
+    indices, 8nk. forward: the teacher's logits (cnV) + kept + one chunk's temporaries (`kd_chunk_peak_bytes`, chunks
+    of `distill.kd_chunk_rows(V)` positions). backward: kept + the gradient it returns in the student's dtype (cnV)
+    + one chunk of it in fp32 (4 x chunk x V) and, beside that, its cast to c bytes (c x chunk x V when c < 4) or,
+    with top-k, the k-wide chunk before the scatter (4 x chunk x k), whichever is larger."""
     from llmshearing.model.distill import kd_chunk_rows
 
     K = V if top_k is None or top_k >= V else top_k
     chunk = min(n, kd_chunk_rows(V))
     kept = 4 * n * K + (8 * n * K if K < V else 0)
+    beside = max(4 * chunk * K if K < V else 0, c * chunk * V if c < 4 else 0)
     return {"kept": kept, "forward": c * n * V + kept + kd_chunk_peak_bytes(chunk, V, top_k),
-            "backward": kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0)}
+            "backward": kept + c * n * V + 4 * chunk * V + beside}
 
 
 def kd_loss_bytes(n: int, V: int, c: int, top_k: int | None = None) -> int:
@@ -611,22 +633,29 @@ def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: in
     else:
         saved_and_grads = max(kept, kept / L + grads * (L - 1) / L)
         loss_grads = 0
-    lm_and_kd = terms["logits"]
+    lm_and_kd, teacher_held = terms["logits"], 0
     if teacher is not None:
-        # ComposerLM.loss: the LM loss, then the teacher's no-grad forward, then the KD loss; in backward the LM loss's
-        # (whose peak is in `logits`) and the KD loss's each while the other's result or kept buffer is alive. The
-        # student's logits meanwhile: bf16 output, its fp32 copy and log-softmax's saved output, (c + 8)nV.
+        # ComposerLM.loss: the LM loss, then the teacher's no-grad forward, then the KD loss; backward runs the KD
+        # loss's first (autograd takes the node made last first), then the LM loss's beside the KD gradient (the two
+        # are summed into the logits' gradient). The student's logits (cnV, state.outputs) and the LM loss's kept
+        # 28n are alive throughout; after the teacher's forward its root unit stays gathered (FSDP does not reshard
+        # a root after forward, and the teacher has no backward): R_t*p through the rest of the step.
         V = config.vocab_size
-        kd = kd_loss_parts(n, V, c, teacher["top_k"])
-        lm_and_kd = max(terms["logits"] + kd["kept"],  # log-softmax's backward, the KD gradient kept
-                        (c + 8) * n * V + kd["forward"],  # the KD loss's forward
-                        c * n * V + 4 * n * V + kd["backward"],  # its backward beside the LM loss's gradient
-                        (c + 8) * n * V + terms["teacher_gathered"])  # the teacher's forward
+        cnV = c * n * V
+        lm, kd = lm_loss_parts(n, V, c), kd_loss_parts(n, V, c, teacher["top_k"])
+        if strategy in ("FULL_SHARD", "HYBRID_SHARD") and S > 1:
+            teacher_held = teacher["counts"]["root_unit"] * p
+        else:  # held gathered whole (the upper bound of teacher_bytes) or not at all
+            teacher_held = terms["teacher_gathered"]
+        lm_and_kd = max(cnV + lm["kept"] + terms["teacher_gathered"],  # the teacher's forward
+                        cnV + lm["kept"] + teacher_held + kd["forward"],  # the KD loss's forward
+                        cnV + lm["kept"] + teacher_held + kd["backward"],  # its backward
+                        cnV + cnV + teacher_held + lm["backward"])  # the LM loss's beside the KD gradient
     loss_moment = fixed + loss_grads + kept + outside + at_loss + lm_and_kd
     # backward: + one layer recomputed, the gathered layers and the layer's unsharded gradient, the root unit
     # with its gradient, and the logits Composer keeps (state.outputs) in the compute dtype
     backward_moment = (fixed + saved_and_grads + (layer if checkpointing else 0) + outside + gathered + root
-                       + c * n * config.vocab_size)
+                       + c * n * config.vocab_size + teacher_held)
     peak = max(loss_moment, backward_moment)
     terms["reserve"] = CONTEXT_RESERVE_GIB * GiB + FRAGMENTATION * peak
     terms["total"] = peak + terms["reserve"]
@@ -832,9 +861,9 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
 ROWS = [("params", "params (fp32 master shard)"), ("grads", "grads (fp32 shard)"),
         ("optimizer", "optimizer (AdamW, fp32 shard)"), ("masks", "masks + multipliers"),
         ("gathered_unit", "gathered layer x2 + its grad"), ("root_unit", "root unit (embed, lm_head) + grad"),
-        ("activations", "activations"), ("logits", "logits + fp32 loss"),
+        ("activations", "activations"), ("logits", "logits + LM loss"),
         ("teacher", "teacher (fp32 shard, frozen)"), ("teacher_gathered", "teacher gathered layers + root"),
-        ("distill_logits", "teacher logits + fp32 KD loss"), ("reserve", "reserve (1.5 GiB + 10%)"),
+        ("distill_logits", "teacher logits + KD loss"), ("reserve", "reserve (1.5 GiB + 10%)"),
         ("total", "total")]
 
 
