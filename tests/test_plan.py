@@ -171,6 +171,20 @@ def test_paper_recipes_on_16_a100_80gb(name):
     assert f"{by['with_checkpointing']['total']:.1f}" in row and f"{by['without_checkpointing']['total']:.1f}" in row
 
 
+@pytest.mark.parametrize("name, preset", [("prune_llama3_3b", None), ("continue_llama3_3b", "llama-3.2-3b"),
+                                          ("continue_llama3_1b", "llama-3.2-1b-hd128")])
+def test_llama3_recipes_resolve_the_shipped_config(name, preset):
+    """A Llama-3 recipe whose paths are not here plans with the shipped Llama-3.1-8B config (LLAMA31_8B, or the source
+    named by a continue recipe's name) at 4096 tokens, exactly as with the flags spelled out."""
+    p = plan.make_plan(os.path.join(YAMLS, f"{name}.yaml"), 16, 80)
+    flags = plan.make_plan(os.path.join(YAMLS, f"{name}.yaml"), 16, 80, model_config=os.path.join(YAMLS, "models",
+                           "llama-3.1-8b.json"), target_shape=preset, seq_len=4096)
+    assert "llama-3.1-8b.json" in p["config_used"] and p["seq_len"] == 4096 and p["model"] == flags["model"]
+    assert p["per_gpu_gb"] == flags["per_gpu_gb"]
+    if preset:
+        assert f"{preset} shape" in p["config_used"]
+
+
 def test_cli_json_keys_and_table():
     rc, out = cli(os.path.join(YAMLS, "continue_1.3b.yaml"), "--gpus", "16", "--gpu-memory-gb", "80", "--json")
     assert rc == 0

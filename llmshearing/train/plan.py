@@ -1,8 +1,8 @@
 """`llmshearing plan <yaml> --gpus N --gpu-memory-gb M`: will a recipe fit, from the configs alone (no weights).
 
 Reads the recipe raw (OmegaConf, env interpolations resolved leniently: `${oc.env:X,default}` gives the
-default, an unresolvable one keeps its text), the model's config.json (or the shipped
-`yamls/models/llama-2-7b.json` when the recipe's model path does not exist here) and prints the per-GPU
+default, an unresolvable one keeps its text), the model's config.json (or a shipped yamls/models/ config,
+Llama-2-7B's or Llama-3.1-8B's, when the recipe's model path does not exist here) and prints the per-GPU
 memory of one training step, host RAM per node, a verdict and the largest microbatch that fits, with and
 without activation checkpointing. Every number is a formula below; nothing is measured, except with `--trace`,
 which also runs one training step on the meta device and reports its measured peak (`plan_trace.py`).
@@ -146,33 +146,46 @@ WORKER_HOST_GIB = 0.5  # host RAM of one dataloader worker process
 DEFAULT_GPUS_PER_NODE = 8
 DEFAULT_SEQ_LEN = 4096
 SHIPPED_LLAMA2_7B = os.path.join("models", "llama-2-7b.json")  # inside yamls/ (llmshearing.recipes)
+# the shipped configs that stand in for a recipe's model when its path is not here: the env var the recipes read the
+# path from, and the model's name in a path
+SHIPPED_MODELS = {"LLAMA2_7B": "llama-2-7b", "LLAMA31_8B": "llama-3.1-8b"}
 STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2", "NO_SHARD")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-PAPER_RECIPE_SHAPES = {"1.3b": "sheared-llama-1.3b", "2.7b": "sheared-llama-2.7b"}
+# a continue recipe's name -> (the pruning source, the preset its pruned export has); the longer keys first
+PAPER_RECIPE_SHAPES = {"llama3_1b": ("llama-3.1-8b", "llama-3.2-1b-hd128"), "llama3_3b": ("llama-3.1-8b", "llama-3.2-3b"),
+                       "1.3b": ("llama-2-7b", "sheared-llama-1.3b"), "2.7b": ("llama-2-7b", "sheared-llama-2.7b")}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-def shipped_llama2_7b() -> str:
-    """Path of the shipped Llama-2-7b-hf config.json values (the repository's yamls/models/)."""
+def shipped_config(model: str = "llama-2-7b") -> str:
+    """Path of a shipped config.json (yamls/models/MODEL.json: Llama-2-7b-hf's, Llama-3.1-8B's values)."""
+    name = os.path.join("models", f"{model}.json")
     candidates = [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                               "yamls", SHIPPED_LLAMA2_7B)]
+                               "yamls", name)]
     try:
         from importlib import resources
 
-        candidates.append(str(resources.files("llmshearing.recipes").joinpath(SHIPPED_LLAMA2_7B)))
+        candidates.append(str(resources.files("llmshearing.recipes").joinpath(name)))
     except (ModuleNotFoundError, TypeError):  # pragma: no cover - depends on the install
         pass
     for path in candidates:
         if os.path.isfile(path):
             return path
-    raise ConfigError("the shipped yamls/models/llama-2-7b.json is missing from this install; "
-                      "give --model-config PATH (a Llama-2-7b-hf config.json)")
+    raise ConfigError(f"the shipped yamls/{name} is missing from this install; "
+                      f"give --model-config PATH (the model's config.json)")
 
 
-def names_llama2_7b(raw: str, path: str) -> bool:
-    """A recipe path that means Llama-2-7B (its env var, or the model's name), so the shipped config stands in."""
-    return "LLAMA2_7B" in raw or "llama-2-7b" in path.lower()
+def shipped_llama2_7b() -> str:
+    return shipped_config("llama-2-7b")
+
+
+def shipped_model(raw: str, path: str) -> str | None:
+    """The shipped model a recipe path means (its env var, or the model's name in it), so its config stands in."""
+    for env, model in SHIPPED_MODELS.items():
+        if env in raw or model in path.lower():
+            return model
+    return None
 
 
 def load_model_config(path: str):
@@ -311,11 +324,14 @@ def folder_format(path: str, gguf_file: str | None = None) -> str:
     return "safetensors"
 
 
-def infer_target_shape(recipe: dict) -> str | None:
-    """The preset of a paper continue recipe from its name ('continue_1.3b' -> 'sheared-llama-1.3b')."""
+def infer_target_shape(recipe: dict) -> tuple[str, str] | None:
+    """(pruning source, preset) of a shipped continue recipe from its name ('continue_1.3b' -> Llama-2-7B with the
+    'sheared-llama-1.3b' shape, 'continue_llama3_3b' -> Llama-3.1-8B with 'llama-3.2-3b')."""
     names = f"{recipe['run_name']} {os.path.basename(recipe['path'])}".lower()
-    found = {preset for key, preset in PAPER_RECIPE_SHAPES.items() if key in names}
-    return found.pop() if len(found) == 1 else None
+    for key, found in PAPER_RECIPE_SHAPES.items():
+        if key in names:
+            return found
+    return None
 
 
 def resolve_model(recipe: dict, model_config: str | None = None, target_shape: str | None = None):
@@ -333,17 +349,19 @@ def resolve_model(recipe: dict, model_config: str | None = None, target_shape: s
         config, used = load_model_config(model_config), model_config
     elif os.path.isfile(os.path.join(path, "config.json")):
         config, used = load_model_config(path), os.path.join(path, "config.json")
-    elif names_llama2_7b(raw, path) or "PRUNED" in raw:
-        used = shipped_llama2_7b()
+    elif shipped_model(raw, path) or "PRUNED" in raw:
+        inferred = infer_target_shape(recipe) if "PRUNED" in raw else None
+        used = shipped_config(shipped_model(raw, path) or (inferred[0] if inferred else "llama-2-7b"))
         config, shipped_fallback = load_model_config(used), True
         used = f"{used} (model.path '{path}' does not exist here)"
     else:
-        raise ConfigError(f"model.path '{path}' does not exist here and is not a Llama-2-7B path; "
-                          f"give --model-config PATH (the config.json of the model the recipe trains)")
+        raise ConfigError(f"model.path '{path}' does not exist here and is not a path of a shipped model "
+                          f"({', '.join(SHIPPED_MODELS)}); give --model-config PATH (the config.json of the model the "
+                          f"recipe trains)")
     preset = target_shape
     pruned_export = "PRUNED" in raw
     if preset is None and shipped_fallback and pruned_export:
-        preset = infer_target_shape(recipe)
+        preset = (infer_target_shape(recipe) or (None, None))[1]
         if preset is None:
             raise ConfigError(f"'{recipe['path']}' trains a pruned export ('{path}', not here); give "
                               f"--target-shape PRESET ({', '.join(PRESETS)}) or --model-config of the export")
@@ -378,19 +396,22 @@ def resolve_teacher(recipe: dict, config, teacher_config: str | None = None):
         tconfig, used = load_model_config(teacher_config), teacher_config
     elif os.path.isfile(os.path.join(teacher, "config.json")):
         tconfig, used = load_model_config(teacher), os.path.join(teacher, "config.json")
-    elif names_llama2_7b(recipe["distill_teacher_raw"], teacher):
-        tconfig = load_model_config(shipped_llama2_7b())
-        used = f"{shipped_llama2_7b()} (distill.teacher '{teacher}' does not exist here)"
+    elif shipped_model(recipe["distill_teacher_raw"], teacher):
+        used = shipped_config(shipped_model(recipe["distill_teacher_raw"], teacher))
+        tconfig = load_model_config(used)
+        used = f"{used} (distill.teacher '{teacher}' does not exist here)"
     else:
-        raise ConfigError(f"distill.teacher '{teacher}' does not exist here and is not a Llama-2-7B path; give "
-                          f"--teacher-config PATH (the teacher's config.json)")
+        raise ConfigError(f"distill.teacher '{teacher}' does not exist here and is not a path of a shipped model "
+                          f"({', '.join(SHIPPED_MODELS)}); give --teacher-config PATH (the teacher's config.json)")
     if tconfig.vocab_size != config.vocab_size:
         raise ConfigError(f"distill.teacher ({used}) has vocab_size {tconfig.vocab_size} but the trained model has "
                           f"{config.vocab_size}; distillation compares the two distributions token by token")
     return tconfig, folder_format(teacher), used
 
 
-def resolve_seq_len(recipe: dict, config, seq_len: int | None) -> tuple[int, str]:
+def resolve_seq_len(recipe: dict, config, seq_len: int | None, shipped: bool = False) -> tuple[int, str]:
+    """--seq-len, else the shards' manifest, else the model's max_position_embeddings; `shipped` (a shipped config
+    stands in for the model): at most 4096, the shipped recipes' sequences (Llama-3.1's 131,072 is its limit)."""
     if seq_len is not None:
         if seq_len < 1:
             raise ConfigError(f"--seq-len must be at least 1, got {seq_len}")
@@ -405,6 +426,9 @@ def resolve_seq_len(recipe: dict, config, seq_len: int | None) -> tuple[int, str
         except (OSError, json.JSONDecodeError, AttributeError):
             pass
     value = getattr(config, "max_position_embeddings", None)
+    if shipped and isinstance(value, int) and value > DEFAULT_SEQ_LEN:
+        return DEFAULT_SEQ_LEN, (f"the shipped recipes' {DEFAULT_SEQ_LEN}-token sequences (the shards are not here, and "
+                                 f"the model's max_position_embeddings {value} is its limit; --seq-len to change)")
     if isinstance(value, int) and value > 0:
         return value, "the model's max_position_embeddings (the shards are not here; --seq-len to change)"
     return DEFAULT_SEQ_LEN, "default (--seq-len to change)"
@@ -720,7 +744,8 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
         raise ConfigError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
     recipe = read_recipe(recipe_path)
     config, stored, config_used = resolve_model(recipe, model_config, target_shape)
-    T, seq_source = resolve_seq_len(recipe, config, seq_len)
+    shipped = model_config is None and not os.path.isfile(os.path.join(recipe["model_path"], "config.json"))
+    T, seq_source = resolve_seq_len(recipe, config, seq_len, shipped)
     resolved_teacher = resolve_teacher(recipe, config, teacher_config)
 
     from llmshearing.pruning.shapes import resolve_target, shape_of
