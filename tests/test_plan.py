@@ -21,10 +21,10 @@ YAMLS = os.path.join(REPO, "yamls")
 # What docs/plan.md states for 16 x A100-80GB (GiB per GPU at the recipe's microbatch, checkpointing on / off;
 # largest microbatch with / without checkpointing).
 PAPER = {
-    "prune_1.3b": dict(microbatch=2, on=14.48, off=61.41, largest=(2, 2)),
-    "prune_2.7b": dict(microbatch=2, on=14.48, off=61.41, largest=(2, 2)),
-    "continue_1.3b": dict(microbatch=8, on=22.04, off=93.87, largest=(16, 4)),
-    "continue_2.7b": dict(microbatch=4, on=15.22, off=75.22, largest=(16, 4)),
+    "prune_1.3b": dict(microbatch=2, on=14.48, off=60.80, largest=(2, 2)),
+    "prune_2.7b": dict(microbatch=2, on=14.48, off=60.80, largest=(2, 2)),
+    "continue_1.3b": dict(microbatch=8, on=13.07, off=83.16, largest=(16, 4)),
+    "continue_2.7b": dict(microbatch=4, on=11.88, off=69.92, largest=(16, 4)),
 }
 
 
@@ -92,7 +92,9 @@ def test_activation_bytes_hand_count():
     masked = layer  # the gates save nothing in a layer (decoder._MaskedLinear recomputes the masked inputs)
     assert sum(plan.layer_saved_bytes(config, B, T, c, masks).values()) == masked
     assert plan.activation_bytes(config, B, T, c, masks, False) == 2 * masked + outside + c * n * d
-    assert plan.logits_bytes(config, B, T, c) == n * 50 * (2 + 12)
+    # the bf16 logits + lm_loss's backward: its kept 28n, the bf16 gradient and one chunk (here all n positions)
+    # in fp32 and cast back
+    assert plan.logits_bytes(config, B, T, c) == 2 * n * 50 + 28 * n + 2 * n * 50 + (4 + 2) * n * 50
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -167,6 +169,20 @@ def test_paper_recipes_on_16_a100_80gb(name):
         doc = f.read()
     row = next(line for line in doc.splitlines() if line.startswith(f"| {name} |"))
     assert f"{by['with_checkpointing']['total']:.1f}" in row and f"{by['without_checkpointing']['total']:.1f}" in row
+
+
+@pytest.mark.parametrize("name, preset", [("prune_llama3_3b", None), ("continue_llama3_3b", "llama-3.2-3b"),
+                                          ("continue_llama3_1b", "llama-3.2-1b-hd128")])
+def test_llama3_recipes_resolve_the_shipped_config(name, preset):
+    """A Llama-3 recipe whose paths are not here plans with the shipped Llama-3.1-8B config (LLAMA31_8B, or the source
+    named by a continue recipe's name) at 4096 tokens, exactly as with the flags spelled out."""
+    p = plan.make_plan(os.path.join(YAMLS, f"{name}.yaml"), 16, 80)
+    flags = plan.make_plan(os.path.join(YAMLS, f"{name}.yaml"), 16, 80, model_config=os.path.join(YAMLS, "models",
+                           "llama-3.1-8b.json"), target_shape=preset, seq_len=4096)
+    assert "llama-3.1-8b.json" in p["config_used"] and p["seq_len"] == 4096 and p["model"] == flags["model"]
+    assert p["per_gpu_gb"] == flags["per_gpu_gb"]
+    if preset:
+        assert f"{preset} shape" in p["config_used"]
 
 
 def test_cli_json_keys_and_table():
@@ -314,39 +330,70 @@ def test_bad_inputs(tmp_path):
         cli(good, "--gpus", "0", "--gpu-memory-gb", "80")
 
 
-@pytest.mark.parametrize("top_k", [None, 7, 100, 400, 500])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("chunk_elements", [2**22, 2000])
-def test_kd_loss_memory_matches_live_tensors(top_k, chunk_elements, monkeypatch):
-    """kd_loss_bytes' parts are what distill.kd_loss allocates (beyond the row indices and the keep mask): in
-    forward, the kept gradient (+ top-k indices) and one chunk's temporaries, in one chunk and in many; in
-    backward, the kept buffers, the gradient it returns and one chunk of it (+ top-k's scatter)."""
+def test_lm_loss_memory_matches_live_tensors(dtype, chunk_elements, monkeypatch):
+    """lm_loss_parts is what distill.lm_loss allocates: forward its kept 28 bytes per position (row indices, targets,
+    log-sum-exp) + one chunk's fp32 logits and one temporary; backward the kept + the gradient it returns in the
+    logits' dtype + one chunk of it in fp32 and its cast: never an fp32 copy of all n x V logits."""
     from llmshearing.model import distill
 
     monkeypatch.setattr(distill, "KD_CHUNK_ELEMENTS", chunk_elements)
     B, L, V = 4, 100, 500
     n = B * L
-    logits = torch.randn(B, L + 1, V, requires_grad=True)
-    student = logits[:, :-1]  # a non-contiguous view, as ComposerLM.loss passes it
-    teacher = torch.randn(B, L, V).to(torch.bfloat16)
+    logits = torch.randn(B, L, V).to(dtype).requires_grad_()  # the full logits, as ComposerLM.loss passes them
     labels = torch.randint(0, V, (B, L))
+    b = logits.element_size()
+    parts = plan.lm_loss_parts(n, V, b)
+    forward = LiveBytes()
+    with forward:
+        loss = distill.lm_loss(logits, labels)
+    chunk = min(n, chunk_elements // V)
+    assert parts["forward"] == 28 * n + 8 * chunk * V
+    assert parts["forward"] <= forward.peak["cpu"] <= parts["forward"] + n + 12 * chunk + 256  # + keep mask, row maxima
+    backward = LiveBytes()
+    with backward:
+        torch.autograd.grad(loss, logits)
+    assert parts["backward"] == 28 * n + b * n * V + (4 + b if b < 4 else 4) * chunk * V
+    assert parts["backward"] <= backward.peak["cpu"] <= parts["backward"] + n + 12 * chunk + 256
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("top_k", [None, 7, 100, 400, 500])
+@pytest.mark.parametrize("chunk_elements", [2**22, 2000])
+def test_kd_loss_memory_matches_live_tensors(dtype, top_k, chunk_elements, monkeypatch):
+    """kd_loss_parts is what distill.kd_loss allocates (beyond the row indices and the keep mask): in forward, the
+    kept gradient (+ top-k indices) and one chunk's temporaries, in one chunk and in many; in backward, the kept
+    buffers, the gradient it returns in the student's dtype and one chunk of it (+ its cast, or top-k's scatter)."""
+    from llmshearing.model import distill
+
+    monkeypatch.setattr(distill, "KD_CHUNK_ELEMENTS", chunk_elements)
+    B, L, V = 4, 100, 500
+    n = B * L
+    student = torch.randn(B, L, V).to(dtype).requires_grad_()  # the full logits, as ComposerLM.loss passes them
+    teacher = torch.randn(B, L, V).to(dtype)
+    labels = torch.randint(0, V, (B, L))
+    b = student.element_size()
     chunk = min(n, max(1, chunk_elements // V))
     K = V if top_k is None or top_k >= V else top_k
     kept = 4 * n * K + (8 * n * K if K < V else 0)
+    parts = plan.kd_loss_parts(n, V, b, top_k)
+    assert parts["kept"] == kept
     forward = LiveBytes()
     with forward:
         loss = distill.kd_loss(student, teacher, labels, 2.0, top_k)
-    expected = kept + plan.kd_chunk_peak_bytes(chunk, V, top_k)
+    expected = kept + plan.kd_chunk_peak_bytes(chunk, V, top_k)  # the teacher's logits were made outside the mode
+    assert parts["forward"] == b * n * V + expected
     assert expected <= forward.peak["cpu"] <= expected + 17 * n + 256  # + the keep mask and the row indices
     backward = LiveBytes()
     with backward:
-        torch.autograd.grad(loss, student)  # the KD backward alone (not the slice's into logits)
+        torch.autograd.grad(loss, student)
     # (the kept buffers count here too: backward reads them through views made inside the mode)
-    expected = kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0)
+    beside = max(4 * chunk * K if K < V else 0, b * chunk * V if b < 4 else 0)
+    expected = kept + b * n * V + 4 * chunk * V + beside
+    assert parts["backward"] == expected
     assert expected <= backward.peak["cpu"] <= expected + 17 * n + 256
-    monkeypatch.setattr(distill, "KD_CHUNK_ELEMENTS", 2**22)
-    chunk = min(n, 2**22 // V)
-    assert plan.kd_loss_bytes(n, V, 2, top_k) == max(2 * n * V + kept + plan.kd_chunk_peak_bytes(chunk, V, top_k),
-                                                     kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0))
+    assert plan.kd_loss_bytes(n, V, b, top_k) == max(parts["forward"], parts["backward"])
 
 
 def kd_recipe(tmp_path, name, teacher, **distill):
@@ -371,26 +418,30 @@ def test_distill_teacher_terms(tmp_path):
     assert g["teacher_gathered"] == pytest.approx((2 * counts["layer_unit"] * 2 + counts["root_unit"] * 2) / GiB)
     n, V = 2 * 4096, 32000
     chunk = 2**22 // V
-    # backward (the kept gradient + the one returned + one chunk) outweighs forward (+ the teacher's bf16 logits)
-    assert g["distill_logits"] == pytest.approx((4 * n * V + 4 * n * V + 4 * chunk * V) / GiB)
-    assert 4 * n * V + 4 * chunk * V > 2 * n * V + 28 * chunk * V
+    # forward (the teacher's bf16 logits + the kept fp32 gradient + one chunk) outweighs backward (the kept gradient +
+    # the bf16 one returned + one chunk in fp32 and bf16)
+    assert g["distill_logits"] == pytest.approx((2 * n * V + 4 * n * V + 28 * chunk * V) / GiB)
+    kd = plan.kd_loss_parts(n, V, 2)
+    assert kd["kept"] == 4 * n * V and kd["backward"] == 6 * n * V + 6 * chunk * V
     for key in ("params", "grads", "optimizer", "masks", "activations", "logits"):
         assert g[key] == g0[key]
-    # at the loss moment the LM loss's backward peak (2 + 12 bytes per position and token) meets the kept KD gradient
-    # (4): more than the KD loss's forward or backward beside the student's logits, or the teacher's forward; the
-    # teacher's shard is in both moments
-    kd = plan.kd_loss_parts(n, V, 2)
-    assert kd["kept"] == 4 * n * V and kd["backward"] == 8 * n * V + 4 * chunk * V
-    lm_and_kd = 18 * n * V
-    assert lm_and_kd > max(10 * n * V + kd["forward"], 6 * n * V + kd["backward"], 10 * n * V + g["teacher_gathered"] * GiB)
+    # at the loss moment the KD loss's forward beside the student's logits, the LM loss's kept 28n and the teacher's
+    # root unit, which FSDP keeps gathered after its forward (a root, never resharded: it has no backward), is more
+    # than the teacher's forward, the KD backward, or the LM backward beside the KD gradient; the teacher's shard is
+    # in both moments and its gathered root in backward too
+    held = counts["root_unit"] * 2
+    lm_and_kd = 2 * n * V + 28 * n + held + kd["forward"]
+    lm = plan.lm_loss_parts(n, V, 2)
+    assert lm_and_kd > max(2 * n * V + 28 * n + g["teacher_gathered"] * GiB, 2 * n * V + 28 * n + held + kd["backward"],
+                           4 * n * V + held + lm["backward"])
     assert g["moments"]["loss"] == pytest.approx(g0["moments"]["loss"] + g["teacher"] + (lm_and_kd / GiB - g["logits"]))
-    assert g["moments"]["backward"] == pytest.approx(g0["moments"]["backward"] + g["teacher"])
+    assert g["moments"]["backward"] == pytest.approx(g0["moments"]["backward"] + g["teacher"] + held / GiB)
     assert g["total"] == pytest.approx(plan.CONTEXT_RESERVE_GIB + 1.1 * max(g["moments"].values()))
     assert "teacher" not in g0
     assert p["host_gb_per_node_detail"]["weights"] == pytest.approx(8 * P7B / GiB)  # student + teacher, fp32
     assert p["host_gb_per_node"] == pytest.approx(base["host_gb_per_node"] + 4 * P7B / GiB)
     top = plan.make_plan(kd_recipe(tmp_path, "prune_1.3b", "source", top_k=64), 16, 80)["per_gpu_gb"]
-    assert top["distill_logits"] == pytest.approx((12 * n * 64 + 4 * n * V + 4 * chunk * (V + 64)) / GiB)  # backward
+    assert top["distill_logits"] == pytest.approx((12 * n * 64 + 2 * n * V + 12 * chunk * V) / GiB)  # forward
     # a continued-pretraining recipe names its teacher; on this machine the Llama-2-7B path falls back to the
     # shipped config, another folder needs --teacher-config
     recipe = kd_recipe(tmp_path, "continue_1.3b", "${oc.env:LLAMA2_7B,/cluster/llama-2-7b}")
@@ -398,7 +449,7 @@ def test_distill_teacher_terms(tmp_path):
     assert p["distill"]["params"] == P7B and "llama-2-7b.json" in p["distill"]["config_used"]
     assert p["per_gpu_gb"]["teacher"] == pytest.approx(4 * P7B / 16 / GiB)
     rc, out = cli(recipe, "--gpus", "16", "--gpu-memory-gb", "80")
-    assert rc == 0 and "distillation from" in out and "teacher logits + fp32 KD loss" in out
+    assert rc == 0 and "distillation from" in out and "teacher logits + KD loss" in out
     ddp = plan.make_plan(os.path.join(YAMLS, "continue_1.3b.yaml"), 1, 80)
     assert "teacher" not in ddp["per_gpu_gb"] and ddp["distill"] is None
 
@@ -445,7 +496,7 @@ def test_live_bytes_counts_meta_storages():
     assert len(tracker.storages) == 3  # the dead ones were dropped (c, d resized to 0, e)
 
 
-def tiny_fsdp_recipe(tmp_path, prune=True, **fsdp):
+def tiny_fsdp_recipe(tmp_path, prune=True, precision="amp_bf16", **fsdp):
     """A 4-layer model (d 256, V 2000, T 256) trained under FSDP over 2 GPUs in two microbatches of 2."""
     model = tmp_path / "model"
     model.mkdir(exist_ok=True)
@@ -456,7 +507,7 @@ def tiny_fsdp_recipe(tmp_path, prune=True, **fsdp):
     recipe = tmp_path / "tiny_fsdp.yaml"
     recipe.write_text(f"model: {{path: {model}}}\n"
                       + ("pruning: {target: {num_hidden_layers: 2, intermediate_size: 344}}\n" if prune else "")
-                      + "global_train_batch_size: 8\ndevice_train_microbatch_size: 2\nprecision: amp_bf16\n"
+                      + f"global_train_batch_size: 8\ndevice_train_microbatch_size: 2\nprecision: {precision}\n"
                       + f"data: {{shards: nowhere}}\nfsdp: {json.dumps(settings)}\n")
     return str(recipe)
 
@@ -486,10 +537,12 @@ def test_trace_tiny_recipe_agrees_with_the_estimate(tmp_path, prune):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy, mixed_precision", [("SHARD_GRAD_OP", "DEFAULT"), ("NO_SHARD", "FULL")])
-def test_trace_other_strategies(tmp_path, strategy, mixed_precision):
-    """The strategies that keep parameters gathered from forward to backward trace within 15% too."""
-    recipe = tiny_fsdp_recipe(tmp_path, sharding_strategy=strategy, mixed_precision=mixed_precision)
+@pytest.mark.parametrize("strategy, mixed_precision, precision", [("SHARD_GRAD_OP", "DEFAULT", "amp_bf16"),
+                                                                 ("NO_SHARD", "FULL", "fp32")])
+def test_trace_other_strategies(tmp_path, strategy, mixed_precision, precision):
+    """The strategies that keep parameters gathered from forward to backward trace within 15% too (NO_SHARD with
+    fp32 parameters in fp32: under amp_bf16 a GPU's autocast would compute in bf16, which the trace cannot do)."""
+    recipe = tiny_fsdp_recipe(tmp_path, precision=precision, sharding_strategy=strategy, mixed_precision=mixed_precision)
     t = plan.make_plan(recipe, 2, 80, trace=True)["trace"]
     assert 0.85 <= t["ratio"] <= 1.15
 

@@ -1,8 +1,8 @@
 """`llmshearing plan <yaml> --gpus N --gpu-memory-gb M`: will a recipe fit, from the configs alone (no weights).
 
 Reads the recipe raw (OmegaConf, env interpolations resolved leniently: `${oc.env:X,default}` gives the
-default, an unresolvable one keeps its text), the model's config.json (or the shipped
-`yamls/models/llama-2-7b.json` when the recipe's model path does not exist here) and prints the per-GPU
+default, an unresolvable one keeps its text), the model's config.json (or a shipped yamls/models/ config,
+Llama-2-7B's or Llama-3.1-8B's, when the recipe's model path does not exist here) and prints the per-GPU
 memory of one training step, host RAM per node, a verdict and the largest microbatch that fits, with and
 without activation checkpointing. Every number is a formula below; nothing is measured, except with `--trace`,
 which also runs one training step on the meta device and reports its measured peak (`plan_trace.py`).
@@ -45,10 +45,11 @@ Per GPU (one training step; the model keeps fp32 master weights, as `from_pretra
                          counted). SHARD_GRAD_OP / NO_SHARD: R*p (the gradient; the parameters are in
                          P*p above); NO_SHARD in fp32 and DDP: 0.
   activations            see below
-  logits     B*T*V*(c+12)  lm_head output in the compute dtype (Composer keeps `state.outputs` alive until
-                         after backward) + the fp32 upcast (`outputs[:, :-1].float()`) whose log-softmax
-                         output autograd keeps (4) + its gradient: in the backward of log_softmax the
-                         incoming fp32 gradient (4) and the outgoing one (4) are alive together.
+  logits     c*n*V + 28*n + c*n*V + (4+c)*k*V   lm_head output in the compute dtype (Composer keeps
+                         `state.outputs` alive until after backward) + the LM loss's backward (`lm_loss_parts`):
+                         `distill.lm_loss` keeps 28 bytes per position (row indices, targets, log-sum-exp)
+                         and returns its gradient in the logits' dtype, built k = 2**22 // V positions at a
+                         time in fp32 and cast back ((4+c)kV; 4kV in fp32); its forward, 28n + 8kV, is smaller.
   With `distill:` (P_t, U_t, R_t the teacher's params, layer unit and root unit):
   teacher    4*P_t/S     its fp32 shard (frozen: no gradient, no optimizer state); DDP: 4*P_t
   teacher_gathered       FULL_SHARD / HYBRID_SHARD: 2*U_t*p + R_t*p (its no-grad forward: two layers in
@@ -57,23 +58,25 @@ Per GPU (one training step; the model keeps fp32 master weights, as `from_pretra
   distill_logits         `kd_loss_bytes`: the KD loss keeps only its gradient for backward (4nK, K = V or
                          top_k, + 8nk of top-k indices); forward adds the teacher's logits (c*n*V) and one
                          chunk's temporaries (`kd_chunk_peak_bytes`, about 117 MB for V = 32,000), backward
-                         the gradient it returns for the fp32 logits (4nV); the larger of the two (checked
-                         against the live tensors in tests/test_plan.py)
+                         the gradient it returns in the logits' dtype (c*n*V) and one chunk of it; the larger
+                         of the two (checked against the live tensors in tests/test_plan.py)
   reserve    1.5 GiB + 10% of the peak below: CUDA context, NCCL buffers, allocator fragmentation,
                          cuBLAS workspaces.
 
 The peak is not the sum of the terms: they meet in two moments, and the total is the larger plus the reserve
-(`--trace` measured both within 3% for the paper recipes, docs/plan.md). G = grads (4P/S), A = what the layers
+(`--trace` measured both within 5% for the paper and Llama-3 recipes, docs/plan.md). G = grads (4P/S), A = what the layers
 keep at the end of forward (checkpointing: L*c*n*d, else L x the per-layer activations), `layer` one layer's
 activations (recomputed in backward under checkpointing), `outside` the activations outside the layers,
 F = params + optimizer + masks (+ teacher):
   loss      F + (G when a step has several microbatches, else 0: zero_grad sets the gradients to None) + A
             + outside + R*p (the root unit is gathered, no layer is) + logits (with distill: the largest of the
-            LM loss's backward + the KD loss's kept gradient, the KD loss's forward or backward beside the
-            student's logits, and the teacher's forward: `per_gpu`)
+            teacher's forward, the KD loss's forward or backward, and the LM loss's backward beside the KD
+            gradient, each beside the student's logits and, after the teacher's forward, its root unit R_t*p,
+            which FSDP keeps gathered: `per_gpu`)
   backward  F + (A + G with several microbatches, else max(A, A/L + G*(L-1)/L): each layer's share of A is
             freed as its gradient shard appears, so the sum is largest at one end) + layer (checkpointing)
             + outside + gathered_unit + root_unit + c*n*V (the logits Composer keeps as state.outputs)
+            (+ R_t*p with distill)
 
 Activations, derived from `llmshearing.model.decoder` (which tensors autograd saves; the accounting
 idea is Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", but
@@ -143,33 +146,46 @@ WORKER_HOST_GIB = 0.5  # host RAM of one dataloader worker process
 DEFAULT_GPUS_PER_NODE = 8
 DEFAULT_SEQ_LEN = 4096
 SHIPPED_LLAMA2_7B = os.path.join("models", "llama-2-7b.json")  # inside yamls/ (llmshearing.recipes)
+# the shipped configs that stand in for a recipe's model when its path is not here: the env var the recipes read the
+# path from, and the model's name in a path
+SHIPPED_MODELS = {"LLAMA2_7B": "llama-2-7b", "LLAMA31_8B": "llama-3.1-8b"}
 STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2", "NO_SHARD")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-PAPER_RECIPE_SHAPES = {"1.3b": "sheared-llama-1.3b", "2.7b": "sheared-llama-2.7b"}
+# a continue recipe's name -> (the pruning source, the preset its pruned export has); the longer keys first
+PAPER_RECIPE_SHAPES = {"llama3_1b": ("llama-3.1-8b", "llama-3.2-1b-hd128"), "llama3_3b": ("llama-3.1-8b", "llama-3.2-3b"),
+                       "1.3b": ("llama-2-7b", "sheared-llama-1.3b"), "2.7b": ("llama-2-7b", "sheared-llama-2.7b")}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-def shipped_llama2_7b() -> str:
-    """Path of the shipped Llama-2-7b-hf config.json values (the repository's yamls/models/)."""
+def shipped_config(model: str = "llama-2-7b") -> str:
+    """Path of a shipped config.json (yamls/models/MODEL.json: Llama-2-7b-hf's, Llama-3.1-8B's values)."""
+    name = os.path.join("models", f"{model}.json")
     candidates = [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                               "yamls", SHIPPED_LLAMA2_7B)]
+                               "yamls", name)]
     try:
         from importlib import resources
 
-        candidates.append(str(resources.files("llmshearing.recipes").joinpath(SHIPPED_LLAMA2_7B)))
+        candidates.append(str(resources.files("llmshearing.recipes").joinpath(name)))
     except (ModuleNotFoundError, TypeError):  # pragma: no cover - depends on the install
         pass
     for path in candidates:
         if os.path.isfile(path):
             return path
-    raise ConfigError("the shipped yamls/models/llama-2-7b.json is missing from this install; "
-                      "give --model-config PATH (a Llama-2-7b-hf config.json)")
+    raise ConfigError(f"the shipped yamls/{name} is missing from this install; "
+                      f"give --model-config PATH (the model's config.json)")
 
 
-def names_llama2_7b(raw: str, path: str) -> bool:
-    """A recipe path that means Llama-2-7B (its env var, or the model's name), so the shipped config stands in."""
-    return "LLAMA2_7B" in raw or "llama-2-7b" in path.lower()
+def shipped_llama2_7b() -> str:
+    return shipped_config("llama-2-7b")
+
+
+def shipped_model(raw: str, path: str) -> str | None:
+    """The shipped model a recipe path means (its env var, or the model's name in it), so its config stands in."""
+    for env, model in SHIPPED_MODELS.items():
+        if env in raw or model in path.lower():
+            return model
+    return None
 
 
 def load_model_config(path: str):
@@ -308,11 +324,14 @@ def folder_format(path: str, gguf_file: str | None = None) -> str:
     return "safetensors"
 
 
-def infer_target_shape(recipe: dict) -> str | None:
-    """The preset of a paper continue recipe from its name ('continue_1.3b' -> 'sheared-llama-1.3b')."""
+def infer_target_shape(recipe: dict) -> tuple[str, str] | None:
+    """(pruning source, preset) of a shipped continue recipe from its name ('continue_1.3b' -> Llama-2-7B with the
+    'sheared-llama-1.3b' shape, 'continue_llama3_3b' -> Llama-3.1-8B with 'llama-3.2-3b')."""
     names = f"{recipe['run_name']} {os.path.basename(recipe['path'])}".lower()
-    found = {preset for key, preset in PAPER_RECIPE_SHAPES.items() if key in names}
-    return found.pop() if len(found) == 1 else None
+    for key, found in PAPER_RECIPE_SHAPES.items():
+        if key in names:
+            return found
+    return None
 
 
 def resolve_model(recipe: dict, model_config: str | None = None, target_shape: str | None = None):
@@ -330,17 +349,19 @@ def resolve_model(recipe: dict, model_config: str | None = None, target_shape: s
         config, used = load_model_config(model_config), model_config
     elif os.path.isfile(os.path.join(path, "config.json")):
         config, used = load_model_config(path), os.path.join(path, "config.json")
-    elif names_llama2_7b(raw, path) or "PRUNED" in raw:
-        used = shipped_llama2_7b()
+    elif shipped_model(raw, path) or "PRUNED" in raw:
+        inferred = infer_target_shape(recipe) if "PRUNED" in raw else None
+        used = shipped_config(shipped_model(raw, path) or (inferred[0] if inferred else "llama-2-7b"))
         config, shipped_fallback = load_model_config(used), True
         used = f"{used} (model.path '{path}' does not exist here)"
     else:
-        raise ConfigError(f"model.path '{path}' does not exist here and is not a Llama-2-7B path; "
-                          f"give --model-config PATH (the config.json of the model the recipe trains)")
+        raise ConfigError(f"model.path '{path}' does not exist here and is not a path of a shipped model "
+                          f"({', '.join(SHIPPED_MODELS)}); give --model-config PATH (the config.json of the model the "
+                          f"recipe trains)")
     preset = target_shape
     pruned_export = "PRUNED" in raw
     if preset is None and shipped_fallback and pruned_export:
-        preset = infer_target_shape(recipe)
+        preset = (infer_target_shape(recipe) or (None, None))[1]
         if preset is None:
             raise ConfigError(f"'{recipe['path']}' trains a pruned export ('{path}', not here); give "
                               f"--target-shape PRESET ({', '.join(PRESETS)}) or --model-config of the export")
@@ -375,19 +396,22 @@ def resolve_teacher(recipe: dict, config, teacher_config: str | None = None):
         tconfig, used = load_model_config(teacher_config), teacher_config
     elif os.path.isfile(os.path.join(teacher, "config.json")):
         tconfig, used = load_model_config(teacher), os.path.join(teacher, "config.json")
-    elif names_llama2_7b(recipe["distill_teacher_raw"], teacher):
-        tconfig = load_model_config(shipped_llama2_7b())
-        used = f"{shipped_llama2_7b()} (distill.teacher '{teacher}' does not exist here)"
+    elif shipped_model(recipe["distill_teacher_raw"], teacher):
+        used = shipped_config(shipped_model(recipe["distill_teacher_raw"], teacher))
+        tconfig = load_model_config(used)
+        used = f"{used} (distill.teacher '{teacher}' does not exist here)"
     else:
-        raise ConfigError(f"distill.teacher '{teacher}' does not exist here and is not a Llama-2-7B path; give "
-                          f"--teacher-config PATH (the teacher's config.json)")
+        raise ConfigError(f"distill.teacher '{teacher}' does not exist here and is not a path of a shipped model "
+                          f"({', '.join(SHIPPED_MODELS)}); give --teacher-config PATH (the teacher's config.json)")
     if tconfig.vocab_size != config.vocab_size:
         raise ConfigError(f"distill.teacher ({used}) has vocab_size {tconfig.vocab_size} but the trained model has "
                           f"{config.vocab_size}; distillation compares the two distributions token by token")
     return tconfig, folder_format(teacher), used
 
 
-def resolve_seq_len(recipe: dict, config, seq_len: int | None) -> tuple[int, str]:
+def resolve_seq_len(recipe: dict, config, seq_len: int | None, shipped: bool = False) -> tuple[int, str]:
+    """--seq-len, else the shards' manifest, else the model's max_position_embeddings; `shipped` (a shipped config
+    stands in for the model): at most 4096, the shipped recipes' sequences (Llama-3.1's 131,072 is its limit)."""
     if seq_len is not None:
         if seq_len < 1:
             raise ConfigError(f"--seq-len must be at least 1, got {seq_len}")
@@ -402,6 +426,9 @@ def resolve_seq_len(recipe: dict, config, seq_len: int | None) -> tuple[int, str
         except (OSError, json.JSONDecodeError, AttributeError):
             pass
     value = getattr(config, "max_position_embeddings", None)
+    if shipped and isinstance(value, int) and value > DEFAULT_SEQ_LEN:
+        return DEFAULT_SEQ_LEN, (f"the shipped recipes' {DEFAULT_SEQ_LEN}-token sequences (the shards are not here, and "
+                                 f"the model's max_position_embeddings {value} is its limit; --seq-len to change)")
     if isinstance(value, int) and value > 0:
         return value, "the model's max_position_embeddings (the shards are not here; --seq-len to change)"
     return DEFAULT_SEQ_LEN, "default (--seq-len to change)"
@@ -483,8 +510,25 @@ def activation_bytes(config, B: int, T: int, c: int, masks=(), checkpointing: bo
     return L * layer + outside
 
 
+def lm_loss_parts(n: int, V: int, c: int) -> dict[str, int]:
+    """`distill.lm_loss`'s bytes over n positions of c-byte logits (tests/test_plan.py checks them against the tensors
+    alive after every op). kept: from forward to backward, the kept positions' row indices, targets and log-sum-exp
+    (28n). forward: kept + one chunk of `distill.kd_chunk_rows(V)` positions in fp32 and one temporary (8 x chunk x V).
+    backward: kept + the gradient it returns in the logits' dtype (cnV) + one chunk of it in fp32 and its cast
+    ((4 + c) x chunk x V; 4 x chunk x V in fp32)."""
+    from llmshearing.model.distill import kd_chunk_rows
+
+    chunk = min(n, kd_chunk_rows(V))
+    kept = 28 * n
+    return {"kept": kept, "forward": kept + 8 * chunk * V,
+            "backward": kept + c * n * V + (4 + c if c < 4 else 4) * chunk * V}
+
+
 def logits_bytes(config, B: int, T: int, c: int) -> int:
-    return B * T * config.vocab_size * (c + 12)
+    """lm_head's output in the compute dtype (Composer keeps `state.outputs` through backward) + the LM loss's peak."""
+    n, V = B * T, config.vocab_size
+    lm = lm_loss_parts(n, V, c)
+    return c * n * V + max(lm["forward"], lm["backward"])
 
 
 def kd_chunk_peak_bytes(c: int, V: int, top_k: int | None = None) -> int:
@@ -499,19 +543,21 @@ def kd_chunk_peak_bytes(c: int, V: int, top_k: int | None = None) -> int:
 
 
 def kd_loss_parts(n: int, V: int, c: int, top_k: int | None = None) -> dict[str, int]:
-    """The KD loss's bytes over n positions with the teacher's logits in c-byte elements (tests/test_plan.py checks
-    them against the tensors alive after every op of `distill.kd_loss`, forward and backward).
-    kept: from forward to backward, the gradient (q - p), 4nK (K = V or top_k), and top-k's indices, 8nk.
-    forward: the teacher's logits (cnV) + kept + one chunk's temporaries (`kd_chunk_peak_bytes`, chunks of
-    `distill.kd_chunk_rows(V)` positions). backward: kept + the gradient it returns for the student's fp32 logits
-    (4nV) + one chunk of it in fp32 (4 x chunk x V, + 4 x chunk x k before top-k's scatter)."""
+    """The KD loss's bytes over n positions with the student's and the teacher's logits in c-byte elements
+    (tests/test_plan.py checks them against the tensors alive after every op of `distill.kd_loss`, forward and
+    backward). kept: from forward to backward, the gradient (q - p) in fp32, 4nK (K = V or top_k), and top-k's
+    indices, 8nk. forward: the teacher's logits (cnV) + kept + one chunk's temporaries (`kd_chunk_peak_bytes`, chunks
+    of `distill.kd_chunk_rows(V)` positions). backward: kept + the gradient it returns in the student's dtype (cnV)
+    + one chunk of it in fp32 (4 x chunk x V) and, beside that, its cast to c bytes (c x chunk x V when c < 4) or,
+    with top-k, the k-wide chunk before the scatter (4 x chunk x k), whichever is larger."""
     from llmshearing.model.distill import kd_chunk_rows
 
     K = V if top_k is None or top_k >= V else top_k
     chunk = min(n, kd_chunk_rows(V))
     kept = 4 * n * K + (8 * n * K if K < V else 0)
+    beside = max(4 * chunk * K if K < V else 0, c * chunk * V if c < 4 else 0)
     return {"kept": kept, "forward": c * n * V + kept + kd_chunk_peak_bytes(chunk, V, top_k),
-            "backward": kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0)}
+            "backward": kept + c * n * V + 4 * chunk * V + beside}
 
 
 def kd_loss_bytes(n: int, V: int, c: int, top_k: int | None = None) -> int:
@@ -611,22 +657,29 @@ def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: in
     else:
         saved_and_grads = max(kept, kept / L + grads * (L - 1) / L)
         loss_grads = 0
-    lm_and_kd = terms["logits"]
+    lm_and_kd, teacher_held = terms["logits"], 0
     if teacher is not None:
-        # ComposerLM.loss: the LM loss, then the teacher's no-grad forward, then the KD loss; in backward the LM loss's
-        # (whose peak is in `logits`) and the KD loss's each while the other's result or kept buffer is alive. The
-        # student's logits meanwhile: bf16 output, its fp32 copy and log-softmax's saved output, (c + 8)nV.
+        # ComposerLM.loss: the LM loss, then the teacher's no-grad forward, then the KD loss; backward runs the KD
+        # loss's first (autograd takes the node made last first), then the LM loss's beside the KD gradient (the two
+        # are summed into the logits' gradient). The student's logits (cnV, state.outputs) and the LM loss's kept
+        # 28n are alive throughout; after the teacher's forward its root unit stays gathered (FSDP does not reshard
+        # a root after forward, and the teacher has no backward): R_t*p through the rest of the step.
         V = config.vocab_size
-        kd = kd_loss_parts(n, V, c, teacher["top_k"])
-        lm_and_kd = max(terms["logits"] + kd["kept"],  # log-softmax's backward, the KD gradient kept
-                        (c + 8) * n * V + kd["forward"],  # the KD loss's forward
-                        c * n * V + 4 * n * V + kd["backward"],  # its backward beside the LM loss's gradient
-                        (c + 8) * n * V + terms["teacher_gathered"])  # the teacher's forward
+        cnV = c * n * V
+        lm, kd = lm_loss_parts(n, V, c), kd_loss_parts(n, V, c, teacher["top_k"])
+        if strategy in ("FULL_SHARD", "HYBRID_SHARD") and S > 1:
+            teacher_held = teacher["counts"]["root_unit"] * p
+        else:  # held gathered whole (the upper bound of teacher_bytes) or not at all
+            teacher_held = terms["teacher_gathered"]
+        lm_and_kd = max(cnV + lm["kept"] + terms["teacher_gathered"],  # the teacher's forward
+                        cnV + lm["kept"] + teacher_held + kd["forward"],  # the KD loss's forward
+                        cnV + lm["kept"] + teacher_held + kd["backward"],  # its backward
+                        cnV + cnV + teacher_held + lm["backward"])  # the LM loss's beside the KD gradient
     loss_moment = fixed + loss_grads + kept + outside + at_loss + lm_and_kd
     # backward: + one layer recomputed, the gathered layers and the layer's unsharded gradient, the root unit
     # with its gradient, and the logits Composer keeps (state.outputs) in the compute dtype
     backward_moment = (fixed + saved_and_grads + (layer if checkpointing else 0) + outside + gathered + root
-                       + c * n * config.vocab_size)
+                       + c * n * config.vocab_size + teacher_held)
     peak = max(loss_moment, backward_moment)
     terms["reserve"] = CONTEXT_RESERVE_GIB * GiB + FRAGMENTATION * peak
     terms["total"] = peak + terms["reserve"]
@@ -691,7 +744,8 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
         raise ConfigError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
     recipe = read_recipe(recipe_path)
     config, stored, config_used = resolve_model(recipe, model_config, target_shape)
-    T, seq_source = resolve_seq_len(recipe, config, seq_len)
+    shipped = model_config is None and not os.path.isfile(os.path.join(recipe["model_path"], "config.json"))
+    T, seq_source = resolve_seq_len(recipe, config, seq_len, shipped)
     resolved_teacher = resolve_teacher(recipe, config, teacher_config)
 
     from llmshearing.pruning.shapes import resolve_target, shape_of
@@ -832,9 +886,9 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
 ROWS = [("params", "params (fp32 master shard)"), ("grads", "grads (fp32 shard)"),
         ("optimizer", "optimizer (AdamW, fp32 shard)"), ("masks", "masks + multipliers"),
         ("gathered_unit", "gathered layer x2 + its grad"), ("root_unit", "root unit (embed, lm_head) + grad"),
-        ("activations", "activations"), ("logits", "logits + fp32 loss"),
+        ("activations", "activations"), ("logits", "logits + LM loss"),
         ("teacher", "teacher (fp32 shard, frozen)"), ("teacher_gathered", "teacher gathered layers + root"),
-        ("distill_logits", "teacher logits + fp32 KD loss"), ("reserve", "reserve (1.5 GiB + 10%)"),
+        ("distill_logits", "teacher logits + KD loss"), ("reserve", "reserve (1.5 GiB + 10%)"),
         ("total", "total")]
 
 
