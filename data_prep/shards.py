@@ -39,7 +39,7 @@ import numpy as np
 from llmshearing.checks import regular_file, sniff, writable_output
 from llmshearing.errors import ConfigError, run_entry
 from llmshearing.io import atomic_directory, atomic_write_text
-from llmshearing.data.layout import FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, SPLITS
+from llmshearing.data.layout import BUILT_MARKER, FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, SPLITS, built_here
 from llmshearing.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 BUILDER_VERSION = 2  # part of the build fingerprint: bump when the routing or framing rule changes
@@ -602,6 +602,11 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
                     old = json.load(f)
             except (OSError, json.JSONDecodeError):
                 old = {}
+        if old is not None and not built_here(out, old):
+            raise ConfigError(f"'{out}' holds a {MANIFEST} but is not a shard folder built by data_prep.shards (no "
+                              f"{BUILT_MARKER}; it holds {', '.join(sorted(os.listdir(out))[:4])}): a shard cache "
+                              f"or another folder; refusing to replace it{' even with --overwrite' if overwrite else ''}"
+                              f": choose another --out")
         if old is not None and old.get("build_fingerprint") == fingerprint and old.get("format") == FORMAT:
             print(f"{out} is up to date (built with the same arguments, inputs and tokenizer); nothing to do")
             return old
@@ -676,6 +681,8 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
             "build_fingerprint": fingerprint,
         }
         atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(os.path.join(tmp, BUILT_MARKER), json.dumps({"builder": BUILDER_VERSION,
+                                                                       "build_fingerprint": fingerprint}) + "\n")
     for w in warnings:
         print(w, file=sys.stderr)
     print(f"shards in {out}/ (seq_len {seq_len}, {dtype}):\n{_summary(manifest)}")
