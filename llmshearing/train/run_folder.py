@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import fcntl
 import os
+import sys
 
 from llmshearing.errors import ConfigError
 
 LOCK_NAME = ".lock"
 CONFIG_NAME = "run_config.yaml"
 _held: dict[str, int] = {}  # folder -> open file descriptor of its lock, for the life of the process
+_made: dict[str, str] = {}  # folder -> the topmost folder that lock() created for it (removed again if left empty)
+_checked: set[str] = set()  # folders whose reuse was checked in this process (the warning is printed once)
 
 
-def lock(folder: str) -> None:
+def lock(folder: str) -> bool:
     """Take the folder's lock (an flock, released by the OS when the process ends, however it ends); a second
-    run on the same folder refuses, naming the PID that holds it. Idempotent within a process."""
+    run on the same folder refuses, naming the PID that holds it. Idempotent within a process: True when this
+    call took it."""
     folder = os.path.realpath(folder)
     if folder in _held:
-        return
+        return False
+    top = folder
+    while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
+        top = os.path.dirname(top)
+    made = top if not os.path.exists(top) else None
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -32,12 +40,74 @@ def lock(folder: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[folder] = fd
+    if made:
+        _made[folder] = made
+    return True
 
 
 def unlock(folder: str) -> None:
-    fd = _held.pop(os.path.realpath(folder), None)
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
+    """Release the lock; a folder that lock() created and that holds nothing but the lock (a run refused after
+    taking it) is removed again, so a refusal leaves nothing behind."""
+    folder = os.path.realpath(folder)
+    fd = _held.pop(folder, None)
+    made = _made.pop(folder, None)
+    _checked.discard(folder)
+    if fd is None:
+        return
+    if made and os.listdir(folder) == [LOCK_NAME]:
+        os.remove(os.path.join(folder, LOCK_NAME))
+        path = folder
+        while True:  # the folder and the parents lock() made for it, while empty
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+            if path == made:
+                break
+            path = os.path.dirname(path)
+    os.close(fd)  # closing the descriptor releases the flock
+
+
+def claim(folder: str, cfg) -> None:
+    """Rank 0 of a run takes the run folder before any slow start-up work (a second launch refuses in seconds, not
+    after the first has ended) and checks that starting here replaces nothing it must not (`check_reuse`)."""
+    from llmshearing.checks import writable_output
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    writable_output(folder, "save_folder")
+    lock(folder)
+    if cfg.save_overwrite:  # the rest waits for check_binding, whose "another run" is the better message
+        check_reuse(folder, cfg)
+
+
+def check_reuse(folder: str, cfg) -> None:
+    """A folder holding this run's checkpoints is continued (autoresume / load_path) or, with save_overwrite,
+    started over; a finished run (a checkpoint at its max_duration) is never replaced. Reads file names only."""
+    from llmshearing.checks import load_structured
+    from llmshearing.train.checkpointing import batch_of, checkpoints
+
+    real = os.path.realpath(folder)
+    found = checkpoints(folder)
+    if real in _checked or not checkpoints(folder, complete=False) or cfg.autoresume or cfg.load_path:
+        return
+    if not cfg.save_overwrite:
+        raise ConfigError(f"save_folder '{folder}' already holds checkpoints of a run; continue it with "
+                          f"autoresume=true, start over with save_overwrite=true, or give another save_folder")
+    newest, duration = (batch_of(found[-1]) if found else -1), cfg.max_duration
+    config = os.path.join(folder, CONFIG_NAME)
+    if os.path.exists(config):
+        old = load_structured(config, f"save_folder '{folder}'")
+        duration = old.get("max_duration", duration) if isinstance(old, dict) else duration
+    planned = int(str(duration)[:-2]) if str(duration).endswith("ba") and str(duration)[:-2].isdigit() else None
+    if planned is not None and newest >= planned:
+        raise ConfigError(f"save_folder '{folder}' holds a finished run (a checkpoint at batch {newest}, its "
+                          f"max_duration {duration}); save_overwrite=true would replace its checkpoints and logs: give "
+                          f"this run another save_folder, delete that folder to start over, or train it further "
+                          f"with autoresume=true and a larger max_duration")
+    _checked.add(real)
+    print(f"warning: save_overwrite=true: starting over in save_folder '{folder}', replacing the checkpoints and "
+          f"logs of the unfinished run there (newest checkpoint: batch {newest})", file=sys.stderr, flush=True)
 
 
 def identity(raw: dict) -> dict:
@@ -66,7 +136,6 @@ def check_binding(folder: str, cfg) -> None:
     silently start over in a folder that holds this run's checkpoints without autoresume / load_path /
     save_overwrite. Nothing is written here."""
     from llmshearing.checks import load_structured
-    from llmshearing.train.checkpointing import checkpoints
     from llmshearing.train.config import _as_dict
 
     path = os.path.join(folder, CONFIG_NAME)
@@ -81,6 +150,4 @@ def check_binding(folder: str, cfg) -> None:
             lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
             raise ConfigError(f"save_folder '{folder}' belongs to another run ({lines}); its checkpoints and logs are "
                               f"kept: give this run another save_folder")
-    if checkpoints(folder) and not (cfg.autoresume or cfg.load_path or cfg.save_overwrite):
-        raise ConfigError(f"save_folder '{folder}' already holds checkpoints of this run; continue it with "
-                          f"autoresume=true, start over with save_overwrite=true, or give another save_folder")
+    check_reuse(folder, cfg)
