@@ -234,29 +234,43 @@ def check_positions(shards_root: str, config, model: str) -> None:
 
 # ------------------------------------------------------------------------------------------- checkpoints
 
+def checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a whole Composer checkpoint, or None: a sharded folder must hold every rank's file, a
+    checkpoint file must be a torch zip archive whose directory (written last, at its end) reads, which a file
+    overwritten, truncated or of another format does not."""
+    import zipfile
+
+    from llmshearing.compat import is_sharded_checkpoint, sharded_checkpoint_problem
+
+    if os.path.isdir(path):
+        if not is_sharded_checkpoint(path):
+            return "a folder but not a sharded checkpoint (no .metadata)"
+        problem = sharded_checkpoint_problem(path)
+        return f"an incomplete sharded checkpoint: {problem}" if problem else None
+    if not os.path.isfile(path):
+        return "not a regular file"
+    kind = sniff(path)
+    if kind != "zip":
+        return f"not a Composer checkpoint (torch checkpoints are zip archives; this is {kind} content)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return "truncated or corrupt (its zip directory does not read)"
+    return None
+
+
 def check_checkpoint(path: str, key: str) -> str:
     """A Composer checkpoint: a sharded checkpoint folder, or a whole torch zip file (a text file, a truncated
     copy or another format fails here with its name, not in torch.load's traceback)."""
-    import zipfile
-
-    from llmshearing.compat import is_sharded_checkpoint
-
     real = os.path.realpath(path)
     if not os.path.exists(real):
         raise ConfigError(f"{key}: checkpoint '{path}' does not exist")
-    if os.path.isdir(real):
-        if not is_sharded_checkpoint(real):
-            raise ConfigError(f"{key}: '{path}' is a folder but not a sharded checkpoint (no .metadata); give a "
-                              f"checkpoint file such as <save_folder>/latest-rank0.pt")
-        return real
-    regular_file(real, key)
-    if sniff(real) != "zip":
-        raise ConfigError(f"{key}: '{path}' is not a Composer checkpoint (torch checkpoints are zip archives; "
-                          f"this is {sniff(real)} content)")
-    try:
-        with zipfile.ZipFile(real) as z:
-            z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        raise ConfigError(f"{key}: checkpoint '{path}' is truncated or corrupt (its zip directory does not read); "
-                          f"use an earlier checkpoint") from None
+    if not os.path.isdir(real):
+        regular_file(real, key)
+    problem = checkpoint_problem(real)
+    if problem:
+        hint = ("give a checkpoint file such as <save_folder>/latest-rank0.pt" if problem.startswith("a folder")
+                else "use an earlier checkpoint")
+        raise ConfigError(f"{key}: checkpoint '{path}' is {problem}; {hint}")
     return real

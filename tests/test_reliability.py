@@ -13,7 +13,7 @@ from conftest import BIN, CONTINUE_YAML, ENV, REPO, TINY_YAML, jsonl, paths, run
 from transformers import AutoModelForCausalLM
 
 from llmshearing.compat import install_atomic_writes
-from llmshearing.train.checkpointing import repair_latest
+from llmshearing.train.checkpointing import checkpoints, repair_latest
 
 pytestmark = pytest.mark.slow  # Composer training runs / subprocesses: left out of `make test-fast`
 
@@ -263,15 +263,22 @@ def test_checkpoint_writes_are_atomic(tmp_path):
 
 
 def test_repair_latest_with_sharded_checkpoints(tmp_path):
-    """Sharded checkpoints are folders whose `.metadata` is written last: a `latest` link at a folder without it
-    (a save cut short) is re-pointed at the newest complete one."""
-    for name, complete in (("ep0-ba5", True), ("ep0-ba10", True), ("ep0-ba15", False)):
-        os.makedirs(tmp_path / name)
-        with open(tmp_path / name / "__0_0.distcp", "wb") as f:
-            f.write(b"shard")
-        if complete:
-            (tmp_path / name / ".metadata").write_bytes(b"meta")
-    os.symlink("ep0-ba15", tmp_path / "latest-rank0.pt")
+    """Sharded checkpoints are folders whose `.metadata` is written last and lists every rank's file: a `latest`
+    link at a folder without it (a save cut short), or at one that lost a rank's file, is re-pointed at the newest
+    complete one (the damaged folder set aside with a warning)."""
+    import torch.distributed.checkpoint as dcp
+
+    for name in ("ep0-ba5", "ep0-ba10", "ep0-ba15", "ep0-ba20"):
+        dcp.save({"w": torch.ones(4)}, checkpoint_id=str(tmp_path / name))  # one process: writes __0_0.distcp
+    os.remove(tmp_path / "ep0-ba20" / ".metadata")  # the save was cut short
+    os.remove(tmp_path / "ep0-ba15" / "__0_0.distcp")  # a rank's file lost: its .metadata still names it
+    assert [os.path.basename(p) for p in checkpoints(str(tmp_path))] == ["ep0-ba5", "ep0-ba10"]
+    os.symlink("ep0-ba20", tmp_path / "latest-rank0.pt")
     assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10")
     assert os.readlink(tmp_path / "latest-rank0.pt") == "ep0-ba10"
+    assert os.path.isdir(tmp_path / "ep0-ba20")  # an unfinished save is no damage: left as it is
+    os.replace(tmp_path / "latest-rank0.pt", tmp_path / "x")
+    os.symlink("ep0-ba15", tmp_path / "latest-rank0.pt")
+    assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10")
+    assert os.path.isdir(tmp_path / "ep0-ba15.damaged") and not os.path.exists(tmp_path / "ep0-ba15")
     assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10")  # a good link is left alone

@@ -21,9 +21,7 @@ from llmshearing.checks import (check_checkpoint, check_finite, check_model_fold
                                load_structured, writable_output)
 from llmshearing.data.layout import check_domains, read_manifest
 from llmshearing.data.mixing import check_weights
-from llmshearing.devices import composer_device
 from llmshearing.errors import ConfigError
-from llmshearing.model.decoder import resolve_attn_impl
 
 
 @dataclass
@@ -210,6 +208,8 @@ def batches(duration: str) -> int:
 
 def resolve_device(cfg: TrainConfig) -> str:
     """Composer's device of the run (gpu when available unless `device` says otherwise)."""
+    from llmshearing.devices import composer_device  # torch: imported once the cheap checks have passed
+
     device = composer_device(cfg.device)
     if device == "cpu" and cfg.precision != "fp32":
         raise ConfigError(f"precision={cfg.precision} needs a GPU; on CPU set precision=fp32")
@@ -293,8 +293,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.path '{cfg.model.path}' does not exist; run 'make fetch' or point it at an HF model directory")
     if cfg.model.gguf_file and not os.path.exists(os.path.join(cfg.model.path, cfg.model.gguf_file)):
         raise ConfigError(f"model.gguf_file '{cfg.model.gguf_file}' not found in '{cfg.model.path}'")
-    resolve_attn_impl(cfg.model.attn_impl)
     _check_ranges(cfg)
+    from llmshearing.model.decoder import resolve_attn_impl  # torch + transformers: after the cheap checks
+
+    resolve_attn_impl(cfg.model.attn_impl)
     cfg = replace(cfg, data=resolve_data(cfg.data))
     for key in ("max_duration", "eval_interval", "save_interval", "console_log_interval", "scheduler.t_warmup"):
         obj = _get(cfg, key)
@@ -359,9 +361,47 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.distill is not None:
         check_distill(cfg)
     check_outputs(cfg)
-    check_positions(cfg.data.root, check_model_folder(cfg.model.path, cfg.model.gguf_file, "model.path"),
-                    cfg.model.path)
+    source = check_model_folder(cfg.model.path, cfg.model.gguf_file, "model.path")
+    check_positions(cfg.data.root, source, cfg.model.path)
+    check_load_path_fits(cfg, source)
     return cfg
+
+
+def check_load_path_fits(cfg: TrainConfig, source) -> None:
+    """`load_path` (a checkpoint file) holds this run's model: the decoder's tensors have the shapes model.path
+    implies, and it has masks exactly when this run prunes (Composer loads non-strictly, so masks would be dropped
+    or missing silently, and another shape ends in a 'size mismatch' traceback). Reads the checkpoint through mmap
+    and builds the model on the meta device: no weights are read or allocated."""
+    if cfg.load_path is None or "://" in cfg.load_path or os.path.isdir(os.path.realpath(cfg.load_path)):
+        return  # a sharded checkpoint: DCP checks every tensor's shape when it loads
+    import torch
+
+    from llmshearing.model.decoder import DecoderLM
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
+
+    if source.model_type not in SUPPORTED_MODEL_TYPES:
+        return
+    try:
+        state = torch.load(cfg.load_path, map_location="cpu", weights_only=False, mmap=True)["state"]
+        held = {k.removeprefix("module."): tuple(v.shape) for k, v in state["model"].items()}
+    except Exception:  # noqa: BLE001 - Composer's own loader names what it cannot read
+        return
+    with torch.device("meta"):
+        expected = {f"model.{k}": tuple(v.shape) for k, v in DecoderLM(source).state_dict().items()}
+    has_masks = any(k.startswith("l0.") for k in held)
+    where = f"load_path '{cfg.load_path}'"
+    if has_masks != (cfg.pruning is not None):
+        if has_masks:
+            raise ConfigError(f"{where} is a pruning run's checkpoint (it holds masks) but this run has no pruning "
+                              f"section, so its masks would be dropped: export it (llmshearing export) and give the "
+                              f"export as model.path, or add the pruning run's pruning section")
+        raise ConfigError(f"{where} is a checkpoint of a run without pruning (e.g. continued pretraining of a pruned "
+                          f"model) but this run prunes: a pruning run starts from an HF model folder (model.path) or "
+                          f"resumes a pruning run's checkpoint; export that checkpoint and give it as model.path")
+    for name, shape in expected.items():
+        if name in held and held[name] != shape:
+            raise ConfigError(f"{where} does not fit model.path '{cfg.model.path}': tensor '{name}' is {held[name]} "
+                              f"there but {shape} in this model; give a checkpoint of a run of this model")
 
 
 def check_distill(cfg: TrainConfig) -> None:
@@ -498,7 +538,10 @@ def resolve_data(data: DataConfig) -> DataConfig:
 
 
 def check_fsdp(fsdp: dict) -> None:
-    """The `fsdp` section must be a valid Composer FSDPConfig (checked without GPUs)."""
+    """The `fsdp` section must be a valid Composer FSDPConfig (checked without GPUs): known keys, values of the
+    field's type, and for the keys that take a name, one of the names Composer maps (it would fail with a KeyError
+    or ValueError traceback at wrap time otherwise)."""
+    from composer.distributed.mosaic_parallelism import BACKWARD_PREFETCH_MAP, SHARDING_MAP
     from composer.utils.parallelism import FSDPConfig
 
     allowed = {f.name for f in fields(FSDPConfig) if f.init}
@@ -506,6 +549,24 @@ def check_fsdp(fsdp: dict) -> None:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             raise ConfigError(f"unknown key 'fsdp.{key}'" + (f"; did you mean 'fsdp.{close[0]}'?" if close else ""))
+    hints = typing.get_type_hints(FSDPConfig)
+    for key, value in fsdp.items():
+        if key != "mixed_precision" and hints.get(key) in (bool, int, str) and not _type_ok(value, hints[key]):
+            raise ConfigError(f"'fsdp.{key}' must be of type {hints[key].__name__}, got {value!r}")
+    names = {"sharding_strategy": list(SHARDING_MAP), "backward_prefetch": list(BACKWARD_PREFETCH_MAP),
+             "mixed_precision": ["DEFAULT", "PURE", "FULL"], "state_dict_type": ["full", "sharded"]}
+    for key, choices in names.items():
+        value = fsdp.get(key)
+        if value is None or (key == "mixed_precision" and isinstance(value, dict)):
+            if isinstance(value, dict) and not set(value) <= {"param_dtype", "reduce_dtype", "buffer_dtype"}:
+                raise ConfigError(f"'fsdp.mixed_precision' as a mapping takes param_dtype, reduce_dtype and "
+                                  f"buffer_dtype, got {sorted(value)}")
+            continue
+        given = value if key == "state_dict_type" else str(value).upper()  # Composer upper-cases the others
+        if given not in choices:
+            close = difflib.get_close_matches(given, choices, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"'fsdp.{key}' must be one of {', '.join(choices)}, got {value!r}{hint}")
     FSDPConfig(**fsdp)
 
 
@@ -535,6 +596,12 @@ def resolve_recipe(path_or_name: str) -> str:
 def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
     """Read a yaml recipe (a path or a shipped recipe's name), apply `key=value` overrides (OmegaConf
     dotlist), validate."""
+    return validate(parse_config(path, overrides))
+
+
+def parse_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    """The recipe with its overrides as a typed TrainConfig: keys and types checked, nothing else (no file is
+    opened but the recipe); `validate` does the rest."""
     path = resolve_recipe(path)
     raw = load_structured(path, "config")
     if not isinstance(raw, dict):
@@ -557,7 +624,7 @@ def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
         raw = OmegaConf.to_container(conf, resolve=True)
     except Exception as e:  # e.g. ${oc.env:...} or interpolation errors
         raise ConfigError(f"'{path}': {e}") from None
-    return validate(_build(TrainConfig, raw, ""))
+    return _build(TrainConfig, raw, "")
 
 
 def to_yaml(cfg: TrainConfig) -> str:
