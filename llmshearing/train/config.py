@@ -240,8 +240,16 @@ RANGES = {
     "pruning.mask_lr": (lambda v: v > 0, "> 0"),
     "pruning.lambda_lr": (lambda v: v > 0, "> 0"),
     "distill.alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "distill.temperature": (lambda v: v > 0, "> 0"),
-    "distill.top_k": (lambda v: v is None or v >= 1, "null (the whole vocabulary) or >= 1"),
+    # T in [0.1, 100]: below, softmax(logits / T) is one-hot in float32 for any logit gap > ~10 T (the KL is 0 or
+    # its gradient overflows); above, both distributions are flat to within 1% for logit spreads < T / 100, so the
+    # KL measures nothing (and the T^2 factor scales the loss by up to 1e4)
+    "distill.temperature": (lambda v: 0.1 <= v <= 100, "in [0.1, 100] (below, the softened distributions are one-hot "
+                                                       "and the KL is 0 or overflows; above, they are flat and the KL "
+                                                       "measures nothing)"),
+    # top_k = 1 renormalises both distributions onto the teacher's one token: p = q = 1, the KL is 0 for any student
+    "distill.top_k": (lambda v: v is None or v >= 2, "null (the whole vocabulary) or >= 2 (with 1, both "
+                                                     "distributions are renormalised onto one token, so the KL is 0 "
+                                                     "whatever the student does)"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
     "device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
     "eval_subset_num_batches": (lambda v: v == -1 or v >= 1, "-1 (all) or >= 1"),
@@ -418,11 +426,14 @@ def check_distill(cfg: TrainConfig) -> None:
     if cfg.fsdp is not None and cfg.fsdp.get("use_orig_params") is False:
         raise ConfigError("distill needs fsdp.use_orig_params=true (the default): Composer's FSDP can leave the "
                           "frozen teacher out of the optimizer only with the original parameters")
-    if d.teacher == "source":
+    same = d.teacher != "source" and os.path.realpath(d.teacher) == os.path.realpath(cfg.model.path)
+    if d.teacher == "source" or same:
         if cfg.pruning is None:
             raise ConfigError(f"distill.teacher=source is the pruning source, but this run has no pruning section: "
                               f"its model.path '{cfg.model.path}' is the student itself; give the model to distil "
-                              f"from, e.g. distill.teacher=<the pruning run's model.path>")
+                              f"from, e.g. distill.teacher=<the pruning run's model.path>"
+                              + (f" (distill.teacher '{d.teacher}' is model.path: the KL of the student with itself "
+                                 f"is 0, so nothing would be distilled)" if same else ""))
         return  # the student's own folder, checked as model.path
     if not os.path.exists(d.teacher):
         raise ConfigError(f"distill.teacher '{d.teacher}' does not exist; give 'source' (the pruning source) or an "
@@ -445,6 +456,23 @@ def check_distill(cfg: TrainConfig) -> None:
         print(f"warning: distill.teacher '{d.teacher}' holds no tokenizer; only its vocab_size was checked against "
               f"the student's", file=sys.stderr)
     check_positions(cfg.data.root, teacher, d.teacher)
+    _note_small_teacher(cfg, student, teacher)
+
+
+def _note_small_teacher(cfg: TrainConfig, student, teacher) -> None:
+    """A teacher with fewer parameters than the student (the pruning target, or the continued model) is allowed but
+    rarely meant: distillation then pulls the student towards a weaker model."""
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
+    from llmshearing.pruning.shapes import param_count, resolve_target, shape_of
+
+    if student.model_type not in SUPPORTED_MODEL_TYPES:
+        return
+    shape = resolve_target(cfg.pruning.target, student) if cfg.pruning else shape_of(student)
+    theirs, ours = param_count(shape_of(teacher), teacher), param_count(shape, student)
+    if theirs < ours:
+        print(f"warning: distill.teacher '{cfg.distill.teacher}' has {theirs / 1e6:.1f}M parameters, fewer than the "
+              f"student's {ours / 1e6:.1f}M{' (the pruning target)' if cfg.pruning else ''}: distillation pulls the "
+              f"student towards a smaller model; check that this is the teacher you meant", file=sys.stderr)
 
 
 def check_mask_init(p: PruningConfig) -> None:
