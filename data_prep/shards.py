@@ -163,14 +163,25 @@ def _text_of(line: str, where: str) -> str | None:
 
 
 def _read_file(path: str):
-    with _open_text(path) as f:
-        if _inner_suffix(path)[1] not in JSONL_SUFFIXES:
-            yield f.read()
-            return
-        for i, line in enumerate(f):
-            text = _text_of(line, f"{path}:{i + 1}")
-            if text is not None:
-                yield text
+    i = 0
+    try:
+        with _open_text(path) as f:
+            if _inner_suffix(path)[1] not in JSONL_SUFFIXES:
+                yield f.read()
+                return
+            for i, line in enumerate(f):
+                text = _text_of(line, f"{path}:{i + 1}")
+                if text is not None:
+                    yield text
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged .gz / .bz2 / .xz / .zst, each its own kind
+        damaged = (isinstance(e, (EOFError, ValueError)) or (isinstance(e, OSError) and e.errno is None)
+                   or type(e).__name__ in ("LZMAError", "error", "ZstdError"))  # zlib.error; OSError: a disk error
+        if not damaged:
+            raise
+        raise ConfigError(f"'{path}' cannot be decompressed after line {i + 1} ({type(e).__name__}: {e}): the file "
+                          f"is truncated or damaged; re-download or recompress it") from None
 
 
 def _splittable(path: str) -> bool:

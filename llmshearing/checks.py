@@ -194,9 +194,39 @@ def check_weights_match(path: str, config, key: str) -> None:
                           f"implies, e.g. {missing[:3]}: config.json and weights disagree")
 
 
-def check_model_folder(path: str, gguf_file: str | None = None, key: str = "model.path"):
-    """An HF model folder (or a GGUF file in one) whose config loads, is a supported family, and agrees with
-    its weights; returns the transformers config. Reads headers only, never the weights."""
+def check_source(path: str, gguf_file: str | None, key: str):
+    """The config of a source model given as an HF model folder (weights optional: only the config is read), a
+    GGUF file in one, or a config.json file (`llmshearing target`): the checks of `check_model_folder`, and a
+    supported family, so that a yaml, a shard folder or a weights file is one line naming it."""
+    from transformers import AutoConfig
+
+    from llmshearing.model.hf import check_source_config
+
+    if os.path.isdir(path):
+        return check_model_folder(path, gguf_file, key, weights=False, supported=True)
+    if gguf_file:
+        raise ConfigError(f"{key}: '{path}' is not a folder; --gguf-file names a file inside the source folder")
+    regular_file(path, key)
+    raw = load_structured(path, key) if sniff(path) in ("text", "empty") else None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ConfigError(f"{key}: '{path}' is not an HF config.json (a json object with model_type); give the "
+                          f"source model's folder or its config.json")
+    try:
+        config = AutoConfig.for_model(**raw)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken config; name the file
+        raise ConfigError(f"{key}: cannot read the model config '{path}': {type(e).__name__}: {e}") from None
+    try:
+        check_source_config(config)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: '{path}': {e}") from None
+    return config
+
+
+def check_model_folder(path: str, gguf_file: str | None = None, key: str = "model.path", weights: bool = True,
+                       supported: bool = False):
+    """An HF model folder (or a GGUF file in one) whose config loads, is a supported family (`supported`: else
+    other families pass, for callers that check the family themselves), and agrees with its weights (`weights`);
+    returns the transformers config. Reads headers only, never the weights."""
     from transformers import AutoConfig
 
     from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, check_source_config
@@ -212,12 +242,12 @@ def check_model_folder(path: str, gguf_file: str | None = None, key: str = "mode
         config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken config; name the folder
         raise ConfigError(f"{key}: cannot read the model config in '{path}': {type(e).__name__}: {e}") from None
-    if config.model_type in SUPPORTED_MODEL_TYPES:
+    if config.model_type in SUPPORTED_MODEL_TYPES or supported:
         try:
             check_source_config(config)
         except ConfigError as e:
             raise ConfigError(f"{key}: '{path}': {e}") from None
-        if not gguf_file:
+        if not gguf_file and weights:
             check_weights_match(path, config, key)
     return config
 

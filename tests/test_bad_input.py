@@ -604,3 +604,39 @@ def test_shard_indexes_are_checked_at_start_and_a_damaged_cached_index_is_fetche
     assert run_entry(read_with_a_worker) == 2
     err = capsys.readouterr().err
     assert err.strip() == "error: shard 'x/shard.00000.mds' is 3 bytes but its index.json says 9", err
+
+
+# ------------------------------------------------------------------------------------------- other inputs
+
+def test_target_takes_only_a_model_folder_or_its_config_json(tiny, capsys):
+    """`llmshearing target` uses the model-folder checks of training: a yaml, a shard folder, a weights file, a
+    broken config.json and a missing --gguf-file are each one line naming the path (they were tracebacks)."""
+    recipe = os.path.join(REPO, TINY_YAML)
+    weights = os.path.join(tiny["copy"], "model.safetensors")
+    broken = str(tiny["tmp"] / "broken")
+    shutil.copytree(tiny["model"], broken)
+    with open(os.path.join(broken, "config.json"), "w") as f:
+        f.write('{"model_type": "llama", ')
+    for args, names in (([recipe], [recipe, "config.json"]), ([tiny["shards"]], [tiny["shards"], "config.json"]),
+                        ([weights], [weights, "config.json"]), ([broken], [broken, "config.json"]),
+                        ([tiny["model"], "--gguf-file", "model.gguf"], ["model.gguf", "does not exist"])):
+        refused(capsys, cli_main(["target", *args, "--fraction", "0.5"]), *names)
+    assert cli_main(["target", tiny["model"], "--fraction", "0.5"]) == 0
+    assert cli_main(["target", os.path.join(tiny["model"], "config.json"), "--fraction", "0.5"]) == 0
+
+
+def test_a_truncated_compressed_input_is_one_line(tiny, capsys):
+    import bz2
+    import gzip
+    import lzma
+
+    raw = open(tiny["prose"], "rb").read() * 20
+    out = str(tiny["tmp"] / "shards")
+    for name, data in (("p.jsonl.gz", gzip.compress(raw)), ("p.jsonl.bz2", bz2.compress(raw)),
+                       ("p.jsonl.xz", lzma.compress(raw))):
+        path = tiny["tmp"] / name
+        path.write_bytes(data[:len(data) * 2 // 3])
+        args = shards_args(tiny, out, f"prose={path}", f"code={tiny['code']}")
+        args[args.index("--prune-tokens") + 1] = "10000000"  # read to the end, where the file is cut
+        refused(capsys, shards_main(args), str(path), "truncated or damaged")
+        assert not os.path.exists(out)
