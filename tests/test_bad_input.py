@@ -107,6 +107,18 @@ def test_fsdp_values_are_checked_before_composer_sees_them(tiny, capsys, overrid
     assert not os.path.exists(tiny["run"])
 
 
+@pytest.mark.parametrize("override, names", [
+    ("pruning.init_sequences=-5", ["pruning.init_sequences", ">= 1"]),  # with init=uniform too
+    ("pruning.init=activation|pruning.init_sequences=100000|pruning.lagrangian_warmup=0ba",
+     ["pruning.init_sequences=100000", "prose (128)", "at most 128"]),  # was capped silently
+    ("pruning.target={}", ["pruning.target", "source's own shape", "prune nothing"]),
+    ("pruning.target={num_hidden_layers: 4}", ["pruning.target", "prune nothing"]),
+])
+def test_settings_that_would_do_nothing_or_be_capped_are_refused(tiny, capsys, override, names):
+    refused(capsys, train(tiny, *override.split("|")), *names)
+    assert not os.path.exists(tiny["run"])
+
+
 def test_a_yaml_that_does_not_parse_names_file_and_line(tiny, capsys):
     bad = tiny["tmp"] / "bad.yaml"
     bad.write_text("run_name: x\nmodel: {path: data/tiny/model\nmax_duration: 10ba\n")
@@ -640,3 +652,41 @@ def test_a_truncated_compressed_input_is_one_line(tiny, capsys):
         args[args.index("--prune-tokens") + 1] = "10000000"  # read to the end, where the file is cut
         refused(capsys, shards_main(args), str(path), "truncated or damaged")
         assert not os.path.exists(out)
+
+
+def test_shard_settings_that_would_build_something_useless(tiny, capsys):
+    """Whitespace-only documents are no documents (they built shards of framing tokens); a --seq-len longer than the
+    tokenizer's model's positions is refused before the build (training refused the shards later); --workers above
+    the usable CPUs is capped, saying so."""
+    out = str(tiny["tmp"] / "shards")
+    blank = tiny["tmp"] / "blank.jsonl"
+    blank.write_text("".join(json.dumps({"text": t}) + "\n" for t in (" ", "\n\n", "\t \n") * 50))
+    refused(capsys, shards_main(shards_args(tiny, out, f"prose={blank}", f"code={tiny['code']}")), "prose",
+            "no documents")
+    with open(os.path.join(tiny["model"], "config.json")) as f:
+        limit = json.load(f)["max_position_embeddings"]
+    refused(capsys, shards_main(shards_args(tiny, out, f"prose={tiny['prose']}", seq_len=str(limit + 1))),
+            "--seq-len", "max_position_embeddings")
+    assert not os.path.exists(out)
+    assert shards_main(shards_args(tiny, out, f"prose={tiny['prose']}", f"code={tiny['code']}")
+                       + ["--workers", "1000"]) == 0
+    from data_prep.shards import _cpu_count
+
+    assert f"using {_cpu_count()}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_continued_run_that_changes_its_objective_says_so(tiny, capsys):
+    """Distillation switched on at autoresume, or load_path into a new folder with another target: allowed, with a
+    note (the objective changes at the resumed batch; it changed silently)."""
+    common = ["eval_interval=2ba", "save_interval=2ba", "export_dir=null", "save_overwrite=false"]
+    assert train(tiny, *common, "max_duration=2ba") == 0
+    capsys.readouterr()
+    assert train(tiny, *common, "max_duration=3ba", "autoresume=true", "distill.alpha=0.5") == 0
+    err = capsys.readouterr().err
+    assert "note:" in err and "distill=None" in err and "objective changes" in err, err
+    other = "pruning.target={num_hidden_layers: 2, hidden_size: 48, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}"
+    assert train_main([TINY_YAML, *paths(tiny, str(tiny["tmp"] / "new")), *common, "max_duration=4ba", other,
+                       f"load_path={tiny['run']}/latest-rank0.pt"]) == 0
+    err = capsys.readouterr().err
+    assert "note:" in err and "continues toward" in err and "'num_hidden_layers': 2" in err, err

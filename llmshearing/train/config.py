@@ -372,7 +372,29 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     source = check_model_folder(cfg.model.path, cfg.model.gguf_file, "model.path")
     check_positions(cfg.data.root, source, cfg.model.path)
     check_load_path_fits(cfg, source)
+    if cfg.pruning is not None:
+        check_pruning_does_something(cfg, source)
     return cfg
+
+
+def check_pruning_does_something(cfg: TrainConfig, source) -> None:
+    """A pruning target that is the source's own shape (e.g. `pruning.target={}`) would run a pruning run that
+    prunes nothing; calibration sequences beyond the split would be capped without a word."""
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
+    from llmshearing.pruning.shapes import resolve_target, shape_of
+
+    if source.model_type in SUPPORTED_MODEL_TYPES and resolve_target(cfg.pruning.target, source) == shape_of(source):
+        raise ConfigError(f"pruning.target {cfg.pruning.target!r} is the source's own shape "
+                          f"({shape_of(source).as_dict()}): this run would prune nothing; give smaller dims, a preset "
+                          f"or {{params: N}} (see `llmshearing target {cfg.model.path} --fraction 0.5`)")
+    p, d = cfg.pruning, cfg.data
+    if p.init == "activation":
+        splits = read_manifest(d.root)["domains"]
+        have = {name: int(splits[name]["splits"][d.split]["sequences"]) for name in d.domains}
+        short = {name: n for name, n in have.items() if n < p.init_sequences}
+        if short:
+            raise ConfigError(f"pruning.init_sequences={p.init_sequences} is more than the '{d.split}' split holds for "
+                              f"{', '.join(f'{k} ({v})' for k, v in short.items())}; give at most {min(have.values())}")
 
 
 def check_load_path_fits(cfg: TrainConfig, source) -> None:
@@ -386,6 +408,8 @@ def check_load_path_fits(cfg: TrainConfig, source) -> None:
 
     from llmshearing.model.decoder import DecoderLM
     from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
+    from llmshearing.train.checkpointing import embedded_config
+    from llmshearing.train.run_folder import note_objective_change
 
     if source.model_type not in SUPPORTED_MODEL_TYPES:
         return
@@ -410,6 +434,10 @@ def check_load_path_fits(cfg: TrainConfig, source) -> None:
         if name in held and held[name] != shape:
             raise ConfigError(f"{where} does not fit model.path '{cfg.model.path}': tensor '{name}' is {held[name]} "
                               f"there but {shape} in this model; give a checkpoint of a run of this model")
+    embedded = embedded_config(state)
+    if embedded is not None:
+        old = OmegaConf.to_container(OmegaConf.create(embedded), resolve=True)
+        note_objective_change(old, _as_dict(cfg), f"the run of load_path '{cfg.load_path}'")
 
 
 def check_distill(cfg: TrainConfig) -> None:
@@ -483,10 +511,10 @@ def check_mask_init(p: PruningConfig) -> None:
     if p.init not in ("uniform", "activation"):
         raise ConfigError(f"pruning.init must be uniform (every gate starts open) or activation (log_alpha from "
                           f"activation importance on calibration sequences), got '{p.init}'")
+    if p.init_sequences < 1:  # checked with init=uniform too: a -5 must not wait for the day init changes
+        raise ConfigError(f"pruning.init_sequences must be >= 1 (calibration sequences per domain), got {p.init_sequences}")
     if p.init == "uniform":
         return
-    if p.init_sequences < 1:
-        raise ConfigError(f"pruning.init_sequences must be >= 1 (calibration sequences per domain), got {p.init_sequences}")
     if p.log_alpha_clamp is not None and p.log_alpha_clamp[1] - p.log_alpha_clamp[0] <= 2 * INIT_BAND:
         raise ConfigError(f"pruning.init=activation puts kept and dropped units in the top and bottom {INIT_BAND} of "
                           f"pruning.log_alpha_clamp; {list(p.log_alpha_clamp)} is too narrow for both")

@@ -131,11 +131,24 @@ def identity(raw: dict) -> dict:
             "data.domains": data.get("domains")}
 
 
+def note_objective_change(old: dict, now: dict, what: str) -> None:
+    """Say so when a continued run trains toward another pruning target or with distillation switched on, off or
+    changed: allowed (a deliberate change of plan), but the objective then changes at the resumed batch."""
+    before, after = identity(old), identity(now)
+    if before["pruning.target"] != after["pruning.target"]:
+        print(f"note: {what} pruned toward {before['pruning.target']}; this run continues toward "
+              f"{after['pruning.target']}", file=sys.stderr, flush=True)
+    if (old.get("distill") or None) != (now.get("distill") or None):
+        print(f"note: {what} had distill={old.get('distill')}; this run has distill={now.get('distill')}: the training "
+              f"objective changes at the resumed batch", file=sys.stderr, flush=True)
+
+
 def check_binding(folder: str, cfg) -> None:
     """Refuse to run in a folder that holds another run (a different model, target or data), and refuse to
     silently start over in a folder that holds this run's checkpoints without autoresume / load_path /
     save_overwrite. Nothing is written here."""
     from llmshearing.checks import load_structured
+    from llmshearing.train.checkpointing import checkpoints
     from llmshearing.train.config import _as_dict
 
     path = os.path.join(folder, CONFIG_NAME)
@@ -150,4 +163,6 @@ def check_binding(folder: str, cfg) -> None:
             lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
             raise ConfigError(f"save_folder '{folder}' belongs to another run ({lines}); its checkpoints and logs are "
                               f"kept: give this run another save_folder")
+        if cfg.autoresume and checkpoints(folder):
+            note_objective_change(old, _as_dict(cfg), f"the run resumed from save_folder '{folder}'")
     check_reuse(folder, cfg)
