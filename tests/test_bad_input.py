@@ -690,3 +690,14 @@ def test_a_continued_run_that_changes_its_objective_says_so(tiny, capsys):
                        f"load_path={tiny['run']}/latest-rank0.pt"]) == 0
     err = capsys.readouterr().err
     assert "note:" in err and "continues toward" in err and "'num_hidden_layers': 2" in err, err
+
+
+def test_a_remote_with_a_trailing_slash_is_the_same_remote(tiny):
+    """`data.remote=<folder>/` was called "another remote" than the cache it had filled as `<folder>`."""
+    from llmshearing.train.config import load_config
+
+    cache = str(tiny["tmp"] / "cache")
+    for remote in (tiny["shards"], tiny["shards"] + "/", tiny["shards"] + "//"):
+        cfg = load_config(TINY_YAML, paths(tiny, tiny["run"]) + ["data.shards=null", f"data.remote={remote}",
+                                                                  f"data.local={cache}"])
+        assert cfg.data.remote == tiny["shards"]

@@ -80,6 +80,15 @@ def fetch(remote: str, local: str, rel: str) -> str:
     return dest
 
 
+def normalise(remote: str) -> str:
+    """One spelling per remote, so that `s3://b/x/` and `s3://b/x` (or `shards/` and `shards`) are one remote and
+    one cache: no trailing slash; a plain path normalised."""
+    if "://" in remote:
+        scheme, rest = remote.split("://", 1)
+        return f"{scheme}://{rest.rstrip('/')}" if rest.strip("/") else remote
+    return os.path.normpath(remote)
+
+
 CONFIG_KEYS = ("data.shards", "data.remote", "data.local")  # how a run's config names the three; the CLIs' --flags
 
 
@@ -110,6 +119,7 @@ def prepare_cache(remote: str, local: str, keys=CONFIG_KEYS) -> None:
     from llmshearing.data.layout import MANIFEST
 
     k_shards, k_remote, k_local = keys
+    remote = normalise(remote)
     if "://" in local:
         raise ConfigError(f"{k_local}='{local}' must be a folder on this node (the cache), not a URI")
     if "://" not in remote and not os.path.isdir(remote):
@@ -127,7 +137,7 @@ def prepare_cache(remote: str, local: str, keys=CONFIG_KEYS) -> None:
         if os.path.exists(marker):
             with open(marker) as f:
                 held = json.load(f).get("remote")
-            if held != remote:
+            if not isinstance(held, str) or normalise(held) != remote:
                 raise ConfigError(f"{k_local} '{local}' is the cache of another remote ('{held}'); give this remote "
                                   f"its own cache folder")
         cached_before = os.path.exists(os.path.join(local, MANIFEST))

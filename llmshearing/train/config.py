@@ -534,8 +534,10 @@ def resolve_data(data: DataConfig) -> DataConfig:
     (`data` itself is left as given)."""
     if data.split not in ("prune", "continue"):
         raise ConfigError(f"data.split must be prune or continue, got '{data.split}'")
-    from llmshearing.data.remote import shards_root
+    from llmshearing.data.remote import normalise, shards_root
 
+    if data.remote is not None:
+        data = replace(data, remote=normalise(data.remote))
     if data.shards is None and data.remote is None:
         raise ConfigError("give the shards either as data.shards=<folder> or as data.remote=<uri or folder> with "
                           "data.local=<cache folder>")

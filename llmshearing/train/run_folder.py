@@ -115,6 +115,7 @@ def identity(raw: dict) -> dict:
     older version, with keys since renamed, still compares): the source model, the pruning target (as its
     resolved shape when the model config is at hand) and the data. Learning rates, durations and intervals may
     change on resume."""
+    from llmshearing.data.remote import normalise
     from llmshearing.model.hf import load_hf_config
     from llmshearing.pruning.shapes import resolve_target
 
@@ -127,7 +128,7 @@ def identity(raw: dict) -> dict:
             pass
     path = lambda p: os.path.realpath(p) if isinstance(p, str) else p  # noqa: E731
     return {"model.path": path(model.get("path")), "model.gguf_file": model.get("gguf_file"), "pruning.target": target,
-            "data.shards": path(data.get("shards")), "data.remote": data.get("remote"), "data.split": data.get("split", "prune"),
+            "data.shards": path(data.get("shards")), "data.remote": normalise(data["remote"]) if isinstance(data.get("remote"), str) else data.get("remote"), "data.split": data.get("split", "prune"),
             "data.domains": data.get("domains")}
 
 
