@@ -341,6 +341,8 @@ def test_a_finished_run_is_never_replaced_and_the_folder_is_taken_first(tiny, ca
     for extra in ([], ["max_duration=4ba"], ["save_overwrite=true", "max_duration=1ba"]):
         refused(capsys, train(tiny, *common, *extra), tiny["run"], "finished run", "autoresume=true")
         assert snapshot(tiny["run"]) == before, extra
+    refused(capsys, train(tiny, *common, "autoresume=true"), "finished run", "nothing to train", "max_duration")
+    assert snapshot(tiny["run"]) == before  # it was Composer's ValueError traceback
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from llmshearing.train.run_folder import lock; lock(sys.argv[1]); print('locked', "
         "flush=True); time.sleep(120)"), tiny["run"]], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)

@@ -81,6 +81,12 @@ def claim(folder: str, cfg) -> None:
         check_reuse(folder, cfg)
 
 
+def _planned(duration) -> int | None:
+    """The batches of a max_duration given in batches ('60ba'), else None."""
+    text = str(duration)
+    return int(text[:-2]) if text.endswith("ba") and text[:-2].isdigit() else None
+
+
 def check_reuse(folder: str, cfg) -> None:
     """A folder holding this run's checkpoints is continued (autoresume / load_path) or, with save_overwrite,
     started over; a finished run (a checkpoint at its max_duration) is never replaced. Reads file names only."""
@@ -89,6 +95,12 @@ def check_reuse(folder: str, cfg) -> None:
 
     real = os.path.realpath(folder)
     found = checkpoints(folder)
+    if cfg.autoresume and found and _planned(cfg.max_duration) is not None and \
+            batch_of(found[-1]) >= _planned(cfg.max_duration):  # Composer: a ValueError traceback
+        raise ConfigError(f"save_folder '{folder}' holds a finished run (a checkpoint at batch {batch_of(found[-1])}, "
+                          f"max_duration {cfg.max_duration}): autoresume has nothing to train; give a larger "
+                          f"max_duration to train it further, or export it with `llmshearing export "
+                          f"{found[-1]} <folder>`")
     if real in _checked or not checkpoints(folder, complete=False) or cfg.autoresume or cfg.load_path:
         return
     if not cfg.save_overwrite:
@@ -99,7 +111,7 @@ def check_reuse(folder: str, cfg) -> None:
     if os.path.exists(config):
         old = load_structured(config, f"save_folder '{folder}'")
         duration = old.get("max_duration", duration) if isinstance(old, dict) else duration
-    planned = int(str(duration)[:-2]) if str(duration).endswith("ba") and str(duration)[:-2].isdigit() else None
+    planned = _planned(duration)
     if planned is not None and newest >= planned:
         raise ConfigError(f"save_folder '{folder}' holds a finished run (a checkpoint at batch {newest}, its "
                           f"max_duration {duration}); save_overwrite=true would replace its checkpoints and logs: give "
