@@ -155,10 +155,11 @@ def _make_tiny(args) -> None:
     print(json.dumps(make_tiny(args.out_dir, args.family), indent=1))
 
 
-def _demo(args) -> None:
+def _demo(args) -> int | None:
     from llmshearing.experiments.demo import run_demo
 
-    run_demo(args.data, args.out, args.overrides)
+    result = run_demo(args.data, args.out, args.overrides)
+    return result if isinstance(result, int) else None  # a stage stopped by a signal: its exit code
 
 
 def _reference_loss(args) -> None:
