@@ -644,7 +644,7 @@ def test_a_truncated_compressed_input_is_one_line(tiny, capsys):
     import gzip
     import lzma
 
-    raw = open(tiny["prose"], "rb").read() * 20
+    raw = open(tiny["prose"], "rb").read() * 4
     out = str(tiny["tmp"] / "shards")
     for name, data in (("p.jsonl.gz", gzip.compress(raw)), ("p.jsonl.bz2", bz2.compress(raw)),
                        ("p.jsonl.xz", lzma.compress(raw))):
