@@ -4,7 +4,7 @@ PIP_FLAGS ?= -q
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo fetch shards tiny test test-fast clean
+.PHONY: install demo fetch shards tiny test test-fast test-devices clean
 
 .venv/bin/python:
 	python3 -m venv .venv
@@ -44,6 +44,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+# The second-device tier (docs/devices.md): the paper recipes' GPU code paths at real shapes on torch's meta device
+# (no GPU, no weights); part of `make test` too.
+test-devices: install
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_devices.py
 
 clean:
 	rm -rf runs data/tiny

@@ -13,6 +13,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshearing.train.checkpointing import save_now
+from llmshearing.train.run_folder import check_shared
 from llmshearing.model.composer_model import unwrap
 from llmshearing.io import append_jsonl
 
@@ -60,6 +61,10 @@ class RunGuard(Callback):
         self.run_config = run_config  # the resolved run config (yaml), saved in every checkpoint for export
         self._signalled = 0  # the stop signal received (SIGTERM or SIGINT), 0 for none
         self._previous = {}
+
+    def init(self, state: State, logger: Logger) -> None:
+        if self.folder:  # before Composer looks for a checkpoint to resume from
+            check_shared(self.folder)
 
     def fit_start(self, state: State, logger: Logger) -> None:
         if self.save_on_sigterm and self.folder and threading.current_thread() is threading.main_thread():

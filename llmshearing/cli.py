@@ -1,5 +1,6 @@
-"""`llmshearing <command>`: export a pruning checkpoint, make the tiny debug setup, run the demo, compute
-reference losses, evaluate model folders, solve the target shape of a parameter budget."""
+"""`llmshearing <command>`: export a pruning checkpoint (HF, GGUF), convert an HF folder to GGUF, make the tiny
+debug setup, run the demo, compute reference losses, evaluate model folders, solve the target shape of a parameter
+budget."""
 from __future__ import annotations
 
 import argparse
@@ -16,15 +17,36 @@ def _add_export(sub) -> None:
     p.add_argument("checkpoint", help="Composer checkpoint of a pruning run (e.g. runs/x/latest-rank0.pt)")
     p.add_argument("out_dir")
     p.add_argument("--config", help="run_config.yaml of the run (default: beside the checkpoint)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: the checkpoint's")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: the run's precision: bfloat16 for amp_bf16, float32 for fp32)")
+    p.add_argument("--format", choices=["hf", "gguf"], default="hf",
+                   help="hf: Hugging Face safetensors folder; gguf: the same folder plus model.gguf (llama.cpp)")
+    p.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="tensor type of model.gguf with --format gguf (norms stay f32; default f16)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file (Hugging Face's default 5GB); bigger models are split into "
+                        "model-0000k-of-0000n.safetensors with model.safetensors.index.json")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(handler=_export)
 
 
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="write model.gguf (llama.cpp's format) of a Hugging Face model folder")
+    p.add_argument("model", help="Hugging Face model folder (an llmshearing export, or any Llama/Mistral/Qwen2 folder "
+                                 "with safetensors and a tokenizer.json)")
+    p.add_argument("--to", choices=["gguf"], required=True)
+    p.add_argument("--gguf-dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    p.add_argument("--out", help="output file (default: <model>/model.gguf)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(handler=_convert)
+
+
 def _add_make_tiny(sub) -> None:
+    from llmshearing.experiments.tiny import FAMILY_CONFIGS
+
     p = sub.add_parser("make-tiny", help="write a tiny random model, tokenizer and two text domains")
     p.add_argument("out_dir")
-    p.add_argument("--family", default="smollm2-gqa", choices=["llama-mha", "smollm2-gqa", "mistral", "qwen2"])
+    p.add_argument("--family", default="smollm2-gqa", choices=list(FAMILY_CONFIGS))
     p.set_defaults(handler=_make_tiny)
 
 
@@ -140,10 +162,20 @@ def _target(args) -> int:
 
 
 def _export(args) -> int:
-    from llmshearing.pruning.export import export_checkpoint
+    from llmshearing.pruning.export import ExportOptions, export_checkpoint, parse_size
 
-    kept = export_checkpoint(args.checkpoint, args.out_dir, args.config, args.dtype, args.overwrite)
+    parse_size(args.max_shard_size)  # before the checkpoint is read
+    options = ExportOptions(max_shard_size=args.max_shard_size,
+                            gguf_dtype=args.gguf_dtype if args.format == "gguf" else None)
+    kept = export_checkpoint(args.checkpoint, args.out_dir, args.config, args.dtype, args.overwrite, options)
     print(f"wrote {args.out_dir}" + (f": {json.dumps(kept['target_shape'])}" if kept else " (not pruned: as trained)"))
+    return 0
+
+
+def _convert(args) -> int:
+    from llmshearing.pruning.gguf_export import convert
+
+    print(f"wrote {convert(args.model, args.gguf_dtype, args.out, args.overwrite)}")
     return 0
 
 
@@ -182,7 +214,7 @@ def _eval(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmshearing")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_export, _add_make_tiny, _add_demo, _add_reference_loss, _add_eval, _add_target, plan.add_parser):
+    for add in (_add_export, _add_convert, _add_make_tiny, _add_demo, _add_reference_loss, _add_eval, _add_target, plan.add_parser):
         add(sub)
     return parser
 

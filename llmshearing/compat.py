@@ -13,7 +13,7 @@ import inspect
 import multiprocessing
 import os
 import signal
-import tempfile
+import warnings
 
 import torch
 
@@ -69,6 +69,39 @@ def install_atomic_writes() -> None:
     checkpoint._write_checkpoint_file = write
 
 
+# -- Composer: autoresume on a save_folder shared by several nodes ----------------------------------------------
+def _composer_dist_module():
+    from composer.utils import dist
+
+    require(all(callable(getattr(dist, n, None)) for n in ("get_node_signal_file_name", "get_node_rank")),
+            "per_node_signal_files", "composer.utils.dist.get_node_signal_file_name / get_node_rank", "mosaicml")
+    return dist
+
+
+def per_node_signal_files() -> None:
+    """Name the signal files of Composer's collective waits after this node (process-wide, idempotent).
+
+    Composer 0.32 broadcasts rank 0's name (`._signal_file_node0_<random>`); at autoresume every node's local
+    rank 0 writes that file into save_folder and then removes it. On a save_folder shared by the nodes (what
+    sharded checkpoints and autoresume need) the nodes write and remove the same file, and the node that removes
+    it second fails at start with FileNotFoundError. A name per node keeps the wait within the node, as meant.
+    """
+    dist = _composer_dist_module()
+    original = dist.get_node_signal_file_name
+    if getattr(original, "_llmshearing_per_node", False):
+        return
+
+    def per_node(rng=None) -> str:
+        name = original(rng)  # a collective: every rank calls it, as before
+        prefix = "._signal_file_node"
+        if not name.startswith(prefix):
+            return name
+        return f"{prefix}{dist.get_node_rank()}_{name[len(prefix):].split('_', 1)[-1]}"
+
+    per_node._llmshearing_per_node = True
+    dist.get_node_signal_file_name = per_node
+
+
 # -- Composer: the layout of a checkpoint -----------------------------------------------------------------
 def is_sharded_checkpoint(path: str) -> bool:
     """A sharded (torch.distributed.checkpoint) checkpoint is a folder holding `.metadata` and `__<rank>_0.distcp`
@@ -100,21 +133,100 @@ def sharded_checkpoint_problem(path: str) -> str | None:
     return None
 
 
-def checkpoint_state(path: str) -> dict:
-    """The `state` dict of a Composer checkpoint, monolithic (`.pt` file) or sharded (a folder), read in one
-    process (model weights under 'model', 'timestamp', 'dataset_state', callbacks...). Composer has no public
-    reader for a checkpoint outside a Trainer."""
-    if is_sharded_checkpoint(path):
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        with tempfile.TemporaryDirectory() as tmp:  # DCP's own single-process reader, through a temporary file
-            dcp_to_torch_save(path, os.path.join(tmp, "full.pt"))
-            ckpt = torch.load(os.path.join(tmp, "full.pt"), map_location="cpu", weights_only=False)
-    else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+def _check_layout(ckpt, path: str) -> None:
     require(isinstance(ckpt, dict) and isinstance(ckpt.get("state"), dict) and "model" in ckpt["state"],
             "checkpoint_state", f"the checkpoint layout {{'state': {{'model': ...}}}} (read from {path})", "mosaicml")
+
+
+def _dcp_load_everything():
+    from torch.distributed.checkpoint import state_dict_loader
+
+    load = getattr(state_dict_loader, "_load_state_dict_from_keys", None)
+    require(callable(load), "checkpoint_state", "torch.distributed.checkpoint.state_dict_loader."
+            "_load_state_dict_from_keys", "torch")
+    return load
+
+
+def checkpoint_state(path: str) -> dict:
+    """The whole `state` dict of a Composer checkpoint, monolithic (`.pt` file) or sharded (a folder), read in one
+    process: model (teacher included), optimizer, 'timestamp', 'dataset_state', callbacks... For tests and run
+    summaries; an export reads only the model through `CheckpointModel`. Composer has no public reader for a
+    checkpoint outside a Trainer; a sharded one is read by DCP's own single-process loader, in memory (no
+    temporary file)."""
+    if is_sharded_checkpoint(path):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            ckpt = _dcp_load_everything()({"state"}, checkpoint_id=path)  # every key under 'state' (not 'rng')
+    else:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    _check_layout(ckpt, path)
     return ckpt["state"]
+
+
+class CheckpointModel:
+    """The `state.model` tensors of a Composer checkpoint (ComposerLM names: 'model.model.layers.0...',
+    'l0.lambdas', 'teacher....'), each read when asked for, and its callbacks' small values.
+
+    Nothing else is read: a monolithic `.pt` is memory-mapped (torch.load(mmap=True)), so only the pages of the
+    tensors asked for are ever read from disk; a sharded checkpoint is read through DCP's metadata, one tensor
+    per `dcp.load` of exactly that key (the optimizer's and the teacher's entries are never touched), in memory.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sharded = is_sharded_checkpoint(path)
+        if self.sharded:
+            from torch.distributed.checkpoint import FileSystemReader
+
+            metadata = FileSystemReader(path).read_metadata()
+            self._meta = metadata.state_dict_metadata
+            # DCP flattens {'state': {'model': {name: tensor}}} into 'state.model.<name>'; planner_data keeps the path
+            self._fqn = {p[2]: fqn for fqn, p in metadata.planner_data.items()
+                         if len(p) == 3 and tuple(p[:2]) == ("state", "model")}
+            self._objects = {tuple(p): fqn for fqn, p in metadata.planner_data.items()}
+            require(bool(self._fqn), "CheckpointModel", f"the sharded layout 'state.model.<name>' (read from {path})",
+                    "mosaicml")
+            self.names = list(self._fqn)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            _check_layout(ckpt, path)
+            self._state = ckpt["state"]
+            self._model = {k.removeprefix("module."): v for k, v in self._state["model"].items()}
+            self.names = list(self._model)
+
+    def _dcp_load(self, fqn: str, value):
+        from torch.distributed.checkpoint import FileSystemReader, load
+
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        holder = {fqn: value}
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+                load(holder, storage_reader=FileSystemReader(self.path), no_dist=True)
+        except CheckpointException as e:  # a BaseException carrying each rank's (exception, traceback)
+            failure = next(iter(e.failures.values()), None)
+            cause = failure[0] if isinstance(failure, tuple) else failure
+            raise RuntimeError(f"reading '{fqn}': {type(cause).__name__}: {str(cause).splitlines()[0][:200]}") from None
+        return holder[fqn]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One model tensor (KeyError when the checkpoint has none of that name)."""
+        if not self.sharded:
+            return self._model[name]
+        fqn = self._fqn[name]
+        meta = self._meta[fqn]
+        return self._dcp_load(fqn, torch.empty(meta.size, dtype=meta.properties.dtype))
+
+    def value(self, *path: str):
+        """A small non-tensor entry of `state`, e.g. value('callbacks', 'RunGuard', 'run_config'); None if absent."""
+        if not self.sharded:
+            node = self._state
+            for key in path:
+                node = node.get(key) if isinstance(node, dict) else None
+            return node
+        fqn = self._objects.get(("state", *path))
+        return None if fqn is None else self._dcp_load(fqn, None)
 
 
 # -- torch FSDP1 (through Composer) on CPU with gloo ------------------------------------------------------------
@@ -249,6 +361,8 @@ def check_all() -> None:
     from transformers import LlamaConfig
 
     _composer_checkpoint_module()
+    _composer_dist_module()
+    _dcp_load_everything()
     _fsdp_private()
     _engine_close()
     _fqn_cache()

@@ -1,8 +1,10 @@
 """bench.throughput end to end (--quick) and the non-uniform model it times: the comparison of uniform
 and non-uniform pruning only means something if the non-uniform model really has per-layer shapes, the
-same size, and computes what its slicing claims. No assertion on timing."""
+same size, and computes what its slicing claims. bench.gpu_check on CPU: every check present and passing.
+No assertion on timing."""
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -174,3 +176,64 @@ def test_nonuniform_counts_keep_totals(target):
     nonuni = sum(h * (kv * r + 2 * kv) * hd + kv * r * hd * h + 3 * h * i + 2 * h for kv, r, i in counts)
     embed = source.vocab_size * h * (1 if source.tie_word_embeddings else 2) + h
     assert nonuni + embed == param_count(tgt, source)
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_cpu_and_every_check_passes(tiny_setup, tmp_path):
+    """`python -m bench.gpu_check --device cpu`: the GPU check's stages on CPU (tiny MHA and GQA sources, 1 and 2
+    ranks over gloo), so a recipe or trainer change that breaks the check fails here and not first on a GPU."""
+    from conftest import ENV
+    from bench import gpu_check
+
+    out, work = tmp_path / "report.json", tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--out", str(out), "--work",
+                           str(work), "--tiny", os.path.dirname(tiny_setup["model"]), "--budget", "900"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=1000)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    r = json.loads(out.read_text())
+    c = r["checks"]
+    assert r["ok"] and r["device"] == "cpu" and r["world_sizes"] == [1, 2]
+    assert set(c) == {"train_mha_1_rank", "train_gqa_2_ranks", "train_masked_1_rank", "train_dense_1_rank",
+                      "export_mha", "export_gqa", "sigterm_then_autoresume_gqa", "throughput"}
+    assert all(check["ok"] and not check.get("problems") for check in c.values()), c
+    # The MHA source has as many KV heads as heads; the GQA source fewer.
+    mha, gqa = (gpu_check.TINY_TARGETS[f] for f in ("llama-mha", "smollm2-gqa"))
+    assert r["sources"]["mha"]["target"] == mha and r["sources"]["gqa"]["target"] == gqa
+    for name, ranks, batches in (("train_mha_1_rank", 1, 4), ("train_gqa_2_ranks", 2, 4),
+                                 ("train_masked_1_rank", 1, 4), ("train_dense_1_rank", 1, 4)):
+        t = c[name]
+        assert (t["world_size"], t["batches"], t["precision"]) == (ranks, batches, "fp32")
+        assert "scaled_dot_product_attention" in t["attention"]
+        assert _positive(t["tokens_per_s"]) and _positive(t["median_step_s"]) and math.isfinite(t["final_loss"])
+        assert len(t["grad_norms"]) == batches and all(map(_positive, t["grad_norms"]))  # clipping ran every batch
+    for name in ("export_mha", "export_gqa"):
+        assert c[name]["max_abs_logit_diff_fp32"] < 1e-4 < c[name]["max_abs_logit_fp32"]
+    assert c["export_mha"]["shape"] == mha and c["export_gqa"]["shape"] == gqa
+    s = c["sigterm_then_autoresume_gqa"]
+    assert (s["stopped_after"], s["resumed_at"]) == (gpu_check.STOP_AFTER, gpu_check.STOP_AFTER)
+    assert s["logs_equal"] and s["domain_weights_equal"] and s["max_abs_weight_diff"] == 0 == s["max_rel_loss_diff"]
+    t = c["throughput"]
+    assert all(map(_positive, (t["masked_tokens_per_s"], t["dense_tokens_per_s"], t["masked_over_dense_step"])))
+
+    # The export check can fail: a changed weight in the export is caught.
+    from safetensors.torch import load_file, save_file
+
+    export = work / "gqa" / "export" / "model.safetensors"
+    weights = load_file(str(export))
+    weights["model.layers.0.mlp.down_proj.weight"][0] += 1.0
+    save_file(weights, str(export), metadata={"format": "pt"})
+    bad = gpu_check.check_export(str(work / "gqa"), gqa, "cpu")
+    assert not bad["ok"] and bad["max_abs_logit_diff_fp32"] > 1e-3
+
+
+def test_gpu_check_refuses_bad_arguments(tmp_path, capsys):
+    from bench import gpu_check
+
+    if not torch.cuda.is_available():
+        assert gpu_check.main(["--device", "gpu", "--out", str(tmp_path / "r.json")]) == 2
+        assert "--device cpu" in capsys.readouterr().err
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "mha").mkdir()
+    assert gpu_check.main(["--device", "cpu", "--work", str(tmp_path / "work")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()

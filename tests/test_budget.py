@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 from conftest import REPO
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
 from llmshearing.cli import main as cli_main
 from llmshearing.errors import ConfigError
@@ -41,9 +41,18 @@ def qwen2_0_5b():
                        num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)
 
 
-SOURCES = {"smollm2-135m": smollm2_135m, "llama-2-7b": llama2_7b, "mistral-7b": mistral_7b, "qwen2-0.5b": qwen2_0_5b}
+def qwen3_0_6b():
+    return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                       rope_theta=1e6)
+
+
+SOURCES = {"smollm2-135m": smollm2_135m, "llama-2-7b": llama2_7b, "mistral-7b": mistral_7b, "qwen2-0.5b": qwen2_0_5b,
+           "qwen3-0.6b": qwen3_0_6b}
+# the published counts; Qwen3-0.6B's card says 0.6B and 0.44B non-embedding: this is the count by hand (per layer
+# 3 x 2,097,152 attention + 9,437,184 MLP + 2,048 layer norms + 256 q_norm/k_norm, + 151,936 x 1,024 tied + 1,024)
 SOURCE_PARAMS = {"smollm2-135m": 134_515_008, "llama-2-7b": 6_738_415_616, "mistral-7b": 7_241_732_096,
-                 "qwen2-0.5b": 494_032_768}  # the published counts
+                 "qwen2-0.5b": 494_032_768, "qwen3-0.6b": 596_049_920}
 
 
 def hf_params(config) -> int:
@@ -206,3 +215,22 @@ def test_budget_in_a_run_config(tiny_setup):
     cfg = load_config(yaml, base + ["pruning.target={params: 10000000}"])
     with pytest.raises(ConfigError, match=re.escape("pruning.target.params=10,000,000 is outside the feasible range")):
         resolve_target(cfg.pruning.target, source)
+
+
+def test_llama3_presets_take_the_released_small_models_shapes():
+    """llama-3.2-3b is Llama-3.2-3B's shape (its shipped config resolves to the preset); Llama-3.2-1B's config is
+    refused (head_dim 64, never pruned) with the way out, and llama-3.2-1b-hd128 has the 1B's parameters but for the
+    output embedding the 8B does not tie (128,256 x 2,048)."""
+    from llmshearing.pruning.shapes import PRESETS
+    from llmshearing.train.plan import load_model_config
+
+    models = os.path.join(REPO, "yamls", "models")
+    source = load_model_config(os.path.join(models, "llama-3.1-8b.json"))
+    small = {n: load_model_config(os.path.join(models, f"llama-3.2-{n}.json")) for n in ("3b", "1b")}
+    assert resolve_target(os.path.join(models, "llama-3.2-3b.json"), source) == PRESETS["llama-3.2-3b"]
+    assert shape_of(small["3b"]) == resolve_target("llama-3.2-3b", source)
+    with pytest.raises(ConfigError, match="has head_dim 64 but the source has 128; head_dim is never pruned"):
+        resolve_target(os.path.join(models, "llama-3.2-1b.json"), source)
+    hd128 = resolve_target("llama-3.2-1b-hd128", source)
+    assert param_count(hd128, source) == param_count(shape_of(small["1b"]), small["1b"]) + 128256 * 2048
+    assert param_count(hd128, source) == 1_498_482_688

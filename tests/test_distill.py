@@ -17,7 +17,8 @@ from llmshearing.compat import checkpoint_state
 from llmshearing.data.tokenizer import load_tokenizer
 from llmshearing.experiments.tiny import domain_texts, random_model, train_tokenizer
 from llmshearing.model.composer_model import ComposerLM
-from llmshearing.model.distill import Teacher, kd_loss
+from llmshearing.model.composer_model import ChunkedCrossEntropy, ChunkedPerplexity
+from llmshearing.model.distill import Teacher, kd_loss, lm_loss
 from llmshearing.model.hf import from_pretrained, load_hf_config
 from llmshearing.pruning.masks import L0Module
 from llmshearing.pruning.shapes import resolve_target, shape_of
@@ -117,6 +118,90 @@ def test_kd_loss_known_values_and_ignored_positions():
     s2, t2 = torch.cat([s, torch.tensor([[[9.0, -9.0]]])], 1), torch.cat([t, torch.tensor([[[-5.0, 5.0]]])], 1)
     assert float(kd_loss(s2, t2, torch.tensor([[0, -100]]))) == pytest.approx(0.5 * math.log(4 / 3), rel=1e-6)
     assert float(kd_loss(s2, t2, torch.tensor([[-100, -100]]))) == 0.0
+
+
+@pytest.mark.parametrize("chunk_elements", [2**22, 120, 40])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lm_loss_equals_cross_entropy_in_value_and_gradient(chunk_elements, dtype, monkeypatch):
+    """lm_loss (a chunk of positions at a time, fp32 per chunk only) equals F.cross_entropy on the fp32 logits
+    with ignore_index=-100, value and gradient, in one chunk and in many (40 elements: one position a chunk), on
+    a non-contiguous view with ignored positions and a wholly ignored chunk; the gradient comes back in the
+    logits' dtype, zero on ignored positions."""
+    from llmshearing.model import distill
+
+    monkeypatch.setattr(distill, "KD_CHUNK_ELEMENTS", chunk_elements)
+    torch.manual_seed(0)
+    outputs = (3 * torch.randn(3, 9, 40)).to(dtype).requires_grad_()
+    labels = torch.randint(0, 40, (3, 8))
+    labels[0, :] = -100  # a whole sequence ignored: whole chunks of ignored positions
+    labels[2, 3] = -100
+    got = lm_loss(outputs[:, :-1], labels)
+    (got_grad,) = torch.autograd.grad(3 * got, outputs)
+    logits = outputs[:, :-1].float()
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), labels.reshape(-1), ignore_index=-100)
+    (want_grad,) = torch.autograd.grad(3 * want, outputs)
+    assert float(got) == pytest.approx(float(want), rel=1e-6)
+    assert got_grad.dtype == dtype and got_grad.shape == outputs.shape
+    tol = dict(rtol=1e-2, atol=1e-5) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(got_grad, want_grad, **tol)
+    assert not got_grad[0].any() and not got_grad[:, -1].any() and not got_grad[2, 3].any()
+
+
+def test_lm_loss_known_values_and_all_ignored():
+    # logits (0, ln 3): softmax (1/4, 3/4); label 1 -> ln(4/3), label 0 -> ln 4; the mean of both
+    s = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(3)]]], requires_grad=True)
+    assert float(lm_loss(s, torch.tensor([[1, 0]]))) == pytest.approx((math.log(4 / 3) + math.log(4)) / 2, rel=1e-6)
+    assert float(lm_loss(s, torch.tensor([[1, -100]]))) == pytest.approx(math.log(4 / 3), rel=1e-6)
+    nothing = lm_loss(s, torch.tensor([[-100, -100]]))  # no kept position: 0 and a zero gradient, never NaN
+    (g,) = torch.autograd.grad(nothing, s)
+    assert float(nothing) == 0.0 and not g.any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk_elements", [2**22, 2000])
+def test_lm_loss_memory_is_one_chunk_and_the_gradient(dtype, chunk_elements, monkeypatch):
+    """What lm_loss allocates (the formula for plan.py): forward 28 bytes per position (row indices, targets,
+    log-sum-exp) + 8cV (a chunk's fp32 logits and one temporary); backward that + the gradient it returns
+    (b bytes per position and entry, b the logits' element size) + a chunk's (4 + b)cV (just 4cV in fp32):
+    never an fp32 copy of all n x V logits."""
+    from test_plan import LiveTensors
+
+    from llmshearing.model import distill
+
+    monkeypatch.setattr(distill, "KD_CHUNK_ELEMENTS", chunk_elements)
+    B, L, V = 4, 100, 500
+    n = B * L
+    logits = torch.randn(B, L, V).to(dtype).requires_grad_()
+    labels = torch.randint(0, V, (B, L))
+    c, b = min(n, max(1, chunk_elements // V)), logits.element_size()
+    forward = LiveTensors()
+    with forward.mode:
+        loss = distill.lm_loss(logits, labels)
+    assert 28 * n + 8 * c * V <= forward.peak <= 28 * n + 8 * c * V + n + 12 * c + 256  # + keep mask, row maxima
+    backward = LiveTensors()
+    with backward.mode:
+        torch.autograd.grad(loss, logits)
+    expected = 28 * n + b * n * V + (4 + b if b < 4 else 4) * c * V
+    assert expected <= backward.peak <= expected + n + 12 * c + 256
+
+
+def test_chunked_metrics_equal_composers(monkeypatch):
+    """The metrics ComposerLM logs (updated a chunk at a time without a contiguous fp32 copy) equal Composer's
+    LanguageCrossEntropy / LanguagePerplexity on the same outputs, over two updates."""
+    from composer.metrics.nlp import LanguageCrossEntropy, LanguagePerplexity
+
+    from llmshearing.model import distill
+
+    monkeypatch.setattr(distill, "KD_CHUNK_ELEMENTS", 80)
+    torch.manual_seed(1)
+    pairs = [(3 * torch.randn(2, 6, 40)[:, :-1], torch.randint(0, 40, (2, 5))) for _ in range(2)]
+    pairs[1][1][1, :] = -100
+    for ours, theirs in [(ChunkedCrossEntropy(), LanguageCrossEntropy()), (ChunkedPerplexity(), LanguagePerplexity())]:
+        for out, lab in pairs:
+            ours.update(out, lab)
+            theirs.update(out.contiguous(), lab)
+        assert float(ours.compute()) == pytest.approx(float(theirs.compute()), rel=1e-6)
+        assert int(ours.total_items) == int(theirs.total_items) == 15
 
 
 # ------------------------------------------------------------------------------------- the teacher

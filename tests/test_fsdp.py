@@ -3,6 +3,7 @@ two processes over gloo: wrapping, equality with one process, export, exact resu
 sharded checkpoints), SIGTERM, and continued pretraining."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -133,18 +134,65 @@ def test_fsdp_sigkill_then_autoresume_is_bit_identical(runs, tiny_setup, kind):
     assert weights_log(killed) == weights_log(base)
 
 
-def test_sharded_checkpoint_exports_like_the_end_of_run_export(runs, tiny_setup, tmp_path):
-    """`llmshearing export` of a sharded checkpoint (a folder, through `latest-rank0.pt`) writes the model that
-    the end of the same FSDP run exports."""
+def base_sharded(runs, tiny_setup):
     base = str(runs["root"] / "base-sharded")
     if not os.path.exists(base):
         ok(two_procs(FSDP_YAML, tiny_setup, base, *COMMON, "fsdp.state_dict_type=sharded", "export_dir=null"), base)
+    return base
+
+
+def test_sharded_checkpoint_exports_like_the_end_of_run_export(runs, tiny_setup, tmp_path):
+    """`llmshearing export` of a sharded checkpoint (a folder, through `latest-rank0.pt`) writes the model that
+    the end of the same FSDP run exports (gathered layer by layer), and both equal, bit for bit, the export of the
+    previous code (the whole checkpoint read, the model rebuilt, finalize())."""
+    from test_export import assert_bit_identical, todays_export, weights
+
+    base = base_sharded(runs, tiny_setup)
     proc = run([os.path.join(BIN, "llmshearing"), "export", os.path.join(base, "latest-rank0.pt"), str(tmp_path / "x")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     x = AutoModelForCausalLM.from_pretrained(str(tmp_path / "x")).eval()
     y = AutoModelForCausalLM.from_pretrained(os.path.join(runs["two"], "export")).eval()
     for (name, p), (_, q) in zip(x.state_dict().items(), y.state_dict().items()):
         assert torch.equal(p, q), name
+    reference = todays_export(os.path.join(base, "ep0-ba20"))
+    assert_bit_identical(weights(str(tmp_path / "x")), reference)
+    assert_bit_identical(weights(os.path.join(runs["two"], "export")), reference)
+
+
+def test_sharded_export_reads_only_the_student_and_writes_no_temporary_file(runs, tiny_setup, tmp_path, monkeypatch):
+    """Every byte of the sharded checkpoint outside the student's tensors (the AdamW state: exp_avg, exp_avg_sq,
+    steps) is overwritten with garbage: reading the whole checkpoint now fails, the export reads the same model as
+    from the intact one, and writes nothing to the system temporary folder."""
+    import tempfile
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from test_export import assert_bit_identical, weights
+
+    from llmshearing.pruning.export import export_checkpoint
+
+    source = os.path.join(base_sharded(runs, tiny_setup), "ep0-ba20")
+    damaged = str(tmp_path / "ep0-ba20")
+    shutil.copytree(source, damaged)
+    metadata = FileSystemReader(damaged).read_metadata()
+    spoiled = 0
+    for index, info in metadata.storage_data.items():
+        entry = metadata.state_dict_metadata[index.fqn]
+        if index.fqn.startswith("state.model.") or not isinstance(entry, TensorStorageMetadata):
+            continue
+        with open(os.path.join(damaged, info.relative_path), "r+b") as f:
+            f.seek(info.offset)
+            f.write(b"\xff" * info.length)
+        spoiled += info.length
+    assert spoiled > 0
+    with pytest.raises(CheckpointException):
+        checkpoint_state(damaged)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir" / "tmp"))
+    export_checkpoint(damaged, str(tmp_path / "a"))
+    export_checkpoint(source, str(tmp_path / "b"))
+    assert_bit_identical(weights(str(tmp_path / "a")), weights(str(tmp_path / "b")))
+    assert not os.path.exists(str(tmp_path / "no-such-dir"))
 
 
 @pytest.mark.parametrize("kind", ["full", "sharded"])

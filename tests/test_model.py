@@ -19,6 +19,7 @@ TARGETS = {  # every structure shrinks; GQA targets keep num_heads divisible by 
     "smollm2-gqa": Shape(3, 48, 2, 1, 64),  # 6/2 -> 2/1: drops a group and a query head per group
     "mistral": Shape(3, 40, 2, 1, 48),
     "qwen2": Shape(2, 32, 2, 1, 80),
+    "qwen3": Shape(3, 48, 2, 1, 64),  # head_dim 32: attention 2 x 32 = 64 wide in a 48-wide model
 }
 
 
@@ -131,3 +132,64 @@ def test_masked_linear_equals_masking_the_activations(gates, bias):
     reference = run(lambda: linear(x if cols is None else x * cols) * (1 if rows is None else rows))
     for a, b in zip(run(lambda: masked_linear(x, linear, cols, rows)), reference):
         torch.testing.assert_close(a, b)
+
+
+def test_unsupported_families_are_refused_naming_what_they_need():
+    from transformers import AutoConfig
+
+    from llmshearing.errors import ConfigError
+    from llmshearing.experiments.tiny import tiny_config
+    from llmshearing.model.hf import check_source_config
+
+    for model_type in ("gemma", "phi3", "gpt_neox"):
+        with pytest.raises(ConfigError, match=f"model_type '{model_type}' is not supported; supported LLaMA-family "
+                                              f"types: llama, mistral, qwen2, qwen3 \\(a new family needs its layer"):
+            check_source_config(AutoConfig.for_model(model_type))
+    # Qwen's per-layer windows (full attention below max_window_layers) are not what the decoder computes
+    with pytest.raises(ConfigError, match="use_sliding_window with full-attention layers below max_window_layers=2"):
+        check_source_config(tiny_config("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=2))
+    check_source_config(tiny_config("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen3"])  # the families the other end-to-end tests (smollm2-gqa) do not run
+def test_family_end_to_end_through_composer(family, tmp_path):
+    """make-tiny --family, prune with the real Composer launcher to the target, the export loads as the same HF
+    family (Qwen3: q_norm / k_norm copied) and equals the checkpoint's masked model, then continued pretraining of
+    the export trains and exports again."""
+    from conftest import BIN, CONTINUE_YAML, TINY_YAML, paths, run
+
+    from llmshearing.train.checkpointing import load_checkpoint
+
+    setup = {"model": str(tmp_path / "tiny" / "model"), "shards": str(tmp_path / "tiny" / "shards")}
+    made = run([os.path.join(BIN, "llmshearing"), "make-tiny", str(tmp_path / "tiny"), "--family", family])
+    assert made.returncode == 0, made.stderr[-3000:]
+    folder = str(tmp_path / "prune")
+    proc = run([os.path.join(BIN, "composer"), "train.py", TINY_YAML, *paths(setup, folder), "max_duration=12ba",
+                "eval_interval=6ba", "save_interval=12ba", "data.num_workers=0"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    export = os.path.join(folder, "export")
+    hf = AutoModelForCausalLM.from_pretrained(export).eval()
+    source = AutoModelForCausalLM.from_pretrained(setup["model"])
+    assert type(hf) is type(source) and hf.config.model_type == family
+    assert shape_of(hf.config).as_dict() == {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2,
+                                             "num_key_value_heads": 1, "intermediate_size": 64}
+    ids = torch.randint(0, hf.config.vocab_size, (2, 32))
+    _, masked = load_checkpoint(os.path.join(folder, "ep0-ba12-rank0.pt"))
+    with torch.no_grad(), masked.l0.target_masks():
+        torch.testing.assert_close(hf(ids).logits, masked({"input_ids": ids}), atol=TOL, rtol=0)
+    if family == "qwen3":  # the norms over head_dim come through untouched (trained, then copied)
+        kept = json.load(open(os.path.join(export, "pruning.json")))["layers"]
+        for new, old in enumerate(kept):
+            torch.testing.assert_close(hf.model.layers[new].self_attn.q_norm.weight,
+                                       masked.model.model.layers[old].self_attn.q_norm.weight.detach(), atol=0, rtol=0)
+
+    cont = str(tmp_path / "continue")
+    proc = run([os.path.join(BIN, "composer"), "train.py", CONTINUE_YAML, f"model.path={export}",
+                f"data.shards={setup['shards']}", f"save_folder={cont}", f"export_dir={cont}/export",
+                f"data.proportions={folder}/domain_weights.json", "max_duration=6ba", "eval_interval=6ba",
+                "save_interval=6ba", "data.num_workers=0", "progress_bar=false", "log_to_console=false"], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    again = AutoModelForCausalLM.from_pretrained(os.path.join(cont, "export"))
+    assert type(again) is type(source) and shape_of(again.config) == shape_of(hf.config)
+    assert not torch.equal(again.model.layers[0].mlp.up_proj.weight, hf.model.layers[0].mlp.up_proj.weight)

@@ -13,7 +13,7 @@ import torch
 from conftest import BIN, CONTINUE_YAML, ENV, REPO, TINY_YAML, jsonl, paths, run, weights_log
 from transformers import AutoModelForCausalLM
 
-from llmshearing.compat import install_atomic_writes
+from llmshearing.compat import checkpoint_state, install_atomic_writes
 from llmshearing.train.checkpointing import checkpoints, repair_latest
 
 pytestmark = pytest.mark.slow  # Composer training runs / subprocesses: left out of `make test-fast`
@@ -40,7 +40,8 @@ def wait_for_lines(path, n, proc, timeout=240):
 
 
 def model_state(path):
-    return torch.load(path, map_location="cpu", weights_only=False)["state"]["model"]
+    """The model weights of a checkpoint: a `.pt` file or a sharded folder."""
+    return checkpoint_state(path)["model"]
 
 
 def assert_same_weights(a, b):

@@ -4,7 +4,8 @@ multi-domain text, on CPU:
   shards (`data_prep.shards`) -> reference losses (the source model's per-domain eval loss)
   -> pruning with dynamic batch loading (yamls/demo_smollm2.yaml) -> export as a dense HF model
   -> continued pretraining with dynamic batch loading (yamls/demo_continue.yaml) -> export
-  -> per-domain perplexity of source / pruned / continued, reloaded with transformers, and plots.
+  -> per-domain perplexity of source / pruned / continued, reloaded with transformers, and plots
+  -> `<out>/continued/model.gguf` for llama.cpp (not run here).
 """
 from __future__ import annotations
 
@@ -130,6 +131,7 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
         with masked.l0.target_masks():  # the export's masks (evals during pruning use the expected size)
             max_diff = float((pruned(probe).logits - masked({"input_ids": probe})).abs().max())
 
+    gguf = demo_gguf(stages["continue"]["cfg"].export_dir)
     times["total"] = time.time() - t0
     weights = {}
     for stage in stages:
@@ -140,7 +142,7 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
         "source_shape": stages["prune"]["kept"]["source_shape"],
         "loss": losses, "perplexity": {m: {d: float(torch.tensor(v).exp()) for d, v in per.items()} for m, per in losses.items()},
         "reference_losses": reference, "final_domain_weights": weights,
-        "max_abs_logit_diff_masked_vs_export": max_diff, "seconds": times,
+        "max_abs_logit_diff_masked_vs_export": max_diff, "seconds": times, "gguf": gguf,
         "budget": {s: {"batches": v["cfg"].max_duration, "batch": v["cfg"].global_train_batch_size}
                    for s, v in stages.items()},
         "plots": sorted(os.path.join(out_dir, s, f) for s in stages for f in os.listdir(os.path.join(out_dir, s))
@@ -151,6 +153,18 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
     atomic_write_text(os.path.join(out_dir, "summary.md"), report)
     atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
     return summary
+
+
+def demo_gguf(export_dir: str, dtype: str = "f16") -> dict:
+    """`<continued export>/model.gguf` for llama.cpp; a refusal (a tokenizer GGUF cannot carry) is reported, not
+    fatal: the HF export is the demo's result."""
+    from llmshearing.errors import ConfigError
+    from llmshearing.pruning.gguf_export import convert
+
+    try:
+        return {"file": convert(export_dir, dtype, overwrite=True), "dtype": dtype}
+    except ConfigError as e:
+        return {"refused": str(e)}
 
 
 def format_report(s: dict) -> str:
@@ -167,6 +181,13 @@ def format_report(s: dict) -> str:
               "Reference losses (source): " + ", ".join(f"{d} {v:.3f}" for d, v in s["reference_losses"].items())]
     for stage, w in s["final_domain_weights"].items():
         lines.append(f"Domain weights at the end of {stage}: " + ", ".join(f"{d} {v:.3f}" for d, v in w.items()))
+    g = s.get("gguf") or {}
+    if g.get("file"):
+        lines.append(f"GGUF ({g['dtype']}): {g['file']}; run it with llama.cpp: `llama-cli -m {g['file']} -p "
+                     f"\"Once upon a time\" -n 64` (not run here; transformers reads it back: "
+                     f"`AutoModelForCausalLM.from_pretrained('{os.path.dirname(g['file'])}', gguf_file='model.gguf')`)")
+    elif g.get("refused"):
+        lines.append(f"GGUF: not written ({g['refused']})")
     lines += [f"Max |logit difference| masked model vs reloaded export: {s['max_abs_logit_diff_masked_vs_export']:.2e}",
               "", "| phase | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in s["seconds"].items()],
               "", "Plots: " + ", ".join(s["plots"])]

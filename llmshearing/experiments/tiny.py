@@ -19,6 +19,8 @@ FAMILY_CONFIGS = {
     "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=24,
                     tie_word_embeddings=False),
     "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                  tie_word_embeddings=False),  # head_dim 32 x 4 heads = 128, twice hidden 64 (as Qwen3-0.6B)
 }
 STDLIB_MODULES = ("json", "os", "argparse", "collections", "csv", "random", "textwrap", "string", "shutil", "pathlib")
 

@@ -8,9 +8,30 @@ from composer.models import ComposerModel
 
 from llmshearing.pruning.masks import L0Module
 from llmshearing.model.decoder import DecoderLM
-from llmshearing.model.distill import Teacher, kd_loss
+from llmshearing.model.distill import Teacher, cross_entropy_sum, kd_loss, lm_loss
 
 TEACHER = "teacher."  # state-dict prefix of the distillation teacher: in training checkpoints, not in exports
+
+
+def next_token_labels(labels: torch.Tensor) -> torch.Tensor:
+    """labels shifted one left so position t holds the token after t, the last position -100 (no next token):
+    aligned with the full logits, so the losses need no `[:, :-1]` view (whose gradient is one more copy)."""
+    return F.pad(labels[:, 1:], (0, 1), value=-100)
+
+
+class ChunkedCrossEntropy(LanguageCrossEntropy):
+    """Composer's LanguageCrossEntropy (same states, same compute) updated a chunk of positions at a time, in
+    fp32, without a contiguous or fp32 copy of the whole microbatch's logits."""
+
+    def update(self, output: torch.Tensor, target: torch.Tensor) -> None:
+        rows = (target != self.ignore_index).nonzero(as_tuple=True)
+        total, _ = cross_entropy_sum(output.detach(), target[rows], rows)
+        self.sum_loss += total
+        self.total_items += rows[0].numel()
+
+
+class ChunkedPerplexity(ChunkedCrossEntropy, LanguagePerplexity):
+    """LanguagePerplexity (exp of the mean cross-entropy) with ChunkedCrossEntropy's update."""
 
 
 class ComposerLM(ComposerModel):
@@ -24,8 +45,8 @@ class ComposerLM(ComposerModel):
     def __init__(self, model: DecoderLM, l0: L0Module | None = None, teacher: Teacher | None = None):
         super().__init__()
         self.model, self.l0, self.teacher = model, l0, teacher
-        self.train_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy()}
-        self.eval_metrics = {"LanguageCrossEntropy": LanguageCrossEntropy(), "LanguagePerplexity": LanguagePerplexity()}
+        self.train_metrics = {"LanguageCrossEntropy": ChunkedCrossEntropy()}
+        self.eval_metrics = {"LanguageCrossEntropy": ChunkedCrossEntropy(), "LanguagePerplexity": ChunkedPerplexity()}
 
     def forward(self, batch):
         ids = batch["input_ids"]
@@ -38,20 +59,22 @@ class ComposerLM(ComposerModel):
 
     def loss(self, outputs, batch):
         """`total` is minimised: the LM cross-entropy, with a teacher (1 - alpha) * ce + alpha * kd (both logged),
-        plus the Lagrangian when pruning (the cross-entropy is then logged as `lm` too, as without a teacher)."""
-        logits, labels = outputs[:, :-1].float(), batch["labels"][:, 1:]
-        lm_loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-        losses = {"total": lm_loss}
+        plus the Lagrangian when pruning (the cross-entropy is then logged as `lm` too, as without a teacher).
+        Both losses take the logits as the model returned them (bf16 under autocast) and convert a chunk of
+        positions at a time (distill.lm_loss, distill.kd_loss): no fp32 copy of the whole microbatch's logits."""
+        labels = next_token_labels(batch["labels"])
+        ce = lm_loss(outputs, labels)
+        losses = {"total": ce}
         if self.teacher is not None:
             t = self.teacher
             with torch.no_grad():
-                teacher_logits = t(batch["input_ids"])[:, :-1]
-            kd = kd_loss(logits, teacher_logits, labels, t.temperature, t.top_k)
-            losses = {"total": (1 - t.alpha) * lm_loss + t.alpha * kd, "ce": lm_loss, "kd": kd}
+                teacher_logits = t(batch["input_ids"])
+            kd = kd_loss(outputs, teacher_logits, labels, t.temperature, t.top_k)
+            losses = {"total": (1 - t.alpha) * ce + t.alpha * kd, "ce": ce, "kd": kd}
         if self.l0 is None:
-            return losses if self.teacher is not None else lm_loss
+            return losses if self.teacher is not None else ce
         lagrangian, _ = self.l0.lagrangian(logs=False)
-        return {**losses, "total": losses["total"] + lagrangian, "lm": lm_loss, "lagrangian": lagrangian}
+        return {**losses, "total": losses["total"] + lagrangian, "lm": ce, "lagrangian": lagrangian}
 
     def eval_forward(self, batch, outputs=None):
         return outputs if outputs is not None else self.forward(batch)
@@ -60,7 +83,7 @@ class ComposerLM(ComposerModel):
         return self.train_metrics if is_train else self.eval_metrics
 
     def update_metric(self, batch, outputs, metric) -> None:
-        metric.update(outputs[:, :-1].contiguous(), batch["labels"][:, 1:].contiguous())
+        metric.update(outputs, next_token_labels(batch["labels"]))
 
     def param_groups(self, lr: float, weight_decay: float, mask_lr: float, lambda_lr: float) -> list[dict]:
         """Separate learning rates for weights, mask log-alphas and Lagrange multipliers (no decay on the latter)."""

@@ -1,4 +1,4 @@
-"""One decoder for LLaMA-family models (Llama, Mistral, Qwen2) with optional pruning masks.
+"""One decoder for LLaMA-family models (Llama, Mistral, Qwen2, Qwen3) with optional pruning masks.
 
 Parameter names follow Hugging Face exactly (`model.layers.0.self_attn.q_proj.weight`, ...), so an HF
 checkpoint loads with `load_state_dict` and a pruned one saves back without key surgery.
@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import attention_biases, head_dim_of
+from llmshearing.model.hf import attention_biases, head_dim_of, qk_norm
 from llmshearing.pruning.masks import Masks
 
 try:  # optional GPU kernel; torch SDPA is the fallback everywhere
@@ -115,16 +115,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=o_bias)
+        if qk_norm(config):  # Qwen3: over head_dim, which pruning never changes, so masks leave them alone
+            self.q_norm = RMSNorm(hd, config.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         window = getattr(config, "sliding_window", None)
-        if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
             window = None
         self.sliding_window = window
         self.use_flash = use_flash
 
     def forward(self, x, cos, sin, head_mask=None, out_scale=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
@@ -207,7 +215,7 @@ def attention_kernel(attn_impl: str, device: str, precision: str) -> str:
 
 
 class DecoderLM(nn.Module):
-    """Llama / Mistral / Qwen2 causal LM. `forward(input_ids, masks)` returns logits."""
+    """Llama / Mistral / Qwen2 / Qwen3 causal LM. `forward(input_ids, masks)` returns logits."""
 
     def __init__(self, config: PretrainedConfig, attn_impl: str = "auto"):
         super().__init__()

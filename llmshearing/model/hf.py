@@ -9,7 +9,16 @@ from transformers import AutoConfig, PretrainedConfig
 
 from llmshearing.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# The families the decoder implements, with the transformers class an export of each is loaded as.
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
+QK_NORM_TYPES = ("qwen3",)  # an RMSNorm over head_dim on every query and key head (one weight for all heads)
+
+
+def qk_norm(config: PretrainedConfig) -> bool:
+    """Whether the family normalises each query and key head before RoPE (Qwen3's q_norm / k_norm)."""
+    return config.model_type in QK_NORM_TYPES
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -17,7 +26,7 @@ def head_dim_of(config: PretrainedConfig) -> int:
 
 
 def attention_biases(config: PretrainedConfig) -> tuple[bool, bool]:
-    """(q/k/v bias, o bias): Qwen2 always has q/k/v bias and no o bias; Llama/Mistral follow attention_bias."""
+    """(q/k/v bias, o bias): Qwen2 always has q/k/v bias and no o bias; Llama/Mistral/Qwen3 follow attention_bias."""
     if config.model_type == "qwen2":
         return True, False
     bias = bool(getattr(config, "attention_bias", False))
@@ -29,7 +38,8 @@ def check_source_config(config: PretrainedConfig) -> None:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ConfigError(
             f"model_type '{config.model_type}' is not supported; supported LLaMA-family types: "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (a new family needs its layer in model/decoder.py with HF's "
+            f"parameter names, its masks and export in pruning/, its counts in pruning/shapes.py; docs/families.md)"
         )
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act '{config.hidden_act}' is not supported (only SwiGLU with silu)")
@@ -39,6 +49,11 @@ def check_source_config(config: PretrainedConfig) -> None:
         raise ConfigError(
             f"source config: num_attention_heads={heads} is not divisible by num_key_value_heads={kv}"
         )
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    if getattr(config, "use_sliding_window", False) and len(layer_types) > 1:
+        raise ConfigError(f"{config.model_type}: use_sliding_window with full-attention layers below "
+                          f"max_window_layers={config.max_window_layers} is not supported (the decoder windows "
+                          f"all layers or none); released Qwen2/Qwen3 checkpoints have use_sliding_window false")
     rope = getattr(config, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "dynamic":
@@ -93,7 +108,7 @@ def load_safetensors_into(lm, files: list[str]) -> None:
 
 def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "auto",
                     dtype: torch.dtype = torch.float32):
-    """The DecoderLM of any Llama/Mistral/Qwen2 checkpoint: safetensors are read tensor by tensor straight into
+    """The DecoderLM of any Llama/Mistral/Qwen2/Qwen3 checkpoint: safetensors are read tensor by tensor straight into
     the model; other formats (GGUF, .bin) go through transformers' loader."""
     config = load_hf_config(path, gguf_file)  # refuses unsupported families before the weights are read
     files = None if gguf_file else safetensors_files(path)

@@ -6,21 +6,26 @@ consume them, so the sliced model computes what the masked model computes in eva
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
 import os
+import re
+import shutil
+from dataclasses import dataclass, field, replace
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import head_dim_of
+from llmshearing.model.hf import ARCHITECTURES, head_dim_of
 from llmshearing.pruning.shapes import target_config
 from llmshearing.io import atomic_directory
-from llmshearing.pruning.masks import L0Module
+from llmshearing.pruning.masks import L0Module, Masks
 from llmshearing.model.decoder import DecoderLM
 from llmshearing.data.tokenizer import model_tokenizer
 from llmshearing.devices import dtype_of
-from llmshearing.train.checkpointing import load_checkpoint
 
 
 def kept_units(l0: L0Module) -> dict:
@@ -28,9 +33,10 @@ def kept_units(l0: L0Module) -> dict:
     src = l0.source
     L, KV, R = src.num_hidden_layers, src.num_key_value_heads, src.heads_per_group
     keep = {name: mask.keep_index() for name, mask in l0.masks.items()}
+    device = l0.lambdas.device  # a level without a mask keeps every unit: indices beside the masks' own
     layers = keep["layer"].tolist() if "layer" in keep else list(range(L))
-    kv = keep["kv_head"] if "kv_head" in keep else torch.arange(KV).expand(L, KV)
-    in_group = keep["head"] if "head" in keep else torch.arange(R).expand(L, KV, R)
+    kv = keep["kv_head"] if "kv_head" in keep else torch.arange(KV, device=device).expand(L, KV)
+    in_group = keep["head"] if "head" in keep else torch.arange(R, device=device).expand(L, KV, R)
     heads = [[g * R + r for g in kv[l].tolist() for r in in_group[l, g].tolist()] for l in range(L)]
     return {
         "source_shape": src.as_dict(),
@@ -50,64 +56,146 @@ def _rows(weight_or_bias: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return weight_or_bias.index_select(0, index)
 
 
-def head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
-    """Rows of q/k/v (columns of o_proj) that belong to the given heads."""
-    return (torch.tensor(heads)[:, None] * head_dim + torch.arange(head_dim)).flatten()
+def head_rows(heads: list[int], head_dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Rows of q/k/v (columns of o_proj) that belong to the given heads (on `device`: that of the weights they
+    select from; index_select on a GPU refuses a CPU index)."""
+    return (torch.tensor(heads, device=device)[:, None] * head_dim + torch.arange(head_dim, device=device)).flatten()
+
+
+def all_units(config) -> dict:
+    """`kept_units` of an unpruned model: everything (plain training exports through the same code)."""
+    L, H, KV = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    return {"layers": list(range(L)), "hidden": list(range(config.hidden_size)), "kv_heads": [list(range(KV))] * L,
+            "heads": [list(range(H))] * L, "intermediate": [list(range(config.intermediate_size))] * L}
+
+
+@torch.no_grad()
+def export_plan(l0: L0Module | None, config) -> tuple[Masks, dict, PretrainedConfig]:
+    """(test-time masks, kept units, target config): what `dense_tensors` folds and slices."""
+    if l0 is None:
+        return Masks(), all_units(config), config
+    with l0.target_masks():
+        masks = l0()
+    return masks, kept_units(l0), target_config(config, l0.target)
+
+
+@contextlib.contextmanager
+def _whole(layer):
+    yield
+
+
+@torch.no_grad()
+def dense_tensors(get, config, masks: Masks, kept: dict, scope=_whole, device=None):
+    """The dense model's tensors (HF names, HF order; no `lm_head.weight` when tied), one group at a time: the
+    embedding, each kept layer, the final norm and head. `get(name)` returns a tensor of the source (names of a
+    DecoderLM) and is called once per tensor, inside `scope(layer)` (layer None: embedding, norm, head), so a
+    reader can hand out one layer at a time (FSDP gathers it) and the source needs never be whole in memory:
+    what is alive is what was yielded plus one source tensor and its slices. Indices and gates are made on
+    `device`, that of the source tensors (index_select on a GPU refuses a CPU index; the masks live there too)."""
+    hd = head_dim_of(config)
+    d_idx = torch.tensor(kept["hidden"], device=device)
+    z_hidden = masks.hidden[d_idx] if masks.hidden is not None else torch.ones(len(d_idx), device=device)
+    with scope(None):
+        embed = get("model.embed_tokens.weight")[:, d_idx] * z_hidden
+    yield "model.embed_tokens.weight", embed
+    del embed
+    for new, old in enumerate(kept["layers"]):
+        with scope(old):
+            yield from _dense_layer(get, masks, kept, new, old, hd, d_idx, z_hidden).items()
+    with scope(None):
+        final_norm = get("model.norm.weight")[d_idx]
+        if config.tie_word_embeddings:
+            # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
+            final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30), torch.zeros_like(final_norm))
+        yield "model.norm.weight", final_norm
+        if not config.tie_word_embeddings:
+            yield "lm_head.weight", get("lm_head.weight")[:, d_idx]
+
+
+def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_idx, z_hidden) -> dict:
+    """Layer `old` of the source as layer `new` of the dense model: kept rows/columns, gates folded in."""
+    p, q = f"model.layers.{old}.", f"model.layers.{new}."
+    device = d_idx.device
+    gate = float(masks.layer[old]) if masks.layer is not None else 1.0
+    write_scale = (z_hidden * gate)[:, None]  # residual writes: layer gate x hidden gate
+    head_idx = head_rows(kept["heads"][new], hd, device)
+    kv_idx = head_rows(kept["kv_heads"][new], hd, device)
+    heads = torch.tensor(kept["heads"][new], device=device)
+    head_gate = masks.head[old][heads] if masks.head is not None else torch.ones(len(heads), device=device)
+    i_idx = torch.tensor(kept["intermediate"][new], device=device)
+    i_gate = masks.intermediate[old][i_idx] if masks.intermediate is not None else torch.ones(len(i_idx), device=device)
+    has = _names_probe(get)
+    out = {}
+    for norm in ("input_layernorm", "post_attention_layernorm"):
+        out[q + norm + ".weight"] = get(p + norm + ".weight")[d_idx]
+    for norm in ("q_norm", "k_norm"):  # Qwen3: over head_dim (never pruned), one weight for all heads
+        if has(p + f"self_attn.{norm}.weight"):
+            out[q + f"self_attn.{norm}.weight"] = get(p + f"self_attn.{norm}.weight")
+    for name, idx in (("q_proj", head_idx), ("k_proj", kv_idx), ("v_proj", kv_idx)):
+        out[q + f"self_attn.{name}.weight"] = _rows(get(p + f"self_attn.{name}.weight"), idx)[:, d_idx]
+        if has(p + f"self_attn.{name}.bias"):
+            out[q + f"self_attn.{name}.bias"] = _rows(get(p + f"self_attn.{name}.bias"), idx)
+    o = get(p + "self_attn.o_proj.weight")[:, head_idx] * head_gate.repeat_interleave(hd)[None, :]
+    out[q + "self_attn.o_proj.weight"] = _rows(o, d_idx) * write_scale
+    del o
+    if has(p + "self_attn.o_proj.bias"):
+        out[q + "self_attn.o_proj.bias"] = _rows(get(p + "self_attn.o_proj.bias"), d_idx) * write_scale[:, 0]
+    for name in ("gate_proj", "up_proj"):
+        out[q + f"mlp.{name}.weight"] = _rows(get(p + f"mlp.{name}.weight"), i_idx)[:, d_idx]
+        if has(p + f"mlp.{name}.bias"):
+            out[q + f"mlp.{name}.bias"] = _rows(get(p + f"mlp.{name}.bias"), i_idx)
+    down = get(p + "mlp.down_proj.weight")[:, i_idx] * i_gate[None, :]
+    out[q + "mlp.down_proj.weight"] = _rows(down, d_idx) * write_scale
+    del down
+    if has(p + "mlp.down_proj.bias"):
+        out[q + "mlp.down_proj.bias"] = _rows(get(p + "mlp.down_proj.bias"), d_idx) * write_scale[:, 0]
+    return out
+
+
+def _names_probe(get):
+    """Whether the source has a tensor (biases are optional): `get.names` when the reader lists its names."""
+    names = getattr(get, "names", None)
+    if names is not None:
+        return lambda name: name in names
+    def has(name):
+        try:
+            get(name)
+        except KeyError:
+            return False
+        return True
+    return has
+
+
+class TensorGetter:
+    """`get(name)` over a mapping of DecoderLM-named tensors with their names listed (`names`)."""
+
+    def __init__(self, read, names):
+        self.read, self.names = read, set(names)
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.read(name)
+
+
+def state_getter(state: dict) -> TensorGetter:
+    return TensorGetter(state.__getitem__, state)
 
 
 @torch.no_grad()
 def finalize(lm: DecoderLM, l0: L0Module) -> tuple[DecoderLM, dict]:
-    """A dense DecoderLM of the target shape equal (in eval) to `lm` under `l0`'s test-time masks."""
-    with l0.target_masks():
-        masks = l0()
-    kept = kept_units(l0)
-    config = target_config(lm.config, l0.target)
-    hd = head_dim_of(lm.config)
-    sd = lm.state_dict()
-    d_idx = torch.tensor(kept["hidden"])
-    z_hidden = masks.hidden[d_idx] if masks.hidden is not None else torch.ones(len(d_idx))
-
-    out = {"model.embed_tokens.weight": sd["model.embed_tokens.weight"][:, d_idx] * z_hidden}
-    for new, old in enumerate(kept["layers"]):
-        p, q = f"model.layers.{old}.", f"model.layers.{new}."
-        gate = float(masks.layer[old]) if masks.layer is not None else 1.0
-        write_scale = (z_hidden * gate)[:, None]  # residual writes: layer gate x hidden gate
-        head_idx = head_rows(kept["heads"][new], hd)
-        kv_idx = head_rows(kept["kv_heads"][new], hd)
-        head_gate = masks.head[old][kept["heads"][new]] if masks.head is not None else torch.ones(len(kept["heads"][new]))
-        i_idx = torch.tensor(kept["intermediate"][new])
-        i_gate = masks.intermediate[old][i_idx] if masks.intermediate is not None else torch.ones(len(i_idx))
-
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[q + norm + ".weight"] = sd[p + norm + ".weight"][d_idx]
-        for name, idx in (("q_proj", head_idx), ("k_proj", kv_idx), ("v_proj", kv_idx)):
-            out[q + f"self_attn.{name}.weight"] = _rows(sd[p + f"self_attn.{name}.weight"], idx)[:, d_idx]
-            if p + f"self_attn.{name}.bias" in sd:
-                out[q + f"self_attn.{name}.bias"] = _rows(sd[p + f"self_attn.{name}.bias"], idx)
-        o = sd[p + "self_attn.o_proj.weight"][:, head_idx] * head_gate.repeat_interleave(hd)[None, :]
-        out[q + "self_attn.o_proj.weight"] = _rows(o, d_idx) * write_scale
-        if p + "self_attn.o_proj.bias" in sd:
-            out[q + "self_attn.o_proj.bias"] = _rows(sd[p + "self_attn.o_proj.bias"], d_idx) * write_scale[:, 0]
-        for name in ("gate_proj", "up_proj"):
-            out[q + f"mlp.{name}.weight"] = _rows(sd[p + f"mlp.{name}.weight"], i_idx)[:, d_idx]
-            if p + f"mlp.{name}.bias" in sd:
-                out[q + f"mlp.{name}.bias"] = _rows(sd[p + f"mlp.{name}.bias"], i_idx)
-        down = sd[p + "mlp.down_proj.weight"][:, i_idx] * i_gate[None, :]
-        out[q + "mlp.down_proj.weight"] = _rows(down, d_idx) * write_scale
-        if p + "mlp.down_proj.bias" in sd:
-            out[q + "mlp.down_proj.bias"] = _rows(sd[p + "mlp.down_proj.bias"], d_idx) * write_scale[:, 0]
-
-    final_norm = sd["model.norm.weight"][d_idx]
+    """A dense DecoderLM of the target shape equal (in eval) to `lm` under `l0`'s test-time masks, on `lm`'s
+    device: indices and gates are made beside the weights they select and scale, and the pruned model holds the
+    sliced tensors themselves (fp32), not a randomly initialised copy they are loaded into."""
+    masks, kept, config = export_plan(l0, lm.config)
+    device = next(lm.parameters()).device
+    out = dict(dense_tensors(state_getter(lm.state_dict()), lm.config, masks, kept, device=device))
     if config.tie_word_embeddings:
-        # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
-        final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30), torch.zeros_like(final_norm))
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    else:
-        out["lm_head.weight"] = sd["lm_head.weight"][:, d_idx]
-    out["model.norm.weight"] = final_norm
-
-    pruned = DecoderLM(config)
-    pruned.load_state_dict({k: v.contiguous() for k, v in out.items()}, strict=True)
+    with torch.device("meta"):
+        pruned = DecoderLM(config)
+    pruned.load_state_dict({k: v.float().contiguous() for k, v in out.items()}, strict=True, assign=True)
+    pruned.tie_weights()
     return pruned.eval(), kept
 
 
@@ -130,65 +218,312 @@ def check_export_dir(path: str, key: str, overwrite: bool = False) -> None:
         raise ConfigError(f"{key}: '{path}' holds an earlier export; pass --overwrite to replace it")
 
 
-def save_hf(lm: DecoderLM, out_dir: str, tokenizer=None, kept: dict | None = None,
-            dtype: torch.dtype | None = None, overwrite: bool = False) -> str:
-    """Write `lm` as a standard HF checkpoint (safetensors), the tokenizer and `pruning.json`, atomically."""
-    config = lm.config.__class__.from_dict(lm.config.to_dict())
-    dtype = dtype or next(lm.parameters()).dtype
-    config.torch_dtype = dtype
-    hf = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
-    missing, unexpected = hf.load_state_dict(lm.state_dict(), strict=False)
-    if unexpected or [k for k in missing if k != "lm_head.weight"]:
-        raise RuntimeError(f"state dict does not fit {type(hf).__name__}: missing {missing}, unexpected {unexpected}")
-    if config.tie_word_embeddings:
-        hf.tie_weights()
+DEFAULT_MAX_SHARD_SIZE = "5GB"  # Hugging Face's default for save_pretrained / push_to_hub
+PRECISION_DTYPES = {"fp32": torch.float32, "amp_bf16": torch.bfloat16, "amp_fp16": torch.float16}
+
+
+@dataclass
+class ExportOptions:
+    """How an export is written: weights dtype (None: the caller's default, the run's precision for a run or a
+    checkpoint, the model's dtype for `save_hf`), safetensors shard size, and a GGUF file beside the HF files
+    (`gguf_dtype` None: none)."""
+
+    dtype: torch.dtype | None = None
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE
+    gguf_dtype: str | None = None
+    card: dict = field(default_factory=dict)  # model card facts (llmshearing.pruning.card)
+
+
+def parse_size(size: str | int, key: str = "--max-shard-size") -> int:
+    """Bytes of '5GB', '500MB', '2GiB' or an int (decimal units, as Hugging Face counts them)."""
+    if isinstance(size, int):
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ConfigError(f"{key} '{size}': give a size like 5GB, 500MB or 2GiB")
+        unit = (m.group(2) or "B").upper()
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+        n = int(float(m.group(1)) * scale)
+    if n <= 0:
+        raise ConfigError(f"{key} must be positive, got '{size}'")
+    return n
+
+
+def export_config(config: PretrainedConfig, dtype: torch.dtype) -> dict:
+    """config.json of an export: only the fields the family's stock transformers config knows (so any runtime that
+    reads that family reads it), plus `head_dim` always (pruning may make it differ from hidden/heads; Qwen2's
+    attention reads it although Qwen2Config does not list it), `torch_dtype` set, the stock architecture name."""
+    from transformers import AutoConfig
+
+    known = set(AutoConfig.for_model(config.model_type).to_dict()) | {"head_dim"}
+    # The non-default values (as save_pretrained writes them); Qwen2's per-layer `layer_types` describes the source's
+    # layers, and the stock class rebuilds it from the pruned count.
+    out = {k: v for k, v in config.to_diff_dict().items() if k in known and not k.startswith("_") and k != "layer_types"}
+    out.update(head_dim=head_dim_of(config), torch_dtype=str(dtype).removeprefix("torch."),
+               architectures=[ARCHITECTURES[config.model_type]], model_type=config.model_type)
+    return dict(sorted(out.items()))
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def weight_plan(config: PretrainedConfig) -> list[tuple[str, tuple]]:
+    """(name, shape) of every tensor an export of `config` holds, in Hugging Face order (no tied head), from a
+    model on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        state = DecoderLM(config).state_dict()
+    tied = config.tie_word_embeddings
+    return [(k, tuple(v.shape)) for k, v in state.items() if not (tied and k == "lm_head.weight")]
+
+
+def plan_shards(plan, dtype: torch.dtype, max_shard_size: str | int) -> list[tuple[str, list]]:
+    """Hugging Face's sharding: tensors in order, a new shard when the next would pass `max_shard_size` (a tensor
+    larger than that gets a shard of its own); one `model.safetensors` when everything fits."""
+    limit, shards, size = parse_size(max_shard_size), [[]], 0
+    for name, shape in plan:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    n = len(shards)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return list(zip(names, shards))
+
+
+class SafetensorsWriter:
+    """Streams tensors into safetensors files laid out in advance (`plan_shards`): each file's header is written
+    from the plan, then every tensor's bytes as it arrives, so nothing is held but what a layer hands in out of
+    plan order (the safetensors format: 8-byte header length, JSON header with dtype/shape/data_offsets, data)."""
+
+    def __init__(self, folder: str, plan, dtype: torch.dtype, max_shard_size: str | int):
+        self.folder, self.dtype = folder, dtype
+        self.shards = plan_shards(plan, dtype, max_shard_size)
+        self.order = [(file, name, shape) for file, tensors in self.shards for name, shape in tensors]
+        self.pending, self.next, self.file, self.out = {}, 0, None, None
+
+    def _open(self, file: str) -> None:
+        if self.out is not None:
+            self.out.close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape in dict(self.shards)[file]:
+            nbytes = math.prod(shape) * self.dtype.itemsize
+            header[name] = {"dtype": SAFETENSORS_DTYPES[self.dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # data starts 8-byte aligned
+        self.file, self.out = file, open(os.path.join(self.folder, file), "wb")
+        self.out.write(len(text).to_bytes(8, "little") + text)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.pending[name] = tensor
+        while self.next < len(self.order) and self.order[self.next][1] in self.pending:
+            file, name, shape = self.order[self.next]
+            t = self.pending.pop(name).detach().to("cpu", self.dtype).contiguous()
+            if tuple(t.shape) != shape:
+                raise RuntimeError(f"export: '{name}' has shape {tuple(t.shape)}, its config says {shape}")
+            if file != self.file:
+                self._open(file)
+            self.out.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            self.next += 1
+
+    def close(self) -> None:
+        if self.pending or self.next < len(self.order):
+            missing = [name for _, name, _ in self.order[self.next:]]
+            raise RuntimeError(f"export: tensors {missing[:3]} never came (or {list(self.pending)[:3]} are extra)")
+        self.out.close()
+        if len(self.shards) > 1:
+            total = sum(math.prod(shape) * self.dtype.itemsize for _, _, shape in self.order)
+            weight_map = {name: file for file, name, _ in self.order}
+            with open(os.path.join(self.folder, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f,
+                          indent=2)
+
+
+def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None, kept: dict | None = None,
+                 options: ExportOptions | None = None, overwrite: bool = False, source_dir: str | None = None) -> str:
+    """Write a Hugging Face model folder atomically: weights (streamed from `tensors`), config.json,
+    generation_config.json (the source's, when it has one), the tokenizer, `pruning.json`, a README.md model card,
+    and with `gguf_dtype` a `model.gguf`. A full disk or a write error leaves nothing and is a one-line error."""
+    from safetensors import SafetensorError
+
+    from llmshearing.pruning import card
+
+    options = options or ExportOptions()
+    dtype = options.dtype
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ConfigError(f"export dtype {dtype}: choose float32, bfloat16 or float16")
     check_export_dir(out_dir, "export", overwrite)  # again at the moment of writing: a folder made meanwhile
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        hf.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if kept is not None:
-            with open(os.path.join(tmp, "pruning.json"), "w") as f:
-                json.dump(kept, f)
-        with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
-            json.dump({"written_by": "llmshearing", "pruned": kept is not None, "dtype": str(dtype)}, f)
+    if options.gguf_dtype is not None:
+        from llmshearing.pruning.gguf_export import check_gguf
+
+        check_gguf(config, tokenizer, options.gguf_dtype)  # refuse before anything is written
+    try:
+        with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+            plan = weight_plan(config)
+            writer = SafetensorsWriter(tmp, plan, dtype, options.max_shard_size)
+            for name, tensor in tensors:
+                writer.add(name, tensor)
+                del tensor
+            writer.close()
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(export_config(config, dtype), f, indent=2)
+            generation = source_dir and os.path.join(source_dir, "generation_config.json")
+            if generation and os.path.isfile(generation):
+                shutil.copyfile(generation, os.path.join(tmp, "generation_config.json"))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if kept is not None:
+                with open(os.path.join(tmp, "pruning.json"), "w") as f:
+                    json.dump(kept, f)
+            params = sum(math.prod(shape) for _, shape in plan)
+            if options.gguf_dtype is not None:
+                from llmshearing.pruning.gguf_export import write_gguf
+
+                write_gguf(tmp, os.path.join(tmp, "model.gguf"), options.gguf_dtype)
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(card.model_card(config, params, dtype, kept, options.card, source_dir,
+                                        gguf=options.gguf_dtype))
+            with open(os.path.join(tmp, EXPORT_MARKER), "w") as f:
+                json.dump({"written_by": "llmshearing", "pruned": kept is not None, "dtype": str(dtype),
+                           "stages": card.stages(options.card, source_dir)}, f)
+    except (SafetensorError, OSError) as e:
+        full = disk_full(e, out_dir)
+        if full is None:
+            raise
+        raise full from None
     return out_dir
 
 
-def export_model(model, out_dir: str, tokenizer, dtype=None, overwrite: bool = False) -> dict | None:
-    """The dense HF model of a ComposerLM: pruning folds and slices the masks, plain training saves as is."""
-    lm, kept = finalize(model.model, model.l0) if model.l0 is not None else (model.model, None)
-    save_hf(lm, out_dir, tokenizer, kept, dtype=dtype, overwrite=overwrite)
-    return kept
+def disk_full(e: BaseException, path: str) -> ConfigError | None:
+    """The one-line error of a write that ran out of space (ENOSPC, a quota, a file-size limit), else None.
+    safetensors reports the OS error inside its own message."""
+    from safetensors import SafetensorError
+
+    codes = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    text = str(e)
+    if isinstance(e, OSError) and e.errno in codes or isinstance(e, SafetensorError) and any(
+            s in text for s in ("StorageFull", "No space left", "FileTooLarge", "File too large", "QuotaExceeded")):
+        return ConfigError(f"writing '{path}' failed ({text.splitlines()[0][:160]}): the disk or quota is full; "
+                           f"nothing was written: free space or give another folder")
+    return None
 
 
-def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = False) -> dict | None:
-    """Write the trained model as a dense HF model (rank 0) when training ends. Under FSDP every rank takes part
-    in gathering the full state dict to rank 0's CPU, which loads it into an unwrapped model of the run's config
-    and exports that (the same path as exporting a checkpoint)."""
+def save_hf(lm: DecoderLM, out_dir: str, tokenizer=None, kept: dict | None = None,
+            dtype: torch.dtype | None = None, overwrite: bool = False, options: ExportOptions | None = None,
+            source_dir: str | None = None) -> str:
+    """Write the dense DecoderLM `lm` as a standard HF checkpoint (see `write_export`)."""
+    options = replace(options or ExportOptions(), dtype=dtype or (options and options.dtype)
+                      or next(lm.parameters()).dtype)
+    tied = lm.config.tie_word_embeddings
+    tensors = ((k, v) for k, v in lm.state_dict().items() if not (tied and k == "lm_head.weight"))
+    return write_export(out_dir, lm.config, tensors, tokenizer, kept, options, overwrite, source_dir)
+
+
+def _fsdp_scope(root):
+    """(getter, scope) over an FSDP-wrapped DecoderLM: `scope(layer)` gathers that decoder layer (None: the root's own
+    embedding, norm and head) on every rank with FSDP's summon_full_params and the getter reads it there, so no rank
+    ever holds more than one full layer beside its shard (all ranks must run the same scopes in the same order)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    current: dict = {}
+    strip = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+    @contextlib.contextmanager
+    def scope(layer):
+        unit = root if layer is None else root.model.layers[layer]
+        prefix = "" if layer is None else f"model.layers.{layer}."
+        with FSDP.summon_full_params(unit, recurse=layer is not None, writeback=False):
+            for name, param in unit.named_parameters():
+                for s in strip:
+                    name = name.replace(s, "")
+                if layer is None and name.startswith("model.layers."):
+                    continue  # other units' (still sharded) parameters
+                current[prefix + name] = param.detach()
+            try:
+                yield
+            finally:
+                current.clear()
+
+    names = set(k for k in empty_names(root.config))
+    return TensorGetter(lambda name: current[name], names), scope
+
+
+def empty_names(config) -> list[str]:
+    """The parameter names of a DecoderLM of `config`, without allocating it."""
+    with torch.device("meta"):
+        return list(DecoderLM(config).state_dict())
+
+
+def recipe_dtype(cfg) -> torch.dtype:
+    """The dtype an export of a run is written in by default: the run's training precision (bf16 for amp_bf16)."""
+    return PRECISION_DTYPES[cfg.precision]
+
+
+def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = False,
+                   options: ExportOptions | None = None) -> dict | None:
+    """Write the trained model as a dense HF model (rank 0) when training ends, from the live model: one layer at a
+    time is folded and sliced into the export, so rank 0 holds the export plus one source layer beside the training
+    state (no second copy of the student, none of the teacher). Under FSDP every rank takes part in gathering each
+    layer (`_fsdp_scope`)."""
     from composer.utils import dist
 
-    from llmshearing.model.composer_model import student_state, unwrap
-    from llmshearing.train.builders import build_model
+    from llmshearing.model.composer_model import unwrap
+    from llmshearing.pruning import card
 
-    model, kept = unwrap(trainer.state.model), None
+    model = unwrap(trainer.state.model)
+    config = model.model.config
+    masks, kept, target = export_plan(model.l0, config)
+    device = model.l0.lambdas.device if model.l0 is not None else next(model.model.parameters()).device
     if trainer.state.fsdp_enabled:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(trainer.state.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if dist.get_global_rank() == 0:
-            model = build_model(cfg, load_weights=False)
-            model.load_state_dict(student_state(full), strict=True)
-        del full
+        get, scope = _fsdp_scope(model.model)
+    else:
+        get, scope = state_getter(model.model.state_dict()), _whole
+    tensors = dense_tensors(get, config, masks, kept, scope, device)
     if dist.get_global_rank() == 0:
-        kept = export_model(model, out_dir, tokenizer, overwrite=overwrite)
+        options = replace(options or ExportOptions(), dtype=(options and options.dtype) or recipe_dtype(cfg))
+        ts = trainer.state.timestamp
+        options.card = {**card.run_facts(cfg, int(ts.token), cfg.save_folder, batch=int(ts.batch)), **options.card}
+        write_export(out_dir, target, tensors, tokenizer, kept if model.l0 is not None else None, options, overwrite,
+                     cfg.model.path)
+    elif trainer.state.fsdp_enabled:
+        for _ in tensors:  # the same gathers as rank 0, in the same order
+            pass
     dist.barrier()
-    return kept
+    return kept if model.l0 is not None else None
 
 
 def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = None,
-                      dtype: str | None = None, overwrite: bool = False) -> dict | None:
-    """`llmshearing export`: a Composer checkpoint -> dense HF model (of the target shape when pruning)."""
+                      dtype: str | None = None, overwrite: bool = False,
+                      options: ExportOptions | None = None) -> dict | None:
+    """`llmshearing export`: a Composer checkpoint -> dense HF model (of the target shape when pruning).
+
+    Only the student's tensors and masks are read (compat.CheckpointModel: memory-mapped `.pt`, or DCP reads of
+    exactly those keys), one at a time into the fold, so the host holds the export plus one source tensor and its
+    slices: never the optimizer state, the teacher or a second model."""
+    from llmshearing.model.hf import load_hf_config
+    from llmshearing.pruning import card
+    from llmshearing.train.builders import build_l0
+    from llmshearing.train.checkpointing import open_checkpoint, read_tensor
+
     check_export_dir(out_dir, "out_dir", overwrite)  # before the checkpoint is read
-    cfg, model = load_checkpoint(checkpoint, config_path)
-    return export_model(model, out_dir, model_tokenizer(cfg.model), dtype_of(dtype) if dtype else None, overwrite)
+    cfg, reader = open_checkpoint(checkpoint, config_path)
+    config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
+    l0 = build_l0(cfg, config)
+    if l0 is not None:
+        l0.load_state_dict({k: read_tensor(reader, "l0." + k) for k in l0.state_dict()})
+    masks, kept, target = export_plan(l0, config)
+    names = [n.removeprefix("model.") for n in reader.names if n.startswith("model.")]
+    get = TensorGetter(lambda name: read_tensor(reader, "model." + name), names)
+    tokens = reader.value("timestamp", "Timestamp", "token")
+    options = options or ExportOptions()
+    options = replace(options, dtype=dtype_of(dtype) if dtype else options.dtype or recipe_dtype(cfg))
+    options.card = {**card.run_facts(cfg, tokens, os.path.dirname(os.path.realpath(reader.path)), checkpoint=checkpoint,
+                                     batch=reader.value("timestamp", "Timestamp", "batch")), **options.card}
+    write_export(out_dir, target, dense_tensors(get, config, masks, kept), model_tokenizer(cfg.model),
+                 kept if l0 is not None else None, options, overwrite, cfg.model.path)
+    return kept if l0 is not None else None

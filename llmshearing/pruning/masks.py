@@ -47,6 +47,13 @@ def init_bands(clamp: tuple[float, float] | None = LOG_ALPHA_RANGE) -> tuple[tup
     return (high - INIT_BAND, high), (low, low + INIT_BAND)
 
 
+def seeded_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A generator seeded with `seed` for drawing on `device`. A meta tensor has no generator of its own (torch
+    refuses `Generator(device="meta")`) and draws nothing: a CPU one stands in, so the second-device tier
+    (llmshearing/fake_device.py) runs the same code; CPU and CUDA draw from their own device's generator."""
+    return torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(seed)
+
+
 def row_ranks(x: torch.Tensor, descending: bool = False) -> torch.Tensor:
     """The rank of every entry within its row (last dim), 0 = the smallest (largest with `descending`); a stable
     sort breaks ties by index."""
@@ -199,7 +206,7 @@ class L0Module(nn.Module):
         drawn = drawn if step == self.step else 0
         self._drawn = (self.step, drawn + samples)
         key = (self.seed * NOISE_STEPS_PER_SEED + self.step) * NOISE_SAMPLES_PER_STEP + self.sample_offset + drawn
-        return torch.Generator(device=self.lambdas.device).manual_seed(key % 2**63)
+        return seeded_generator(key % 2**63, self.lambdas.device)
 
     def forward(self, samples: int = 1, step: int | None = None) -> Masks:
         """The masks for a microbatch of `samples` sequences (one draw shared by the microbatch) at training
@@ -267,9 +274,9 @@ class L0Module(nn.Module):
     def expected_shape(self) -> dict[str, float]:
         """Expected counts under the current gate scores (each structure taken independently)."""
         score = {n: m.score() for n, m in self.masks.items()}
-        src = self.source
-        kv_score = score.get("kv_head", torch.ones(src.num_hidden_layers, src.num_key_value_heads))
-        q_score = score.get("head", torch.ones(*kv_score.shape, src.heads_per_group))
+        src, device = self.source, self.lambdas.device  # a level without a mask counts as all kept
+        kv_score = score.get("kv_head", torch.ones(src.num_hidden_layers, src.num_key_value_heads, device=device))
+        q_score = score.get("head", torch.ones(*kv_score.shape, src.heads_per_group, device=device))
         return {
             "num_hidden_layers": float(score["layer"].sum()) if "layer" in score else src.num_hidden_layers,
             "hidden_size": float(score["hidden"].sum()) if "hidden" in score else src.hidden_size,

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from llmshearing.model.hf import load_hf_config
-from llmshearing.pruning.shapes import resolve_target, shape_of
+from llmshearing.model.hf import head_dim_of, load_hf_config
+from llmshearing.pruning.shapes import param_count, resolve_target, shape_of
 from llmshearing.pruning.masks import L0Module, row_ranks
 from llmshearing.model.decoder import DecoderLM
 
@@ -74,19 +74,57 @@ def magnitude_scores(lm: DecoderLM) -> dict[str, torch.Tensor]:
             "head": torch.stack(head), "intermediate": torch.stack(inter)}
 
 
+# Activation scoring runs the calibration sequences through the model a few at a time (at least one) and the
+# per-head outputs a few tokens at a time, so its temporaries are bounded whatever the number of sequences: at
+# Llama-2-7B x 4096 tokens the largest is 256 MiB (a head chunk) or one MLP activation (172 MiB), where scoring all
+# 28 sequences at once built a 56 GiB per-head tensor. Peak memory: `activation_peak_bytes`.
+SCORE_PASS_TOKENS = 4096  # tokens per forward pass
+HEAD_CHUNK_ELEMENTS = 2**26  # fp32 elements of one chunk of per-head outputs (256 MiB)
+
+
+def sequences_per_pass(seq_len: int) -> int:
+    """Calibration sequences one forward pass of activation scoring takes: SCORE_PASS_TOKENS worth, at least one."""
+    return max(1, SCORE_PASS_TOKENS // seq_len)
+
+
+def activation_peak_bytes(config, seq_len: int, weight_bytes: int = 4) -> int:
+    """Peak memory of `activation_scores` on one device, assuming a fused attention kernel (flash / memory-efficient
+    SDPA on CUDA, torch's flash kernel on CPU; the math fallback adds 4 * H * T^2 bytes per sequence): the weights
+    (`weight_bytes` each; mask_init scores the fp32 training model) plus the larger of a pass's two phases, over
+    n = seq_len * sequences_per_pass tokens in fp32 and without gradients:
+      MLP:       the three widest activations (gate, up and their product; then the product and the hook's |.|) and
+                 five residual-width tensors: 4 * n * (3 I + 5 d);
+      attention: three residual-width tensors, q/k/v, the attention output and its reshaped copy, and one chunk of
+                 per-head outputs: 4 * (n * (3 d + (H + 2 KV) hd + 2 H hd) + min(HEAD_CHUNK_ELEMENTS, n H d)).
+    Checked against the live meta tensors of a pass at Llama-2-7B and Llama-3.1-8B x 4096 tokens (docs/devices.md)."""
+    d, I, hd = config.hidden_size, config.intermediate_size, head_dim_of(config)
+    H, KV = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    n = seq_len * sequences_per_pass(seq_len)
+    mlp = n * (3 * I + 5 * d)
+    attention = n * (3 * d + (H + 2 * KV) * hd + 2 * H * hd) + min(HEAD_CHUNK_ELEMENTS, n * H * d)
+    return int(param_count(shape_of(config), config)) * weight_bytes + 4 * max(mlp, attention)
+
+
 @torch.no_grad()
 def block_influence(lm: DecoderLM, input_ids: torch.Tensor) -> torch.Tensor:
     """Per-layer importance from activations: 1 - mean cosine similarity between a layer's input and output
-    hidden states (Men et al. 2024, "ShortGPT"), on a few calibration sequences. A layer that barely changes
-    the residual stream scores near 0."""
-    x = lm.model.embed_tokens(input_ids)
-    cos, sin = lm.rope(input_ids.shape[1], x.dtype, x.device)
-    scores = []
-    for layer in lm.model.layers:
-        y = layer(x, cos, sin)
-        scores.append(1 - torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).mean())
-        x = y
-    return torch.stack(scores)
+    hidden states (Men et al. 2024, "ShortGPT"), on a few calibration sequences (`sequences_per_pass` at a time).
+    A layer that barely changes the residual stream scores near 0."""
+    B, T = input_ids.shape
+    per = sequences_per_pass(T)
+    total = None
+    cos = sin = None
+    for a in range(0, B, per):
+        x = lm.model.embed_tokens(input_ids[a:a + per])
+        if cos is None:
+            cos, sin = lm.rope(T, x.dtype, x.device)
+        sums = []
+        for layer in lm.model.layers:
+            y = layer(x, cos, sin)
+            sums.append(torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum())
+            x = y
+        total = torch.stack(sums) if total is None else total + torch.stack(sums)
+    return 1 - total / (B * T)
 
 
 @torch.no_grad()
@@ -98,35 +136,44 @@ def activation_scores(lm: DecoderLM, input_ids: torch.Tensor) -> dict[str, torch
     * query head h: mean norm of its output through o_proj; KV group: the sum over its query heads;
     * hidden dim j: mean |x_j| of the residual stream entering the layers (massive-activation dims win);
     * layer: `block_influence`.
+
+    Means are sums over the passes and chunks (bounded memory, see SCORE_PASS_TOKENS) divided by the B*T tokens.
     """
     src = shape_of(lm.config)
     KV, R, H = src.num_key_value_heads, src.heads_per_group, src.num_attention_heads
-    seen, hooks = {"act": [], "head": [], "resid": []}, []
-    for block in lm.model.layers:
-        down, o = block.mlp.down_proj, block.self_attn.o_proj
+    L = len(lm.model.layers)
+    sums, hooks = {"act": [0] * L, "head": [0] * L, "resid": [0] * L}, []
 
-        def mlp_hook(mod, args):
-            seen["act"].append(args[0].abs().float().mean((0, 1)) * mod.weight.float().norm(dim=0))
+    def add(key: str, i: int, value: torch.Tensor) -> None:
+        sums[key][i] = sums[key][i] + value
 
-        def head_hook(mod, args):
-            x = args[0].float()  # (B, T, H * hd): the heads' outputs before o_proj
+    for i, block in enumerate(lm.model.layers):
+        def mlp_hook(mod, args, i=i):
+            add("act", i, args[0].abs().float().sum((0, 1)))
+
+        def head_hook(mod, args, i=i):
+            x = args[0].reshape(-1, H, args[0].shape[-1] // H)  # (tokens, H, hd): the heads' outputs before o_proj
             w = mod.weight.float().reshape(mod.weight.shape[0], H, -1)  # (d, H, hd)
-            out = torch.einsum("bthk,dhk->bthd", x.reshape(*x.shape[:2], H, -1), w)
-            seen["head"].append(out.norm(dim=-1).mean((0, 1)))
+            rows = max(1, HEAD_CHUNK_ELEMENTS // (H * w.shape[0]))
+            for a in range(0, x.shape[0], rows):
+                add("head", i, torch.einsum("nhk,dhk->nhd", x[a:a + rows].float(), w).norm(dim=-1).sum(0))
 
-        def resid_hook(mod, args):
-            seen["resid"].append(args[0].abs().float().mean((0, 1)))
+        def resid_hook(mod, args, i=i):
+            add("resid", i, args[0].abs().float().sum((0, 1)))
 
-        hooks += [down.register_forward_pre_hook(mlp_hook), o.register_forward_pre_hook(head_hook),
+        hooks += [block.mlp.down_proj.register_forward_pre_hook(mlp_hook),
+                  block.self_attn.o_proj.register_forward_pre_hook(head_hook),
                   block.register_forward_pre_hook(resid_hook)]
     try:
         layer = block_influence(lm, input_ids)
     finally:
         for h in hooks:
             h.remove()
-    head = torch.stack(seen["head"]).reshape(-1, KV, R)
-    return {"layer": layer, "hidden": torch.stack(seen["resid"]).mean(0), "kv_head": head.sum(-1), "head": head,
-            "intermediate": torch.stack(seen["act"])}
+    n = input_ids.numel()
+    down_norms = [block.mlp.down_proj.weight.float().norm(dim=0) for block in lm.model.layers]
+    head = (torch.stack(sums["head"]) / n).reshape(-1, KV, R)
+    return {"layer": layer, "hidden": (torch.stack(sums["resid"]) / n).mean(0), "kv_head": head.sum(-1), "head": head,
+            "intermediate": torch.stack([s / n * w for s, w in zip(sums["act"], down_norms)])}
 
 
 @torch.no_grad()

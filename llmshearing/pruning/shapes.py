@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import attention_biases, head_dim_of
+from llmshearing.model.hf import attention_biases, head_dim_of, qk_norm
 
 @dataclass(frozen=True)
 class Shape:
@@ -37,6 +37,12 @@ SHAPE_KEYS = tuple(f.name for f in fields(Shape))
 PRESETS: dict[str, Shape] = {
     "sheared-llama-1.3b": Shape(24, 2048, 16, 16, 5504),
     "sheared-llama-2.7b": Shape(32, 2560, 20, 20, 6912),
+    # Llama-3.1-8B (32/4096/32/8/14336, head_dim 128) to the shapes of the released Llama-3.2 small models
+    # (yamls/models/llama-3.2-*.json). The 3B's is exact. The 1B has head_dim 64 (32 heads x 64) and head_dim is
+    # never pruned, so its preset keeps head_dim 128 with the 1B's attention widths: 16 query heads (2048 wide)
+    # and 4 KV heads (512 wide), the 1B's 4 query heads per KV group: the same parameters per layer as the 1B.
+    "llama-3.2-3b": Shape(28, 3072, 24, 8, 8192),
+    "llama-3.2-1b-hd128": Shape(16, 2048, 16, 4, 8192),
     # The embedded default: SmolLM2-135M (30/576/9/3/1536) to ~49% of its non-embedding parameters.
     # 2 KV groups of 2 query heads keep GQA valid and exercise both group and in-group head masks.
     "smollm2-135m-half": Shape(24, 512, 4, 2, 1152),
@@ -153,6 +159,6 @@ def param_count(shape: Shape, config: PretrainedConfig, *, floats: dict | None =
     mlp_bias = bool(getattr(config, "mlp_bias", False))
     attn = h * (H + 2 * KV) * hd + H * hd * h + (qkv_bias * (H + 2 * KV) * hd) + o_bias * h
     mlp = 3 * h * inter + mlp_bias * (2 * inter + h)
-    per_layer = attn + mlp + 2 * h
+    per_layer = attn + mlp + 2 * h + (2 * hd if qk_norm(config) else 0)  # Qwen3's q_norm and k_norm
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     return L * per_layer + embed + h

@@ -15,7 +15,8 @@ from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
 from llmshearing import registry
-from llmshearing.compat import enable_fsdp_on_cpu, ignore_stop_signals, install_atomic_writes, kill_workers_at_exit
+from llmshearing.compat import (enable_fsdp_on_cpu, ignore_stop_signals, install_atomic_writes, kill_workers_at_exit,
+                               per_node_signal_files)
 from llmshearing.data.layout import DomainSequences
 from llmshearing.data.mixture import DomainMixture, MixtureLoader
 from llmshearing.data.tokenizer import check_tokenizer, model_tokenizer
@@ -39,13 +40,17 @@ def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights:
         lm = from_pretrained(cfg.model.path, cfg.model.gguf_file, cfg.model.attn_impl)
     else:
         lm = empty_model(source_config, cfg.model.attn_impl)
-    l0 = None
-    if cfg.pruning is not None:
-        target = target or resolve_target(cfg.pruning.target, source_config)
-        p = cfg.pruning
-        l0 = L0Module(shape_of(source_config), target, batches(p.lagrangian_warmup), p.init_drop, seed=cfg.seed,
-                      log_alpha_range=p.log_alpha_clamp, eval_target_model=p.eval_target_model)
-    return ComposerLM(lm, l0)
+    return ComposerLM(lm, build_l0(cfg, source_config, target))
+
+
+def build_l0(cfg: TrainConfig, source_config, target=None) -> L0Module | None:
+    """The run's masks and multipliers (None without pruning), at their initial values."""
+    if cfg.pruning is None:
+        return None
+    target = target or resolve_target(cfg.pruning.target, source_config)
+    p = cfg.pruning
+    return L0Module(shape_of(source_config), target, batches(p.lagrangian_warmup), p.init_drop, seed=cfg.seed,
+                    log_alpha_range=p.log_alpha_clamp, eval_target_model=p.eval_target_model)
 
 
 def build_teacher(cfg: TrainConfig, load_weights: bool = True) -> Teacher | None:
@@ -162,6 +167,7 @@ def build_trainer(cfg: TrainConfig):
 
     reproducibility.seed_all(cfg.seed)  # before the model is built: anything it draws follows the seed
     install_atomic_writes()
+    per_node_signal_files()  # autoresume on a save_folder shared by several nodes
     if cfg.autoresume and dist.get_global_rank() == 0:
         repair_latest(cfg.save_folder)
     per_device = cfg.global_train_batch_size // dist.get_world_size()

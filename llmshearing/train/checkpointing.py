@@ -20,6 +20,8 @@ import os
 import re
 import sys
 
+import torch
+
 from llmshearing.errors import ConfigError
 
 CHECKPOINT_NAME = "ep{epoch}-ba{batch}-rank{rank}.pt"  # Composer's default save_filename
@@ -136,8 +138,9 @@ def embedded_config(state: dict) -> str | None:
     return (callbacks.get("RunGuard") or {}).get("run_config") if isinstance(callbacks, dict) else None
 
 
-def load_checkpoint(checkpoint: str, config_path: str | None = None):
-    """(run config, ComposerLM) from a Composer checkpoint of a pruning or continued-pretraining run.
+def open_checkpoint(checkpoint: str, config_path: str | None = None):
+    """(run config, CheckpointModel) of a Composer checkpoint of a pruning or continued-pretraining run; nothing
+    but the run config is read yet (the model tensors are read when asked for, see compat.CheckpointModel).
 
     The checkpoint carries its run's resolved config (model, tokenizer, target), so it needs nothing beside it;
     `config_path` overrides that, and the run folder's `run_config.yaml` is read only for checkpoints written
@@ -146,18 +149,15 @@ def load_checkpoint(checkpoint: str, config_path: str | None = None):
     from omegaconf import OmegaConf
 
     from llmshearing.checks import check_checkpoint, load_structured
-    from llmshearing.compat import checkpoint_state
-    from llmshearing.model.composer_model import student_state
-    from llmshearing.train.builders import build_model
+    from llmshearing.compat import CheckpointModel
     from llmshearing.train.config import _build, TrainConfig
 
     checkpoint = check_checkpoint(checkpoint, "checkpoint")  # latest-rank0.pt may link to a sharded folder
     try:
-        state = checkpoint_state(checkpoint)
+        reader = CheckpointModel(checkpoint)
+        embedded = reader.value("callbacks", "RunGuard", "run_config")
     except Exception as e:  # noqa: BLE001 - torch/DCP fail in many ways on a damaged file; name it
-        raise ConfigError(f"checkpoint '{checkpoint}' cannot be read ({type(e).__name__}: {e}); use an earlier "
-                          f"checkpoint") from None
-    embedded = embedded_config(state)
+        raise unreadable(checkpoint, e) from None
     if config_path is not None:
         raw = load_structured(config_path, "--config")
     elif embedded is not None:
@@ -168,12 +168,46 @@ def load_checkpoint(checkpoint: str, config_path: str | None = None):
             raise ConfigError(f"checkpoint '{checkpoint}' carries no run config and there is none at "
                               f"'{config_path}'; pass --config <run_config.yaml> of the training run")
         raw = load_structured(config_path, "--config")
-    cfg = _build(TrainConfig, raw, "")
-    model = build_model(cfg, load_weights=False)
-    weights = student_state({k.removeprefix("module."): v for k, v in state["model"].items()})
+    return _build(TrainConfig, raw, ""), reader
+
+
+def unreadable(checkpoint: str, e: Exception) -> ConfigError:
+    return ConfigError(f"checkpoint '{checkpoint}' cannot be read ({type(e).__name__}: {e}); use an earlier "
+                       f"checkpoint")
+
+
+def read_tensor(reader, name: str):
+    """One model tensor of an open checkpoint; a damaged or foreign checkpoint is a one-line ConfigError."""
     try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise ConfigError(f"checkpoint '{checkpoint}' does not fit the model of its run config "
-                          f"({str(e).splitlines()[0]}); pass the run's own --config") from None
+        return reader.tensor(name)
+    except KeyError:
+        raise ConfigError(f"checkpoint '{reader.path}' has no tensor '{name}': it does not fit the model of its run "
+                          f"config; pass the run's own --config") from None
+    except Exception as e:  # noqa: BLE001
+        raise unreadable(reader.path, e) from None
+
+
+def load_checkpoint(checkpoint: str, config_path: str | None = None):
+    """(run config, ComposerLM) from a Composer checkpoint of a pruning or continued-pretraining run: the student
+    and its masks (never the teacher or the optimizer state), copied tensor by tensor into the model (host peak:
+    one model plus one tensor)."""
+    from llmshearing.model.composer_model import student_state
+    from llmshearing.train.builders import build_model
+
+    cfg, reader = open_checkpoint(checkpoint, config_path)
+    model = build_model(cfg, load_weights=False)
+    params = model.state_dict(keep_vars=True)
+    stored = set(student_state(dict.fromkeys(reader.names)))
+    if stored != set(params):
+        missing, unexpected = sorted(set(params) - stored), sorted(stored - set(params))
+        raise ConfigError(f"checkpoint '{reader.path}' does not fit the model of its run config (missing "
+                          f"{missing[:3]}, unexpected {unexpected[:3]}); pass the run's own --config")
+    with torch.no_grad():
+        for name, param in params.items():
+            value = read_tensor(reader, name)
+            if value.shape != param.shape:
+                raise ConfigError(f"checkpoint '{reader.path}' does not fit the model of its run config ({name}: "
+                                  f"{tuple(value.shape)} stored, {tuple(param.shape)} expected); pass the run's "
+                                  f"own --config")
+            param.copy_(value)
     return cfg, model.eval()

@@ -50,7 +50,7 @@ def init_masks(cfg, model, folder: str, device: str) -> dict | None:
     scores = activation_scores(lm.to(on), ids.to(on))
     lm.to(where)  # Composer moves or shards the model itself
     kept, dropped = init_bands(p.log_alpha_clamp)
-    set_scores(model.l0, {k: v.cpu() for k, v in scores.items()}, kept, dropped)
+    set_scores(model.l0, {k: v.to(model.l0.lambdas.device) for k, v in scores.items()}, kept, dropped)  # where l0 is
     record = {"init": "activation", "scoring": SCORING["activation"], "split": d.split, "domains": list(d.domains),
               "sequences_per_domain": p.init_sequences, "calibration_sequences": int(ids.shape[0]),
               "calibration_tokens": int(ids.numel()), "kept_band": list(kept), "dropped_band": list(dropped),

@@ -4,7 +4,8 @@ Reads the recipe raw (OmegaConf, env interpolations resolved leniently: `${oc.en
 default, an unresolvable one keeps its text), the model's config.json (or the shipped
 `yamls/models/llama-2-7b.json` when the recipe's model path does not exist here) and prints the per-GPU
 memory of one training step, host RAM per node, a verdict and the largest microbatch that fits, with and
-without activation checkpointing. Every number is a formula below; nothing is measured.
+without activation checkpointing. Every number is a formula below; nothing is measured, except with `--trace`,
+which also runs one training step on the meta device and reports its measured peak (`plan_trace.py`).
 
 Notation
 --------
@@ -58,9 +59,21 @@ Per GPU (one training step; the model keeps fp32 master weights, as `from_pretra
                          chunk's temporaries (`kd_chunk_peak_bytes`, about 117 MB for V = 32,000), backward
                          the gradient it returns for the fp32 logits (4nV); the larger of the two (checked
                          against the live tensors in tests/test_plan.py)
-  reserve    1.5 GiB + 10% of the sum of the above: CUDA context, NCCL buffers, allocator
-                         fragmentation, cuBLAS workspaces and the transient activation gradients of the
-                         layer being back-propagated.
+  reserve    1.5 GiB + 10% of the peak below: CUDA context, NCCL buffers, allocator fragmentation,
+                         cuBLAS workspaces.
+
+The peak is not the sum of the terms: they meet in two moments, and the total is the larger plus the reserve
+(`--trace` measured both within 3% for the paper recipes, docs/plan.md). G = grads (4P/S), A = what the layers
+keep at the end of forward (checkpointing: L*c*n*d, else L x the per-layer activations), `layer` one layer's
+activations (recomputed in backward under checkpointing), `outside` the activations outside the layers,
+F = params + optimizer + masks (+ teacher):
+  loss      F + (G when a step has several microbatches, else 0: zero_grad sets the gradients to None) + A
+            + outside + R*p (the root unit is gathered, no layer is) + logits (with distill: the largest of the
+            LM loss's backward + the KD loss's kept gradient, the KD loss's forward or backward beside the
+            student's logits, and the teacher's forward: `per_gpu`)
+  backward  F + (A + G with several microbatches, else max(A, A/L + G*(L-1)/L): each layer's share of A is
+            freed as its gradient shard appears, so the sum is largest at one end) + layer (checkpointing)
+            + outside + gathered_unit + root_unit + c*n*V (the logits Composer keeps as state.outputs)
 
 Activations, derived from `llmshearing.model.decoder` (which tensors autograd saves; the accounting
 idea is Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", but
@@ -241,6 +254,9 @@ def read_recipe(path_or_name: str) -> dict:
         "model_path_raw": str(_raw(conf, "model.path")),
         "pruning_target": _lenient(conf, "pruning.target"),
         "pruning": _lenient(conf, "pruning") is not None,
+        "pruning_init": _lenient(conf, "pruning.init", "uniform"),
+        "init_sequences": _lenient(conf, "pruning.init_sequences", 4),
+        "domains": _lenient(conf, "data.domains"),
         "global_train_batch_size": _lenient(conf, "global_train_batch_size"),
         "device_train_microbatch_size": _lenient(conf, "device_train_microbatch_size", "auto"),
         "precision": _lenient(conf, "precision", "fp32"),
@@ -394,14 +410,14 @@ def resolve_seq_len(recipe: dict, config, seq_len: int | None) -> tuple[int, str
 # ---------------------------------------------------------------------------------------------- model
 
 def model_counts(config) -> dict:
-    """P (== shapes.param_count), U (one decoder layer) and R (embedding + lm_head + final norm)."""
+    """P (== shapes.param_count), U (one decoder layer), R (embedding + lm_head + final norm), V * d (one embedding)."""
     from llmshearing.pruning.shapes import param_count, shape_of
 
     P = int(param_count(shape_of(config), config))
     d, V = config.hidden_size, config.vocab_size
     R = V * d * (1 if config.tie_word_embeddings else 2) + d
     L = config.num_hidden_layers
-    return {"params": P, "layer_unit": (P - R) // L, "root_unit": R, "layers": L}
+    return {"params": P, "layer_unit": (P - R) // L, "root_unit": R, "layers": L, "embedding": V * d}
 
 
 def mask_numbers(source_config, target) -> tuple[int, list[str]]:
@@ -482,21 +498,26 @@ def kd_chunk_peak_bytes(c: int, V: int, top_k: int | None = None) -> int:
     return max(12 * c * V, 8 * c * V + 12 * c * k, 28 * c * k)
 
 
-def kd_loss_bytes(n: int, V: int, c: int, top_k: int | None = None) -> int:
-    """Peak bytes the KD loss adds over n positions with the teacher's logits in c-byte elements (tests/test_plan.py
-    checks the parts against the tensors alive after every op of `distill.kd_loss`, forward and backward).
-    Kept from forward to backward: the gradient (q - p), 4nK (K = V or top_k), and top-k's indices, 8nk.
-    Forward: the teacher's logits (cnV) + that + one chunk's temporaries (`kd_chunk_peak_bytes`, chunks of
-    `distill.kd_chunk_rows(V)` positions). Backward: that + the gradient it returns for the student's
-    fp32 logits (4nV) + one chunk of it in fp32 (4 x chunk x V, + 4 x chunk x k before top-k's scatter)."""
+def kd_loss_parts(n: int, V: int, c: int, top_k: int | None = None) -> dict[str, int]:
+    """The KD loss's bytes over n positions with the teacher's logits in c-byte elements (tests/test_plan.py checks
+    them against the tensors alive after every op of `distill.kd_loss`, forward and backward).
+    kept: from forward to backward, the gradient (q - p), 4nK (K = V or top_k), and top-k's indices, 8nk.
+    forward: the teacher's logits (cnV) + kept + one chunk's temporaries (`kd_chunk_peak_bytes`, chunks of
+    `distill.kd_chunk_rows(V)` positions). backward: kept + the gradient it returns for the student's fp32 logits
+    (4nV) + one chunk of it in fp32 (4 x chunk x V, + 4 x chunk x k before top-k's scatter)."""
     from llmshearing.model.distill import kd_chunk_rows
 
     K = V if top_k is None or top_k >= V else top_k
     chunk = min(n, kd_chunk_rows(V))
     kept = 4 * n * K + (8 * n * K if K < V else 0)
-    forward = c * n * V + kept + kd_chunk_peak_bytes(chunk, V, top_k)
-    backward = kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0)
-    return max(forward, backward)
+    return {"kept": kept, "forward": c * n * V + kept + kd_chunk_peak_bytes(chunk, V, top_k),
+            "backward": kept + 4 * n * V + 4 * chunk * V + (4 * chunk * K if K < V else 0)}
+
+
+def kd_loss_bytes(n: int, V: int, c: int, top_k: int | None = None) -> int:
+    """Peak bytes the KD loss adds on its own: the larger of its forward and backward (`kd_loss_parts`)."""
+    parts = kd_loss_parts(n, V, c, top_k)
+    return max(parts["forward"], parts["backward"])
 
 
 def teacher_bytes(tcounts: dict, S: int, strategy: str | None, p: int) -> dict[str, float]:
@@ -546,31 +567,108 @@ def _dtypes(precision: str, fsdp: dict | None) -> tuple[int, int, int, str]:
 # ---------------------------------------------------------------------------------------------- plan
 
 def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: int, r: int, M: int, masks,
-            B: int, T: int, checkpointing: bool, teacher: dict | None = None) -> dict[str, float]:
-    """Per-GPU bytes of every term (see the module docstring) and their total, in GiB. `teacher`
-    ({"counts", "top_k"}) adds the distillation terms."""
+            B: int, T: int, checkpointing: bool, teacher: dict | None = None, accumulating: bool = False) -> dict[str, float]:
+    """Per-GPU bytes of every term (see the module docstring), the two moments of the step they meet in, and the
+    total, in GiB. `teacher` ({"counts", "top_k"}) adds the distillation terms; `accumulating` (more than one
+    microbatch per step) keeps the fp32 gradient shard alive through the later microbatches."""
     P, U, R = counts["params"], counts["layer_unit"], counts["root_unit"]
+    L, n = config.num_hidden_layers, B * T
     ddp = strategy is None
     state = sharded_state_bytes(P, S, ddp)
     unit_grad = U * (p + (r if r != p else 0))
+    # at_loss: what is gathered at the end of forward
     if ddp:
         gathered, root = (P * c if c < 4 else 0), 0
+        at_loss = gathered
     elif strategy in ("FULL_SHARD", "HYBRID_SHARD") and S > 1:
         gathered, root = 2 * U * p + unit_grad, 2 * R * p
+        at_loss = R * p
     elif S == 1 and p == 4:  # NO_SHARD in fp32: the parameters and gradients are the ones counted above
         gathered, root = 0, 0
+        at_loss = 0
     else:  # parameters stay gathered from forward to backward
         gathered, root = P * p + unit_grad, R * p
+        at_loss = P * p
+    layer = sum(layer_saved_bytes(config, B, T, c, masks).values())
+    outside = sum(outside_saved_bytes(config, B, T, c, masks).values())
+    kept = L * c * n * config.hidden_size if checkpointing else L * layer  # saved by the layers at the end of forward
     terms = {**state, "masks": 16 * M, "gathered_unit": gathered, "root_unit": root,
-             "activations": activation_bytes(config, B, T, c, masks, checkpointing),
+             "activations": kept + (layer if checkpointing else 0) + outside,
              "logits": logits_bytes(config, B, T, c)}
     if teacher is not None:
         terms.update(teacher_bytes(teacher["counts"], S, strategy, p))
-        terms["distill_logits"] = kd_loss_bytes(B * T, config.vocab_size, c, teacher["top_k"])
-    subtotal = sum(terms.values())
-    terms["reserve"] = CONTEXT_RESERVE_GIB * GiB + FRAGMENTATION * subtotal
-    terms["total"] = subtotal + terms["reserve"]
-    return {k: v / GiB for k, v in terms.items()}
+        terms["distill_logits"] = kd_loss_bytes(n, config.vocab_size, c, teacher["top_k"])
+    fixed = terms["params"] + terms["optimizer"] + terms["masks"] + terms.get("teacher", 0)
+    # The terms do not all peak together. At the loss (end of forward, start of backward) the layers hold what
+    # they saved and the logits peak, no layer is gathered but the root unit is (R*p), and in the first
+    # microbatch of a step there are no gradients yet (zero_grad sets them to None). In backward, layer by
+    # layer, each layer's saved share is freed as its gradient shard appears, so the sum of the two is largest
+    # at one end: all saved and no shard yet, or one layer's share and all shards but the last.
+    grads = terms["grads"]
+    if accumulating or ddp:
+        saved_and_grads = kept + grads
+        loss_grads = grads
+    else:
+        saved_and_grads = max(kept, kept / L + grads * (L - 1) / L)
+        loss_grads = 0
+    lm_and_kd = terms["logits"]
+    if teacher is not None:
+        # ComposerLM.loss: the LM loss, then the teacher's no-grad forward, then the KD loss; in backward the LM loss's
+        # (whose peak is in `logits`) and the KD loss's each while the other's result or kept buffer is alive. The
+        # student's logits meanwhile: bf16 output, its fp32 copy and log-softmax's saved output, (c + 8)nV.
+        V = config.vocab_size
+        kd = kd_loss_parts(n, V, c, teacher["top_k"])
+        lm_and_kd = max(terms["logits"] + kd["kept"],  # log-softmax's backward, the KD gradient kept
+                        (c + 8) * n * V + kd["forward"],  # the KD loss's forward
+                        c * n * V + 4 * n * V + kd["backward"],  # its backward beside the LM loss's gradient
+                        (c + 8) * n * V + terms["teacher_gathered"])  # the teacher's forward
+    loss_moment = fixed + loss_grads + kept + outside + at_loss + lm_and_kd
+    # backward: + one layer recomputed, the gathered layers and the layer's unsharded gradient, the root unit
+    # with its gradient, and the logits Composer keeps (state.outputs) in the compute dtype
+    backward_moment = (fixed + saved_and_grads + (layer if checkpointing else 0) + outside + gathered + root
+                       + c * n * config.vocab_size)
+    peak = max(loss_moment, backward_moment)
+    terms["reserve"] = CONTEXT_RESERVE_GIB * GiB + FRAGMENTATION * peak
+    terms["total"] = peak + terms["reserve"]
+    out = {k: v / GiB for k, v in terms.items()}
+    out["moments"] = {"loss": loss_moment / GiB, "backward": backward_moment / GiB}
+    return out
+
+
+def traced(chosen: dict, **step) -> dict:
+    """The trace of one training step (`plan_trace.trace_step`) beside the formula: `estimate_gib` is the formula's
+    peak without the reserve (the reserve is what a trace cannot see: CUDA context, NCCL, fragmentation)."""
+    from llmshearing.train.plan_trace import trace_step
+
+    estimate = max(chosen["moments"].values())
+    result = trace_step(**step)
+    return {"estimate_gib": estimate, "traced_gib": result["traced_gib"],
+            "ratio": result["traced_gib"] / estimate, "estimate_total_gib": chosen["total"], **result}
+
+
+REDPAJAMA_DOMAINS = 7  # the paper's data: the calibration sequences are init_sequences per domain
+
+
+def activation_init(recipe: dict, config, T: int) -> dict:
+    """`pruning.init: activation`'s phase on rank 0's GPU (`mask_init.init_masks`), traced on the meta device: the
+    fp32 source model and the scoring of init_sequences x domains calibration sequences (domains: data.domains, else
+    RedPajama's 7). Reported for every pruning recipe; `applies` says whether this recipe sets the init."""
+    from llmshearing.train.plan_trace import trace_activation_init
+
+    domains = recipe["domains"]
+    count = len(domains) if isinstance(domains, list) and domains else REDPAJAMA_DOMAINS
+    sequences = int(recipe["init_sequences"]) * count
+    return {"applies": recipe["pruning_init"] == "activation", "domains": count,
+            "domains_from": "data.domains" if isinstance(domains, list) and domains else "RedPajama's 7 (the paper's)",
+            **trace_activation_init(config, sequences, T)}
+
+
+def export_host_bytes(counts: dict) -> int:
+    """Host bytes of exporting the trained model (`llmshearing export`, or export_dir at the end of a run, there on
+    top of the run's own host memory): the export reads only the student's tensors and folds, slices and writes one
+    unit at a time (a decoder layer, or the embedding / head when larger), so its peak is one source unit read in
+    fp32 plus its sliced copy, at most as large: 8 * max(U, V * d), plus the reader's one-tensor buffer."""
+    return 8 * max(counts["layer_unit"], counts["embedding"])
 
 
 def divisors(n: int) -> list[int]:
@@ -580,8 +678,9 @@ def divisors(n: int) -> list[int]:
 def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb: float | None = None, *,
               gpus_per_node: int = DEFAULT_GPUS_PER_NODE, seq_len: int | None = None,
               model_config: str | None = None, target_shape: str | None = None,
-              teacher_config: str | None = None) -> dict:
-    """Everything `llmshearing plan` prints, as a dict (the --json output)."""
+              teacher_config: str | None = None, trace: bool = False) -> dict:
+    """Everything `llmshearing plan` prints, as a dict (the --json output). `trace`: also run one training step
+    on the meta device (`plan_trace.trace_step`) and report its measured peak beside the estimate."""
     if not isinstance(gpus, int) or gpus < 1:
         raise ConfigError(f"--gpus must be at least 1, got {gpus}")
     if not gpu_memory_gb > 0:
@@ -636,7 +735,7 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
 
     def at(B, ckpt):
         return per_gpu(counts=counts, config=config, S=S, strategy=strategy, c=c, p=p, r=r, M=M, masks=masks,
-                       B=B, T=T, checkpointing=ckpt, teacher=teacher)
+                       B=B, T=T, checkpointing=ckpt, teacher=teacher, accumulating=B < per_device)
 
     largest = {}
     for key, ckpt in (("with_checkpointing", True), ("without_checkpointing", False)):
@@ -683,7 +782,7 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
     else:
         host_verdict, host_fits = "does not fit", False
     fits = gpu_fits and host_fits
-    return {
+    result = {
         "recipe": recipe["path"],
         "config_used": config_used,
         "model": {"params": P, "layer_unit_params": counts["layer_unit"], "root_unit_params": counts["root_unit"],
@@ -718,7 +817,14 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
         "assumptions": {"context_reserve_gb": CONTEXT_RESERVE_GIB, "fragmentation_share": FRAGMENTATION,
                         "host_gb_per_rank": RANK_HOST_GIB, "host_gb_per_worker": WORKER_HOST_GIB,
                         "units": "GiB (2**30 bytes)"},
+        "export_host_gb": export_host_bytes(counts) / GiB,
+        "trace": None if not trace else traced(
+            chosen, config=config, target=target, teacher_config=None if resolved_teacher is None else resolved_teacher[0],
+            distill=recipe["distill"], fsdp=fsdp, precision=recipe["precision"], gpus=gpus, microbatch=microbatch,
+            per_device=per_device, T=T),
     }
+    result["activation_init"] = None if not trace or target is None else activation_init(recipe, config, T)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -757,6 +863,10 @@ def format_plan(plan: dict) -> str:
     for key, label in ROWS:
         if key not in on:
             continue
+        if key == "reserve":  # the terms meet in two moments; the larger is the peak (module docstring)
+            for moment in ("loss", "backward"):
+                lines.append(f"  {'= peak at the ' + moment if moment == 'loss' else '= peak in backward':<34} "
+                             f"{on['moments'][moment]:>9.2f}  {off['moments'][moment]:>10.2f}")
         lines.append(f"  {label:<34} {on[key]:>9.2f}  {off[key]:>10.2f}")
     cap = plan["gpu_memory_gb"]
     lines.append(f"  {'fits in ' + format(cap, 'g') + ' GiB?':<34} {'yes' if on['total'] <= cap else 'no':>9}  "
@@ -780,6 +890,23 @@ def format_plan(plan: dict) -> str:
               f"  host: {plan['host_verdict']}", "",
               f"verdict: {plan['verdict']} ({plan['per_gpu_gb']['total']:.1f} of {cap:g} GiB per GPU at microbatch "
               f"{plan['microbatch']}, checkpointing {'on' if plan['activation_checkpointing'] else 'off'})"]
+    lines.append(f"export host RAM: {plan['export_host_gb']:.1f} GiB (one source layer or embedding in fp32 + its sliced "
+                 f"copy; at the end of a run, on top of the run's own host memory)")
+    a = plan.get("activation_init")
+    if a:
+        lines.append(f"pruning.init=activation phase ({'this recipe' if a['applies'] else 'not set by this recipe'}): "
+                     f"rank 0's GPU peaks at {a['traced_gib']:.1f} GiB traced, {a['estimate_gib']:.1f} estimated "
+                     f"(the fp32 model + scoring {a['sequences']} x {a['seq_len']} calibration tokens, "
+                     f"{a['traced_sequences']} per pass)"
+                     + ("" if a["traced_gib"] <= plan["gpu_memory_gb"] else f", more than {plan['gpu_memory_gb']:g} GiB"))
+    t = plan.get("trace")
+    if t:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in t["at_peak_gib"].items())
+        lines += ["", f"trace (one training step on the meta device, FSDP over a fake process group of {plan['gpus']}, "
+                      f"{t['microbatches']} microbatch(es), {t['seconds']:.0f} s):",
+                  f"  estimate {t['estimate_gib']:.2f} GiB per GPU without the reserve; traced peak {t['traced_gib']:.2f} "
+                  f"GiB ({t['ratio']:.2f} of the estimate) in {t['peak_phase']}",
+                  f"  alive at the peak, GiB: {parts}"]
     return "\n".join(lines)
 
 
@@ -803,6 +930,10 @@ def add_parser(sub) -> None:
                                                             "Llama-2-7B config (default: from the recipe name)")
     p.add_argument("--teacher-config", metavar="PATH", help="config.json (or its folder) of distill.teacher, when "
                                                             "that folder does not exist here")
+    p.add_argument("--trace", action="store_true",
+                   help="also run one training step of the recipe at its real shapes on the meta device (no GPU, no "
+                        "weights; FSDP over a fake process group of --gpus ranks) and report its measured per-GPU peak "
+                        "beside the estimate (a minute for a 7B recipe)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(handler=run)
 
@@ -811,6 +942,6 @@ def run(args) -> int:
     """`llmshearing plan`: 0 when the recipe fits, 1 when it does not; bad input raises ConfigError."""
     plan = make_plan(args.recipe, args.gpus, args.gpu_memory_gb, args.host_memory_gb,
                      gpus_per_node=args.gpus_per_node, seq_len=args.seq_len, model_config=args.model_config,
-                     target_shape=args.target_shape, teacher_config=args.teacher_config)
+                     target_shape=args.target_shape, teacher_config=args.teacher_config, trace=args.trace)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
     return 0 if plan["verdict"] == "fits" else 1

@@ -4,12 +4,15 @@ another of those refuses instead of mixing two runs' checkpoints and logs."""
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
 import sys
+import uuid
 
 from llmshearing.errors import ConfigError
 
 LOCK_NAME = ".lock"
+SHARED_NAME = ".shared-check"  # <name>-<token>: written by rank 0 at start, read by every rank (check_shared)
 CONFIG_NAME = "run_config.yaml"
 _held: dict[str, int] = {}  # folder -> open file descriptor of its lock, for the life of the process
 _made: dict[str, str] = {}  # folder -> the topmost folder that lock() created for it (removed again if left empty)
@@ -120,6 +123,40 @@ def check_reuse(folder: str, cfg) -> None:
     _checked.add(real)
     print(f"warning: save_overwrite=true: starting over in save_folder '{folder}', replacing the checkpoints and "
           f"logs of the unfinished run there (newest checkpoint: batch {newest})", file=sys.stderr, flush=True)
+
+
+def check_shared(folder: str) -> None:
+    """Every rank sees the run folder rank 0 writes (all ranks call this once the process group exists, before
+    a checkpoint is loaded). On several nodes save_folder must be one folder on a filesystem they share: each rank
+    writes its own shard of a sharded checkpoint there and autoresume looks for the `latest` link there, so a
+    node-local folder would leave every checkpoint incomplete and make the nodes disagree on resuming. The file
+    has a new name every time, so no node can answer from a cached lookup (NFS caches names found missing)."""
+    from composer.utils import dist
+
+    from llmshearing.io import atomic_write_text
+
+    if dist.get_world_size() == 1:
+        return
+    token = [uuid.uuid4().hex if dist.get_global_rank() == 0 else None]
+    if dist.get_global_rank() == 0:
+        for stale in glob.glob(os.path.join(folder, SHARED_NAME + "-*")):  # a run killed during its check
+            os.remove(stale)
+        atomic_write_text(os.path.join(folder, f"{SHARED_NAME}-{token[0]}"), token[0])
+    dist.broadcast_object_list(token, src=0)
+    path = os.path.join(folder, f"{SHARED_NAME}-{token[0]}")
+    try:
+        with open(path) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    nodes = dist.all_gather_object((dist.get_node_rank(), seen))
+    if dist.get_global_rank() == 0:
+        os.remove(path)
+    apart = sorted({node for node, ok in nodes if not ok})
+    if apart:
+        raise ConfigError(f"save_folder '{folder}' is not the folder rank 0 writes on node(s) {apart}: give every "
+                          f"node the same save_folder on a filesystem they share (NFS, Lustre, ...); sharded "
+                          f"checkpoints and autoresume need it (docs/multinode.md)")
 
 
 def identity(raw: dict) -> dict:
