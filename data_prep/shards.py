@@ -39,7 +39,7 @@ import numpy as np
 from llmshearing.checks import regular_file, sniff, writable_output
 from llmshearing.errors import ConfigError, run_entry
 from llmshearing.io import atomic_directory, atomic_write_text
-from llmshearing.data.layout import FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, SPLITS
+from llmshearing.data.layout import BUILT_MARKER, FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, SPLITS, built_here
 from llmshearing.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 BUILDER_VERSION = 2  # part of the build fingerprint: bump when the routing or framing rule changes
@@ -163,14 +163,25 @@ def _text_of(line: str, where: str) -> str | None:
 
 
 def _read_file(path: str):
-    with _open_text(path) as f:
-        if _inner_suffix(path)[1] not in JSONL_SUFFIXES:
-            yield f.read()
-            return
-        for i, line in enumerate(f):
-            text = _text_of(line, f"{path}:{i + 1}")
-            if text is not None:
-                yield text
+    i = 0
+    try:
+        with _open_text(path) as f:
+            if _inner_suffix(path)[1] not in JSONL_SUFFIXES:
+                yield f.read()
+                return
+            for i, line in enumerate(f):
+                text = _text_of(line, f"{path}:{i + 1}")
+                if text is not None:
+                    yield text
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a truncated or damaged .gz / .bz2 / .xz / .zst, each its own kind
+        damaged = (isinstance(e, (EOFError, ValueError)) or (isinstance(e, OSError) and e.errno is None)
+                   or type(e).__name__ in ("LZMAError", "error", "ZstdError"))  # zlib.error; OSError: a disk error
+        if not damaged:
+            raise
+        raise ConfigError(f"'{path}' cannot be decompressed after line {i + 1} ({type(e).__name__}: {e}): the file "
+                          f"is truncated or damaged; re-download or recompress it") from None
 
 
 def _splittable(path: str) -> bool:
@@ -195,7 +206,7 @@ def _read_range(path: str, start: int, end: int) -> list[str]:
             line += 1
             where = f"{path}:{line}" if start == 0 else f"{path} (the line at byte {pos})"
             text = _text_of(raw.decode("utf-8", errors="replace"), where)
-            if text:
+            if text and text.strip():  # as iter_documents
                 docs.append(text)
             pos += len(raw)
     return docs
@@ -210,10 +221,11 @@ def read_documents(path: str):
 
 
 def iter_documents(paths: list[str]):
-    """The non-empty documents of a domain's inputs, in order."""
+    """The documents of a domain's inputs that hold more than whitespace, in order (a whitespace-only document
+    would become sequences of framing tokens)."""
     for path in paths:
         for text in read_documents(path):
-            if text:
+            if text.strip():
                 yield text
 
 
@@ -297,6 +309,22 @@ def resolve_proportions(domains: list[str], proportions=None) -> dict[str, float
     return out
 
 
+def _check_positions(tokenizer: str, seq_len: int) -> None:
+    """--seq-len fits the positions of the model the tokenizer folder belongs to (its config.json, when it has one):
+    training refuses longer sequences (checks.check_positions), so they are refused here, before the build."""
+    config = os.path.join(tokenizer, "config.json")
+    if not os.path.isfile(config):
+        return
+    try:
+        with open(config, encoding="utf-8") as f:
+            limit = json.load(f).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return  # not this check's business: a broken config.json is the model's, refused where it is used
+    if isinstance(limit, int) and seq_len > limit:
+        raise ConfigError(f"--seq-len {seq_len} is longer than the max_position_embeddings {limit} of the model in "
+                          f"'{tokenizer}'; training would refuse these shards: give --seq-len {limit} or less")
+
+
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -356,7 +384,7 @@ def _tasks(paths: list[str], need):
                 start = end
         else:
             with contextlib.closing(_read_file(file)) as docs:
-                docs = (text for text in docs if text)
+                docs = (text for text in docs if text.strip())  # as iter_documents
                 while batch := _next_batch(docs, need):
                     yield ("docs", batch)
 
@@ -580,6 +608,7 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     props = resolve_proportions(list(domains), proportions)
     out = os.path.normpath(str(out))
     writable_output(out, "--out")
+    _check_positions(str(tokenizer), seq_len)
     tok = load_tokenizer(str(tokenizer), gguf_file)
     vocab = len(tok)
     bos = tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id else None
@@ -602,6 +631,11 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
                     old = json.load(f)
             except (OSError, json.JSONDecodeError):
                 old = {}
+        if old is not None and not built_here(out, old):
+            raise ConfigError(f"'{out}' holds a {MANIFEST} but is not a shard folder built by data_prep.shards (no "
+                              f"{BUILT_MARKER}; it holds {', '.join(sorted(os.listdir(out))[:4])}): a shard cache "
+                              f"or another folder; refusing to replace it{' even with --overwrite' if overwrite else ''}"
+                              f": choose another --out")
         if old is not None and old.get("build_fingerprint") == fingerprint and old.get("format") == FORMAT:
             print(f"{out} is up to date (built with the same arguments, inputs and tokenizer); nothing to do")
             return old
@@ -626,6 +660,10 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     # (~10% of a core at 1.2M tokens/s), so it does not need a core of its own (docs/shards.md: 2 workers 1.8x one
     # pinned process, and ahead of one process on `tokenizers`' own threads, on this 2-core machine).
     workers = _cpu_count() if workers is None else _check_int("workers", workers, 1)
+    if workers > _cpu_count():  # each worker is a process with its own tokenizer: more than the CPUs only costs memory
+        print(f"warning: --workers {workers} is more than the {_cpu_count()} usable CPUs; using {_cpu_count()}",
+              file=sys.stderr)
+        workers = _cpu_count()
     tokenizer_json = tok.backend_tokenizer.to_str()
     eval_every = {}
     for d in domains:
@@ -676,6 +714,8 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
             "build_fingerprint": fingerprint,
         }
         atomic_write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1) + "\n")
+        atomic_write_text(os.path.join(tmp, BUILT_MARKER), json.dumps({"builder": BUILDER_VERSION,
+                                                                       "build_fingerprint": fingerprint}) + "\n")
     for w in warnings:
         print(w, file=sys.stderr)
     print(f"shards in {out}/ (seq_len {seq_len}, {dtype}):\n{_summary(manifest)}")

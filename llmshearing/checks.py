@@ -194,9 +194,39 @@ def check_weights_match(path: str, config, key: str) -> None:
                           f"implies, e.g. {missing[:3]}: config.json and weights disagree")
 
 
-def check_model_folder(path: str, gguf_file: str | None = None, key: str = "model.path"):
-    """An HF model folder (or a GGUF file in one) whose config loads, is a supported family, and agrees with
-    its weights; returns the transformers config. Reads headers only, never the weights."""
+def check_source(path: str, gguf_file: str | None, key: str):
+    """The config of a source model given as an HF model folder (weights optional: only the config is read), a
+    GGUF file in one, or a config.json file (`llmshearing target`): the checks of `check_model_folder`, and a
+    supported family, so that a yaml, a shard folder or a weights file is one line naming it."""
+    from transformers import AutoConfig
+
+    from llmshearing.model.hf import check_source_config
+
+    if os.path.isdir(path):
+        return check_model_folder(path, gguf_file, key, weights=False, supported=True)
+    if gguf_file:
+        raise ConfigError(f"{key}: '{path}' is not a folder; --gguf-file names a file inside the source folder")
+    regular_file(path, key)
+    raw = load_structured(path, key) if sniff(path) in ("text", "empty") else None
+    if not isinstance(raw, dict) or "model_type" not in raw:
+        raise ConfigError(f"{key}: '{path}' is not an HF config.json (a json object with model_type); give the "
+                          f"source model's folder or its config.json")
+    try:
+        config = AutoConfig.for_model(**raw)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken config; name the file
+        raise ConfigError(f"{key}: cannot read the model config '{path}': {type(e).__name__}: {e}") from None
+    try:
+        check_source_config(config)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: '{path}': {e}") from None
+    return config
+
+
+def check_model_folder(path: str, gguf_file: str | None = None, key: str = "model.path", weights: bool = True,
+                       supported: bool = False):
+    """An HF model folder (or a GGUF file in one) whose config loads, is a supported family (`supported`: else
+    other families pass, for callers that check the family themselves), and agrees with its weights (`weights`);
+    returns the transformers config. Reads headers only, never the weights."""
     from transformers import AutoConfig
 
     from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, check_source_config
@@ -212,12 +242,12 @@ def check_model_folder(path: str, gguf_file: str | None = None, key: str = "mode
         config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
     except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken config; name the folder
         raise ConfigError(f"{key}: cannot read the model config in '{path}': {type(e).__name__}: {e}") from None
-    if config.model_type in SUPPORTED_MODEL_TYPES:
+    if config.model_type in SUPPORTED_MODEL_TYPES or supported:
         try:
             check_source_config(config)
         except ConfigError as e:
             raise ConfigError(f"{key}: '{path}': {e}") from None
-        if not gguf_file:
+        if not gguf_file and weights:
             check_weights_match(path, config, key)
     return config
 
@@ -234,29 +264,43 @@ def check_positions(shards_root: str, config, model: str) -> None:
 
 # ------------------------------------------------------------------------------------------- checkpoints
 
+def checkpoint_problem(path: str) -> str | None:
+    """Why `path` is not a whole Composer checkpoint, or None: a sharded folder must hold every rank's file, a
+    checkpoint file must be a torch zip archive whose directory (written last, at its end) reads, which a file
+    overwritten, truncated or of another format does not."""
+    import zipfile
+
+    from llmshearing.compat import is_sharded_checkpoint, sharded_checkpoint_problem
+
+    if os.path.isdir(path):
+        if not is_sharded_checkpoint(path):
+            return "a folder but not a sharded checkpoint (no .metadata)"
+        problem = sharded_checkpoint_problem(path)
+        return f"an incomplete sharded checkpoint: {problem}" if problem else None
+    if not os.path.isfile(path):
+        return "not a regular file"
+    kind = sniff(path)
+    if kind != "zip":
+        return f"not a Composer checkpoint (torch checkpoints are zip archives; this is {kind} content)"
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return "truncated or corrupt (its zip directory does not read)"
+    return None
+
+
 def check_checkpoint(path: str, key: str) -> str:
     """A Composer checkpoint: a sharded checkpoint folder, or a whole torch zip file (a text file, a truncated
     copy or another format fails here with its name, not in torch.load's traceback)."""
-    import zipfile
-
-    from llmshearing.compat import is_sharded_checkpoint
-
     real = os.path.realpath(path)
     if not os.path.exists(real):
         raise ConfigError(f"{key}: checkpoint '{path}' does not exist")
-    if os.path.isdir(real):
-        if not is_sharded_checkpoint(real):
-            raise ConfigError(f"{key}: '{path}' is a folder but not a sharded checkpoint (no .metadata); give a "
-                              f"checkpoint file such as <save_folder>/latest-rank0.pt")
-        return real
-    regular_file(real, key)
-    if sniff(real) != "zip":
-        raise ConfigError(f"{key}: '{path}' is not a Composer checkpoint (torch checkpoints are zip archives; "
-                          f"this is {sniff(real)} content)")
-    try:
-        with zipfile.ZipFile(real) as z:
-            z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        raise ConfigError(f"{key}: checkpoint '{path}' is truncated or corrupt (its zip directory does not read); "
-                          f"use an earlier checkpoint") from None
+    if not os.path.isdir(real):
+        regular_file(real, key)
+    problem = checkpoint_problem(real)
+    if problem:
+        hint = ("give a checkpoint file such as <save_folder>/latest-rank0.pt" if problem.startswith("a folder")
+                else "use an earlier checkpoint")
+        raise ConfigError(f"{key}: checkpoint '{path}' is {problem}; {hint}")
     return real

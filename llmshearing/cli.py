@@ -134,13 +134,13 @@ def _add_target(sub) -> None:
 
 
 def _target(args) -> int:
-    from llmshearing.model.hf import load_hf_config
+    from llmshearing.checks import check_source
     from llmshearing.pruning.budget import budget_tolerance, parse_cli_budget, size_multiple, solve_budget
     from llmshearing.pruning.shapes import param_count, shape_of
 
     if args.alternatives < 0:
         raise ConfigError(f"--alternatives must be at least 0, got {args.alternatives}")
-    config = load_hf_config(args.source, args.gguf_file)
+    config = check_source(args.source, args.gguf_file, "source")
     solution = solve_budget(config, parse_cli_budget(args.params, args.fraction, config), args.alternatives)
     if args.json:
         print(json.dumps({"shape": solution.shape.as_dict(), "params": solution.params, "budget": solution.budget,
@@ -187,10 +187,11 @@ def _make_tiny(args) -> None:
     print(json.dumps(make_tiny(args.out_dir, args.family), indent=1))
 
 
-def _demo(args) -> None:
+def _demo(args) -> int | None:
     from llmshearing.experiments.demo import run_demo
 
-    run_demo(args.data, args.out, args.overrides)
+    result = run_demo(args.data, args.out, args.overrides)
+    return result if isinstance(result, int) else None  # a stage stopped by a signal: its exit code
 
 
 def _reference_loss(args) -> None:

@@ -104,8 +104,33 @@ def per_node_signal_files() -> None:
 
 # -- Composer: the layout of a checkpoint -----------------------------------------------------------------
 def is_sharded_checkpoint(path: str) -> bool:
-    """A sharded (torch.distributed.checkpoint) checkpoint is a folder holding `.metadata` and `__<rank>_0.distcp`."""
+    """A sharded (torch.distributed.checkpoint) checkpoint is a folder holding `.metadata` and `__<rank>_0.distcp`
+    (whether every rank's file is there: `sharded_checkpoint_problem`)."""
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def sharded_checkpoint_problem(path: str) -> str | None:
+    """Why a sharded checkpoint folder is not whole, or None. DCP writes `.metadata` last, but it lists the storage
+    file of every rank (with the byte range of each tensor), so a folder that lost a rank's file, or holds a
+    truncated one, still has it: each listed file must be there and long enough."""
+    if not is_sharded_checkpoint(path):
+        return "it has no .metadata (its save never finished)"
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        storage = FileSystemReader(path).read_metadata().storage_data
+        need = {}
+        for info in storage.values():
+            need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as e:  # noqa: BLE001 - a damaged .metadata fails in pickle in many ways
+        return f"its .metadata does not read ({type(e).__name__})"
+    for rel, size in sorted(need.items()):
+        file = os.path.join(path, rel)
+        if not os.path.isfile(file):
+            return f"'{rel}', listed in its .metadata, is missing (a rank's file was lost)"
+        if os.path.getsize(file) < size:
+            return f"'{rel}' is truncated ({os.path.getsize(file):,} bytes, its .metadata needs {size:,})"
+    return None
 
 
 def _check_layout(ckpt, path: str) -> None:

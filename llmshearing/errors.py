@@ -14,6 +14,17 @@ class ConfigError(ValueError):
     """A configuration or input that cannot work. The message names the key and how to fix it."""
 
 
+def user_message(e: ConfigError) -> str:
+    """The message of a ConfigError, also when a DataLoader worker raised it: torch re-raises it in the main
+    process as ConfigError("Caught ConfigError in DataLoader worker process N.\nOriginal Traceback ..."), whose
+    last line holds the original message; that line alone is the user's, the same as without workers."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.startswith(("llmshearing.errors.ConfigError: ", "ConfigError: ")) else last
+    return text
+
+
 def run_entry(main, *args) -> int:
     """Run an entry point's body: a ConfigError exits 2, an OS error of the user's making (full disk, read-only
     folder, a path that vanished) exits 1, Ctrl-C exits 130; each with one line on stderr and no traceback.
@@ -21,7 +32,7 @@ def run_entry(main, *args) -> int:
     try:
         return main(*args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     except OSError as e:
         if e.errno not in USER_ERRNOS:

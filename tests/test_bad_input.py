@@ -92,6 +92,33 @@ def test_numbers_out_of_range_are_refused_before_training(tiny, capsys, override
     assert snapshot(tiny["run"]) == before
 
 
+@pytest.mark.parametrize("override, names", [
+    ("fsdp={sharding_strategy: BOGUS}", ["fsdp.sharding_strategy", "FULL_SHARD"]),
+    ("fsdp={sharding_strategy: FULL_SHRAD}", ["fsdp.sharding_strategy", "did you mean 'FULL_SHARD'"]),
+    ("fsdp={mixed_precision: BOGUS}", ["fsdp.mixed_precision", "DEFAULT"]),
+    ("fsdp={mixed_precision: {param_type: bf16}}", ["fsdp.mixed_precision", "param_dtype"]),
+    ("fsdp={state_dict_type: shard}", ["fsdp.state_dict_type", "did you mean 'sharded'"]),
+    ("fsdp={backward_prefetch: SOMETIMES}", ["fsdp.backward_prefetch", "BACKWARD_POST"]),
+    ("fsdp={use_orig_params: maybe}", ["fsdp.use_orig_params", "bool"]),
+])
+def test_fsdp_values_are_checked_before_composer_sees_them(tiny, capsys, override, names):
+    """Composer maps these names only when it wraps the model (KeyError / ValueError tracebacks)."""
+    refused(capsys, train(tiny, override), *names)
+    assert not os.path.exists(tiny["run"])
+
+
+@pytest.mark.parametrize("override, names", [
+    ("pruning.init_sequences=-5", ["pruning.init_sequences", ">= 1"]),  # with init=uniform too
+    ("pruning.init=activation|pruning.init_sequences=100000|pruning.lagrangian_warmup=0ba",
+     ["pruning.init_sequences=100000", "prose (128)", "at most 128"]),  # was capped silently
+    ("pruning.target={}", ["pruning.target", "source's own shape", "prune nothing"]),
+    ("pruning.target={num_hidden_layers: 4}", ["pruning.target", "prune nothing"]),
+])
+def test_settings_that_would_do_nothing_or_be_capped_are_refused(tiny, capsys, override, names):
+    refused(capsys, train(tiny, *override.split("|")), *names)
+    assert not os.path.exists(tiny["run"])
+
+
 def test_a_yaml_that_does_not_parse_names_file_and_line(tiny, capsys):
     bad = tiny["tmp"] / "bad.yaml"
     bad.write_text("run_name: x\nmodel: {path: data/tiny/model\nmax_duration: 10ba\n")
@@ -302,6 +329,34 @@ def test_a_second_run_on_a_locked_folder_refuses_naming_the_holder(tiny, capsys)
     assert train(tiny, "max_duration=2ba", "eval_interval=2ba", "save_interval=2ba") == 0  # released with the process
 
 
+def test_a_finished_run_is_never_replaced_and_the_folder_is_taken_first(tiny, capsys):
+    """A second launch of a finished run under the tiny recipe's save_overwrite: true refuses and changes nothing
+    (it used to replace the first run's checkpoints and logs); the lock is taken before the slow checks, so a
+    launch on a busy folder refuses on the lock even when its model folder is broken; an unfinished run is started
+    over with a warning."""
+    common = ["max_duration=2ba", "eval_interval=2ba", "save_interval=2ba", "export_dir=null"]
+    assert train(tiny, *common) == 0
+    capsys.readouterr()
+    before = snapshot(tiny["run"])
+    for extra in ([], ["max_duration=4ba"], ["save_overwrite=true", "max_duration=1ba"]):
+        refused(capsys, train(tiny, *common, *extra), tiny["run"], "finished run", "autoresume=true")
+        assert snapshot(tiny["run"]) == before, extra
+    refused(capsys, train(tiny, *common, "autoresume=true"), "finished run", "nothing to train", "max_duration")
+    assert snapshot(tiny["run"]) == before  # it was Composer's ValueError traceback
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from llmshearing.train.run_folder import lock; lock(sys.argv[1]); print('locked', "
+        "flush=True); time.sleep(120)"), tiny["run"]], cwd=REPO, env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused(capsys, train(tiny, *common, model=str(tiny["tmp"] / "no_such_model")), "in use by another run")
+    finally:
+        holder.kill()
+        holder.wait()
+    os.replace(os.path.join(tiny["run"], "ep0-ba2-rank0.pt"), os.path.join(tiny["run"], "ep0-ba1-rank0.pt"))
+    assert train(tiny, *common) == 0  # unfinished (newest checkpoint: batch 1 of 2): started over, with a warning
+    assert "replacing the checkpoints and logs of the unfinished run" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------- other commands
 
 def test_export_of_something_that_is_not_a_checkpoint(tiny, capsys):
@@ -406,3 +461,245 @@ def test_a_full_disk_while_building_shards_is_one_line_and_leaves_nothing(tiny):
     assert "Traceback" not in proc.stderr and "File too large" in proc.stderr
     assert not os.path.exists(out)
     assert not [n for n in os.listdir(tiny["tmp"]) if n.startswith(".shards")]  # no temporary folder left behind
+
+
+# ------------------------------------------------------------------------------ folders that are not the project's
+
+def test_a_cache_or_shard_output_is_never_a_folder_the_project_did_not_make(tiny, capsys):
+    """data.local / --local at a model folder or at a shard folder is refused before a file lands in it; a shard
+    build replaces (even with --overwrite) only a folder it built itself: a stray manifest.json, as a cache leaves,
+    does not make a model folder replaceable (that chain deleted config.json and model.safetensors)."""
+    from llmshearing.data.layout import BUILT_MARKER
+    from llmshearing.data.remote import prepare_cache
+
+    remote, model = tiny["shards"], tiny["copy"]
+    shard_copy = str(tiny["tmp"] / "my_shards")
+    shutil.copytree(remote, shard_copy)
+    for local in (model, shard_copy):
+        before = snapshot(local)
+        refused(capsys, train(tiny, "data.shards=null", f"data.remote={remote}", f"data.local={local}"),
+                "data.local", local, "not a shard cache")
+        refused(capsys, cli_main(["eval", tiny["model"], "--remote", remote, "--local", local]), "--local", local,
+                "not a shard cache")
+        refused(capsys, cli_main(["reference-loss", "--model", tiny["model"], "--remote", remote, "--local", local]),
+                "--local", local, "not a shard cache")
+        assert snapshot(local) == before, local
+    shutil.copy(os.path.join(remote, "manifest.json"), model)  # what a cache used to leave there
+    cache = str(tiny["tmp"] / "cache")
+    prepare_cache(remote, cache)
+    for out in (model, cache):
+        before = snapshot(out)
+        for extra in ([], ["--overwrite"]):
+            refused(capsys, shards_main(shards_args(tiny, out, f"prose={tiny['prose']}") + extra), out, BUILT_MARKER)
+        assert snapshot(out) == before, out
+    own = str(tiny["tmp"] / "own")
+    assert shards_main(shards_args(tiny, own, f"prose={tiny['prose']}", f"code={tiny['code']}")) == 0
+    assert os.path.isfile(os.path.join(own, BUILT_MARKER))
+    os.remove(os.path.join(own, BUILT_MARKER))  # built before the marker existed: only its manifest and domains
+    assert shards_main(shards_args(tiny, own, f"prose={tiny['prose']}", f"code={tiny['code']}", seq_len="32")
+                       + ["--overwrite"]) == 0
+
+
+# ------------------------------------------------------------------------------------ checkpoints on resume
+
+def _damage(path, how):
+    """Overwrite through the `latest` link as `cp` would (random bytes), or cut the file in half."""
+    if how == "random":
+        with open(path, "wb") as f:
+            f.write(os.urandom(4096))
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+
+
+@pytest.mark.slow
+def test_autoresume_skips_a_damaged_newest_checkpoint_or_refuses_naming_it(tiny, capsys):
+    """A newest checkpoint overwritten or truncated is set aside with a warning and the run resumes from the newest
+    complete one; with none left it refuses naming the file and changes nothing (it used to end in an
+    UnpicklingError / PytorchStreamReader traceback)."""
+    from conftest import CONTINUE_YAML
+
+    common = ["eval_interval=2ba", "save_interval=2ba", "export_dir=null", "autoresume=true", "save_overwrite=false"]
+    run = tiny["run"]
+    assert train(tiny, *common, "max_duration=4ba") == 0
+    for how, until in (("random", 6), ("truncated", 8)):
+        newest = os.path.realpath(os.path.join(run, "latest-rank0.pt"))
+        _damage(os.path.join(run, "latest-rank0.pt"), how)
+        capsys.readouterr()
+        assert train(tiny, *common, f"max_duration={until}ba") == 0
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and f"'{newest}'" in err and "resuming from the newest complete" in err, err
+        assert os.path.isfile(newest + ".damaged")
+        assert os.path.basename(os.path.realpath(os.path.join(run, "latest-rank0.pt"))) == f"ep0-ba{until}-rank0.pt"
+    only = str(tiny["tmp"] / "only")
+    assert train_main([TINY_YAML, *paths(tiny, only), *common, "max_duration=2ba"]) == 0
+    _damage(os.path.join(only, "latest-rank0.pt"), "random")
+    capsys.readouterr()
+    before = snapshot(only)
+    refused(capsys, train_main([TINY_YAML, *paths(tiny, only), *common, "max_duration=4ba"]), "ep0-ba2-rank0.pt",
+            "no earlier complete checkpoint")
+    assert snapshot(only) == before
+    # load_path of another kind of run: a continued run's checkpoint (no masks) into a pruning run and back
+    cont = str(tiny["tmp"] / "cont")
+    assert train_main([CONTINUE_YAML, *paths(tiny, cont), "max_duration=2ba", "eval_interval=2ba", "data.proportions=null",
+                       "save_interval=2ba", "export_dir=null"]) == 0
+    capsys.readouterr()
+    other = str(tiny["tmp"] / "other")
+    refused(capsys, train_main([TINY_YAML, *paths(tiny, other), f"load_path={cont}/latest-rank0.pt"]), "load_path",
+            "without pruning")
+    refused(capsys, train_main([CONTINUE_YAML, *paths(tiny, other), "data.proportions=null", f"load_path={run}/latest-rank0.pt"]),
+            "load_path", "holds masks")
+    assert not os.path.exists(other)
+
+
+# --------------------------------------------------------------------------------------------- shard files
+
+class _Raises(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        from llmshearing.errors import ConfigError
+
+        raise ConfigError("shard 'x/shard.00000.mds' is 3 bytes but its index.json says 9")
+
+
+def test_shard_indexes_are_checked_at_start_and_a_damaged_cached_index_is_fetched_again(tiny, capsys):
+    """A corrupt index.json, local or at the remote, is one line naming it from every entry point (it was a
+    JSONDecodeError); a truncated shard file at a folder remote stops the start; a damaged or stale cached index
+    is fetched again once the remote is good; an error raised in a dataloader worker is the same one line."""
+    from llmshearing.data.layout import check_domains, read_manifest
+    from llmshearing.data.remote import prepare_cache
+    from llmshearing.errors import run_entry
+
+    remote = str(tiny["tmp"] / "remote")
+    shutil.copytree(tiny["shards"], remote)
+    index = os.path.join(remote, "code", "eval", "index.json")
+    good = open(index).read()
+    cache = str(tiny["tmp"] / "cache")
+    via_remote = ["data.shards=null", f"data.remote={remote}", f"data.local={cache}"]
+    for damage in ("{not json", '{"version": 2}'):
+        with open(index, "w") as f:
+            f.write(damage)
+        refused(capsys, train(tiny, f"data.shards={remote}"), index)
+        refused(capsys, cli_main(["eval", tiny["model"], "--shards", remote]), index)
+        shutil.rmtree(cache, ignore_errors=True)
+        refused(capsys, train(tiny, *via_remote), index)
+        refused(capsys, cli_main(["eval", tiny["model"], "--remote", remote, "--local", cache]), index)
+        refused(capsys, cli_main(["reference-loss", "--model", tiny["model"], "--remote", remote, "--local", cache]),
+                index)
+        assert not os.path.exists(tiny["run"])
+    with open(index, "w") as f:
+        f.write(good)
+    shard = os.path.join(remote, "prose", "prune", "shard.00000.mds")
+    data = open(shard, "rb").read()
+    with open(shard, "wb") as f:
+        f.write(data[:100])
+    refused(capsys, train(tiny, *via_remote), shard, "truncated")
+    with open(shard, "wb") as f:
+        f.write(data)
+
+    shutil.rmtree(cache, ignore_errors=True)
+    prepare_cache(remote, cache)
+    manifest = read_manifest(cache)
+    check_domains(manifest, cache, ["code"], "eval", remote=remote)
+    cached = os.path.join(cache, "code", "eval", "index.json")
+    for damage in ("{not json", open(os.path.join(remote, "prose", "eval", "index.json")).read()):
+        with open(cached, "w") as f:
+            f.write(damage)
+        check_domains(manifest, cache, ["code"], "eval", remote=remote)
+        assert open(cached).read() == good
+        assert "fetched it again" in capsys.readouterr().err
+
+    def read_with_a_worker():
+        for _ in torch.utils.data.DataLoader(_Raises(), num_workers=1):
+            pass
+
+    assert run_entry(read_with_a_worker) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: shard 'x/shard.00000.mds' is 3 bytes but its index.json says 9", err
+
+
+# ------------------------------------------------------------------------------------------- other inputs
+
+def test_target_takes_only_a_model_folder_or_its_config_json(tiny, capsys):
+    """`llmshearing target` uses the model-folder checks of training: a yaml, a shard folder, a weights file, a
+    broken config.json and a missing --gguf-file are each one line naming the path (they were tracebacks)."""
+    recipe = os.path.join(REPO, TINY_YAML)
+    weights = os.path.join(tiny["copy"], "model.safetensors")
+    broken = str(tiny["tmp"] / "broken")
+    shutil.copytree(tiny["model"], broken)
+    with open(os.path.join(broken, "config.json"), "w") as f:
+        f.write('{"model_type": "llama", ')
+    for args, names in (([recipe], [recipe, "config.json"]), ([tiny["shards"]], [tiny["shards"], "config.json"]),
+                        ([weights], [weights, "config.json"]), ([broken], [broken, "config.json"]),
+                        ([tiny["model"], "--gguf-file", "model.gguf"], ["model.gguf", "does not exist"])):
+        refused(capsys, cli_main(["target", *args, "--fraction", "0.5"]), *names)
+    assert cli_main(["target", tiny["model"], "--fraction", "0.5"]) == 0
+    assert cli_main(["target", os.path.join(tiny["model"], "config.json"), "--fraction", "0.5"]) == 0
+
+
+def test_a_truncated_compressed_input_is_one_line(tiny, capsys):
+    import bz2
+    import gzip
+    import lzma
+
+    raw = open(tiny["prose"], "rb").read() * 4
+    out = str(tiny["tmp"] / "shards")
+    for name, data in (("p.jsonl.gz", gzip.compress(raw)), ("p.jsonl.bz2", bz2.compress(raw)),
+                       ("p.jsonl.xz", lzma.compress(raw))):
+        path = tiny["tmp"] / name
+        path.write_bytes(data[:len(data) * 2 // 3])
+        args = shards_args(tiny, out, f"prose={path}", f"code={tiny['code']}")
+        args[args.index("--prune-tokens") + 1] = "10000000"  # read to the end, where the file is cut
+        refused(capsys, shards_main(args), str(path), "truncated or damaged")
+        assert not os.path.exists(out)
+
+
+def test_shard_settings_that_would_build_something_useless(tiny, capsys):
+    """Whitespace-only documents are no documents (they built shards of framing tokens); a --seq-len longer than the
+    tokenizer's model's positions is refused before the build (training refused the shards later); --workers above
+    the usable CPUs is capped, saying so."""
+    out = str(tiny["tmp"] / "shards")
+    blank = tiny["tmp"] / "blank.jsonl"
+    blank.write_text("".join(json.dumps({"text": t}) + "\n" for t in (" ", "\n\n", "\t \n") * 50))
+    refused(capsys, shards_main(shards_args(tiny, out, f"prose={blank}", f"code={tiny['code']}")), "prose",
+            "no documents")
+    with open(os.path.join(tiny["model"], "config.json")) as f:
+        limit = json.load(f)["max_position_embeddings"]
+    refused(capsys, shards_main(shards_args(tiny, out, f"prose={tiny['prose']}", seq_len=str(limit + 1))),
+            "--seq-len", "max_position_embeddings")
+    assert not os.path.exists(out)
+    assert shards_main(shards_args(tiny, out, f"prose={tiny['prose']}", f"code={tiny['code']}")
+                       + ["--workers", "1000"]) == 0
+    from data_prep.shards import _cpu_count
+
+    assert f"using {_cpu_count()}" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_continued_run_that_changes_its_objective_says_so(tiny, capsys):
+    """Distillation switched on at autoresume, or load_path into a new folder with another target: allowed, with a
+    note (the objective changes at the resumed batch; it changed silently)."""
+    common = ["eval_interval=2ba", "save_interval=2ba", "export_dir=null", "save_overwrite=false"]
+    assert train(tiny, *common, "max_duration=2ba") == 0
+    capsys.readouterr()
+    assert train(tiny, *common, "max_duration=3ba", "autoresume=true", "distill.alpha=0.5") == 0
+    err = capsys.readouterr().err
+    assert "note:" in err and "distill=None" in err and "objective changes" in err, err
+    other = "pruning.target={num_hidden_layers: 2, hidden_size: 48, num_attention_heads: 2, num_key_value_heads: 1, intermediate_size: 64}"
+    assert train_main([TINY_YAML, *paths(tiny, str(tiny["tmp"] / "new")), *common, "max_duration=4ba", other,
+                       f"load_path={tiny['run']}/latest-rank0.pt"]) == 0
+    err = capsys.readouterr().err
+    assert "note:" in err and "continues toward" in err and "'num_hidden_layers': 2" in err, err
+
+
+def test_a_remote_with_a_trailing_slash_is_the_same_remote(tiny):
+    """`data.remote=<folder>/` was called "another remote" than the cache it had filled as `<folder>`."""
+    from llmshearing.train.config import load_config
+
+    cache = str(tiny["tmp"] / "cache")
+    for remote in (tiny["shards"], tiny["shards"] + "/", tiny["shards"] + "//"):
+        cfg = load_config(TINY_YAML, paths(tiny, tiny["run"]) + ["data.shards=null", f"data.remote={remote}",
+                                                                  f"data.local={cache}"])
+        assert cfg.data.remote == tiny["shards"]

@@ -339,9 +339,12 @@ def bad_teachers(tmp_path_factory):
     ("distill.alpha=1.5", ["distill.alpha", "[0, 1]"]),
     ("distill.alpha=-0.1", ["distill.alpha", "[0, 1]"]),
     ("distill.alpha=.nan", ["distill.alpha"]),
-    ("distill.temperature=0", ["distill.temperature", "> 0"]),
-    ("distill.temperature=-2", ["distill.temperature", "> 0"]),
+    ("distill.temperature=0", ["distill.temperature", "[0.1, 100]"]),
+    ("distill.temperature=-2", ["distill.temperature", "[0.1, 100]"]),
+    ("distill.temperature=1e-30", ["distill.temperature", "[0.1, 100]", "one-hot"]),  # total loss 0.0000
+    ("distill.temperature=1000", ["distill.temperature", "[0.1, 100]", "flat"]),
     ("distill.top_k=0", ["distill.top_k"]),
+    ("distill.top_k=1", ["distill.top_k", ">= 2", "KL is 0"]),  # with alpha 1: total loss 0.0000
     ("distill.top_k=100000", ["distill.top_k", "384"]),
     ("distill.teacher=/nonexistent/teacher", ["distill.teacher", "/nonexistent/teacher", "does not exist"]),
     ("distill.tempreature=2", ["distill.tempreature", "distill.temperature"]),
@@ -364,9 +367,30 @@ def test_teacher_with_another_vocabulary_or_tokenizer_is_refused(tiny, bad_teach
 def test_teacher_source_without_pruning_is_refused(tiny, capsys):
     rc = train_main([CONTINUE_YAML, *paths(tiny, tiny["run"]), "data.proportions=null", "distill.alpha=0.5"])
     refused(capsys, rc, "distill.teacher=source", "no pruning section", "model.path")
+    rc = train_main([CONTINUE_YAML, *paths(tiny, tiny["run"]), "data.proportions=null", "distill.alpha=0.5",
+                     f"distill.teacher={tiny['model']}/"])  # the student's own folder, spelled as a path: kd = 0
+    refused(capsys, rc, "no pruning section", "is model.path", "nothing would be distilled")
     rc = train_main([TINY_YAML, *paths(tiny, tiny["run"]), "distill.alpha=0.5", "fsdp={use_orig_params: false}"])
     refused(capsys, rc, "fsdp.use_orig_params")
     assert not os.path.exists(tiny["run"])
+
+
+def test_a_teacher_smaller_than_the_student_is_allowed_with_a_warning(tiny, capsys):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from llmshearing.train.config import load_config
+
+    config = AutoConfig.from_pretrained(tiny["model"])
+    config.num_hidden_layers = 1
+    small = str(tiny["tmp"] / "small_teacher")
+    AutoModelForCausalLM.from_config(config).save_pretrained(small)
+    load_tokenizer(tiny["model"]).save_pretrained(small)
+    cfg = load_config(CONTINUE_YAML, [*paths(tiny, tiny["run"]), "data.proportions=null", f"distill.teacher={small}"])
+    assert cfg.distill.teacher == small
+    err = capsys.readouterr().err
+    assert "fewer than the student's" in err and small in err, err
+    load_config(TINY_YAML, [*paths(tiny, tiny["run"]), f"distill.teacher={tiny['model']}"])  # the source: no warning
+    assert "fewer than" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- FSDP

@@ -1,5 +1,6 @@
 """A crash costs minutes, not the run: kills and SIGTERM resume bit-identically, non-finite losses stop
 with a checkpoint from before them, ranks agree, and failures end the run within a bounded time."""
+import json
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ from conftest import BIN, CONTINUE_YAML, ENV, REPO, TINY_YAML, jsonl, paths, run
 from transformers import AutoModelForCausalLM
 
 from llmshearing.compat import checkpoint_state, install_atomic_writes
-from llmshearing.train.checkpointing import repair_latest
+from llmshearing.train.checkpointing import checkpoints, repair_latest
 
 pytestmark = pytest.mark.slow  # Composer training runs / subprocesses: left out of `make test-fast`
 
@@ -264,15 +265,54 @@ def test_checkpoint_writes_are_atomic(tmp_path):
 
 
 def test_repair_latest_with_sharded_checkpoints(tmp_path):
-    """Sharded checkpoints are folders whose `.metadata` is written last: a `latest` link at a folder without it
-    (a save cut short) is re-pointed at the newest complete one."""
-    for name, complete in (("ep0-ba5", True), ("ep0-ba10", True), ("ep0-ba15", False)):
-        os.makedirs(tmp_path / name)
-        with open(tmp_path / name / "__0_0.distcp", "wb") as f:
-            f.write(b"shard")
-        if complete:
-            (tmp_path / name / ".metadata").write_bytes(b"meta")
-    os.symlink("ep0-ba15", tmp_path / "latest-rank0.pt")
+    """Sharded checkpoints are folders whose `.metadata` is written last and lists every rank's file: a `latest`
+    link at a folder without it (a save cut short), or at one that lost a rank's file, is re-pointed at the newest
+    complete one (the damaged folder set aside with a warning)."""
+    import torch.distributed.checkpoint as dcp
+
+    for name in ("ep0-ba5", "ep0-ba10", "ep0-ba15", "ep0-ba20"):
+        dcp.save({"w": torch.ones(4)}, checkpoint_id=str(tmp_path / name))  # one process: writes __0_0.distcp
+    os.remove(tmp_path / "ep0-ba20" / ".metadata")  # the save was cut short
+    os.remove(tmp_path / "ep0-ba15" / "__0_0.distcp")  # a rank's file lost: its .metadata still names it
+    assert [os.path.basename(p) for p in checkpoints(str(tmp_path))] == ["ep0-ba5", "ep0-ba10"]
+    os.symlink("ep0-ba20", tmp_path / "latest-rank0.pt")
     assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10")
     assert os.readlink(tmp_path / "latest-rank0.pt") == "ep0-ba10"
+    assert os.path.isdir(tmp_path / "ep0-ba20")  # an unfinished save is no damage: left as it is
+    os.replace(tmp_path / "latest-rank0.pt", tmp_path / "x")
+    os.symlink("ep0-ba15", tmp_path / "latest-rank0.pt")
+    assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10")
+    assert os.path.isdir(tmp_path / "ep0-ba15.damaged") and not os.path.exists(tmp_path / "ep0-ba15")
     assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10")  # a good link is left alone
+
+@pytest.mark.slow
+def test_a_demo_stopped_by_sigterm_exits_with_its_code_and_a_rerun_resumes(tiny_setup, tmp_path):
+    """SIGTERM during the continued stage: the stage saves its checkpoint, the demo stops with 143 and one line
+    (it went on to evaluate an export that did not exist: an HFValidationError traceback); the same command again
+    reuses the finished pruning stage, resumes the continued one and writes the summary."""
+    data, out = tmp_path / "data", str(tmp_path / "demo")
+    shutil.copytree(tiny_setup["model"], data / "models" / "smollm2-135m")
+    os.makedirs(data / "text")
+    for source, names in (("prose", ("news", "books")), ("code", ("code", "docs"))):
+        lines = open(tiny_setup[source]).readlines()
+        for i, name in enumerate(names):  # two halves: distinct documents per domain
+            (data / "text" / f"{name}.jsonl").write_text("".join(lines[i::2]))
+    target = ("prune.pruning.target={num_hidden_layers: 3, hidden_size: 48, num_attention_heads: 2, "
+              "num_key_value_heads: 1, intermediate_size: 64}")
+    command = [sys.executable, "-m", "llmshearing.cli", "demo", "--data", str(data), "--out", out, target,
+               "progress_bar=false", "max_duration=4ba", "eval_interval=2ba", "save_interval=4ba",
+               "continue.max_duration=200ba", "continue.save_interval=200ba", "continue.eval_interval=5ba",
+               "continue.scheduler.t_warmup=0ba"]
+    demo = popen(command)
+    wait_for_lines(os.path.join(out, "continue", "domain_weights.jsonl"), 2, demo, timeout=600)
+    os.killpg(demo.pid, signal.SIGTERM)
+    _, err = demo.communicate(timeout=300)
+    assert demo.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "run the demo again" in err, err[-3000:]
+    assert not os.path.exists(os.path.join(out, "continued")) and not os.path.exists(os.path.join(out, "summary.json"))
+    proc = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"reusing the finished stage in {out}/prune" in proc.stdout
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert set(summary["perplexity"]) == {"source", "pruned", "pruned + continued"}
+    assert os.path.isfile(os.path.join(out, "continue", "ep0-ba200-rank0.pt"))

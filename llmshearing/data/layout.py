@@ -21,6 +21,10 @@ from llmshearing.errors import ConfigError
 FORMAT = "llmshearing-shards/1"
 SPLITS = ("eval", "prune", "continue")
 MANIFEST = "manifest.json"
+# Written by data_prep.shards into every folder it builds: the one proof that a folder is the builder's own output
+# and may be replaced (a manifest alone is not: a shard cache holds a copy of one, and so may any folder it was
+# copied into).
+BUILT_MARKER = "llmshearing_shards.json"
 # RedPajama-Data-1T's mixture (LLaMA's), the paper's default proportions for pruning and continued pretraining.
 REDPAJAMA_PROPORTIONS = {
     "common_crawl": 0.67, "c4": 0.15, "github": 0.045, "book": 0.045,
@@ -46,6 +50,18 @@ def read_manifest(root: str) -> dict:
         raise ConfigError(f"'{path}' is not a {FORMAT} manifest (format={got!r}); rebuild the shards")
     check_manifest(manifest, path)
     return manifest
+
+
+def built_here(root: str, manifest: dict | None) -> bool:
+    """`root` is a shard folder made by data_prep.shards: it carries BUILT_MARKER, or (folders built before the
+    marker existed) it holds nothing but its manifest and the domain folders that manifest names."""
+    if os.path.isfile(os.path.join(root, BUILT_MARKER)):
+        return True
+    domains = manifest.get("domains") if isinstance(manifest, dict) else None
+    if not isinstance(domains, dict):
+        return False
+    names = set(os.listdir(root)) - {MANIFEST}
+    return names <= set(domains) and all(os.path.isdir(os.path.join(root, n)) for n in names)
 
 
 def check_manifest(manifest: dict, path: str) -> None:
@@ -87,19 +103,39 @@ def check_domains(manifest: dict, root: str, domains: list[str], split: str, key
             from llmshearing.data.remote import fetch_index
 
             fetch_index(remote, root, name, split)
+            if "://" not in remote:  # a plain path (NFS): its files can be checked now, like local shards
+                check_shard_files(split_dir(remote, name, split))
         else:
             check_shard_files(split_dir(root, name, split))
+
+
+def read_index(path: str, shown: str | None = None) -> dict:
+    """The parsed index.json of the split folder `path`, checked to be an MDS index (streaming's reader fails on a
+    damaged one with a JSONDecodeError or KeyError traceback). `shown` names the file in errors (a remote's URL)."""
+    index = os.path.join(path, "index.json")
+    shown = shown or index
+    if not os.path.exists(index):
+        raise ConfigError(f"shards at '{path}' are missing (no index.json); rebuild the shards")
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"'{shown}' is not valid json ({e}); the shards are damaged: restore the file or rebuild "
+                          f"the shards") from None
+    shards = data.get("shards") if isinstance(data, dict) else None
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("raw_data"), dict) and isinstance(s["raw_data"].get("basename"), str)
+            and isinstance(s["raw_data"].get("bytes"), int) for s in shards):
+        raise ConfigError(f"'{shown}' is not an MDS index (no list of 'shards' with their 'raw_data'); the shards "
+                          f"are damaged: restore the file or rebuild the shards")
+    return data
 
 
 def check_shard_files(path: str) -> None:
     """Every shard file the split's index.json names exists with the size it records (a stat each): a
     deleted or truncated shard stops a run at start, not hours in, inside a dataloader worker."""
     index = os.path.join(path, "index.json")
-    if not os.path.exists(index):
-        raise ConfigError(f"shards at '{path}' are missing (no index.json); rebuild the shards")
-    with open(index) as f:
-        shards = json.load(f).get("shards", [])
-    for shard in shards:
+    for shard in read_index(path)["shards"]:
         data = shard.get("zip_data") or shard["raw_data"]
         file = os.path.join(path, data["basename"])
         if not os.path.exists(file) and shard.get("zip_data"):  # decompressed copies also do
@@ -117,12 +153,9 @@ def open_split(root: str, domain: str, split: str, remote: str | None = None):
     from streaming import LocalDataset
 
     path = split_dir(root, domain, split)
-    if not os.path.exists(os.path.join(path, "index.json")):
-        raise ConfigError(f"no shards at '{path}' (index.json missing); rebuild the shards")
-    with open(os.path.join(path, "index.json")) as f:
-        if not json.load(f).get("shards"):  # LocalDataset fails with an IndexError on an empty split
-            raise ConfigError(f"'{path}' holds no sequences (a zero budget or proportion); rebuild the shards "
-                              f"with a budget for it")
+    if not read_index(path)["shards"]:  # LocalDataset fails with an IndexError on an empty split
+        raise ConfigError(f"'{path}' holds no sequences (a zero budget or proportion); rebuild the shards "
+                          f"with a budget for it")
     if remote:
         from llmshearing.data.remote import open_cached_split
 

@@ -15,6 +15,7 @@ import fcntl
 import filecmp
 import json
 import os
+import sys
 import time
 
 from llmshearing.errors import ConfigError
@@ -79,6 +80,15 @@ def fetch(remote: str, local: str, rel: str) -> str:
     return dest
 
 
+def normalise(remote: str) -> str:
+    """One spelling per remote, so that `s3://b/x/` and `s3://b/x` (or `shards/` and `shards`) are one remote and
+    one cache: no trailing slash; a plain path normalised."""
+    if "://" in remote:
+        scheme, rest = remote.split("://", 1)
+        return f"{scheme}://{rest.rstrip('/')}" if rest.strip("/") else remote
+    return os.path.normpath(remote)
+
+
 CONFIG_KEYS = ("data.shards", "data.remote", "data.local")  # how a run's config names the three; the CLIs' --flags
 
 
@@ -109,6 +119,7 @@ def prepare_cache(remote: str, local: str, keys=CONFIG_KEYS) -> None:
     from llmshearing.data.layout import MANIFEST
 
     k_shards, k_remote, k_local = keys
+    remote = normalise(remote)
     if "://" in local:
         raise ConfigError(f"{k_local}='{local}' must be a folder on this node (the cache), not a URI")
     if "://" not in remote and not os.path.isdir(remote):
@@ -118,13 +129,15 @@ def prepare_cache(remote: str, local: str, keys=CONFIG_KEYS) -> None:
         raise ConfigError(f"{k_local} is {k_remote} ('{local}'); to read shards in place use {k_shards}={local} "
                           f"and no {k_remote} / {k_local}")
     writable_output(local, k_local)
+    _check_cache_folder(local, k_local)  # before anything is written into it
     os.makedirs(local, exist_ok=True)
     with _locked(local, MARKER):
         marker = os.path.join(local, MARKER)
+        _check_cache_folder(local, k_local)  # again under the lock: another process may have filled it meanwhile
         if os.path.exists(marker):
             with open(marker) as f:
                 held = json.load(f).get("remote")
-            if held != remote:
+            if not isinstance(held, str) or normalise(held) != remote:
                 raise ConfigError(f"{k_local} '{local}' is the cache of another remote ('{held}'); give this remote "
                                   f"its own cache folder")
         cached_before = os.path.exists(os.path.join(local, MANIFEST))
@@ -146,8 +159,47 @@ def prepare_cache(remote: str, local: str, keys=CONFIG_KEYS) -> None:
                               f"delete the cache folder (or give a new data.local) so nothing stale is read")
 
 
+def _check_cache_folder(local: str, k_local: str) -> None:
+    """A cache folder is the project's only if it is new, empty or carries the cache marker: the cache writes
+    files into it and tells the user to delete it when the remote changes, so a model or shard folder given by
+    mistake must be refused before the first file lands in it."""
+    if not os.path.isdir(local) or os.path.exists(os.path.join(local, MARKER)):
+        return
+    foreign = sorted(n for n in os.listdir(local) if n != ".locks")  # .locks: a cache being set up right now
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ConfigError(f"{k_local} '{local}' is not empty ({shown}) and is not a shard cache (no {MARKER}); "
+                          f"the cache writes files into it, so give a new or empty folder")
+
+
 def fetch_index(remote: str, local: str, domain: str, split: str) -> None:
-    fetch(remote, local, os.path.join(domain, split, "index.json"))
+    """The split's index.json in the cache, parsed and checked. A cached copy that does not parse, or (checked by the
+    node's first process) differs from the remote's, is fetched again: a damaged copy must not outlive the repair
+    of the remote. A damaged index at the remote is an error naming its URL."""
+    from llmshearing.data.layout import read_index
+
+    rel = os.path.join(domain, split, "index.json")
+    cached_before = os.path.exists(os.path.join(local, rel))
+    dest = fetch(remote, local, rel)
+    folder, shown = os.path.dirname(dest), join(remote, domain, split, "index.json")
+    try:
+        read_index(folder, shown)
+        if not cached_before or os.environ.get("LOCAL_RANK", "0") != "0":
+            return
+    except ConfigError:
+        if not cached_before:
+            raise  # just fetched: the remote's own copy is damaged
+    with _locked(local, rel):  # refresh: fetch the remote's copy beside it and swap it in if it differs
+        fresh = dest + ".check"
+        _download(remote, rel, fresh)
+        same = os.path.exists(dest) and filecmp.cmp(fresh, dest, shallow=False)
+        if same:
+            os.remove(fresh)
+        else:
+            os.replace(fresh, dest)
+            print(f"note: the cached '{dest}' was damaged or differed from the remote's; fetched it again",
+                  file=sys.stderr, flush=True)
+    read_index(folder, shown)
 
 
 def open_cached_split(remote: str, local: str, domain: str, split: str):

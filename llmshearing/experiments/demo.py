@@ -9,11 +9,15 @@ multi-domain text, on CPU:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import sys
 import time
 
 import torch
+import yaml
 
 from llmshearing.io import atomic_write_text
 
@@ -36,7 +40,31 @@ def _stage_overrides(overrides: list[str], stage: str) -> list[str]:
     return out
 
 
-def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list[str] | None = None) -> dict:
+def _finished_stage(cfg) -> dict | None:
+    """The result of a stage that an earlier demo run finished (its newest checkpoint at max_duration, its export
+    written, the same model, target and data), or None: a rerun of the demo reuses it instead of training again."""
+    from llmshearing.pruning.export import EXPORT_MARKER
+    from llmshearing.train.checkpointing import batch_of, checkpoints
+    from llmshearing.train.config import _as_dict, batches
+    from llmshearing.train.run_folder import CONFIG_NAME, identity
+
+    found, config = checkpoints(cfg.save_folder), os.path.join(cfg.save_folder, CONFIG_NAME)
+    if not (found and batch_of(found[-1]) >= batches(cfg.max_duration) and os.path.isfile(config)
+            and os.path.isfile(os.path.join(cfg.export_dir, EXPORT_MARKER))):
+        return None
+    with open(config) as f:
+        if identity(yaml.safe_load(f)) != identity(_as_dict(cfg)):
+            return None  # another run: training refuses it with its own message
+    kept = os.path.join(cfg.export_dir, "pruning.json")
+    print(f"demo: reusing the finished stage in {cfg.save_folder} and its export {cfg.export_dir} (delete them to "
+          f"train it again)", flush=True)
+    with open(kept) if os.path.isfile(kept) else contextlib.nullcontext() as f:
+        return {"seconds": 0.0, "kept": json.load(f) if f else None, "stopped_after": None}
+
+
+def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list[str] | None = None) -> dict | int:
+    """The summary; or, when a stage was stopped by SIGTERM / SIGINT (its checkpoint saved), that stage's exit
+    code, after one line saying how to resume."""
     from transformers import AutoModelForCausalLM
 
     from data_prep.shards import build_default_shards
@@ -71,10 +99,18 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
             paths.append(f"data.proportions={os.path.join(out_dir, 'prune', 'domain_weights.json')}")
             if OmegaConf.load(resolve_recipe(yaml_name)).get("distill") is not None:
                 paths.append(f"distill.teacher={model_dir}")  # the source this demo pruned
-        cfg = load_config(yaml_name, paths + _stage_overrides(overrides, stage))
+        # autoresume: a rerun continues a stage a SIGTERM stopped; a stage an earlier run finished is reused
+        cfg = load_config(yaml_name, paths + ["autoresume=true"] + _stage_overrides(overrides, stage))
         t = time.time()
-        stages[stage] = {"cfg": cfg, **run(cfg)}
+        stages[stage] = {"cfg": cfg, **(_finished_stage(cfg) or run(cfg))}
         times[f"{stage} (train + export)"] = time.time() - t
+        stopped = stages[stage]["stopped_after"]
+        if stopped is not None:  # the stage saved a checkpoint and exported nothing: the next stage has no input
+            signum = stages[stage]["signal"]
+            print(f"demo: the {stage} stage was stopped by {signal.Signals(signum).name} after batch {stopped}; its "
+                  f"checkpoint is in {cfg.save_folder}: run the demo again (same command) to resume from it",
+                  file=sys.stderr, flush=True)
+            return 128 + signum
 
     t = time.time()
     cfg = stages["prune"]["cfg"]

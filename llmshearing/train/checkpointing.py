@@ -9,7 +9,7 @@ autoresume silently starts the run from scratch. Here:
   in the same folder, fsync it, and rename it into place (a rename is atomic on POSIX), so a
   checkpoint file either is complete or does not exist;
 * `repair_latest(folder)` (called before autoresume) re-points a missing or dangling `latest`
-  link at the newest complete checkpoint;
+  link, or one at a damaged checkpoint (set aside with a warning), at the newest complete checkpoint;
 * `save_now(state, folder)` writes a checkpoint outside the save interval (SIGTERM, non-finite
   loss) under Composer's default names, so autoresume and `load_path` pick it up like any other.
 """
@@ -18,10 +18,10 @@ from __future__ import annotations
 import glob
 import os
 import re
+import sys
 
 import torch
 
-from llmshearing.compat import install_atomic_writes, is_sharded_checkpoint
 from llmshearing.errors import ConfigError
 
 CHECKPOINT_NAME = "ep{epoch}-ba{batch}-rank{rank}.pt"  # Composer's default save_filename
@@ -31,20 +31,25 @@ _SHARDED_NAME = "ep{epoch}-ba{batch}"  # Composer's default sharded_ckpt_prefix_
 _SHARDED = re.compile(r"ep(\d+)-ba(\d+)")
 
 
-def checkpoints(folder: str, rank: int = 0) -> list[str]:
-    """Complete checkpoints of `rank` in `folder`, oldest first (by batch): monolithic `ep*-ba*-rank<rank>.pt`
-    files, and (for rank 0) sharded `ep*-ba*/` folders whose `.metadata` was written (DCP writes it last)."""
+def checkpoints(folder: str, rank: int = 0, complete: bool = True) -> list[str]:
+    """Checkpoints of `rank` in `folder`, oldest first (by batch): monolithic `ep*-ba*-rank<rank>.pt` files and
+    (for rank 0) sharded `ep*-ba*/` folders; with `complete`, only whole ones (`_complete`)."""
     found = []
     for name in os.listdir(folder) if os.path.isdir(folder) else []:
         path = os.path.join(folder, name)
         if os.path.islink(path):
             continue
         m, s = _CHECKPOINT.fullmatch(name), _SHARDED.fullmatch(name)
-        if m and int(m.group(3)) == rank:
-            found.append((int(m.group(2)), path))
-        elif s and rank == 0 and is_sharded_checkpoint(path):
-            found.append((int(s.group(2)), path))
-    return [p for _, p in sorted(found)]
+        if (m and int(m.group(3)) == rank) or (s and rank == 0 and os.path.isdir(path)):
+            found.append((int((m or s).group(2)), path))
+    return [p for _, p in sorted(found) if not complete or _complete(p)]
+
+
+def batch_of(checkpoint: str) -> int:
+    """The batch a checkpoint of Composer's default names was saved after (from its name)."""
+    name = os.path.basename(checkpoint.rstrip(os.sep))
+    m = _CHECKPOINT.fullmatch(name) or _SHARDED.fullmatch(name)
+    return int(m.group(2)) if m else -1
 
 
 def point_latest(folder: str, checkpoint: str, rank: int = 0) -> None:
@@ -58,21 +63,44 @@ def point_latest(folder: str, checkpoint: str, rank: int = 0) -> None:
 
 
 def _complete(path: str) -> bool:
-    return os.path.isfile(path) or is_sharded_checkpoint(path)
+    """A whole checkpoint: a zip file whose directory reads, or a sharded folder holding every rank's file."""
+    from llmshearing.checks import checkpoint_problem
+
+    return checkpoint_problem(path) is None
 
 
 def repair_latest(folder: str, rank: int = 0) -> str | None:
-    """Make `latest-rank<rank>.pt` point at the newest complete checkpoint when it is missing, dangling or points
-    at a sharded folder whose save never finished, and remove leftovers of interrupted writes. Returns the
-    checkpoint autoresume will load, if any."""
+    """Make `latest-rank<rank>.pt` point at the newest complete checkpoint when it is missing, dangling, or points
+    at a checkpoint that is not whole (a sharded save that never finished, a rank's file lost, a file overwritten
+    or truncated), and remove leftovers of interrupted writes. A damaged checkpoint is renamed `<name>.damaged`
+    (kept, never loaded) with a warning; when no complete checkpoint is left the run refuses, naming it, rather
+    than silently starting over. Returns the checkpoint autoresume will load, if any."""
+    from llmshearing.checks import checkpoint_problem
+
     if not os.path.isdir(folder):
         return None
     for partial in glob.glob(os.path.join(folder, ".ep*-ba*-rank*.pt.tmp-*")):
         os.remove(partial)
     link = os.path.join(folder, LATEST_NAME.format(rank=rank))
-    if os.path.exists(link) and _complete(os.path.realpath(link)):
-        return os.path.realpath(link)
+    target = os.path.realpath(link)
     found = checkpoints(folder, rank)
+    if os.path.exists(link):
+        problem = checkpoint_problem(target)
+        if problem is None:
+            return target
+        name = os.path.basename(target)
+        ours = os.path.dirname(target) == os.path.realpath(folder) and (_CHECKPOINT.fullmatch(name) or
+                                                                         _SHARDED.fullmatch(name))
+        if "no .metadata" not in problem:  # a sharded save cut short is no damage: the link is re-pointed
+            bad = target if os.path.islink(link) and ours else link  # a file, not Composer's link: itself
+            damaged = f"'{bad}' is {problem}"
+            if not found:
+                raise ConfigError(f"autoresume: checkpoint {damaged}, and save_folder '{folder}' holds no earlier "
+                                  f"complete checkpoint; restore it from a copy, or start over with autoresume=false "
+                                  f"and save_overwrite=true")
+            os.replace(bad, bad + ".damaged")  # kept for a look, never loaded
+            print(f"warning: autoresume: checkpoint {damaged}; set aside as '{os.path.basename(bad)}.damaged', "
+                  f"resuming from the newest complete checkpoint '{found[-1]}'", file=sys.stderr, flush=True)
     if not found:
         if os.path.lexists(link):
             os.remove(link)  # an unfinished sharded save: autoresume must not try to load it
@@ -85,6 +113,8 @@ def save_now(state, folder: str) -> str:
     """Checkpoint `state` now (all ranks must call it) and point `latest` at it; returns the checkpoint (rank 0's
     file, or the sharded folder)."""
     from composer.utils import checkpoint, dist
+
+    from llmshearing.compat import install_atomic_writes
 
     install_atomic_writes()
     saved = checkpoint.save_checkpoint(state, os.path.join(folder, CHECKPOINT_NAME))

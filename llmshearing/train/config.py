@@ -21,9 +21,7 @@ from llmshearing.checks import (check_checkpoint, check_finite, check_model_fold
                                load_structured, writable_output)
 from llmshearing.data.layout import check_domains, read_manifest
 from llmshearing.data.mixing import check_weights
-from llmshearing.devices import composer_device
 from llmshearing.errors import ConfigError
-from llmshearing.model.decoder import resolve_attn_impl
 
 
 @dataclass
@@ -210,6 +208,8 @@ def batches(duration: str) -> int:
 
 def resolve_device(cfg: TrainConfig) -> str:
     """Composer's device of the run (gpu when available unless `device` says otherwise)."""
+    from llmshearing.devices import composer_device  # torch: imported once the cheap checks have passed
+
     device = composer_device(cfg.device)
     if device == "cpu" and cfg.precision != "fp32":
         raise ConfigError(f"precision={cfg.precision} needs a GPU; on CPU set precision=fp32")
@@ -240,8 +240,16 @@ RANGES = {
     "pruning.mask_lr": (lambda v: v > 0, "> 0"),
     "pruning.lambda_lr": (lambda v: v > 0, "> 0"),
     "distill.alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "distill.temperature": (lambda v: v > 0, "> 0"),
-    "distill.top_k": (lambda v: v is None or v >= 1, "null (the whole vocabulary) or >= 1"),
+    # T in [0.1, 100]: below, softmax(logits / T) is one-hot in float32 for any logit gap > ~10 T (the KL is 0 or
+    # its gradient overflows); above, both distributions are flat to within 1% for logit spreads < T / 100, so the
+    # KL measures nothing (and the T^2 factor scales the loss by up to 1e4)
+    "distill.temperature": (lambda v: 0.1 <= v <= 100, "in [0.1, 100] (below, the softened distributions are one-hot "
+                                                       "and the KL is 0 or overflows; above, they are flat and the KL "
+                                                       "measures nothing)"),
+    # top_k = 1 renormalises both distributions onto the teacher's one token: p = q = 1, the KL is 0 for any student
+    "distill.top_k": (lambda v: v is None or v >= 2, "null (the whole vocabulary) or >= 2 (with 1, both "
+                                                     "distributions are renormalised onto one token, so the KL is 0 "
+                                                     "whatever the student does)"),
     "seed": (lambda v: 0 <= v < 2**32, "in [0, 2^32)"),
     "device_eval_batch_size": (lambda v: v >= 1, ">= 1"),
     "eval_subset_num_batches": (lambda v: v == -1 or v >= 1, "-1 (all) or >= 1"),
@@ -293,8 +301,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.path '{cfg.model.path}' does not exist; run 'make fetch' or point it at an HF model directory")
     if cfg.model.gguf_file and not os.path.exists(os.path.join(cfg.model.path, cfg.model.gguf_file)):
         raise ConfigError(f"model.gguf_file '{cfg.model.gguf_file}' not found in '{cfg.model.path}'")
-    resolve_attn_impl(cfg.model.attn_impl)
     _check_ranges(cfg)
+    from llmshearing.model.decoder import resolve_attn_impl  # torch + transformers: after the cheap checks
+
+    resolve_attn_impl(cfg.model.attn_impl)
     cfg = replace(cfg, data=resolve_data(cfg.data))
     for key in ("max_duration", "eval_interval", "save_interval", "console_log_interval", "scheduler.t_warmup"):
         obj = _get(cfg, key)
@@ -359,9 +369,75 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.distill is not None:
         check_distill(cfg)
     check_outputs(cfg)
-    check_positions(cfg.data.root, check_model_folder(cfg.model.path, cfg.model.gguf_file, "model.path"),
-                    cfg.model.path)
+    source = check_model_folder(cfg.model.path, cfg.model.gguf_file, "model.path")
+    check_positions(cfg.data.root, source, cfg.model.path)
+    check_load_path_fits(cfg, source)
+    if cfg.pruning is not None:
+        check_pruning_does_something(cfg, source)
     return cfg
+
+
+def check_pruning_does_something(cfg: TrainConfig, source) -> None:
+    """A pruning target that is the source's own shape (e.g. `pruning.target={}`) would run a pruning run that
+    prunes nothing; calibration sequences beyond the split would be capped without a word."""
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
+    from llmshearing.pruning.shapes import resolve_target, shape_of
+
+    if source.model_type in SUPPORTED_MODEL_TYPES and resolve_target(cfg.pruning.target, source) == shape_of(source):
+        raise ConfigError(f"pruning.target {cfg.pruning.target!r} is the source's own shape "
+                          f"({shape_of(source).as_dict()}): this run would prune nothing; give smaller dims, a preset "
+                          f"or {{params: N}} (see `llmshearing target {cfg.model.path} --fraction 0.5`)")
+    p, d = cfg.pruning, cfg.data
+    if p.init == "activation":
+        splits = read_manifest(d.root)["domains"]
+        have = {name: int(splits[name]["splits"][d.split]["sequences"]) for name in d.domains}
+        short = {name: n for name, n in have.items() if n < p.init_sequences}
+        if short:
+            raise ConfigError(f"pruning.init_sequences={p.init_sequences} is more than the '{d.split}' split holds for "
+                              f"{', '.join(f'{k} ({v})' for k, v in short.items())}; give at most {min(have.values())}")
+
+
+def check_load_path_fits(cfg: TrainConfig, source) -> None:
+    """`load_path` (a checkpoint file) holds this run's model: the decoder's tensors have the shapes model.path
+    implies, and it has masks exactly when this run prunes (Composer loads non-strictly, so masks would be dropped
+    or missing silently, and another shape ends in a 'size mismatch' traceback). Reads the checkpoint through mmap
+    and builds the model on the meta device: no weights are read or allocated."""
+    if cfg.load_path is None or "://" in cfg.load_path or os.path.isdir(os.path.realpath(cfg.load_path)):
+        return  # a sharded checkpoint: DCP checks every tensor's shape when it loads
+    import torch
+
+    from llmshearing.model.decoder import DecoderLM
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
+    from llmshearing.train.checkpointing import embedded_config
+    from llmshearing.train.run_folder import note_objective_change
+
+    if source.model_type not in SUPPORTED_MODEL_TYPES:
+        return
+    try:
+        state = torch.load(cfg.load_path, map_location="cpu", weights_only=False, mmap=True)["state"]
+        held = {k.removeprefix("module."): tuple(v.shape) for k, v in state["model"].items()}
+    except Exception:  # noqa: BLE001 - Composer's own loader names what it cannot read
+        return
+    with torch.device("meta"):
+        expected = {f"model.{k}": tuple(v.shape) for k, v in DecoderLM(source).state_dict().items()}
+    has_masks = any(k.startswith("l0.") for k in held)
+    where = f"load_path '{cfg.load_path}'"
+    if has_masks != (cfg.pruning is not None):
+        if has_masks:
+            raise ConfigError(f"{where} is a pruning run's checkpoint (it holds masks) but this run has no pruning "
+                              f"section, so its masks would be dropped: export it (llmshearing export) and give the "
+                              f"export as model.path, or add the pruning run's pruning section")
+        raise ConfigError(f"{where} is a checkpoint of a run without pruning (e.g. continued pretraining of a pruned "
+                          f"model) but this run prunes: a pruning run starts from an HF model folder (model.path) or "
+                          f"resumes a pruning run's checkpoint; export that checkpoint and give it as model.path")
+    for name, shape in expected.items():
+        if name in held and held[name] != shape:
+            raise ConfigError(f"{where} does not fit model.path '{cfg.model.path}': tensor '{name}' is {held[name]} "
+                              f"there but {shape} in this model; give a checkpoint of a run of this model")
+    embedded = embedded_config(state)
+    if embedded is not None:
+        old = OmegaConf.to_container(OmegaConf.create(embedded), resolve=True)
+        note_objective_change(old, _as_dict(cfg), f"the run of load_path '{cfg.load_path}'")
 
 
 def check_distill(cfg: TrainConfig) -> None:
@@ -378,11 +454,14 @@ def check_distill(cfg: TrainConfig) -> None:
     if cfg.fsdp is not None and cfg.fsdp.get("use_orig_params") is False:
         raise ConfigError("distill needs fsdp.use_orig_params=true (the default): Composer's FSDP can leave the "
                           "frozen teacher out of the optimizer only with the original parameters")
-    if d.teacher == "source":
+    same = d.teacher != "source" and os.path.realpath(d.teacher) == os.path.realpath(cfg.model.path)
+    if d.teacher == "source" or same:
         if cfg.pruning is None:
             raise ConfigError(f"distill.teacher=source is the pruning source, but this run has no pruning section: "
                               f"its model.path '{cfg.model.path}' is the student itself; give the model to distil "
-                              f"from, e.g. distill.teacher=<the pruning run's model.path>")
+                              f"from, e.g. distill.teacher=<the pruning run's model.path>"
+                              + (f" (distill.teacher '{d.teacher}' is model.path: the KL of the student with itself "
+                                 f"is 0, so nothing would be distilled)" if same else ""))
         return  # the student's own folder, checked as model.path
     if not os.path.exists(d.teacher):
         raise ConfigError(f"distill.teacher '{d.teacher}' does not exist; give 'source' (the pruning source) or an "
@@ -405,6 +484,23 @@ def check_distill(cfg: TrainConfig) -> None:
         print(f"warning: distill.teacher '{d.teacher}' holds no tokenizer; only its vocab_size was checked against "
               f"the student's", file=sys.stderr)
     check_positions(cfg.data.root, teacher, d.teacher)
+    _note_small_teacher(cfg, student, teacher)
+
+
+def _note_small_teacher(cfg: TrainConfig, student, teacher) -> None:
+    """A teacher with fewer parameters than the student (the pruning target, or the continued model) is allowed but
+    rarely meant: distillation then pulls the student towards a weaker model."""
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
+    from llmshearing.pruning.shapes import param_count, resolve_target, shape_of
+
+    if student.model_type not in SUPPORTED_MODEL_TYPES:
+        return
+    shape = resolve_target(cfg.pruning.target, student) if cfg.pruning else shape_of(student)
+    theirs, ours = param_count(shape_of(teacher), teacher), param_count(shape, student)
+    if theirs < ours:
+        print(f"warning: distill.teacher '{cfg.distill.teacher}' has {theirs / 1e6:.1f}M parameters, fewer than the "
+              f"student's {ours / 1e6:.1f}M{' (the pruning target)' if cfg.pruning else ''}: distillation pulls the "
+              f"student towards a smaller model; check that this is the teacher you meant", file=sys.stderr)
 
 
 def check_mask_init(p: PruningConfig) -> None:
@@ -415,10 +511,10 @@ def check_mask_init(p: PruningConfig) -> None:
     if p.init not in ("uniform", "activation"):
         raise ConfigError(f"pruning.init must be uniform (every gate starts open) or activation (log_alpha from "
                           f"activation importance on calibration sequences), got '{p.init}'")
+    if p.init_sequences < 1:  # checked with init=uniform too: a -5 must not wait for the day init changes
+        raise ConfigError(f"pruning.init_sequences must be >= 1 (calibration sequences per domain), got {p.init_sequences}")
     if p.init == "uniform":
         return
-    if p.init_sequences < 1:
-        raise ConfigError(f"pruning.init_sequences must be >= 1 (calibration sequences per domain), got {p.init_sequences}")
     if p.log_alpha_clamp is not None and p.log_alpha_clamp[1] - p.log_alpha_clamp[0] <= 2 * INIT_BAND:
         raise ConfigError(f"pruning.init=activation puts kept and dropped units in the top and bottom {INIT_BAND} of "
                           f"pruning.log_alpha_clamp; {list(p.log_alpha_clamp)} is too narrow for both")
@@ -438,8 +534,10 @@ def resolve_data(data: DataConfig) -> DataConfig:
     (`data` itself is left as given)."""
     if data.split not in ("prune", "continue"):
         raise ConfigError(f"data.split must be prune or continue, got '{data.split}'")
-    from llmshearing.data.remote import shards_root
+    from llmshearing.data.remote import normalise, shards_root
 
+    if data.remote is not None:
+        data = replace(data, remote=normalise(data.remote))
     if data.shards is None and data.remote is None:
         raise ConfigError("give the shards either as data.shards=<folder> or as data.remote=<uri or folder> with "
                           "data.local=<cache folder>")
@@ -498,7 +596,10 @@ def resolve_data(data: DataConfig) -> DataConfig:
 
 
 def check_fsdp(fsdp: dict) -> None:
-    """The `fsdp` section must be a valid Composer FSDPConfig (checked without GPUs)."""
+    """The `fsdp` section must be a valid Composer FSDPConfig (checked without GPUs): known keys, values of the
+    field's type, and for the keys that take a name, one of the names Composer maps (it would fail with a KeyError
+    or ValueError traceback at wrap time otherwise)."""
+    from composer.distributed.mosaic_parallelism import BACKWARD_PREFETCH_MAP, SHARDING_MAP
     from composer.utils.parallelism import FSDPConfig
 
     allowed = {f.name for f in fields(FSDPConfig) if f.init}
@@ -506,6 +607,24 @@ def check_fsdp(fsdp: dict) -> None:
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             raise ConfigError(f"unknown key 'fsdp.{key}'" + (f"; did you mean 'fsdp.{close[0]}'?" if close else ""))
+    hints = typing.get_type_hints(FSDPConfig)
+    for key, value in fsdp.items():
+        if key != "mixed_precision" and hints.get(key) in (bool, int, str) and not _type_ok(value, hints[key]):
+            raise ConfigError(f"'fsdp.{key}' must be of type {hints[key].__name__}, got {value!r}")
+    names = {"sharding_strategy": list(SHARDING_MAP), "backward_prefetch": list(BACKWARD_PREFETCH_MAP),
+             "mixed_precision": ["DEFAULT", "PURE", "FULL"], "state_dict_type": ["full", "sharded"]}
+    for key, choices in names.items():
+        value = fsdp.get(key)
+        if value is None or (key == "mixed_precision" and isinstance(value, dict)):
+            if isinstance(value, dict) and not set(value) <= {"param_dtype", "reduce_dtype", "buffer_dtype"}:
+                raise ConfigError(f"'fsdp.mixed_precision' as a mapping takes param_dtype, reduce_dtype and "
+                                  f"buffer_dtype, got {sorted(value)}")
+            continue
+        given = value if key == "state_dict_type" else str(value).upper()  # Composer upper-cases the others
+        if given not in choices:
+            close = difflib.get_close_matches(given, choices, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"'fsdp.{key}' must be one of {', '.join(choices)}, got {value!r}{hint}")
     FSDPConfig(**fsdp)
 
 
@@ -535,6 +654,12 @@ def resolve_recipe(path_or_name: str) -> str:
 def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
     """Read a yaml recipe (a path or a shipped recipe's name), apply `key=value` overrides (OmegaConf
     dotlist), validate."""
+    return validate(parse_config(path, overrides))
+
+
+def parse_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
+    """The recipe with its overrides as a typed TrainConfig: keys and types checked, nothing else (no file is
+    opened but the recipe); `validate` does the rest."""
     path = resolve_recipe(path)
     raw = load_structured(path, "config")
     if not isinstance(raw, dict):
@@ -557,7 +682,7 @@ def load_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
         raw = OmegaConf.to_container(conf, resolve=True)
     except Exception as e:  # e.g. ${oc.env:...} or interpolation errors
         raise ConfigError(f"'{path}': {e}") from None
-    return validate(_build(TrainConfig, raw, ""))
+    return _build(TrainConfig, raw, "")
 
 
 def to_yaml(cfg: TrainConfig) -> str:

@@ -5,20 +5,18 @@ import gc
 import sys
 import time
 
-import torch
-
-from llmshearing.compat import close_trainer
 from llmshearing.errors import run_entry
-from llmshearing.pruning.export import export_trained
-from llmshearing.train.builders import build_trainer
-from llmshearing.train.run_folder import unlock
-from llmshearing.train.config import load_config, run_dir, TrainConfig
+from llmshearing.train.run_folder import claim, unlock
+from llmshearing.train.config import parse_config, run_dir, TrainConfig, validate
 
 
 def run(cfg: TrainConfig) -> dict:
     """Train one stage (pruning or continued pretraining) and export it when `export_dir` is set.
     A run stopped by SIGTERM returns {'stopped_after': batch} and exports nothing. The trainer is closed and
     its memory freed before returning, so one process can run several stages (the demo, reproduce-mini)."""
+    from llmshearing.compat import close_trainer
+    from llmshearing.train.builders import build_trainer  # Composer: imported only once the config is known good
+
     try:
         trainer, tokenizer = build_trainer(cfg)
         result = _fit_and_export(trainer, tokenizer, cfg)
@@ -32,6 +30,7 @@ def run(cfg: TrainConfig) -> dict:
 
 def _fit_and_export(trainer, tokenizer, cfg: TrainConfig) -> dict:
     from callbacks.run_guard import Preempted
+    from llmshearing.pruning.export import export_trained
 
     start = time.time()
     try:
@@ -50,6 +49,8 @@ def _fit_and_export(trainer, tokenizer, cfg: TrainConfig) -> dict:
 def free_memory() -> None:
     """Collect garbage and hand freed memory back: the CUDA cache, and glibc's heap pages (kept otherwise, so
     RSS would not fall after a stage)."""
+    import torch
+
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -75,12 +76,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    from callbacks.run_guard import NonFiniteLossError
-
+    cfg = parse_config(argv[0], argv[1:])
+    folder = run_dir(cfg)
     try:
-        cfg = load_config(argv[0], argv[1:])
-        result = run(cfg)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        claim(folder, cfg)  # before the slow checks: a second launch on a busy or finished folder refuses at once
+        cfg = validate(cfg)
+        from callbacks.run_guard import NonFiniteLossError  # Composer (seconds): only once the config is good
+
+        try:
+            result = run(cfg)
+        except NonFiniteLossError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
+    finally:
+        unlock(folder)
     return 128 + result["signal"] if result["stopped_after"] is not None else 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
+import sys
 import uuid
 
 from llmshearing.errors import ConfigError
@@ -14,14 +15,21 @@ LOCK_NAME = ".lock"
 SHARED_NAME = ".shared-check"  # <name>-<token>: written by rank 0 at start, read by every rank (check_shared)
 CONFIG_NAME = "run_config.yaml"
 _held: dict[str, int] = {}  # folder -> open file descriptor of its lock, for the life of the process
+_made: dict[str, str] = {}  # folder -> the topmost folder that lock() created for it (removed again if left empty)
+_checked: set[str] = set()  # folders whose reuse was checked in this process (the warning is printed once)
 
 
-def lock(folder: str) -> None:
+def lock(folder: str) -> bool:
     """Take the folder's lock (an flock, released by the OS when the process ends, however it ends); a second
-    run on the same folder refuses, naming the PID that holds it. Idempotent within a process."""
+    run on the same folder refuses, naming the PID that holds it. Idempotent within a process: True when this
+    call took it."""
     folder = os.path.realpath(folder)
     if folder in _held:
-        return
+        return False
+    top = folder
+    while not os.path.exists(os.path.dirname(top)) and os.path.dirname(top) != top:
+        top = os.path.dirname(top)
+    made = top if not os.path.exists(top) else None
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -35,12 +43,86 @@ def lock(folder: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[folder] = fd
+    if made:
+        _made[folder] = made
+    return True
 
 
 def unlock(folder: str) -> None:
-    fd = _held.pop(os.path.realpath(folder), None)
-    if fd is not None:
-        os.close(fd)  # closing the descriptor releases the flock
+    """Release the lock; a folder that lock() created and that holds nothing but the lock (a run refused after
+    taking it) is removed again, so a refusal leaves nothing behind."""
+    folder = os.path.realpath(folder)
+    fd = _held.pop(folder, None)
+    made = _made.pop(folder, None)
+    _checked.discard(folder)
+    if fd is None:
+        return
+    if made and os.listdir(folder) == [LOCK_NAME]:
+        os.remove(os.path.join(folder, LOCK_NAME))
+        path = folder
+        while True:  # the folder and the parents lock() made for it, while empty
+            try:
+                os.rmdir(path)
+            except OSError:
+                break
+            if path == made:
+                break
+            path = os.path.dirname(path)
+    os.close(fd)  # closing the descriptor releases the flock
+
+
+def claim(folder: str, cfg) -> None:
+    """Rank 0 of a run takes the run folder before any slow start-up work (a second launch refuses in seconds, not
+    after the first has ended) and checks that starting here replaces nothing it must not (`check_reuse`)."""
+    from llmshearing.checks import writable_output
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    writable_output(folder, "save_folder")
+    lock(folder)
+    if cfg.save_overwrite:  # the rest waits for check_binding, whose "another run" is the better message
+        check_reuse(folder, cfg)
+
+
+def _planned(duration) -> int | None:
+    """The batches of a max_duration given in batches ('60ba'), else None."""
+    text = str(duration)
+    return int(text[:-2]) if text.endswith("ba") and text[:-2].isdigit() else None
+
+
+def check_reuse(folder: str, cfg) -> None:
+    """A folder holding this run's checkpoints is continued (autoresume / load_path) or, with save_overwrite,
+    started over; a finished run (a checkpoint at its max_duration) is never replaced. Reads file names only."""
+    from llmshearing.checks import load_structured
+    from llmshearing.train.checkpointing import batch_of, checkpoints
+
+    real = os.path.realpath(folder)
+    found = checkpoints(folder)
+    if cfg.autoresume and found and _planned(cfg.max_duration) is not None and \
+            batch_of(found[-1]) >= _planned(cfg.max_duration):  # Composer: a ValueError traceback
+        raise ConfigError(f"save_folder '{folder}' holds a finished run (a checkpoint at batch {batch_of(found[-1])}, "
+                          f"max_duration {cfg.max_duration}): autoresume has nothing to train; give a larger "
+                          f"max_duration to train it further, or export it with `llmshearing export "
+                          f"{found[-1]} <folder>`")
+    if real in _checked or not checkpoints(folder, complete=False) or cfg.autoresume or cfg.load_path:
+        return
+    if not cfg.save_overwrite:
+        raise ConfigError(f"save_folder '{folder}' already holds checkpoints of a run; continue it with "
+                          f"autoresume=true, start over with save_overwrite=true, or give another save_folder")
+    newest, duration = (batch_of(found[-1]) if found else -1), cfg.max_duration
+    config = os.path.join(folder, CONFIG_NAME)
+    if os.path.exists(config):
+        old = load_structured(config, f"save_folder '{folder}'")
+        duration = old.get("max_duration", duration) if isinstance(old, dict) else duration
+    planned = _planned(duration)
+    if planned is not None and newest >= planned:
+        raise ConfigError(f"save_folder '{folder}' holds a finished run (a checkpoint at batch {newest}, its "
+                          f"max_duration {duration}); save_overwrite=true would replace its checkpoints and logs: give "
+                          f"this run another save_folder, delete that folder to start over, or train it further "
+                          f"with autoresume=true and a larger max_duration")
+    _checked.add(real)
+    print(f"warning: save_overwrite=true: starting over in save_folder '{folder}', replacing the checkpoints and "
+          f"logs of the unfinished run there (newest checkpoint: batch {newest})", file=sys.stderr, flush=True)
 
 
 def check_shared(folder: str) -> None:
@@ -82,6 +164,7 @@ def identity(raw: dict) -> dict:
     older version, with keys since renamed, still compares): the source model, the pruning target (as its
     resolved shape when the model config is at hand) and the data. Learning rates, durations and intervals may
     change on resume."""
+    from llmshearing.data.remote import normalise
     from llmshearing.model.hf import load_hf_config
     from llmshearing.pruning.shapes import resolve_target
 
@@ -94,8 +177,20 @@ def identity(raw: dict) -> dict:
             pass
     path = lambda p: os.path.realpath(p) if isinstance(p, str) else p  # noqa: E731
     return {"model.path": path(model.get("path")), "model.gguf_file": model.get("gguf_file"), "pruning.target": target,
-            "data.shards": path(data.get("shards")), "data.remote": data.get("remote"), "data.split": data.get("split", "prune"),
+            "data.shards": path(data.get("shards")), "data.remote": normalise(data["remote"]) if isinstance(data.get("remote"), str) else data.get("remote"), "data.split": data.get("split", "prune"),
             "data.domains": data.get("domains")}
+
+
+def note_objective_change(old: dict, now: dict, what: str) -> None:
+    """Say so when a continued run trains toward another pruning target or with distillation switched on, off or
+    changed: allowed (a deliberate change of plan), but the objective then changes at the resumed batch."""
+    before, after = identity(old), identity(now)
+    if before["pruning.target"] != after["pruning.target"]:
+        print(f"note: {what} pruned toward {before['pruning.target']}; this run continues toward "
+              f"{after['pruning.target']}", file=sys.stderr, flush=True)
+    if (old.get("distill") or None) != (now.get("distill") or None):
+        print(f"note: {what} had distill={old.get('distill')}; this run has distill={now.get('distill')}: the training "
+              f"objective changes at the resumed batch", file=sys.stderr, flush=True)
 
 
 def check_binding(folder: str, cfg) -> None:
@@ -118,6 +213,6 @@ def check_binding(folder: str, cfg) -> None:
             lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
             raise ConfigError(f"save_folder '{folder}' belongs to another run ({lines}); its checkpoints and logs are "
                               f"kept: give this run another save_folder")
-    if checkpoints(folder) and not (cfg.autoresume or cfg.load_path or cfg.save_overwrite):
-        raise ConfigError(f"save_folder '{folder}' already holds checkpoints of this run; continue it with "
-                          f"autoresume=true, start over with save_overwrite=true, or give another save_folder")
+        if cfg.autoresume and checkpoints(folder):
+            note_objective_change(old, _as_dict(cfg), f"the run resumed from save_folder '{folder}'")
+    check_reuse(folder, cfg)
