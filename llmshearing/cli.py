@@ -17,6 +17,8 @@ def _add_export(sub) -> None:
     p.add_argument("checkpoint", help="Composer checkpoint of a pruning run (e.g. runs/x/latest-rank0.pt)")
     p.add_argument("out_dir")
     p.add_argument("--config", help="run_config.yaml of the run (default: beside the checkpoint)")
+    p.add_argument("--model-path", help="the run's source model folder (config.json, tokenizer) if it moved since the "
+                                        "run (default: model.path of the run; the weights come from the checkpoint)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: the run's precision: bfloat16 for amp_bf16, float32 for fp32)")
     p.add_argument("--format", choices=["hf", "gguf"], default="hf",
@@ -167,7 +169,8 @@ def _export(args) -> int:
     parse_size(args.max_shard_size)  # before the checkpoint is read
     options = ExportOptions(max_shard_size=args.max_shard_size,
                             gguf_dtype=args.gguf_dtype if args.format == "gguf" else None)
-    kept = export_checkpoint(args.checkpoint, args.out_dir, args.config, args.dtype, args.overwrite, options)
+    kept = export_checkpoint(args.checkpoint, args.out_dir, args.config, args.dtype, args.overwrite, options,
+                             args.model_path)
     print(f"wrote {args.out_dir}" + (f": {json.dumps(kept['target_shape'])}" if kept else " (not pruned: as trained)"))
     return 0
 

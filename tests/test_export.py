@@ -101,6 +101,27 @@ def test_checkpoint_and_end_of_run_exports_equal_todays_export_bit_for_bit(prune
 
 
 @pytest.mark.slow
+def test_export_of_a_run_whose_source_moved_says_what_to_pass(pruned_run, tmp_path):
+    """The checkpoint holds the weights; the source folder gives config.json and the tokenizer. Moved since the
+    run: one line naming it and --model-path (nothing written); with --model-path, the same export."""
+    moved = str(tmp_path / "moved-source")
+    shutil.move(pruned_run["source"], moved)
+    try:
+        out = str(tmp_path / "x")
+        proc = run([os.path.join(BIN, "llmshearing"), "export", pruned_run["checkpoint"], out])
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "--model-path" in proc.stderr and pruned_run["source"] in proc.stderr
+        assert not os.path.exists(out)
+        proc = run([os.path.join(BIN, "llmshearing"), "export", pruned_run["checkpoint"], out, "--model-path",
+                    str(tmp_path / "nowhere")])
+        assert proc.returncode == 2 and "--model-path names a folder that does not exist" in proc.stderr
+        export_checkpoint(pruned_run["checkpoint"], out, model_path=moved)
+        assert_bit_identical(weights(out), weights(pruned_run["export"]))
+    finally:
+        shutil.move(moved, pruned_run["source"])
+
+
+@pytest.mark.slow
 def test_export_needs_no_optimizer_or_teacher_and_no_temporary_folder(pruned_run, tmp_path, monkeypatch):
     """A checkpoint with the optimizer state and the teacher taken out exports the same model, and the export
     writes nothing to the system temporary folder (pointed at a path that cannot be created)."""

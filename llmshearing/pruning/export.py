@@ -499,8 +499,9 @@ def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = Fals
 
 def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = None,
                       dtype: str | None = None, overwrite: bool = False,
-                      options: ExportOptions | None = None) -> dict | None:
-    """`llmshearing export`: a Composer checkpoint -> dense HF model (of the target shape when pruning).
+                      options: ExportOptions | None = None, model_path: str | None = None) -> dict | None:
+    """`llmshearing export`: a Composer checkpoint -> dense HF model (of the target shape when pruning);
+    `model_path`: the run's source model folder where it lives now, if it moved since the run.
 
     Only the student's tensors and masks are read (compat.CheckpointModel: memory-mapped `.pt`, or DCP reads of
     exactly those keys), one at a time into the fold, so the host holds the export plus one source tensor and its
@@ -511,7 +512,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = N
     from llmshearing.train.checkpointing import open_checkpoint, read_tensor
 
     check_export_dir(out_dir, "out_dir", overwrite)  # before the checkpoint is read
-    cfg, reader = open_checkpoint(checkpoint, config_path)
+    cfg, reader = open_checkpoint(checkpoint, config_path, model_path)
     config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
     l0 = build_l0(cfg, config)
     if l0 is not None:

@@ -138,13 +138,14 @@ def embedded_config(state: dict) -> str | None:
     return (callbacks.get("RunGuard") or {}).get("run_config") if isinstance(callbacks, dict) else None
 
 
-def open_checkpoint(checkpoint: str, config_path: str | None = None):
+def open_checkpoint(checkpoint: str, config_path: str | None = None, model_path: str | None = None):
     """(run config, CheckpointModel) of a Composer checkpoint of a pruning or continued-pretraining run; nothing
     but the run config is read yet (the model tensors are read when asked for, see compat.CheckpointModel).
 
-    The checkpoint carries its run's resolved config (model, tokenizer, target), so it needs nothing beside it;
-    `config_path` overrides that, and the run folder's `run_config.yaml` is read only for checkpoints written
-    before configs were embedded.
+    The checkpoint carries its run's resolved config (model, tokenizer, target) and every weight; the source model
+    folder (model.path) is read for its config.json and tokenizer, `model_path` where it has moved since the run.
+    `config_path` overrides the embedded config, and the run folder's `run_config.yaml` is read only for checkpoints
+    written before configs were embedded.
     """
     from omegaconf import OmegaConf
 
@@ -168,7 +169,16 @@ def open_checkpoint(checkpoint: str, config_path: str | None = None):
             raise ConfigError(f"checkpoint '{checkpoint}' carries no run config and there is none at "
                               f"'{config_path}'; pass --config <run_config.yaml> of the training run")
         raw = load_structured(config_path, "--config")
-    return _build(TrainConfig, raw, ""), reader
+    cfg = _build(TrainConfig, raw, "")
+    if model_path is not None:
+        cfg.model.path = model_path
+    if not os.path.exists(cfg.model.path):
+        how = ("--model-path names a folder that does not exist" if model_path is not None else
+               "it has moved or been deleted since the run; pass --model-path <the folder where it is now>")
+        raise ConfigError(f"checkpoint '{checkpoint}': its source model '{cfg.model.path}' (model.path of the run, "
+                          f"read for its config.json and tokenizer; the weights come from the checkpoint) is not "
+                          f"there: {how}")
+    return cfg, reader
 
 
 def unreadable(checkpoint: str, e: Exception) -> ConfigError:
