@@ -19,6 +19,7 @@ import re
 
 import numpy as np
 import torch
+import transformers
 
 from llmshearing.errors import ConfigError
 
@@ -131,7 +132,8 @@ def check_gguf(config, tokenizer, dtype: str) -> None:
         raise ConfigError(f"--gguf-dtype '{dtype}': choose one of {', '.join(GGUF_DTYPES)}")
     family = config.model_type
     if family not in ARCH:
-        raise _refuse(f"model_type '{family}' has no GGUF architecture here (supported: {', '.join(ARCH)})")
+        raise _refuse(f"model_type '{family}' is not written as GGUF here (supported: {', '.join(ARCH)}): transformers "
+                      f"{transformers.__version__}, which the tests read every GGUF back with, cannot read it")
     rope = getattr(config, "rope_scaling", None) or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise _refuse(f"rope_scaling {rope} is not written (transformers' GGUF reader drops it)")
