@@ -7,7 +7,7 @@ target architecture faster than the per-layer shapes unconstrained pruning produ
     python -m bench.throughput --quick --out /tmp/t.json        # tiny random model, seconds (used by the test)
 
 A benchmark, not a test: numbers depend on the machine and on what else runs on it. Pruned weights are
-real (prune.finalize with top-k masks of a fresh L0Module), but speed does not depend on their values.
+real (export.finalize with top-k masks of a fresh L0Module), but speed does not depend on their values.
 """
 from __future__ import annotations
 

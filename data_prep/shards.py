@@ -1,4 +1,4 @@
-"""`make shards`: raw text of several domains -> per-domain MDS token shards (layout: llmshearing/shards.py).
+"""`make shards`: raw text of several domains -> per-domain MDS token shards (layout: llmshearing/data/layout.py).
 
     python -m data_prep.shards                       # the embedded default (after `make fetch`)
     python -m data_prep.shards --tokenizer MODEL_DIR --out data/rp_shards --seq-len 4096 \\

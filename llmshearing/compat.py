@@ -3,7 +3,7 @@
 Each shim names what it relies on and checks, when it is used, that the installed package still has
 it (`require`): the pinned versions (constraints.txt) are the ones it was written against. A failed
 check raises `CompatError` naming the shim and both versions: fix the shim here, never around it.
-`check_all()` runs every check (tests/test_compat.py), so an upgrade that breaks one fails the suite.
+`check_all()` runs every check (tests/test_packaging.py), so an upgrade that breaks one fails the suite.
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ def test_oneshot_keeps_the_largest_units_with_the_target_shape(tiny_setup, tmp_p
     with open(os.path.join(out, "pruning.json")) as f:
         assert json.load(f)["layers"] == kept["layers"]
 
-    # Scores computed here independently of llmshearing.oneshot, straight from the HF state dict.
+    # Scores computed here independently of llmshearing.pruning.oneshot, straight from the HF state dict.
     sq = lambda w: w.float().pow(2)  # noqa: E731
     L, H, KV = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     layer = torch.stack([sq(sd[f"model.layers.{l}.self_attn.o_proj.weight"]).sum()

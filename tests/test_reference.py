@@ -211,7 +211,7 @@ def test_cli_fit_prints_snippet(tmp_path, capsys):
 
 
 def test_cli_fit_target_preset(tmp_path, capsys, tiny):
-    """--target counts parameters with arch.param_count: a config path on its own, a preset against --model."""
+    """--target counts parameters with pruning.shapes.param_count: a config path on its own, a preset against --model."""
     from transformers import AutoConfig
 
     from llmshearing.pruning.shapes import param_count, shape_of

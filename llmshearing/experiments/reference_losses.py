@@ -224,7 +224,7 @@ def predict_reference_losses(table: Mapping | str, target_params: float,
 
 
 def target_param_count(target: str, source_model: str | None = None, gguf_file: str | None = None) -> float:
-    """Parameters of a target given as a preset or an HF config (path), counted with `arch.param_count`.
+    """Parameters of a target given as a preset or an HF config (path), counted with `shapes.param_count`.
 
     A preset takes vocabulary, head_dim, biases and tying from the source model's config (`source_model`);
     a config path is counted on its own when no source is given.

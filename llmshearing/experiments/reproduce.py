@@ -9,7 +9,7 @@ domains, each arm trains for the same number of batches of the same size (N = st
   sheared        L0 pruning with dynamic batch loading for share x N batches, export, then continued
                  pretraining with dynamic batch loading (starting from the weights pruning ended with)
   scratch        a random init of the target config (source tokenizer), continued pretraining for N batches
-  oneshot        (only with --arms oneshot / all) magnitude pruning to the target (`llmshearing.oneshot`, no data, no steps), then N batches
+  oneshot        (only with --arms oneshot / all) magnitude pruning to the target (`llmshearing.pruning.oneshot`, no data, no steps), then N batches
                  of continued pretraining: the whole budget goes to continued pretraining
   oneshot_act    as oneshot, scoring units by their contribution on calibration sequences (the first
                  `calibration` sequences of each domain's prune split, forward passes only, not counted

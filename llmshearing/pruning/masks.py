@@ -35,7 +35,7 @@ INIT_LOG_ALPHA = 5.0  # the released code's initial mean (its droprate_init is o
 LOG_ALPHA_RANGE = (math.log(1e-2), math.log(1e2))  # the released code's in-place clamp before every forward
 TEST_TIME_SCALE = 0.8  # test-time value sigmoid(log_alpha / TEMPERATURE * 0.8), as the released code
 # `pruning.init: activation`: the kept units of each row start in the top INIT_BAND of the clamp range, the others in
-# the bottom one, in score order (oneshot.set_scores); chosen by measurement (docs/fidelity.md, "Importance-initialised
+# the bottom one, in score order (`oneshot.set_scores`); chosen by measurement (docs/fidelity.md, "Importance-initialised
 # masks")
 INIT_BAND = 1.0
 

@@ -3,7 +3,7 @@ learned masks must beat.
 
 No training: every prunable unit gets a score (from its weights, or from its contribution on a few
 calibration sequences), and the scores are handed to the same machinery the L0 masks use at test time (`HardConcrete.keep_index` keeps the
-top-k per row, `prune.finalize` slices), so there is one slicer and the result has the target shape exactly.
+top-k per row, `export.finalize` slices), so there is one slicer and the result has the target shape exactly.
 
 Scores are squared L2 norms (sums of squared weights; the same order as the L2 norm):
 

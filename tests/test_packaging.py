@@ -1,5 +1,5 @@
 """The package layout contract: private-API shims hold against the pinned versions, recipes ship inside the
-wheel and resolve by name outside the repository, and named callbacks/schedulers/loggers are checked."""
+wheel and resolve by name outside the repository, and named callbacks, schedulers and loggers are checked."""
 import os
 import shutil
 import subprocess
