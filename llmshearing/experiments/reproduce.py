@@ -58,10 +58,10 @@ from llmshearing.io import atomic_write_text, read_jsonl
 
 PRUNE_YAML, CONTINUE_YAML = "demo_smollm2", "demo_continue"  # shipped recipes (yamls/)
 # Scale 1 (the CPU default): 160 batches of 2 x 128 tokens = 40,960 training tokens per arm, 4 evals per arm;
-# the default arms take about an hour on 2 CPU cores (docs/reproduce_mini.md).
+# the default arms take about an hour on 2 CPU cores (docs/runs/reproduce_mini.md).
 BASE_STEPS, BASE_BATCH = 160, 2
 # Arms run only when asked for (--arms oneshot, or --arms all): weight magnitude chose worse units than random
-# draws on SmolLM2-135M (docs/reproduce_mini.md), so oneshot_act is the default one-shot baseline.
+# draws on SmolLM2-135M (docs/runs/reproduce_mini.md), so oneshot_act is the default one-shot baseline.
 OPTIONAL_ARMS = ("oneshot", "sheared_kd", "sheared_act_kd", "oneshot_act_kd")
 
 

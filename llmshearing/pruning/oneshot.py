@@ -15,7 +15,7 @@ Scores are squared L2 norms (sums of squared weights; the same order as the L2 n
 * layer l: |o_proj|^2 + |down_proj|^2, the size of what the layer writes into the residual stream.
 
 On SmolLM2-135M weight magnitude chose worse layers and intermediate units than three random draws did, and
-was within the random draws' range for hidden dims and heads (docs/reproduce_mini.md), so `activation_scores`
+was within the random draws' range for hidden dims and heads (docs/runs/reproduce_mini.md), so `activation_scores`
 gives a second one-shot baseline from a few calibration sequences: each unit's average contribution and each
 layer's block influence. The same scores can start the L0 masks instead (`pruning.init: activation`,
 llmshearing/train/mask_init.py), through `set_scores` with trainable log_alpha bands.
