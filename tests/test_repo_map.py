@@ -190,3 +190,37 @@ def test_existing_and_foreign_references_pass(text):
 def test_a_broken_link_is_caught():
     assert broken_links("docs/x.md", "[figure](reproduce_mini/loss_curves.png) [gone](runs/nothing.md)") == \
         ["runs/nothing.md"]
+
+
+def readme_map():
+    """The README's map of the code: the paths its first column names (indented ones relative to the folder above)."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    paths, folder = [], ""
+    for line in block.splitlines()[1:]:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        first = re.split(r"\s{2,}", line.strip())[0]
+        if indent >= 10:  # a continued description
+            continue
+        names = [n.strip() for n in first.split(",")]
+        if indent == 0:
+            folder = names[0] if names[0].endswith("/") else ""
+            paths += names
+        else:
+            paths += [folder + n for n in names]
+    return paths
+
+
+def test_the_readme_map_is_true_and_complete():
+    paths = readme_map()
+    assert len(paths) > 30
+    missing = [p for p in paths if not os.path.exists(os.path.join(ROOT, p))]
+    assert not missing, f"the README's layout names what is not there: {missing}"
+    # every module of the package is on the map, by itself or by the folder named for it
+    named = [p for p in paths if p.startswith("llmshearing/")]
+    unmapped = [f for f in _tracked() if f.startswith("llmshearing/") and f.endswith(".py")
+                and not f.endswith("__init__.py") and not any(f == p or (p.endswith("/") and f.startswith(p))
+                                                              for p in named)]
+    assert not unmapped, f"modules missing from the README's layout: {unmapped}"
