@@ -16,6 +16,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOP = ("llmshearing", "tests", "docs", "bench", "yamls", "data_prep", "callbacks")
 PATH_RE = re.compile(r"(?<![\w./-])((?:%s)/[\w./*{,}-]*[\w*}])" % "|".join(TOP))
+# `pruning/shapes.py`: a module named by its path inside the package
+SUB_RE = re.compile(r"(?<![\w./-])((?:model|pruning|data|train|eval|experiments)/[\w/]+\.py)\b")
 NAME_RE = re.compile(r"(?<![\w./-])(llmshearing(?:\.\w+)+)")
 URL_RE = re.compile(r"\w+://\S+")
 # a line that names the released code's own files (docs/fidelity.md, comments beside what they match)
@@ -125,6 +127,9 @@ def stale_references(text):
                 continue
             if not _path_exists(m.group(1)):
                 bad.append((m.group(1), "path"))
+        for m in SUB_RE.finditer(line):
+            if not os.path.exists(os.path.join(ROOT, "llmshearing", m.group(1))):
+                bad.append((m.group(1), "path in the package"))
         for m in NAME_RE.finditer(line):
             name = m.group(1).rstrip(".")
             if name.endswith((".py", ".yaml", ".md", ".jsonl", ".json")) or re.search(r"\.__\w+__$", name):
@@ -170,6 +175,7 @@ def test_every_cited_path_and_name_exists():
     "the slicer is `prune.finalize`",                     # a module's old short name
     "`masks.finalize` slices",                            # a short name's module lacks it
     "reports in docs/throughput/smollm2-cpu-run{1,9}.json",  # one of a brace form is missing
+    "counts in pruning/arch.py",                          # a path inside the package
 ])
 def test_a_stale_reference_is_caught(text):
     assert stale_references(text)
