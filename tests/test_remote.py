@@ -85,6 +85,44 @@ print("\\n".join(sorted(out)))
 """
 
 
+def test_a_cache_another_rank_is_setting_up_is_not_called_foreign(remote, tmp_path):
+    """Every rank prepares the cache at once: while the first holds the lock and fetches, the folder holds .locks and
+    streaming's manifest.json.tmp; a rank arriving then waits for the lock (and finds the cache made) rather than
+    calling the folder foreign. A folder with the same file but no .locks is foreign."""
+    import threading
+
+    from llmshearing.data.remote import MARKER, _locked
+
+    cache = str(tmp_path / "cache")
+    errors = []
+    with _locked(cache, MARKER):  # the first rank, mid-fetch
+        with open(os.path.join(cache, "manifest.json.tmp"), "w") as f:
+            f.write("{")
+        other = threading.Thread(target=lambda: errors.append(_try(prepare_cache, remote, cache)))
+        other.start()
+        other.join(timeout=1.0)
+        assert other.is_alive() and not errors  # waiting for the lock, not refused
+        os.remove(os.path.join(cache, "manifest.json.tmp"))
+        shutil.copy(os.path.join(remote, "manifest.json"), os.path.join(cache, "manifest.json"))
+        with open(os.path.join(cache, MARKER), "w") as f:
+            json.dump({"remote": remote}, f)
+    other.join(timeout=60)
+    assert errors == [None]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json.tmp").write_text("{")
+    with pytest.raises(ConfigError, match="not a shard cache"):
+        prepare_cache(remote, str(foreign))
+
+
+def _try(fn, *args):
+    try:
+        fn(*args)
+    except Exception as e:  # noqa: BLE001 - the test reports what the thread raised
+        return e
+    return None
+
+
 def test_concurrent_processes_fetch_each_file_once_and_read_the_same(remote, tmp_path):
     """Four processes (like 2 ranks x 2 dataloader workers of a node) read every sample in different orders
     into one cold cache: each shard file is downloaded once and every process reads what local shards hold."""

@@ -129,7 +129,8 @@ def prepare_cache(remote: str, local: str, keys=CONFIG_KEYS) -> None:
         raise ConfigError(f"{k_local} is {k_remote} ('{local}'); to read shards in place use {k_shards}={local} "
                           f"and no {k_remote} / {k_local}")
     writable_output(local, k_local)
-    _check_cache_folder(local, k_local)  # before anything is written into it
+    if not os.path.isdir(os.path.join(local, ".locks")):  # .locks: another rank is setting this cache up right now
+        _check_cache_folder(local, k_local)  # before anything is written into it (a foreign folder has no .locks)
     os.makedirs(local, exist_ok=True)
     with _locked(local, MARKER):
         marker = os.path.join(local, MARKER)
