@@ -218,6 +218,10 @@ class CheckpointModel:
         meta = self._meta[fqn]
         return self._dcp_load(fqn, torch.empty(meta.size, dtype=meta.properties.dtype))
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """One model tensor's shape, read from the metadata or the memory-mapped header (KeyError as `tensor`)."""
+        return tuple(self._meta[self._fqn[name]].size if self.sharded else self._model[name].shape)
+
     def value(self, *path: str):
         """A small non-tensor entry of `state`, e.g. value('callbacks', 'RunGuard', 'run_config'); None if absent."""
         if not self.sharded:

@@ -44,9 +44,10 @@ def _placeholder_list(shape: tuple[int, ...], dtype: torch.dtype):
 
 
 # Ops that CUDA runs with CPU tensors among CUDA ones: copies between devices and indexing by CPU index tensors
-_CROSS_DEVICE_OK = {torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default, torch.ops.aten.index.Tensor,
-                    torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
-                    torch.ops.aten._index_put_impl_.default}
+_CROSS_DEVICE_OK = {torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default, torch.ops.aten.index.Tensor}
+# index_put(self, indices, values): CPU indices are accepted, CPU values (of one or more dimensions) are not
+_INDEX_PUT = {torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default,
+              torch.ops.aten._index_put_impl_.default}
 
 
 def check_devices(func, args, kwargs) -> None:
@@ -55,6 +56,8 @@ def check_devices(func, args, kwargs) -> None:
     fails as it would on a GPU."""
     if func in _CROSS_DEVICE_OK:
         return
+    if func in _INDEX_PUT:
+        args, kwargs = (args[0], args[2]), None
     tensors = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
     if any(t.is_meta for t in tensors):
         cpu = [tuple(t.shape) for t in tensors if t.device.type == "cpu" and t.dim() > 0]

@@ -217,6 +217,9 @@ def test_meta_refuses_what_cuda_refuses():
         with pytest.raises(RuntimeError, match="CPU tensor"):
             torch.cat([x, torch.ones(1, 3)])
         assert x[torch.arange(2)].shape == (2, 3) and (x * torch.tensor(2.0)).is_meta
+        x[torch.arange(2)] = torch.zeros(2, 3, device=META)  # CPU indices, device values: CUDA accepts
+        with pytest.raises(RuntimeError, match="CPU tensor"):
+            x[torch.arange(2, device=META)] = torch.zeros(2, 3)  # CPU values among device tensors
         assert x.index_select(0, torch.arange(2, device=META)).shape == (2, 3)
         assert float(x.sum()) == 0.5 and x.new_ones(2, dtype=torch.long).tolist() == [0, 1]
 

@@ -61,12 +61,14 @@ def pruned_run(tiny_setup, tmp_path_factory):
     assert train_main([TINY_YAML, *paths(tiny_setup, folder), f"model.path={source}", *target, "max_duration=4ba",
                        "save_interval=4ba", "eval_interval=2ba", "data.num_workers=0", "distill.alpha=0.5"]) == 0
     return {"root": root, "folder": folder, "checkpoint": os.path.join(folder, "ep0-ba4-rank0.pt"),
-            "export": os.path.join(folder, "export"), "source": source}
+            "export": os.path.join(folder, "export"), "source": source, "tiny_setup": tiny_setup}
 
 
 def todays_export(checkpoint):
-    """The export as the code before this change made it: the whole checkpoint read, the model rebuilt and loaded,
-    finalize() of the masked model (the reference the streaming export must equal bit for bit)."""
+    """The export of the whole masked model in memory: the whole checkpoint read, the model rebuilt and loaded,
+    finalize() of it. The streaming paths (tensor by tensor from the checkpoint, layer by layer under FSDP) must equal
+    it bit for bit; finalize shares their fold (dense_tensors), so the fold itself is proven elsewhere: masked ==
+    sliced == exported logits (tests/test_model.py) and the meta-device slicing (tests/test_devices.py)."""
     cfg, _ = open_checkpoint(checkpoint)
     model = build_model(cfg, load_weights=False)
     model.load_state_dict(student_state(checkpoint_state(checkpoint)["model"]), strict=True)
@@ -115,6 +117,10 @@ def test_export_of_a_run_whose_source_moved_says_what_to_pass(pruned_run, tmp_pa
         proc = run([os.path.join(BIN, "llmshearing"), "export", pruned_run["checkpoint"], out, "--model-path",
                     str(tmp_path / "nowhere")])
         assert proc.returncode == 2 and "--model-path names a folder that does not exist" in proc.stderr
+        other = model_folder(pruned_run["tiny_setup"], str(tmp_path / "other"), "llama-mha", **{**WIDE, "num_hidden_layers": 8})
+        with pytest.raises(ConfigError, match="does not fit the model of its run config"):
+            export_checkpoint(pruned_run["checkpoint"], out, model_path=other)
+        assert not os.path.exists(out)
         export_checkpoint(pruned_run["checkpoint"], out, model_path=moved)
         assert_bit_identical(weights(out), weights(pruned_run["export"]))
     finally:
@@ -414,6 +420,17 @@ def test_gguf_refuses_a_sentencepiece_unigram_tokenizer(tiny_setup, tmp_path):
     tokenizer = spm_tokenizer(tiny_setup, str(tmp_path), "unigram")
     with pytest.raises(ConfigError, match=r"GGUF export refused: the tokenizer \(Unigram with byte fallback"):
         tokenizer_spec(tokenizer, len(tokenizer))
+
+
+def test_gguf_without_the_gguf_package_is_one_line(tiny_setup, monkeypatch):
+    """gguf is an optional extra: without it a GGUF export is refused naming the extra, not an ImportError."""
+    import sys
+
+    from llmshearing.pruning.gguf_export import check_gguf
+
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
+    with pytest.raises(ConfigError, match=r"llmshearing\[gguf\]"):
+        check_gguf(tiny_config("llama-mha"), AutoTokenizer.from_pretrained(tiny_setup["model"]), "f16")
 
 
 def test_gguf_q_k_permutation_is_what_transformers_reverses():

@@ -114,13 +114,21 @@ def test_each_node_fills_its_own_cache_and_one_shared_folder_holds_the_run(runs)
 
 
 def test_composer_signal_files_are_named_after_the_node(monkeypatch):
-    """Composer names the file after rank 0's node on every node; the shim names it after this node."""
+    """Composer names the file after rank 0's node on every node; the shim names it after this node. In one process
+    Composer's broadcast does nothing, so the test stands in for rank 0's broadcast (node 0's name arrives)."""
     from composer.utils import dist
 
     from llmshearing.compat import per_node_signal_files
 
+    def from_rank0(objects, src=0):
+        objects[0] = "._signal_file_node0_abcdef"
+
+    monkeypatch.setattr(dist, "broadcast_object_list", from_rank0)
+    monkeypatch.setenv("NODE_RANK", "1")
+    assert dist.get_node_signal_file_name() == "._signal_file_node0_abcdef"  # Composer's own: rank 0's node
     per_node_signal_files()
     per_node_signal_files()  # idempotent
+    assert dist.get_node_signal_file_name() == "._signal_file_node1_abcdef"
     for node in ("0", "1", "12"):
         monkeypatch.setenv("NODE_RANK", node)
         name = dist.get_node_signal_file_name()

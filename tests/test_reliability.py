@@ -284,6 +284,14 @@ def test_repair_latest_with_sharded_checkpoints(tmp_path):
     assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10")
     assert os.path.isdir(tmp_path / "ep0-ba15.damaged") and not os.path.exists(tmp_path / "ep0-ba15")
     assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10")  # a good link is left alone
+    # the same name damaged again (a rerun saved ep0-ba15 anew): both kept, nothing fails
+    dcp.save({"w": torch.ones(4)}, checkpoint_id=str(tmp_path / "ep0-ba15"))
+    os.remove(tmp_path / "ep0-ba15" / "__0_0.distcp")
+    os.remove(tmp_path / "latest-rank0.pt")
+    os.symlink("ep0-ba15", tmp_path / "latest-rank0.pt")
+    assert repair_latest(str(tmp_path)) == str(tmp_path / "ep0-ba10")
+    assert os.path.isdir(tmp_path / "ep0-ba15.damaged") and os.path.isdir(tmp_path / "ep0-ba15.damaged-1")
+
 
 @pytest.mark.slow
 def test_a_demo_stopped_by_sigterm_exits_with_its_code_and_a_rerun_resumes(tiny_setup, tmp_path):

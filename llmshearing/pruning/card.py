@@ -34,8 +34,12 @@ def earlier_stages(source_dir: str | None) -> list[dict]:
     marker = source_dir and os.path.join(source_dir, "llmshearing_export.json")
     if not marker or not os.path.isfile(marker):
         return []
-    with open(marker) as f:
-        return list(json.load(f).get("stages", []))
+    try:
+        with open(marker) as f:
+            stages = json.load(f).get("stages", [])
+    except (OSError, ValueError, AttributeError):  # the card is a summary: a damaged marker drops its history only
+        return []
+    return list(stages) if isinstance(stages, list) else []
 
 
 def run_facts(cfg, tokens, run_folder: str | None, checkpoint: str | None = None, batch: int | None = None) -> dict:

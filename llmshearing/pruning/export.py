@@ -459,6 +459,23 @@ def empty_names(config) -> list[str]:
         return list(DecoderLM(config).state_dict())
 
 
+def check_fits(reader, config, l0) -> None:
+    """Every tensor the export slices is in the checkpoint with the shape `config` (and the masks) give it: the
+    indices come from the config, so a checkpoint of another model (a wrong --config or --model-path) would
+    otherwise be sliced into a valid-looking model of garbage."""
+    with torch.device("meta"):
+        expected = {"model." + k: tuple(v.shape) for k, v in DecoderLM(config).state_dict().items()}
+    if l0 is not None:
+        expected.update({"l0." + k: tuple(v.shape) for k, v in l0.state_dict().items()})
+    stored = set(reader.names)
+    for name, shape in expected.items():
+        got = reader.shape(name) if name in stored else None
+        if got != shape:
+            raise ConfigError(f"checkpoint '{reader.path}' does not fit the model of its run config ({name}: "
+                              f"{'missing' if got is None else f'{got} stored'}, {shape} expected from "
+                              f"'{config._name_or_path or 'the config'}'); pass the run's own --config / --model-path")
+
+
 def recipe_dtype(cfg) -> torch.dtype:
     """The dtype an export of a run is written in by default: the run's training precision (bf16 for amp_bf16)."""
     return PRECISION_DTYPES[cfg.precision]
@@ -474,6 +491,7 @@ def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = Fals
 
     from llmshearing.model.composer_model import unwrap
     from llmshearing.pruning import card
+    from llmshearing.train.config import run_dir  # the logs the card reads (save_folder or runs/<run_name>)
 
     model = unwrap(trainer.state.model)
     config = model.model.config
@@ -487,7 +505,7 @@ def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = Fals
     if dist.get_global_rank() == 0:
         options = replace(options or ExportOptions(), dtype=(options and options.dtype) or recipe_dtype(cfg))
         ts = trainer.state.timestamp
-        options.card = {**card.run_facts(cfg, int(ts.token), cfg.save_folder, batch=int(ts.batch)), **options.card}
+        options.card = {**card.run_facts(cfg, int(ts.token), run_dir(cfg), batch=int(ts.batch)), **options.card}
         write_export(out_dir, target, tensors, tokenizer, kept if model.l0 is not None else None, options, overwrite,
                      cfg.model.path)
     elif trainer.state.fsdp_enabled:
@@ -515,6 +533,7 @@ def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = N
     cfg, reader = open_checkpoint(checkpoint, config_path, model_path)
     config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
     l0 = build_l0(cfg, config)
+    check_fits(reader, config, l0)
     if l0 is not None:
         l0.load_state_dict({k: read_tensor(reader, "l0." + k) for k in l0.state_dict()})
     masks, kept, target = export_plan(l0, config)

@@ -130,6 +130,10 @@ def check_gguf(config, tokenizer, dtype: str) -> None:
 
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"--gguf-dtype '{dtype}': choose one of {', '.join(GGUF_DTYPES)}")
+    try:
+        import gguf  # noqa: F401 - an optional extra: said here, before anything is written
+    except ImportError:
+        raise ConfigError("a GGUF export needs the gguf package: pip install 'llmshearing[gguf]'") from None
     family = config.model_type
     if family not in ARCH:
         raise _refuse(f"model_type '{family}' is not written as GGUF here (supported: {', '.join(ARCH)}): transformers "

@@ -98,8 +98,11 @@ def repair_latest(folder: str, rank: int = 0) -> str | None:
                 raise ConfigError(f"autoresume: checkpoint {damaged}, and save_folder '{folder}' holds no earlier "
                                   f"complete checkpoint; restore it from a copy, or start over with autoresume=false "
                                   f"and save_overwrite=true")
-            os.replace(bad, bad + ".damaged")  # kept for a look, never loaded
-            print(f"warning: autoresume: checkpoint {damaged}; set aside as '{os.path.basename(bad)}.damaged', "
+            aside, n = bad + ".damaged", 1
+            while os.path.lexists(aside):  # the same checkpoint name damaged before: keep both for a look
+                aside, n = f"{bad}.damaged-{n}", n + 1
+            os.replace(bad, aside)  # kept for a look, never loaded
+            print(f"warning: autoresume: checkpoint {damaged}; set aside as '{os.path.basename(aside)}', "
                   f"resuming from the newest complete checkpoint '{found[-1]}'", file=sys.stderr, flush=True)
     if not found:
         if os.path.lexists(link):
