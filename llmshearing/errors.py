@@ -25,6 +25,21 @@ def user_message(e: ConfigError) -> str:
     return text
 
 
+def _quiet_broken_pipes() -> None:
+    """After a stop signal the dataloader workers are gone while multiprocessing's resource-sharer thread (which
+    hands them file descriptors) may still be answering one: its BrokenPipeError is the workers' exit, not a bug,
+    and would print a thread traceback after the one line. Other thread exceptions keep theirs."""
+    import threading
+
+    previous = threading.excepthook
+
+    def hook(args):
+        if not issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError, EOFError)):
+            previous(args)
+
+    threading.excepthook = hook
+
+
 def run_entry(main, *args) -> int:
     """Run an entry point's body: a ConfigError exits 2, an OS error of the user's making (full disk, read-only
     folder, a path that vanished) exits 1, Ctrl-C exits 130; each with one line on stderr and no traceback.
@@ -42,11 +57,13 @@ def run_entry(main, *args) -> int:
               f"written atomically)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _quiet_broken_pipes()
         print("interrupted (Ctrl-C); nothing was replaced (outputs are written atomically)", file=sys.stderr)
         return 130
     except SystemExit as e:  # Composer turns SIGINT / SIGTERM into sys.exit(128 + signal) once it is imported
         if e.code not in (128 + signal.SIGINT, 128 + signal.SIGTERM):
             raise
+        _quiet_broken_pipes()
         print(f"interrupted ({signal.Signals(e.code - 128).name}) before a checkpoint could be saved; nothing was "
               f"replaced (outputs are written atomically)", file=sys.stderr)
         return e.code

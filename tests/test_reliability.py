@@ -324,3 +324,25 @@ def test_a_demo_stopped_by_sigterm_exits_with_its_code_and_a_rerun_resumes(tiny_
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert set(summary["perplexity"]) == {"source", "pruned", "pruned + continued"}
     assert os.path.isfile(os.path.join(out, "continue", "ep0-ba200-rank0.pt"))
+    gguf = os.path.join(out, "continued", "model.gguf")  # the demo's llama.cpp file, written by the rerun
+    assert summary["gguf"].get("dtype") == "f16" and os.path.samefile(summary["gguf"]["file"], gguf), summary["gguf"]
+    assert "llama-cli -m" in open(os.path.join(out, "summary.md")).read()
+
+
+def test_a_stop_signal_quiets_only_the_broken_pipes_of_gone_workers(monkeypatch):
+    """After Ctrl-C / SIGTERM, multiprocessing's resource-sharer thread may still be answering a dataloader worker
+    that is gone: its BrokenPipeError is dropped (one line stays one line); any other thread exception is reported."""
+    import threading
+
+    from llmshearing.errors import _quiet_broken_pipes
+
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(args.exc_type))
+    _quiet_broken_pipes()
+    for exc in (BrokenPipeError(32, "Broken pipe"), ValueError("a bug")):
+        def fail(exc=exc):
+            raise exc
+        t = threading.Thread(target=fail)
+        t.start()
+        t.join()
+    assert seen == [ValueError]
