@@ -269,13 +269,17 @@ def export_config(config: PretrainedConfig, dtype: torch.dtype) -> dict:
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
-def weight_plan(config: PretrainedConfig) -> list[tuple[str, tuple]]:
-    """(name, shape) of every tensor an export of `config` holds, in Hugging Face order (no tied head), from a
-    model on the meta device (nothing allocated)."""
+def decoder_shapes(config: PretrainedConfig) -> dict[str, tuple]:
+    """name -> shape of every tensor a DecoderLM of `config` holds (HF names and order, the tied head included),
+    from a model on the meta device: nothing allocated."""
     with torch.device("meta"):
-        state = DecoderLM(config).state_dict()
+        return {k: tuple(v.shape) for k, v in DecoderLM(config).state_dict().items()}
+
+
+def weight_plan(config: PretrainedConfig) -> list[tuple[str, tuple]]:
+    """(name, shape) of every tensor an export of `config` holds, in Hugging Face order (no tied head)."""
     tied = config.tie_word_embeddings
-    return [(k, tuple(v.shape)) for k, v in state.items() if not (tied and k == "lm_head.weight")]
+    return [(k, shape) for k, shape in decoder_shapes(config).items() if not (tied and k == "lm_head.weight")]
 
 
 def plan_shards(plan, dtype: torch.dtype, max_shard_size: str | int) -> list[tuple[str, list]]:
@@ -449,22 +453,14 @@ def _fsdp_scope(root):
             finally:
                 current.clear()
 
-    names = set(k for k in empty_names(root.config))
-    return TensorGetter(lambda name: current[name], names), scope
-
-
-def empty_names(config) -> list[str]:
-    """The parameter names of a DecoderLM of `config`, without allocating it."""
-    with torch.device("meta"):
-        return list(DecoderLM(config).state_dict())
+    return TensorGetter(lambda name: current[name], decoder_shapes(root.config)), scope
 
 
 def check_fits(reader, config, l0) -> None:
     """Every tensor the export slices is in the checkpoint with the shape `config` (and the masks) give it: the
     indices come from the config, so a checkpoint of another model (a wrong --config or --model-path) would
     otherwise be sliced into a valid-looking model of garbage."""
-    with torch.device("meta"):
-        expected = {"model." + k: tuple(v.shape) for k, v in DecoderLM(config).state_dict().items()}
+    expected = {"model." + k: shape for k, shape in decoder_shapes(config).items()}
     if l0 is not None:
         expected.update({"l0." + k: tuple(v.shape) for k, v in l0.state_dict().items()})
     stored = set(reader.names)

@@ -406,8 +406,8 @@ def check_load_path_fits(cfg: TrainConfig, source) -> None:
         return  # a sharded checkpoint: DCP checks every tensor's shape when it loads
     import torch
 
-    from llmshearing.model.decoder import DecoderLM
     from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
+    from llmshearing.pruning.export import decoder_shapes
     from llmshearing.train.checkpointing import embedded_config
     from llmshearing.train.run_folder import note_objective_change
 
@@ -418,8 +418,7 @@ def check_load_path_fits(cfg: TrainConfig, source) -> None:
         held = {k.removeprefix("module."): tuple(v.shape) for k, v in state["model"].items()}
     except Exception:  # noqa: BLE001 - Composer's own loader names what it cannot read
         return
-    with torch.device("meta"):
-        expected = {f"model.{k}": tuple(v.shape) for k, v in DecoderLM(source).state_dict().items()}
+    expected = {f"model.{k}": shape for k, shape in decoder_shapes(source).items()}
     has_masks = any(k.startswith("l0.") for k in held)
     where = f"load_path '{cfg.load_path}'"
     if has_masks != (cfg.pruning is not None):
