@@ -25,19 +25,37 @@ def user_message(e: ConfigError) -> str:
     return text
 
 
+_PIPE_ERRORS = (BrokenPipeError, ConnectionResetError, EOFError)
+
+
+def _from_gone_workers(exc_type, tb) -> bool:
+    """A thread's exception that is only the dataloader workers' exit: a pipe error, or anything raised in
+    multiprocessing's resource-sharer thread (its accept() fails once the worker that asked is gone)."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith(("multiprocessing/resource_sharer.py", "multiprocessing/connection.py")):
+            return True
+        tb = tb.tb_next
+    return exc_type is not None and issubclass(exc_type, _PIPE_ERRORS)
+
+
 def _quiet_broken_pipes() -> None:
     """After a stop signal the dataloader workers are gone while multiprocessing's resource-sharer thread (which
-    hands them file descriptors) may still be answering one: its BrokenPipeError is the workers' exit, not a bug,
-    and would print a thread traceback after the one line. Other thread exceptions keep theirs."""
+    hands them file descriptors) may still be answering one: its error is the workers' exit, not a bug, and would
+    print a traceback after the one line. That thread reports through sys.excepthook (not threading.excepthook),
+    so both hooks drop it; other threads' exceptions keep theirs."""
     import threading
 
-    previous = threading.excepthook
+    previous_thread_hook, previous_sys_hook = threading.excepthook, sys.excepthook
 
-    def hook(args):
-        if not issubclass(args.exc_type, (BrokenPipeError, ConnectionResetError, EOFError)):
-            previous(args)
+    def thread_hook(args):
+        if not _from_gone_workers(args.exc_type, args.exc_traceback):
+            previous_thread_hook(args)
 
-    threading.excepthook = hook
+    def sys_hook(exc_type, exc, tb):
+        if threading.current_thread() is threading.main_thread() or not _from_gone_workers(exc_type, tb):
+            previous_sys_hook(exc_type, exc, tb)
+
+    threading.excepthook, sys.excepthook = thread_hook, sys_hook
 
 
 def run_entry(main, *args) -> int:
