@@ -1,7 +1,10 @@
-"""Records the expected shape, sparsities and multipliers of the masks every batch, and plots them at the end."""
+"""Records the expected shape, sparsities and multipliers of the masks every batch, plots them at the end, and says
+whether the masks had settled on the target by the cut."""
 from __future__ import annotations
 
+import json
 import os
+import sys
 
 from composer.core import Callback, State
 from composer.loggers import Logger
@@ -9,7 +12,38 @@ from composer.utils import dist
 
 from llmshearing.pruning.shapes import param_count, SHAPE_KEYS
 from llmshearing.model.composer_model import unwrap
-from llmshearing.io import append_jsonl, truncate_jsonl
+from llmshearing.io import append_jsonl, atomic_write_text, read_jsonl, truncate_jsonl
+
+SETTLE_TOLERANCE = 0.01  # |expected - target| / target per structure (issue 25's criterion)
+SETTLE_WINDOW = 0.1  # the share of the pruning steps before the cut (at least one step) that must all be in tolerance
+SETTLE_FILE = "masks_at_cut.json"
+
+
+def settling(rows: list[dict], source: dict, target: dict, warmup: int, tol: float = SETTLE_TOLERANCE) -> dict:
+    """Had the masks settled at the cut? Per pruned structure, the largest |expected - target| / target over the
+    last SETTLE_WINDOW of the logged steps (`rows`, PruningLog's); settled when every one is within `tol` and the
+    target ramp (`warmup` steps) had ended by the window's first step."""
+    steps = [r["step"] for r in rows]
+    window = [r for r in rows if r["step"] >= steps[-1] + 1 - max(1, round(SETTLE_WINDOW * len(rows)))]
+    keys = [k for k in target if source[k] != target[k]]
+    deviation = {k: max(abs(r[f"expected/{k}"] - target[k]) / target[k] for r in window) for k in keys}
+    return {"settled": all(d <= tol for d in deviation.values()) and window[0]["step"] >= warmup,
+            "tolerance": tol, "window": [window[0]["step"], window[-1]["step"]], "warmup": warmup,
+            "deviation": deviation, "expected_at_cut": {k: rows[-1][f"expected/{k}"] for k in keys},
+            "target": {k: target[k] for k in keys}}
+
+
+def settle_line(s: dict) -> str:
+    """One line for the end of pruning and the demo's summary."""
+    span = f"steps {s['window'][0]}-{s['window'][1]}"
+    if s["settled"]:
+        return (f"masks settled at the cut: the expected shape stayed within {s['tolerance']:.0%} of the target "
+                f"per structure over {span}")
+    off = ", ".join(f"{k} {s['expected_at_cut'][k]:.1f} vs {s['target'][k]} (off by up to {s['deviation'][k]:.1%})"
+                    for k in s["deviation"] if s["deviation"][k] > s["tolerance"])
+    ramp = f"; the target ramp ({s['warmup']} steps) had not ended" if s["window"][0] < s["warmup"] else ""
+    return (f"warning: the masks had NOT settled at the cut ({span}: {off or 'within tolerance'}{ramp}); the export "
+            f"cut them to the target anyway (docs/convergence.md)")
 
 
 class PruningLog(Callback):
@@ -44,6 +78,13 @@ class PruningLog(Callback):
             from llmshearing.plots import plot_pruning_log
 
             l0 = unwrap(state.model).l0
-            plot_pruning_log(os.path.join(self.folder, "pruning_log.jsonl"), self.folder,
-                             source={k: getattr(l0.source, k) for k in SHAPE_KEYS},
-                             target={k: getattr(l0.target, k) for k in SHAPE_KEYS})
+            source = {k: getattr(l0.source, k) for k in SHAPE_KEYS}
+            target = {k: getattr(l0.target, k) for k in SHAPE_KEYS}
+            log_file = os.path.join(self.folder, "pruning_log.jsonl")
+            rows = read_jsonl(log_file, last_per="step")
+            settle = settling(rows, source, target, l0.warmup_steps) if rows else None
+            if settle is not None:
+                atomic_write_text(os.path.join(self.folder, SETTLE_FILE), json.dumps(settle, indent=1))
+                print(settle_line(settle), file=sys.stdout if settle["settled"] else sys.stderr, flush=True)
+            plot_pruning_log(log_file, self.folder, source=source, target=target, warmup=l0.warmup_steps,
+                             settle=settle)

@@ -6,7 +6,11 @@ import os
 from llmshearing.io import read_jsonl
 
 
-def plot_pruning_log(log_file: str, out_dir: str, source: dict, target: dict) -> list[str]:
+def plot_pruning_log(log_file: str, out_dir: str, source: dict, target: dict, warmup: int = 0,
+                     settle: dict | None = None) -> list[str]:
+    """pruning_shape.png: each pruned structure's expected size against its target (dashed: the ramped target the
+    Lagrangian pulls towards), the cut (the export) marked, and whether the masks had settled there
+    (callbacks.pruning_log.settling); pruning_lambdas.png: the multipliers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,8 +26,12 @@ def plot_pruning_log(log_file: str, out_dir: str, source: dict, target: dict) ->
         if source[key] == target[key]:
             continue
         ax.plot(steps, [r[f"expected/{key}"] / source[key] for r in rows], color=color, label=key)
-        ax.axhline(target[key] / source[key], color=color, ls="--", lw=0.8)
-    ax.set(xlabel="step", ylabel="expected size / source size", title="Expected shape (dashed: target)")
+        ramp = [min(1.0, st / warmup) if warmup > 0 else 1.0 for st in steps]
+        ax.plot(steps, [1 - (1 - target[key] / source[key]) * f for f in ramp], color=color, ls="--", lw=0.8)
+    ax.axvline(steps[-1], color="k", lw=0.8)
+    ax.text(steps[-1], 0.98, "cut ", transform=ax.get_xaxis_transform(), ha="right", va="top", fontsize=8)
+    status = "" if settle is None else (" - settled at the cut" if settle["settled"] else " - NOT settled at the cut")
+    ax.set(xlabel="step", ylabel="expected size / source size", title=f"Expected shape vs target (dashed){status}")
     ax.legend(fontsize=8)
     shape_png = os.path.join(out_dir, "pruning_shape.png")
     fig.tight_layout()

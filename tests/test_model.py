@@ -44,12 +44,13 @@ def random_masks(l0: L0Module, seed: int):
             m.log_alpha.copy_(torch.randn(m.shape, generator=g) * 2 + 1)  # some kept values below 1
 
 
+@pytest.mark.parametrize("hidden_mask", ["residual", "original"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_masked_equals_sliced_equals_reloaded_export(family, tmp_path):
+def test_masked_equals_sliced_equals_reloaded_export(family, hidden_mask, tmp_path):
     hf = random_model(family)
     lm = ours(hf)
     target = TARGETS[family]
-    l0 = L0Module(shape_of(hf.config), target, eval_target_model=True).eval()  # the export's masks
+    l0 = L0Module(shape_of(hf.config), target, eval_target_model=True, hidden_mask=hidden_mask).eval()  # the export's
     random_masks(l0, seed=3)
     ids = torch.randint(0, hf.config.vocab_size, (2, 40))
     with torch.no_grad():
@@ -58,6 +59,11 @@ def test_masked_equals_sliced_equals_reloaded_export(family, tmp_path):
         sliced = pruned(ids)
     torch.testing.assert_close(sliced, masked, atol=TOL, rtol=0)
     assert masked.abs().max() > 0.1  # not trivially zero
+    if hidden_mask == "original":  # the gate on the norm outputs changes the function (kept gates are < 1 here)
+        l0.hidden_mask = "residual"
+        with torch.no_grad():
+            assert (lm(ids, l0()) - masked).abs().max() > 1e-2
+        l0.hidden_mask = hidden_mask
 
     save_hf(pruned, str(tmp_path / "export"), kept=kept)
     reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()

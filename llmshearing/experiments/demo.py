@@ -143,6 +143,7 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
         "loss": losses, "perplexity": {m: {d: float(torch.tensor(v).exp()) for d, v in per.items()} for m, per in losses.items()},
         "reference_losses": reference, "final_domain_weights": weights,
         "max_abs_logit_diff_masked_vs_export": max_diff, "seconds": times, "gguf": gguf,
+        "masks_at_cut": _masks_at_cut(cfg.save_folder),
         "budget": {s: {"batches": v["cfg"].max_duration, "batch": v["cfg"].global_train_batch_size}
                    for s, v in stages.items()},
         "plots": sorted(os.path.join(out_dir, s, f) for s in stages for f in os.listdir(os.path.join(out_dir, s))
@@ -153,6 +154,17 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
     atomic_write_text(os.path.join(out_dir, "summary.md"), report)
     atomic_write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
     return summary
+
+
+def _masks_at_cut(folder: str) -> dict | None:
+    """Whether the pruning stage's masks had settled on the target at the cut (callbacks.pruning_log.settling)."""
+    from callbacks.pruning_log import SETTLE_FILE
+
+    path = os.path.join(folder, SETTLE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def demo_gguf(export_dir: str, dtype: str = "f16") -> dict:
@@ -188,6 +200,10 @@ def format_report(s: dict) -> str:
                      f"`AutoModelForCausalLM.from_pretrained('{os.path.dirname(g['file'])}', gguf_file='model.gguf')`)")
     elif g.get("refused"):
         lines.append(f"GGUF: not written ({g['refused']})")
+    if s.get("masks_at_cut"):
+        from callbacks.pruning_log import settle_line
+
+        lines.append("Pruning: " + settle_line(s["masks_at_cut"]))
     lines += [f"Max |logit difference| masked model vs reloaded export: {s['max_abs_logit_diff_masked_vs_export']:.2e}",
               "", "| phase | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in s["seconds"].items()],
               "", "Plots: " + ", ".join(s["plots"])]

@@ -24,12 +24,23 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 def rms_norm(x, weight, eps, kept_dims=None):
     """RMSNorm in fp32 as HF does. With a hidden mask, pruned dims are zero and the mean of squares
-    is taken over the `kept_dims` that a sliced model would have."""
+    is taken over the `kept_dims` that a sliced model would have; `kept_dims` may also be (kept, gate)
+    (`norm_mask`), and the output is then multiplied by the gate."""
+    gate = None
+    if isinstance(kept_dims, tuple):
+        kept_dims, gate = kept_dims
     dtype = x.dtype
     x = x.float()
     sq = x.pow(2)
     var = sq.mean(-1, keepdim=True) if kept_dims is None else sq.sum(-1, keepdim=True) / kept_dims
-    return weight * (x * torch.rsqrt(var + eps)).to(dtype)
+    out = weight * (x * torch.rsqrt(var + eps)).to(dtype)
+    return out if gate is None else out * gate.to(out.dtype)
+
+
+def norm_mask(m: Masks):
+    """What every RMSNorm of a masked forward takes: the kept hidden dims, and with `pruning.hidden_mask: original`
+    the hidden gate on its output too (the export folds that gate into the norm weights)."""
+    return m.hidden_kept if m.norm_gate is None else (m.hidden_kept, m.norm_gate)
 
 
 class RMSNorm(nn.Module):
@@ -263,8 +274,8 @@ class DecoderLM(nn.Module):
                 x, cos, sin, gate,
                 None if m.head is None else m.head[i],
                 None if m.intermediate is None else m.intermediate[i],
-                m.hidden, m.hidden_kept,
+                m.hidden, norm_mask(m),
             )
-        return self.lm_head(self.model.norm(x, m.hidden_kept))
+        return self.lm_head(self.model.norm(x, norm_mask(m)))
 
 

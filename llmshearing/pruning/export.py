@@ -104,6 +104,8 @@ def dense_tensors(get, config, masks: Masks, kept: dict, scope=_whole, device=No
             yield from _dense_layer(get, masks, kept, new, old, hd, d_idx, z_hidden).items()
     with scope(None):
         final_norm = get("model.norm.weight")[d_idx]
+        if masks.norm_gate is not None:  # hidden_mask: original, the gate on the norm's output
+            final_norm = final_norm * z_hidden
         if config.tie_word_embeddings:
             # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
             final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30), torch.zeros_like(final_norm))
@@ -126,8 +128,9 @@ def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_i
     i_gate = masks.intermediate[old][i_idx] if masks.intermediate is not None else torch.ones(len(i_idx), device=device)
     has = _names_probe(get)
     out = {}
+    norm_scale = z_hidden if masks.norm_gate is not None else 1.0  # hidden_mask: original
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        out[q + norm + ".weight"] = get(p + norm + ".weight")[d_idx]
+        out[q + norm + ".weight"] = get(p + norm + ".weight")[d_idx] * norm_scale
     for norm in ("q_norm", "k_norm"):  # Qwen3: over head_dim (never pruned), one weight for all heads
         if has(p + f"self_attn.{norm}.weight"):
             out[q + f"self_attn.{norm}.weight"] = get(p + f"self_attn.{norm}.weight")

@@ -139,6 +139,7 @@ class Masks:
     hidden_kept: int | torch.Tensor | None = None  # dims RMSNorm averages over
     head: torch.Tensor | None = None  # (L, H): kv-group gate x in-group query gate
     intermediate: torch.Tensor | None = None  # (L, I)
+    norm_gate: torch.Tensor | None = None  # (d,) gate on every RMSNorm output (`hidden_mask: original`), else None
 
 
 def plan_masks(source: Shape, target: Shape) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -183,9 +184,12 @@ class L0Module(nn.Module):
 
     def __init__(self, source: Shape, target: Shape, warmup_steps: int = 0, init_drop: float | None = None,
                  seed: int = 0, log_alpha_range: tuple[float, float] | None = LOG_ALPHA_RANGE,
-                 eval_target_model: bool = False):
+                 eval_target_model: bool = False, hidden_mask: str = "residual"):
         super().__init__()
         self.source, self.target, self.warmup_steps, self.seed = source, target, warmup_steps, seed
+        # residual: the hidden gate scales the embedding and the residual writes; original (the released code):
+        # every RMSNorm output too, so a block reads z * norm(x) (z^2 on what the gate already scaled)
+        self.hidden_mask = hidden_mask
         self.log_alpha_range = None if log_alpha_range is None else tuple(log_alpha_range)
         self.eval_target_model = eval_target_model  # eval keeps the target size, not the expected size
         init = torch.Generator().manual_seed(seed)  # the initial log_alphas are a function of the seed alone
@@ -229,7 +233,34 @@ class L0Module(nn.Module):
         kept = None
         if hidden is not None:
             kept = (hidden > 0).sum().clamp(min=1)
-        return Masks(gates.get("layer"), hidden, kept, head, gates.get("intermediate"))
+        norm_gate = hidden if self.hidden_mask == "original" else None
+        return Masks(gates.get("layer"), hidden, kept, head, gates.get("intermediate"), norm_gate=norm_gate)
+
+    @torch.no_grad()
+    def lower_kept_to_target(self) -> None:
+        """Shift the `keep` highest log_alpha of every row down by one amount per row so that the row's expected
+        count (the sum of P(z > 0)) is exactly its target: the units below the kept ones cannot go under the
+        clamp floor (P(z > 0) 0.047 at ln 0.01) and so hold probability mass the target count does not have. Without
+        this the Lagrangian starts with a gap (SmolLM2 -> half: 4.28 expected heads for 4) and closes it itself,
+        winding its multipliers up on the way (docs/convergence.md). The keep set and its order are unchanged."""
+        for mask in self.masks.values():
+            rank = row_ranks(mask.log_alpha, descending=True)
+            top = rank < mask.keep
+            rest = torch.where(top, torch.zeros_like(mask.log_alpha), mask.score()).sum(-1, keepdim=True)
+
+            def count(shift):
+                a = torch.where(top, mask.log_alpha - shift, mask.log_alpha)
+                return torch.where(top, torch.sigmoid(a - TEMPERATURE * math.log(-LIMIT_LEFT / LIMIT_RIGHT)),
+                                   torch.zeros_like(a)).sum(-1, keepdim=True) + rest
+
+            lo = torch.zeros_like(rest)
+            hi = torch.full_like(rest, 20.0)
+            for _ in range(50):  # bisection: the count falls as the shift grows
+                mid = (lo + hi) / 2
+                over = count(mid) > mask.keep
+                lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+            shift = torch.where(count(torch.zeros_like(rest)) > mask.keep, (lo + hi) / 2, torch.zeros_like(rest))
+            mask.log_alpha.copy_(torch.where(top, mask.log_alpha - shift, mask.log_alpha))
 
     @torch.no_grad()
     def constrain(self) -> None:

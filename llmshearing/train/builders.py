@@ -50,7 +50,7 @@ def build_l0(cfg: TrainConfig, source_config, target=None) -> L0Module | None:
     target = target or resolve_target(cfg.pruning.target, source_config)
     p = cfg.pruning
     return L0Module(shape_of(source_config), target, batches(p.lagrangian_warmup), p.init_drop, seed=cfg.seed,
-                    log_alpha_range=p.log_alpha_clamp, eval_target_model=p.eval_target_model)
+                    log_alpha_range=p.log_alpha_clamp, eval_target_model=p.eval_target_model, hidden_mask=p.hidden_mask)
 
 
 def build_teacher(cfg: TrainConfig, load_weights: bool = True) -> Teacher | None:
@@ -70,7 +70,35 @@ def build_optimizer(cfg: TrainConfig, model: ComposerLM) -> torch.optim.Optimize
     o = cfg.optimizer
     lrs = (cfg.pruning.mask_lr, cfg.pruning.lambda_lr) if cfg.pruning else (0.0, 0.0)
     groups = model.param_groups(o.lr, o.weight_decay, *lrs)
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    if cfg.pruning and cfg.pruning.lambda_optimizer == "sgd":
+        groups[-1]["plain"] = True
+    return PlainGroupsAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+
+
+class PlainGroupsAdamW(torch.optim.AdamW):
+    """AdamW, except that param groups marked `plain` take plain gradient steps p -= lr * grad (the multipliers
+    under `pruning.lambda_optimizer: sgd`, whose reversed gradient makes that ascent on the gap). Adam normalises
+    each step to ~lr whatever the gradient's size, so a multiplier keeps winding up at full speed while the masks
+    sit a hair off the target; a plain step is proportional to the gap and vanishes at the target."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        for group in groups:
+            if group.get("plain"):
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-group["lr"])
+        self.param_groups = [g for g in groups if not g.get("plain")]
+        try:
+            super().step()
+        finally:
+            self.param_groups = groups
+        return loss
 
 
 def build_scheduler(cfg: TrainConfig):

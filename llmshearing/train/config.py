@@ -48,6 +48,15 @@ class PruningConfig:
     # 0ba with it; docs/fidelity.md "Importance-initialised masks")
     init: str = "uniform"
     init_sequences: int = 4  # init=activation: calibration sequences per domain of data.split (not training tokens)
+    # adam: the multipliers take AdamW steps like every other parameter (the released code): each step is ~lambda_lr
+    # whatever the size of the gap; sgd: plain gradient ascent, lambda += lambda_lr * gap (docs/convergence.md)
+    lambda_optimizer: str = "adam"
+    # init=activation: lower each row's kept log_alphas together until its expected count is the target, so the
+    # Lagrangian starts with no gap (the dropped units sit at the clamp floor, P(open) 0.047, not 0)
+    init_at_target: bool = False
+    # residual: the hidden gate scales the embedding and every residual write; original: also every RMSNorm output
+    # (the released code), folded into the norm weights at export; both export exactly (docs/convergence.md)
+    hidden_mask: str = "residual"
 
 
 @dataclass
@@ -507,6 +516,9 @@ def check_mask_init(p: PruningConfig) -> None:
     two bands (llmshearing.pruning.masks.init_bands)."""
     from llmshearing.pruning.masks import INIT_BAND
 
+    for key, allowed in (("lambda_optimizer", ("adam", "sgd")), ("hidden_mask", ("residual", "original"))):
+        if getattr(p, key) not in allowed:
+            raise ConfigError(f"pruning.{key} must be {' or '.join(allowed)}, got '{getattr(p, key)}'")
     if p.init not in ("uniform", "activation"):
         raise ConfigError(f"pruning.init must be uniform (every gate starts open) or activation (log_alpha from "
                           f"activation importance on calibration sequences), got '{p.init}'")

@@ -51,9 +51,12 @@ def init_masks(cfg, model, folder: str, device: str) -> dict | None:
     lm.to(where)  # Composer moves or shards the model itself
     kept, dropped = init_bands(p.log_alpha_clamp)
     set_scores(model.l0, {k: v.to(model.l0.lambdas.device) for k, v in scores.items()}, kept, dropped)  # where l0 is
+    if p.init_at_target:
+        model.l0.lower_kept_to_target()
     record = {"init": "activation", "scoring": SCORING["activation"], "split": d.split, "domains": list(d.domains),
               "sequences_per_domain": p.init_sequences, "calibration_sequences": int(ids.shape[0]),
               "calibration_tokens": int(ids.numel()), "kept_band": list(kept), "dropped_band": list(dropped),
+              "init_at_target": p.init_at_target,
               "expected_shape_step0": model.l0.expected_shape(), "seconds": round(time.time() - start, 2)}
     os.makedirs(folder, exist_ok=True)
     atomic_write_text(os.path.join(folder, REPORT), json.dumps(record, indent=1) + "\n")

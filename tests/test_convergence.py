@@ -1,0 +1,108 @@
+"""Do the masks hold the target at the cut? The settle check (callbacks.pruning_log.settling), its line at the end of
+pruning, the plain-gradient multipliers (`pruning.lambda_optimizer: sgd`), and real tiny runs on each side."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from conftest import TINY_YAML, paths, run
+
+from callbacks.pruning_log import SETTLE_FILE, settle_line, settling
+from llmshearing.train.builders import PlainGroupsAdamW
+
+SOURCE = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536}
+TARGET = {"num_hidden_layers": 24, "hidden_size": 576, "intermediate_size": 1152}
+
+
+def rows(layers, intermediate):
+    return [{"step": i, "expected/num_hidden_layers": a, "expected/hidden_size": 576.0, "expected/intermediate_size": b}
+            for i, (a, b) in enumerate(zip(layers, intermediate))]
+
+
+def test_settled_means_every_pruned_structure_within_one_percent_over_the_last_tenth():
+    # 20 steps: the window is the last 2; hidden is not pruned, so it is not judged
+    log = rows([28.0] * 18 + [24.2, 23.8], [1300.0] * 18 + [1160.0, 1150.0])
+    s = settling(log, SOURCE, TARGET, warmup=0)
+    assert s["settled"] and s["window"] == [18, 19] and set(s["deviation"]) == {"num_hidden_layers", "intermediate_size"}
+    assert s["deviation"]["num_hidden_layers"] == pytest.approx(0.2 / 24)  # max of 0.2 and 0.2 layers off
+    assert s["deviation"]["intermediate_size"] == pytest.approx(8 / 1152)
+    assert "NOT" not in settle_line(s) and "within 1%" in settle_line(s)
+
+
+def test_a_structure_off_by_more_than_one_percent_in_the_window_is_not_settled():
+    log = rows([24.0] * 19 + [28.8], [1152.0] * 20)  # the demo's layer count at the cut (issue 25)
+    s = settling(log, SOURCE, TARGET, warmup=0)
+    assert not s["settled"] and s["deviation"]["num_hidden_layers"] == pytest.approx(0.2)
+    line = settle_line(s)
+    assert line.startswith("warning: the masks had NOT settled at the cut") and "num_hidden_layers 28.8 vs 24" in line
+    assert "intermediate_size" not in line  # only what is off is named
+
+
+def test_a_window_that_starts_inside_the_target_ramp_is_not_settled():
+    log = rows([24.0] * 20, [1152.0] * 20)
+    s = settling(log, SOURCE, TARGET, warmup=19)
+    assert not s["settled"] and "target ramp (19 steps) had not ended" in settle_line(s)
+
+
+def test_plain_multiplier_steps_are_proportional_to_the_gradient_and_adam_steps_are_not():
+    """lambda_optimizer=sgd: lambda moves by lr x gradient (a tiny gap, a tiny step); AdamW's first step is ~lr
+    whatever the gradient's size, which is what winds the multipliers up at full speed (docs/convergence.md)."""
+    lam, w = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = PlainGroupsAdamW([{"params": [w], "lr": 0.1}, {"params": [lam], "lr": 10.0, "plain": True}], lr=0.1)
+    lam.grad, w.grad = torch.tensor([1e-3, -2e-2]), torch.tensor([1e-3, -2e-2])
+    opt.step()
+    assert lam.tolist() == pytest.approx([-1e-2, 0.2])
+    assert w.tolist() == pytest.approx([-0.1, 0.1], rel=1e-4)  # Adam: sign times lr on the first step
+    assert opt.state_dict()["param_groups"][1]["plain"] and lam not in opt.state  # no Adam state for plain groups
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["unsettled", "settled"])
+def test_a_run_says_at_the_end_of_pruning_whether_its_masks_settled(tiny_setup, tmp_path, case):
+    """unsettled: dense masks asked for 1 of 4 layers and a quarter of the hidden size with no ramp and 4 steps;
+    settled: activation-initialised masks asked for one intermediate unit fewer per layer, 96 -> 95 (they start there)."""
+    folder = str(tmp_path / case)
+    target = (["pruning.target={num_hidden_layers: 1, hidden_size: 16}", "pruning.init_drop=null"]
+              if case == "unsettled" else
+              ["pruning.target={intermediate_size: 95}", "pruning.init=activation", "pruning.init_sequences=2"])
+    proc = run([sys.executable, "train.py", TINY_YAML, *paths(tiny_setup, folder), *target, "max_duration=4ba",
+                "pruning.lagrangian_warmup=0ba", "eval_interval=4ba", "save_interval=4ba", "data.num_workers=0"],
+               timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(folder, SETTLE_FILE)) as f:
+        s = json.load(f)
+    assert s["window"] == [3, 3] and s["settled"] == (case == "settled")
+    warned = "warning: the masks had NOT settled at the cut" in proc.stderr
+    assert warned == (case == "unsettled"), proc.stderr[-2000:]
+    if case == "settled":
+        assert "masks settled at the cut" in proc.stdout
+    else:
+        assert "num_hidden_layers" in proc.stderr and "hidden_size" in proc.stderr
+    assert os.path.exists(os.path.join(folder, "pruning_shape.png"))
+
+
+def test_init_at_target_lowers_the_kept_units_until_each_row_expects_its_target():
+    """`pruning.init_at_target`: the activation bands leave the dropped units at P(open) 0.047-0.12 (the clamp
+    floor), so the expected shape starts above the target (SmolLM2 -> half: 4.28 heads for 4); the shift removes
+    that gap without changing the keep set."""
+    from llmshearing.pruning.masks import L0Module, init_bands
+    from llmshearing.pruning.oneshot import set_scores
+    from llmshearing.pruning.shapes import Shape
+
+    l0 = L0Module(Shape(30, 576, 9, 3, 1536), Shape(24, 512, 4, 2, 1152))
+    g = torch.Generator().manual_seed(0)
+    set_scores(l0, {n: torch.rand(m.shape, generator=g) for n, m in l0.masks.items()}, *init_bands())
+    assert l0.expected_shape()["num_attention_heads"] > 4.2
+    keep = {n: m.keep_index().clone() for n, m in l0.masks.items()}
+    dropped = {n: m.log_alpha[m.log_alpha < 0].clone() for n, m in l0.masks.items()}
+    l0.lower_kept_to_target()
+    for name, mask in l0.masks.items():
+        assert torch.equal(mask.keep_index(), keep[name]), name
+        assert torch.equal(mask.log_alpha[mask.log_alpha < 0], dropped[name]), name  # only kept units move
+        torch.testing.assert_close(mask.score().sum(-1), torch.full(mask.shape[:-1], float(mask.keep)), atol=1e-3,
+                                   rtol=0)
+    shape = l0.expected_shape()
+    for key, want in {"num_hidden_layers": 24, "hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+                      "intermediate_size": 1152}.items():
+        assert shape[key] == pytest.approx(want, rel=1e-4), key
