@@ -4,8 +4,11 @@
     <root>/<domain>/<split>/index.json   mosaicml-streaming MDS shards, one column `tokens`
     <root>/<domain>/<split>/shard.*.mds  (ndarray of `seq_len` token ids, uint16 or uint32)
 
-Splits: `eval` (held out at document level), `prune` and `continue` (training data of the two stages,
-disjoint from each other and from `eval`). Shards are read with streaming's public `LocalDataset`
+Splits: `eval` and `test` (held out at document level, disjoint from each other), `prune` and `continue` (training
+data of the two stages, disjoint from each other and from the held-out splits). `eval` steers: the trainers' evals,
+dynamic batch loading, the reference losses. `test` is read only for final numbers (`llmshearing eval`, the demo's and
+reproduce's summaries), never by training, dynamic loading, reference losses or calibration (`refuse_test`), so
+nothing is tuned on it. Shards are read with streaming's public `LocalDataset`
 (random access, no shared memory), so any number of dataloader workers can read them; the same folder copied to
 object storage is read through a per-node cache (llmshearing.data.remote).
 """
@@ -19,7 +22,9 @@ import numpy as np
 from llmshearing.errors import ConfigError
 
 FORMAT = "llmshearing-shards/1"
-SPLITS = ("eval", "prune", "continue")
+SPLITS = ("eval", "test", "prune", "continue")
+TEST = "test"
+REBUILD = "make shards (or python -m data_prep.shards ... --overwrite with the arguments it was built with)"
 MANIFEST = "manifest.json"
 # Written by data_prep.shards into every folder it builds: the one proof that a folder is the builder's own output
 # and may be replaced (a manifest alone is not: a shard cache holds a copy of one, and so may any folder it was
@@ -86,6 +91,15 @@ def check_manifest(manifest: dict, path: str) -> None:
             need(isinstance(n, int) and n >= 0, f"domains.{name}.splits.{split}.sequences", "an integer >= 0")
 
 
+def refuse_test(split: str, who: str) -> None:
+    """The `test` split holds the final numbers: `who` (training, dynamic loading, reference losses, calibration)
+    must not read it, or those numbers would be tuned on their own test set."""
+    if split == TEST:
+        raise ConfigError(f"{who}: the '{TEST}' split is reserved for final numbers (llmshearing eval, the demo's and "
+                          f"reproduce's summaries) and is never read by training, dynamic loading, reference losses or "
+                          f"calibration; use 'eval' (held out, steers) or a training split (prune, continue)")
+
+
 def check_domains(manifest: dict, root: str, domains: list[str], split: str, key: str = "data.domains",
                   remote: str | None = None) -> None:
     """Every named domain has a non-empty `split` in the shards. With a `remote` (root is then its cache) the
@@ -95,6 +109,9 @@ def check_domains(manifest: dict, root: str, domains: list[str], split: str, key
     for name in domains:
         if name not in manifest["domains"]:
             raise ConfigError(f"{key}: domain '{name}' has no shards in '{root}' (it has: {', '.join(have)})")
+        if split == TEST and TEST not in manifest["domains"][name]["splits"]:
+            raise ConfigError(f"the shards in '{remote or root}' have no '{TEST}' split (built before it existed); "
+                              f"rebuild them: {REBUILD}")
         n = manifest["domains"][name]["splits"].get(split, {}).get("sequences", 0)
         if n == 0:
             raise ConfigError(f"{key}: domain '{name}' has no '{split}' sequences in '{remote or root}'; rebuild with "

@@ -78,7 +78,7 @@ def train_tokenizer(texts: list[str], vocab_size: int):
 
 def make_tiny(out_dir: str, family: str = "smollm2-gqa", vocab_size: int = 384, seed: int = 0) -> dict[str, str]:
     """Write `<out>/model` (HF checkpoint + tokenizer), `<out>/text/{prose,code}.jsonl` and their 64-token
-    shards `<out>/shards` (4 eval sequences, 256 prune and 256 continue sequences in all); return paths."""
+    shards `<out>/shards` (4 eval and 4 test sequences, 256 prune and 256 continue sequences in all); return paths."""
     marker = os.path.join(out_dir, ".llmshearing-tiny")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(marker):
         raise ConfigError(f"out_dir '{out_dir}' exists, is not empty and was not made by make-tiny; give a new "
