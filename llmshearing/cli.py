@@ -95,15 +95,19 @@ def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval", help="per-domain perplexity on shards and zero-shot task accuracy of HF model folders",
         description="Evaluate one or more model folders (source, exported pruned, continued): per-domain loss and "
-                    "perplexity on the shards' 'eval' split and, with the eval extra (lm-evaluation-harness), "
+                    "perplexity on the shards' 'test' split (--split eval: the split that steers training) and, "
+                    "with the eval extra (lm-evaluation-harness), "
                     "zero-shot accuracy on local multiple-choice tasks. Prints a markdown table with a column "
                     "per model; --out writes everything as JSON.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="HF model folder, or a .gguf file")
     p.add_argument("--gguf-file", help="GGUF file name inside every MODEL folder")
-    p.add_argument("--shards", help="shard folder (manifest.json) whose 'eval' split is evaluated")
+    p.add_argument("--shards", help="shard folder (manifest.json) whose --split is evaluated")
     add_remote_arguments(p)
+    p.add_argument("--split", default="test", choices=("test", "eval"),
+                   help="test (default): held out for final numbers, never read by training; eval: the split "
+                        "that steers training (its evals, dynamic loading, reference losses)")
     p.add_argument("--domains", help="comma-separated domains (default: all, in manifest order)")
-    p.add_argument("--max-sequences", type=int, help="evaluate the first N eval sequences per domain (default: all)")
+    p.add_argument("--max-sequences", type=int, help="evaluate the first N sequences per domain (default: all)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (shards and tasks)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -250,7 +254,7 @@ def run_eval(args) -> dict:
                              args.max_sequences, args.batch_size, args.dtype, args.device,
                              _names(args.tasks, "--tasks") or [], args.include_path, args.lm_eval_tasks,
                              args.num_fewshot, args.limit, progress=sys.stderr.isatty(), remote=args.remote,
-                             local=args.local)
+                             local=args.local, split=args.split)
     print(report_table(report))
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")

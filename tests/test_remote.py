@@ -22,7 +22,7 @@ from llmshearing.data.remote import DOWNLOADS, prepare_cache
 from llmshearing.errors import ConfigError
 from llmshearing.train.config import load_config
 
-SPLITS = ("eval", "prune", "continue")
+SPLITS = ("eval", "test", "prune", "continue")
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +260,7 @@ def test_training_from_a_remote_equals_local_shards_across_sigkill_and_two_ranks
 
 def test_eval_and_reference_loss_read_a_remote(tiny_setup, remote, tmp_path, capsys):
     """`llmshearing eval` and `reference-loss` take --remote/--local as a run takes data.remote/data.local: the
-    same numbers as from the folder, only the eval split's files fetched; bad combinations are one-line errors."""
+    same numbers as from the folder, only the test split's files fetched (eval's final numbers); bad combinations are one-line errors."""
     from llmshearing.cli import main
     from llmshearing.eval.evaluate import evaluate_models
 
@@ -270,7 +270,7 @@ def test_eval_and_reference_loss_read_a_remote(tiny_setup, remote, tmp_path, cap
     assert there["models"][0]["domains"] == here["models"][0]["domains"]
     assert there["shards"] == f"{remote} (cache {cache})"
     fetched = [f for f in downloads(cache) if f.endswith(".mds")]
-    assert fetched and all(f.split(os.sep)[1] == "eval" for f in fetched)
+    assert fetched and all(f.split(os.sep)[1] == "test" for f in fetched)
 
     capsys.readouterr()
     assert main(["reference-loss", "--model", model, "--shards", remote, "--max-sequences", "3"]) == 0

@@ -1,6 +1,7 @@
 """Evaluation of model folders: the one place outside training that computes per-domain loss, and `llmshearing eval`.
 
-`domain_loss_stats` / `domain_losses` read each domain's `eval` split (see `llmshearing.data.layout`) and return the
+`domain_loss_stats` / `domain_losses` read each domain's `eval` split, or the `split` given (final numbers: `test`, see
+`llmshearing.data.layout`), and return the
 mean next-token cross-entropy in nats per predicted token. The reference losses, the demo and `llmshearing eval`
 use them, so every number of the project about "loss on domain d" means the same thing.
 
@@ -263,8 +264,9 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
                     dtype: str = "float32", device: str | None = None, tasks: Sequence[str] = (),
                     include_paths: Sequence[str] = (), lm_eval_tasks: bool = False, num_fewshot: int = 0,
                     limit: int | None = None, progress: bool = False, remote: str | None = None,
-                    local: str | None = None) -> dict:
-    """Per-domain loss/perplexity on the shards' `eval` split and task accuracies of each model folder. The
+                    local: str | None = None, split: str = "test") -> dict:
+    """Per-domain loss/perplexity on the shards' `split` (`test`: final numbers, the default; `eval`: the split that
+    steers training, what its evals and dynamic loading saw) and task accuracies of each model folder. The
     shards are a folder (`shards`) or object storage read through a cache (`remote` + `local`).
 
     Every input is checked before any weights are read (so a bad call costs seconds and writes nothing);
@@ -280,6 +282,9 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
         raise ConfigError("--domains and --max-sequences select shard sequences; give --shards DIR too")
     batch_size = _positive_int(batch_size, "--batch-size")
     max_sequences = _positive_int(max_sequences, "--max-sequences", allow_none=True)
+    if split not in ("test", "eval"):
+        raise ConfigError(f"--split must be test (final numbers) or eval (the split that steers training), got "
+                          f"'{split}'")
     limit = _positive_int(limit, "--limit", allow_none=True)
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise ConfigError(f"--num-fewshot must be a non-negative integer, got {num_fewshot!r}")
@@ -292,7 +297,7 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
         domains = list(manifest["domains"]) if domains is None else list(domains)
         if not domains:
             raise ConfigError(f"--domains: no domain to evaluate in '{shards}'")
-        check_domains(manifest, shards, domains, "eval", key="--domains", remote=remote)
+        check_domains(manifest, shards, domains, split, key="--domains", remote=remote)
     located = [model_location(m, gguf_file) for m in models]
     checked = [check_model(path, gguf, shards, need_tokenizer=bool(tasks)) for path, gguf in located]
     manager = task_manager(tasks, include_paths, lm_eval_tasks) if tasks else None
@@ -305,7 +310,7 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
         entry = {"model": given, "path": path, "gguf_file": gguf, "parameters": parameter_count(model)}
         if shards is not None:
             t = time.time()
-            stats = domain_loss_stats(lambda ids: model(ids.to(device)).logits, shards, domains, "eval",
+            stats = domain_loss_stats(lambda ids: model(ids.to(device)).logits, shards, domains, split,
                                       max_sequences, batch_size, progress, remote)
             times["perplexity"] = time.time() - t
             entry["domains"] = {d: {"loss": s["loss"], "ppl": math.exp(s["loss"]), "tokens": s["tokens"],
@@ -319,7 +324,7 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
         entry["seconds"] = times
         results.append(entry)
         del model
-    report = {"shards": given_shards, "split": "eval" if shards is not None else None, "domains": domains,
+    report = {"shards": given_shards, "split": split if shards is not None else None, "domains": domains,
               "max_sequences": max_sequences, "batch_size": batch_size, "dtype": dtype, "device": device,
               "tasks": list(tasks), "num_fewshot": num_fewshot if tasks else None, "limit": limit,
               "models": results, "seconds": time.time() - t_start}
@@ -349,6 +354,8 @@ def report_table(report: dict) -> str:
 
     for label, m in zip(labels, report["models"]):
         put("parameters", label, f"{m['parameters']:,}")
+        if m.get("domains"):
+            put("shards split", label, report["split"])
         for d, s in m.get("domains", {}).items():
             put(f"ppl {d}", label, f"{s['ppl']:.2f}")
         for d, s in m.get("domains", {}).items():

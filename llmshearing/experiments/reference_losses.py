@@ -50,9 +50,10 @@ _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 def source_reference_losses(model_path: str, shards_root: str, gguf_file: str | None = None,
                             domains: list[str] | None = None, max_sequences: int | None = None,
-                            batch_size: int = 4, progress: bool = False, remote: str | None = None) -> dict[str, float]:
+                            batch_size: int = 4, progress: bool = False, remote: str | None = None,
+                            split: str = "eval") -> dict[str, float]:
     """Per-domain eval loss (nats/token) of the model at `model_path` on the shards' `eval` split (with `remote`,
-    `shards_root` is its cache: `data.remote.shards_root`).
+    `shards_root` is its cache: `data.remote.shards_root`); the `test` split is refused (never tuned on).
 
     Checked before any weights are read: the shards exist and hold the domains, every token id of the
     shards' tokenizer fits the model's embedding, and (when the model folder has a tokenizer) the shards
@@ -61,15 +62,16 @@ def source_reference_losses(model_path: str, shards_root: str, gguf_file: str | 
     """
     from llmshearing.devices import resolve_device
     from llmshearing.eval.evaluate import check_model, domain_losses, load_model
-    from llmshearing.data.layout import check_domains, read_manifest
+    from llmshearing.data.layout import check_domains, read_manifest, refuse_test
 
+    refuse_test(split, "reference losses")
     manifest = read_manifest(shards_root)
     domains = list(manifest["domains"]) if domains is None else list(domains)
-    check_domains(manifest, shards_root, domains, "eval", key="domains", remote=remote)
+    check_domains(manifest, shards_root, domains, split, key="domains", remote=remote)
     check_model(model_path, gguf_file, shards_root)
     device = resolve_device(None)
     model = load_model(model_path, gguf_file, "float32", device)
-    return domain_losses(lambda ids: model(ids.to(device)).logits, shards_root, domains, "eval", max_sequences,
+    return domain_losses(lambda ids: model(ids.to(device)).logits, shards_root, domains, split, max_sequences,
                          batch_size, progress, remote)
 
 

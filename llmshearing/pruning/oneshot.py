@@ -202,8 +202,9 @@ def calibration_ids(root: str, domains: list[str] | None = None, per_domain: int
                     remote: str | None = None) -> torch.Tensor:
     """The first `per_domain` sequences of every domain's `split` (B, T), domains in the shards' order by default:
     the data of activation scoring (the oneshot_act arm, `pruning.init: activation`)."""
-    from llmshearing.data.layout import DomainSequences, read_manifest
+    from llmshearing.data.layout import DomainSequences, read_manifest, refuse_test
 
+    refuse_test(split, "activation calibration")
     domains = list(read_manifest(root)["domains"]) if domains is None else domains
     seqs = [DomainSequences(root, d, split, per_domain, remote=remote) for d in domains]
     return torch.stack([s[i]["input_ids"] for s in seqs for i in range(len(s))])

@@ -531,6 +531,9 @@ def resolve_data(data: DataConfig) -> DataConfig:
     """Shards exist and hold the domains; proportions and reference losses match the domains.
     Returns a copy with data.domains filled in and proportions / reference losses as lists in domain order
     (`data` itself is left as given)."""
+    from llmshearing.data.layout import refuse_test
+
+    refuse_test(data.split, "data.split")
     if data.split not in ("prune", "continue"):
         raise ConfigError(f"data.split must be prune or continue, got '{data.split}'")
     from llmshearing.data.remote import normalise, shards_root
