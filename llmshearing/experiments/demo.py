@@ -4,7 +4,8 @@ multi-domain text, on CPU:
   shards (`data_prep.shards`) -> reference losses (the source model's per-domain eval loss)
   -> pruning with dynamic batch loading (yamls/demo_smollm2.yaml) -> export as a dense HF model
   -> continued pretraining with dynamic batch loading (yamls/demo_continue.yaml) -> export
-  -> per-domain perplexity of source / pruned / continued, reloaded with transformers, and plots
+  -> per-domain perplexity of source / pruned / continued on the shards' `test` split (never read by training,
+     dynamic loading or the reference losses, which use `eval`), reloaded with transformers, and plots
   -> `<out>/continued/model.gguf` for llama.cpp (not run here).
 """
 from __future__ import annotations
@@ -19,8 +20,8 @@ import time
 import torch
 import yaml
 
+from llmshearing.data.layout import TEST as FINAL_SPLIT  # the split every final number is reported on
 from llmshearing.io import atomic_write_text
-
 
 
 def _params(model) -> int:
@@ -119,7 +120,7 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
     losses, params = {}, {}
     for name, path in models.items():
         hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-        losses[name] = domain_losses(lambda ids: hf(ids).logits, shards, cfg.data.domains)
+        losses[name] = domain_losses(lambda ids: hf(ids).logits, shards, cfg.data.domains, split=FINAL_SPLIT)
         params[name] = _params(hf)
     times["eval (3 models, reloaded with transformers)"] = time.time() - t
 
@@ -140,7 +141,7 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
     summary = {
         "params": params, "kept_shape": stages["prune"]["kept"]["target_shape"],
         "source_shape": stages["prune"]["kept"]["source_shape"],
-        "loss": losses, "perplexity": {m: {d: float(torch.tensor(v).exp()) for d, v in per.items()} for m, per in losses.items()},
+        "split": FINAL_SPLIT, "loss": losses, "perplexity": {m: {d: float(torch.tensor(v).exp()) for d, v in per.items()} for m, per in losses.items()},
         "reference_losses": reference, "final_domain_weights": weights,
         "max_abs_logit_diff_masked_vs_export": max_diff, "seconds": times, "gguf": gguf,
         "budget": {s: {"batches": v["cfg"].max_duration, "batch": v["cfg"].global_train_batch_size}
@@ -177,7 +178,9 @@ def format_report(s: dict) -> str:
     ]
     for name, per in s["perplexity"].items():
         lines.append(f"| {name} | " + " | ".join(f"{per[d]:.2f}" for d in domains) + " |")
-    lines += ["", "Per-domain token perplexity on the shards' held-out eval split.",
+    lines += ["", f"Per-domain token perplexity on the shards' held-out {s.get('split', 'eval')} split"
+              + (" (never read by training, dynamic loading or the reference losses)." if s.get("split") == "test"
+                 else "."),
               "Reference losses (source): " + ", ".join(f"{d} {v:.3f}" for d, v in s["reference_losses"].items())]
     for stage, w in s["final_domain_weights"].items():
         lines.append(f"Domain weights at the end of {stage}: " + ", ".join(f"{d} {v:.3f}" for d, v in w.items()))
