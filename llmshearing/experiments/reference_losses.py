@@ -24,7 +24,7 @@ from llmshearing.errors import ConfigError
 # The paper's reference losses, as released with the original code: princeton-nlp/LLM-Shearing,
 # llmshearing/scripts/pruning.sh (and continue_pretrain.sh), `target_loss` lists commented
 # "1.3b predicted loss from scaling law" / "2.7b predicted loss from scaling law" (the 2.7B one under
-# `to_model == 3b`). There the domain order is set_names=[cc,github,book,stackexchange,wiki,arxiv,c4-rp];
+# `to_model == 3b` at commit 17c3026, `to_model == 2.7b` at 8185717, the `else` branch at cbf39a3; same values). There the domain order is set_names=[cc,github,book,stackexchange,wiki,arxiv,c4-rp];
 # here they are keyed by our RedPajama domain names (cc -> common_crawl, wiki -> wikipedia, c4-rp -> c4)
 # and listed in the order of `shards.REDPAJAMA_PROPORTIONS`. Per the paper (Sec. 2.2) they are the losses
 # of a hypothetical LLaMA2 model of the target size, predicted by a scaling law fit per domain on the LLaMA2
