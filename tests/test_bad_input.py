@@ -582,10 +582,10 @@ def test_shard_indexes_are_checked_at_start_and_a_damaged_cached_index_is_fetche
         with open(index, "w") as f:
             f.write(damage)
         refused(capsys, train(tiny, f"data.shards={remote}"), index)
-        refused(capsys, cli_main(["eval", tiny["model"], "--shards", remote]), index)
+        refused(capsys, cli_main(["eval", tiny["model"], "--shards", remote, "--split", "eval"]), index)
         shutil.rmtree(cache, ignore_errors=True)
         refused(capsys, train(tiny, *via_remote), index)
-        refused(capsys, cli_main(["eval", tiny["model"], "--remote", remote, "--local", cache]), index)
+        refused(capsys, cli_main(["eval", tiny["model"], "--remote", remote, "--local", cache, "--split", "eval"]), index)
         refused(capsys, cli_main(["reference-loss", "--model", tiny["model"], "--remote", remote, "--local", cache]),
                 index)
         assert not os.path.exists(tiny["run"])

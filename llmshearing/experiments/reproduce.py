@@ -593,7 +593,8 @@ def plot_scales(paths: list[str], out_dir: str) -> dict:
             raise ConfigError(f"--plot-scales: '{path}' is not a reproduce summary.json (no 'arms')")
         splits.add(summary.get("split", "eval"))  # summaries written before the test split: eval
         for name, a in summary["arms"].items():
-            by_seed = a["final_mean_loss_by_seed"]
+            # summaries from before `final_mean_loss_by_seed` (issue 15) hold one seed's final_mean_loss
+            by_seed = a.get("final_mean_loss_by_seed") or {str(summary["settings"].get("seed")): a["final_mean_loss"]}
             if any(p["tokens"] == a["total_tokens"] for p in points.get(name, [])):
                 raise ConfigError(f"--plot-scales: arm '{name}' at {a['total_tokens']:,} tokens is in two summaries; "
                                   f"give each scale once")
