@@ -11,7 +11,7 @@ from llmshearing.pruning.shapes import param_count, Shape, shape_of
 from llmshearing.pruning.masks import L0Module
 from llmshearing.model.decoder import DecoderLM
 from llmshearing.pruning.export import finalize, save_hf
-from llmshearing.experiments.tiny import random_model
+from llmshearing.experiments.tiny import random_model, reference_attention
 
 TOL = 1e-4  # fp32 logits of magnitude ~1: differences come from summation order only (seen: < 1e-6)
 TARGETS = {  # every structure shrinks; GQA targets keep num_heads divisible by num_kv_heads
@@ -20,6 +20,8 @@ TARGETS = {  # every structure shrinks; GQA targets keep num_heads divisible by 
     "mistral": Shape(3, 40, 2, 1, 48),
     "qwen2": Shape(2, 32, 2, 1, 80),
     "qwen3": Shape(3, 48, 2, 1, 64),  # head_dim 32: attention 2 x 32 = 64 wide in a 48-wide model
+    "gemma2": Shape(3, 48, 2, 1, 64),  # dropping a layer leaves a non-alternating layer_types (exported)
+    "gemma3": Shape(3, 40, 2, 1, 64),
 }
 
 
@@ -60,7 +62,7 @@ def test_masked_equals_sliced_equals_reloaded_export(family, tmp_path):
     assert masked.abs().max() > 0.1  # not trivially zero
 
     save_hf(pruned, str(tmp_path / "export"), kept=kept)
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), **reference_attention(hf.config)).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, masked, atol=TOL, rtol=0)
 
@@ -193,3 +195,53 @@ def test_family_end_to_end_through_composer(family, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(os.path.join(cont, "export"))
     assert type(again) is type(source) and shape_of(again.config) == shape_of(hf.config)
     assert not torch.equal(again.model.layers[0].mlp.up_proj.weight, hf.model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_matches_transformers_eager_and_each_feature_matters(family):
+    """Logits and loss equal transformers' eager Gemma (the reference: its SDPA path drops the attention soft-cap)
+    over 40 tokens, longer than the tiny sliding window (16); each Gemma feature the decoder implements changes
+    transformers' logits here (so the parity would catch its absence): windowing, query_pre_attn_scalar, the
+    soft-caps (Gemma 2), the local RoPE base (Gemma 3)."""
+    import copy
+
+    from llmshearing.model.distill import lm_loss
+
+    hf = random_model(family)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 40))
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    with torch.no_grad():
+        ref = hf(ids, labels=ids)
+        logits = ours(hf)(ids)
+        torch.testing.assert_close(logits, ref.logits, atol=TOL, rtol=0)
+        torch.testing.assert_close(lm_loss(logits, labels), ref.loss, atol=1e-5, rtol=0)
+        assert hf.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+        changes = {"sliding_window": 64, "query_pre_attn_scalar": hf.config.head_dim}
+        if family == "gemma2":
+            changes.update(attn_logit_softcapping=None, final_logit_softcapping=None)
+        else:
+            changes.update(rope_local_base_freq=hf.config.rope_theta)
+        for key, value in changes.items():
+            config = copy.deepcopy(hf.config)
+            setattr(config, key, value)
+            other = type(hf)(config).eval()
+            other.load_state_dict(hf.state_dict())
+            assert (other(ids).logits - ref.logits).abs().max() > 1e-2, key
+
+
+def test_gemma_export_keeps_each_kept_layers_attention_type(tmp_path):
+    """Dropping layers breaks Gemma's sliding/full alternation: the export writes the kept layers' own types."""
+    hf = random_model("gemma2")
+    l0 = L0Module(shape_of(hf.config), Shape(2, 64, 4, 2, 96), eval_target_model=True).eval()
+    with torch.no_grad():
+        l0.masks["layer"].log_alpha.copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]))  # keep layers 0 and 2 (sliding)
+        pruned, kept = finalize(ours(hf), l0)
+    assert kept["layers"] == [0, 2] and pruned.config.layer_types == ["sliding_attention"] * 2
+    save_hf(pruned, str(tmp_path / "export"), kept=kept)
+    with open(tmp_path / "export" / "config.json") as f:
+        assert json.load(f)["layer_types"] == ["sliding_attention"] * 2
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), **reference_attention(hf.config))
+    ids = torch.randint(0, hf.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, pruned(ids), atol=TOL, rtol=0)

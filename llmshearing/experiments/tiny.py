@@ -21,6 +21,15 @@ FAMILY_CONFIGS = {
     "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   tie_word_embeddings=False),  # head_dim 32 x 4 heads = 128, twice hidden 64 (as Qwen3-0.6B)
+    # Gemma: tied (as released), sliding window 16 below the tests' 40 tokens, query_pre_attn_scalar != head_dim,
+    # soft-caps low enough to bend the tiny model's scores and logits (Gemma 2 ships 50 / 30)
+    "gemma2": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   tie_word_embeddings=True, sliding_window=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=3.0),
+    # Gemma 3: layer types from sliding_window_pattern 2 (sliding, full, ...), two RoPE bases, q_norm / k_norm
+    "gemma3": dict(model_type="gemma3_text", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   tie_word_embeddings=True, sliding_window=16, query_pre_attn_scalar=24, sliding_window_pattern=2,
+                   rope_theta=1_000_000.0, rope_local_base_freq=10_000.0),
 }
 STDLIB_MODULES = ("json", "os", "argparse", "collections", "csv", "random", "textwrap", "string", "shutil", "pathlib")
 
@@ -35,19 +44,29 @@ def tiny_config(family: str, vocab_size: int = 384, **overrides):
     return AutoConfig.for_model(model_type, **{**sizes, **spec, **overrides})
 
 
+def reference_attention(config) -> dict:
+    """from_pretrained / from_config kwargs for transformers' reference attention of a family: Gemma's eager one (its
+    SDPA path drops the attention soft-cap); the default elsewhere."""
+    return {"attn_implementation": "eager"} if config.model_type in ("gemma2", "gemma3_text") else {}
+
+
 def random_model(family: str, vocab_size: int = 384, seed: int = 0):
     """A random HF model of `family` whose norms and biases are not at their init values (so tests
     that fold or slice them can fail)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=vocab_size), torch_dtype=torch.float32)
+    config = tiny_config(family, vocab_size=vocab_size)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, **reference_attention(config))
+    low = -0.5 if model.config.model_type in ("gemma2", "gemma3_text") else 0.5  # Gemma multiplies by 1 + weight
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
+                p.uniform_(low, low + 1.0)
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif model.config.model_type == "gemma2" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(6.0)  # scores large enough that the attention soft-cap bends them (measurably: tests)
     return model.eval()
 
 

@@ -11,9 +11,23 @@ from llmshearing.errors import ConfigError
 
 # The families the decoder implements, with the transformers class an export of each is loaded as.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
-QK_NORM_TYPES = ("qwen3",)  # an RMSNorm over head_dim on every query and key head (one weight for all heads)
+# an RMSNorm over head_dim on every query and key head (one weight for all heads)
+QK_NORM_TYPES = ("qwen3", "gemma3_text")
+# Gemma 2 / Gemma 3 text: (1 + weight) RMSNorms before and after attention and MLP, embedding x sqrt(hidden),
+# GELU-tanh MLP, query_pre_attn_scalar, soft-capping (Gemma 2), per-layer sliding windows (layer_types)
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+
+
+def is_gemma(config: PretrainedConfig) -> bool:
+    return config.model_type in GEMMA_TYPES
+
+
+def sliding_layer(config: PretrainedConfig, layer_idx: int) -> bool:
+    """Whether Gemma layer `layer_idx` attends within config.sliding_window (its layer_types entry, which transformers
+    4.53 fills from the alternation / sliding_window_pattern when a config.json has none)."""
+    return config.layer_types[layer_idx] == "sliding_attention"
 
 
 def qk_norm(config: PretrainedConfig) -> bool:
@@ -41,7 +55,14 @@ def check_source_config(config: PretrainedConfig) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (a new family needs its layer in model/decoder.py with HF's "
             f"parameter names, its masks and export in pruning/, its counts in pruning/shapes.py; docs/families.md)"
         )
-    if getattr(config, "hidden_act", "silu") != "silu":
+    if is_gemma(config):
+        if config.hidden_activation != "gelu_pytorch_tanh":
+            raise ConfigError(f"{config.model_type}: hidden_activation '{config.hidden_activation}' is not supported "
+                              f"(only gelu_pytorch_tanh, as the released Gemma models)")
+        if len(config.layer_types) != config.num_hidden_layers:
+            raise ConfigError(f"{config.model_type}: layer_types has {len(config.layer_types)} entries for "
+                              f"{config.num_hidden_layers} layers")
+    elif getattr(config, "hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act '{config.hidden_act}' is not supported (only SwiGLU with silu)")
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -108,7 +129,7 @@ def load_safetensors_into(lm, files: list[str]) -> None:
 
 def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "auto",
                     dtype: torch.dtype = torch.float32):
-    """The DecoderLM of any Llama/Mistral/Qwen2/Qwen3 checkpoint: safetensors are read tensor by tensor straight into
+    """The DecoderLM of any Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3 text checkpoint: safetensors are read tensor by tensor straight into
     the model; other formats (GGUF, .bin) go through transformers' loader."""
     config = load_hf_config(path, gguf_file)  # refuses unsupported families before the weights are read
     files = None if gguf_file else safetensors_files(path)

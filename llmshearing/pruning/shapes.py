@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import attention_biases, head_dim_of, qk_norm
+from llmshearing.model.hf import attention_biases, head_dim_of, is_gemma, qk_norm
 
 @dataclass(frozen=True)
 class Shape:
@@ -159,6 +159,7 @@ def param_count(shape: Shape, config: PretrainedConfig, *, floats: dict | None =
     mlp_bias = bool(getattr(config, "mlp_bias", False))
     attn = h * (H + 2 * KV) * hd + H * hd * h + (qkv_bias * (H + 2 * KV) * hd) + o_bias * h
     mlp = 3 * h * inter + mlp_bias * (2 * inter + h)
-    per_layer = attn + mlp + 2 * h + (2 * hd if qk_norm(config) else 0)  # Qwen3's q_norm and k_norm
+    norms = 4 if is_gemma(config) else 2  # Gemma: pre- and post-norms around attention and MLP
+    per_layer = attn + mlp + norms * h + (2 * hd if qk_norm(config) else 0)  # Qwen3's / Gemma 3's q_norm and k_norm
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     return L * per_layer + embed + h
