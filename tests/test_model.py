@@ -245,3 +245,19 @@ def test_gemma_export_keeps_each_kept_layers_attention_type(tmp_path):
     ids = torch.randint(0, hf.config.vocab_size, (1, 40))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, pruned(ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_block_influence_reads_transformers_hidden_states(family):
+    """oneshot's layer-by-layer pass (block influence, `pruning.init: activation`) embeds and ropes as the model does
+    (sqrt(hidden) scaling, Gemma 3's local RoPE base): its scores are those of transformers' per-layer hidden states."""
+    from llmshearing.pruning.oneshot import block_influence
+
+    hf = random_model(family)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        hs = hf(ids, output_hidden_states=True).hidden_states  # the layers' inputs, then the final norm's output
+        want = torch.stack([1 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()
+                            for a, b in zip(hs[:-2], hs[1:-1])])
+        got = block_influence(ours(hf), ids)
+    torch.testing.assert_close(got[:-1], want, atol=1e-5, rtol=0)
