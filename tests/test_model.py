@@ -147,7 +147,7 @@ def test_unsupported_families_are_refused_naming_what_they_need():
         with pytest.raises(ConfigError, match=f"model_type '{model_type}' is not supported; supported LLaMA-family "
                                               f"types: llama, mistral, qwen2, qwen3, .*\\(a new family needs its layer"):
             check_source_config(AutoConfig.for_model(model_type))
-    # Gemma 2 / Gemma 3 text are read (Gemma 1, model_type gemma, is not: no post-norms, no soft-caps, other windows)
+    # Gemma 2 / Gemma 3 text are read (Gemma 1, model_type gemma, is not: no post-norms)
     check_source_config(tiny_config("gemma2"))
     check_source_config(tiny_config("gemma3"))
     with pytest.raises(ConfigError, match="gemma2: hidden_activation 'gelu' is not supported"):
