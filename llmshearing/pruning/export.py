@@ -289,6 +289,8 @@ def export_config(config: PretrainedConfig, dtype: torch.dtype) -> dict:
     # Gemma's are the kept layers' (export_plan) and are written: a pruned model's need not alternate.
     out = {k: v for k, v in config.to_diff_dict().items() if k in known and not k.startswith("_")
            and (k != "layer_types" or is_gemma(config))}
+    if is_gemma(config):  # always, also where it equals the stock alternation (to_diff_dict would leave it out)
+        out["layer_types"] = list(config.layer_types)
     out.update(head_dim=head_dim_of(config), torch_dtype=str(dtype).removeprefix("torch."),
                architectures=[ARCHITECTURES[config.model_type]], model_type=config.model_type)
     return dict(sorted(out.items()))
