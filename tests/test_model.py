@@ -269,3 +269,22 @@ def test_gemma_block_influence_reads_transformers_hidden_states(family):
                             for a, b in zip(hs[:-2], hs[1:-1])])
         got = block_influence(ours(hf), ids)
     torch.testing.assert_close(got[:-1], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_embedding_normalizer_rounds_as_transformers(family):
+    """sqrt(hidden_size) in the embedding's dtype, as transformers computes it: in bf16, sqrt(72) = 8.485 is 8.5."""
+    from transformers import AutoModelForCausalLM
+
+    from llmshearing.experiments.tiny import tiny_config
+
+    config = tiny_config(family, hidden_size=72)
+    hf = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16, **reference_attention(config)).eval()
+    lm = DecoderLM(hf.config, attn_impl="sdpa").to(torch.bfloat16)
+    lm.load_state_dict(hf.state_dict())
+    ids = torch.randint(0, config.vocab_size, (1, 8))
+    with torch.no_grad():
+        want = hf(ids, output_hidden_states=True).hidden_states[0]
+        got = lm.embed(ids)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(got, lm.model.embed_tokens(ids) * 8.5)
