@@ -66,7 +66,8 @@ SOURCES = {"smollm2-135m": smollm2_135m, "llama-2-7b": llama2_7b, "mistral-7b": 
 # 3 x 2,097,152 attention + 9,437,184 MLP + 2,048 layer norms + 256 q_norm/k_norm, + 151,936 x 1,024 tied + 1,024)
 SOURCE_PARAMS = {"smollm2-135m": 134_515_008, "llama-2-7b": 6_738_415_616, "mistral-7b": 7_241_732_096,
                  "qwen2-0.5b": 494_032_768, "qwen3-0.6b": 596_049_920,
-                 "gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952}  # Gemma (cards: 2.6B, 1B): 4 norms per layer, + Gemma 3's q/k norms
+                 # Gemma (cards: 2.6B, 1B): 4 norms per layer, + Gemma 3's q/k norms
+                 "gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952}
 
 
 def hf_params(config) -> int:

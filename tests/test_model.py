@@ -159,7 +159,8 @@ def test_unsupported_families_are_refused_naming_what_they_need():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3"])  # the families the other end-to-end tests (smollm2-gqa) do not run
+# the families the other end-to-end tests (smollm2-gqa) do not run
+@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3"])
 def test_family_end_to_end_through_composer(family, tmp_path):
     """make-tiny --family, prune with the real Composer launcher to the target, the export loads as the same HF
     family (Qwen3: q_norm / k_norm copied) and equals the checkpoint's masked model, then continued pretraining of

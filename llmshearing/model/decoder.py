@@ -214,7 +214,8 @@ class MLP(nn.Module):
         self.act = (lambda t: F.gelu(t, approximate="tanh")) if is_gemma(config) else F.silu
 
     def forward(self, x, intermediate_mask=None, out_scale=None):
-        return masked_linear(self.act(self.gate_proj(x)) * self.up_proj(x), self.down_proj, intermediate_mask, out_scale)
+        return masked_linear(self.act(self.gate_proj(x)) * self.up_proj(x), self.down_proj, intermediate_mask,
+                             out_scale)
 
 
 class DecoderLayer(nn.Module):

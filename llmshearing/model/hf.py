@@ -129,7 +129,8 @@ def load_safetensors_into(lm, files: list[str]) -> None:
 
 def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "auto",
                     dtype: torch.dtype = torch.float32):
-    """The DecoderLM of any Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3 text checkpoint: safetensors are read tensor by tensor straight into
+    """The DecoderLM of any Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3 text checkpoint: safetensors are read tensor
+    by tensor straight into
     the model; other formats (GGUF, .bin) go through transformers' loader."""
     config = load_hf_config(path, gguf_file)  # refuses unsupported families before the weights are read
     files = None if gguf_file else safetensors_files(path)

@@ -136,8 +136,8 @@ def check_gguf(config, tokenizer, dtype: str) -> None:
         raise ConfigError("a GGUF export needs the gguf package: pip install 'llmshearing[gguf]'") from None
     family = config.model_type
     if family in ("gemma2", "gemma3_text"):
-        raise _refuse(f"{family}: transformers {transformers.__version__}'s GGUF reader for Gemma, which the tests read "
-                      f"every GGUF back with, drops query_pre_attn_scalar, the soft-caps and the per-layer layer_types "
+        raise _refuse(f"{family}: transformers {transformers.__version__}'s GGUF reader for Gemma, which the tests "
+                      f"read every GGUF back with, drops query_pre_attn_scalar, the soft-caps and the per-layer layer_types "
                       f"(a pruned model's sliding/full pattern) and reads only SentencePiece Gemma tokenizers")
     if family not in ARCH:
         raise _refuse(f"model_type '{family}' is not written as GGUF here (supported: {', '.join(ARCH)}): transformers "

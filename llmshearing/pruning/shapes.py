@@ -43,8 +43,9 @@ PRESETS: dict[str, Shape] = {
     # and 4 KV heads (512 wide), the 1B's 4 query heads per KV group: the same parameters per layer as the 1B.
     "llama-3.2-3b": Shape(28, 3072, 24, 8, 8192),
     "llama-3.2-1b-hd128": Shape(16, 2048, 16, 4, 8192),
-    # Qwen3-8B (36/4096/32/8/12288, head_dim 128, untied) to the released Qwen3-1.7B's shape (yamls/models/qwen3-1.7b.json,
-    # the same head_dim): exact. The pruned model keeps the 8B's untied output embedding (the 1.7B ties it): 2.03B.
+    # Qwen3-8B (36/4096/32/8/12288, head_dim 128, untied) to the released Qwen3-1.7B's shape
+    # (yamls/models/qwen3-1.7b.json, the same head_dim): exact. The pruned model keeps the 8B's untied output
+    # embedding (the 1.7B ties it): 2.03B.
     "qwen3-1.7b": Shape(28, 2048, 16, 8, 6144),
     # The embedded default: SmolLM2-135M (30/576/9/3/1536) to ~49% of its non-embedding parameters.
     # 2 KV groups of 2 query heads keep GQA valid and exercise both group and in-group head masks.
