@@ -6,12 +6,12 @@ import torch
 from conftest import FAMILIES
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from llmshearing.model.hf import head_dim_of
+from llmshearing.model.hf import head_dim_of, reference_attention
 from llmshearing.pruning.shapes import param_count, Shape, shape_of
 from llmshearing.pruning.masks import L0Module
 from llmshearing.model.decoder import DecoderLM
 from llmshearing.pruning.export import finalize, save_hf
-from llmshearing.experiments.tiny import random_model, reference_attention
+from llmshearing.experiments.tiny import random_model
 
 TOL = 1e-4  # fp32 logits of magnitude ~1: differences come from summation order only (seen: < 1e-6)
 TARGETS = {  # every structure shrinks; GQA targets keep num_heads divisible by num_kv_heads
@@ -289,3 +289,17 @@ def test_gemma_embedding_normalizer_rounds_as_transformers(family):
         got = lm.embed(ids)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     assert torch.equal(got, lm.model.embed_tokens(ids) * 8.5)
+
+
+def test_eval_loads_gemma_with_its_reference_attention(tmp_path):
+    """`llmshearing eval` reads a Gemma 2 folder with transformers' eager attention: its default SDPA path would drop
+    the attention soft-cap, and the losses would not be the model's."""
+    from llmshearing.eval.evaluate import load_model
+
+    hf = random_model("gemma2")
+    hf.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert model.config._attn_implementation == "eager"
+    ids = torch.randint(0, hf.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ours(hf)(ids), atol=TOL, rtol=0)

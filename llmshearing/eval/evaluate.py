@@ -169,9 +169,14 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str | torch.dtype
     if isinstance(dtype, str):
         dtype = dtype_of(dtype)
     device = resolve_device(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype,
-                                                     **({"gguf_file": gguf_file} if gguf_file else {}))
+    from transformers import AutoConfig
+
+    from llmshearing.model.hf import reference_attention
+
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    try:  # Gemma with its eager attention: transformers' SDPA path drops Gemma 2's soft-cap
+        attention = reference_attention(AutoConfig.from_pretrained(path, **gguf))
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **gguf, **attention)
     except OSError as e:  # e.g. a folder with a config but no weights
         raise ConfigError(f"cannot load the model weights in '{path}': {e}") from None
     return model.to(device).eval()

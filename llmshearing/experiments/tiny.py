@@ -44,21 +44,17 @@ def tiny_config(family: str, vocab_size: int = 384, **overrides):
     return AutoConfig.for_model(model_type, **{**sizes, **spec, **overrides})
 
 
-def reference_attention(config) -> dict:
-    """from_pretrained / from_config kwargs for transformers' reference attention of a family: Gemma's eager one (its
-    SDPA path drops the attention soft-cap); the default elsewhere."""
-    return {"attn_implementation": "eager"} if config.model_type in ("gemma2", "gemma3_text") else {}
-
-
 def random_model(family: str, vocab_size: int = 384, seed: int = 0):
     """A random HF model of `family` whose norms and biases are not at their init values (so tests
     that fold or slice them can fail)."""
     from transformers import AutoModelForCausalLM
 
+    from llmshearing.model.hf import is_gemma, reference_attention
+
     torch.manual_seed(seed)
     config = tiny_config(family, vocab_size=vocab_size)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, **reference_attention(config))
-    low = -0.5 if model.config.model_type in ("gemma2", "gemma3_text") else 0.5  # Gemma multiplies by 1 + weight
+    low = -0.5 if is_gemma(config) else 0.5  # Gemma multiplies by 1 + weight
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

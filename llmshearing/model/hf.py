@@ -24,6 +24,12 @@ def is_gemma(config: PretrainedConfig) -> bool:
     return config.model_type in GEMMA_TYPES
 
 
+def reference_attention(config: PretrainedConfig) -> dict:
+    """from_pretrained / from_config kwargs for the attention transformers computes a family with as its reference:
+    Gemma's eager one (its SDPA path drops Gemma 2's attention soft-cap), the default elsewhere."""
+    return {"attn_implementation": "eager"} if is_gemma(config) else {}
+
+
 def sliding_layer(config: PretrainedConfig, layer_idx: int) -> bool:
     """Whether Gemma layer `layer_idx` attends within config.sliding_window (its layer_types entry, which transformers
     4.53 fills from the alternation / sliding_window_pattern when a config.json has none)."""
