@@ -225,6 +225,13 @@ def test_gemma_matches_transformers_eager_and_each_feature_matters(family):
         logits = ours(hf)(ids)
         torch.testing.assert_close(logits, ref.logits, atol=TOL, rtol=0)
         torch.testing.assert_close(lm_loss(logits, labels), ref.loss, atol=1e-5, rtol=0)
+        if family == "gemma3":  # no soft-cap: transformers' SDPA path is the same model (ours runs SDPA for it)
+            from llmshearing.compat import set_attn_implementation
+
+            sdpa = type(hf)(copy.deepcopy(hf.config)).eval()
+            set_attn_implementation(sdpa.config, "sdpa")
+            sdpa.load_state_dict(hf.state_dict())
+            torch.testing.assert_close(sdpa(ids).logits, logits, atol=TOL, rtol=0)
         assert hf.config.layer_types[:2] == ["sliding_attention", "full_attention"]
         changes = {"sliding_window": 64, "query_pre_attn_scalar": hf.config.head_dim}
         if family == "gemma2":
