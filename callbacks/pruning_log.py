@@ -8,7 +8,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshearing.pruning.shapes import param_count, SHAPE_KEYS
-from llmshearing.model.composer_model import unwrap
+from llmshearing.train.composer_model import unwrap
 from llmshearing.io import append_jsonl, truncate_jsonl
 
 

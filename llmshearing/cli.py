@@ -136,7 +136,7 @@ def _add_target(sub) -> None:
 
 
 def _target(args) -> int:
-    from llmshearing.checks import check_source
+    from llmshearing.model.loading import check_source
     from llmshearing.pruning.budget import budget_tolerance, parse_cli_budget, size_multiple, solve_budget
     from llmshearing.pruning.shapes import param_count, shape_of
 
@@ -164,7 +164,8 @@ def _target(args) -> int:
 
 
 def _export(args) -> int:
-    from llmshearing.pruning.export import ExportOptions, export_checkpoint, parse_size
+    from llmshearing.pruning.export import ExportOptions, parse_size
+    from llmshearing.train.export_run import export_checkpoint
 
     parse_size(args.max_shard_size)  # before the checkpoint is read
     options = ExportOptions(max_shard_size=args.max_shard_size,

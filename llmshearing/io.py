@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
+
+from llmshearing.errors import ConfigError
 
 
 def _umask() -> int:
@@ -116,3 +119,17 @@ def truncate_jsonl(path: str, keep) -> None:
     kept = [r for r in rows if keep(r)]
     if torn or len(kept) != len(rows):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def disk_full(e: BaseException, path: str) -> ConfigError | None:
+    """The one-line error of a write that ran out of space (ENOSPC, a quota, a file-size limit), else None.
+    safetensors reports the OS error inside its own message."""
+    from safetensors import SafetensorError  # only here: io.py stays stdlib-only for the light entry points
+
+    codes = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    text = str(e)
+    if isinstance(e, OSError) and e.errno in codes or isinstance(e, SafetensorError) and any(
+            s in text for s in ("StorageFull", "No space left", "FileTooLarge", "File too large", "QuotaExceeded")):
+        return ConfigError(f"writing '{path}' failed ({text.splitlines()[0][:160]}): the disk or quota is full; "
+                           f"nothing was written: free space or give another folder")
+    return None

@@ -6,7 +6,8 @@ import pytest
 from conftest import REPO
 
 from llmshearing.model.hf import load_hf_config
-from llmshearing.pruning.shapes import PRESETS, resolve_target, Shape
+from llmshearing.pruning.shapes import PRESETS, Shape
+from llmshearing.pruning.target import resolve_target
 from llmshearing.train.config import check_fsdp, load_config
 from llmshearing.errors import ConfigError
 from llmshearing.experiments.tiny import tiny_config

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from llmshearing.data.index import MANIFEST, read_index
 from llmshearing.errors import ConfigError
 
 MARKER = "llmshearing_cache.json"  # which remote a cache holds: one cache never mixes two remotes
@@ -116,7 +117,6 @@ def prepare_cache(remote: str, local: str, keys=CONFIG_KEYS) -> None:
     fetches the manifest. The node's first process (LOCAL_RANK 0) also compares the remote's manifest with a
     cached one it did not just fetch, so shards rebuilt at the remote are not read mixed with stale cached files."""
     from llmshearing.checks import writable_output
-    from llmshearing.data.layout import MANIFEST
 
     k_shards, k_remote, k_local = keys
     remote = normalise(remote)
@@ -177,8 +177,6 @@ def fetch_index(remote: str, local: str, domain: str, split: str) -> None:
     """The split's index.json in the cache, parsed and checked. A cached copy that does not parse, or (checked by the
     node's first process) differs from the remote's, is fetched again: a damaged copy must not outlive the repair
     of the remote. A damaged index at the remote is an error naming its URL."""
-    from llmshearing.data.layout import read_index
-
     rel = os.path.join(domain, split, "index.json")
     cached_before = os.path.exists(os.path.join(local, rel))
     dest = fetch(remote, local, rel)

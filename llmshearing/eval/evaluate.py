@@ -144,7 +144,8 @@ def check_model(path: str, gguf_file: str | None = None, shards_root: str | None
     shards were built with, and the shards' token ids fit the embedding. `need_tokenizer`: refuse a folder
     without a tokenizer (lm-eval tasks need one).
     """
-    from llmshearing.checks import check_model_folder, check_positions
+    from llmshearing.data.layout import check_positions
+    from llmshearing.model.loading import check_model_folder
     from llmshearing.data.tokenizer import check_tokenizer, load_tokenizer
 
     config = check_model_folder(path, gguf_file, key="model")

@@ -46,7 +46,8 @@ def _finished_stage(cfg) -> dict | None:
     from llmshearing.pruning.export import EXPORT_MARKER
     from llmshearing.train.checkpointing import batch_of, checkpoints
     from llmshearing.train.config import _as_dict, batches
-    from llmshearing.train.run_folder import CONFIG_NAME, identity
+    from llmshearing.train.config import identity
+    from llmshearing.train.run_folder import CONFIG_NAME
 
     found, config = checkpoints(cfg.save_folder), os.path.join(cfg.save_folder, CONFIG_NAME)
     if not (found and batch_of(found[-1]) >= batches(cfg.max_duration) and os.path.isfile(config)
@@ -73,7 +74,7 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
     from llmshearing.train.config import load_config, resolve_recipe
     from llmshearing.eval.evaluate import domain_losses
     from llmshearing.experiments.reference_losses import reference_snippet, source_reference_losses
-    from llmshearing.train.checkpointing import load_checkpoint
+    from llmshearing.train.restore import load_checkpoint
     from llmshearing.train.run import run
 
     overrides = list(overrides or [])

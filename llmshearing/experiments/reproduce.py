@@ -142,7 +142,8 @@ def random_init(model_path: str, target, out_dir: str, seed: int) -> str:
     from transformers import AutoModelForCausalLM
 
     from llmshearing.model.hf import load_hf_config
-    from llmshearing.pruning.shapes import resolve_target, target_config
+    from llmshearing.pruning.shapes import target_config
+    from llmshearing.pruning.target import resolve_target
     from llmshearing.io import atomic_directory
     from llmshearing.data.tokenizer import load_tokenizer
 

@@ -5,6 +5,8 @@ checkpoint loads with `load_state_dict` and a pruned one saves back without key 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,7 +15,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llmshearing.errors import ConfigError
 from llmshearing.model.hf import attention_biases, head_dim_of, qk_norm
-from llmshearing.pruning.masks import Masks
 
 try:  # optional GPU kernel; torch SDPA is the fallback everywhere
     import flash_attn
@@ -268,3 +269,13 @@ class DecoderLM(nn.Module):
         return self.lm_head(self.model.norm(x, m.hidden_kept))
 
 
+@dataclass
+class Masks:
+    """What the model multiplies in its forward. None means that structure is not pruned. The masks' values come
+    from `pruning.masks.L0Module`; the type lives here so the model does not depend on how masks are learned."""
+
+    layer: torch.Tensor | None = None  # (L,)
+    hidden: torch.Tensor | None = None  # (d,)
+    hidden_kept: int | torch.Tensor | None = None  # dims RMSNorm averages over
+    head: torch.Tensor | None = None  # (L, H): kv-group gate x in-group query gate
+    intermediate: torch.Tensor | None = None  # (L, I)

@@ -22,6 +22,7 @@ import torch
 import transformers
 
 from llmshearing.errors import ConfigError
+from llmshearing.io import disk_full
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -190,7 +191,8 @@ def write_gguf(hf_dir: str, out_file: str, dtype: str = "f16", tokenizer=None) -
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
-    from llmshearing.model.hf import head_dim_of, safetensors_files
+    from llmshearing.model.hf import head_dim_of
+    from llmshearing.model.loading import safetensors_files
 
     config = AutoConfig.from_pretrained(hf_dir)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(hf_dir)
@@ -274,7 +276,6 @@ def write_gguf(hf_dir: str, out_file: str, dtype: str = "f16", tokenizer=None) -
 def convert(hf_dir: str, dtype: str = "f16", out_file: str | None = None, overwrite: bool = False) -> str:
     """`llmshearing convert <hf folder> --to gguf`: `<hf folder>/model.gguf` (or `out_file`), atomically."""
     from llmshearing.checks import writable_output
-    from llmshearing.pruning.export import disk_full
 
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ConfigError(f"'{hf_dir}' is not a Hugging Face model folder (no config.json)")

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 
 from llmshearing.model.hf import head_dim_of, load_hf_config
-from llmshearing.pruning.shapes import param_count, resolve_target, shape_of
+from llmshearing.pruning.shapes import param_count, shape_of
+from llmshearing.pruning.target import resolve_target
 from llmshearing.pruning.masks import L0Module, row_ranks
 from llmshearing.model.decoder import DecoderLM
 
@@ -214,7 +215,7 @@ def oneshot_prune(model_path: str, target, out_dir: str, gguf_file: str | None =
     """Prune the HF model at `model_path` to `target` (preset, config path or dims) in one shot and write the
     dense HF model (+ tokenizer, `pruning.json` with the kept units and the scoring) to `out_dir`, atomically.
     `method`: "magnitude" (no data) or "activation" (needs `calibration`, token ids (B, T))."""
-    from llmshearing.model.hf import from_pretrained
+    from llmshearing.model.loading import from_pretrained
     from llmshearing.pruning.export import finalize, save_hf
     from llmshearing.data.tokenizer import load_tokenizer
 

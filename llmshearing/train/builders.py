@@ -21,12 +21,14 @@ from llmshearing.data.layout import DomainSequences
 from llmshearing.data.mixture import DomainMixture, MixtureLoader
 from llmshearing.data.tokenizer import check_tokenizer, model_tokenizer
 from llmshearing.io import atomic_write_text
-from llmshearing.model.composer_model import ComposerLM
+from llmshearing.train.composer_model import ComposerLM
 from llmshearing.model.decoder import attention_kernel
 from llmshearing.model.distill import Teacher
-from llmshearing.model.hf import empty_model, from_pretrained, load_hf_config
+from llmshearing.model.hf import load_hf_config
+from llmshearing.model.loading import empty_model, from_pretrained
 from llmshearing.pruning.masks import L0Module
-from llmshearing.pruning.shapes import resolve_target, shape_of
+from llmshearing.pruning.shapes import shape_of
+from llmshearing.pruning.target import resolve_target
 from llmshearing.train.checkpointing import repair_latest
 from llmshearing.train.config import TrainConfig, batches, microbatch_size, resolve_device, run_dir, to_yaml
 from llmshearing.train.mask_init import init_masks, share_masks

@@ -17,8 +17,8 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llmshearing import registry
-from llmshearing.checks import (check_checkpoint, check_finite, check_model_folder, check_positions, inside,
-                               load_structured, writable_output)
+from llmshearing.checks import check_checkpoint, check_finite, inside, load_structured, writable_output
+from llmshearing.data.layout import check_positions
 from llmshearing.data.layout import check_domains, read_manifest
 from llmshearing.data.mixing import check_weights
 from llmshearing.errors import ConfigError
@@ -303,6 +303,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.gguf_file '{cfg.model.gguf_file}' not found in '{cfg.model.path}'")
     _check_ranges(cfg)
     from llmshearing.model.decoder import resolve_attn_impl  # torch + transformers: after the cheap checks
+    from llmshearing.model.loading import check_model_folder  # the same
 
     resolve_attn_impl(cfg.model.attn_impl)
     cfg = replace(cfg, data=resolve_data(cfg.data))
@@ -381,7 +382,8 @@ def check_pruning_does_something(cfg: TrainConfig, source) -> None:
     """A pruning target that is the source's own shape (e.g. `pruning.target={}`) would run a pruning run that
     prunes nothing; calibration sequences beyond the split would be capped without a word."""
     from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
-    from llmshearing.pruning.shapes import resolve_target, shape_of
+    from llmshearing.pruning.shapes import shape_of
+    from llmshearing.pruning.target import resolve_target
 
     if source.model_type in SUPPORTED_MODEL_TYPES and resolve_target(cfg.pruning.target, source) == shape_of(source):
         raise ConfigError(f"pruning.target {cfg.pruning.target!r} is the source's own shape "
@@ -409,7 +411,6 @@ def check_load_path_fits(cfg: TrainConfig, source) -> None:
     from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
     from llmshearing.pruning.export import decoder_shapes
     from llmshearing.train.checkpointing import embedded_config
-    from llmshearing.train.run_folder import note_objective_change
 
     if source.model_type not in SUPPORTED_MODEL_TYPES:
         return
@@ -444,6 +445,7 @@ def check_distill(cfg: TrainConfig) -> None:
     when its folder has a tokenizer, the same vocabulary), and Composer's FSDP can leave it out of the optimizer."""
     from llmshearing.data.tokenizer import load_tokenizer, model_tokenizer, tokenizer_fingerprint
     from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, load_hf_config
+    from llmshearing.model.loading import check_model_folder
 
     d = cfg.distill
     student = load_hf_config(cfg.model.path, cfg.model.gguf_file)
@@ -490,7 +492,8 @@ def _note_small_teacher(cfg: TrainConfig, student, teacher) -> None:
     """A teacher with fewer parameters than the student (the pruning target, or the continued model) is allowed but
     rarely meant: distillation then pulls the student towards a weaker model."""
     from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
-    from llmshearing.pruning.shapes import param_count, resolve_target, shape_of
+    from llmshearing.pruning.shapes import param_count, shape_of
+    from llmshearing.pruning.target import resolve_target
 
     if student.model_type not in SUPPORTED_MODEL_TYPES:
         return
@@ -694,3 +697,37 @@ def _as_dict(obj):
     if isinstance(obj, tuple):
         return list(obj)
     return obj
+
+
+def identity(raw: dict) -> dict:
+    """What a run folder is bound to, from a run config as a plain mapping (so that a run config written by an
+    older version, with keys since renamed, still compares): the source model, the pruning target (as its
+    resolved shape when the model config is at hand) and the data. Learning rates, durations and intervals may
+    change on resume."""
+    from llmshearing.data.remote import normalise
+    from llmshearing.model.hf import load_hf_config  # transformers: after the cheap checks
+    from llmshearing.pruning.target import resolve_target  # the same
+
+    model, data = raw.get("model") or {}, raw.get("data") or {}
+    target = (raw.get("pruning") or {}).get("target")
+    if target is not None:
+        try:
+            target = resolve_target(target, load_hf_config(model.get("path"), model.get("gguf_file"))).as_dict()
+        except Exception:  # noqa: BLE001 - the old run's model may be gone or changed: compare the spec as given
+            pass
+    path = lambda p: os.path.realpath(p) if isinstance(p, str) else p  # noqa: E731
+    return {"model.path": path(model.get("path")), "model.gguf_file": model.get("gguf_file"), "pruning.target": target,
+            "data.shards": path(data.get("shards")), "data.remote": normalise(data["remote"]) if isinstance(data.get("remote"), str) else data.get("remote"), "data.split": data.get("split", "prune"),
+            "data.domains": data.get("domains")}
+
+
+def note_objective_change(old: dict, now: dict, what: str) -> None:
+    """Say so when a continued run trains toward another pruning target or with distillation switched on, off or
+    changed: allowed (a deliberate change of plan), but the objective then changes at the resumed batch."""
+    before, after = identity(old), identity(now)
+    if before["pruning.target"] != after["pruning.target"]:
+        print(f"note: {what} pruned toward {before['pruning.target']}; this run continues toward "
+              f"{after['pruning.target']}", file=sys.stderr, flush=True)
+    if (old.get("distill") or None) != (now.get("distill") or None):
+        print(f"note: {what} had distill={old.get('distill')}; this run has distill={now.get('distill')}: the training "
+              f"objective changes at the resumed batch", file=sys.stderr, flush=True)

@@ -104,7 +104,7 @@ source's layer count and the masks above are those of `plan_masks(source, target
 
 Host RAM per node (G = GPUs per node, default 8; W = data.num_workers per rank)
 --------------------------------------------------------------------------------
-How `llmshearing.model.hf.from_pretrained` and `llmshearing.train.builders.build_trainer` load weights:
+How `llmshearing.model.loading.from_pretrained` and `llmshearing.train.builders.build_trainer` load weights:
 a safetensors checkpoint is read tensor by tensor straight into a DecoderLM whose parameters are fp32
 (`empty_model`: allocated with `to_empty`), so a loading rank peaks at 4P bytes (the fp32 model) plus one
 tensor; GGUF and .bin checkpoints still go through transformers' loader, which holds the HF model and the
@@ -316,7 +316,7 @@ def folder_format(path: str, gguf_file: str | None = None) -> str:
     if gguf_file:
         return "gguf"
     if os.path.isdir(path):
-        from llmshearing.model.hf import safetensors_files
+        from llmshearing.model.loading import safetensors_files
 
         has_bin = any(n.startswith("pytorch_model") and n.endswith(".bin") for n in os.listdir(path))
         if has_bin and not safetensors_files(path):
@@ -748,7 +748,8 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
     T, seq_source = resolve_seq_len(recipe, config, seq_len, shipped)
     resolved_teacher = resolve_teacher(recipe, config, teacher_config)
 
-    from llmshearing.pruning.shapes import resolve_target, shape_of
+    from llmshearing.pruning.shapes import shape_of
+    from llmshearing.pruning.target import resolve_target
 
     target, M, masks = None, 0, []
     if recipe["pruning"]:

@@ -158,7 +158,7 @@ def _fsdp_config(fsdp: dict, precision: str):
 
 def _build(config, target, teacher_config, distill: dict | None):
     """The ComposerLM on the meta device: the model, its L0 masks when pruning, the frozen teacher with `distill`."""
-    from llmshearing.model.composer_model import ComposerLM
+    from llmshearing.train.composer_model import ComposerLM
     from llmshearing.model.decoder import DecoderLM
     from llmshearing.model.distill import Teacher
     from llmshearing.pruning.masks import L0Module

@@ -30,7 +30,7 @@ def run(cfg: TrainConfig) -> dict:
 
 def _fit_and_export(trainer, tokenizer, cfg: TrainConfig) -> dict:
     from callbacks.run_guard import Preempted
-    from llmshearing.pruning.export import export_trained
+    from llmshearing.train.export_run import export_trained
 
     start = time.time()
     try:
