@@ -12,6 +12,9 @@ import math
 import os
 import stat
 import tempfile
+import zipfile
+
+import yaml
 
 from llmshearing.errors import ConfigError
 
@@ -47,8 +50,6 @@ def sniff(path: str) -> str:
 
 def load_structured(path: str, key: str):
     """A yaml or json file (json is yaml), parsed; a parse error names the key, the file and the line."""
-    import yaml
-
     regular_file(path, key)
     if sniff(path) not in ("text", "empty"):
         raise ConfigError(f"{key}: '{path}' is not a text file ({sniff(path)} content); expected yaml or json")
@@ -119,9 +120,7 @@ def checkpoint_problem(path: str) -> str | None:
     """Why `path` is not a whole Composer checkpoint, or None: a sharded folder must hold every rank's file, a
     checkpoint file must be a torch zip archive whose directory (written last, at its end) reads, which a file
     overwritten, truncated or of another format does not."""
-    import zipfile
-
-    from llmshearing.compat import is_sharded_checkpoint, sharded_checkpoint_problem
+    from llmshearing.compat import is_sharded_checkpoint, sharded_checkpoint_problem  # heavy: torch
 
     if os.path.isdir(path):
         if not is_sharded_checkpoint(path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -80,8 +81,6 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def append_jsonl(path: str, row: dict) -> None:
     """One json line appended (the run logs: pruning_log.jsonl, domain_weights.jsonl, ...)."""
-    import json
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -90,8 +89,6 @@ def append_jsonl(path: str, row: dict) -> None:
 def read_jsonl(path: str, last_per: str | None = None) -> list[dict]:
     """The rows of a json-lines log ([] when it does not exist). With `last_per`, only the last row for each
     value of that key, in key order: a resumed run logs again from its checkpoint, and the later row wins."""
-    import json
-
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -105,8 +102,6 @@ def read_jsonl(path: str, last_per: str | None = None) -> list[dict]:
 def truncate_jsonl(path: str, keep) -> None:
     """Keep the rows of a json-lines log for which `keep(row)` holds (atomically): a run resumed from a
     checkpoint drops the rows the interrupted run wrote after that checkpoint, so logs are not doubled."""
-    import json
-
     if not os.path.exists(path):
         return
     rows, torn = [], False

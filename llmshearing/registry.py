@@ -70,9 +70,9 @@ def _load_builtins() -> None:
     if _loaded:
         return
     _loaded.append(True)
-    from composer import callbacks as cc
-    from composer import loggers as cl
-    from composer import optim as co
+    from composer import callbacks as cc  # heavy: composer
+    from composer import loggers as cl  # heavy: composer
+    from composer import optim as co  # heavy: composer
 
     for name, cls in {"speed_monitor": cc.SpeedMonitor, "lr_monitor": cc.LRMonitor,
                       "memory_monitor": cc.MemoryMonitor, "optimizer_monitor": cc.OptimizerMonitor,
@@ -84,7 +84,7 @@ def _load_builtins() -> None:
     loggers.register("wandb", cl.WandBLogger)
     loggers.register("file", cl.FileLogger)
     # the project's own, each built from its recipe section (composer + torch: imported on the first lookup)
-    from callbacks import ClipGradNorm, DynamicLoading, PruningLog, ReplicatedGrads, RunGuard
+    from llmshearing.callbacks import ClipGradNorm, DynamicLoading, PruningLog, ReplicatedGrads, RunGuard
 
     callbacks.register("dynamic_loading", DynamicLoading, configured_by="data.dynamic")
     callbacks.register("pruning_log", PruningLog, configured_by="pruning")

@@ -14,8 +14,8 @@ from composer.core import State
 from composer.devices import DeviceCPU
 from composer.loggers import Logger
 
-from callbacks import ClipGradNorm, PruningLog, RunGuard
-from llmshearing.data.mixing import RULES, update_weights
+from llmshearing.callbacks import ClipGradNorm, PruningLog, RunGuard
+from llmshearing.data.reweighting import RULES, update_weights
 from llmshearing.fake_device import META, meta_values, to_meta
 from llmshearing.train.composer_model import ComposerLM
 from llmshearing.model.decoder import DecoderLM

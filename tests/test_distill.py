@@ -16,8 +16,7 @@ from test_fsdp import BUILD_AND_CHAIN, FSDP_YAML, ok, two_procs
 from llmshearing.compat import checkpoint_state
 from llmshearing.data.tokenizer import load_tokenizer
 from llmshearing.experiments.tiny import domain_texts, random_model, train_tokenizer
-from llmshearing.train.composer_model import ComposerLM
-from llmshearing.train.composer_model import ChunkedCrossEntropy, ChunkedPerplexity
+from llmshearing.train.composer_model import ChunkedCrossEntropy, ChunkedPerplexity, ComposerLM
 from llmshearing.model.distill import Teacher, kd_loss, lm_loss
 from llmshearing.model.hf import load_hf_config
 from llmshearing.model.loading import from_pretrained

@@ -10,17 +10,21 @@ import os
 
 from conftest import REPO
 
-PACKAGES = ("llmshearing", "callbacks", "data_prep")
+# folder of the repository -> the package name it installs as (pyproject's package-dir)
+PACKAGES = {"llmshearing": "llmshearing", "callbacks": "llmshearing.callbacks", "data_prep": "llmshearing.data_prep"}
 
 
 def modules(root: str, packages=PACKAGES) -> dict[str, str]:
-    """Dotted module name -> file, for every .py file under the given top-level packages of `root`."""
+    """Dotted module name -> file, for every .py file under the given folders of `root` (a tuple: each folder is its
+    own package name; a mapping: folder -> the name it installs as)."""
     found = {}
     for package in packages:
         for folder, _, files in os.walk(os.path.join(root, package)):
             for name in sorted(files):
                 if name.endswith(".py"):
-                    dotted = os.path.relpath(os.path.join(folder, name), root)[:-3].replace(os.sep, ".")
+                    rel = os.path.relpath(os.path.join(folder, name), os.path.join(root, package))[:-3]
+                    dotted = ".".join([packages[package] if isinstance(packages, dict) else package,
+                                       *rel.split(os.sep)])
                     found[dotted.removesuffix(".__init__")] = os.path.join(folder, name)
     return found
 
@@ -124,7 +128,7 @@ def describe(graph: dict, path: list[str]) -> str:
 
 def test_the_package_has_no_import_circle():
     graph = import_graph(REPO)
-    assert {"llmshearing.train.config", "callbacks.run_guard", "data_prep.shards"} <= set(graph)
+    assert {"llmshearing.train.config", "llmshearing.callbacks.run_guard", "llmshearing.data_prep.shards"} <= set(graph)
     assert "llmshearing.train.config" in graph["llmshearing.train.builders"]  # the walk sees real edges
     found = circles(graph)
     assert not found, "import circles:\n" + "\n".join(describe(graph, c) for c in found)
@@ -159,3 +163,35 @@ def test_the_graph_counts_every_kind_of_import_and_names_the_circle(tmp_path):
     assert describe(graph, found) == "pkg.a (line 2) -> pkg.b (line 2) -> pkg.sub.c (line 4) -> pkg.a"
     (tmp_path / "pkg/sub/c.py").write_text("def g():\n    return 1\n")  # the circle broken: none left
     assert circles(import_graph(str(tmp_path), ("pkg", "other"))) == []
+
+
+def unexplained_local_imports(root: str, packages=PACKAGES) -> list[str]:
+    """Imports inside functions without a comment (on the statement or the line above) saying what they defer:
+    a heavy or optional package, or a private API imported where it is checked. Anything else belongs at the top."""
+    found = []
+    for module, path in modules(root, packages).items():
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        lines = text.splitlines()
+        for function in ast.walk(ast.parse(text, path)):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    said = lines[node.lineno - 1:node.end_lineno] + [lines[node.lineno - 2].strip()[:1]]
+                    if not any("#" in line for line in said):
+                        found.append(f"{os.path.relpath(path, root)}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return found
+
+
+def test_every_import_inside_a_function_says_why():
+    found = unexplained_local_imports(REPO)
+    assert not found, ("imports inside functions with no comment saying which heavy or optional package they defer "
+                       "(move them to the top otherwise):\n" + "\n".join(found))
+
+
+def test_an_unexplained_import_inside_a_function_is_caught(tmp_path):
+    _write(tmp_path, {"pkg/__init__.py": "", "pkg/a.py": (
+        "import os\n\n\ndef f():\n    import json\n    import torch  # heavy: torch\n"
+        "    # optional: the gguf extra\n    import gguf\n    return os, json, torch, gguf\n")})
+    assert unexplained_local_imports(str(tmp_path), ("pkg",)) == [os.path.join("pkg", "a.py") + ":5: import json"]

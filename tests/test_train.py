@@ -15,7 +15,7 @@ from llmshearing.train.composer_model import ComposerLM
 from llmshearing.pruning.masks import L0Module
 from llmshearing.model.loading import from_pretrained
 from llmshearing.data.layout import DomainSequences
-from llmshearing.data.mixing import update_weights
+from llmshearing.data.reweighting import update_weights
 from llmshearing.train.restore import load_checkpoint
 
 pytestmark = pytest.mark.slow  # Composer training runs / subprocesses: left out of `make test-fast`

@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from llmshearing.checks import load_structured
 from llmshearing.data.index import MANIFEST, read_index
 from llmshearing.data.remote import fetch_index, open_cached_split
 from llmshearing.errors import ConfigError
@@ -43,8 +44,6 @@ def read_manifest(root: str) -> dict:
     if not os.path.exists(path):
         hint = "run 'make shards' (or python -m data_prep.shards) to build it"
         raise ConfigError(f"no shards at '{root}' ({MANIFEST} missing); {hint}")
-    from llmshearing.checks import load_structured
-
     manifest = load_structured(path, "shards")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
@@ -127,7 +126,7 @@ def check_shard_files(path: str) -> None:
 def open_split(root: str, domain: str, split: str, remote: str | None = None):
     """Random-access dataset of one domain's split; item i is {'tokens': ndarray (seq_len,)}. With a `remote`,
     `root` is its cache and shard files are fetched on first use (llmshearing.data.remote)."""
-    from streaming import LocalDataset
+    from streaming import LocalDataset  # heavy: streaming
 
     path = split_dir(root, domain, split)
     if not read_index(path)["shards"]:  # LocalDataset fails with an IndexError on an empty split
@@ -160,7 +159,7 @@ class DomainSequences:
     def __getitem__(self, i):
         if self._reader is None:
             self._reader = open_split(self.root, self.domain, self.split, self.remote)
-        import torch
+        import torch  # heavy: torch
 
         ids = torch.from_numpy(np.asarray(self._reader[i]["tokens"], dtype=np.int64))
         return {"input_ids": ids, "labels": ids}

@@ -18,6 +18,7 @@ import os
 import sys
 import time
 
+from llmshearing.checks import writable_output
 from llmshearing.data.index import MANIFEST, read_index
 from llmshearing.errors import ConfigError
 
@@ -48,7 +49,7 @@ def _locked(local: str, rel: str):
 
 def _download(remote: str, rel: str, dest: str) -> None:
     """Copy remote/rel to dest with streaming's downloader for the remote's scheme (no lock: callers hold it)."""
-    from streaming.base.storage.download import CloudDownloader
+    from streaming.base.storage.download import CloudDownloader  # heavy: streaming
 
     url = join(remote, rel)
     try:
@@ -116,8 +117,6 @@ def prepare_cache(remote: str, local: str, keys=CONFIG_KEYS) -> None:
     """Make `local` the cache of `remote`: checks the two differ and that the cache is not another remote's, and
     fetches the manifest. The node's first process (LOCAL_RANK 0) also compares the remote's manifest with a
     cached one it did not just fetch, so shards rebuilt at the remote are not read mixed with stale cached files."""
-    from llmshearing.checks import writable_output
-
     k_shards, k_remote, k_local = keys
     remote = normalise(remote)
     if "://" in local:
@@ -203,7 +202,7 @@ def fetch_index(remote: str, local: str, domain: str, split: str) -> None:
 
 def open_cached_split(remote: str, local: str, domain: str, split: str):
     """A random-access reader of one split whose shard files are fetched on first use."""
-    from streaming import LocalDataset, Stream
+    from streaming import LocalDataset, Stream  # heavy: streaming
 
     class CachedSplit(LocalDataset):
         def __init__(self):

@@ -18,9 +18,14 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import yaml
 
+from llmshearing.data.layout import check_domains, read_manifest
 from llmshearing.errors import ConfigError
+from llmshearing.model.hf import load_hf_config
 from llmshearing.pruning.budget import parse_count
+from llmshearing.pruning.shapes import param_count, PRESETS
+from llmshearing.pruning.target import resolve_target
 
 # The paper's reference losses, as released with the original code: princeton-nlp/LLM-Shearing,
 # llmshearing/scripts/pruning.sh (and continue_pretrain.sh), `target_loss` lists commented
@@ -57,9 +62,8 @@ def source_reference_losses(model_path: str, shards_root: str, gguf_file: str | 
     were built with that tokenizer. Loaded and checked by `evaluate.check_model` / `evaluate.load_model`,
     the same loader `llmshearing eval` uses, so a reference loss and an eval loss mean the same thing.
     """
-    from llmshearing.devices import resolve_device
-    from llmshearing.eval.evaluate import check_model, domain_losses, load_model
-    from llmshearing.data.layout import check_domains, read_manifest
+    from llmshearing.devices import resolve_device  # heavy: torch
+    from llmshearing.eval.evaluate import check_model, domain_losses, load_model  # heavy: torch
 
     manifest = read_manifest(shards_root)
     domains = list(manifest["domains"]) if domains is None else list(domains)
@@ -138,8 +142,6 @@ def scaling_law(a: float, b: float, c: float, n: float) -> float:
 
 def load_fit_table(path: str) -> dict:
     """The fit input (yaml or json): {sizes: {model: N}, losses: {domain: {model: loss}}}."""
-    import yaml
-
     if not os.path.isfile(path):
         raise ConfigError(f"--fit: '{path}' does not exist (expected a yaml/json file with 'sizes' and 'losses')")
     with open(path) as f:
@@ -208,10 +210,6 @@ def target_param_count(target: str, source_model: str | None = None, gguf_file: 
     A preset takes vocabulary, head_dim, biases and tying from the source model's config (`source_model`);
     a config path is counted on its own when no source is given.
     """
-    from llmshearing.model.hf import load_hf_config
-    from llmshearing.pruning.shapes import param_count, PRESETS
-    from llmshearing.pruning.target import resolve_target
-
     if target not in PRESETS and not os.path.exists(target):
         raise ConfigError(f"--target '{target}' is neither a preset ({', '.join(PRESETS)}) nor an existing config path")
     if source_model is None:

@@ -40,7 +40,7 @@ def load_safetensors_into(lm, files: list[str]) -> None:
     """Copy the tensors of `files` into `lm` one file at a time, in their stored dtype until the copy: peak
     memory is the model plus one file (memory-mapped), not a second model. The key set and shapes are checked
     first, from the headers (`check_weights_match`, called by `from_pretrained`)."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # heavy: safetensors
 
     params = lm.state_dict(keep_vars=True)
     for file in files:
@@ -61,7 +61,7 @@ def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "a
         lm = empty_model(config, attn_impl, dtype)
         load_safetensors_into(lm, files)
         return lm.eval()
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)

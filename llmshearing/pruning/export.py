@@ -17,14 +17,15 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import PretrainedConfig
 
+from llmshearing.checks import writable_output
 from llmshearing.errors import ConfigError
 from llmshearing.model.hf import ARCHITECTURES, head_dim_of
+from llmshearing.pruning import card
 from llmshearing.pruning.shapes import target_config
 from llmshearing.io import atomic_directory, disk_full
 from llmshearing.pruning.gguf_export import check_gguf, write_gguf
-from llmshearing.model.decoder import Masks
+from llmshearing.model.decoder import DecoderLM, Masks
 from llmshearing.pruning.masks import L0Module
-from llmshearing.model.decoder import DecoderLM
 
 
 def kept_units(l0: L0Module) -> dict:
@@ -204,8 +205,6 @@ EXPORT_MARKER = "llmshearing_export.json"  # written into every export: the only
 def check_export_dir(path: str, key: str, overwrite: bool = False) -> None:
     """An export may create `path` or replace an earlier export (recognised by its EXPORT_MARKER, and only
     with `overwrite`); never a folder it did not create, such as a run folder, a source model or your notes."""
-    from llmshearing.checks import writable_output
-
     writable_output(path, key)
     if not os.path.exists(path):
         return
@@ -254,7 +253,7 @@ def export_config(config: PretrainedConfig, dtype: torch.dtype) -> dict:
     """config.json of an export: only the fields the family's stock transformers config knows (so any runtime that
     reads that family reads it), plus `head_dim` always (pruning may make it differ from hidden/heads; Qwen2's
     attention reads it although Qwen2Config does not list it), `torch_dtype` set, the stock architecture name."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers
 
     known = set(AutoConfig.for_model(config.model_type).to_dict()) | {"head_dim"}
     # The non-default values (as save_pretrained writes them); Qwen2's per-layer `layer_types` describes the source's
@@ -352,9 +351,7 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
     """Write a Hugging Face model folder atomically: weights (streamed from `tensors`), config.json,
     generation_config.json (the source's, when it has one), the tokenizer, `pruning.json`, a README.md model card,
     and with `gguf_dtype` a `model.gguf`. A full disk or a write error leaves nothing and is a one-line error."""
-    from safetensors import SafetensorError
-
-    from llmshearing.pruning import card
+    from safetensors import SafetensorError  # heavy: safetensors
 
     options = options or ExportOptions()
     dtype = options.dtype
@@ -413,7 +410,7 @@ def _fsdp_scope(root):
     """(getter, scope) over an FSDP-wrapped DecoderLM: `scope(layer)` gathers that decoder layer (None: the root's own
     embedding, norm and head) on every rank with FSDP's summon_full_params and the getter reads it there, so no rank
     ever holds more than one full layer beside its shard (all ranks must run the same scopes in the same order)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # heavy: torch
 
     current: dict = {}
     strip = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")

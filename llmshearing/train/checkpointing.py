@@ -20,6 +20,7 @@ import os
 import re
 import sys
 
+from llmshearing.checks import checkpoint_problem
 from llmshearing.errors import ConfigError
 
 CHECKPOINT_NAME = "ep{epoch}-ba{batch}-rank{rank}.pt"  # Composer's default save_filename
@@ -62,8 +63,6 @@ def point_latest(folder: str, checkpoint: str, rank: int = 0) -> None:
 
 def _complete(path: str) -> bool:
     """A whole checkpoint: a zip file whose directory reads, or a sharded folder holding every rank's file."""
-    from llmshearing.checks import checkpoint_problem
-
     return checkpoint_problem(path) is None
 
 
@@ -73,8 +72,6 @@ def repair_latest(folder: str, rank: int = 0) -> str | None:
     or truncated), and remove leftovers of interrupted writes. A damaged checkpoint is renamed `<name>.damaged`
     (kept, never loaded) with a warning; when no complete checkpoint is left the run refuses, naming it, rather
     than silently starting over. Returns the checkpoint autoresume will load, if any."""
-    from llmshearing.checks import checkpoint_problem
-
     if not os.path.isdir(folder):
         return None
     for partial in glob.glob(os.path.join(folder, ".ep*-ba*-rank*.pt.tmp-*")):
@@ -113,9 +110,9 @@ def repair_latest(folder: str, rank: int = 0) -> str | None:
 def save_now(state, folder: str) -> str:
     """Checkpoint `state` now (all ranks must call it) and point `latest` at it; returns the checkpoint (rank 0's
     file, or the sharded folder)."""
-    from composer.utils import checkpoint, dist
+    from composer.utils import checkpoint, dist  # heavy: composer
 
-    from llmshearing.compat import install_atomic_writes
+    from llmshearing.compat import install_atomic_writes  # heavy: torch
 
     install_atomic_writes()
     saved = checkpoint.save_checkpoint(state, os.path.join(folder, CHECKPOINT_NAME))

@@ -14,7 +14,7 @@ from llmshearing.errors import ConfigError
 from llmshearing.train.builders import build_model
 from llmshearing.train.checkpointing import read_tensor, unreadable
 from llmshearing.train.composer_model import student_state
-from llmshearing.train.config import _build, TrainConfig
+from llmshearing.train.config import from_mapping, TrainConfig
 
 
 def open_checkpoint(checkpoint: str, config_path: str | None = None, model_path: str | None = None):
@@ -42,7 +42,7 @@ def open_checkpoint(checkpoint: str, config_path: str | None = None, model_path:
             raise ConfigError(f"checkpoint '{checkpoint}' carries no run config and there is none at "
                               f"'{config_path}'; pass --config <run_config.yaml> of the training run")
         raw = load_structured(config_path, "--config")
-    cfg = _build(TrainConfig, raw, "")
+    cfg = from_mapping(TrainConfig, raw, "")
     if model_path is not None:
         cfg.model.path = model_path
     if not os.path.exists(cfg.model.path):

@@ -7,8 +7,10 @@ import fcntl
 import os
 import sys
 
+from llmshearing.checks import writable_output, load_structured
 from llmshearing.errors import ConfigError
-from llmshearing.train.config import _as_dict, identity, note_objective_change
+from llmshearing.train.checkpointing import batch_of, checkpoints
+from llmshearing.train.config import as_dict, identity, note_objective_change
 
 LOCK_NAME = ".lock"
 CONFIG_NAME = "run_config.yaml"
@@ -72,8 +74,6 @@ def unlock(folder: str) -> None:
 def claim(folder: str, cfg) -> None:
     """Rank 0 of a run takes the run folder before any slow start-up work (a second launch refuses in seconds, not
     after the first has ended) and checks that starting here replaces nothing it must not (`check_reuse`)."""
-    from llmshearing.checks import writable_output
-
     if int(os.environ.get("RANK", "0")) != 0:
         return
     writable_output(folder, "save_folder")
@@ -91,9 +91,6 @@ def _planned(duration) -> int | None:
 def check_reuse(folder: str, cfg) -> None:
     """A folder holding this run's checkpoints is continued (autoresume / load_path) or, with save_overwrite,
     started over; a finished run (a checkpoint at its max_duration) is never replaced. Reads file names only."""
-    from llmshearing.checks import load_structured
-    from llmshearing.train.checkpointing import batch_of, checkpoints
-
     real = os.path.realpath(folder)
     found = checkpoints(folder)
     if cfg.autoresume and found and _planned(cfg.max_duration) is not None and \
@@ -127,21 +124,18 @@ def check_binding(folder: str, cfg) -> None:
     """Refuse to run in a folder that holds another run (a different model, target or data), and refuse to
     silently start over in a folder that holds this run's checkpoints without autoresume / load_path /
     save_overwrite. Nothing is written here."""
-    from llmshearing.checks import load_structured
-    from llmshearing.train.checkpointing import checkpoints
-
     path = os.path.join(folder, CONFIG_NAME)
     if os.path.exists(path):
         old = load_structured(path, f"save_folder '{folder}'")
         if not isinstance(old, dict):
             raise ConfigError(f"save_folder '{folder}' holds a {CONFIG_NAME} that is not a run config; give another "
                               f"save_folder")
-        before, now = identity(old), identity(_as_dict(cfg))
+        before, now = identity(old), identity(as_dict(cfg))
         differ = {k: (before[k], now[k]) for k in before if before[k] != now[k]}
         if differ:
             lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
             raise ConfigError(f"save_folder '{folder}' belongs to another run ({lines}); its checkpoints and logs are "
                               f"kept: give this run another save_folder")
         if cfg.autoresume and checkpoints(folder):
-            note_objective_change(old, _as_dict(cfg), f"the run resumed from save_folder '{folder}'")
+            note_objective_change(old, as_dict(cfg), f"the run resumed from save_folder '{folder}'")
     check_reuse(folder, cfg)
