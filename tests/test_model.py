@@ -96,7 +96,7 @@ def test_param_count_matches_model(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_from_pretrained_keeps_tied_embeddings_one_tensor(family, tmp_path):
-    from llmshearing.model.hf import from_pretrained
+    from llmshearing.model.loading import from_pretrained
 
     hf = random_model(family)
     hf.save_pretrained(tmp_path)
@@ -168,7 +168,7 @@ def test_family_end_to_end_through_composer(family, tmp_path):
     bases, q/k norms; the Gemma exports are read with transformers' eager attention, its reference)."""
     from conftest import BIN, CONTINUE_YAML, TINY_YAML, paths, run
 
-    from llmshearing.train.checkpointing import load_checkpoint
+    from llmshearing.train.restore import load_checkpoint
 
     setup = {"model": str(tmp_path / "tiny" / "model"), "shards": str(tmp_path / "tiny" / "shards")}
     made = run([os.path.join(BIN, "llmshearing"), "make-tiny", str(tmp_path / "tiny"), "--family", family])

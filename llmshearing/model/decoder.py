@@ -7,6 +7,7 @@ checkpoint loads with `load_state_dict` and a pruned one saves back without key 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llmshearing.errors import ConfigError
 from llmshearing.model.hf import attention_biases, head_dim_of, is_gemma, qk_norm, sliding_layer
-from llmshearing.pruning.masks import Masks
 
 try:  # optional GPU kernel; torch SDPA is the fallback everywhere
     import flash_attn
@@ -369,3 +369,13 @@ class DecoderLM(nn.Module):
         return self.logits(self.model.norm(x, m.hidden_kept))
 
 
+@dataclass
+class Masks:
+    """What the model multiplies in its forward. None means that structure is not pruned. The masks' values come
+    from `pruning.masks.L0Module`; the type lives here so the model does not depend on how masks are learned."""
+
+    layer: torch.Tensor | None = None  # (L,)
+    hidden: torch.Tensor | None = None  # (d,)
+    hidden_kept: int | torch.Tensor | None = None  # dims RMSNorm averages over
+    head: torch.Tensor | None = None  # (L, H): kv-group gate x in-group query gate
+    intermediate: torch.Tensor | None = None  # (L, I)
