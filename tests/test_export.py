@@ -21,13 +21,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from llmshearing.compat import checkpoint_state
 from llmshearing.errors import ConfigError
 from llmshearing.experiments.tiny import random_model, tiny_config
-from llmshearing.model.composer_model import student_state
-from llmshearing.model.hf import from_pretrained
-from llmshearing.pruning.export import export_checkpoint, finalize, recipe_dtype, save_hf
+from llmshearing.train.composer_model import student_state
+from llmshearing.model.loading import from_pretrained
+from llmshearing.pruning.export import finalize, save_hf
+from llmshearing.train.export_run import export_checkpoint, recipe_dtype
 from llmshearing.pruning.gguf_export import _permute, convert
 from llmshearing.pruning.oneshot import oneshot_prune
 from llmshearing.train.builders import build_model
-from llmshearing.train.checkpointing import open_checkpoint
+from llmshearing.train.restore import open_checkpoint
 from llmshearing.train.run import main as train_main
 
 WIDE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6)  # layers outweigh the 384-token embedding
@@ -431,6 +432,18 @@ def test_gguf_without_the_gguf_package_is_one_line(tiny_setup, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf raises ImportError
     with pytest.raises(ConfigError, match=r"llmshearing\[gguf\]"):
         check_gguf(tiny_config("llama-mha"), AutoTokenizer.from_pretrained(tiny_setup["model"]), "f16")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gguf_refuses_gemma_naming_why(tiny_setup, family):
+    """transformers 4.53 reads gemma2/gemma3 GGUF, but not what a (pruned) Gemma needs: one line saying what."""
+    from llmshearing.pruning.gguf_export import check_gguf
+
+    pytest.importorskip("gguf")
+    with pytest.raises(ConfigError, match="GGUF export refused: .*drops query_pre_attn_scalar, the soft-caps and the "
+                                          "per-layer layer_types") as e:
+        check_gguf(tiny_config(family), AutoTokenizer.from_pretrained(tiny_setup["model"]), "f16")
+    assert "\n" not in str(e.value)
 
 
 def test_gguf_q_k_permutation_is_what_transformers_reverses():

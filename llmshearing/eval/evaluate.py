@@ -18,14 +18,16 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import version
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmshearing.data.tokenizer import check_tokenizer, load_tokenizer
 from llmshearing.devices import dtype_of, resolve_device
 from llmshearing.errors import ConfigError
-from llmshearing.data.layout import check_domains, open_split, read_manifest, tokens_of
+from llmshearing.data.layout import check_domains, open_split, read_manifest, tokens_of, check_positions
 from llmshearing.data.remote import shards_root
 
 
@@ -60,7 +62,7 @@ def domain_loss_stats(logits_fn: Callable[[torch.Tensor], torch.Tensor], root: s
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # heavy: tqdm, only with a progress bar
 
         total = sum(min(len(open_split(root, d, split, remote)), max_sequences or 10**18) for d in domains)
         bar = tqdm(total=total, desc=f"loss on '{split}'", unit="seq")
@@ -145,8 +147,7 @@ def check_model(path: str, gguf_file: str | None = None, shards_root: str | None
     shards were built with, and the shards' token ids fit the embedding. `need_tokenizer`: refuse a folder
     without a tokenizer (lm-eval tasks need one).
     """
-    from llmshearing.checks import check_model_folder, check_positions
-    from llmshearing.data.tokenizer import check_tokenizer, load_tokenizer
+    from llmshearing.model.loading import check_model_folder  # heavy: transformers
 
     config = check_model_folder(path, gguf_file, key="model")
     try:  # the folder's own tokenizer, when it has one; else only the vocabulary size is checked
@@ -165,14 +166,17 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str | torch.dtype
                device: str | None = None):
     """The model of `path` as transformers loads it (`AutoModelForCausalLM.from_pretrained`), in eval mode on
     `device` (see `resolve_device`). Run `check_model` first: this reads the weights."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: transformers
+
+    from llmshearing.model.hf import reference_attention  # heavy: transformers
 
     if isinstance(dtype, str):
         dtype = dtype_of(dtype)
     device = resolve_device(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype,
-                                                     **({"gguf_file": gguf_file} if gguf_file else {}))
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    try:  # Gemma with its eager attention: transformers' SDPA path drops Gemma 2's soft-cap
+        attention = reference_attention(AutoConfig.from_pretrained(path, **gguf))
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **gguf, **attention)
     except OSError as e:  # e.g. a folder with a config but no weights
         raise ConfigError(f"cannot load the model weights in '{path}': {e}") from None
     return model.to(device).eval()
@@ -192,7 +196,7 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = (), lm_eva
     (thousands of yamls, ~16 s to index, datasets from the HF hub) only with `lm_eval_tasks`.
     """
     try:
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # optional: the eval extra
     except ImportError:
         raise ConfigError(f"--tasks needs lm-evaluation-harness, which is not installed; install the eval "
                           f"extra: {EVAL_EXTRA}") from None
@@ -239,8 +243,8 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], manager, batch_size: int =
     Per task: every numeric metric lm-eval reports ("acc", "acc_stderr", "acc_norm", ... ; a metric of a
     filter other than "none" as "metric/filter") and "items", the documents scored.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
+    import lm_eval  # optional: the eval extra
+    from lm_eval.models.huggingface import HFLM  # optional: the eval extra
 
     with _quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -329,8 +333,6 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
               "tasks": list(tasks), "num_fewshot": num_fewshot if tasks else None, "limit": limit,
               "models": results, "seconds": time.time() - t_start}
     if tasks:
-        from importlib.metadata import version
-
         report["lm_eval_version"] = version("lm_eval")
     return report
 
