@@ -71,7 +71,7 @@ READER = """
 import os, random, sys, time
 from llmshearing.data.layout import open_split
 remote, cache, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-jobs = [(d, s, i) for d in ("prose", "code") for s in ("eval", "prune", "continue")
+jobs = [(d, s, i) for d in ("prose", "code") for s in ("eval", "test", "prune", "continue")
         for i in range(len(open_split(remote, d, s)))]
 random.Random(seed).shuffle(jobs)
 open(f"{cache}.ready{seed}", "w").close()

@@ -598,10 +598,10 @@ def plot_scales(paths: list[str], out_dir: str) -> dict:
     for pts in points.values():
         pts.sort(key=lambda p: p["tokens"])
     result = {"split": splits.pop(), "arms": points}
-    import matplotlib
+    import matplotlib  # heavy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, pts) in enumerate(points.items()):
