@@ -160,10 +160,9 @@ def check_weights_match(path: str, config, key: str) -> None:
     """The safetensors weights of `path` hold exactly the tensors, shapes and float dtypes a model of `config`
     has: a config.json that disagrees with its weights (a layer more or less, another hidden size) is an error
     naming the tensor, not a silently dropped layer or a shape traceback deep in loading."""
-    import torch
-
-    from llmshearing.model.decoder import DecoderLM
+    from llmshearing.model import layouts
     from llmshearing.model.hf import safetensors_files
+    from llmshearing.pruning.export import decoder_shapes
 
     files = safetensors_files(path)
     if files is None:
@@ -171,13 +170,14 @@ def check_weights_match(path: str, config, key: str) -> None:
             raise ConfigError(f"{key}: '{path}' has a config.json but no weights (model.safetensors or "
                               f"pytorch_model.bin)")
         return  # .bin checkpoints are checked by transformers' loader
-    with torch.device("meta"):
-        expected = {n: tuple(t.shape) for n, t in DecoderLM(config).state_dict().items()}
+    expected = layouts.hf_shapes(config, decoder_shapes(config))  # in the family's layout (Phi-3, NeoX: fused)
     seen = set()
     for file in files:
         if not os.path.exists(file):
             raise ConfigError(f"{key}: '{file}' (listed in the weight index) is missing")
         for name, (dtype, shape) in safetensors_header(file, key).items():
+            if layouts.ignored(config, name):
+                continue
             if name not in expected:
                 raise ConfigError(f"{key}: '{file}' holds tensor '{name}', which a model of its config.json does "
                                   f"not have: config.json and weights disagree (e.g. num_hidden_layers)")
@@ -187,7 +187,7 @@ def check_weights_match(path: str, config, key: str) -> None:
             if dtype not in FLOAT_DTYPES:
                 raise ConfigError(f"{key}: tensor '{name}' in '{file}' is {dtype}, not a float type")
             seen.add(name)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    tied = {layouts.head_name(config)} if getattr(config, "tie_word_embeddings", False) else set()
     missing = sorted(set(expected) - seen - tied)
     if missing:
         raise ConfigError(f"{key}: the weights in '{path}' lack {len(missing)} tensor(s) that its config.json "

@@ -20,21 +20,61 @@ TARGETS = {  # every structure shrinks; GQA targets keep num_heads divisible by 
     "mistral": Shape(3, 40, 2, 1, 48),
     "qwen2": Shape(2, 32, 2, 1, 80),
     "qwen3": Shape(3, 48, 2, 1, 64),  # head_dim 32: attention 2 x 32 = 64 wide in a 48-wide model
+    "phi3": Shape(3, 40, 2, 1, 64),  # head_dim 16: 2 x 16 = 32 wide in a 40-wide model
+    "pythia": Shape(3, 48, 3, 3, 64),  # GPT-NeoX: hidden = heads x head_dim 16, KV heads = heads
 }
 
 
 def ours(hf) -> DecoderLM:
+    from llmshearing.model.layouts import decoder_state
+
     lm = DecoderLM(hf.config, attn_impl="sdpa")
-    lm.load_state_dict(hf.state_dict(), strict=True)
+    lm.load_state_dict(decoder_state(hf.config, hf.state_dict()), strict=True)  # Phi-3 / NeoX: fused ones split
     return lm.eval()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Variants of the tiny families the family list does not cover: sequential GPT-NeoX residual, Phi-3's longrope
+# (original_max_position_embeddings 16 < 40 tokens: the long factors), Llama with q/k/v/o and MLP biases
+VARIANTS = {
+    "pythia-sequential": ("pythia", dict(use_parallel_residual=False)),
+    "phi3-longrope": ("phi3", dict(rope_scaling={"type": "su", "short_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5],
+                                                  "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]},
+                                   original_max_position_embeddings=16, max_position_embeddings=64)),
+}
+
+
+def variant_model(name: str):
+    """A random HF model of a VARIANTS entry, its norms and biases moved away from their init (as random_model)."""
+    from llmshearing.experiments.tiny import tiny_config
+
+    family, overrides = VARIANTS[name]
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), torch_dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif n.endswith("bias"):
+                p.normal_(0, 0.1)
+    return hf.eval()
+
+
+def model_of(name: str):
+    return variant_model(name) if name in VARIANTS else random_model(name)
+
+
+MODELS = FAMILIES + list(VARIANTS)
+
+
+@pytest.mark.parametrize("family", MODELS)
 def test_matches_transformers(family):
-    hf = random_model(family)
+    hf = model_of(family)
     ids = torch.randint(0, hf.config.vocab_size, (2, 40))  # 40 > mistral's sliding window of 24
     with torch.no_grad():
-        torch.testing.assert_close(ours(hf)(ids), hf(ids).logits, atol=TOL, rtol=0)
+        logits = ours(hf)(ids)
+        torch.testing.assert_close(logits, hf(ids).logits, atol=TOL, rtol=0)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        torch.testing.assert_close(loss, hf(ids, labels=ids).loss, atol=TOL, rtol=0)
 
 
 def random_masks(l0: L0Module, seed: int):
@@ -44,11 +84,13 @@ def random_masks(l0: L0Module, seed: int):
             m.log_alpha.copy_(torch.randn(m.shape, generator=g) * 2 + 1)  # some kept values below 1
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_masked_equals_sliced_equals_reloaded_export(family, tmp_path):
-    hf = random_model(family)
+    hf = model_of(family)
     lm = ours(hf)
-    target = TARGETS[family]
+    target = TARGETS[VARIANTS[family][0] if family in VARIANTS else family]
+    if family == "phi3-longrope":  # transformers checks longrope's factors against hidden // heads = head_dim
+        target = Shape(3, 32, 2, 1, 64)
     l0 = L0Module(shape_of(hf.config), target, eval_target_model=True).eval()  # the export's masks
     random_masks(l0, seed=3)
     ids = torch.randint(0, hf.config.vocab_size, (2, 40))
@@ -66,8 +108,8 @@ def test_masked_equals_sliced_equals_reloaded_export(family, tmp_path):
 
     with open(tmp_path / "export" / "config.json") as f:
         exported = json.load(f)
-    assert {k: exported[k] for k in target.as_dict()} == target.as_dict()
-    assert exported["model_type"] == hf.config.model_type
+    assert shape_of(reloaded.config) == target
+    assert exported["model_type"] == hf.config.model_type and type(reloaded) is type(hf)
     assert exported["head_dim"] == head_dim_of(hf.config)
     assert sum(p.numel() for p in reloaded.parameters()) == param_count(target, hf.config)
     assert [len(h) for h in kept["heads"]] == [target.num_attention_heads] * target.num_hidden_layers
@@ -86,9 +128,9 @@ def test_kept_heads_belong_to_kept_groups():
         assert all(sum(h // per_group == g for h in heads) == 2 for g in groups)  # same count per group
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_param_count_matches_model(family):
-    hf = random_model(family)
+    hf = model_of(family)
     assert param_count(shape_of(hf.config), hf.config) == sum(p.numel() for p in hf.parameters())
 
 

@@ -21,6 +21,12 @@ FAMILY_CONFIGS = {
     "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   tie_word_embeddings=False),  # head_dim 32 x 4 heads = 128, twice hidden 64 (as Qwen3-0.6B)
+    # Phi-3: fused qkv_proj / gate_up_proj, GQA, partial rotary as Phi-4-mini (0.75 of head_dim 16)
+    "phi3": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.75,
+                 tie_word_embeddings=False, pad_token_id=None),
+    # Pythia: LayerNorm with bias, parallel residual, rotary over 0.25 of head_dim 16, per-head fused QKV, MHA
+    "pythia": dict(model_type="gpt_neox", num_attention_heads=4, rotary_pct=0.25, use_parallel_residual=True,
+                   hidden_act="gelu", tie_word_embeddings=False, layer_norm_eps=1e-5),
 }
 STDLIB_MODULES = ("json", "os", "argparse", "collections", "csv", "random", "textwrap", "string", "shutil", "pathlib")
 
@@ -32,6 +38,8 @@ def tiny_config(family: str, vocab_size: int = 384, **overrides):
     model_type = spec.pop("model_type")
     sizes = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                  max_position_embeddings=512, rms_norm_eps=1e-5)
+    if model_type == "gpt_neox":
+        sizes.pop("rms_norm_eps")
     return AutoConfig.for_model(model_type, **{**sizes, **spec, **overrides})
 
 

@@ -11,7 +11,7 @@ from llmshearing.errors import ConfigError
 
 # The families the decoder implements, with the transformers class an export of each is loaded as.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
 QK_NORM_TYPES = ("qwen3",)  # an RMSNorm over head_dim on every query and key head (one weight for all heads)
 
@@ -19,6 +19,11 @@ QK_NORM_TYPES = ("qwen3",)  # an RMSNorm over head_dim on every query and key he
 def qk_norm(config: PretrainedConfig) -> bool:
     """Whether the family normalises each query and key head before RoPE (Qwen3's q_norm / k_norm)."""
     return config.model_type in QK_NORM_TYPES
+
+
+def kv_heads_of(config: PretrainedConfig) -> int:
+    """KV heads; an MHA config without `num_key_value_heads` (GPT-NeoX) has one per head."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -29,6 +34,8 @@ def attention_biases(config: PretrainedConfig) -> tuple[bool, bool]:
     """(q/k/v bias, o bias): Qwen2 always has q/k/v bias and no o bias; Llama/Mistral/Qwen3 follow attention_bias."""
     if config.model_type == "qwen2":
         return True, False
+    if config.model_type == "phi3":  # qkv_proj and o_proj never have one
+        return False, False
     bias = bool(getattr(config, "attention_bias", False))
     return bias, bias
 
@@ -41,10 +48,12 @@ def check_source_config(config: PretrainedConfig) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (a new family needs its layer in model/decoder.py with HF's "
             f"parameter names, its masks and export in pruning/, its counts in pruning/shapes.py; docs/families.md)"
         )
-    if getattr(config, "hidden_act", "silu") != "silu":
+    if config.model_type == "gpt_neox":
+        check_neox_config(config)
+    elif getattr(config, "hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act '{config.hidden_act}' is not supported (only SwiGLU with silu)")
     heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
+    kv = kv_heads_of(config)
     if heads % kv:
         raise ConfigError(
             f"source config: num_attention_heads={heads} is not divisible by num_key_value_heads={kv}"
@@ -58,6 +67,58 @@ def check_source_config(config: PretrainedConfig) -> None:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "dynamic":
         raise ConfigError("rope_scaling type 'dynamic' is not supported (it changes with sequence length)")
+
+
+# ----------------------------------------------------------------------------------------------- GPT-NeoX / Phi-3
+
+NEOX_ACTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu")
+
+
+def gated_mlp(config: PretrainedConfig) -> bool:
+    """SwiGLU (gate, up, down) or GPT-NeoX's plain MLP (dense_h_to_4h, act, dense_4h_to_h; held as up and down)."""
+    return config.model_type != "gpt_neox"
+
+
+def layer_norm(config: PretrainedConfig) -> bool:
+    """LayerNorm with bias (GPT-NeoX) instead of RMSNorm."""
+    return config.model_type == "gpt_neox"
+
+
+def mlp_bias(config: PretrainedConfig) -> bool:
+    return config.model_type == "gpt_neox" or bool(getattr(config, "mlp_bias", False))
+
+
+def norm_eps(config: PretrainedConfig) -> float:
+    return config.layer_norm_eps if layer_norm(config) else config.rms_norm_eps
+
+
+def check_neox_config(config: PretrainedConfig) -> None:
+    if config.hidden_act not in NEOX_ACTS:
+        raise ConfigError(f"gpt_neox: hidden_act '{config.hidden_act}' is not supported ({', '.join(NEOX_ACTS)})")
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(f"gpt_neox: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                          f"{config.num_attention_heads} (GPT-NeoX's head size is their quotient)")
+
+
+def check_family_target(config: PretrainedConfig, target) -> str | None:
+    """Why transformers could not load a `target` shape of this family (None: it can): GPT-NeoX has no head_dim
+    setting and no GQA, so hidden must stay heads x head_dim and KV heads follow the heads; Phi-3's config checks
+    longrope's factors against hidden / heads, which must therefore stay head_dim."""
+    hd = head_dim_of(config)
+    if config.model_type == "gpt_neox":
+        if target.num_key_value_heads != target.num_attention_heads:
+            return (f"gpt_neox has no grouped-query attention: num_key_value_heads ({target.num_key_value_heads}) "
+                    f"must equal num_attention_heads ({target.num_attention_heads}); leave it out")
+        if target.hidden_size != target.num_attention_heads * hd:
+            return (f"gpt_neox derives head_dim from hidden_size / num_attention_heads, and head_dim ({hd}) is never "
+                    f"pruned: hidden_size must be num_attention_heads x {hd} = {target.num_attention_heads * hd}, "
+                    f"got {target.hidden_size}")
+    if config.model_type == "phi3" and getattr(config, "rope_scaling", None) \
+            and target.hidden_size // target.num_attention_heads != hd:
+        return (f"phi3 with rope_scaling: transformers checks the rope factors against hidden_size // "
+                f"num_attention_heads, which must stay head_dim {hd} (got {target.hidden_size} // "
+                f"{target.num_attention_heads})")
+    return None
 
 
 def load_hf_config(path: str, gguf_file: str | None = None) -> PretrainedConfig:
@@ -98,17 +159,20 @@ def load_safetensors_into(lm, files: list[str]) -> None:
     first, from the headers (`checks.check_weights_match`, called by `from_pretrained`)."""
     from safetensors import safe_open
 
+    from llmshearing.model.layouts import from_hf
+
     params = lm.state_dict(keep_vars=True)
     for file in files:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 with torch.no_grad():
-                    params[name].copy_(f.get_tensor(name))
+                    for ours, tensor in from_hf(lm.config, name, f.get_tensor(name)):  # Phi-3/NeoX: fused split
+                        params[ours].copy_(tensor)
 
 
 def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "auto",
                     dtype: torch.dtype = torch.float32):
-    """The DecoderLM of any Llama/Mistral/Qwen2/Qwen3 checkpoint: safetensors are read tensor by tensor straight into
+    """The DecoderLM of any supported checkpoint: safetensors are read tensor by tensor straight into
     the model; other formats (GGUF, .bin) go through transformers' loader."""
     config = load_hf_config(path, gguf_file)  # refuses unsupported families before the weights are read
     files = None if gguf_file else safetensors_files(path)
@@ -124,5 +188,7 @@ def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "a
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
     lm = empty_model(hf.config, attn_impl, dtype)
-    lm.load_state_dict(hf.state_dict(), strict=True)
+    from llmshearing.model.layouts import decoder_state
+
+    lm.load_state_dict(decoder_state(hf.config, hf.state_dict()), strict=True)
     return lm.eval()

@@ -20,6 +20,7 @@ from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
 from llmshearing.model.hf import ARCHITECTURES, head_dim_of
+from llmshearing.model import layouts
 from llmshearing.pruning.shapes import target_config
 from llmshearing.io import atomic_directory
 from llmshearing.pruning.masks import L0Module, Masks
@@ -103,11 +104,15 @@ def dense_tensors(get, config, masks: Masks, kept: dict, scope=_whole, device=No
         with scope(old):
             yield from _dense_layer(get, masks, kept, new, old, hd, d_idx, z_hidden).items()
     with scope(None):
-        final_norm = get("model.norm.weight")[d_idx]
-        if config.tie_word_embeddings:
-            # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
-            final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30), torch.zeros_like(final_norm))
-        yield "model.norm.weight", final_norm
+        has = _names_probe(get)
+        for name in ("model.norm.weight", "model.norm.bias"):  # the bias: GPT-NeoX's LayerNorm
+            if not has(name):
+                continue
+            final_norm = get(name)[d_idx]
+            if config.tie_word_embeddings:
+                # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
+                final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30), torch.zeros_like(final_norm))
+            yield name, final_norm
         if not config.tie_word_embeddings:
             yield "lm_head.weight", get("lm_head.weight")[:, d_idx]
 
@@ -127,7 +132,9 @@ def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_i
     has = _names_probe(get)
     out = {}
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        out[q + norm + ".weight"] = get(p + norm + ".weight")[d_idx]
+        for kind in ("weight", "bias"):  # a bias: GPT-NeoX's LayerNorm (zero in pruned dims of the masked model)
+            if kind == "weight" or has(p + f"{norm}.bias"):
+                out[q + f"{norm}.{kind}"] = get(p + f"{norm}.{kind}")[d_idx]
     for norm in ("q_norm", "k_norm"):  # Qwen3: over head_dim (never pruned), one weight for all heads
         if has(p + f"self_attn.{norm}.weight"):
             out[q + f"self_attn.{norm}.weight"] = get(p + f"self_attn.{norm}.weight")
@@ -141,6 +148,8 @@ def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_i
     if has(p + "self_attn.o_proj.bias"):
         out[q + "self_attn.o_proj.bias"] = _rows(get(p + "self_attn.o_proj.bias"), d_idx) * write_scale[:, 0]
     for name in ("gate_proj", "up_proj"):
+        if not has(p + f"mlp.{name}.weight"):
+            continue  # GPT-NeoX's MLP is not gated
         out[q + f"mlp.{name}.weight"] = _rows(get(p + f"mlp.{name}.weight"), i_idx)[:, d_idx]
         if has(p + f"mlp.{name}.bias"):
             out[q + f"mlp.{name}.bias"] = _rows(get(p + f"mlp.{name}.bias"), i_idx)
@@ -277,9 +286,11 @@ def decoder_shapes(config: PretrainedConfig) -> dict[str, tuple]:
 
 
 def weight_plan(config: PretrainedConfig) -> list[tuple[str, tuple]]:
-    """(name, shape) of every tensor an export of `config` holds, in Hugging Face order (no tied head)."""
+    """(name, shape) of every tensor an export of `config` holds, in Hugging Face order (no tied head), in the
+    family's own layout (Phi-3's and GPT-NeoX's fused projections and names: model/layouts.py)."""
     tied = config.tie_word_embeddings
-    return [(k, shape) for k, shape in decoder_shapes(config).items() if not (tied and k == "lm_head.weight")]
+    shapes = layouts.hf_shapes(config, decoder_shapes(config))
+    return [(k, shape) for k, shape in shapes.items() if not (tied and k == layouts.head_name(config))]
 
 
 def plan_shards(plan, dtype: torch.dtype, max_shard_size: str | int) -> list[tuple[str, list]]:
@@ -370,7 +381,7 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             plan = weight_plan(config)
             writer = SafetensorsWriter(tmp, plan, dtype, options.max_shard_size)
-            for name, tensor in tensors:
+            for name, tensor in layouts.to_hf(config, tensors):  # Phi-3 / GPT-NeoX: fused back, renamed
                 writer.add(name, tensor)
                 del tensor
             writer.close()

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import attention_biases, head_dim_of, qk_norm
+from llmshearing.model.hf import (attention_biases, check_family_target, gated_mlp, head_dim_of, kv_heads_of,
+                                  layer_norm, mlp_bias, qk_norm)
 
 @dataclass(frozen=True)
 class Shape:
@@ -54,7 +55,7 @@ def shape_of(config: PretrainedConfig) -> Shape:
         num_hidden_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        num_key_value_heads=kv_heads_of(config),
         intermediate_size=config.intermediate_size,
     )
 
@@ -103,6 +104,8 @@ def resolve_target(spec, source: PretrainedConfig) -> Shape:
             raise ConfigError(f"target: unknown keys {sorted(unknown)}; allowed: {list(SHAPE_KEYS)}, or a budget "
                               f"{{params: N}} / {{params_fraction: F}}")
         values = {**src.as_dict(), **spec}
+        if src.heads_per_group == 1 and "num_key_value_heads" not in spec:  # MHA: the KV heads follow the heads
+            values["num_key_value_heads"] = values["num_attention_heads"]
         bad = {k: v for k, v in values.items() if not isinstance(v, int) or isinstance(v, bool)}
         if bad:
             raise ConfigError(f"target: dims must be integers, got {bad}")
@@ -110,6 +113,9 @@ def resolve_target(spec, source: PretrainedConfig) -> Shape:
     else:
         raise ConfigError(f"target must be a preset name, a config path or a mapping of dims, got {spec!r}")
     validate_target(src, target)
+    problem = check_family_target(source, target)
+    if problem:
+        raise ConfigError(f"target {target.as_dict()}: {problem}")
     return target
 
 
@@ -156,9 +162,10 @@ def param_count(shape: Shape, config: PretrainedConfig, *, floats: dict | None =
     L, h, H, KV, inter = (d[k] for k in SHAPE_KEYS)
     hd = head_dim_of(config)
     qkv_bias, o_bias = attention_biases(config)
-    mlp_bias = bool(getattr(config, "mlp_bias", False))
+    projections = 3 if gated_mlp(config) else 2  # GPT-NeoX: dense_h_to_4h and dense_4h_to_h
+    norm = 2 if layer_norm(config) else 1  # GPT-NeoX's LayerNorms have a bias
     attn = h * (H + 2 * KV) * hd + H * hd * h + (qkv_bias * (H + 2 * KV) * hd) + o_bias * h
-    mlp = 3 * h * inter + mlp_bias * (2 * inter + h)
-    per_layer = attn + mlp + 2 * h + (2 * hd if qk_norm(config) else 0)  # Qwen3's q_norm and k_norm
+    mlp = projections * h * inter + mlp_bias(config) * ((projections - 1) * inter + h)
+    per_layer = attn + mlp + 2 * norm * h + (2 * hd if qk_norm(config) else 0)  # Qwen3's q_norm and k_norm
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    return L * per_layer + embed + h
+    return L * per_layer + embed + norm * h
