@@ -181,16 +181,38 @@ def test_unsupported_families_are_refused_naming_what_they_need():
 
     from llmshearing.errors import ConfigError
     from llmshearing.experiments.tiny import tiny_config
-    from llmshearing.model.hf import check_source_config
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, check_source_config
 
-    for model_type in ("gemma", "phi3", "gpt_neox"):
+    assert {"phi3", "gpt_neox"} <= set(SUPPORTED_MODEL_TYPES)
+    for model_type in ("falcon", "gpt2"):
         with pytest.raises(ConfigError, match=f"model_type '{model_type}' is not supported; supported LLaMA-family "
-                                              f"types: llama, mistral, qwen2, qwen3 \\(a new family needs its layer"):
+                                              f"types: {', '.join(SUPPORTED_MODEL_TYPES)} \\(a new family needs"):
             check_source_config(AutoConfig.for_model(model_type))
     # Qwen's per-layer windows (full attention below max_window_layers) are not what the decoder computes
     with pytest.raises(ConfigError, match="use_sliding_window with full-attention layers below max_window_layers=2"):
         check_source_config(tiny_config("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=2))
     check_source_config(tiny_config("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=0))
+
+
+def test_gpt_neox_and_phi3_target_rules():
+    """GPT-NeoX's config has no head_dim or KV heads: hidden follows heads x head_dim, KV heads follow the heads (a
+    target may leave them out); Phi-3 with longrope keeps hidden // heads = head_dim; each refusal is one line."""
+    from llmshearing.errors import ConfigError
+    from llmshearing.pruning.shapes import resolve_target
+
+    neox = random_model("pythia").config
+    assert resolve_target({"num_attention_heads": 3, "hidden_size": 48}, neox) == Shape(4, 48, 3, 3, 96)
+    with pytest.raises(ConfigError, match="target keeps 2 query heads per KV group but the source has only 1"):
+        resolve_target({"num_attention_heads": 2, "num_key_value_heads": 1, "hidden_size": 32}, neox)
+    with pytest.raises(ConfigError, match="hidden_size must be num_attention_heads x 16 = 48, got 40"):
+        resolve_target({"num_attention_heads": 3, "hidden_size": 40}, neox)
+    solved = resolve_target({"params_fraction": 0.5}, neox)  # the budget solver keeps hidden = heads x head_dim
+    assert solved.hidden_size == 16 * solved.num_attention_heads == 16 * solved.num_key_value_heads
+    longrope = variant_model("phi3-longrope").config
+    with pytest.raises(ConfigError, match="phi3 with rope_scaling"):
+        resolve_target({"hidden_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1}, longrope)
+    assert resolve_target({"hidden_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1},
+                          random_model("phi3").config).hidden_size == 40  # no rope scaling: any hidden size
 
 
 @pytest.mark.slow

@@ -102,13 +102,10 @@ def check_neox_config(config: PretrainedConfig) -> None:
 
 def check_family_target(config: PretrainedConfig, target) -> str | None:
     """Why transformers could not load a `target` shape of this family (None: it can): GPT-NeoX has no head_dim
-    setting and no GQA, so hidden must stay heads x head_dim and KV heads follow the heads; Phi-3's config checks
+    setting, so hidden must stay heads x head_dim; Phi-3's config checks
     longrope's factors against hidden / heads, which must therefore stay head_dim."""
     hd = head_dim_of(config)
-    if config.model_type == "gpt_neox":
-        if target.num_key_value_heads != target.num_attention_heads:
-            return (f"gpt_neox has no grouped-query attention: num_key_value_heads ({target.num_key_value_heads}) "
-                    f"must equal num_attention_heads ({target.num_attention_heads}); leave it out")
+    if config.model_type == "gpt_neox":  # (KV heads = heads: the source is MHA, so validate_target keeps it)
         if target.hidden_size != target.num_attention_heads * hd:
             return (f"gpt_neox derives head_dim from hidden_size / num_attention_heads, and head_dim ({hd}) is never "
                     f"pruned: hidden_size must be num_attention_heads x {hd} = {target.num_attention_heads * hd}, "
