@@ -43,24 +43,10 @@ VARIANTS = {
 }
 
 
-def variant_model(name: str):
-    """A random HF model of a VARIANTS entry, its norms and biases moved away from their init (as random_model)."""
-    from llmshearing.experiments.tiny import tiny_config
-
-    family, overrides = VARIANTS[name]
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), torch_dtype=torch.float32)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if n.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif n.endswith("bias"):
-                p.normal_(0, 0.1)
-    return hf.eval()
-
-
 def model_of(name: str):
-    return variant_model(name) if name in VARIANTS else random_model(name)
+    """The random HF model of a family or of a VARIANTS entry."""
+    family, overrides = VARIANTS.get(name, (name, {}))
+    return random_model(family, **overrides)
 
 
 MODELS = FAMILIES + list(VARIANTS)
@@ -194,6 +180,26 @@ def test_unsupported_families_are_refused_naming_what_they_need():
     check_source_config(tiny_config("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=0))
 
 
+def test_pythia_checkpoint_buffers_are_ignored(tmp_path):
+    """Pythia's released safetensors hold attention.bias / masked_bias / rotary inv_freq buffers beside the weights:
+    from_pretrained (and the weights check) skip them as transformers does."""
+    from safetensors.torch import load_file, save_file
+
+    from llmshearing.model.hf import from_pretrained
+
+    hf = random_model("pythia")
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 8, 8)
+    state["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
+    state["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ids = torch.randint(0, hf.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(str(tmp_path), attn_impl="sdpa")(ids), hf(ids).logits, atol=TOL,
+                                   rtol=0)
+
+
 def test_gpt_neox_and_phi3_target_rules():
     """GPT-NeoX's config has no head_dim or KV heads: hidden follows heads x head_dim, KV heads follow the heads (a
     target may leave them out); Phi-3 with longrope keeps hidden // heads = head_dim; each refusal is one line."""
@@ -208,19 +214,30 @@ def test_gpt_neox_and_phi3_target_rules():
         resolve_target({"num_attention_heads": 3, "hidden_size": 40}, neox)
     solved = resolve_target({"params_fraction": 0.5}, neox)  # the budget solver keeps hidden = heads x head_dim
     assert solved.hidden_size == 16 * solved.num_attention_heads == 16 * solved.num_key_value_heads
-    longrope = variant_model("phi3-longrope").config
+    longrope = model_of("phi3-longrope").config
     with pytest.raises(ConfigError, match="phi3 with rope_scaling"):
         resolve_target({"hidden_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1}, longrope)
     assert resolve_target({"hidden_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1},
                           random_model("phi3").config).hidden_size == 40  # no rope scaling: any hidden size
 
 
+# family -> (target overrides of prune_tiny.yaml's 3/48/2/1/64, the exported shape, a layer-0 weight continued
+# pretraining must change, or None: no continued pretraining, which runs no family-specific code for Phi-3);
+# GPT-NeoX keeps hidden = heads x head_dim 16 and KV heads = heads, and its continued model's config has no KV heads
+END_TO_END = {
+    "qwen3": ([], Shape(3, 48, 2, 1, 64), "model.layers.0.mlp.up_proj.weight"),
+    "phi3": ([], Shape(3, 48, 2, 1, 64), None),
+    "pythia": (["pruning.target.num_attention_heads=3", "pruning.target.num_key_value_heads=3"],
+               Shape(3, 48, 3, 3, 64), "gpt_neox.layers.0.attention.query_key_value.weight"),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["qwen3"])  # the families the other end-to-end tests (smollm2-gqa) do not run
+@pytest.mark.parametrize("family", list(END_TO_END))  # the families the other end-to-end tests (smollm2-gqa) do not run
 def test_family_end_to_end_through_composer(family, tmp_path):
     """make-tiny --family, prune with the real Composer launcher to the target, the export loads as the same HF
-    family (Qwen3: q_norm / k_norm copied) and equals the checkpoint's masked model, then continued pretraining of
-    the export trains and exports again."""
+    family (Qwen3: q_norm / k_norm copied; Phi-3 / GPT-NeoX: projections fused again) and equals the checkpoint's
+    masked model, then continued pretraining of the export trains and exports again."""
     from conftest import BIN, CONTINUE_YAML, TINY_YAML, paths, run
 
     from llmshearing.train.checkpointing import load_checkpoint
@@ -229,15 +246,15 @@ def test_family_end_to_end_through_composer(family, tmp_path):
     made = run([os.path.join(BIN, "llmshearing"), "make-tiny", str(tmp_path / "tiny"), "--family", family])
     assert made.returncode == 0, made.stderr[-3000:]
     folder = str(tmp_path / "prune")
+    overrides, expected, changed = END_TO_END[family]
     proc = run([os.path.join(BIN, "composer"), "train.py", TINY_YAML, *paths(setup, folder), "max_duration=12ba",
-                "eval_interval=6ba", "save_interval=12ba", "data.num_workers=0"], timeout=600)
+                "eval_interval=6ba", "save_interval=12ba", "data.num_workers=0", *overrides], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     export = os.path.join(folder, "export")
     hf = AutoModelForCausalLM.from_pretrained(export).eval()
     source = AutoModelForCausalLM.from_pretrained(setup["model"])
-    assert type(hf) is type(source) and hf.config.model_type == family
-    assert shape_of(hf.config).as_dict() == {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2,
-                                             "num_key_value_heads": 1, "intermediate_size": 64}
+    assert type(hf) is type(source) and hf.config.model_type == source.config.model_type
+    assert shape_of(hf.config) == expected
     ids = torch.randint(0, hf.config.vocab_size, (2, 32))
     _, masked = load_checkpoint(os.path.join(folder, "ep0-ba12-rank0.pt"))
     with torch.no_grad(), masked.l0.target_masks():
@@ -248,6 +265,8 @@ def test_family_end_to_end_through_composer(family, tmp_path):
             torch.testing.assert_close(hf.model.layers[new].self_attn.q_norm.weight,
                                        masked.model.model.layers[old].self_attn.q_norm.weight.detach(), atol=0, rtol=0)
 
+    if changed is None:
+        return
     cont = str(tmp_path / "continue")
     proc = run([os.path.join(BIN, "composer"), "train.py", CONTINUE_YAML, f"model.path={export}",
                 f"data.shards={setup['shards']}", f"save_folder={cont}", f"export_dir={cont}/export",
@@ -256,4 +275,4 @@ def test_family_end_to_end_through_composer(family, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     again = AutoModelForCausalLM.from_pretrained(os.path.join(cont, "export"))
     assert type(again) is type(source) and shape_of(again.config) == shape_of(hf.config)
-    assert not torch.equal(again.model.layers[0].mlp.up_proj.weight, hf.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(again.state_dict()[changed], hf.state_dict()[changed])

@@ -43,13 +43,14 @@ def tiny_config(family: str, vocab_size: int = 384, **overrides):
     return AutoConfig.for_model(model_type, **{**sizes, **spec, **overrides})
 
 
-def random_model(family: str, vocab_size: int = 384, seed: int = 0):
-    """A random HF model of `family` whose norms and biases are not at their init values (so tests
-    that fold or slice them can fail)."""
+def random_model(family: str, vocab_size: int = 384, seed: int = 0, **overrides):
+    """A random HF model of `family` (config `overrides` allowed) whose norms and biases are not at their init values
+    (so tests that fold or slice them can fail)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, vocab_size=vocab_size), torch_dtype=torch.float32)
+    config = tiny_config(family, vocab_size=vocab_size, **overrides)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

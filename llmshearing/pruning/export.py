@@ -19,7 +19,7 @@ import torch
 from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import ARCHITECTURES, head_dim_of
+from llmshearing.model.hf import ARCHITECTURES, head_dim_of, kv_heads_of
 from llmshearing.model import layouts
 from llmshearing.pruning.shapes import target_config
 from llmshearing.io import atomic_directory
@@ -65,7 +65,7 @@ def head_rows(heads: list[int], head_dim: int, device: torch.device | str | None
 
 def all_units(config) -> dict:
     """`kept_units` of an unpruned model: everything (plain training exports through the same code)."""
-    L, H, KV = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    L, H, KV = config.num_hidden_layers, config.num_attention_heads, kv_heads_of(config)
     return {"layers": list(range(L)), "hidden": list(range(config.hidden_size)), "kv_heads": [list(range(KV))] * L,
             "heads": [list(range(H))] * L, "intermediate": [list(range(config.intermediate_size))] * L}
 
