@@ -306,7 +306,7 @@ def test_activation_scores_in_bounded_passes_equal_the_one_pass_scores(family, m
     assert activation_peak_bytes(config, 4096) - weights == 4 * 4096 * (3 * 11008 + 5 * 4096) == 836 * 2**20
 
 
-@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2", "qwen3", "phi3", "pythia"])
 def test_every_family_trains_evaluates_and_exports_on_meta(family):
     """The family-specific paths at tiny shapes: tied embeddings (the export's final-norm fold), q/k/v biases (the
     masked linear's bias gradient), GQA, and Mistral's sliding-window mask (T = 40 > window 24)."""

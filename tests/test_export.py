@@ -293,7 +293,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(pruned_run, tmp_path):
         subprocess.run(["umount", str(mount)], check=False)
 
 
-@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2", "phi3", "pythia"])
 def test_exported_config_has_only_stock_fields(tiny_setup, tmp_path, family):
     folder = model_folder(tiny_setup, str(tmp_path / "src"), family)
     save_hf(from_pretrained(folder, attn_impl="sdpa"), str(tmp_path / "x"))
