@@ -33,13 +33,16 @@ def ours(hf) -> DecoderLM:
     return lm.eval()
 
 
-# Variants of the tiny families the family list does not cover: sequential GPT-NeoX residual, Phi-3's longrope
-# (original_max_position_embeddings 16 < 40 tokens: the long factors), Llama with q/k/v/o and MLP biases
+# Variants of the tiny families the family list does not cover: sequential GPT-NeoX residual, GPT-NeoX with tied
+# embeddings (the final LayerNorm's weight and bias undo the hidden gate), Phi-3 with longrope and tied embeddings
+# as Phi-4-mini (original_max_position_embeddings 16 < 40 tokens: the long factors)
 VARIANTS = {
     "pythia-sequential": ("pythia", dict(use_parallel_residual=False)),
+    "pythia-tied": ("pythia", dict(tie_word_embeddings=True)),
     "phi3-longrope": ("phi3", dict(rope_scaling={"type": "su", "short_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5],
                                                   "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]},
-                                   original_max_position_embeddings=16, max_position_embeddings=64)),
+                                   original_max_position_embeddings=16, max_position_embeddings=64,
+                                   tie_word_embeddings=True)),
 }
 
 
