@@ -10,6 +10,8 @@ The rule (deterministic, no search over training outcomes):
    (never pruned), and hidden_size / intermediate_size in multiples of `size_multiple(source dim)`: 64, the
    granularity every supported paper-scale model is built on (4096, 11008, 14336, 576, 896, 4864 ...), or for small
    sources the largest power of two that divides the source dim and leaves at least 8 sizes to choose from.
+   A family whose transformers config derives head_dim from hidden / heads (GPT-NeoX; Phi-3 with rope scaling,
+   `model/hf.py` `check_family_target`) takes hidden_size = heads x head_dim instead.
 3. **Neighbours.** Hidden size and KV heads each round down and up from s * source; query heads take the
    multiples of the KV heads just below and above s * source heads; layers take every count from 1 to the source's
    (so that depth can absorb the budget when the widths are clipped at their minimum). For each such combination the
@@ -150,7 +152,7 @@ def solve_budget(config: PretrainedConfig, budget: int, alternatives: int = 4) -
             for kv in around(ideal["num_key_value_heads"], 1, src.num_key_value_heads):
                 for per_group in around(ideal["num_attention_heads"] / kv, 1, src.heads_per_group):
                     base = Shape(layers, hidden, kv * per_group, kv, 0)
-                    if check_family_target(config, replace(base, intermediate_size=1)):
+                    if check_family_target(config, base):
                         base = family_shape(config, base)
                         if base is None:
                             continue
@@ -180,7 +182,7 @@ def family_shape(config: PretrainedConfig, shape: Shape) -> Shape | None:
 
     fixed = replace(shape, hidden_size=shape.num_attention_heads * head_dim_of(config))
     src = shape_of(config)
-    ok = fixed.hidden_size <= src.hidden_size and not check_family_target(config, replace(fixed, intermediate_size=1))
+    ok = fixed.hidden_size <= src.hidden_size and not check_family_target(config, fixed)
     return fixed if ok else None
 
 
