@@ -272,7 +272,7 @@ def check_export(folder: str, target: dict, device: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmshearing.train.checkpointing import load_checkpoint
+    from llmshearing.train.restore import load_checkpoint
 
     export = os.path.join(folder, "export")
     try:
@@ -394,7 +394,8 @@ def _check(args, work: str, out: str) -> int:
 
     from llmshearing.io import atomic_write_text
     from llmshearing.model.hf import load_hf_config
-    from llmshearing.pruning.shapes import resolve_target, shape_of
+    from llmshearing.pruning.shapes import shape_of
+    from llmshearing.pruning.target import resolve_target
 
     gpu = args.device == "gpu"
     ranks = torch.cuda.device_count() if gpu else 2

@@ -8,8 +8,9 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshearing.pruning.shapes import param_count, SHAPE_KEYS
-from llmshearing.model.composer_model import unwrap
+from llmshearing.train.composer_model import unwrap
 from llmshearing.io import append_jsonl, truncate_jsonl
+from llmshearing.plots import plot_pruning_log
 
 
 class PruningLog(Callback):
@@ -41,8 +42,6 @@ class PruningLog(Callback):
 
     def fit_end(self, state: State, logger: Logger) -> None:
         if self.folder and dist.get_global_rank() == 0:
-            from llmshearing.plots import plot_pruning_log
-
             l0 = unwrap(state.model).l0
             plot_pruning_log(os.path.join(self.folder, "pruning_log.jsonl"), self.folder,
                              source={k: getattr(l0.source, k) for k in SHAPE_KEYS},

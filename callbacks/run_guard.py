@@ -3,9 +3,11 @@ the optimizer applies it, SIGTERM (a preempted or timed-out job) checkpoints bef
 every evaluation checks that all ranks still hold the same parameters."""
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import threading
+import uuid
 
 import torch
 from composer.core import Callback, State
@@ -13,9 +15,9 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshearing.train.checkpointing import save_now
-from llmshearing.train.run_folder import check_shared
-from llmshearing.model.composer_model import unwrap
-from llmshearing.io import append_jsonl
+from llmshearing.train.composer_model import unwrap
+from llmshearing.errors import ConfigError
+from llmshearing.io import append_jsonl, atomic_write_text
 
 
 class NonFiniteLossError(RuntimeError):
@@ -143,3 +145,36 @@ def _describe(loss) -> str:
     if isinstance(loss, dict):
         return ", ".join(f"{k}={float(v.detach().float().mean()):.4g}" for k, v in loss.items())
     return f"{float(torch.as_tensor(loss).detach().float().mean()):.4g}"
+
+
+SHARED_NAME = ".shared-check"  # <name>-<token>: written by rank 0 at start, read by every rank (check_shared)
+
+
+def check_shared(folder: str) -> None:
+    """Every rank sees the run folder rank 0 writes (all ranks call this once the process group exists, before
+    a checkpoint is loaded). On several nodes save_folder must be one folder on a filesystem they share: each rank
+    writes its own shard of a sharded checkpoint there and autoresume looks for the `latest` link there, so a
+    node-local folder would leave every checkpoint incomplete and make the nodes disagree on resuming. The file
+    has a new name every time, so no node can answer from a cached lookup (NFS caches names found missing)."""
+    if dist.get_world_size() == 1:
+        return
+    token = [uuid.uuid4().hex if dist.get_global_rank() == 0 else None]
+    if dist.get_global_rank() == 0:
+        for stale in glob.glob(os.path.join(folder, SHARED_NAME + "-*")):  # a run killed during its check
+            os.remove(stale)
+        atomic_write_text(os.path.join(folder, f"{SHARED_NAME}-{token[0]}"), token[0])
+    dist.broadcast_object_list(token, src=0)
+    path = os.path.join(folder, f"{SHARED_NAME}-{token[0]}")
+    try:
+        with open(path) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    nodes = dist.all_gather_object((dist.get_node_rank(), seen))
+    if dist.get_global_rank() == 0:
+        os.remove(path)
+    apart = sorted({node for node, ok in nodes if not ok})
+    if apart:
+        raise ConfigError(f"save_folder '{folder}' is not the folder rank 0 writes on node(s) {apart}: give every "
+                          f"node the same save_folder on a filesystem they share (NFS, Lustre, ...); sharded "
+                          f"checkpoints and autoresume need it (docs/multinode.md)")

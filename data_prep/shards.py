@@ -24,12 +24,18 @@ ceil(budget * p_d / seq_len) sequences of each training split.
 from __future__ import annotations
 
 import argparse
+import bz2
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import contextlib
 import gzip
 import hashlib
 import io
 import json
+import lzma
 import math
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -83,7 +89,7 @@ def input_files(path: str) -> list[str]:
 
 def _zstandard(path: str):
     try:
-        import zstandard
+        import zstandard  # optional: the redpajama extra
     except ImportError:
         raise ConfigError(f"'{path}' is zstd-compressed but the `zstandard` package is not installed; "
                           f"install it (pip install zstandard) or decompress the file") from None
@@ -94,9 +100,6 @@ def _zstandard(path: str):
 def _open_binary(path: str):
     """The decompressed bytes of an input, by its content (gzip, bz2, xz, zstd or plain), not by its name: a
     compressed file is never tokenized as bytes of text. Archives and binary files are refused."""
-    import bz2
-    import lzma
-
     kind = sniff(path)
     if kind in ("zip", "binary"):
         raise ConfigError(f"'{path}' is {'a zip archive' if kind == 'zip' else 'binary data'}, not text; inputs are "
@@ -355,7 +358,7 @@ _TOKENIZER = None  # set in each pool worker by _init_tokenizer
 
 
 def _make_tokenizer(tokenizer_json: str):
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # heavy: tokenizers
 
     tok = Tokenizer.from_str(tokenizer_json)
     tok.no_truncation()
@@ -405,7 +408,7 @@ def _documents(ids: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
 
 class _Split:
     def __init__(self, out: str, seq_len: int, dtype, wanted: int, shard_size: int = SHARD_SIZE):
-        from streaming import MDSWriter
+        from streaming import MDSWriter  # heavy: streaming
 
         # xxh64 of every shard file in index.json: a copy fetched from object storage is checked against it
         self.writer = MDSWriter(out=out, columns={"tokens": f"ndarray:{np.dtype(dtype).name}:{seq_len}"},
@@ -455,8 +458,6 @@ def build_domain(job: dict, pool=None, workers: int = 1, report=None) -> dict:
     processes, at most 2 x workers tasks in flight, so memory stays bounded) or in this process when `pool` is
     None; their documents are routed here, in order.
     Routing depends only on the documents' order and lengths, so the shards are the same for any `workers`."""
-    from collections import deque
-
     name, seq_len, wanted = job["name"], job["seq_len"], job["wanted"]
     tok = None if pool is not None else _make_tokenizer(job["tokenizer_json"])
     dtype = np.dtype(job["dtype"])
@@ -535,19 +536,14 @@ def _cpu_count() -> int:
 def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> dict[str, dict]:
     """The domains one after another, each tokenized by `workers` processes (none for 1: this process, whose
     tokenizer may use several threads); a progress bar per domain with tokens/s and the ETA."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # heavy: tqdm
 
     bars = {j["name"]: tqdm(total=sum(j["wanted"].values()) * j["seq_len"], desc=f"{j['name']:>14}", unit="tok",
                             unit_scale=True, position=i, leave=True, disable=not progress, dynamic_ncols=True)
             for i, j in enumerate(jobs)}
-    from concurrent.futures.process import BrokenProcessPool
-
     pool = None
     try:
         if workers > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
             ctx = mp.get_context("spawn")  # fork would copy the parent's threads and locks (torch, tokenizers)
             pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_tokenizer,
                                        initargs=(jobs[0]["tokenizer_json"],))
@@ -821,6 +817,6 @@ def _build_from_args(args) -> int:
 
 
 if __name__ == "__main__":
-    from data_prep.shards import main as _main  # so pool workers unpickle functions of data_prep.shards
+    from llmshearing.data_prep.shards import main as _main  # so pool workers unpickle functions of llmshearing.data_prep.shards
 
     sys.exit(_main())

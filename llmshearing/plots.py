@@ -7,10 +7,10 @@ from llmshearing.io import read_jsonl
 
 
 def plot_pruning_log(log_file: str, out_dir: str, source: dict, target: dict) -> list[str]:
-    import matplotlib
+    import matplotlib  # heavy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     rows = read_jsonl(log_file, last_per="step")
     if not rows:
@@ -45,10 +45,10 @@ def plot_pruning_log(log_file: str, out_dir: str, source: dict, target: dict) ->
 def plot_domain_log(log_file: str, out_dir: str) -> list[str]:
     """domain_weights.png (weights per domain over training) and, with dynamic loading,
     domain_gaps.png (eval loss minus reference per domain) from DynamicLoading's jsonl."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     rows = read_jsonl(log_file, last_per="batch")
     if not rows:

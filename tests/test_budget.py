@@ -15,8 +15,8 @@ from llmshearing.errors import ConfigError
 from llmshearing.experiments.tiny import tiny_config
 from llmshearing.model.hf import head_dim_of, load_hf_config
 from llmshearing.pruning.budget import budget_tolerance, size_multiple, smallest_shape, solve_budget
-from llmshearing.pruning.shapes import (SHAPE_KEYS, Shape, param_count, resolve_target, shape_of, target_config,
-                                        validate_target)
+from llmshearing.pruning.shapes import SHAPE_KEYS, Shape, param_count, shape_of, target_config, validate_target
+from llmshearing.pruning.target import resolve_target
 from llmshearing.train.config import load_config
 
 SMOLLM2_JSON = os.path.join(REPO, "data", "models", "smollm2-135m", "config.json")

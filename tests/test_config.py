@@ -6,7 +6,8 @@ import pytest
 from conftest import REPO
 
 from llmshearing.model.hf import load_hf_config
-from llmshearing.pruning.shapes import PRESETS, resolve_target, Shape
+from llmshearing.pruning.shapes import PRESETS, Shape
+from llmshearing.pruning.target import resolve_target
 from llmshearing.train.config import check_fsdp, load_config
 from llmshearing.errors import ConfigError
 from llmshearing.experiments.tiny import tiny_config
@@ -29,10 +30,10 @@ def test_tiny_recipe_validates(tiny_setup):
 def test_shipped_recipes_parse(yaml_name, tmp_path):
     from omegaconf import OmegaConf
 
-    from llmshearing.train.config import _build, TrainConfig
+    from llmshearing.train.config import from_mapping, TrainConfig
 
     raw = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "yamls", yaml_name)), resolve=True)
-    cfg = _build(TrainConfig, raw, "")  # all keys known and well typed (paths exist only on the cluster)
+    cfg = from_mapping(TrainConfig, raw, "")  # all keys known and well typed (paths exist only on the cluster)
     assert (cfg.pruning is not None) == yaml_name.startswith(("prune", "demo_smollm2"))
     assert cfg.data.dynamic is not None  # dynamic batch loading in every stage, as in the paper
     if cfg.fsdp is not None:  # the GPU recipes' FSDP section is a valid Composer FSDPConfig

@@ -14,16 +14,17 @@ from composer.core import State
 from composer.devices import DeviceCPU
 from composer.loggers import Logger
 
-from callbacks import ClipGradNorm, PruningLog, RunGuard
-from llmshearing.data.mixing import RULES, update_weights
+from llmshearing.callbacks import ClipGradNorm, PruningLog, RunGuard
+from llmshearing.data.reweighting import RULES, update_weights
 from llmshearing.fake_device import META, meta_values, to_meta
-from llmshearing.model.composer_model import ComposerLM
+from llmshearing.train.composer_model import ComposerLM
 from llmshearing.model.decoder import DecoderLM
 from llmshearing.model.distill import Teacher
 from llmshearing.pruning.export import finalize, kept_units
 from llmshearing.pruning import oneshot
 from llmshearing.pruning.masks import L0Module
-from llmshearing.pruning.shapes import SHAPE_KEYS, Shape, param_count, resolve_target, shape_of, target_config
+from llmshearing.pruning.shapes import SHAPE_KEYS, Shape, param_count, shape_of, target_config
+from llmshearing.pruning.target import resolve_target
 from llmshearing.train.mask_init import init_masks
 from llmshearing.train.plan import load_model_config, read_recipe, resolve_model, resolve_seq_len, resolve_teacher
 

@@ -21,13 +21,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from llmshearing.compat import checkpoint_state
 from llmshearing.errors import ConfigError
 from llmshearing.experiments.tiny import random_model, tiny_config
-from llmshearing.model.composer_model import student_state
-from llmshearing.model.hf import from_pretrained
-from llmshearing.pruning.export import export_checkpoint, finalize, recipe_dtype, save_hf
+from llmshearing.train.composer_model import student_state
+from llmshearing.model.loading import from_pretrained
+from llmshearing.pruning.export import finalize, save_hf
+from llmshearing.train.export_run import export_checkpoint, recipe_dtype
 from llmshearing.pruning.gguf_export import _permute, convert
 from llmshearing.pruning.oneshot import oneshot_prune
 from llmshearing.train.builders import build_model
-from llmshearing.train.checkpointing import open_checkpoint
+from llmshearing.train.restore import open_checkpoint
 from llmshearing.train.run import main as train_main
 
 WIDE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6)  # layers outweigh the 384-token embedding

@@ -125,7 +125,7 @@ def test_param_count_matches_model(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_from_pretrained_keeps_tied_embeddings_one_tensor(family, tmp_path):
-    from llmshearing.model.hf import from_pretrained
+    from llmshearing.model.loading import from_pretrained
 
     hf = random_model(family)
     hf.save_pretrained(tmp_path)
@@ -188,7 +188,7 @@ def test_pythia_checkpoint_buffers_are_ignored(tmp_path):
     from_pretrained (and the weights check) skip them as transformers does."""
     from safetensors.torch import load_file, save_file
 
-    from llmshearing.model.hf import from_pretrained
+    from llmshearing.model.loading import from_pretrained
 
     hf = random_model("pythia")
     hf.save_pretrained(tmp_path)
@@ -207,7 +207,7 @@ def test_gpt_neox_and_phi3_target_rules():
     """GPT-NeoX's config has no head_dim or KV heads: hidden follows heads x head_dim, KV heads follow the heads (a
     target may leave them out); Phi-3 with longrope keeps hidden // heads = head_dim; each refusal is one line."""
     from llmshearing.errors import ConfigError
-    from llmshearing.pruning.shapes import resolve_target
+    from llmshearing.pruning.target import resolve_target
 
     neox = random_model("pythia").config
     assert resolve_target({"num_attention_heads": 3, "hidden_size": 48}, neox) == Shape(4, 48, 3, 3, 96)
@@ -243,7 +243,7 @@ def test_family_end_to_end_through_composer(family, tmp_path):
     masked model, then continued pretraining of the export trains and exports again."""
     from conftest import BIN, CONTINUE_YAML, TINY_YAML, paths, run
 
-    from llmshearing.train.checkpointing import load_checkpoint
+    from llmshearing.train.restore import load_checkpoint
 
     setup = {"model": str(tmp_path / "tiny" / "model"), "shards": str(tmp_path / "tiny" / "shards")}
     made = run([os.path.join(BIN, "llmshearing"), "make-tiny", str(tmp_path / "tiny"), "--family", family])

@@ -16,7 +16,7 @@ import pytest
 from conftest import BIN, REPO, TINY_YAML, jsonl, paths, run, weights_log
 from test_reliability import assert_same_weights, popen, wait_for_lines
 
-from data_prep.shards import build_shards
+from llmshearing.data_prep.shards import build_shards
 from llmshearing.data.layout import check_domains, open_split, read_manifest
 from llmshearing.data.remote import DOWNLOADS, prepare_cache
 from llmshearing.errors import ConfigError

@@ -10,7 +10,7 @@ import pytest
 import torch
 from composer.core import State
 
-from llmshearing.model.composer_model import ComposerLM
+from llmshearing.train.composer_model import ComposerLM
 from llmshearing.errors import ConfigError
 from llmshearing.experiments.reproduce import reproduce, Settings
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from data_prep import shards as builder
+from llmshearing.data_prep import shards as builder
 from llmshearing.errors import ConfigError
 from llmshearing.data.layout import FORMAT, open_split, read_manifest, REDPAJAMA_PROPORTIONS, SPLITS, tokens_of
 

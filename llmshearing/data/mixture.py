@@ -36,7 +36,7 @@ import torch
 from composer.utils import dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from llmshearing.data.mixing import check_weights
+from llmshearing.data.reweighting import check_weights
 from llmshearing.errors import ConfigError
 from llmshearing.data.layout import open_split, read_manifest
 

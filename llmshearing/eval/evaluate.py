@@ -17,14 +17,16 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import version
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmshearing.data.tokenizer import check_tokenizer, load_tokenizer
 from llmshearing.devices import dtype_of, resolve_device
 from llmshearing.errors import ConfigError
-from llmshearing.data.layout import check_domains, open_split, read_manifest, tokens_of
+from llmshearing.data.layout import check_domains, open_split, read_manifest, tokens_of, check_positions
 from llmshearing.data.remote import shards_root
 
 
@@ -59,7 +61,7 @@ def domain_loss_stats(logits_fn: Callable[[torch.Tensor], torch.Tensor], root: s
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # heavy: tqdm, only with a progress bar
 
         total = sum(min(len(open_split(root, d, split, remote)), max_sequences or 10**18) for d in domains)
         bar = tqdm(total=total, desc=f"loss on '{split}'", unit="seq")
@@ -144,8 +146,7 @@ def check_model(path: str, gguf_file: str | None = None, shards_root: str | None
     shards were built with, and the shards' token ids fit the embedding. `need_tokenizer`: refuse a folder
     without a tokenizer (lm-eval tasks need one).
     """
-    from llmshearing.checks import check_model_folder, check_positions
-    from llmshearing.data.tokenizer import check_tokenizer, load_tokenizer
+    from llmshearing.model.loading import check_model_folder  # heavy: transformers
 
     config = check_model_folder(path, gguf_file, key="model")
     try:  # the folder's own tokenizer, when it has one; else only the vocabulary size is checked
@@ -164,7 +165,7 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str | torch.dtype
                device: str | None = None):
     """The model of `path` as transformers loads it (`AutoModelForCausalLM.from_pretrained`), in eval mode on
     `device` (see `resolve_device`). Run `check_model` first: this reads the weights."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     if isinstance(dtype, str):
         dtype = dtype_of(dtype)
@@ -191,7 +192,7 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = (), lm_eva
     (thousands of yamls, ~16 s to index, datasets from the HF hub) only with `lm_eval_tasks`.
     """
     try:
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # optional: the eval extra
     except ImportError:
         raise ConfigError(f"--tasks needs lm-evaluation-harness, which is not installed; install the eval "
                           f"extra: {EVAL_EXTRA}") from None
@@ -238,8 +239,8 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], manager, batch_size: int =
     Per task: every numeric metric lm-eval reports ("acc", "acc_stderr", "acc_norm", ... ; a metric of a
     filter other than "none" as "metric/filter") and "items", the documents scored.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
+    import lm_eval  # optional: the eval extra
+    from lm_eval.models.huggingface import HFLM  # optional: the eval extra
 
     with _quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -324,8 +325,6 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
               "tasks": list(tasks), "num_fewshot": num_fewshot if tasks else None, "limit": limit,
               "models": results, "seconds": time.time() - t_start}
     if tasks:
-        from importlib.metadata import version
-
         report["lm_eval_version"] = version("lm_eval")
     return report
 

@@ -50,11 +50,19 @@ import shutil
 import sys
 import time
 
+from omegaconf import OmegaConf
 import torch
 
 from llmshearing.compat import checkpoint_state
+from llmshearing.data.layout import read_manifest
+from llmshearing.data.tokenizer import load_tokenizer
 from llmshearing.devices import resolve_device
-from llmshearing.io import atomic_write_text, read_jsonl
+from llmshearing.errors import ConfigError
+from llmshearing.eval.evaluate import domain_losses, perplexities, markdown_table
+from llmshearing.experiments.demo import _stage_overrides
+from llmshearing.io import atomic_write_text, read_jsonl, atomic_directory
+from llmshearing.train.config import load_config
+from llmshearing.train.run import run
 
 PRUNE_YAML, CONTINUE_YAML = "demo_smollm2", "demo_continue"  # shipped recipes (yamls/)
 # Scale 1 (the CPU default): 160 batches of 2 x 128 tokens = 40,960 training tokens per arm, 4 evals per arm;
@@ -124,8 +132,6 @@ def plan(s: Settings) -> dict[str, dict]:
 
 def parse_target(spec: str):
     """The target as load_config will read `pruning.target=<spec>` (a name/path string or a mapping)."""
-    from omegaconf import OmegaConf
-
     value = OmegaConf.to_container(OmegaConf.from_dotlist([f"target={spec}"]))["target"]
     return value
 
@@ -139,12 +145,11 @@ def log(msg: str) -> None:
 
 def random_init(model_path: str, target, out_dir: str, seed: int) -> str:
     """A randomly initialized HF model of the target config (transformers' own init) with the source tokenizer."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
-    from llmshearing.model.hf import load_hf_config
-    from llmshearing.pruning.shapes import resolve_target, target_config
-    from llmshearing.io import atomic_directory
-    from llmshearing.data.tokenizer import load_tokenizer
+    from llmshearing.model.hf import load_hf_config  # heavy: transformers
+    from llmshearing.pruning.shapes import target_config  # heavy: transformers
+    from llmshearing.pruning.target import resolve_target  # heavy: transformers
 
     source = load_hf_config(model_path)
     config = target_config(source, resolve_target(target, source))
@@ -158,16 +163,14 @@ def random_init(model_path: str, target, out_dir: str, seed: int) -> str:
 
 def calibration_ids(s: Settings) -> torch.Tensor:
     """The first `s.calibration` sequences of every domain's prune split (B, T): oneshot_act's scoring data."""
-    from llmshearing.pruning.oneshot import calibration_ids as first_sequences
+    from llmshearing.pruning.oneshot import calibration_ids as first_sequences  # heavy: transformers
 
     return first_sequences(s.shards, per_domain=s.calibration)
 
 
 def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:
     """Per-domain eval loss (nats/token) of the HF model at `path`, reloaded with transformers; its parameters."""
-    from transformers import AutoModelForCausalLM
-
-    from llmshearing.eval.evaluate import domain_losses
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     device = resolve_device(s.device)
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
@@ -182,8 +185,6 @@ def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:
 
 def stage_overrides(s: Settings, stage: str, name: str, model_path: str, folder: str, export: str, steps: int,
                     dynamic: bool, ref_file: str, proportions: str | None, arm: dict | None = None) -> list[str]:
-    from llmshearing.experiments.demo import _stage_overrides
-
     o = [f"run_name=reproduce_{name}_{stage}", f"model.path={model_path}", f"data.shards={s.shards}",
          f"save_folder={folder}", f"export_dir={export}", f"max_duration={steps}ba", f"save_interval={steps}ba",
          f"global_train_batch_size={s.batch}", f"eval_interval={s.eval_interval}ba", f"precision={s.precision}",
@@ -232,9 +233,6 @@ def checkpoint_counts(folder: str) -> dict:
 def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool, ref_file: str,
               proportions: str | None, steps: int, arm: dict | None = None) -> dict:
     """One Composer training stage of an arm, skipped when its record exists; its record."""
-    from llmshearing.train.config import load_config
-    from llmshearing.train.run import run
-
     arm_dir = os.path.join(s.out, name)
     record_file = os.path.join(arm_dir, f"{stage}.json")
     if os.path.exists(record_file):
@@ -271,7 +269,7 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
 def _calibration_tokens(folder: str | None) -> int:
     """Forward-only tokens an activation scoring read: the one-shot init's pruning.json, or the mask init's
     mask_init.json in a pruning stage's folder; 0 for all other inits."""
-    from llmshearing.train.mask_init import REPORT
+    from llmshearing.train.mask_init import REPORT  # heavy: composer
 
     for name in ("pruning.json", REPORT):
         path = folder and os.path.join(folder, name)
@@ -282,8 +280,6 @@ def _calibration_tokens(folder: str | None) -> int:
 
 
 def _seq_len(shards: str) -> int:
-    from llmshearing.data.layout import read_manifest
-
     return int(read_manifest(shards)["seq_len"])
 
 
@@ -322,7 +318,7 @@ def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dic
             if arm["init"] == "random":
                 random_init(s.model, parse_target(s.target), init, s.seed)
             else:
-                from llmshearing.pruning.oneshot import oneshot_prune
+                from llmshearing.pruning.oneshot import oneshot_prune  # heavy: transformers
 
                 oneshot_prune(s.model, parse_target(s.target), init, overwrite=True, method=arm["init"],
                               calibration=calibration_ids(s) if arm["init"] == "activation" else None)
@@ -384,8 +380,6 @@ def _expected_shape(result: dict) -> dict | None:
 
 
 def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, float], seconds: float) -> dict:
-    from llmshearing.eval.evaluate import perplexities
-
     domains = list(source_losses)
     mean = lambda losses: sum(losses[d] for d in domains) / len(domains)  # noqa: E731
     budgets = {name: r["total_tokens"] for name, r in results.items()}
@@ -426,8 +420,6 @@ def _sweep(arms: dict) -> list[tuple[float, str]]:
 
 
 def format_report(summary: dict) -> str:
-    from llmshearing.eval.evaluate import markdown_table
-
     domains, arms, st = summary["domains"], summary["arms"], summary["settings"]
     final = {"source (not pruned)": {**summary["source"]["perplexity"], "mean": math.exp(summary["source"]["mean_loss"])}}
     start = {}
@@ -482,10 +474,10 @@ def _savefig(fig, path: str) -> str:
 def plot_summary(summary: dict, out_dir: str) -> list[str]:
     """loss_curves.png (eval loss per domain and mean vs tokens, one line per arm), domain_weights.png
     (the dynamic arms' mixtures vs tokens) and prune_share.png (final mean loss vs pruning share)."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     domains, arms = summary["domains"], summary["arms"]
     out = []
@@ -567,8 +559,6 @@ SETTINGS_THAT_MATTER = ("model", "shards", "target", "batch", "prune_share", "ev
 def check_out_dir(s: Settings) -> None:
     """Write `<out>/settings.json` on the first run; refuse a later run of other settings in the same folder
     (its arms would be skipped as done although they were run at another scale or recipe)."""
-    from llmshearing.errors import ConfigError
-
     mine = {**{k: getattr(s, k) for k in SETTINGS_THAT_MATTER}, "total_steps": s.total_steps,
             "eval_interval": s.eval_interval}
     mine = json.loads(json.dumps(mine))  # tuples as lists, as read back
@@ -587,7 +577,7 @@ def check_out_dir(s: Settings) -> None:
 
 def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
     """Run (or resume) the arms, then write `<out>/summary.{json,md}` and the plots; the summary."""
-    from llmshearing.errors import ConfigError
+    # heavy: transformers
     from llmshearing.experiments.reference_losses import reference_snippet, source_reference_losses
 
     t0 = time.time()
@@ -692,8 +682,6 @@ def combine_seeds(out: str, summaries: dict[int, dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmshearing.errors import ConfigError
-
     d = Settings()
     p = argparse.ArgumentParser(prog="python -m llmshearing.experiments.reproduce", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -3,6 +3,7 @@ model of a chosen LLaMA family, a byte-level BPE tokenizer trained on Python's o
 and two text domains (prose from docstrings, code from the standard library)."""
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import os
@@ -10,6 +11,7 @@ import sysconfig
 
 import torch
 
+from llmshearing.data_prep.shards import build_shards
 from llmshearing.errors import ConfigError
 
 FAMILY_CONFIGS = {
@@ -32,7 +34,7 @@ STDLIB_MODULES = ("json", "os", "argparse", "collections", "csv", "random", "tex
 
 
 def tiny_config(family: str, vocab_size: int = 384, **overrides):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers
 
     spec = dict(FAMILY_CONFIGS[family])
     model_type = spec.pop("model_type")
@@ -46,7 +48,7 @@ def tiny_config(family: str, vocab_size: int = 384, **overrides):
 def random_model(family: str, vocab_size: int = 384, seed: int = 0, **overrides):
     """A random HF model of `family` (config `overrides` allowed) whose norms and biases are not at their init values
     (so tests that fold or slice them can fail)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     torch.manual_seed(seed)
     config = tiny_config(family, vocab_size=vocab_size, **overrides)
@@ -61,8 +63,6 @@ def random_model(family: str, vocab_size: int = 384, seed: int = 0, **overrides)
 
 
 def domain_texts() -> dict[str, list[str]]:
-    import importlib
-
     stdlib = sysconfig.get_paths()["stdlib"]
     prose, code = [], []
     for name in STDLIB_MODULES:
@@ -75,8 +75,8 @@ def domain_texts() -> dict[str, list[str]]:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import ByteLevelBPETokenizer  # heavy: tokenizers
+    from transformers import PreTrainedTokenizerFast  # heavy: transformers
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
@@ -104,8 +104,6 @@ def make_tiny(out_dir: str, family: str = "smollm2-gqa", vocab_size: int = 384, 
     tokenizer = train_tokenizer([t for docs in texts.values() for t in docs], vocab_size)
     random_model(family, len(tokenizer), seed).save_pretrained(paths["model"])
     tokenizer.save_pretrained(paths["model"])
-    from data_prep.shards import build_shards
-
     paths["shards"] = os.path.join(out_dir, "shards")
     build_shards(paths["shards"], paths["model"], {name: [paths[name]] for name in texts}, seq_len=64,
                  eval_sequences=4, prune_tokens=16384, continue_tokens=16384, workers=1, progress=False)

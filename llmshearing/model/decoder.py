@@ -7,6 +7,8 @@ fused projections and GPT-NeoX's names are split and renamed when read and fused
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,6 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from llmshearing.errors import ConfigError
 from llmshearing.model.hf import (attention_biases, gated_mlp, head_dim_of, kv_heads_of, layer_norm, mlp_bias, norm_eps,
                                   qk_norm)
-from llmshearing.pruning.masks import Masks
 
 try:  # optional GPU kernel; torch SDPA is the fallback everywhere
     import flash_attn
@@ -316,3 +317,13 @@ class DecoderLM(nn.Module):
         return self.lm_head(self.model.norm(x, m.hidden_kept, m.hidden))
 
 
+@dataclass
+class Masks:
+    """What the model multiplies in its forward. None means that structure is not pruned. The masks' values come
+    from `pruning.masks.L0Module`; the type lives here so the model does not depend on how masks are learned."""
+
+    layer: torch.Tensor | None = None  # (L,)
+    hidden: torch.Tensor | None = None  # (d,)
+    hidden_kept: int | torch.Tensor | None = None  # dims RMSNorm averages over
+    head: torch.Tensor | None = None  # (L, H): kv-group gate x in-group query gate
+    intermediate: torch.Tensor | None = None  # (L, I)

@@ -1,10 +1,8 @@
 """Hugging Face configs and checkpoints in: the model families supported, their rules, and loading."""
 from __future__ import annotations
 
-import json
 import os
 
-import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from llmshearing.errors import ConfigError
@@ -102,8 +100,8 @@ def check_neox_config(config: PretrainedConfig) -> None:
 
 def check_family_target(config: PretrainedConfig, target) -> str | None:
     """Why transformers could not load a `target` shape of this family (None: it can): GPT-NeoX has no head_dim
-    setting, so hidden must stay heads x head_dim; Phi-3's config checks
-    longrope's factors against hidden / heads, which must therefore stay head_dim."""
+    setting, so hidden must stay heads x head_dim; Phi-3's config checks longrope's factors against hidden / heads,
+    which must therefore stay head_dim."""
     hd = head_dim_of(config)
     if config.model_type == "gpt_neox":  # (KV heads = heads: the source is MHA, so validate_target keeps it)
         if target.hidden_size != target.num_attention_heads * hd:
@@ -127,65 +125,3 @@ def load_hf_config(path: str, gguf_file: str | None = None) -> PretrainedConfig:
     return config
 
 
-def empty_model(config: PretrainedConfig, attn_impl: str = "auto", dtype: torch.dtype = torch.float32):
-    """A DecoderLM with allocated but unwritten parameters (no random init): the pages stay unresident until
-    something is loaded into them, so a rank that receives its weights by broadcast holds no extra copy."""
-    from llmshearing.model.decoder import DecoderLM  # decoder.py imports this module
-
-    with torch.device("meta"):
-        lm = DecoderLM(config, attn_impl)
-    lm.to_empty(device="cpu").to(dtype)
-    lm.tie_weights()  # to_empty allocates embedding and head separately
-    return lm
-
-
-def safetensors_files(path: str) -> list[str] | None:
-    """The safetensors files of an HF model folder (sharded or not), or None when it has none."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, n) for n in names]
-    single = os.path.join(path, "model.safetensors")
-    return [single] if os.path.isfile(single) else None
-
-
-def load_safetensors_into(lm, files: list[str]) -> None:
-    """Copy the tensors of `files` into `lm` one file at a time, in their stored dtype until the copy: peak
-    memory is the model plus one file (memory-mapped), not a second model. The key set and shapes are checked
-    first, from the headers (`checks.check_weights_match`, called by `from_pretrained`)."""
-    from safetensors import safe_open
-
-    from llmshearing.model.layouts import from_hf
-
-    params = lm.state_dict(keep_vars=True)
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                with torch.no_grad():
-                    for ours, tensor in from_hf(lm.config, name, f.get_tensor(name)):  # Phi-3/NeoX: fused split
-                        params[ours].copy_(tensor)
-
-
-def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "auto",
-                    dtype: torch.dtype = torch.float32):
-    """The DecoderLM of any supported checkpoint: safetensors are read tensor by tensor straight into
-    the model; other formats (GGUF, .bin) go through transformers' loader."""
-    config = load_hf_config(path, gguf_file)  # refuses unsupported families before the weights are read
-    files = None if gguf_file else safetensors_files(path)
-    if files:
-        from llmshearing.checks import check_weights_match
-
-        check_weights_match(path, config, "model.path")  # a missing, extra or misshapen tensor, by name
-        lm = empty_model(config, attn_impl, dtype)
-        load_safetensors_into(lm, files)
-        return lm.eval()
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
-    lm = empty_model(hf.config, attn_impl, dtype)
-    from llmshearing.model.layouts import decoder_state
-
-    lm.load_state_dict(decoder_state(hf.config, hf.state_dict()), strict=True)
-    return lm.eval()

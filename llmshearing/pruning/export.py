@@ -7,7 +7,6 @@ consume them, so the sliced model computes what the masked model computes in eva
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -18,15 +17,16 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import PretrainedConfig
 
+from llmshearing.checks import writable_output
 from llmshearing.errors import ConfigError
 from llmshearing.model.hf import ARCHITECTURES, head_dim_of, kv_heads_of
 from llmshearing.model import layouts
+from llmshearing.pruning import card
 from llmshearing.pruning.shapes import target_config
-from llmshearing.io import atomic_directory
-from llmshearing.pruning.masks import L0Module, Masks
-from llmshearing.model.decoder import DecoderLM
-from llmshearing.data.tokenizer import model_tokenizer
-from llmshearing.devices import dtype_of
+from llmshearing.io import atomic_directory, disk_full
+from llmshearing.pruning.gguf_export import check_gguf, write_gguf
+from llmshearing.model.decoder import DecoderLM, Masks
+from llmshearing.pruning.masks import L0Module
 
 
 def kept_units(l0: L0Module) -> dict:
@@ -214,8 +214,6 @@ EXPORT_MARKER = "llmshearing_export.json"  # written into every export: the only
 def check_export_dir(path: str, key: str, overwrite: bool = False) -> None:
     """An export may create `path` or replace an earlier export (recognised by its EXPORT_MARKER, and only
     with `overwrite`); never a folder it did not create, such as a run folder, a source model or your notes."""
-    from llmshearing.checks import writable_output
-
     writable_output(path, key)
     if not os.path.exists(path):
         return
@@ -264,7 +262,7 @@ def export_config(config: PretrainedConfig, dtype: torch.dtype) -> dict:
     """config.json of an export: only the fields the family's stock transformers config knows (so any runtime that
     reads that family reads it), plus `head_dim` always (pruning may make it differ from hidden/heads; Qwen2's
     attention reads it although Qwen2Config does not list it), `torch_dtype` set, the stock architecture name."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers
 
     known = set(AutoConfig.for_model(config.model_type).to_dict()) | {"head_dim"}
     # The non-default values (as save_pretrained writes them); Qwen2's per-layer `layer_types` describes the source's
@@ -364,9 +362,7 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
     """Write a Hugging Face model folder atomically: weights (streamed from `tensors`), config.json,
     generation_config.json (the source's, when it has one), the tokenizer, `pruning.json`, a README.md model card,
     and with `gguf_dtype` a `model.gguf`. A full disk or a write error leaves nothing and is a one-line error."""
-    from safetensors import SafetensorError
-
-    from llmshearing.pruning import card
+    from safetensors import SafetensorError  # heavy: safetensors
 
     options = options or ExportOptions()
     dtype = options.dtype
@@ -374,8 +370,6 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
         raise ConfigError(f"export dtype {dtype}: choose float32, bfloat16 or float16")
     check_export_dir(out_dir, "export", overwrite)  # again at the moment of writing: a folder made meanwhile
     if options.gguf_dtype is not None:
-        from llmshearing.pruning.gguf_export import check_gguf
-
         check_gguf(config, tokenizer, options.gguf_dtype)  # refuse before anything is written
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -397,8 +391,6 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
                     json.dump(kept, f)
             params = sum(math.prod(shape) for _, shape in plan)
             if options.gguf_dtype is not None:
-                from llmshearing.pruning.gguf_export import write_gguf
-
                 write_gguf(tmp, os.path.join(tmp, "model.gguf"), options.gguf_dtype)
             with open(os.path.join(tmp, "README.md"), "w") as f:
                 f.write(card.model_card(config, params, dtype, kept, options.card, source_dir,
@@ -412,20 +404,6 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
             raise
         raise full from None
     return out_dir
-
-
-def disk_full(e: BaseException, path: str) -> ConfigError | None:
-    """The one-line error of a write that ran out of space (ENOSPC, a quota, a file-size limit), else None.
-    safetensors reports the OS error inside its own message."""
-    from safetensors import SafetensorError
-
-    codes = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-    text = str(e)
-    if isinstance(e, OSError) and e.errno in codes or isinstance(e, SafetensorError) and any(
-            s in text for s in ("StorageFull", "No space left", "FileTooLarge", "File too large", "QuotaExceeded")):
-        return ConfigError(f"writing '{path}' failed ({text.splitlines()[0][:160]}): the disk or quota is full; "
-                           f"nothing was written: free space or give another folder")
-    return None
 
 
 def save_hf(lm: DecoderLM, out_dir: str, tokenizer=None, kept: dict | None = None,
@@ -443,7 +421,7 @@ def _fsdp_scope(root):
     """(getter, scope) over an FSDP-wrapped DecoderLM: `scope(layer)` gathers that decoder layer (None: the root's own
     embedding, norm and head) on every rank with FSDP's summon_full_params and the getter reads it there, so no rank
     ever holds more than one full layer beside its shard (all ranks must run the same scopes in the same order)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # heavy: torch
 
     current: dict = {}
     strip = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -483,74 +461,3 @@ def check_fits(reader, config, l0) -> None:
                               f"'{config._name_or_path or 'the config'}'); pass the run's own --config / --model-path")
 
 
-def recipe_dtype(cfg) -> torch.dtype:
-    """The dtype an export of a run is written in by default: the run's training precision (bf16 for amp_bf16)."""
-    return PRECISION_DTYPES[cfg.precision]
-
-
-def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = False,
-                   options: ExportOptions | None = None) -> dict | None:
-    """Write the trained model as a dense HF model (rank 0) when training ends, from the live model: one layer at a
-    time is folded and sliced into the export, so rank 0 holds the export plus one source layer beside the training
-    state (no second copy of the student, none of the teacher). Under FSDP every rank takes part in gathering each
-    layer (`_fsdp_scope`)."""
-    from composer.utils import dist
-
-    from llmshearing.model.composer_model import unwrap
-    from llmshearing.pruning import card
-    from llmshearing.train.config import run_dir  # the logs the card reads (save_folder or runs/<run_name>)
-
-    model = unwrap(trainer.state.model)
-    config = model.model.config
-    masks, kept, target = export_plan(model.l0, config)
-    device = model.l0.lambdas.device if model.l0 is not None else next(model.model.parameters()).device
-    if trainer.state.fsdp_enabled:
-        get, scope = _fsdp_scope(model.model)
-    else:
-        get, scope = state_getter(model.model.state_dict()), _whole
-    tensors = dense_tensors(get, config, masks, kept, scope, device)
-    if dist.get_global_rank() == 0:
-        options = replace(options or ExportOptions(), dtype=(options and options.dtype) or recipe_dtype(cfg))
-        ts = trainer.state.timestamp
-        options.card = {**card.run_facts(cfg, int(ts.token), run_dir(cfg), batch=int(ts.batch)), **options.card}
-        write_export(out_dir, target, tensors, tokenizer, kept if model.l0 is not None else None, options, overwrite,
-                     cfg.model.path)
-    elif trainer.state.fsdp_enabled:
-        for _ in tensors:  # the same gathers as rank 0, in the same order
-            pass
-    dist.barrier()
-    return kept if model.l0 is not None else None
-
-
-def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = None,
-                      dtype: str | None = None, overwrite: bool = False,
-                      options: ExportOptions | None = None, model_path: str | None = None) -> dict | None:
-    """`llmshearing export`: a Composer checkpoint -> dense HF model (of the target shape when pruning);
-    `model_path`: the run's source model folder where it lives now, if it moved since the run.
-
-    Only the student's tensors and masks are read (compat.CheckpointModel: memory-mapped `.pt`, or DCP reads of
-    exactly those keys), one at a time into the fold, so the host holds the export plus one source tensor and its
-    slices: never the optimizer state, the teacher or a second model."""
-    from llmshearing.model.hf import load_hf_config
-    from llmshearing.pruning import card
-    from llmshearing.train.builders import build_l0
-    from llmshearing.train.checkpointing import open_checkpoint, read_tensor
-
-    check_export_dir(out_dir, "out_dir", overwrite)  # before the checkpoint is read
-    cfg, reader = open_checkpoint(checkpoint, config_path, model_path)
-    config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
-    l0 = build_l0(cfg, config)
-    check_fits(reader, config, l0)
-    if l0 is not None:
-        l0.load_state_dict({k: read_tensor(reader, "l0." + k) for k in l0.state_dict()})
-    masks, kept, target = export_plan(l0, config)
-    names = [n.removeprefix("model.") for n in reader.names if n.startswith("model.")]
-    get = TensorGetter(lambda name: read_tensor(reader, "model." + name), names)
-    tokens = reader.value("timestamp", "Timestamp", "token")
-    options = options or ExportOptions()
-    options = replace(options, dtype=dtype_of(dtype) if dtype else options.dtype or recipe_dtype(cfg))
-    options.card = {**card.run_facts(cfg, tokens, os.path.dirname(os.path.realpath(reader.path)), checkpoint=checkpoint,
-                                     batch=reader.value("timestamp", "Timestamp", "batch")), **options.card}
-    write_export(out_dir, target, dense_tensors(get, config, masks, kept), model_tokenizer(cfg.model),
-                 kept if l0 is not None else None, options, overwrite, cfg.model.path)
-    return kept if l0 is not None else None

@@ -21,7 +21,11 @@ import numpy as np
 import torch
 import transformers
 
+from llmshearing.checks import writable_output
 from llmshearing.errors import ConfigError
+from llmshearing.io import disk_full
+from llmshearing.model.hf import head_dim_of
+from llmshearing.model.loading import safetensors_files
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -74,7 +78,7 @@ def tokenizer_spec(tokenizer, vocab_size: int) -> dict:
     """What GGUF's tokenizer stores: tokens (padded to the embedding's rows), types, merges, special ids, whether
     BOS/EOS are added, the chat template, and per model: `gpt2` (byte-level BPE) the pre-tokenizer name; `llama`
     (SentencePiece BPE with byte fallback, Llama-2's) the scores and whether a '▁' is prepended."""
-    from gguf import TokenType
+    from gguf import TokenType  # optional: the gguf extra
 
     if tokenizer is None or not getattr(tokenizer, "is_fast", False):
         raise _refuse("the export has no fast (tokenizer.json) tokenizer to write into the GGUF file")
@@ -126,8 +130,6 @@ def tokenizer_spec(tokenizer, vocab_size: int) -> dict:
 
 def check_gguf(config, tokenizer, dtype: str) -> None:
     """Refuse (ConfigError, one line) what cannot be written to GGUF and read back by transformers."""
-    from llmshearing.model.hf import head_dim_of
-
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"--gguf-dtype '{dtype}': choose one of {', '.join(GGUF_DTYPES)}")
     try:
@@ -170,7 +172,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _qtype(shape, dtype: str):
     """The GGML type of a tensor: 1-D tensors (norms, biases) stay f32; q8_0 rows that do not split into 32-value
     blocks are f16 (as llama.cpp's converter does)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # optional: the gguf extra
 
     if len(shape) == 1 or dtype == "f32":
         return Q.F32
@@ -180,7 +182,7 @@ def _qtype(shape, dtype: str):
 
 
 def _encode(a: np.ndarray, qtype) -> np.ndarray:
-    from gguf import GGMLQuantizationType as Q, quants
+    from gguf import GGMLQuantizationType as Q, quants  # optional: the gguf extra
 
     if qtype == Q.F32:
         return a.astype(np.float32)
@@ -191,11 +193,9 @@ def _encode(a: np.ndarray, qtype) -> np.ndarray:
 
 def write_gguf(hf_dir: str, out_file: str, dtype: str = "f16", tokenizer=None) -> str:
     """Write the HF model folder `hf_dir` (safetensors, config, tokenizer) as one GGUF file."""
-    import gguf
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoTokenizer
-
-    from llmshearing.model.hf import head_dim_of, safetensors_files
+    import gguf  # optional: the gguf extra
+    from safetensors import safe_open  # heavy: safetensors
+    from transformers import AutoConfig, AutoTokenizer  # heavy: transformers
 
     config = AutoConfig.from_pretrained(hf_dir)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(hf_dir)
@@ -278,9 +278,6 @@ def write_gguf(hf_dir: str, out_file: str, dtype: str = "f16", tokenizer=None) -
 
 def convert(hf_dir: str, dtype: str = "f16", out_file: str | None = None, overwrite: bool = False) -> str:
     """`llmshearing convert <hf folder> --to gguf`: `<hf folder>/model.gguf` (or `out_file`), atomically."""
-    from llmshearing.checks import writable_output
-    from llmshearing.pruning.export import disk_full
-
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ConfigError(f"'{hf_dir}' is not a Hugging Face model folder (no config.json)")
     out_file = out_file or os.path.join(hf_dir, "model.gguf")

@@ -24,8 +24,13 @@ from __future__ import annotations
 
 import torch
 
+from llmshearing.data.layout import DomainSequences, read_manifest
+from llmshearing.data.tokenizer import load_tokenizer
 from llmshearing.model.hf import head_dim_of, load_hf_config
-from llmshearing.pruning.shapes import param_count, resolve_target, shape_of
+from llmshearing.model.loading import from_pretrained
+from llmshearing.pruning.export import finalize, save_hf
+from llmshearing.pruning.shapes import param_count, shape_of
+from llmshearing.pruning.target import resolve_target
 from llmshearing.pruning.masks import L0Module, row_ranks
 from llmshearing.model.decoder import DecoderLM
 
@@ -202,8 +207,6 @@ def calibration_ids(root: str, domains: list[str] | None = None, per_domain: int
                     remote: str | None = None) -> torch.Tensor:
     """The first `per_domain` sequences of every domain's `split` (B, T), domains in the shards' order by default:
     the data of activation scoring (the oneshot_act arm, `pruning.init: activation`)."""
-    from llmshearing.data.layout import DomainSequences, read_manifest
-
     domains = list(read_manifest(root)["domains"]) if domains is None else domains
     seqs = [DomainSequences(root, d, split, per_domain, remote=remote) for d in domains]
     return torch.stack([s[i]["input_ids"] for s in seqs for i in range(len(s))])
@@ -214,10 +217,6 @@ def oneshot_prune(model_path: str, target, out_dir: str, gguf_file: str | None =
     """Prune the HF model at `model_path` to `target` (preset, config path or dims) in one shot and write the
     dense HF model (+ tokenizer, `pruning.json` with the kept units and the scoring) to `out_dir`, atomically.
     `method`: "magnitude" (no data) or "activation" (needs `calibration`, token ids (B, T))."""
-    from llmshearing.model.hf import from_pretrained
-    from llmshearing.pruning.export import finalize, save_hf
-    from llmshearing.data.tokenizer import load_tokenizer
-
     if method not in SCORING:
         raise ValueError(f"method must be one of {list(SCORING)}, got '{method}'")
     if method == "activation" and calibration is None:
