@@ -26,7 +26,8 @@ def test_tiny_recipe_validates(tiny_setup):
 
 @pytest.mark.parametrize("yaml_name", ["prune_1.3b.yaml", "prune_2.7b.yaml", "demo_smollm2.yaml", "continue_1.3b.yaml",
                                        "continue_2.7b.yaml", "demo_continue.yaml", "prune_llama3_3b.yaml",
-                                       "prune_llama3_1b.yaml", "continue_llama3_3b.yaml", "continue_llama3_1b.yaml"])
+                                       "prune_llama3_1b.yaml", "continue_llama3_3b.yaml", "continue_llama3_1b.yaml",
+                                       "prune_qwen3_1.7b.yaml", "continue_qwen3_1.7b.yaml"])
 def test_shipped_recipes_parse(yaml_name, tmp_path):
     from omegaconf import OmegaConf
 
@@ -42,7 +43,7 @@ def test_shipped_recipes_parse(yaml_name, tmp_path):
     with open(os.path.join(REPO, "yamls", yaml_name)) as f:
         header = "".join(line for line in f if line.startswith("#"))
     assert "composer train.py yamls/" + yaml_name in header  # the command that runs it
-    if "llama3" in yaml_name:  # the multi-node line is complete (every launcher flag it needs)
+    if "llama3" in yaml_name or "qwen3" in yaml_name:  # the multi-node line is complete (every launcher flag it needs)
         assert "--master_addr $MASTER --master_port $MASTER_PORT train.py yamls/" + yaml_name in header
 
 

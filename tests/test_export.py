@@ -434,6 +434,18 @@ def test_gguf_without_the_gguf_package_is_one_line(tiny_setup, monkeypatch):
         check_gguf(tiny_config("llama-mha"), AutoTokenizer.from_pretrained(tiny_setup["model"]), "f16")
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gguf_refuses_gemma_naming_why(tiny_setup, family):
+    """transformers 4.53 reads gemma2/gemma3 GGUF, but not what a (pruned) Gemma needs: one line saying what."""
+    from llmshearing.pruning.gguf_export import check_gguf
+
+    pytest.importorskip("gguf")
+    with pytest.raises(ConfigError, match="GGUF export refused: .*drops query_pre_attn_scalar, the soft-caps and the "
+                                          "per-layer layer_types") as e:
+        check_gguf(tiny_config(family), AutoTokenizer.from_pretrained(tiny_setup["model"]), "f16")
+    assert "\n" not in str(e.value)
+
+
 def test_gguf_q_k_permutation_is_what_transformers_reverses():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 

@@ -4,9 +4,9 @@ import os
 import pytest
 import torch
 from conftest import FAMILIES
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from llmshearing.model.hf import head_dim_of
+from llmshearing.model.hf import head_dim_of, reference_attention
 from llmshearing.pruning.shapes import param_count, Shape, shape_of
 from llmshearing.pruning.masks import L0Module
 from llmshearing.model.decoder import DecoderLM
@@ -20,6 +20,8 @@ TARGETS = {  # every structure shrinks; GQA targets keep num_heads divisible by 
     "mistral": Shape(3, 40, 2, 1, 48),
     "qwen2": Shape(2, 32, 2, 1, 80),
     "qwen3": Shape(3, 48, 2, 1, 64),  # head_dim 32: attention 2 x 32 = 64 wide in a 48-wide model
+    "gemma2": Shape(3, 48, 2, 1, 64),  # dropping a layer leaves a non-alternating layer_types (exported)
+    "gemma3": Shape(3, 40, 2, 1, 64),
     "phi3": Shape(3, 40, 2, 1, 64),  # head_dim 16: 2 x 16 = 32 wide in a 40-wide model
     "pythia": Shape(3, 48, 3, 3, 64),  # GPT-NeoX: hidden = heads x head_dim 16, KV heads = heads
 }
@@ -91,7 +93,7 @@ def test_masked_equals_sliced_equals_reloaded_export(family, tmp_path):
     assert masked.abs().max() > 0.1  # not trivially zero
 
     save_hf(pruned, str(tmp_path / "export"), kept=kept)
-    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), **reference_attention(hf.config)).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, masked, atol=TOL, rtol=0)
 
@@ -177,6 +179,11 @@ def test_unsupported_families_are_refused_naming_what_they_need():
         with pytest.raises(ConfigError, match=f"model_type '{model_type}' is not supported; supported LLaMA-family "
                                               f"types: {', '.join(SUPPORTED_MODEL_TYPES)} \\(a new family needs"):
             check_source_config(AutoConfig.for_model(model_type))
+    # Gemma 2 / Gemma 3 text are read (Gemma 1, model_type gemma, is not: no post-norms)
+    check_source_config(tiny_config("gemma2"))
+    check_source_config(tiny_config("gemma3"))
+    with pytest.raises(ConfigError, match="gemma2: hidden_activation 'gelu' is not supported"):
+        check_source_config(tiny_config("gemma2", hidden_activation="gelu"))
     # Qwen's per-layer windows (full attention below max_window_layers) are not what the decoder computes
     with pytest.raises(ConfigError, match="use_sliding_window with full-attention layers below max_window_layers=2"):
         check_source_config(tiny_config("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=2))
@@ -229,6 +236,9 @@ def test_gpt_neox_and_phi3_target_rules():
 # GPT-NeoX keeps hidden = heads x head_dim 16 and KV heads = heads, and its continued model's config has no KV heads
 END_TO_END = {
     "qwen3": ([], Shape(3, 48, 2, 1, 64), "model.layers.0.mlp.up_proj.weight"),
+    "gemma2": ([], Shape(3, 48, 2, 1, 64), "model.layers.0.mlp.up_proj.weight"),
+    # continued pretraining of a dense Gemma export is gemma2's run; not repeated (slow-test time)
+    "gemma3": ([], Shape(3, 48, 2, 1, 64), None),
     "phi3": ([], Shape(3, 48, 2, 1, 64), None),
     "pythia": (["pruning.target.num_attention_heads=3", "pruning.target.num_key_value_heads=3"],
                Shape(3, 48, 3, 3, 64), "gpt_neox.layers.0.attention.query_key_value.weight"),
@@ -240,7 +250,9 @@ END_TO_END = {
 def test_family_end_to_end_through_composer(family, tmp_path):
     """make-tiny --family, prune with the real Composer launcher to the target, the export loads as the same HF
     family (Qwen3: q_norm / k_norm copied; Phi-3 / GPT-NeoX: projections fused again) and equals the checkpoint's
-    masked model, then continued pretraining of the export trains and exports again."""
+    masked model, then continued pretraining of the export trains and exports again (Gemma 2: soft-capped eager
+    attention, post-norm gates, Gemma 3: two RoPE bases, q/k norms; the Gemma exports are read with transformers'
+    eager attention, its reference)."""
     from conftest import BIN, CONTINUE_YAML, TINY_YAML, paths, run
 
     from llmshearing.train.restore import load_checkpoint
@@ -254,7 +266,7 @@ def test_family_end_to_end_through_composer(family, tmp_path):
                 "eval_interval=6ba", "save_interval=12ba", "data.num_workers=0", *overrides], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     export = os.path.join(folder, "export")
-    hf = AutoModelForCausalLM.from_pretrained(export).eval()
+    hf = AutoModelForCausalLM.from_pretrained(export, **reference_attention(AutoConfig.from_pretrained(export))).eval()
     source = AutoModelForCausalLM.from_pretrained(setup["model"])
     assert type(hf) is type(source) and hf.config.model_type == source.config.model_type
     assert shape_of(hf.config) == expected
@@ -267,7 +279,6 @@ def test_family_end_to_end_through_composer(family, tmp_path):
         for new, old in enumerate(kept):
             torch.testing.assert_close(hf.model.layers[new].self_attn.q_norm.weight,
                                        masked.model.model.layers[old].self_attn.q_norm.weight.detach(), atol=0, rtol=0)
-
     if changed is None:
         return
     cont = str(tmp_path / "continue")
@@ -279,3 +290,109 @@ def test_family_end_to_end_through_composer(family, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(os.path.join(cont, "export"))
     assert type(again) is type(source) and shape_of(again.config) == shape_of(hf.config)
     assert not torch.equal(again.state_dict()[changed], hf.state_dict()[changed])
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_matches_transformers_eager_and_each_feature_matters(family):
+    """Logits and loss equal transformers' eager Gemma (the reference: its SDPA path drops the attention soft-cap)
+    over 40 tokens, longer than the tiny sliding window (16); each Gemma feature the decoder implements changes
+    transformers' logits here (so the parity would catch its absence): windowing, query_pre_attn_scalar, the
+    soft-caps (Gemma 2), the local RoPE base (Gemma 3)."""
+    import copy
+
+    from llmshearing.model.distill import lm_loss
+
+    hf = random_model(family)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 40))
+    labels = torch.roll(ids, -1, 1)
+    labels[:, -1] = -100
+    with torch.no_grad():
+        ref = hf(ids, labels=ids)
+        logits = ours(hf)(ids)
+        torch.testing.assert_close(logits, ref.logits, atol=TOL, rtol=0)
+        torch.testing.assert_close(lm_loss(logits, labels), ref.loss, atol=1e-5, rtol=0)
+        if family == "gemma3":  # no soft-cap: transformers' SDPA path is the same model (ours runs SDPA for it)
+            from llmshearing.compat import set_attn_implementation
+
+            sdpa = type(hf)(copy.deepcopy(hf.config)).eval()
+            set_attn_implementation(sdpa.config, "sdpa")
+            sdpa.load_state_dict(hf.state_dict())
+            torch.testing.assert_close(sdpa(ids).logits, logits, atol=TOL, rtol=0)
+        assert hf.config.layer_types[:2] == ["sliding_attention", "full_attention"]
+        changes = {"sliding_window": 64, "query_pre_attn_scalar": hf.config.head_dim}
+        if family == "gemma2":
+            changes.update(attn_logit_softcapping=None, final_logit_softcapping=None)
+        else:
+            changes.update(rope_local_base_freq=hf.config.rope_theta)
+        for key, value in changes.items():
+            config = copy.deepcopy(hf.config)
+            setattr(config, key, value)
+            other = type(hf)(config).eval()
+            other.load_state_dict(hf.state_dict())
+            assert (other(ids).logits - ref.logits).abs().max() > 1e-2, key
+
+
+def test_gemma_export_keeps_each_kept_layers_attention_type(tmp_path):
+    """Dropping layers breaks Gemma's sliding/full alternation: the export writes the kept layers' own types."""
+    hf = random_model("gemma2")
+    l0 = L0Module(shape_of(hf.config), Shape(2, 64, 4, 2, 96), eval_target_model=True).eval()
+    with torch.no_grad():
+        l0.masks["layer"].log_alpha.copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]))  # keep layers 0 and 2 (sliding)
+        pruned, kept = finalize(ours(hf), l0)
+    assert kept["layers"] == [0, 2] and pruned.config.layer_types == ["sliding_attention"] * 2
+    save_hf(pruned, str(tmp_path / "export"), kept=kept)
+    with open(tmp_path / "export" / "config.json") as f:
+        assert json.load(f)["layer_types"] == ["sliding_attention"] * 2
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), **reference_attention(hf.config))
+    ids = torch.randint(0, hf.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, pruned(ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_block_influence_reads_transformers_hidden_states(family):
+    """oneshot's layer-by-layer pass (block influence, `pruning.init: activation`) embeds and ropes as the model does
+    (sqrt(hidden) scaling, Gemma 3's local RoPE base): its scores are those of transformers' per-layer hidden states."""
+    from llmshearing.pruning.oneshot import block_influence
+
+    hf = random_model(family)
+    ids = torch.randint(0, hf.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        hs = hf(ids, output_hidden_states=True).hidden_states  # the layers' inputs, then the final norm's output
+        want = torch.stack([1 - torch.nn.functional.cosine_similarity(a, b, dim=-1).mean()
+                            for a, b in zip(hs[:-2], hs[1:-1])])
+        got = block_influence(ours(hf), ids)
+    torch.testing.assert_close(got[:-1], want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_embedding_normalizer_rounds_as_transformers(family):
+    """sqrt(hidden_size) in the embedding's dtype, as transformers computes it: in bf16, sqrt(72) = 8.485 is 8.5."""
+    from transformers import AutoModelForCausalLM
+
+    from llmshearing.experiments.tiny import tiny_config
+
+    config = tiny_config(family, hidden_size=72)
+    hf = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16, **reference_attention(config)).eval()
+    lm = DecoderLM(hf.config, attn_impl="sdpa").to(torch.bfloat16)
+    lm.load_state_dict(hf.state_dict())
+    ids = torch.randint(0, config.vocab_size, (1, 8))
+    with torch.no_grad():
+        want = hf(ids, output_hidden_states=True).hidden_states[0]
+        got = lm.embed(ids)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert torch.equal(got, lm.model.embed_tokens(ids) * 8.5)
+
+
+def test_eval_loads_gemma_with_its_reference_attention(tmp_path):
+    """`llmshearing eval` reads a Gemma 2 folder with transformers' eager attention: its default SDPA path would drop
+    the attention soft-cap, and the losses would not be the model's."""
+    from llmshearing.eval.evaluate import load_model
+
+    hf = random_model("gemma2")
+    hf.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    assert model.config._attn_implementation == "eager"
+    ids = torch.randint(0, hf.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ours(hf)(ids), atol=TOL, rtol=0)

@@ -165,14 +165,17 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str | torch.dtype
                device: str | None = None):
     """The model of `path` as transformers loads it (`AutoModelForCausalLM.from_pretrained`), in eval mode on
     `device` (see `resolve_device`). Run `check_model` first: this reads the weights."""
-    from transformers import AutoModelForCausalLM  # heavy: transformers
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: transformers
+
+    from llmshearing.model.hf import reference_attention  # heavy: transformers
 
     if isinstance(dtype, str):
         dtype = dtype_of(dtype)
     device = resolve_device(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype,
-                                                     **({"gguf_file": gguf_file} if gguf_file else {}))
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    try:  # Gemma with its eager attention: transformers' SDPA path drops Gemma 2's soft-cap
+        attention = reference_attention(AutoConfig.from_pretrained(path, **gguf))
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **gguf, **attention)
     except OSError as e:  # e.g. a folder with a config but no weights
         raise ConfigError(f"cannot load the model weights in '{path}': {e}") from None
     return model.to(device).eval()

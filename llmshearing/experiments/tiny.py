@@ -23,6 +23,15 @@ FAMILY_CONFIGS = {
     "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   tie_word_embeddings=False),  # head_dim 32 x 4 heads = 128, twice hidden 64 (as Qwen3-0.6B)
+    # Gemma: tied (as released), sliding window 16 below the tests' 40 tokens, query_pre_attn_scalar != head_dim,
+    # soft-caps low enough to bend the tiny model's scores and logits (Gemma 2 ships 50 / 30)
+    "gemma2": dict(model_type="gemma2", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   tie_word_embeddings=True, sliding_window=16, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=3.0),
+    # Gemma 3: layer types from sliding_window_pattern 2 (sliding, full, ...), two RoPE bases, q_norm / k_norm
+    "gemma3": dict(model_type="gemma3_text", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   tie_word_embeddings=True, sliding_window=16, query_pre_attn_scalar=24, sliding_window_pattern=2,
+                   rope_theta=1_000_000.0, rope_local_base_freq=10_000.0),
     # Phi-3: fused qkv_proj / gate_up_proj, GQA, partial rotary as Phi-4-mini (0.75 of head_dim 16)
     "phi3": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.75,
                  tie_word_embeddings=False, pad_token_id=None),
@@ -50,15 +59,20 @@ def random_model(family: str, vocab_size: int = 384, seed: int = 0, **overrides)
     (so tests that fold or slice them can fail)."""
     from transformers import AutoModelForCausalLM  # heavy: transformers
 
+    from llmshearing.model.hf import is_gemma, reference_attention  # heavy: transformers
+
     torch.manual_seed(seed)
     config = tiny_config(family, vocab_size=vocab_size, **overrides)
-    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, **reference_attention(config))
+    low = -0.5 if is_gemma(config) else 0.5  # Gemma multiplies by 1 + weight
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
+                p.uniform_(low, low + 1.0)
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
+            elif model.config.model_type == "gemma2" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(6.0)  # scores large enough that the attention soft-cap bends them (measurably: tests)
     return model.eval()
 
 

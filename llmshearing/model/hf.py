@@ -9,9 +9,30 @@ from llmshearing.errors import ConfigError
 
 # The families the decoder implements, with the transformers class an export of each is loaded as.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
-QK_NORM_TYPES = ("qwen3",)  # an RMSNorm over head_dim on every query and key head (one weight for all heads)
+# an RMSNorm over head_dim on every query and key head (one weight for all heads)
+QK_NORM_TYPES = ("qwen3", "gemma3_text")
+# Gemma 2 / Gemma 3 text: (1 + weight) RMSNorms before and after attention and MLP, embedding x sqrt(hidden),
+# GELU-tanh MLP, query_pre_attn_scalar, soft-capping (Gemma 2), per-layer sliding windows (layer_types)
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+
+
+def is_gemma(config: PretrainedConfig) -> bool:
+    return config.model_type in GEMMA_TYPES
+
+
+def reference_attention(config: PretrainedConfig) -> dict:
+    """from_pretrained / from_config kwargs for the attention transformers computes a family with as its reference:
+    Gemma's eager one (its SDPA path drops Gemma 2's attention soft-cap), the default elsewhere."""
+    return {"attn_implementation": "eager"} if is_gemma(config) else {}
+
+
+def sliding_layer(config: PretrainedConfig, layer_idx: int) -> bool:
+    """Whether Gemma layer `layer_idx` attends within config.sliding_window (its layer_types entry, which transformers
+    4.53 fills from the alternation / sliding_window_pattern when a config.json has none)."""
+    return config.layer_types[layer_idx] == "sliding_attention"
 
 
 def qk_norm(config: PretrainedConfig) -> bool:
@@ -46,7 +67,14 @@ def check_source_config(config: PretrainedConfig) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (a new family needs its layer in model/decoder.py with HF's "
             f"parameter names, its masks and export in pruning/, its counts in pruning/shapes.py; docs/families.md)"
         )
-    if config.model_type == "gpt_neox":
+    if is_gemma(config):
+        if config.hidden_activation != "gelu_pytorch_tanh":
+            raise ConfigError(f"{config.model_type}: hidden_activation '{config.hidden_activation}' is not supported "
+                              f"(only gelu_pytorch_tanh, as the released Gemma models)")
+        if len(config.layer_types) != config.num_hidden_layers:
+            raise ConfigError(f"{config.model_type}: layer_types has {len(config.layer_types)} entries for "
+                              f"{config.num_hidden_layers} layers")
+    elif config.model_type == "gpt_neox":
         check_neox_config(config)
     elif getattr(config, "hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act '{config.hidden_act}' is not supported (only SwiGLU with silu)")

@@ -19,7 +19,7 @@ from transformers import PretrainedConfig
 
 from llmshearing.checks import writable_output
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import ARCHITECTURES, head_dim_of, kv_heads_of
+from llmshearing.model.hf import ARCHITECTURES, head_dim_of, is_gemma, kv_heads_of
 from llmshearing.model import layouts
 from llmshearing.pruning import card
 from llmshearing.pruning.shapes import target_config
@@ -77,7 +77,11 @@ def export_plan(l0: L0Module | None, config) -> tuple[Masks, dict, PretrainedCon
         return Masks(), all_units(config), config
     with l0.target_masks():
         masks = l0()
-    return masks, kept_units(l0), target_config(config, l0.target)
+    kept = kept_units(l0)
+    target = target_config(config, l0.target)
+    if is_gemma(config):  # the kept layers' own sliding / full attention types, in their new order
+        target.layer_types = [config.layer_types[i] for i in kept["layers"]]
+    return masks, kept, target
 
 
 @contextlib.contextmanager
@@ -96,22 +100,31 @@ def dense_tensors(get, config, masks: Masks, kept: dict, scope=_whole, device=No
     hd = head_dim_of(config)
     d_idx = torch.tensor(kept["hidden"], device=device)
     z_hidden = masks.hidden[d_idx] if masks.hidden is not None else torch.ones(len(d_idx), device=device)
+    gemma = is_gemma(config)
+    # Gemma scales the embedding by sqrt(hidden_size): the dense model's by sqrt(kept dims), the masked model's by the
+    # source's; the ratio goes into the embedding with the hidden gate.
+    embed_scale = z_hidden * (math.sqrt(config.hidden_size) / math.sqrt(len(d_idx)) if gemma else 1.0)
     with scope(None):
-        embed = get("model.embed_tokens.weight")[:, d_idx] * z_hidden
+        embed = get("model.embed_tokens.weight")[:, d_idx] * embed_scale
     yield "model.embed_tokens.weight", embed
     del embed
     for new, old in enumerate(kept["layers"]):
         with scope(old):
-            yield from _dense_layer(get, masks, kept, new, old, hd, d_idx, z_hidden).items()
+            layer = _dense_gemma_layer if gemma else _dense_layer
+            yield from layer(get, masks, kept, new, old, hd, d_idx, z_hidden).items()
     with scope(None):
         has = _names_probe(get)
         for name in ("model.norm.weight", "model.norm.bias"):  # the bias: GPT-NeoX's LayerNorm
             if not has(name):
                 continue
             final_norm = get(name)[d_idx]
-            if config.tie_word_embeddings:
+            if config.tie_word_embeddings and gemma:  # (1 + weight) / scale: a Gemma norm multiplies by 1 + weight
+                final_norm = torch.where(embed_scale > 0, (1 + final_norm) / embed_scale.clamp(min=1e-30) - 1,
+                                         -torch.ones_like(final_norm))
+            elif config.tie_word_embeddings:
                 # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
-                final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30), torch.zeros_like(final_norm))
+                final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30),
+                                         torch.zeros_like(final_norm))
             yield name, final_norm
         if not config.tie_word_embeddings:
             yield "lm_head.weight", get("lm_head.weight")[:, d_idx]
@@ -158,6 +171,20 @@ def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_i
     del down
     if has(p + "mlp.down_proj.bias"):
         out[q + "mlp.down_proj.bias"] = _rows(get(p + "mlp.down_proj.bias"), d_idx) * write_scale[:, 0]
+    return out
+
+
+def _dense_gemma_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_idx, z_hidden) -> dict:
+    """A Gemma layer (see DecoderLayer._gemma_forward): sliced as `_dense_layer` slices, but o_proj / down_proj get
+    no write gates (a post-norm follows them); the write gates (layer gate x hidden gate) are folded into the
+    post-norms instead: 1 + w' = (1 + w) * gate. Gemma has no biases."""
+    out = _dense_layer(get, replace(masks, layer=None), kept, new, old, hd, d_idx, torch.ones_like(z_hidden))
+    p, q = f"model.layers.{old}.", f"model.layers.{new}."
+    gate = float(masks.layer[old]) if masks.layer is not None else 1.0
+    for norm in ("pre_feedforward_layernorm", "post_attention_layernorm", "post_feedforward_layernorm"):
+        out[q + norm + ".weight"] = get(p + norm + ".weight")[d_idx]
+    for norm in ("post_attention_layernorm", "post_feedforward_layernorm"):
+        out[q + norm + ".weight"] = (1 + out[q + norm + ".weight"]) * (z_hidden * gate) - 1
     return out
 
 
@@ -267,7 +294,11 @@ def export_config(config: PretrainedConfig, dtype: torch.dtype) -> dict:
     known = set(AutoConfig.for_model(config.model_type).to_dict()) | {"head_dim"}
     # The non-default values (as save_pretrained writes them); Qwen2's per-layer `layer_types` describes the source's
     # layers, and the stock class rebuilds it from the pruned count.
-    out = {k: v for k, v in config.to_diff_dict().items() if k in known and not k.startswith("_") and k != "layer_types"}
+    # Gemma's are the kept layers' (export_plan) and are written: a pruned model's need not alternate.
+    out = {k: v for k, v in config.to_diff_dict().items() if k in known and not k.startswith("_")
+           and (k != "layer_types" or is_gemma(config))}
+    if is_gemma(config):  # always, also where it equals the stock alternation (to_diff_dict would leave it out)
+        out["layer_types"] = list(config.layer_types)
     out.update(head_dim=head_dim_of(config), torch_dtype=str(dtype).removeprefix("torch."),
                architectures=[ARCHITECTURES[config.model_type]], model_type=config.model_type)
     return dict(sorted(out.items()))

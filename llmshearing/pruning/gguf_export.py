@@ -137,6 +137,10 @@ def check_gguf(config, tokenizer, dtype: str) -> None:
     except ImportError:
         raise ConfigError("a GGUF export needs the gguf package: pip install 'llmshearing[gguf]'") from None
     family = config.model_type
+    if family in ("gemma2", "gemma3_text"):
+        raise _refuse(f"{family}: transformers {transformers.__version__}'s GGUF reader for Gemma, which the tests "
+                      f"read every GGUF back with, drops query_pre_attn_scalar, the soft-caps and the per-layer layer_types "
+                      f"(a pruned model's sliding/full pattern) and reads only SentencePiece Gemma tokenizers")
     if family == "phi3":
         raise _refuse("model_type 'phi3' is not written as GGUF here: transformers' phi3 GGUF reader (4.53), which the "
                       "tests read every GGUF back with, drops partial rotary (rope.dimension_count), derives head_dim "

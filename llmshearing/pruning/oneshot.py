@@ -118,14 +118,14 @@ def block_influence(lm: DecoderLM, input_ids: torch.Tensor) -> torch.Tensor:
     B, T = input_ids.shape
     per = sequences_per_pass(T)
     total = None
-    cos = sin = None
+    ropes = None
     for a in range(0, B, per):
-        x = lm.model.embed_tokens(input_ids[a:a + per])
-        if cos is None:
-            cos, sin = lm.rope(T, x.dtype, x.device)
+        x = lm.embed(input_ids[a:a + per])  # Gemma's scaled by sqrt(hidden)
+        if ropes is None:
+            ropes = lm.layer_ropes(T, x.dtype, x.device)  # Gemma 3: its sliding layers' own base
         sums = []
-        for layer in lm.model.layers:
-            y = layer(x, cos, sin)
+        for layer, rope in zip(lm.model.layers, ropes):
+            y = layer(x, *rope)
             sums.append(torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum())
             x = y
         total = torch.stack(sums) if total is None else total + torch.stack(sums)

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import attention_biases, gated_mlp, head_dim_of, kv_heads_of, layer_norm, mlp_bias, qk_norm
+from llmshearing.model.hf import (attention_biases, gated_mlp, head_dim_of, is_gemma, kv_heads_of, layer_norm, mlp_bias,
+                                  qk_norm)
 
 @dataclass(frozen=True)
 class Shape:
@@ -43,6 +44,10 @@ PRESETS: dict[str, Shape] = {
     # and 4 KV heads (512 wide), the 1B's 4 query heads per KV group: the same parameters per layer as the 1B.
     "llama-3.2-3b": Shape(28, 3072, 24, 8, 8192),
     "llama-3.2-1b-hd128": Shape(16, 2048, 16, 4, 8192),
+    # Qwen3-8B (36/4096/32/8/12288, head_dim 128, untied) to the released Qwen3-1.7B's shape
+    # (yamls/models/qwen3-1.7b.json, the same head_dim): exact. The pruned model keeps the 8B's untied output
+    # embedding (the 1.7B ties it): 2.03B.
+    "qwen3-1.7b": Shape(28, 2048, 16, 8, 6144),
     # The embedded default: SmolLM2-135M (30/576/9/3/1536) to ~49% of its non-embedding parameters.
     # 2 KV groups of 2 query heads keep GQA valid and exercise both group and in-group head masks.
     "smollm2-135m-half": Shape(24, 512, 4, 2, 1152),
@@ -106,6 +111,7 @@ def param_count(shape: Shape, config: PretrainedConfig, *, floats: dict | None =
     norm = 2 if layer_norm(config) else 1  # GPT-NeoX's LayerNorms have a bias
     attn = h * (H + 2 * KV) * hd + H * hd * h + (qkv_bias * (H + 2 * KV) * hd) + o_bias * h
     mlp = projections * h * inter + mlp_bias(config) * ((projections - 1) * inter + h)
-    per_layer = attn + mlp + 2 * norm * h + (2 * hd if qk_norm(config) else 0)  # Qwen3's q_norm and k_norm
+    norms = 4 if is_gemma(config) else 2  # Gemma: pre- and post-norms around attention and MLP
+    per_layer = attn + mlp + norms * norm * h + (2 * hd if qk_norm(config) else 0)  # Qwen3's / Gemma 3's q/k norms
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
     return L * per_layer + embed + norm * h

@@ -152,11 +152,12 @@ DEFAULT_SEQ_LEN = 4096
 SHIPPED_LLAMA2_7B = os.path.join("models", "llama-2-7b.json")  # inside yamls/ (llmshearing.recipes)
 # the shipped configs that stand in for a recipe's model when its path is not here: the env var the recipes read the
 # path from, and the model's name in a path
-SHIPPED_MODELS = {"LLAMA2_7B": "llama-2-7b", "LLAMA31_8B": "llama-3.1-8b"}
+SHIPPED_MODELS = {"LLAMA2_7B": "llama-2-7b", "LLAMA31_8B": "llama-3.1-8b", "QWEN3_8B": "qwen3-8b"}
 STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2", "NO_SHARD")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # a continue recipe's name -> (the pruning source, the preset its pruned export has); the longer keys first
-PAPER_RECIPE_SHAPES = {"llama3_1b": ("llama-3.1-8b", "llama-3.2-1b-hd128"), "llama3_3b": ("llama-3.1-8b", "llama-3.2-3b"),
+PAPER_RECIPE_SHAPES = {"qwen3_1.7b": ("qwen3-8b", "qwen3-1.7b"),
+                       "llama3_1b": ("llama-3.1-8b", "llama-3.2-1b-hd128"), "llama3_3b": ("llama-3.1-8b", "llama-3.2-3b"),
                        "1.3b": ("llama-2-7b", "sheared-llama-1.3b"), "2.7b": ("llama-2-7b", "sheared-llama-2.7b")}
 
 
