@@ -14,7 +14,7 @@ from composer.core import State
 from composer.devices import DeviceCPU
 from composer.loggers import Logger
 
-from llmshearing.callbacks import ClipGradNorm, PruningLog, RunGuard
+from llmshearing.callbacks import ClipGradNorm, PruningLog, StopOnNonFinite
 from llmshearing.data.reweighting import RULES, update_weights
 from llmshearing.fake_device import META, meta_values, to_meta
 from llmshearing.train.composer_model import ComposerLM
@@ -155,7 +155,7 @@ def test_recipe_runs_on_a_second_device(name, monkeypatch, tmp_path):
 
         state, logger = composer_state(model)
         state.loss = loss
-        RunGuard(None, save_on_sigterm=False).after_backward(state, logger)
+        StopOnNonFinite(None).after_backward(state, logger)
         ClipGradNorm(1.0).after_train_batch(state, logger)
         if l0 is not None:
             logged = {}
