@@ -5,6 +5,7 @@ from llmshearing.callbacks.dynamic_loading import DynamicLoading
 from llmshearing.callbacks.grad_clip import ClipGradNorm
 from llmshearing.callbacks.pruning_log import PruningLog
 from llmshearing.callbacks.replicated_grads import ReplicatedGrads
-from llmshearing.callbacks.run_guard import RunGuard
+from llmshearing.callbacks.run_guard import RanksAgree, RunGuard, StopOnNonFinite, StopOnSignal, guards
 
-__all__ = ["ClipGradNorm", "DynamicLoading", "PruningLog", "ReplicatedGrads", "RunGuard"]
+__all__ = ["ClipGradNorm", "DynamicLoading", "PruningLog", "RanksAgree", "ReplicatedGrads", "RunGuard", "StopOnNonFinite",
+           "StopOnSignal", "guards"]

@@ -84,10 +84,14 @@ def _load_builtins() -> None:
     loggers.register("wandb", cl.WandBLogger)
     loggers.register("file", cl.FileLogger)
     # the project's own, each built from its recipe section (composer + torch: imported on the first lookup)
-    from llmshearing.callbacks import ClipGradNorm, DynamicLoading, PruningLog, ReplicatedGrads, RunGuard
+    from llmshearing.callbacks import (ClipGradNorm, DynamicLoading, PruningLog, RanksAgree, ReplicatedGrads, RunGuard,
+                                       StopOnNonFinite, StopOnSignal)
 
     callbacks.register("dynamic_loading", DynamicLoading, configured_by="data.dynamic")
     callbacks.register("pruning_log", PruningLog, configured_by="pruning")
-    callbacks.register("run_guard", RunGuard, configured_by="save_on_sigterm / stop_on_nonfinite")
+    callbacks.register("run_guard", RunGuard, configured_by="save_folder")
+    callbacks.register("stop_on_nonfinite", StopOnNonFinite, configured_by="stop_on_nonfinite")
+    callbacks.register("stop_on_signal", StopOnSignal, configured_by="save_on_sigterm")
+    callbacks.register("ranks_agree", RanksAgree, configured_by="save_folder")
     callbacks.register("replicated_grads", ReplicatedGrads, configured_by="fsdp")
     callbacks.register("clip_grad_norm", ClipGradNorm, configured_by="optimizer.clip_grad_norm")

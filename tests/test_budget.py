@@ -7,7 +7,8 @@ import re
 import pytest
 import torch
 from conftest import REPO
-from transformers import (AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, LlamaConfig, MistralConfig,
+from transformers import (AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig,
+                          MistralConfig, Phi3Config,
                           Qwen2Config, Qwen3Config)
 
 from llmshearing.cli import main as cli_main
@@ -60,14 +61,27 @@ def gemma3_1b():
                             sliding_window=512, rope_theta=1e6, rope_local_base_freq=10000.0)
 
 
+def phi3_mini():  # Phi-3-mini-4k-instruct
+    return Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False, sliding_window=2047,
+                      max_position_embeddings=4096, pad_token_id=32000)
+
+
+def pythia_1_4b():
+    return GPTNeoXConfig(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=16, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
+
+
 SOURCES = {"smollm2-135m": smollm2_135m, "llama-2-7b": llama2_7b, "mistral-7b": mistral_7b, "qwen2-0.5b": qwen2_0_5b,
-           "qwen3-0.6b": qwen3_0_6b, "gemma-2-2b": gemma2_2b, "gemma-3-1b": gemma3_1b}
+           "qwen3-0.6b": qwen3_0_6b, "gemma-2-2b": gemma2_2b, "gemma-3-1b": gemma3_1b, "phi-3-mini": phi3_mini,
+           "pythia-1.4b": pythia_1_4b}
 # the published counts; Qwen3-0.6B's card says 0.6B and 0.44B non-embedding: this is the count by hand (per layer
 # 3 x 2,097,152 attention + 9,437,184 MLP + 2,048 layer norms + 256 q_norm/k_norm, + 151,936 x 1,024 tied + 1,024)
 SOURCE_PARAMS = {"smollm2-135m": 134_515_008, "llama-2-7b": 6_738_415_616, "mistral-7b": 7_241_732_096,
                  "qwen2-0.5b": 494_032_768, "qwen3-0.6b": 596_049_920,
                  # Gemma (cards: 2.6B, 1B): 4 norms per layer, + Gemma 3's q/k norms
-                 "gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952}
+                 "gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952,
+                 "phi-3-mini": 3_821_079_552, "pythia-1.4b": 1_414_647_808}
 
 
 def hf_params(config) -> int:

@@ -14,7 +14,7 @@ from composer.core import State
 from composer.devices import DeviceCPU
 from composer.loggers import Logger
 
-from llmshearing.callbacks import ClipGradNorm, PruningLog, RunGuard
+from llmshearing.callbacks import ClipGradNorm, PruningLog, StopOnNonFinite
 from llmshearing.data.reweighting import RULES, update_weights
 from llmshearing.fake_device import META, meta_values, to_meta
 from llmshearing.train.composer_model import ComposerLM
@@ -155,7 +155,7 @@ def test_recipe_runs_on_a_second_device(name, monkeypatch, tmp_path):
 
         state, logger = composer_state(model)
         state.loss = loss
-        RunGuard(None, save_on_sigterm=False).after_backward(state, logger)
+        StopOnNonFinite(None).after_backward(state, logger)
         ClipGradNorm(1.0).after_train_batch(state, logger)
         if l0 is not None:
             logged = {}
@@ -311,7 +311,8 @@ def test_activation_scores_in_bounded_passes_equal_the_one_pass_scores(family, m
     assert activation_peak_bytes(config, 4096) - weights == 4 * 4096 * (3 * 11008 + 5 * 4096) == 836 * 2**20
 
 
-@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+                                    "pythia"])
 def test_every_family_trains_evaluates_and_exports_on_meta(family):
     """The family-specific paths at tiny shapes: tied embeddings (the export's final-norm fold), q/k/v biases (the
     masked linear's bias gradient), GQA, Mistral's sliding-window mask (T = 40 > window 24), Gemma's post-norm gates,

@@ -294,7 +294,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(pruned_run, tmp_path):
         subprocess.run(["umount", str(mount)], check=False)
 
 
-@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2", "phi3", "pythia"])
 def test_exported_config_has_only_stock_fields(tiny_setup, tmp_path, family):
     folder = model_folder(tiny_setup, str(tmp_path / "src"), family)
     save_hf(from_pretrained(folder, attn_impl="sdpa"), str(tmp_path / "x"))
@@ -463,6 +463,9 @@ def test_gguf_q_k_permutation_is_what_transformers_reverses():
     ("mistral", GGUF_CASES["mistral"][2], "sliding_window=24"),
     ("qwen2", GGUF_CASES["smollm2-gqa"][2], "head_dim 16 != hidden_size/num_attention_heads"),
     ("qwen3", GGUF_CASES["qwen2"][2], "cannot read it"),  # transformers 4.53 has no qwen3 GGUF reader
+    ("pythia", {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 3},
+     "cannot read it"),  # no gpt_neox GGUF reader in transformers 4.53
+    ("phi3", GGUF_CASES["qwen2"][2], "drops partial rotary"),
 ])
 def test_gguf_refuses_what_it_cannot_carry(tiny_setup, tmp_path, family, target, why):
     source = model_folder(tiny_setup, str(tmp_path / "src"), family)

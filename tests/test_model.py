@@ -22,21 +22,50 @@ TARGETS = {  # every structure shrinks; GQA targets keep num_heads divisible by 
     "qwen3": Shape(3, 48, 2, 1, 64),  # head_dim 32: attention 2 x 32 = 64 wide in a 48-wide model
     "gemma2": Shape(3, 48, 2, 1, 64),  # dropping a layer leaves a non-alternating layer_types (exported)
     "gemma3": Shape(3, 40, 2, 1, 64),
+    "phi3": Shape(3, 40, 2, 1, 64),  # head_dim 16: 2 x 16 = 32 wide in a 40-wide model
+    "pythia": Shape(3, 48, 3, 3, 64),  # GPT-NeoX: hidden = heads x head_dim 16, KV heads = heads
 }
 
 
 def ours(hf) -> DecoderLM:
+    from llmshearing.model.layouts import decoder_state
+
     lm = DecoderLM(hf.config, attn_impl="sdpa")
-    lm.load_state_dict(hf.state_dict(), strict=True)
+    lm.load_state_dict(decoder_state(hf.config, hf.state_dict()), strict=True)  # Phi-3 / NeoX: fused ones split
     return lm.eval()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Variants of the tiny families the family list does not cover: sequential GPT-NeoX residual, GPT-NeoX with tied
+# embeddings (the final LayerNorm's weight and bias undo the hidden gate), Phi-3 with longrope and tied embeddings
+# as Phi-4-mini (original_max_position_embeddings 16 < 40 tokens: the long factors)
+VARIANTS = {
+    "pythia-sequential": ("pythia", dict(use_parallel_residual=False)),
+    "pythia-tied": ("pythia", dict(tie_word_embeddings=True)),
+    "phi3-longrope": ("phi3", dict(rope_scaling={"type": "su", "short_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5],
+                                                  "long_factor": [2.0, 3.0, 4.0, 5.0, 6.0, 7.0]},
+                                   original_max_position_embeddings=16, max_position_embeddings=64,
+                                   tie_word_embeddings=True)),
+}
+
+
+def model_of(name: str):
+    """The random HF model of a family or of a VARIANTS entry."""
+    family, overrides = VARIANTS.get(name, (name, {}))
+    return random_model(family, **overrides)
+
+
+MODELS = FAMILIES + list(VARIANTS)
+
+
+@pytest.mark.parametrize("family", MODELS)
 def test_matches_transformers(family):
-    hf = random_model(family)
+    hf = model_of(family)
     ids = torch.randint(0, hf.config.vocab_size, (2, 40))  # 40 > mistral's sliding window of 24
     with torch.no_grad():
-        torch.testing.assert_close(ours(hf)(ids), hf(ids).logits, atol=TOL, rtol=0)
+        logits = ours(hf)(ids)
+        torch.testing.assert_close(logits, hf(ids).logits, atol=TOL, rtol=0)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        torch.testing.assert_close(loss, hf(ids, labels=ids).loss, atol=TOL, rtol=0)
 
 
 def random_masks(l0: L0Module, seed: int):
@@ -46,11 +75,13 @@ def random_masks(l0: L0Module, seed: int):
             m.log_alpha.copy_(torch.randn(m.shape, generator=g) * 2 + 1)  # some kept values below 1
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_masked_equals_sliced_equals_reloaded_export(family, tmp_path):
-    hf = random_model(family)
+    hf = model_of(family)
     lm = ours(hf)
-    target = TARGETS[family]
+    target = TARGETS[VARIANTS[family][0] if family in VARIANTS else family]
+    if family == "phi3-longrope":  # transformers checks longrope's factors against hidden // heads = head_dim
+        target = Shape(3, 32, 2, 1, 64)
     l0 = L0Module(shape_of(hf.config), target, eval_target_model=True).eval()  # the export's masks
     random_masks(l0, seed=3)
     ids = torch.randint(0, hf.config.vocab_size, (2, 40))
@@ -68,8 +99,8 @@ def test_masked_equals_sliced_equals_reloaded_export(family, tmp_path):
 
     with open(tmp_path / "export" / "config.json") as f:
         exported = json.load(f)
-    assert {k: exported[k] for k in target.as_dict()} == target.as_dict()
-    assert exported["model_type"] == hf.config.model_type
+    assert shape_of(reloaded.config) == target
+    assert exported["model_type"] == hf.config.model_type and type(reloaded) is type(hf)
     assert exported["head_dim"] == head_dim_of(hf.config)
     assert sum(p.numel() for p in reloaded.parameters()) == param_count(target, hf.config)
     assert [len(h) for h in kept["heads"]] == [target.num_attention_heads] * target.num_hidden_layers
@@ -88,9 +119,9 @@ def test_kept_heads_belong_to_kept_groups():
         assert all(sum(h // per_group == g for h in heads) == 2 for g in groups)  # same count per group
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODELS)
 def test_param_count_matches_model(family):
-    hf = random_model(family)
+    hf = model_of(family)
     assert param_count(shape_of(hf.config), hf.config) == sum(p.numel() for p in hf.parameters())
 
 
@@ -141,11 +172,12 @@ def test_unsupported_families_are_refused_naming_what_they_need():
 
     from llmshearing.errors import ConfigError
     from llmshearing.experiments.tiny import tiny_config
-    from llmshearing.model.hf import check_source_config
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, check_source_config
 
-    for model_type in ("gemma", "phi3", "gpt_neox"):
+    assert {"phi3", "gpt_neox"} <= set(SUPPORTED_MODEL_TYPES)
+    for model_type in ("falcon", "gpt2"):
         with pytest.raises(ConfigError, match=f"model_type '{model_type}' is not supported; supported LLaMA-family "
-                                              f"types: llama, mistral, qwen2, qwen3, .*\\(a new family needs its layer"):
+                                              f"types: {', '.join(SUPPORTED_MODEL_TYPES)} \\(a new family needs"):
             check_source_config(AutoConfig.for_model(model_type))
     # Gemma 2 / Gemma 3 text are read (Gemma 1, model_type gemma, is not: no post-norms)
     check_source_config(tiny_config("gemma2"))
@@ -158,14 +190,69 @@ def test_unsupported_families_are_refused_naming_what_they_need():
     check_source_config(tiny_config("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=0))
 
 
+def test_pythia_checkpoint_buffers_are_ignored(tmp_path):
+    """Pythia's released safetensors hold attention.bias / masked_bias / rotary inv_freq buffers beside the weights:
+    from_pretrained (and the weights check) skip them as transformers does."""
+    from safetensors.torch import load_file, save_file
+
+    from llmshearing.model.loading import from_pretrained
+
+    hf = random_model("pythia")
+    hf.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 8, 8)
+    state["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
+    state["gpt_neox.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(2)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ids = torch.randint(0, hf.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(from_pretrained(str(tmp_path), attn_impl="sdpa")(ids), hf(ids).logits, atol=TOL,
+                                   rtol=0)
+
+
+def test_gpt_neox_and_phi3_target_rules():
+    """GPT-NeoX's config has no head_dim or KV heads: hidden follows heads x head_dim, KV heads follow the heads (a
+    target may leave them out); Phi-3 with longrope keeps hidden // heads = head_dim; each refusal is one line."""
+    from llmshearing.errors import ConfigError
+    from llmshearing.pruning.target import resolve_target
+
+    neox = random_model("pythia").config
+    assert resolve_target({"num_attention_heads": 3, "hidden_size": 48}, neox) == Shape(4, 48, 3, 3, 96)
+    with pytest.raises(ConfigError, match="target keeps 2 query heads per KV group but the source has only 1"):
+        resolve_target({"num_attention_heads": 2, "num_key_value_heads": 1, "hidden_size": 32}, neox)
+    with pytest.raises(ConfigError, match="hidden_size must be num_attention_heads x 16 = 48, got 40"):
+        resolve_target({"num_attention_heads": 3, "hidden_size": 40}, neox)
+    solved = resolve_target({"params_fraction": 0.5}, neox)  # the budget solver keeps hidden = heads x head_dim
+    assert solved.hidden_size == 16 * solved.num_attention_heads == 16 * solved.num_key_value_heads
+    longrope = model_of("phi3-longrope").config
+    with pytest.raises(ConfigError, match="phi3 with rope_scaling"):
+        resolve_target({"hidden_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1}, longrope)
+    assert resolve_target({"hidden_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1},
+                          random_model("phi3").config).hidden_size == 40  # no rope scaling: any hidden size
+
+
+# family -> (target overrides of prune_tiny.yaml's 3/48/2/1/64, the exported shape, a layer-0 weight continued
+# pretraining must change, or None: no continued pretraining, which runs no family-specific code for Phi-3);
+# GPT-NeoX keeps hidden = heads x head_dim 16 and KV heads = heads, and its continued model's config has no KV heads
+END_TO_END = {
+    "qwen3": ([], Shape(3, 48, 2, 1, 64), "model.layers.0.mlp.up_proj.weight"),
+    "gemma2": ([], Shape(3, 48, 2, 1, 64), "model.layers.0.mlp.up_proj.weight"),
+    # continued pretraining of a dense Gemma export is gemma2's run; not repeated (slow-test time)
+    "gemma3": ([], Shape(3, 48, 2, 1, 64), None),
+    "phi3": ([], Shape(3, 48, 2, 1, 64), None),
+    "pythia": (["pruning.target.num_attention_heads=3", "pruning.target.num_key_value_heads=3"],
+               Shape(3, 48, 3, 3, 64), "gpt_neox.layers.0.attention.query_key_value.weight"),
+}
+
+
 @pytest.mark.slow
-# the families the other end-to-end tests (smollm2-gqa) do not run
-@pytest.mark.parametrize("family", ["qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", list(END_TO_END))  # the families the other end-to-end tests (smollm2-gqa) do not run
 def test_family_end_to_end_through_composer(family, tmp_path):
     """make-tiny --family, prune with the real Composer launcher to the target, the export loads as the same HF
-    family (Qwen3: q_norm / k_norm copied) and equals the checkpoint's masked model, then continued pretraining of
-    the export trains and exports again (Gemma 2: soft-capped eager attention, post-norm gates, Gemma 3: two RoPE
-    bases, q/k norms; the Gemma exports are read with transformers' eager attention, its reference)."""
+    family (Qwen3: q_norm / k_norm copied; Phi-3 / GPT-NeoX: projections fused again) and equals the checkpoint's
+    masked model, then continued pretraining of the export trains and exports again (Gemma 2: soft-capped eager
+    attention, post-norm gates, Gemma 3: two RoPE bases, q/k norms; the Gemma exports are read with transformers'
+    eager attention, its reference)."""
     from conftest import BIN, CONTINUE_YAML, TINY_YAML, paths, run
 
     from llmshearing.train.restore import load_checkpoint
@@ -174,15 +261,15 @@ def test_family_end_to_end_through_composer(family, tmp_path):
     made = run([os.path.join(BIN, "llmshearing"), "make-tiny", str(tmp_path / "tiny"), "--family", family])
     assert made.returncode == 0, made.stderr[-3000:]
     folder = str(tmp_path / "prune")
+    overrides, expected, changed = END_TO_END[family]
     proc = run([os.path.join(BIN, "composer"), "train.py", TINY_YAML, *paths(setup, folder), "max_duration=12ba",
-                "eval_interval=6ba", "save_interval=12ba", "data.num_workers=0"], timeout=600)
+                "eval_interval=6ba", "save_interval=12ba", "data.num_workers=0", *overrides], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     export = os.path.join(folder, "export")
     hf = AutoModelForCausalLM.from_pretrained(export, **reference_attention(AutoConfig.from_pretrained(export))).eval()
     source = AutoModelForCausalLM.from_pretrained(setup["model"])
     assert type(hf) is type(source) and hf.config.model_type == source.config.model_type
-    assert shape_of(hf.config).as_dict() == {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2,
-                                             "num_key_value_heads": 1, "intermediate_size": 64}
+    assert shape_of(hf.config) == expected
     ids = torch.randint(0, hf.config.vocab_size, (2, 32))
     _, masked = load_checkpoint(os.path.join(folder, "ep0-ba12-rank0.pt"))
     with torch.no_grad(), masked.l0.target_masks():
@@ -192,9 +279,8 @@ def test_family_end_to_end_through_composer(family, tmp_path):
         for new, old in enumerate(kept):
             torch.testing.assert_close(hf.model.layers[new].self_attn.q_norm.weight,
                                        masked.model.model.layers[old].self_attn.q_norm.weight.detach(), atol=0, rtol=0)
-    if family == "gemma3":
-        return  # continued pretraining of a dense Gemma export is gemma2's run; not repeated (slow-test time)
-
+    if changed is None:
+        return
     cont = str(tmp_path / "continue")
     proc = run([os.path.join(BIN, "composer"), "train.py", CONTINUE_YAML, f"model.path={export}",
                 f"data.shards={setup['shards']}", f"save_folder={cont}", f"export_dir={cont}/export",
@@ -203,7 +289,7 @@ def test_family_end_to_end_through_composer(family, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     again = AutoModelForCausalLM.from_pretrained(os.path.join(cont, "export"))
     assert type(again) is type(source) and shape_of(again.config) == shape_of(hf.config)
-    assert not torch.equal(again.model.layers[0].mlp.up_proj.weight, hf.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(again.state_dict()[changed], hf.state_dict()[changed])
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])

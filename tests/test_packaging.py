@@ -78,19 +78,25 @@ def test_registry_names_are_checked_before_any_work(tiny_setup, tmp_path):
         load_config(tiny, base + ["callbacks={dynamic_loading: {}}"])
     with pytest.raises(ConfigError, match="unknown scheduler 'cosine'"):
         load_config(tiny, base + ["scheduler.name=cosine"])
-    assert {"dynamic_loading", "pruning_log", "run_guard", "speed_monitor"} <= set(registry.callbacks.names())
+    assert {"dynamic_loading", "pruning_log", "run_guard", "stop_on_signal", "speed_monitor"} <= set(registry.callbacks.names())
+    with pytest.raises(ConfigError, match="'stop_on_signal' is built from 'save_on_sigterm'"):
+        registry.callbacks.get("stop_on_signal", "callbacks")
 
 
 def test_named_callbacks_and_schedulers_are_built(tiny_setup, tmp_path):
     from composer.callbacks import LRMonitor, MemoryMonitor
     from composer.optim import LinearWithWarmupScheduler
 
-    from llmshearing.callbacks import DynamicLoading, PruningLog, RunGuard
+    from llmshearing.callbacks import DynamicLoading, PruningLog, RanksAgree, RunGuard, StopOnNonFinite, StopOnSignal
     from llmshearing.train.builders import build_callbacks, build_scheduler
 
     cfg = load_config(os.path.join(REPO, "yamls", "testing", "prune_tiny.yaml"),
                       paths(tiny_setup, str(tmp_path / "run")) + ["callbacks={memory_monitor: {}, lr_monitor: {}}",
                                                                    "scheduler.name=linear_with_warmup"])
     kinds = [type(c) for c in build_callbacks(cfg, str(tmp_path))]
-    assert kinds == [RunGuard, PruningLog, DynamicLoading, MemoryMonitor, LRMonitor]
+    assert kinds == [RunGuard, StopOnNonFinite, StopOnSignal, RanksAgree, PruningLog, DynamicLoading, MemoryMonitor,
+                     LRMonitor]
+    quiet = load_config(os.path.join(REPO, "yamls", "testing", "prune_tiny.yaml"),
+                        paths(tiny_setup, str(tmp_path / "run2")) + ["save_on_sigterm=false", "stop_on_nonfinite=false"])
+    assert [type(c) for c in build_callbacks(quiet, str(tmp_path))][:2] == [RunGuard, RanksAgree]
     assert isinstance(build_scheduler(cfg), LinearWithWarmupScheduler)

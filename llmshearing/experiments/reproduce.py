@@ -260,7 +260,7 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
     start = time.time()
     result = run(cfg)
     seconds = time.time() - start
-    if result.get("stopped_after") is not None:  # SIGTERM (llmshearing.train's RunGuard): not a finished stage
+    if result.get("stopped_after") is not None:  # SIGTERM (StopOnSignal): not a finished stage
         raise SystemExit(f"[reproduce] {name}/{stage} stopped after batch {result['stopped_after']}; "
                          f"run the same command again to redo this stage (finished arms and stages are kept)")
     counts = checkpoint_counts(folder)

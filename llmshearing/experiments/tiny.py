@@ -32,6 +32,12 @@ FAMILY_CONFIGS = {
     "gemma3": dict(model_type="gemma3_text", num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                    tie_word_embeddings=True, sliding_window=16, query_pre_attn_scalar=24, sliding_window_pattern=2,
                    rope_theta=1_000_000.0, rope_local_base_freq=10_000.0),
+    # Phi-3: fused qkv_proj / gate_up_proj, GQA, partial rotary as Phi-4-mini (0.75 of head_dim 16)
+    "phi3": dict(model_type="phi3", num_attention_heads=4, num_key_value_heads=2, partial_rotary_factor=0.75,
+                 tie_word_embeddings=False, pad_token_id=None),
+    # Pythia: LayerNorm with bias, parallel residual, rotary over 0.25 of head_dim 16, per-head fused QKV, MHA
+    "pythia": dict(model_type="gpt_neox", num_attention_heads=4, rotary_pct=0.25, use_parallel_residual=True,
+                   hidden_act="gelu", tie_word_embeddings=False, layer_norm_eps=1e-5),
 }
 STDLIB_MODULES = ("json", "os", "argparse", "collections", "csv", "random", "textwrap", "string", "shutil", "pathlib")
 
@@ -43,18 +49,20 @@ def tiny_config(family: str, vocab_size: int = 384, **overrides):
     model_type = spec.pop("model_type")
     sizes = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                  max_position_embeddings=512, rms_norm_eps=1e-5)
+    if model_type == "gpt_neox":
+        sizes.pop("rms_norm_eps")
     return AutoConfig.for_model(model_type, **{**sizes, **spec, **overrides})
 
 
-def random_model(family: str, vocab_size: int = 384, seed: int = 0):
-    """A random HF model of `family` whose norms and biases are not at their init values (so tests
-    that fold or slice them can fail)."""
+def random_model(family: str, vocab_size: int = 384, seed: int = 0, **overrides):
+    """A random HF model of `family` (config `overrides` allowed) whose norms and biases are not at their init values
+    (so tests that fold or slice them can fail)."""
     from transformers import AutoModelForCausalLM  # heavy: transformers
 
     from llmshearing.model.hf import is_gemma, reference_attention  # heavy: transformers
 
     torch.manual_seed(seed)
-    config = tiny_config(family, vocab_size=vocab_size)
+    config = tiny_config(family, vocab_size=vocab_size, **overrides)
     model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, **reference_attention(config))
     low = -0.5 if is_gemma(config) else 0.5  # Gemma multiplies by 1 + weight
     with torch.no_grad():

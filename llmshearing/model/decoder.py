@@ -1,8 +1,10 @@
-"""One decoder for LLaMA-family models (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text) with optional pruning
-masks.
+"""One decoder for LLaMA-family models (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, GPT-NeoX) with
+optional pruning masks.
 
-Parameter names follow Hugging Face exactly (`model.layers.0.self_attn.q_proj.weight`, ...), so an HF
-checkpoint loads with `load_state_dict` and a pruned one saves back without key surgery.
+Parameter names follow Hugging Face's Llama exactly (`model.layers.0.self_attn.q_proj.weight`, ...), so a Llama,
+Mistral or Qwen checkpoint loads with `load_state_dict` and a pruned one saves back without key surgery; Phi-3's
+fused projections and GPT-NeoX's names are split and renamed when read and fused back when exported
+(model/layouts.py).
 """
 from __future__ import annotations
 
@@ -13,10 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import attention_biases, head_dim_of, is_gemma, qk_norm, sliding_layer
+from llmshearing.model.hf import (attention_biases, gated_mlp, head_dim_of, is_gemma, kv_heads_of, layer_norm, mlp_bias,
+                                  norm_eps, qk_norm, sliding_layer)
 
 try:  # optional GPU kernel; torch SDPA is the fallback everywhere
     import flash_attn
@@ -45,7 +49,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x, kept_dims=None):
+    def forward(self, x, kept_dims=None, hidden=None):  # hidden: LayerNorm's argument, unused by RMSNorm
         return rms_norm(x, self.weight, self.eps, kept_dims)
 
 
@@ -77,6 +81,31 @@ def eager_attention(q, k, v, scale: float, softcap: float | None, mask):
     scores = scores.masked_fill(~mask, float("-inf"))
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return (probs @ v).transpose(1, 2)
+
+
+class LayerNorm(nn.Module):
+    """GPT-NeoX's LayerNorm (weight and bias). With a hidden mask, mean and variance are over the kept dims (pruned
+    dims of the residual stream are zero) and weight and bias are zero in pruned dims, so the output there is zero:
+    what the sliced model's LayerNorm computes over its dims, in the kept ones."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x, kept_dims=None, hidden=None):
+        if hidden is None:
+            return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+        on = (hidden > 0).float()
+        xf = x.float()
+        centred = (xf - xf.sum(-1, keepdim=True) / kept_dims) * on
+        var = centred.pow(2).sum(-1, keepdim=True) / kept_dims
+        return (centred * torch.rsqrt(var + self.eps) * self.weight + self.bias * on).to(x.dtype)
+
+
+def make_norm(config: PretrainedConfig, dim: int) -> nn.Module:
+    return (LayerNorm if layer_norm(config) else RMSNorm)(dim, norm_eps(config))
 
 
 class _MaskedLinear(torch.autograd.Function):
@@ -142,11 +171,21 @@ def rotate_half(x):
     return torch.cat((-x2, x1), dim=-1)
 
 
+def apply_rope(x, cos, sin):
+    """RoPE over the first cos.shape[-1] dims of each head (partial rotary: Phi-3's partial_rotary_factor, GPT-NeoX's
+    rotary_pct); the rest pass through."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rot = x[..., :r]
+    return torch.cat((rot * cos + rotate_half(rot) * sin, x[..., r:]), dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, config: PretrainedConfig, use_flash: bool = False, layer_idx: int = 0):
         super().__init__()
         d, hd = config.hidden_size, head_dim_of(config)
-        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, hd
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, kv_heads_of(config), hd
         qkv_bias, o_bias = attention_biases(config)
         self.q_proj = nn.Linear(d, self.n_heads * hd, bias=qkv_bias)
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=qkv_bias)
@@ -178,8 +217,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         window = self.sliding_window if self.sliding_window and T > self.sliding_window else None
         if self.use_flash and not self.softcap and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
             out = flash_attn_func(
@@ -206,16 +244,19 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: PretrainedConfig):
         super().__init__()
-        d, i, bias = config.hidden_size, config.intermediate_size, bool(getattr(config, "mlp_bias", False))
-        self.gate_proj = nn.Linear(d, i, bias=bias)
+        d, i, bias = config.hidden_size, config.intermediate_size, mlp_bias(config)
+        # GPT-NeoX's MLP is not gated: up_proj / down_proj hold dense_h_to_4h / dense_4h_to_h (model/layouts.py)
+        self.gate_proj = nn.Linear(d, i, bias=bias) if gated_mlp(config) else None
         self.up_proj = nn.Linear(d, i, bias=bias)
         self.down_proj = nn.Linear(i, d, bias=bias)
-        # Gemma: GELU with the tanh approximation (hidden_activation gelu_pytorch_tanh); the others: SiLU (SwiGLU)
-        self.act = (lambda t: F.gelu(t, approximate="tanh")) if is_gemma(config) else F.silu
+        # Gemma: GELU with the tanh approximation (hidden_activation gelu_pytorch_tanh); GPT-NeoX: its hidden_act, not
+        # gated; the others: SiLU (SwiGLU)
+        self.act = ((lambda t: F.gelu(t, approximate="tanh")) if is_gemma(config) else F.silu if gated_mlp(config)
+                    else ACT2FN[config.hidden_act])
 
     def forward(self, x, intermediate_mask=None, out_scale=None):
-        return masked_linear(self.act(self.gate_proj(x)) * self.up_proj(x), self.down_proj, intermediate_mask,
-                             out_scale)
+        h = self.act(self.up_proj(x)) if self.gate_proj is None else self.act(self.gate_proj(x)) * self.up_proj(x)
+        return masked_linear(h, self.down_proj, intermediate_mask, out_scale)
 
 
 class DecoderLayer(nn.Module):
@@ -226,12 +267,17 @@ class DecoderLayer(nn.Module):
         self.gemma = is_gemma(config)
         # Gemma 3: sliding layers take RoPE of rope_local_base_freq (DecoderLM.layer_ropes)
         self.local_rope = config.model_type == "gemma3_text" and sliding_layer(config, layer_idx)
-        norm = GemmaRMSNorm if self.gemma else RMSNorm
-        self.input_layernorm = norm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = norm(config.hidden_size, config.rms_norm_eps)
-        if self.gemma:  # Gemma: post_attention_layernorm is after attention; the MLP has a norm on each side
-            self.pre_feedforward_layernorm = norm(config.hidden_size, config.rms_norm_eps)
-            self.post_feedforward_layernorm = norm(config.hidden_size, config.rms_norm_eps)
+        if self.gemma:
+            self.input_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+            # Gemma: post_attention_layernorm is after attention; the MLP has a norm on each side
+            self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        else:
+            self.input_layernorm = make_norm(config, config.hidden_size)
+            self.post_attention_layernorm = make_norm(config, config.hidden_size)
+        # GPT-NeoX: attention and MLP both read the layer's input and add to it (use_parallel_residual)
+        self.parallel = config.model_type == "gpt_neox" and config.use_parallel_residual
 
     def forward(self, x, cos, sin, layer_gate=None, head_mask=None, intermediate_mask=None, hidden=None, kept=None):
         # Residual writes are scaled by the layer gate and zero in pruned hidden dims: one (d,) vector, applied
@@ -239,9 +285,11 @@ class DecoderLayer(nn.Module):
         write = hidden if layer_gate is None else layer_gate * (hidden if hidden is not None else x.new_ones(x.shape[-1]))
         if self.gemma:
             return self._gemma_forward(x, cos, sin, write, head_mask, intermediate_mask, hidden, kept)
-        x = x + self.self_attn(self.input_layernorm(x, kept), cos, sin, head_mask, write)
-        x = x + self.mlp(self.post_attention_layernorm(x, kept), intermediate_mask, write)
-        return x
+        attn = self.self_attn(self.input_layernorm(x, kept, hidden), cos, sin, head_mask, write)
+        if self.parallel:
+            return x + attn + self.mlp(self.post_attention_layernorm(x, kept, hidden), intermediate_mask, write)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x, kept, hidden), intermediate_mask, write)
 
     def _gemma_forward(self, x, cos, sin, write, head_mask, intermediate_mask, hidden, kept):
         """Gemma's sandwich: x + post_norm(block(pre_norm(x))). A post-norm's RMS must see what the sliced model's
@@ -261,7 +309,8 @@ class Backbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, use_flash, i) for i in range(config.num_hidden_layers))
-        self.norm = (GemmaRMSNorm if is_gemma(config) else RMSNorm)(config.hidden_size, config.rms_norm_eps)
+        self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps) if is_gemma(config) else \
+            make_norm(config, config.hidden_size)
 
 
 ATTN_IMPLS = ("auto", "sdpa", "flash")
@@ -289,7 +338,8 @@ def attention_kernel(attn_impl: str, device: str, precision: str) -> str:
 
 
 class DecoderLM(nn.Module):
-    """Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 causal LM. `forward(input_ids, masks)` returns logits."""
+    """Llama / Mistral / Qwen2 / Qwen3 / Gemma 2 / Gemma 3 / Phi-3 / GPT-NeoX causal LM. `forward(input_ids, masks)`
+    returns logits."""
 
     def __init__(self, config: PretrainedConfig, attn_impl: str = "auto"):
         super().__init__()
@@ -316,7 +366,10 @@ class DecoderLM(nn.Module):
         # Recomputed per call (cheap) rather than a buffer, so meta-device init and FSDP need no care.
         config = config or self.config
         scaling = getattr(config, "rope_scaling", None) or {}
-        inv_freq, scale = ROPE_INIT_FUNCTIONS[scaling.get("rope_type", scaling.get("type", "default"))](config, device)
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        # longrope (Phi-3) takes its long factors past original_max_position_embeddings, as transformers does
+        extra = {"seq_len": T} if rope_type == "longrope" else {}
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, device, **extra)
         pos = torch.arange(T, device=device, dtype=torch.float32)
         freqs = torch.outer(pos, inv_freq.float())
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -366,7 +419,9 @@ class DecoderLM(nn.Module):
                 None if m.intermediate is None else m.intermediate[i],
                 m.hidden, m.hidden_kept,
             )
-        return self.logits(self.model.norm(x, m.hidden_kept))
+        # GPT-NeoX's final LayerNorm takes the hidden mask (zero in pruned dims); Gemma's third argument is a scale
+        return self.logits(self.model.norm(x, m.hidden_kept, m.hidden) if layer_norm(self.config)
+                           else self.model.norm(x, m.hidden_kept))
 
 
 @dataclass

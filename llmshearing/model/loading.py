@@ -11,6 +11,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from llmshearing.checks import load_structured, regular_file, sniff
 from llmshearing.errors import ConfigError
+from llmshearing.model import layouts
 from llmshearing.model.decoder import DecoderLM
 from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, check_source_config, load_hf_config
 
@@ -47,13 +48,15 @@ def load_safetensors_into(lm, files: list[str]) -> None:
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
                 with torch.no_grad():
-                    params[name].copy_(f.get_tensor(name))
+                    for ours, tensor in layouts.from_hf(lm.config, name, f.get_tensor(name)):  # Phi-3/NeoX: split
+                        params[ours].copy_(tensor)
 
 
 def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "auto",
                     dtype: torch.dtype = torch.float32):
-    """The DecoderLM of any Llama/Mistral/Qwen2/Qwen3/Gemma 2/Gemma 3 text checkpoint: safetensors are read tensor by
-    tensor straight into the model; other formats (GGUF, .bin) go through transformers' loader."""
+    """The DecoderLM of any supported checkpoint (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3,
+    GPT-NeoX): safetensors are read tensor by tensor straight into the model (Phi-3's and GPT-NeoX's fused tensors
+    split, model/layouts.py); other formats (GGUF, .bin) go through transformers' loader."""
     config = load_hf_config(path, gguf_file)  # refuses unsupported families before the weights are read
     files = None if gguf_file else safetensors_files(path)
     if files:
@@ -66,7 +69,7 @@ def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "a
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
     lm = empty_model(hf.config, attn_impl, dtype)
-    lm.load_state_dict(hf.state_dict(), strict=True)
+    lm.load_state_dict(layouts.decoder_state(hf.config, hf.state_dict()), strict=True)
     return lm.eval()
 
 
@@ -121,12 +124,15 @@ def check_weights_match(path: str, config, key: str) -> None:
                               f"pytorch_model.bin)")
         return  # .bin checkpoints are checked by transformers' loader
     with torch.device("meta"):
-        expected = {n: tuple(t.shape) for n, t in DecoderLM(config).state_dict().items()}
+        shapes = {n: tuple(t.shape) for n, t in DecoderLM(config).state_dict().items()}
+    expected = layouts.hf_shapes(config, shapes)  # in the family's layout (Phi-3, GPT-NeoX: fused, renamed)
     seen = set()
     for file in files:
         if not os.path.exists(file):
             raise ConfigError(f"{key}: '{file}' (listed in the weight index) is missing")
         for name, (dtype, shape) in safetensors_header(file, key).items():
+            if layouts.ignored(config, name):
+                continue
             if name not in expected:
                 raise ConfigError(f"{key}: '{file}' holds tensor '{name}', which a model of its config.json does "
                                   f"not have: config.json and weights disagree (e.g. num_hidden_layers)")
@@ -136,7 +142,7 @@ def check_weights_match(path: str, config, key: str) -> None:
             if dtype not in FLOAT_DTYPES:
                 raise ConfigError(f"{key}: tensor '{name}' in '{file}' is {dtype}, not a float type")
             seen.add(name)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    tied = {layouts.head_name(config)} if getattr(config, "tie_word_embeddings", False) else set()
     missing = sorted(set(expected) - seen - tied)
     if missing:
         raise ConfigError(f"{key}: the weights in '{path}' lack {len(missing)} tensor(s) that its config.json "

@@ -10,6 +10,8 @@ The rule (deterministic, no search over training outcomes):
    (never pruned), and hidden_size / intermediate_size in multiples of `size_multiple(source dim)`: 64, the
    granularity every supported paper-scale model is built on (4096, 11008, 14336, 576, 896, 4864 ...), or for small
    sources the largest power of two that divides the source dim and leaves at least 8 sizes to choose from.
+   A family whose transformers config derives head_dim from hidden / heads (GPT-NeoX; Phi-3 with rope scaling,
+   `model/hf.py` `check_family_target`) takes hidden_size = heads x head_dim instead.
 3. **Neighbours.** Hidden size and KV heads each round down and up from s * source; query heads take the
    multiples of the KV heads just below and above s * source heads; layers take every count from 1 to the source's
    (so that depth can absorb the budget when the widths are clipped at their minimum). For each such combination the
@@ -35,6 +37,7 @@ from dataclasses import dataclass, replace
 from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
+from llmshearing.model.hf import check_family_target, head_dim_of
 from llmshearing.pruning.shapes import SHAPE_KEYS, Shape, param_count, shape_of, validate_target
 
 BUDGET_KEYS = ("params", "params_fraction")
@@ -147,6 +150,10 @@ def solve_budget(config: PretrainedConfig, budget: int, alternatives: int = 4) -
             for kv in around(ideal["num_key_value_heads"], 1, src.num_key_value_heads):
                 for per_group in around(ideal["num_attention_heads"] / kv, 1, src.heads_per_group):
                     base = Shape(layers, hidden, kv * per_group, kv, 0)
+                    if check_family_target(config, base):
+                        base = family_shape(config, base)
+                        if base is None:
+                            continue
                     p0 = count(base, config)
                     per_step = count(replace(base, intermediate_size=mi), config) - p0
                     for inter in around((budget - p0) / per_step * mi, mi, src.intermediate_size):
@@ -164,6 +171,15 @@ def solve_budget(config: PretrainedConfig, budget: int, alternatives: int = 4) -
     validate_target(src, ranked[0])
     return Solution(ranked[0], count(ranked[0], config), budget, s,
                     tuple((c, count(c, config)) for c in ranked[1:1 + alternatives]))
+
+
+def family_shape(config: PretrainedConfig, shape: Shape) -> Shape | None:
+    """The neighbour a family can load (GPT-NeoX, Phi-3 with rope scaling: hidden_size = heads x head_dim, so the
+    hidden size follows the heads), or None."""
+    fixed = replace(shape, hidden_size=shape.num_attention_heads * head_dim_of(config))
+    src = shape_of(config)
+    ok = fixed.hidden_size <= src.hidden_size and not check_family_target(config, fixed)
+    return fixed if ok else None
 
 
 def astuple(shape: Shape) -> tuple[int, ...]:

@@ -19,7 +19,8 @@ from transformers import PretrainedConfig
 
 from llmshearing.checks import writable_output
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import ARCHITECTURES, head_dim_of, is_gemma
+from llmshearing.model.hf import ARCHITECTURES, head_dim_of, is_gemma, kv_heads_of
+from llmshearing.model import layouts
 from llmshearing.pruning import card
 from llmshearing.pruning.shapes import target_config
 from llmshearing.io import atomic_directory, disk_full
@@ -64,7 +65,7 @@ def head_rows(heads: list[int], head_dim: int, device: torch.device | str | None
 
 def all_units(config) -> dict:
     """`kept_units` of an unpruned model: everything (plain training exports through the same code)."""
-    L, H, KV = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    L, H, KV = config.num_hidden_layers, config.num_attention_heads, kv_heads_of(config)
     return {"layers": list(range(L)), "hidden": list(range(config.hidden_size)), "kv_heads": [list(range(KV))] * L,
             "heads": [list(range(H))] * L, "intermediate": [list(range(config.intermediate_size))] * L}
 
@@ -112,14 +113,19 @@ def dense_tensors(get, config, masks: Masks, kept: dict, scope=_whole, device=No
             layer = _dense_gemma_layer if gemma else _dense_layer
             yield from layer(get, masks, kept, new, old, hd, d_idx, z_hidden).items()
     with scope(None):
-        final_norm = get("model.norm.weight")[d_idx]
-        if config.tie_word_embeddings and gemma:  # (1 + weight) / scale: a Gemma norm multiplies by 1 + weight
-            final_norm = torch.where(embed_scale > 0, (1 + final_norm) / embed_scale.clamp(min=1e-30) - 1,
-                                     -torch.ones_like(final_norm))
-        elif config.tie_word_embeddings:
-            # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
-            final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30), torch.zeros_like(final_norm))
-        yield "model.norm.weight", final_norm
+        has = _names_probe(get)
+        for name in ("model.norm.weight", "model.norm.bias"):  # the bias: GPT-NeoX's LayerNorm
+            if not has(name):
+                continue
+            final_norm = get(name)[d_idx]
+            if config.tie_word_embeddings and gemma:  # (1 + weight) / scale: a Gemma norm multiplies by 1 + weight
+                final_norm = torch.where(embed_scale > 0, (1 + final_norm) / embed_scale.clamp(min=1e-30) - 1,
+                                         -torch.ones_like(final_norm))
+            elif config.tie_word_embeddings:
+                # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
+                final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30),
+                                         torch.zeros_like(final_norm))
+            yield name, final_norm
         if not config.tie_word_embeddings:
             yield "lm_head.weight", get("lm_head.weight")[:, d_idx]
 
@@ -139,7 +145,9 @@ def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_i
     has = _names_probe(get)
     out = {}
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        out[q + norm + ".weight"] = get(p + norm + ".weight")[d_idx]
+        for kind in ("weight", "bias"):  # a bias: GPT-NeoX's LayerNorm (zero in pruned dims of the masked model)
+            if kind == "weight" or has(p + f"{norm}.bias"):
+                out[q + f"{norm}.{kind}"] = get(p + f"{norm}.{kind}")[d_idx]
     for norm in ("q_norm", "k_norm"):  # Qwen3: over head_dim (never pruned), one weight for all heads
         if has(p + f"self_attn.{norm}.weight"):
             out[q + f"self_attn.{norm}.weight"] = get(p + f"self_attn.{norm}.weight")
@@ -153,6 +161,8 @@ def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_i
     if has(p + "self_attn.o_proj.bias"):
         out[q + "self_attn.o_proj.bias"] = _rows(get(p + "self_attn.o_proj.bias"), d_idx) * write_scale[:, 0]
     for name in ("gate_proj", "up_proj"):
+        if not has(p + f"mlp.{name}.weight"):
+            continue  # GPT-NeoX's MLP is not gated
         out[q + f"mlp.{name}.weight"] = _rows(get(p + f"mlp.{name}.weight"), i_idx)[:, d_idx]
         if has(p + f"mlp.{name}.bias"):
             out[q + f"mlp.{name}.bias"] = _rows(get(p + f"mlp.{name}.bias"), i_idx)
@@ -305,9 +315,11 @@ def decoder_shapes(config: PretrainedConfig) -> dict[str, tuple]:
 
 
 def weight_plan(config: PretrainedConfig) -> list[tuple[str, tuple]]:
-    """(name, shape) of every tensor an export of `config` holds, in Hugging Face order (no tied head)."""
+    """(name, shape) of every tensor an export of `config` holds, in Hugging Face order (no tied head), in the
+    family's own layout (Phi-3's and GPT-NeoX's fused projections and names: model/layouts.py)."""
     tied = config.tie_word_embeddings
-    return [(k, shape) for k, shape in decoder_shapes(config).items() if not (tied and k == "lm_head.weight")]
+    shapes = layouts.hf_shapes(config, decoder_shapes(config))
+    return [(k, shape) for k, shape in shapes.items() if not (tied and k == layouts.head_name(config))]
 
 
 def plan_shards(plan, dtype: torch.dtype, max_shard_size: str | int) -> list[tuple[str, list]]:
@@ -394,7 +406,7 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             plan = weight_plan(config)
             writer = SafetensorsWriter(tmp, plan, dtype, options.max_shard_size)
-            for name, tensor in tensors:
+            for name, tensor in layouts.to_hf(config, tensors):  # Phi-3 / GPT-NeoX: fused back, renamed
                 writer.add(name, tensor)
                 del tensor
             writer.close()

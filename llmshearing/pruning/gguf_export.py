@@ -141,6 +141,11 @@ def check_gguf(config, tokenizer, dtype: str) -> None:
         raise _refuse(f"{family}: transformers {transformers.__version__}'s GGUF reader for Gemma, which the tests "
                       f"read every GGUF back with, drops query_pre_attn_scalar, the soft-caps and the per-layer layer_types "
                       f"(a pruned model's sliding/full pattern) and reads only SentencePiece Gemma tokenizers")
+    if family == "phi3":
+        raise _refuse("model_type 'phi3' is not written as GGUF here: transformers' phi3 GGUF reader (4.53), which the "
+                      "tests read every GGUF back with, drops partial rotary (rope.dimension_count), derives head_dim "
+                      "from hidden/heads and builds a tokenizer with Phi-3's fixed special tokens, so a pruned export "
+                      "would not read back as itself")
     if family not in ARCH:
         raise _refuse(f"model_type '{family}' is not written as GGUF here (supported: {', '.join(ARCH)}): transformers "
                       f"{transformers.__version__}, which the tests read every GGUF back with, cannot read it")

@@ -68,9 +68,9 @@ def magnitude_scores(lm: DecoderLM) -> dict[str, torch.Tensor]:
         q_head = _sq_rows(a.q_proj.weight, H) + _sq_cols(a.o_proj.weight, H)  # (H,) in group-major order
         head.append(q_head.reshape(KV, R))
         kv_head.append(_sq_rows(a.k_proj.weight, KV) + _sq_rows(a.v_proj.weight, KV) + q_head.reshape(KV, R).sum(-1))
-        inter.append(_sq_rows(m.gate_proj.weight, m.gate_proj.out_features) + _sq_rows(m.up_proj.weight, m.up_proj.out_features)
-                     + _sq_cols(m.down_proj.weight, m.down_proj.in_features))
-        for w in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight):
+        reads = [p.weight for p in (m.gate_proj, m.up_proj) if p is not None]  # GPT-NeoX: no gate_proj
+        inter.append(sum(_sq_rows(w, w.shape[0]) for w in reads) + _sq_cols(m.down_proj.weight, m.down_proj.in_features))
+        for w in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, *reads):
             hidden = hidden + w.float().pow(2).sum(0)
         for w in (a.o_proj.weight, m.down_proj.weight):
             hidden = hidden + w.float().pow(2).sum(1)

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import attention_biases, head_dim_of, is_gemma, qk_norm
+from llmshearing.model.hf import (attention_biases, gated_mlp, head_dim_of, is_gemma, kv_heads_of, layer_norm, mlp_bias,
+                                  qk_norm)
 
 @dataclass(frozen=True)
 class Shape:
@@ -58,7 +59,7 @@ def shape_of(config: PretrainedConfig) -> Shape:
         num_hidden_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        num_key_value_heads=kv_heads_of(config),
         intermediate_size=config.intermediate_size,
     )
 
@@ -106,10 +107,11 @@ def param_count(shape: Shape, config: PretrainedConfig, *, floats: dict | None =
     L, h, H, KV, inter = (d[k] for k in SHAPE_KEYS)
     hd = head_dim_of(config)
     qkv_bias, o_bias = attention_biases(config)
-    mlp_bias = bool(getattr(config, "mlp_bias", False))
+    projections = 3 if gated_mlp(config) else 2  # GPT-NeoX: dense_h_to_4h and dense_4h_to_h
+    norm = 2 if layer_norm(config) else 1  # GPT-NeoX's LayerNorms have a bias
     attn = h * (H + 2 * KV) * hd + H * hd * h + (qkv_bias * (H + 2 * KV) * hd) + o_bias * h
-    mlp = 3 * h * inter + mlp_bias * (2 * inter + h)
+    mlp = projections * h * inter + mlp_bias(config) * ((projections - 1) * inter + h)
     norms = 4 if is_gemma(config) else 2  # Gemma: pre- and post-norms around attention and MLP
-    per_layer = attn + mlp + norms * h + (2 * hd if qk_norm(config) else 0)  # Qwen3's / Gemma 3's q_norm and k_norm
+    per_layer = attn + mlp + norms * norm * h + (2 * hd if qk_norm(config) else 0)  # Qwen3's / Gemma 3's q/k norms
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    return L * per_layer + embed + h
+    return L * per_layer + embed + norm * h

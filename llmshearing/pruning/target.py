@@ -8,7 +8,7 @@ from transformers import PretrainedConfig
 
 from llmshearing.checks import load_structured
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import head_dim_of
+from llmshearing.model.hf import check_family_target, head_dim_of
 from llmshearing.pruning.budget import BUDGET_KEYS, budget_target
 from llmshearing.pruning.shapes import PRESETS, SHAPE_KEYS, Shape, shape_of, validate_target
 
@@ -53,6 +53,8 @@ def resolve_target(spec, source: PretrainedConfig) -> Shape:
             raise ConfigError(f"target: unknown keys {sorted(unknown)}; allowed: {list(SHAPE_KEYS)}, or a budget "
                               f"{{params: N}} / {{params_fraction: F}}")
         values = {**src.as_dict(), **spec}
+        if src.heads_per_group == 1 and "num_key_value_heads" not in spec:  # MHA: the KV heads follow the heads
+            values["num_key_value_heads"] = values["num_attention_heads"]
         bad = {k: v for k, v in values.items() if not isinstance(v, int) or isinstance(v, bool)}
         if bad:
             raise ConfigError(f"target: dims must be integers, got {bad}")
@@ -60,4 +62,7 @@ def resolve_target(spec, source: PretrainedConfig) -> Shape:
     else:
         raise ConfigError(f"target must be a preset name, a config path or a mapping of dims, got {spec!r}")
     validate_target(src, target)
+    problem = check_family_target(source, target)
+    if problem:
+        raise ConfigError(f"target {target.as_dict()}: {problem}")
     return target

@@ -14,7 +14,7 @@ from composer import Evaluator, Trainer
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
-from llmshearing.callbacks import ClipGradNorm, DynamicLoading, PruningLog, ReplicatedGrads, RunGuard
+from llmshearing.callbacks import ClipGradNorm, DynamicLoading, PruningLog, ReplicatedGrads, guards
 from llmshearing.callbacks.dynamic_loading import eval_label
 from llmshearing import registry
 from llmshearing.compat import (enable_fsdp_on_cpu, ignore_stop_signals, install_atomic_writes, kill_workers_at_exit,
@@ -109,7 +109,7 @@ def build_dataloaders(cfg: TrainConfig, per_device: int) -> tuple[DataLoader, li
 
 def build_callbacks(cfg: TrainConfig, folder: str) -> list:
     """The project's callbacks (from their sections) and those named in `callbacks:`."""
-    built = [RunGuard(cfg.save_folder, cfg.stop_on_nonfinite, cfg.save_on_sigterm, run_config=to_yaml(cfg))]
+    built = guards(cfg.save_folder, to_yaml(cfg), cfg.stop_on_nonfinite, cfg.save_on_sigterm)
     if cfg.fsdp is not None:
         built.append(ReplicatedGrads())
     if cfg.optimizer.clip_grad_norm is not None:  # after ReplicatedGrads: the masks' gradients are averaged first
