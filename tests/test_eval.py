@@ -210,17 +210,14 @@ def test_tasks_without_lm_eval_name_the_extra(tiny_setup, tmp_path, capsys, monk
 
 def test_shards_without_a_test_split_are_a_one_line_error(tiny_setup, tmp_path, capsys):
     """Shards built before the test split existed: `llmshearing eval` says how to rebuild them, no traceback."""
-    old = tmp_path / "shards"
-    shutil.copytree(tiny_setup["shards"], old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    for entry in manifest["domains"].values():
-        del entry["splits"]["test"]
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    assert main(["eval", tiny_setup["model"], "--shards", str(old)]) == 2
+    from conftest import shards_before_the_test_split
+
+    old = shards_before_the_test_split(tiny_setup["shards"], tmp_path / "shards")
+    assert main(["eval", tiny_setup["model"], "--shards", old]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no 'test' split" in err and "make shards" in err and "Traceback" not in err
     with pytest.raises(SystemExit, match="2"):  # argparse: only test or eval
-        main(["eval", tiny_setup["model"], "--shards", str(old), "--split", "prune"])
+        main(["eval", tiny_setup["model"], "--shards", old, "--split", "prune"])
     assert "invalid choice: 'prune'" in capsys.readouterr().err
 
 

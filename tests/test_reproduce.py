@@ -255,18 +255,12 @@ def test_beyond_the_paper_arms_over_seeds(tiny_setup, tmp_path):
 def test_shards_without_a_test_split_are_refused_before_any_arm_runs(tiny_setup, tmp_path, capsys):
     """Shards built before the test split: one line naming the rebuild, exit 2, nothing written (no arm trains for
     an hour and then fails at its final evaluation)."""
-    import shutil
-
+    from conftest import shards_before_the_test_split
     from llmshearing.experiments.reproduce import main
 
-    old = tmp_path / "shards"
-    shutil.copytree(tiny_setup["shards"], old)
-    manifest = json.loads((old / "manifest.json").read_text())
-    for entry in manifest["domains"].values():
-        del entry["splits"]["test"]
-    (old / "manifest.json").write_text(json.dumps(manifest))
+    old = shards_before_the_test_split(tiny_setup["shards"], tmp_path / "shards")
     out = tmp_path / "out"
-    assert main(["--out", str(out), "--model", tiny_setup["model"], "--shards", str(old), "--steps", "8"]) == 2
+    assert main(["--out", str(out), "--model", tiny_setup["model"], "--shards", old, "--steps", "8"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "no 'test' split" in err and "make shards" in err
     assert not out.exists()
