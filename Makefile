@@ -40,7 +40,7 @@ reproduce-mini: shards
 
 # The full suite (what CI runs). test-fast: math, config, model parity, mixture (no training runs, no subprocesses).
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider --durations=30 tests
 
 test-fast: install
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests

@@ -1,7 +1,7 @@
 """Do the masks hold the target? Pruning arms side by side on SmolLM2-135M -> smollm2-135m-half (the demo's recipe,
 yamls/demo_smollm2.yaml, cut short so many seeds fit on 2 shared cores). The numbers are in docs/convergence.md.
 
-    python -m bench.convergence --arms base,slow_lambda --seeds 1,2,3 --steps 60 --jobs 2 --out runs/conv
+    python -m bench.convergence --arms base,sgd_lambda --seeds 1,2,3 --steps 30 --jobs 2 --out runs/conv distill=null
     python -m bench.convergence --out runs/conv --report       # the table from finished runs
 
 Every run is a real Composer run of `train.py yamls/demo_smollm2.yaml` with the arm's overrides, one thread each
@@ -82,7 +82,7 @@ def summarize(folder: str, target: dict, ramp_end: int) -> dict:
 
 def report(out: str, ramp_end: int) -> str:
     from llmshearing.model.hf import load_hf_config
-    from llmshearing.pruning.shapes import resolve_target
+    from llmshearing.pruning.target import resolve_target
 
     target = resolve_target("smollm2-135m-half", load_hf_config("data/models/smollm2-135m"))
     target = {k: getattr(target, k) for k in KEYS}

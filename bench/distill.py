@@ -30,7 +30,7 @@ from llmshearing.pruning.shapes import PRESETS, shape_of
 
 def variants(lm, target, top_k: int, seed: int) -> dict:
     """name -> ComposerLM: {prune, continue} x {plain, kd, kd_top<k>}; all share the student's weights."""
-    from llmshearing.model.composer_model import ComposerLM
+    from llmshearing.train.composer_model import ComposerLM
     from llmshearing.model.distill import Teacher
     from llmshearing.pruning.masks import L0Module
 

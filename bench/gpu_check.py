@@ -14,7 +14,7 @@ Every stage is the demo recipe (demo_smollm2) with overrides, run by `llmshearin
     one     1      masked      GQA source, pruning without a teacher: timed   } the masked / dense step ratio
     one     1      dense       the same with pruning=null (and no teacher)    }
     all     N      gqa         GQA source, as mha, every rank; the uninterrupted run of the resume check
-    all     N      gqa_stop    the same run, SIGTERM after batch 3: RunGuard saves a sharded checkpoint and stops
+    all     N      gqa_stop    the same run, SIGTERM after batch 3: StopOnSignal saves a sharded checkpoint and stops
     resume  N      gqa_resume  the same command (autoresume=true) in new processes: starts at batch 3, must end
                                where gqa ended (bit-identical on CPU; losses within 2% on a GPU)
 
@@ -92,7 +92,7 @@ def worker(plan_path: str) -> None:
                 torch.cuda.synchronize()
             self.data["batch_seconds"].append(time.perf_counter() - self._start)
             if self.stop_after == int(state.timestamp.batch):
-                os.kill(os.getpid(), signal.SIGTERM)  # a preemption, acted on by RunGuard at this batch's end
+                os.kill(os.getpid(), signal.SIGTERM)  # a preemption, acted on by StopOnSignal at this batch's end
 
         def log_metrics(self, metrics, step=None):
             for key, value in metrics.items():
@@ -272,7 +272,7 @@ def check_export(folder: str, target: dict, device: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmshearing.train.checkpointing import load_checkpoint
+    from llmshearing.train.restore import load_checkpoint
 
     export = os.path.join(folder, "export")
     try:
@@ -394,7 +394,8 @@ def _check(args, work: str, out: str) -> int:
 
     from llmshearing.io import atomic_write_text
     from llmshearing.model.hf import load_hf_config
-    from llmshearing.pruning.shapes import resolve_target, shape_of
+    from llmshearing.pruning.shapes import shape_of
+    from llmshearing.pruning.target import resolve_target
 
     gpu = args.device == "gpu"
     ranks = torch.cuda.device_count() if gpu else 2

@@ -55,7 +55,7 @@ def streaming_loader(args, domains, weights, workers, cache):
 
 
 def train_step_tokens_per_s(model_dir: str, batch: int, seq_len: int, steps: int = 3) -> float:
-    from llmshearing.model.hf import from_pretrained
+    from llmshearing.model.loading import from_pretrained
 
     lm = from_pretrained(model_dir, attn_impl="sdpa").train()
     opt = torch.optim.AdamW(lm.parameters(), lr=1e-5)

@@ -23,12 +23,14 @@ import time
 import torch
 
 from llmshearing.data.layout import DomainSequences, read_manifest
-from llmshearing.model.composer_model import ComposerLM
-from llmshearing.model.hf import from_pretrained, load_hf_config
+from llmshearing.train.composer_model import ComposerLM
+from llmshearing.model.hf import load_hf_config
+from llmshearing.model.loading import from_pretrained
 from llmshearing.pruning.export import kept_units
 from llmshearing.pruning.masks import LIMIT_LEFT, LIMIT_RIGHT, LOG_ALPHA_RANGE, TEMPERATURE, L0Module, init_bands
 from llmshearing.pruning.oneshot import activation_scores, calibration_ids, set_scores
-from llmshearing.pruning.shapes import resolve_target, shape_of
+from llmshearing.pruning.shapes import shape_of
+from llmshearing.pruning.target import resolve_target
 
 LOW, HIGH = LOG_ALPHA_RANGE
 # P(z > 0) = sigmoid(a - STRETCH) and P(z = 1) = sigmoid(a + STRETCH) for log_alpha a

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="write the tables as JSON")
     args = p.parse_args(argv)
     args.gguf_file, args.train_repeats, args.warmup = None, 1, 1
-    from llmshearing.model.composer_model import ComposerLM
+    from llmshearing.train.composer_model import ComposerLM
     from llmshearing.pruning.masks import L0Module
     from llmshearing.pruning.shapes import shape_of
 

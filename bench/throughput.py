@@ -342,7 +342,7 @@ def train_bench(lm, target: Shape, args, device: str) -> dict:
     """tokens/s of fwd + bwd + AdamW for the masked source (L0 masks sampled each step, Lagrangian in the
     loss, mask and multiplier parameters in the optimizer) and the dense source; same weights, batch and
     sequence, steps alternated so that load from other processes hits both alike."""
-    from llmshearing.model.composer_model import ComposerLM
+    from llmshearing.train.composer_model import ComposerLM
     from llmshearing.pruning.masks import L0Module
 
     lm = lm.to(device).train()

@@ -12,7 +12,8 @@ from composer.utils import dist
 
 from llmshearing.io import append_jsonl, atomic_write_text, truncate_jsonl
 from llmshearing.data.mixture import DomainMixture
-from llmshearing.data.mixing import RULES, update_weights
+from llmshearing.data.reweighting import RULES, update_weights
+from llmshearing.plots import plot_domain_log
 
 
 def eval_label(domain: str) -> str:
@@ -87,8 +88,6 @@ class DynamicLoading(Callback):
 
     def fit_end(self, state: State, logger: Logger) -> None:
         if self.folder and dist.get_global_rank() == 0:
-            from llmshearing.plots import plot_domain_log
-
             plot_domain_log(os.path.join(self.folder, "domain_weights.jsonl"), self.folder)
 
     def state_dict(self) -> dict:

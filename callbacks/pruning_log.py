@@ -11,8 +11,9 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshearing.pruning.shapes import param_count, SHAPE_KEYS
-from llmshearing.model.composer_model import unwrap
+from llmshearing.train.composer_model import unwrap
 from llmshearing.io import append_jsonl, atomic_write_text, read_jsonl, truncate_jsonl
+from llmshearing.plots import plot_pruning_log
 
 SETTLE_TOLERANCE = 0.01  # |expected - target| / target per structure (issue 25's criterion)
 SETTLE_WINDOW = 0.1  # the share of the pruning steps before the cut (at least one step) that must all be in tolerance
@@ -75,8 +76,6 @@ class PruningLog(Callback):
 
     def fit_end(self, state: State, logger: Logger) -> None:
         if self.folder and dist.get_global_rank() == 0:
-            from llmshearing.plots import plot_pruning_log
-
             l0 = unwrap(state.model).l0
             source = {k: getattr(l0.source, k) for k in SHAPE_KEYS}
             target = {k: getattr(l0.target, k) for k in SHAPE_KEYS}

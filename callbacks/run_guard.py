@@ -1,11 +1,14 @@
-"""Stops a run cleanly instead of wasting or losing it: a non-finite loss or gradient stops it before
-the optimizer applies it, SIGTERM (a preempted or timed-out job) checkpoints before exiting, and
-every evaluation checks that all ranks still hold the same parameters."""
+"""Guards that stop a run cleanly instead of wasting or losing it, one job each: RunGuard (every rank sees the run
+folder; the run config in every checkpoint), StopOnNonFinite (a NaN/inf loss or gradient stops the run before the
+optimizer applies it), StopOnSignal (SIGTERM / Ctrl-C checkpoint before exiting) and RanksAgree (every evaluation
+checks that all ranks still hold the same replicated parameters). `guards()` builds them in order."""
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import threading
+import uuid
 
 import torch
 from composer.core import Callback, State
@@ -13,9 +16,9 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshearing.train.checkpointing import save_now
-from llmshearing.train.run_folder import check_shared
-from llmshearing.model.composer_model import unwrap
-from llmshearing.io import append_jsonl
+from llmshearing.train.composer_model import unwrap
+from llmshearing.errors import ConfigError
+from llmshearing.io import append_jsonl, atomic_write_text
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,28 +51,16 @@ def _finite_loss(loss) -> bool:
 
 
 class RunGuard(Callback):
-    """`check_finite`: after every backward, a NaN/inf loss or gradient on any rank saves the state as it
-    was before this batch (the weights are untouched: the optimizer has not stepped) and raises
-    `NonFiniteLossError`. Gradients are not checked under amp_fp16, whose grad scaler skips inf steps.
-    `save_on_sigterm`: SIGTERM sets a flag; at the end of the current batch every rank agrees on it,
-    saves a checkpoint (and points `latest` at it, for autoresume) and raises `Preempted`. SIGINT (Ctrl-C) alike.
-    """
+    """The run folder's guard: at init every rank must see the folder rank 0 writes (check_shared), and every
+    checkpoint carries the resolved run config (yaml) in its state (callbacks, RunGuard, run_config), which `llmshearing
+    export` and resumes read. Stopping on NaN, on a signal and checking the ranks agree are callbacks of their own."""
 
-    def __init__(self, folder: str | None, check_finite: bool = True, save_on_sigterm: bool = True,
-                 run_config: str | None = None):
-        self.folder, self.check_finite, self.save_on_sigterm = folder, check_finite, save_on_sigterm
-        self.run_config = run_config  # the resolved run config (yaml), saved in every checkpoint for export
-        self._signalled = 0  # the stop signal received (SIGTERM or SIGINT), 0 for none
-        self._previous = {}
+    def __init__(self, folder: str | None, run_config: str | None = None):
+        self.folder, self.run_config = folder, run_config
 
     def init(self, state: State, logger: Logger) -> None:
         if self.folder:  # before Composer looks for a checkpoint to resume from
             check_shared(self.folder)
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        if self.save_on_sigterm and self.folder and threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C ends a run like a scheduler's SIGTERM
-                self._previous[signum] = signal.signal(signum, self._on_sigterm)
 
     def state_dict(self) -> dict:
         return {"run_config": self.run_config}
@@ -77,12 +68,17 @@ class RunGuard(Callback):
     def load_state_dict(self, state: dict) -> None:
         pass  # the config of the resuming run is the one that counts (the run folder's binding checked it)
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._signalled = signum  # acted on at the end of the batch, where a checkpoint is consistent
+
+class StopOnNonFinite(Callback):
+    """After every backward, a NaN/inf loss or gradient on any rank saves the state as it was before this batch
+    (the weights are untouched: the optimizer has not stepped) and raises `NonFiniteLossError`. Gradients are not
+    checked under amp_fp16, whose grad scaler skips inf steps. Listed before gradient clipping, which would hide
+    an inf gradient."""
+
+    def __init__(self, folder: str | None):
+        self.folder = folder
 
     def after_backward(self, state: State, logger: Logger) -> None:
-        if not self.check_finite:
-            return
         bad = 2 if not _finite_loss(state.loss) else 0
         if not bad and state.precision.value != "amp_fp16":
             grads = [p.grad for p in state.model.parameters() if p.grad is not None]
@@ -100,10 +96,26 @@ class RunGuard(Callback):
             f"step, {where}. Resume from it with a lower optimizer.lr (or pruning.mask_lr / lambda_lr), or check the "
             f"data of that batch")
 
+
+class StopOnSignal(Callback):
+    """SIGTERM (a preempted or timed-out job) or SIGINT (Ctrl-C) sets a flag; at the end of the current batch every
+    rank agrees on it, saves a checkpoint (and points `latest` at it, for autoresume) and raises `Preempted`."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self._signalled = 0  # the stop signal received (SIGTERM or SIGINT), 0 for none
+        self._previous = {}
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C ends a run like a scheduler's SIGTERM
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signalled = signum  # acted on at the end of the batch, where a checkpoint is consistent
+
     def batch_checkpoint(self, state: State, logger: Logger) -> None:
         """After every callback's batch_end (so the stopped batch's log rows are written and saved with it)."""
-        if not (self.save_on_sigterm and self.folder):
-            return
         signum = _flag(state, self._signalled)
         if not signum:
             return
@@ -114,9 +126,20 @@ class RunGuard(Callback):
                   f"(same save_folder and run_name) or load_path={path}", flush=True)
         raise Preempted(batch, path, signum)
 
+    def close(self, state: State, logger: Logger) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+
+class RanksAgree(Callback):
+    """After every evaluation all ranks must hold identical replicated parameters: every parameter under DDP; under
+    FSDP, which shards the decoder by design, the masks and multipliers (the part kept whole on every rank)."""
+
+    def __init__(self, folder: str | None):
+        self.folder = folder
+
     def eval_after_all(self, state: State, logger: Logger) -> None:
-        """All ranks must hold identical replicated parameters: every parameter under DDP; under FSDP, which
-        shards the decoder by design, the masks and multipliers (the part kept whole on every rank)."""
         model = unwrap(state.model)
         replicated = model if not state.fsdp_enabled else model.l0
         if dist.get_world_size() == 1 or replicated is None:
@@ -133,13 +156,52 @@ class RunGuard(Callback):
             append_jsonl(os.path.join(self.folder, "rank_checks.jsonl"),
                          {"batch": int(state.timestamp.batch), "ranks": len(every), "tensors": len(sums)})
 
-    def close(self, state: State, logger: Logger) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous = {}
+
+def guards(folder: str | None, run_config: str | None, stop_on_nonfinite: bool, save_on_sigterm: bool) -> list:
+    """The run's guards, in the order they must run: the folder check and config record, the NaN stop (before any
+    clipping), the signal stop (only with a folder to save in), the ranks' agreement."""
+    built = [RunGuard(folder, run_config)]
+    if stop_on_nonfinite:
+        built.append(StopOnNonFinite(folder))
+    if save_on_sigterm and folder:
+        built.append(StopOnSignal(folder))
+    return built + [RanksAgree(folder)]
 
 
 def _describe(loss) -> str:
     if isinstance(loss, dict):
         return ", ".join(f"{k}={float(v.detach().float().mean()):.4g}" for k, v in loss.items())
     return f"{float(torch.as_tensor(loss).detach().float().mean()):.4g}"
+
+
+SHARED_NAME = ".shared-check"  # <name>-<token>: written by rank 0 at start, read by every rank (check_shared)
+
+
+def check_shared(folder: str) -> None:
+    """Every rank sees the run folder rank 0 writes (all ranks call this once the process group exists, before
+    a checkpoint is loaded). On several nodes save_folder must be one folder on a filesystem they share: each rank
+    writes its own shard of a sharded checkpoint there and autoresume looks for the `latest` link there, so a
+    node-local folder would leave every checkpoint incomplete and make the nodes disagree on resuming. The file
+    has a new name every time, so no node can answer from a cached lookup (NFS caches names found missing)."""
+    if dist.get_world_size() == 1:
+        return
+    token = [uuid.uuid4().hex if dist.get_global_rank() == 0 else None]
+    if dist.get_global_rank() == 0:
+        for stale in glob.glob(os.path.join(folder, SHARED_NAME + "-*")):  # a run killed during its check
+            os.remove(stale)
+        atomic_write_text(os.path.join(folder, f"{SHARED_NAME}-{token[0]}"), token[0])
+    dist.broadcast_object_list(token, src=0)
+    path = os.path.join(folder, f"{SHARED_NAME}-{token[0]}")
+    try:
+        with open(path) as f:
+            seen = f.read() == token[0]
+    except OSError:
+        seen = False
+    nodes = dist.all_gather_object((dist.get_node_rank(), seen))
+    if dist.get_global_rank() == 0:
+        os.remove(path)
+    apart = sorted({node for node, ok in nodes if not ok})
+    if apart:
+        raise ConfigError(f"save_folder '{folder}' is not the folder rank 0 writes on node(s) {apart}: give every "
+                          f"node the same save_folder on a filesystem they share (NFS, Lustre, ...); sharded "
+                          f"checkpoints and autoresume need it (docs/multinode.md)")

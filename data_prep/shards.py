@@ -2,7 +2,7 @@
 
     python -m data_prep.shards                       # the embedded default (after `make fetch`)
     python -m data_prep.shards --tokenizer MODEL_DIR --out data/rp_shards --seq-len 4096 \\
-        --eval-sequences 500 --prune-tokens 400000000 --continue-tokens 50000000000 --redpajama RedPajama-Data-1T
+        --eval-sequences 500 --test-sequences 500 --prune-tokens 400000000 --continue-tokens 50000000000 --redpajama RedPajama-Data-1T
 
 Per domain (one after another): documents are read lazily in order and tokenized in batches with the fast tokenizer
 (no special tokens) by --workers processes, which read uncompressed jsonl files themselves in byte ranges (a line
@@ -10,26 +10,40 @@ belongs to the range it starts in; compressed and plain-text files are read by t
 takes the results in document order, frames each document as [bos] + ids + [eos] (bos only when the tokenizer has
 one that differs from eos) and routes it, a whole document at a time, to one split:
 
-  document i (counting non-empty documents from 0) goes to `eval` while eval is not full and either
-  i % eval_every == 0 or `prune` is full; otherwise to `prune` while it is not full; otherwise to
-  `continue`. eval_every = max(2, (E + P) // E) with E the eval tokens and P the prune tokens the domain
-  needs, so eval documents are spread over the part of the corpus that eval and prune read, and neither
-  split depends on the continued-pretraining budget (a larger --continue-tokens only adds documents).
+  document i (counting non-empty documents from 0) is held out when i % eval_every == 0 (it goes to `eval`,
+  or to `test` once eval is full), when i % eval_every == eval_every // 2 (to `test`, or to `eval` once test
+  is full), or when `prune` is full (to eval, else test), as long as one of the two is not full; otherwise
+  it goes to `prune` while that is not full; otherwise to `continue`. eval_every = max(2, (E + T + P) //
+  (E + T)) with E, T the eval and test sequences and P the prune sequences the domain needs, so held-out
+  documents are spread over the part of the corpus that eval, test and prune read, and none of them
+  depends on the continued-pretraining budget (a larger --continue-tokens only adds documents).
+
+`test` holds the final numbers and is never read by training, dynamic loading, reference losses or
+calibration (llmshearing.data.layout.refuse_test); `eval` steers. A domain whose documents are too few to
+give each of eval, test and training at least one document (a plain-text file is ONE document) is refused
+with a clear error: there is no fallback that would split a document between held-out and training text.
 
 Each split's documents are concatenated and cut into `seq_len` sequences; a document that overfills a
 split is cut there (its rest is not used anywhere) and the final partial sequence of a split is dropped.
-Reading stops as soon as the three splits are full. Domain d gets `eval_sequences` eval sequences and
-ceil(budget * p_d / seq_len) sequences of each training split.
+Reading stops as soon as the four splits are full. Domain d gets `eval_sequences` eval sequences,
+`test_sequences` test sequences (default: as many as eval) and ceil(budget * p_d / seq_len) sequences of each
+training split.
 """
 from __future__ import annotations
 
 import argparse
+import bz2
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 import contextlib
 import gzip
 import hashlib
 import io
 import json
+import lzma
 import math
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -42,13 +56,13 @@ from llmshearing.io import atomic_directory, atomic_write_text
 from llmshearing.data.layout import BUILT_MARKER, FORMAT, MANIFEST, REDPAJAMA_PROPORTIONS, SPLITS, built_here
 from llmshearing.data.tokenizer import load_tokenizer, tokenizer_fingerprint
 
-BUILDER_VERSION = 2  # part of the build fingerprint: bump when the routing or framing rule changes
+BUILDER_VERSION = 3  # part of the build fingerprint: bump when the routing or framing rule changes
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".csv")  # plain text: the whole file is one document
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # one json object with a `text` field per line
 COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz")  # recognised in names; the content decides how it is read
 REDPAJAMA_DOMAINS = tuple(sorted(REDPAJAMA_PROPORTIONS))
 DEFAULT_DOMAINS = ("news", "books", "code", "docs")
-DEFAULTS = dict(seq_len=128, eval_sequences=16, prune_tokens=120_000, continue_tokens=240_000)
+DEFAULTS = dict(seq_len=128, eval_sequences=16, test_sequences=16, prune_tokens=120_000, continue_tokens=240_000)
 MAX_BATCH_DOCS = 1024
 MAX_BATCH_CHARS = 4_000_000
 RANGE_BYTES = 1 << 20  # most bytes of a file one task reads: ~0.3 s of a core, so little waits at a domain's end
@@ -83,7 +97,7 @@ def input_files(path: str) -> list[str]:
 
 def _zstandard(path: str):
     try:
-        import zstandard
+        import zstandard  # optional: the redpajama extra
     except ImportError:
         raise ConfigError(f"'{path}' is zstd-compressed but the `zstandard` package is not installed; "
                           f"install it (pip install zstandard) or decompress the file") from None
@@ -94,9 +108,6 @@ def _zstandard(path: str):
 def _open_binary(path: str):
     """The decompressed bytes of an input, by its content (gzip, bz2, xz, zstd or plain), not by its name: a
     compressed file is never tokenized as bytes of text. Archives and binary files are refused."""
-    import bz2
-    import lzma
-
     kind = sniff(path)
     if kind in ("zip", "binary"):
         raise ConfigError(f"'{path}' is {'a zip archive' if kind == 'zip' else 'binary data'}, not text; inputs are "
@@ -343,8 +354,9 @@ def _file_stats(domains: dict[str, list[str]]) -> dict[str, list]:
     return stats
 
 
-def build_fingerprint(args: dict, domains: dict[str, list[str]], tok_fingerprint: str) -> str:
-    blob = json.dumps({"builder": BUILDER_VERSION, "format": FORMAT, "args": args, "tokenizer": tok_fingerprint,
+def build_fingerprint(args: dict, domains: dict[str, list[str]], tok_fingerprint: str,
+                      builder: int = BUILDER_VERSION) -> str:
+    blob = json.dumps({"builder": builder, "format": FORMAT, "args": args, "tokenizer": tok_fingerprint,
                        "inputs": _file_stats(domains)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -355,7 +367,7 @@ _TOKENIZER = None  # set in each pool worker by _init_tokenizer
 
 
 def _make_tokenizer(tokenizer_json: str):
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # heavy: tokenizers
 
     tok = Tokenizer.from_str(tokenizer_json)
     tok.no_truncation()
@@ -405,7 +417,7 @@ def _documents(ids: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
 
 class _Split:
     def __init__(self, out: str, seq_len: int, dtype, wanted: int, shard_size: int = SHARD_SIZE):
-        from streaming import MDSWriter
+        from streaming import MDSWriter  # heavy: streaming
 
         # xxh64 of every shard file in index.json: a copy fetched from object storage is checked against it
         self.writer = MDSWriter(out=out, columns={"tokens": f"ndarray:{np.dtype(dtype).name}:{seq_len}"},
@@ -455,8 +467,6 @@ def build_domain(job: dict, pool=None, workers: int = 1, report=None) -> dict:
     processes, at most 2 x workers tasks in flight, so memory stays bounded) or in this process when `pool` is
     None; their documents are routed here, in order.
     Routing depends only on the documents' order and lengths, so the shards are the same for any `workers`."""
-    from collections import deque
-
     name, seq_len, wanted = job["name"], job["seq_len"], job["wanted"]
     tok = None if pool is not None else _make_tokenizer(job["tokenizer_json"])
     dtype = np.dtype(job["dtype"])
@@ -477,8 +487,11 @@ def build_domain(job: dict, pool=None, workers: int = 1, report=None) -> dict:
         return max(0, lacking - pending[0] // CHARS_PER_TOKEN) // slots
 
     def route(i: int):  # the rule of the module docstring
-        if not splits["eval"].full and (i % every == 0 or splits["prune"].full):
-            return "eval"
+        held = [s for s in ("eval", "test") if not splits[s].full]
+        if held and (i % every == 0 or splits["prune"].full):
+            return held[0]
+        if held and i % every == every // 2:
+            return held[-1]
         return next((s for s in ("prune", "continue") if not splits[s].full), None)
 
     in_flight = deque()
@@ -535,19 +548,14 @@ def _cpu_count() -> int:
 def _run_jobs(jobs: list[dict], workers: int, progress: bool) -> dict[str, dict]:
     """The domains one after another, each tokenized by `workers` processes (none for 1: this process, whose
     tokenizer may use several threads); a progress bar per domain with tokens/s and the ETA."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # heavy: tqdm
 
     bars = {j["name"]: tqdm(total=sum(j["wanted"].values()) * j["seq_len"], desc=f"{j['name']:>14}", unit="tok",
                             unit_scale=True, position=i, leave=True, disable=not progress, dynamic_ncols=True)
             for i, j in enumerate(jobs)}
-    from concurrent.futures.process import BrokenProcessPool
-
     pool = None
     try:
         if workers > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
             ctx = mp.get_context("spawn")  # fork would copy the parent's threads and locks (torch, tokenizers)
             pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_tokenizer,
                                        initargs=(jobs[0]["tokenizer_json"],))
@@ -591,8 +599,9 @@ def _summary(manifest: dict) -> str:
 def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_sequences: int, prune_tokens: int,
                  continue_tokens: int, proportions: dict | None = None, workers: int | None = None,
                  overwrite: bool = False, gguf_file: str | None = None, progress: bool = True,
-                 shard_size: int | None = None) -> dict:
-    """Build `<out>/manifest.json` and `<out>/<domain>/{eval,prune,continue}/` MDS shards; return the manifest.
+                 shard_size: int | None = None, test_sequences: int | None = None) -> dict:
+    """Build `<out>/manifest.json` and `<out>/<domain>/{eval,test,prune,continue}/` MDS shards; return the manifest.
+    `test_sequences` defaults to `eval_sequences`.
 
     `tokenizer`: an HF tokenizer / model folder (`gguf_file` inside it, optionally). `domains`: name ->
     input paths (jsonl with `text`, plain text, .gz / .zst compressed, or folders of those). Everything
@@ -601,6 +610,7 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     """
     seq_len = _check_int("seq_len", seq_len, 2)  # a sequence of 1 token has no next token to predict
     eval_sequences = _check_int("eval_sequences", eval_sequences, 1)
+    test_sequences = eval_sequences if test_sequences is None else _check_int("test_sequences", test_sequences, 1)
     prune_tokens = _check_int("prune_tokens", prune_tokens, 0)
     continue_tokens = _check_int("continue_tokens", continue_tokens, 0)
     shard_size = SHARD_SIZE if shard_size is None else _check_int("shard_size", shard_size, 1024)
@@ -614,12 +624,14 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     bos = tok.bos_token_id if tok.bos_token_id is not None and tok.bos_token_id != tok.eos_token_id else None
     dtype = "uint16" if vocab <= 2**16 else "uint32"
     tok_fp = tokenizer_fingerprint(tok)
-    args = dict(seq_len=seq_len, eval_sequences=eval_sequences, prune_tokens=prune_tokens,
+    args = dict(seq_len=seq_len, eval_sequences=eval_sequences, test_sequences=test_sequences, prune_tokens=prune_tokens,
                 continue_tokens=continue_tokens, proportions=props, gguf_file=gguf_file,
                 domains={d: [os.path.abspath(p) for p in ps] for d, ps in domains.items()})
     if shard_size != SHARD_SIZE:  # only then: folders built before the option existed stay up to date
         args["shard_size"] = shard_size
     fingerprint = build_fingerprint(args, domains, tok_fp)
+    # the same arguments and inputs under builder 2, which wrote no test split (test_sequences did not exist)
+    before_test = build_fingerprint({k: v for k, v in args.items() if k != "test_sequences"}, domains, tok_fp, 2)
 
     replace = False
     if os.path.isdir(out):
@@ -642,7 +654,11 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
         if old is None and os.listdir(out):
             raise ConfigError(f"'{out}' exists and is not a shard folder (no {MANIFEST}); refusing to replace it: "
                               f"choose another --out or remove it")
-        if old is not None and not overwrite:
+        if old is not None and old.get("build_fingerprint") == before_test:
+            print(f"{out} was built with the same arguments before the shards had a test split; rebuilding it "
+                  f"(its eval split changes too: held-out documents are now shared between eval and test)",
+                  file=sys.stderr)
+        elif old is not None and not overwrite:
             raise ConfigError(f"'{out}' exists and was built with different arguments, inputs or tokenizer; "
                               f"pass --overwrite (overwrite=True) to replace it")
         replace = True
@@ -653,7 +669,7 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
                 raise ConfigError(f"domain '{name}' has no documents in {', '.join(paths)} (empty files or no "
                                   f"'text' in any line); give it text or leave it out")
 
-    wanted = {d: {"eval": eval_sequences,
+    wanted = {d: {"eval": eval_sequences, "test": test_sequences,
                   "prune": math.ceil(prune_tokens * props[d] / seq_len),
                   "continue": math.ceil(continue_tokens * props[d] / seq_len)} for d in domains}
     # Default: one worker per core. The workers read, parse and tokenize; the main process only routes and writes
@@ -667,7 +683,8 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     tokenizer_json = tok.backend_tokenizer.to_str()
     eval_every = {}
     for d in domains:
-        eval_every[d] = max(2, (eval_sequences + wanted[d]["prune"]) // eval_sequences)  # (E + P) // E
+        held = eval_sequences + test_sequences
+        eval_every[d] = max(2, (held + wanted[d]["prune"]) // held)  # (E + T + P) // (E + T)
 
     with atomic_directory(out, overwrite=replace) as tmp:
         jobs = [dict(name=d, paths=domains[d], out=os.path.join(tmp, d), seq_len=seq_len, wanted=wanted[d], shard_size=shard_size,
@@ -681,13 +698,13 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
             r = results[d]
             got = r["sequences"]
             training, training_wanted = got["prune"] + got["continue"], wanted[d]["prune"] + wanted[d]["continue"]
-            if got["eval"] < 1 or (training < 1 and training_wanted > 0):
-                few = (f" Documents go whole to one split (eval held out at document level), so a domain needs "
-                       f"several; a plain-text file ({', '.join(TEXT_SUFFIXES)}) is ONE document: split it into "
-                       f"several files, or give jsonl with one {{\"text\": ...}} per line."
-                       if r["documents_used"] < 3 else "")
+            if got["eval"] < 1 or got["test"] < 1 or (training < 1 and training_wanted > 0):
+                few = (f" Documents go whole to one split (eval and test held out at document level), so a domain "
+                       f"needs at least 3; a plain-text file ({', '.join(TEXT_SUFFIXES)}) is ONE document: split it "
+                       f"into several files, or give jsonl with one {{\"text\": ...}} per line."
+                       if r["documents_used"] < 4 else "")
                 raise ConfigError(f"domain '{d}' has too little text: {r['documents_used']} document(s) gave "
-                                  f"{got['eval']} eval and {training} training sequences of "
+                                  f"{got['eval']} eval, {got['test']} test and {training} training sequences of "
                                   f"{seq_len} tokens (at least one of each is needed); add text or lower --seq-len."
                                   + few)
             short = any(got[s] < wanted[d][s] for s in SPLITS)
@@ -708,7 +725,7 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
                           "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "fingerprint": tok_fp},
             "framing": {"bos": bos, "eos": tok.eos_token_id},
             "proportions": props,
-            "budgets": {"eval_sequences": eval_sequences, "prune_tokens": prune_tokens,
+            "budgets": {"eval_sequences": eval_sequences, "test_sequences": test_sequences, "prune_tokens": prune_tokens,
                         "continue_tokens": continue_tokens},
             "domains": entries,
             "build_fingerprint": fingerprint,
@@ -758,13 +775,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="python -m data_prep.shards",
-        description="Build per-domain MDS token shards (eval / prune / continue). Without arguments: the "
+        description="Build per-domain MDS token shards (eval / test / prune / continue). Without arguments: the "
                     "embedded default from `make fetch` (data/shards).")
     parser.add_argument("--tokenizer", help="HF tokenizer or model folder")
     parser.add_argument("--gguf-file", help="a GGUF file inside --tokenizer to read the tokenizer from")
     parser.add_argument("--out", help="output folder (replaced atomically)")
     parser.add_argument("--seq-len", type=int)
-    parser.add_argument("--eval-sequences", type=int, help="held-out eval sequences per domain")
+    parser.add_argument("--eval-sequences", type=int, help="held-out eval sequences per domain (steer: evals, "
+                                                           "dynamic loading, reference losses)")
+    parser.add_argument("--test-sequences", type=int, help="held-out test sequences per domain, for final numbers "
+                                                           "only (default: as many as --eval-sequences)")
     parser.add_argument("--prune-tokens", type=int, help="token budget of the pruning split, over all domains")
     parser.add_argument("--continue-tokens", type=int, help="token budget of the continued-pretraining split")
     parser.add_argument("--domain", action="append", metavar="NAME=PATH",
@@ -784,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _build_from_args(args) -> int:
-    inputs = (args.tokenizer, args.gguf_file, args.out, args.seq_len, args.eval_sequences, args.prune_tokens,
+    inputs = (args.tokenizer, args.gguf_file, args.out, args.seq_len, args.eval_sequences, args.test_sequences,
+              args.prune_tokens,
               args.continue_tokens, args.domain, args.redpajama, args.proportions)
     if all(v is None for v in inputs):  # the embedded default (`make shards`)
         build_default_shards(workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
@@ -816,11 +837,11 @@ def _build_from_args(args) -> int:
     build_shards(args.out, args.tokenizer, domains, seq_len=args.seq_len, eval_sequences=args.eval_sequences,
                  prune_tokens=args.prune_tokens, continue_tokens=args.continue_tokens, proportions=proportions,
                  workers=args.workers, overwrite=args.overwrite, gguf_file=args.gguf_file,
-                 progress=not args.no_progress, shard_size=args.shard_size)
+                 progress=not args.no_progress, shard_size=args.shard_size, test_sequences=args.test_sequences)
     return 0
 
 
 if __name__ == "__main__":
-    from data_prep.shards import main as _main  # so pool workers unpickle functions of data_prep.shards
+    from llmshearing.data_prep.shards import main as _main  # so pool workers unpickle functions of llmshearing.data_prep.shards
 
     sys.exit(_main())

@@ -11,8 +11,10 @@ import json
 import math
 import os
 import stat
-import struct
 import tempfile
+import zipfile
+
+import yaml
 
 from llmshearing.errors import ConfigError
 
@@ -48,8 +50,6 @@ def sniff(path: str) -> str:
 
 def load_structured(path: str, key: str):
     """A yaml or json file (json is yaml), parsed; a parse error names the key, the file and the line."""
-    import yaml
-
     regular_file(path, key)
     if sniff(path) not in ("text", "empty"):
         raise ConfigError(f"{key}: '{path}' is not a text file ({sniff(path)} content); expected yaml or json")
@@ -114,163 +114,13 @@ def inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-# ------------------------------------------------------------------------------------------ model folders
-
-def _config_json(path: str, key: str) -> None:
-    """The folder's config.json exists and is a json object (transformers' own error would not name it)."""
-    file = os.path.join(path, "config.json")
-    if not os.path.exists(file):
-        raise ConfigError(f"{key}: '{path}' is not an HF model folder: no config.json")
-    regular_file(file, key)
-    try:
-        with open(file, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{key}: '{file}' is not valid json: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{key}: '{file}' is not a json object")
-
-
-def safetensors_header(file: str, key: str) -> dict:
-    """name -> (dtype, shape) of a safetensors file, after checking that the file is whole: the header parses
-    and the file is as long as its last tensor says (a truncated download or copy fails here, by name)."""
-    size = os.path.getsize(file)
-    with open(file, "rb") as f:
-        raw = f.read(8)
-        n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else -1
-        header = f.read(n) if 0 < n <= min(size - 8, 100_000_000) else b""
-    try:
-        meta = json.loads(header)
-        assert isinstance(meta, dict)
-    except (ValueError, AssertionError):
-        raise ConfigError(f"{key}: '{file}' is not a safetensors file (its header does not parse); "
-                          f"re-download or re-export the weights") from None
-    meta.pop("__metadata__", None)
-    end = max((t["data_offsets"][1] for t in meta.values()), default=0)
-    if size < 8 + n + end:
-        raise ConfigError(f"{key}: '{file}' is truncated ({size:,} bytes, its header needs {8 + n + end:,}); "
-                          f"re-download or re-export the weights")
-    return {name: (t["dtype"], tuple(t["shape"])) for name, t in meta.items()}
-
-
-FLOAT_DTYPES = {"F32", "F16", "BF16", "F64"}
-
-
-def check_weights_match(path: str, config, key: str) -> None:
-    """The safetensors weights of `path` hold exactly the tensors, shapes and float dtypes a model of `config`
-    has: a config.json that disagrees with its weights (a layer more or less, another hidden size) is an error
-    naming the tensor, not a silently dropped layer or a shape traceback deep in loading."""
-    import torch
-
-    from llmshearing.model.decoder import DecoderLM
-    from llmshearing.model.hf import safetensors_files
-
-    files = safetensors_files(path)
-    if files is None:
-        if not any(os.path.exists(os.path.join(path, n)) for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-            raise ConfigError(f"{key}: '{path}' has a config.json but no weights (model.safetensors or "
-                              f"pytorch_model.bin)")
-        return  # .bin checkpoints are checked by transformers' loader
-    with torch.device("meta"):
-        expected = {n: tuple(t.shape) for n, t in DecoderLM(config).state_dict().items()}
-    seen = set()
-    for file in files:
-        if not os.path.exists(file):
-            raise ConfigError(f"{key}: '{file}' (listed in the weight index) is missing")
-        for name, (dtype, shape) in safetensors_header(file, key).items():
-            if name not in expected:
-                raise ConfigError(f"{key}: '{file}' holds tensor '{name}', which a model of its config.json does "
-                                  f"not have: config.json and weights disagree (e.g. num_hidden_layers)")
-            if shape != expected[name]:
-                raise ConfigError(f"{key}: tensor '{name}' in '{file}' has shape {shape} but config.json implies "
-                                  f"{expected[name]}: config.json and weights disagree")
-            if dtype not in FLOAT_DTYPES:
-                raise ConfigError(f"{key}: tensor '{name}' in '{file}' is {dtype}, not a float type")
-            seen.add(name)
-    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = sorted(set(expected) - seen - tied)
-    if missing:
-        raise ConfigError(f"{key}: the weights in '{path}' lack {len(missing)} tensor(s) that its config.json "
-                          f"implies, e.g. {missing[:3]}: config.json and weights disagree")
-
-
-def check_source(path: str, gguf_file: str | None, key: str):
-    """The config of a source model given as an HF model folder (weights optional: only the config is read), a
-    GGUF file in one, or a config.json file (`llmshearing target`): the checks of `check_model_folder`, and a
-    supported family, so that a yaml, a shard folder or a weights file is one line naming it."""
-    from transformers import AutoConfig
-
-    from llmshearing.model.hf import check_source_config
-
-    if os.path.isdir(path):
-        return check_model_folder(path, gguf_file, key, weights=False, supported=True)
-    if gguf_file:
-        raise ConfigError(f"{key}: '{path}' is not a folder; --gguf-file names a file inside the source folder")
-    regular_file(path, key)
-    raw = load_structured(path, key) if sniff(path) in ("text", "empty") else None
-    if not isinstance(raw, dict) or "model_type" not in raw:
-        raise ConfigError(f"{key}: '{path}' is not an HF config.json (a json object with model_type); give the "
-                          f"source model's folder or its config.json")
-    try:
-        config = AutoConfig.for_model(**raw)
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken config; name the file
-        raise ConfigError(f"{key}: cannot read the model config '{path}': {type(e).__name__}: {e}") from None
-    try:
-        check_source_config(config)
-    except ConfigError as e:
-        raise ConfigError(f"{key}: '{path}': {e}") from None
-    return config
-
-
-def check_model_folder(path: str, gguf_file: str | None = None, key: str = "model.path", weights: bool = True,
-                       supported: bool = False):
-    """An HF model folder (or a GGUF file in one) whose config loads, is a supported family (`supported`: else
-    other families pass, for callers that check the family themselves), and agrees with its weights (`weights`);
-    returns the transformers config. Reads headers only, never the weights."""
-    from transformers import AutoConfig
-
-    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, check_source_config
-
-    if not os.path.isdir(path):
-        raise ConfigError(f"{key}: model '{path}' does not exist or is not a folder; give an HF model folder "
-                          f"(config.json + weights) or a .gguf file")
-    if gguf_file:
-        regular_file(os.path.join(path, gguf_file), f"{key} (gguf_file)")
-    else:
-        _config_json(path, key)
-    try:
-        config = AutoConfig.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds for a broken config; name the folder
-        raise ConfigError(f"{key}: cannot read the model config in '{path}': {type(e).__name__}: {e}") from None
-    if config.model_type in SUPPORTED_MODEL_TYPES or supported:
-        try:
-            check_source_config(config)
-        except ConfigError as e:
-            raise ConfigError(f"{key}: '{path}': {e}") from None
-        if not gguf_file and weights:
-            check_weights_match(path, config, key)
-    return config
-
-
-def check_positions(shards_root: str, config, model: str) -> None:
-    """The shards' sequences fit the model's positions (longer ones would run it on positions it never had)."""
-    from llmshearing.data.layout import read_manifest
-
-    seq_len, limit = int(read_manifest(shards_root).get("seq_len", 0)), getattr(config, "max_position_embeddings", None)
-    if limit and seq_len > limit:
-        raise ConfigError(f"the shards in '{shards_root}' hold sequences of seq_len {seq_len} but the model '{model}' "
-                          f"has max_position_embeddings {limit}; rebuild the shards with --seq-len {limit} or less")
-
-
 # ------------------------------------------------------------------------------------------- checkpoints
 
 def checkpoint_problem(path: str) -> str | None:
     """Why `path` is not a whole Composer checkpoint, or None: a sharded folder must hold every rank's file, a
     checkpoint file must be a torch zip archive whose directory (written last, at its end) reads, which a file
     overwritten, truncated or of another format does not."""
-    import zipfile
-
-    from llmshearing.compat import is_sharded_checkpoint, sharded_checkpoint_problem
+    from llmshearing.compat import is_sharded_checkpoint, sharded_checkpoint_problem  # heavy: torch
 
     if os.path.isdir(path):
         if not is_sharded_checkpoint(path):

@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from llmshearing.checks import writable_output
+from llmshearing.data.remote import shards_root
 from llmshearing.errors import ConfigError, run_entry
 from llmshearing.io import atomic_write_text
 from llmshearing.train import plan
@@ -44,7 +46,7 @@ def _add_convert(sub) -> None:
 
 
 def _add_make_tiny(sub) -> None:
-    from llmshearing.experiments.tiny import FAMILY_CONFIGS
+    from llmshearing.experiments.tiny import FAMILY_CONFIGS  # heavy: torch
 
     p = sub.add_parser("make-tiny", help="write a tiny random model, tokenizer and two text domains")
     p.add_argument("out_dir")
@@ -95,15 +97,19 @@ def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval", help="per-domain perplexity on shards and zero-shot task accuracy of HF model folders",
         description="Evaluate one or more model folders (source, exported pruned, continued): per-domain loss and "
-                    "perplexity on the shards' 'eval' split and, with the eval extra (lm-evaluation-harness), "
+                    "perplexity on the shards' 'test' split (--split eval: the split that steers training) and, "
+                    "with the eval extra (lm-evaluation-harness), "
                     "zero-shot accuracy on local multiple-choice tasks. Prints a markdown table with a column "
                     "per model; --out writes everything as JSON.")
     p.add_argument("models", nargs="+", metavar="MODEL", help="HF model folder, or a .gguf file")
     p.add_argument("--gguf-file", help="GGUF file name inside every MODEL folder")
-    p.add_argument("--shards", help="shard folder (manifest.json) whose 'eval' split is evaluated")
+    p.add_argument("--shards", help="shard folder (manifest.json) whose --split is evaluated")
     add_remote_arguments(p)
+    p.add_argument("--split", default="test", choices=("test", "eval"),
+                   help="test (default): held out for final numbers, never read by training; eval: the split "
+                        "that steers training (its evals, dynamic loading, reference losses)")
     p.add_argument("--domains", help="comma-separated domains (default: all, in manifest order)")
-    p.add_argument("--max-sequences", type=int, help="evaluate the first N eval sequences per domain (default: all)")
+    p.add_argument("--max-sequences", type=int, help="evaluate the first N sequences per domain (default: all)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (shards and tasks)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -136,9 +142,10 @@ def _add_target(sub) -> None:
 
 
 def _target(args) -> int:
-    from llmshearing.checks import check_source
+    from llmshearing.model.loading import check_source  # heavy: torch, transformers
+    # heavy: transformers
     from llmshearing.pruning.budget import budget_tolerance, parse_cli_budget, size_multiple, solve_budget
-    from llmshearing.pruning.shapes import param_count, shape_of
+    from llmshearing.pruning.shapes import param_count, shape_of  # heavy: transformers
 
     if args.alternatives < 0:
         raise ConfigError(f"--alternatives must be at least 0, got {args.alternatives}")
@@ -164,7 +171,8 @@ def _target(args) -> int:
 
 
 def _export(args) -> int:
-    from llmshearing.pruning.export import ExportOptions, export_checkpoint, parse_size
+    from llmshearing.pruning.export import ExportOptions, parse_size  # heavy: torch, transformers
+    from llmshearing.train.export_run import export_checkpoint  # heavy: composer, torch, transformers
 
     parse_size(args.max_shard_size)  # before the checkpoint is read
     options = ExportOptions(max_shard_size=args.max_shard_size,
@@ -176,30 +184,27 @@ def _export(args) -> int:
 
 
 def _convert(args) -> int:
-    from llmshearing.pruning.gguf_export import convert
+    from llmshearing.pruning.gguf_export import convert  # heavy: torch, transformers
 
     print(f"wrote {convert(args.model, args.gguf_dtype, args.out, args.overwrite)}")
     return 0
 
 
 def _make_tiny(args) -> None:
-    from llmshearing.checks import writable_output
-    from llmshearing.experiments.tiny import make_tiny
+    from llmshearing.experiments.tiny import make_tiny  # heavy: torch
 
     writable_output(args.out_dir, "out_dir")
     print(json.dumps(make_tiny(args.out_dir, args.family), indent=1))
 
 
 def _demo(args) -> int | None:
-    from llmshearing.experiments.demo import run_demo
+    from llmshearing.experiments.demo import run_demo  # heavy: torch
 
     result = run_demo(args.data, args.out, args.overrides)
     return result if isinstance(result, int) else None  # a stage stopped by a signal: its exit code
 
 
 def _reference_loss(args) -> None:
-    from llmshearing.checks import writable_output
-
     if args.out:
         writable_output(args.out, "--out", folder=False)
     snippet = reference_loss_snippet(args)
@@ -240,9 +245,7 @@ def _names(value: str | None, key: str) -> list[str] | None:
 
 def run_eval(args) -> dict:
     """`llmshearing eval`: evaluate, print the table, then write the JSON (only after everything worked)."""
-    from llmshearing.eval.evaluate import evaluate_models, report_table
-
-    from llmshearing.checks import writable_output
+    from llmshearing.eval.evaluate import evaluate_models, report_table  # heavy: torch
 
     if args.out is not None:
         writable_output(args.out, "--out", folder=False)  # before the work, not after
@@ -250,7 +253,7 @@ def run_eval(args) -> dict:
                              args.max_sequences, args.batch_size, args.dtype, args.device,
                              _names(args.tasks, "--tasks") or [], args.include_path, args.lm_eval_tasks,
                              args.num_fewshot, args.limit, progress=sys.stderr.isatty(), remote=args.remote,
-                             local=args.local)
+                             local=args.local, split=args.split)
     print(report_table(report))
     if args.out:
         atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")
@@ -260,7 +263,7 @@ def run_eval(args) -> dict:
 
 def reference_loss_snippet(args) -> str:
     """The snippet of `llmshearing reference-loss`, after checking that one mode's arguments are given."""
-    from llmshearing.experiments import reference_losses as reference
+    from llmshearing.experiments import reference_losses as reference  # heavy: transformers
 
     domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
     if args.domains is not None and not domains:
@@ -304,8 +307,6 @@ def reference_loss_snippet(args) -> str:
     extra = given("target_params", "target")
     if extra:
         raise ConfigError(f"{', '.join(extra)} only go with --fit FILE")
-    from llmshearing.data.remote import shards_root
-
     root = shards_root(args.shards, args.remote, args.local, ("--shards", "--remote", "--local"))
     return reference.source_snippet(args.model, root, args.gguf_file, domains, args.max_sequences,
                                     args.batch_size, progress=sys.stderr.isatty(), remote=args.remote)

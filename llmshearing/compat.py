@@ -14,8 +14,11 @@ import multiprocessing
 import os
 import signal
 import warnings
+from importlib.metadata import version
 
 import torch
+
+from llmshearing.io import atomic_file
 
 PINNED = {"mosaicml": "0.32.1", "torch": "2.7.0", "transformers": "4.53.3"}
 
@@ -26,15 +29,13 @@ class CompatError(RuntimeError):
 
 def require(ok: bool, shim: str, what: str, package: str) -> None:
     if not ok:
-        from importlib.metadata import version
-
         raise CompatError(f"{shim}: {what} is gone or changed in {package} {version(package)} (written for "
                           f"{PINNED[package]}); update llmshearing/compat.py for this version")
 
 
 # -- Composer: atomic checkpoint writes -----------------------------------------------------------------
 def _composer_checkpoint_module():
-    from composer.utils import checkpoint
+    from composer.utils import checkpoint  # heavy: composer
 
     require(callable(getattr(checkpoint, "_write_checkpoint_file", None)), "install_atomic_writes",
             "composer.utils.checkpoint._write_checkpoint_file", "mosaicml")
@@ -42,8 +43,6 @@ def _composer_checkpoint_module():
 
 
 def _atomic_write_checkpoint_file(state_dict, filename: str) -> None:
-    from llmshearing.io import atomic_file
-
     with atomic_file(filename, "wb") as f:
         torch.save(state_dict, f)
 
@@ -71,7 +70,7 @@ def install_atomic_writes() -> None:
 
 # -- Composer: autoresume on a save_folder shared by several nodes ----------------------------------------------
 def _composer_dist_module():
-    from composer.utils import dist
+    from composer.utils import dist  # heavy: composer
 
     require(all(callable(getattr(dist, n, None)) for n in ("get_node_signal_file_name", "get_node_rank")),
             "per_node_signal_files", "composer.utils.dist.get_node_signal_file_name / get_node_rank", "mosaicml")
@@ -115,7 +114,7 @@ def sharded_checkpoint_problem(path: str) -> str | None:
     truncated one, still has it: each listed file must be there and long enough."""
     if not is_sharded_checkpoint(path):
         return "it has no .metadata (its save never finished)"
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import FileSystemReader  # heavy: torch
 
     try:
         storage = FileSystemReader(path).read_metadata().storage_data
@@ -139,7 +138,7 @@ def _check_layout(ckpt, path: str) -> None:
 
 
 def _dcp_load_everything():
-    from torch.distributed.checkpoint import state_dict_loader
+    from torch.distributed.checkpoint import state_dict_loader  # heavy: torch
 
     load = getattr(state_dict_loader, "_load_state_dict_from_keys", None)
     require(callable(load), "checkpoint_state", "torch.distributed.checkpoint.state_dict_loader."
@@ -176,7 +175,7 @@ class CheckpointModel:
         self.path = path
         self.sharded = is_sharded_checkpoint(path)
         if self.sharded:
-            from torch.distributed.checkpoint import FileSystemReader
+            from torch.distributed.checkpoint import FileSystemReader  # heavy: torch.distributed, sharded only
 
             metadata = FileSystemReader(path).read_metadata()
             self._meta = metadata.state_dict_metadata
@@ -195,9 +194,9 @@ class CheckpointModel:
             self.names = list(self._model)
 
     def _dcp_load(self, fqn: str, value):
-        from torch.distributed.checkpoint import FileSystemReader, load
+        from torch.distributed.checkpoint import FileSystemReader, load  # heavy: torch
 
-        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.api import CheckpointException  # heavy: torch
 
         holder = {fqn: value}
         try:
@@ -238,9 +237,9 @@ _FSDP_CPU = []
 
 
 def _fsdp_private():
-    import torch.distributed.fsdp._flat_param as flat_param
-    import torch.distributed.fsdp._init_utils as init_utils
-    import torch.distributed.fsdp._optim_utils as optim_utils
+    import torch.distributed.fsdp._flat_param as flat_param  # a private API, imported where it is used and checked
+    import torch.distributed.fsdp._init_utils as init_utils  # a private API, imported where it is used and checked
+    import torch.distributed.fsdp._optim_utils as optim_utils  # a private API, imported where it is used and checked
 
     shim = "enable_fsdp_on_cpu"
     require(callable(getattr(init_utils, "_check_module_states_for_sync_module_states", None)), shim,
@@ -292,7 +291,7 @@ def enable_fsdp_on_cpu() -> None:
 
 # -- Composer / torch: memory that outlives a closed trainer ----------------------------------------------
 def _engine_close():
-    from composer.core.engine import Engine
+    from composer.core.engine import Engine  # heavy: composer
 
     require(callable(getattr(Engine, "_close", None)), "close_trainer", "composer.core.engine.Engine._close",
             "mosaicml")
@@ -300,7 +299,7 @@ def _engine_close():
 
 
 def _fqn_cache():
-    from torch.distributed.checkpoint import state_dict as dcp_state_dict
+    from torch.distributed.checkpoint import state_dict as dcp_state_dict  # heavy: torch
 
     cached = getattr(dcp_state_dict, "_get_fqns", None)
     require(callable(getattr(cached, "cache_clear", None)), "close_trainer",
@@ -362,7 +361,7 @@ def set_attn_implementation(config, name: str) -> None:
 
 def check_all() -> None:
     """Every shim's check against the installed packages (raises CompatError on the first that fails)."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy: transformers
 
     _composer_checkpoint_module()
     _composer_dist_module()

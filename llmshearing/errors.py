@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import signal
 import sys
+import threading
 
 # OS errors that are the machine's or the user's, not a bug: reported in one line, exit 1.
 USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT,
@@ -43,8 +44,6 @@ def _quiet_broken_pipes() -> None:
     hands them file descriptors) may still be answering one: its error is the workers' exit, not a bug, and would
     print a traceback after the one line. That thread reports through sys.excepthook (not threading.excepthook),
     so both hooks drop it; other threads' exceptions keep theirs."""
-    import threading
-
     previous_thread_hook, previous_sys_hook = threading.excepthook, sys.excepthook
 
     def thread_hook(args):

@@ -86,7 +86,7 @@ def meta_values():
 @contextlib.contextmanager
 def _nonzero_all():
     """`nonzero` of a meta tensor has no data to count: torch's option answers as if every element were nonzero."""
-    import torch.fx.experimental._config as fx_config
+    import torch.fx.experimental._config as fx_config  # a private API, imported where it is used and checked
 
     with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
         yield

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
 import shutil
 import tempfile
+
+from llmshearing.errors import ConfigError
 
 
 def _umask() -> int:
@@ -77,8 +81,6 @@ def atomic_write_text(path: str, text: str) -> None:
 
 def append_jsonl(path: str, row: dict) -> None:
     """One json line appended (the run logs: pruning_log.jsonl, domain_weights.jsonl, ...)."""
-    import json
-
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -87,8 +89,6 @@ def append_jsonl(path: str, row: dict) -> None:
 def read_jsonl(path: str, last_per: str | None = None) -> list[dict]:
     """The rows of a json-lines log ([] when it does not exist). With `last_per`, only the last row for each
     value of that key, in key order: a resumed run logs again from its checkpoint, and the later row wins."""
-    import json
-
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -102,8 +102,6 @@ def read_jsonl(path: str, last_per: str | None = None) -> list[dict]:
 def truncate_jsonl(path: str, keep) -> None:
     """Keep the rows of a json-lines log for which `keep(row)` holds (atomically): a run resumed from a
     checkpoint drops the rows the interrupted run wrote after that checkpoint, so logs are not doubled."""
-    import json
-
     if not os.path.exists(path):
         return
     rows, torn = [], False
@@ -116,3 +114,17 @@ def truncate_jsonl(path: str, keep) -> None:
     kept = [r for r in rows if keep(r)]
     if torn or len(kept) != len(rows):
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def disk_full(e: BaseException, path: str) -> ConfigError | None:
+    """The one-line error of a write that ran out of space (ENOSPC, a quota, a file-size limit), else None.
+    safetensors reports the OS error inside its own message."""
+    from safetensors import SafetensorError  # only here: io.py stays stdlib-only for the light entry points
+
+    codes = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    text = str(e)
+    if isinstance(e, OSError) and e.errno in codes or isinstance(e, SafetensorError) and any(
+            s in text for s in ("StorageFull", "No space left", "FileTooLarge", "File too large", "QuotaExceeded")):
+        return ConfigError(f"writing '{path}' failed ({text.splitlines()[0][:160]}): the disk or quota is full; "
+                           f"nothing was written: free space or give another folder")
+    return None

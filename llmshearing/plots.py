@@ -11,10 +11,10 @@ def plot_pruning_log(log_file: str, out_dir: str, source: dict, target: dict, wa
     """pruning_shape.png: each pruned structure's expected size against its target (dashed: the ramped target the
     Lagrangian pulls towards), the cut (the export) marked, and whether the masks had settled there
     (callbacks.pruning_log.settling); pruning_lambdas.png: the multipliers."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     rows = read_jsonl(log_file, last_per="step")
     if not rows:
@@ -53,10 +53,10 @@ def plot_pruning_log(log_file: str, out_dir: str, source: dict, target: dict, wa
 def plot_domain_log(log_file: str, out_dir: str) -> list[str]:
     """domain_weights.png (weights per domain over training) and, with dynamic loading,
     domain_gaps.png (eval loss minus reference per domain) from DynamicLoading's jsonl."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     rows = read_jsonl(log_file, last_per="batch")
     if not rows:

@@ -1,12 +1,11 @@
 """Callbacks, schedulers and loggers by name, so that a recipe can name them (`callbacks: {lr_monitor: {}}`).
 
-The project's own callbacks (top-level `callbacks/`) register themselves when that package is imported;
-Composer's common ones are registered here. `register(...)` adds your own (e.g. in a plugin module).
+The project's own callbacks (top-level `callbacks/`) and Composer's common ones are registered here on the first
+lookup. `register(...)` adds your own (e.g. in a plugin module).
 """
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 from typing import Any, Callable
 
@@ -67,13 +66,13 @@ _loaded = []
 
 
 def _load_builtins() -> None:
-    """Register Composer's callbacks, schedulers and loggers and import the project's `callbacks` package."""
+    """Register Composer's callbacks, schedulers and loggers and the project's `callbacks` package."""
     if _loaded:
         return
     _loaded.append(True)
-    from composer import callbacks as cc
-    from composer import loggers as cl
-    from composer import optim as co
+    from composer import callbacks as cc  # heavy: composer
+    from composer import loggers as cl  # heavy: composer
+    from composer import optim as co  # heavy: composer
 
     for name, cls in {"speed_monitor": cc.SpeedMonitor, "lr_monitor": cc.LRMonitor,
                       "memory_monitor": cc.MemoryMonitor, "optimizer_monitor": cc.OptimizerMonitor,
@@ -84,4 +83,15 @@ def _load_builtins() -> None:
     schedulers.register("constant", co.ConstantScheduler)
     loggers.register("wandb", cl.WandBLogger)
     loggers.register("file", cl.FileLogger)
-    importlib.import_module("callbacks")  # the project's package registers dynamic_loading, pruning_log, run_guard
+    # the project's own, each built from its recipe section (composer + torch: imported on the first lookup)
+    from llmshearing.callbacks import (ClipGradNorm, DynamicLoading, PruningLog, RanksAgree, ReplicatedGrads, RunGuard,
+                                       StopOnNonFinite, StopOnSignal)
+
+    callbacks.register("dynamic_loading", DynamicLoading, configured_by="data.dynamic")
+    callbacks.register("pruning_log", PruningLog, configured_by="pruning")
+    callbacks.register("run_guard", RunGuard, configured_by="save_folder")
+    callbacks.register("stop_on_nonfinite", StopOnNonFinite, configured_by="stop_on_nonfinite")
+    callbacks.register("stop_on_signal", StopOnSignal, configured_by="save_on_sigterm")
+    callbacks.register("ranks_agree", RanksAgree, configured_by="save_folder")
+    callbacks.register("replicated_grads", ReplicatedGrads, configured_by="fsdp")
+    callbacks.register("clip_grad_norm", ClipGradNorm, configured_by="optimizer.clip_grad_norm")

@@ -27,6 +27,18 @@ TINY_YAML = os.path.join("yamls", "testing", "prune_tiny.yaml")
 CONTINUE_YAML = os.path.join("yamls", "testing", "continue_tiny.yaml")
 
 
+def shards_before_the_test_split(shards, out) -> str:
+    """A copy of a shard folder whose manifest lists no test split (as shards built before it existed)."""
+    import shutil
+
+    shutil.copytree(shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["domains"].values():
+        del entry["splits"]["test"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return str(out)
+
+
 def paths(setup, folder):
     """Overrides that point a tiny recipe at the tiny setup and a fresh run folder."""
     return [f"model.path={setup['model']}", f"data.shards={setup['shards']}", f"save_folder={folder}",

@@ -17,7 +17,7 @@ import torch
 
 from conftest import ENV, REPO, TINY_YAML, paths
 
-from data_prep.shards import main as shards_main
+from llmshearing.data_prep.shards import main as shards_main
 from llmshearing.cli import main as cli_main
 from llmshearing.train.run import main as train_main
 
@@ -431,7 +431,7 @@ def test_compressed_inputs_are_read_by_content(tiny, capsys):
     import gzip
     import lzma
 
-    from data_prep.shards import iter_documents
+    from llmshearing.data_prep.shards import iter_documents
 
     raw = open(tiny["prose"], "rb").read()
     expected = list(iter_documents([tiny["prose"]]))
@@ -584,10 +584,10 @@ def test_shard_indexes_are_checked_at_start_and_a_damaged_cached_index_is_fetche
         with open(index, "w") as f:
             f.write(damage)
         refused(capsys, train(tiny, f"data.shards={remote}"), index)
-        refused(capsys, cli_main(["eval", tiny["model"], "--shards", remote]), index)
+        refused(capsys, cli_main(["eval", tiny["model"], "--shards", remote, "--split", "eval"]), index)
         shutil.rmtree(cache, ignore_errors=True)
         refused(capsys, train(tiny, *via_remote), index)
-        refused(capsys, cli_main(["eval", tiny["model"], "--remote", remote, "--local", cache]), index)
+        refused(capsys, cli_main(["eval", tiny["model"], "--remote", remote, "--local", cache, "--split", "eval"]), index)
         refused(capsys, cli_main(["reference-loss", "--model", tiny["model"], "--remote", remote, "--local", cache]),
                 index)
         assert not os.path.exists(tiny["run"])
@@ -674,7 +674,7 @@ def test_shard_settings_that_would_build_something_useless(tiny, capsys):
     assert not os.path.exists(out)
     assert shards_main(shards_args(tiny, out, f"prose={tiny['prose']}", f"code={tiny['code']}")
                        + ["--workers", "1000"]) == 0
-    from data_prep.shards import _cpu_count
+    from llmshearing.data_prep.shards import _cpu_count
 
     assert f"using {_cpu_count()}" in capsys.readouterr().err
 

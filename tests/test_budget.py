@@ -7,15 +7,17 @@ import re
 import pytest
 import torch
 from conftest import REPO
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import (AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig, GPTNeoXConfig, LlamaConfig,
+                          MistralConfig, Phi3Config,
+                          Qwen2Config, Qwen3Config)
 
 from llmshearing.cli import main as cli_main
 from llmshearing.errors import ConfigError
 from llmshearing.experiments.tiny import tiny_config
 from llmshearing.model.hf import head_dim_of, load_hf_config
 from llmshearing.pruning.budget import budget_tolerance, size_multiple, smallest_shape, solve_budget
-from llmshearing.pruning.shapes import (SHAPE_KEYS, Shape, param_count, resolve_target, shape_of, target_config,
-                                        validate_target)
+from llmshearing.pruning.shapes import SHAPE_KEYS, Shape, param_count, shape_of, target_config, validate_target
+from llmshearing.pruning.target import resolve_target
 from llmshearing.train.config import load_config
 
 SMOLLM2_JSON = os.path.join(REPO, "data", "models", "smollm2-135m", "config.json")
@@ -47,12 +49,39 @@ def qwen3_0_6b():
                        rope_theta=1e6)
 
 
+def gemma2_2b():
+    return Gemma2Config(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                        sliding_window=4096)
+
+
+def gemma3_1b():
+    return Gemma3TextConfig(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                            num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                            sliding_window=512, rope_theta=1e6, rope_local_base_freq=10000.0)
+
+
+def phi3_mini():  # Phi-3-mini-4k-instruct
+    return Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False, sliding_window=2047,
+                      max_position_embeddings=4096, pad_token_id=32000)
+
+
+def pythia_1_4b():
+    return GPTNeoXConfig(vocab_size=50304, hidden_size=2048, intermediate_size=8192, num_hidden_layers=24,
+                         num_attention_heads=16, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False)
+
+
 SOURCES = {"smollm2-135m": smollm2_135m, "llama-2-7b": llama2_7b, "mistral-7b": mistral_7b, "qwen2-0.5b": qwen2_0_5b,
-           "qwen3-0.6b": qwen3_0_6b}
+           "qwen3-0.6b": qwen3_0_6b, "gemma-2-2b": gemma2_2b, "gemma-3-1b": gemma3_1b, "phi-3-mini": phi3_mini,
+           "pythia-1.4b": pythia_1_4b}
 # the published counts; Qwen3-0.6B's card says 0.6B and 0.44B non-embedding: this is the count by hand (per layer
 # 3 x 2,097,152 attention + 9,437,184 MLP + 2,048 layer norms + 256 q_norm/k_norm, + 151,936 x 1,024 tied + 1,024)
 SOURCE_PARAMS = {"smollm2-135m": 134_515_008, "llama-2-7b": 6_738_415_616, "mistral-7b": 7_241_732_096,
-                 "qwen2-0.5b": 494_032_768, "qwen3-0.6b": 596_049_920}
+                 "qwen2-0.5b": 494_032_768, "qwen3-0.6b": 596_049_920,
+                 # Gemma (cards: 2.6B, 1B): 4 norms per layer, + Gemma 3's q/k norms
+                 "gemma-2-2b": 2_614_341_888, "gemma-3-1b": 999_885_952,
+                 "phi-3-mini": 3_821_079_552, "pythia-1.4b": 1_414_647_808}
 
 
 def hf_params(config) -> int:
@@ -214,6 +243,22 @@ def test_budget_in_a_run_config(tiny_setup):
         assert abs(param_count(shape, source) - budget) <= budget_tolerance(shape, source)
     with pytest.raises(ConfigError, match=re.escape("pruning.target.params=10,000,000 is outside the feasible range")):
         load_config(yaml, base + ["pruning.target={params: 10000000}"])  # impossible targets stop at validation
+
+
+def test_qwen3_preset_takes_the_released_1_7b_shape():
+    """qwen3-1.7b is Qwen3-1.7B's shape (its shipped config resolves to the preset, same head_dim); the counts are the
+    released models' (transformers' numel), and the pruned model has the 1.7B's parameters plus the output embedding
+    the 8B does not tie (151,936 x 2,048)."""
+    from llmshearing.pruning.shapes import PRESETS
+    from llmshearing.train.plan import load_model_config
+
+    models = os.path.join(REPO, "yamls", "models")
+    source, small = (load_model_config(os.path.join(models, f"qwen3-{n}.json")) for n in ("8b", "1.7b"))
+    assert resolve_target(os.path.join(models, "qwen3-1.7b.json"), source) == PRESETS["qwen3-1.7b"] == shape_of(small)
+    assert total(source) == hf_params(source) == 8_190_735_360
+    assert total(small) == hf_params(small) == 1_720_574_976
+    pruned = target_config(source, PRESETS["qwen3-1.7b"])
+    assert param_count(PRESETS["qwen3-1.7b"], source) == hf_params(pruned) == 1_720_574_976 + 151936 * 2048
 
 
 def test_llama3_presets_take_the_released_small_models_shapes():

@@ -6,7 +6,8 @@ import pytest
 from conftest import REPO
 
 from llmshearing.model.hf import load_hf_config
-from llmshearing.pruning.shapes import PRESETS, resolve_target, Shape
+from llmshearing.pruning.shapes import PRESETS, Shape
+from llmshearing.pruning.target import resolve_target
 from llmshearing.train.config import check_fsdp, load_config
 from llmshearing.errors import ConfigError
 from llmshearing.experiments.tiny import tiny_config
@@ -25,14 +26,15 @@ def test_tiny_recipe_validates(tiny_setup):
 
 @pytest.mark.parametrize("yaml_name", ["prune_1.3b.yaml", "prune_2.7b.yaml", "demo_smollm2.yaml", "continue_1.3b.yaml",
                                        "continue_2.7b.yaml", "demo_continue.yaml", "prune_llama3_3b.yaml",
-                                       "prune_llama3_1b.yaml", "continue_llama3_3b.yaml", "continue_llama3_1b.yaml"])
+                                       "prune_llama3_1b.yaml", "continue_llama3_3b.yaml", "continue_llama3_1b.yaml",
+                                       "prune_qwen3_1.7b.yaml", "continue_qwen3_1.7b.yaml"])
 def test_shipped_recipes_parse(yaml_name, tmp_path):
     from omegaconf import OmegaConf
 
-    from llmshearing.train.config import _build, TrainConfig
+    from llmshearing.train.config import from_mapping, TrainConfig
 
     raw = OmegaConf.to_container(OmegaConf.load(os.path.join(REPO, "yamls", yaml_name)), resolve=True)
-    cfg = _build(TrainConfig, raw, "")  # all keys known and well typed (paths exist only on the cluster)
+    cfg = from_mapping(TrainConfig, raw, "")  # all keys known and well typed (paths exist only on the cluster)
     assert (cfg.pruning is not None) == yaml_name.startswith(("prune", "demo_smollm2"))
     assert cfg.data.dynamic is not None  # dynamic batch loading in every stage, as in the paper
     if cfg.fsdp is not None:  # the GPU recipes' FSDP section is a valid Composer FSDPConfig
@@ -41,7 +43,7 @@ def test_shipped_recipes_parse(yaml_name, tmp_path):
     with open(os.path.join(REPO, "yamls", yaml_name)) as f:
         header = "".join(line for line in f if line.startswith("#"))
     assert "composer train.py yamls/" + yaml_name in header  # the command that runs it
-    if "llama3" in yaml_name:  # the multi-node line is complete (every launcher flag it needs)
+    if "llama3" in yaml_name or "qwen3" in yaml_name:  # the multi-node line is complete (every launcher flag it needs)
         assert "--master_addr $MASTER --master_port $MASTER_PORT train.py yamls/" + yaml_name in header
 
 

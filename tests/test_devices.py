@@ -14,21 +14,23 @@ from composer.core import State
 from composer.devices import DeviceCPU
 from composer.loggers import Logger
 
-from callbacks import ClipGradNorm, PruningLog, RunGuard
-from llmshearing.data.mixing import RULES, update_weights
+from llmshearing.callbacks import ClipGradNorm, PruningLog, StopOnNonFinite
+from llmshearing.data.reweighting import RULES, update_weights
 from llmshearing.fake_device import META, meta_values, to_meta
-from llmshearing.model.composer_model import ComposerLM
+from llmshearing.train.composer_model import ComposerLM
 from llmshearing.model.decoder import DecoderLM
 from llmshearing.model.distill import Teacher
 from llmshearing.pruning.export import finalize, kept_units
 from llmshearing.pruning import oneshot
 from llmshearing.pruning.masks import L0Module
-from llmshearing.pruning.shapes import SHAPE_KEYS, Shape, param_count, resolve_target, shape_of, target_config
+from llmshearing.pruning.shapes import SHAPE_KEYS, Shape, param_count, shape_of, target_config
+from llmshearing.pruning.target import resolve_target
 from llmshearing.train.mask_init import init_masks
 from llmshearing.train.plan import load_model_config, read_recipe, resolve_model, resolve_seq_len, resolve_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA31_8B = os.path.join(REPO, "yamls", "models", "llama-3.1-8b.json")
+QWEN3_8B = os.path.join(REPO, "yamls", "models", "qwen3-8b.json")
 LLAMA32_3B = Shape(28, 3072, 24, 8, 8192)  # Llama-3.2-3B's layers / hidden / heads / KV heads / intermediate
 DTYPES = {"amp_bf16": torch.bfloat16, "amp_fp16": torch.float16, "fp32": torch.float32}
 # pruning.init=activation scores 4 sequences per domain (pruning.init_sequences), 28 of RedPajama's 7 domains, in
@@ -63,15 +65,15 @@ def llama3_case(distill: bool = False, init: bool = False) -> dict:
             "batch": 2, "seq": 4096, "dtype": torch.bfloat16}
 
 
-def llama3_recipe_case(name: str, distill: bool = False, init: bool = False) -> dict:
-    """A Llama-3 recipe (yamls/*llama3*) resolved as `llmshearing plan NAME --model-config
-    yamls/models/llama-3.1-8b.json [--target-shape PRESET]` does: the pruning source, or its pruned export."""
+def llama3_recipe_case(name: str, distill: bool = False, init: bool = False, source: str = LLAMA31_8B) -> dict:
+    """A Llama-3 (or Qwen3) recipe (yamls/*llama3*, *qwen3*) resolved as `llmshearing plan NAME --model-config
+    yamls/models/<source>.json [--target-shape PRESET]` does: the pruning source, or its pruned export."""
     recipe = read_recipe(name)
     preset = None if recipe["pruning"] else read_recipe(name.replace("continue", "prune"))["pruning_target"]
-    if distill:  # as the recipes' comments say: the pruning source, or Llama-3.1-8B for continued pretraining
-        recipe = {**recipe, "distill": {"teacher": "source" if recipe["pruning"] else LLAMA31_8B}}
-    config, _, _ = resolve_model(recipe, LLAMA31_8B, preset)
-    teacher = resolve_teacher(recipe, config, None if recipe["pruning"] or not distill else LLAMA31_8B)
+    if distill:  # as the recipes' comments say: the pruning source, or the source model for continued pretraining
+        recipe = {**recipe, "distill": {"teacher": "source" if recipe["pruning"] else source}}
+    config, _, _ = resolve_model(recipe, source, preset)
+    teacher = resolve_teacher(recipe, config, None if recipe["pruning"] or not distill else source)
     target = resolve_target(recipe["pruning_target"], config) if recipe["pruning"] else None
     return {"config": config, "target": target, "teacher": teacher and teacher[0], "init": init,
             "batch": recipe["device_train_microbatch_size"], "seq": 4096, "dtype": DTYPES[recipe["precision"]]}
@@ -89,6 +91,9 @@ CASES = {
     "prune_llama3_1b+distill+init": lambda: llama3_recipe_case("prune_llama3_1b", distill=True, init=True),
     "continue_llama3_3b+distill": lambda: llama3_recipe_case("continue_llama3_3b", distill=True),
     "continue_llama3_1b": lambda: llama3_recipe_case("continue_llama3_1b"),
+    # the Qwen3-8B -> qwen3-1.7b pruning recipe: q_norm / k_norm, untied 152k-entry head (its continue recipe is a
+    # dense Qwen3 of that shape, as continue_llama3_*: not repeated here, to keep the tier's time)
+    "prune_qwen3_1.7b+distill+init": lambda: llama3_recipe_case("prune_qwen3_1.7b", True, True, QWEN3_8B),
 }
 
 
@@ -150,7 +155,7 @@ def test_recipe_runs_on_a_second_device(name, monkeypatch, tmp_path):
 
         state, logger = composer_state(model)
         state.loss = loss
-        RunGuard(None, save_on_sigterm=False).after_backward(state, logger)
+        StopOnNonFinite(None).after_backward(state, logger)
         ClipGradNorm(1.0).after_train_batch(state, logger)
         if l0 is not None:
             logged = {}
@@ -306,10 +311,12 @@ def test_activation_scores_in_bounded_passes_equal_the_one_pass_scores(family, m
     assert activation_peak_bytes(config, 4096) - weights == 4 * 4096 * (3 * 11008 + 5 * 4096) == 836 * 2**20
 
 
-@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3",
+                                    "pythia"])
 def test_every_family_trains_evaluates_and_exports_on_meta(family):
     """The family-specific paths at tiny shapes: tied embeddings (the export's final-norm fold), q/k/v biases (the
-    masked linear's bias gradient), GQA, and Mistral's sliding-window mask (T = 40 > window 24)."""
+    masked linear's bias gradient), GQA, Mistral's sliding-window mask (T = 40 > window 24), Gemma's post-norm gates,
+    soft-capped eager attention and two RoPE bases."""
     from llmshearing.experiments.tiny import tiny_config
 
     config = tiny_config(family)

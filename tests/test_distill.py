@@ -16,13 +16,14 @@ from test_fsdp import BUILD_AND_CHAIN, FSDP_YAML, ok, two_procs
 from llmshearing.compat import checkpoint_state
 from llmshearing.data.tokenizer import load_tokenizer
 from llmshearing.experiments.tiny import domain_texts, random_model, train_tokenizer
-from llmshearing.model.composer_model import ComposerLM
-from llmshearing.model.composer_model import ChunkedCrossEntropy, ChunkedPerplexity
+from llmshearing.train.composer_model import ChunkedCrossEntropy, ChunkedPerplexity, ComposerLM
 from llmshearing.model.distill import Teacher, kd_loss, lm_loss
-from llmshearing.model.hf import from_pretrained, load_hf_config
+from llmshearing.model.hf import load_hf_config
+from llmshearing.model.loading import from_pretrained
 from llmshearing.pruning.masks import L0Module
-from llmshearing.pruning.shapes import resolve_target, shape_of
-from llmshearing.train.checkpointing import load_checkpoint
+from llmshearing.pruning.shapes import shape_of
+from llmshearing.pruning.target import resolve_target
+from llmshearing.train.restore import load_checkpoint
 from llmshearing.train.run import main as train_main
 
 TARGET = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,

@@ -35,11 +35,11 @@ def hf(tiny_setup):
     return model, AutoTokenizer.from_pretrained(tiny_setup["model"])
 
 
-def eval_split(shards, domain):
-    """The eval sequences of a domain, read with streaming directly (not through llmshearing.data.layout)."""
+def eval_split(shards, domain, split="test"):
+    """The sequences of a domain's split, read with streaming directly (not through llmshearing.data.layout)."""
     from streaming import LocalDataset
 
-    ds = LocalDataset(local=os.path.join(shards, domain, "eval"))
+    ds = LocalDataset(local=os.path.join(shards, domain, split))
     return torch.tensor(np.stack([np.asarray(ds[i]["tokens"], dtype=np.int64) for i in range(len(ds))]))
 
 
@@ -66,13 +66,16 @@ def test_perplexity_matches_transformers_loss(tiny_setup, hf, tmp_path, capsys):
         assert f"| ppl {domain} | {got['ppl']:.2f} |" in table
     assert m["tokens_evaluated"] == sum(d["tokens"] for d in m["domains"].values())
     assert table.splitlines()[0] == f"| metric | {tiny_setup['model']} |"
+    assert report["split"] == "test" and "| shards split | test |" in table  # final numbers: the test split
 
-    # --domains and --max-sequences select; two models give one table with a column each
+    # --split eval (what steered training), --domains and --max-sequences select; two models, a column each
     assert main(["eval", tiny_setup["model"], tiny_setup["model"], "--shards", tiny_setup["shards"],
-                 "--domains", "code", "--max-sequences", "2"]) == 0
+                 "--domains", "code", "--max-sequences", "2", "--split", "eval"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"| metric | {tiny_setup['model']} | {tiny_setup['model']} #2 |"
-    ids = eval_split(tiny_setup["shards"], "code")[:2]
+    assert "| shards split | eval | eval |" in lines
+    ids = eval_split(tiny_setup["shards"], "code", "eval")[:2]
+    assert not torch.equal(ids, eval_split(tiny_setup["shards"], "code")[:2])
     with torch.no_grad():
         ppl = math.exp(float(model(input_ids=ids, labels=ids).loss))
     assert f"| ppl code | {ppl:.2f} | {ppl:.2f} |" in lines
@@ -203,3 +206,39 @@ def test_tasks_without_lm_eval_name_the_extra(tiny_setup, tmp_path, capsys, monk
     assert main(["eval", tiny_setup["model"], "--tasks", "llmshearing_mc", "--out", str(tmp_path / "o.json")]) == 2
     err = capsys.readouterr().err
     assert "lm-evaluation-harness" in err and "pip install -e '.[eval]'" in err and not (tmp_path / "o.json").exists()
+
+
+def test_shards_without_a_test_split_are_a_one_line_error(tiny_setup, tmp_path, capsys):
+    """Shards built before the test split existed: `llmshearing eval` says how to rebuild them, no traceback."""
+    from conftest import shards_before_the_test_split
+
+    old = shards_before_the_test_split(tiny_setup["shards"], tmp_path / "shards")
+    assert main(["eval", tiny_setup["model"], "--shards", old]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no 'test' split" in err and "make shards" in err and "Traceback" not in err
+    with pytest.raises(SystemExit, match="2"):  # argparse: only test or eval
+        main(["eval", tiny_setup["model"], "--shards", old, "--split", "prune"])
+    assert "invalid choice: 'prune'" in capsys.readouterr().err
+
+
+def test_the_test_split_is_never_read_by_training_steering_or_calibration(tiny_setup):
+    """Training data, the reference losses (dynamic loading's targets) and activation calibration refuse `test`."""
+    from llmshearing.data.mixture import DomainMixture
+    from llmshearing.errors import ConfigError
+    from llmshearing.experiments.reference_losses import source_reference_losses
+    from llmshearing.pruning.oneshot import calibration_ids
+    from llmshearing.train.config import load_config
+
+    from conftest import REPO
+
+    shards = tiny_setup["shards"]
+    recipe, paths = os.path.join(REPO, "yamls", "testing", "prune_tiny.yaml"), [f"model.path={tiny_setup['model']}",
+                                                                               f"data.shards={shards}"]
+    for refused, who in (
+            (lambda: load_config(recipe, paths + ["data.split=test"]), "data.split"),
+            (lambda: DomainMixture(shards, "test", ["prose"], [1.0], batch_size=2, seed=0), "training data"),
+            (lambda: source_reference_losses(tiny_setup["model"], shards, split="test"), "reference losses"),
+            (lambda: calibration_ids(shards, per_domain=2, split="test"), "activation calibration")):
+        with pytest.raises(ConfigError, match=f"{who}: the 'test' split is reserved for final numbers"):
+            refused()
+    assert calibration_ids(shards, per_domain=2).shape[0] == 4  # the prune split, as before

@@ -21,13 +21,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from llmshearing.compat import checkpoint_state
 from llmshearing.errors import ConfigError
 from llmshearing.experiments.tiny import random_model, tiny_config
-from llmshearing.model.composer_model import student_state
-from llmshearing.model.hf import from_pretrained
-from llmshearing.pruning.export import export_checkpoint, finalize, recipe_dtype, save_hf
+from llmshearing.train.composer_model import student_state
+from llmshearing.model.loading import from_pretrained
+from llmshearing.pruning.export import finalize, save_hf
+from llmshearing.train.export_run import export_checkpoint, recipe_dtype
 from llmshearing.pruning.gguf_export import _permute, convert
 from llmshearing.pruning.oneshot import oneshot_prune
 from llmshearing.train.builders import build_model
-from llmshearing.train.checkpointing import open_checkpoint
+from llmshearing.train.restore import open_checkpoint
 from llmshearing.train.run import main as train_main
 
 WIDE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6)  # layers outweigh the 384-token embedding
@@ -293,7 +294,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(pruned_run, tmp_path):
         subprocess.run(["umount", str(mount)], check=False)
 
 
-@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2"])
+@pytest.mark.parametrize("family", ["llama-mha", "smollm2-gqa", "mistral", "qwen2", "phi3", "pythia"])
 def test_exported_config_has_only_stock_fields(tiny_setup, tmp_path, family):
     folder = model_folder(tiny_setup, str(tmp_path / "src"), family)
     save_hf(from_pretrained(folder, attn_impl="sdpa"), str(tmp_path / "x"))
@@ -433,6 +434,18 @@ def test_gguf_without_the_gguf_package_is_one_line(tiny_setup, monkeypatch):
         check_gguf(tiny_config("llama-mha"), AutoTokenizer.from_pretrained(tiny_setup["model"]), "f16")
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gguf_refuses_gemma_naming_why(tiny_setup, family):
+    """transformers 4.53 reads gemma2/gemma3 GGUF, but not what a (pruned) Gemma needs: one line saying what."""
+    from llmshearing.pruning.gguf_export import check_gguf
+
+    pytest.importorskip("gguf")
+    with pytest.raises(ConfigError, match="GGUF export refused: .*drops query_pre_attn_scalar, the soft-caps and the "
+                                          "per-layer layer_types") as e:
+        check_gguf(tiny_config(family), AutoTokenizer.from_pretrained(tiny_setup["model"]), "f16")
+    assert "\n" not in str(e.value)
+
+
 def test_gguf_q_k_permutation_is_what_transformers_reverses():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
@@ -450,6 +463,9 @@ def test_gguf_q_k_permutation_is_what_transformers_reverses():
     ("mistral", GGUF_CASES["mistral"][2], "sliding_window=24"),
     ("qwen2", GGUF_CASES["smollm2-gqa"][2], "head_dim 16 != hidden_size/num_attention_heads"),
     ("qwen3", GGUF_CASES["qwen2"][2], "cannot read it"),  # transformers 4.53 has no qwen3 GGUF reader
+    ("pythia", {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 3},
+     "cannot read it"),  # no gpt_neox GGUF reader in transformers 4.53
+    ("phi3", GGUF_CASES["qwen2"][2], "drops partial rotary"),
 ])
 def test_gguf_refuses_what_it_cannot_carry(tiny_setup, tmp_path, family, target, why):
     source = model_folder(tiny_setup, str(tmp_path / "src"), family)

@@ -9,8 +9,8 @@ from conftest import REPO, jsonl, paths, run, weights_log
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from callbacks import DynamicLoading
-from llmshearing.data.mixing import RULES, update_weights
+from llmshearing.callbacks import DynamicLoading
+from llmshearing.data.reweighting import RULES, update_weights
 
 PAPER_TINY = os.path.join("yamls", "testing", "prune_paper_tiny.yaml")
 # What may differ: model, data, target, reference losses, batch sizes, durations, device/precision, fsdp, and the

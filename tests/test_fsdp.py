@@ -170,7 +170,7 @@ def test_sharded_export_reads_only_the_student_and_writes_no_temporary_file(runs
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from test_export import assert_bit_identical, weights
 
-    from llmshearing.pruning.export import export_checkpoint
+    from llmshearing.train.export_run import export_checkpoint
 
     source = os.path.join(base_sharded(runs, tiny_setup), "ep0-ba20")
     damaged = str(tmp_path / "ep0-ba20")

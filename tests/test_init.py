@@ -14,7 +14,8 @@ from llmshearing.model.hf import load_hf_config
 from llmshearing.pruning.export import kept_units
 from llmshearing.pruning.masks import LOG_ALPHA_RANGE, L0Module, init_bands
 from llmshearing.pruning.oneshot import oneshot_prune
-from llmshearing.pruning.shapes import resolve_target, shape_of
+from llmshearing.pruning.shapes import shape_of
+from llmshearing.pruning.target import resolve_target
 from llmshearing.train.config import load_config
 
 TARGET = {"num_hidden_layers": 3, "hidden_size": 48, "num_attention_heads": 2, "num_key_value_heads": 1,

@@ -9,7 +9,7 @@ import torch
 from llmshearing.errors import ConfigError
 from llmshearing.data.layout import DomainSequences
 from llmshearing.data.mixture import DomainMixture
-from llmshearing.data.mixing import check_weights, update_weights
+from llmshearing.data.reweighting import check_weights, update_weights
 from llmshearing.data.layout import FORMAT
 
 SEQ = 4

@@ -92,7 +92,7 @@ def test_oneshot_keeps_the_largest_units_with_the_target_shape(tiny_setup, tmp_p
 def test_activation_scores_follow_what_units_contribute(tiny_setup, tmp_path):
     """Block influence matches HF's hidden states; a unit that writes nothing is dropped, a loud one kept."""
     from llmshearing.data.layout import DomainSequences
-    from llmshearing.model.hf import from_pretrained
+    from llmshearing.model.loading import from_pretrained
     from llmshearing.pruning.oneshot import activation_scores, block_influence
 
     calib = torch.stack([DomainSequences(tiny_setup["shards"], d, "prune")[i]["input_ids"]

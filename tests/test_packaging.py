@@ -47,18 +47,22 @@ def test_wheel_ships_the_recipes_and_resolves_them_outside_the_repository(tmp_pa
                    "testing/prune_tiny", "reference/sheared-llama-1.3b"):
         assert f"llmshearing/recipes/{recipe}.yaml" in names, recipe
     assert "llmshearing/eval/tasks/llmshearing_mc.jsonl" in names
+    # callbacks/ and data_prep/ install inside the package: the wheel adds no generic top-level import name
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"llmshearing"}, sorted(names)[:20]
+    assert {"llmshearing/callbacks/run_guard.py", "llmshearing/data_prep/shards.py"} <= set(names)
     site = tmp_path / "site"
     with zipfile.ZipFile(wheel) as z:
         z.extractall(site)  # a wheel is a zip of the installed tree: this is a non-editable install
     outside = tmp_path / "elsewhere"
     outside.mkdir()
     code = ("import llmshearing, os; from llmshearing.train.config import resolve_recipe; "
-            "p = resolve_recipe('demo_smollm2'); print(llmshearing.__file__); print(p); assert os.path.isfile(p)")
+            "import llmshearing.callbacks.run_guard as g, llmshearing.data_prep.shards as s; "
+            "p = resolve_recipe('demo_smollm2'); print(llmshearing.__file__); print(p); assert os.path.isfile(p); "
+            "print(g.__file__); print(s.__file__)")
     env = {**os.environ, "PYTHONPATH": str(site)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=outside, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    module, recipe = proc.stdout.split()
-    assert module.startswith(str(site)) and recipe.startswith(str(site)), proc.stdout
+    assert all(p.startswith(str(site)) for p in proc.stdout.split()), proc.stdout  # package, recipe, callbacks, data_prep
 
 
 def test_registry_names_are_checked_before_any_work(tiny_setup, tmp_path):
@@ -74,19 +78,25 @@ def test_registry_names_are_checked_before_any_work(tiny_setup, tmp_path):
         load_config(tiny, base + ["callbacks={dynamic_loading: {}}"])
     with pytest.raises(ConfigError, match="unknown scheduler 'cosine'"):
         load_config(tiny, base + ["scheduler.name=cosine"])
-    assert {"dynamic_loading", "pruning_log", "run_guard", "speed_monitor"} <= set(registry.callbacks.names())
+    assert {"dynamic_loading", "pruning_log", "run_guard", "stop_on_signal", "speed_monitor"} <= set(registry.callbacks.names())
+    with pytest.raises(ConfigError, match="'stop_on_signal' is built from 'save_on_sigterm'"):
+        registry.callbacks.get("stop_on_signal", "callbacks")
 
 
 def test_named_callbacks_and_schedulers_are_built(tiny_setup, tmp_path):
     from composer.callbacks import LRMonitor, MemoryMonitor
     from composer.optim import LinearWithWarmupScheduler
 
-    from callbacks import DynamicLoading, PruningLog, RunGuard
+    from llmshearing.callbacks import DynamicLoading, PruningLog, RanksAgree, RunGuard, StopOnNonFinite, StopOnSignal
     from llmshearing.train.builders import build_callbacks, build_scheduler
 
     cfg = load_config(os.path.join(REPO, "yamls", "testing", "prune_tiny.yaml"),
                       paths(tiny_setup, str(tmp_path / "run")) + ["callbacks={memory_monitor: {}, lr_monitor: {}}",
                                                                    "scheduler.name=linear_with_warmup"])
     kinds = [type(c) for c in build_callbacks(cfg, str(tmp_path))]
-    assert kinds == [RunGuard, PruningLog, DynamicLoading, MemoryMonitor, LRMonitor]
+    assert kinds == [RunGuard, StopOnNonFinite, StopOnSignal, RanksAgree, PruningLog, DynamicLoading, MemoryMonitor,
+                     LRMonitor]
+    quiet = load_config(os.path.join(REPO, "yamls", "testing", "prune_tiny.yaml"),
+                        paths(tiny_setup, str(tmp_path / "run2")) + ["save_on_sigterm=false", "stop_on_nonfinite=false"])
+    assert [type(c) for c in build_callbacks(quiet, str(tmp_path))][:2] == [RunGuard, RanksAgree]
     assert isinstance(build_scheduler(cfg), LinearWithWarmupScheduler)

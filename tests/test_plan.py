@@ -185,6 +185,27 @@ def test_llama3_recipes_resolve_the_shipped_config(name, preset):
         assert f"{preset} shape" in p["config_used"]
 
 
+@pytest.mark.parametrize("name, preset", [("prune_qwen3_1.7b", None), ("continue_qwen3_1.7b", "qwen3-1.7b")])
+def test_qwen3_recipes_resolve_the_shipped_config_and_fit_16_x_80(name, preset, tmp_path):
+    """The Qwen3 recipes plan with the shipped Qwen3-8B config (QWEN3_8B, or the source a continue recipe's name
+    names) at 4096 tokens, as with the flags spelled out, and fit 16 GPUs of 80 GB, with distillation from the
+    source too (the recipes' option)."""
+    path = os.path.join(YAMLS, f"{name}.yaml")
+    p = plan.make_plan(path, 16, 80)
+    flags = plan.make_plan(path, 16, 80, model_config=os.path.join(YAMLS, "models", "qwen3-8b.json"),
+                           target_shape=preset, seq_len=4096)
+    assert "qwen3-8b.json" in p["config_used"] and p["seq_len"] == 4096 and p["model"] == flags["model"]
+    assert p["per_gpu_gb"] == flags["per_gpu_gb"] and p["verdict"] == "fits"
+    if preset:
+        assert f"{preset} shape" in p["config_used"]
+    with open(path) as f:  # the option the recipes' comments give: distillation from the unpruned Qwen3-8B
+        distilled = tmp_path / f"{name}.yaml"
+        distilled.write_text(f.read() + "distill:\n  teacher: " + ("source" if preset is None else
+                             "${oc.env:QWEN3_8B,models/Qwen3-8B}") + "\n")
+    d = plan.make_plan(str(distilled), 16, 80)
+    assert d["verdict"] == "fits" and d["per_gpu_gb"] != p["per_gpu_gb"]
+
+
 def test_cli_json_keys_and_table():
     rc, out = cli(os.path.join(YAMLS, "continue_1.3b.yaml"), "--gpus", "16", "--gpu-memory-gb", "80", "--json")
     assert rc == 0

@@ -11,7 +11,8 @@ import yaml
 from llmshearing.cli import main
 from llmshearing.errors import ConfigError
 from llmshearing.eval.evaluate import domain_losses, markdown_table, perplexities
-from llmshearing.experiments.reference_losses import (fit_scaling_law, PAPER_REFERENCE_LOSSES, parse_count, predict_reference_losses, reference_snippet, source_reference_losses)
+from llmshearing.experiments.reference_losses import (fit_scaling_law, PAPER_REFERENCE_LOSSES, predict_reference_losses, reference_snippet, source_reference_losses)
+from llmshearing.pruning.budget import parse_count
 from llmshearing.data.layout import FORMAT, REDPAJAMA_PROPORTIONS
 from llmshearing.data.tokenizer import tokenizer_fingerprint
 

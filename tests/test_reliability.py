@@ -323,6 +323,17 @@ def test_a_demo_stopped_by_sigterm_exits_with_its_code_and_a_rerun_resumes(tiny_
     assert f"reusing the finished stage in {out}/prune" in proc.stdout
     summary = json.load(open(os.path.join(out, "summary.json")))
     assert set(summary["perplexity"]) == {"source", "pruned", "pruned + continued"}
+    # the final numbers are the test split's; the reference losses (which steer) are the source's on eval
+    from llmshearing.eval.evaluate import domain_losses
+
+    assert summary["split"] == "test" and "held-out test split" in open(os.path.join(out, "summary.md")).read()
+    shards = str(data / "shards")
+    pruned = AutoModelForCausalLM.from_pretrained(os.path.join(out, "pruned")).eval()
+    source = AutoModelForCausalLM.from_pretrained(str(data / "models" / "smollm2-135m")).eval()
+    test = domain_losses(lambda ids: pruned(ids).logits, shards, split="test")
+    assert summary["loss"]["pruned"] == pytest.approx(test, rel=1e-5)
+    assert summary["loss"]["pruned"] != pytest.approx(domain_losses(lambda ids: pruned(ids).logits, shards), rel=1e-3)
+    assert summary["reference_losses"] == pytest.approx(domain_losses(lambda ids: source(ids).logits, shards), rel=1e-5)
     assert os.path.isfile(os.path.join(out, "continue", "ep0-ba200-rank0.pt"))
     gguf = os.path.join(out, "continued", "model.gguf")  # the demo's llama.cpp file, written by the rerun
     assert summary["gguf"].get("dtype") == "f16" and os.path.samefile(summary["gguf"]["file"], gguf), summary["gguf"]

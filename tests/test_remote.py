@@ -16,13 +16,13 @@ import pytest
 from conftest import BIN, REPO, TINY_YAML, jsonl, paths, run, weights_log
 from test_reliability import assert_same_weights, popen, wait_for_lines
 
-from data_prep.shards import build_shards
+from llmshearing.data_prep.shards import build_shards
 from llmshearing.data.layout import check_domains, open_split, read_manifest
 from llmshearing.data.remote import DOWNLOADS, prepare_cache
 from llmshearing.errors import ConfigError
 from llmshearing.train.config import load_config
 
-SPLITS = ("eval", "prune", "continue")
+SPLITS = ("eval", "test", "prune", "continue")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ READER = """
 import os, random, sys, time
 from llmshearing.data.layout import open_split
 remote, cache, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
-jobs = [(d, s, i) for d in ("prose", "code") for s in ("eval", "prune", "continue")
+jobs = [(d, s, i) for d in ("prose", "code") for s in ("eval", "test", "prune", "continue")
         for i in range(len(open_split(remote, d, s)))]
 random.Random(seed).shuffle(jobs)
 open(f"{cache}.ready{seed}", "w").close()
@@ -260,7 +260,7 @@ def test_training_from_a_remote_equals_local_shards_across_sigkill_and_two_ranks
 
 def test_eval_and_reference_loss_read_a_remote(tiny_setup, remote, tmp_path, capsys):
     """`llmshearing eval` and `reference-loss` take --remote/--local as a run takes data.remote/data.local: the
-    same numbers as from the folder, only the eval split's files fetched; bad combinations are one-line errors."""
+    same numbers as from the folder, only the test split's files fetched (eval's final numbers); bad combinations are one-line errors."""
     from llmshearing.cli import main
     from llmshearing.eval.evaluate import evaluate_models
 
@@ -270,7 +270,7 @@ def test_eval_and_reference_loss_read_a_remote(tiny_setup, remote, tmp_path, cap
     assert there["models"][0]["domains"] == here["models"][0]["domains"]
     assert there["shards"] == f"{remote} (cache {cache})"
     fetched = [f for f in downloads(cache) if f.endswith(".mds")]
-    assert fetched and all(f.split(os.sep)[1] == "eval" for f in fetched)
+    assert fetched and all(f.split(os.sep)[1] == "test" for f in fetched)
 
     capsys.readouterr()
     assert main(["reference-loss", "--model", model, "--shards", remote, "--max-sequences", "3"]) == 0

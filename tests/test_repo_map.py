@@ -34,7 +34,8 @@ FORMER = {"prune", "arch", "reference", "pruning_monitor", "eval_tasks"}
 # short names that are also a recipe section or a file's field (`distill.teacher`, `tokenizer.fingerprint`)
 NOT_MODULES = {"config", "fsdp", "distill", "tokenizer", "plan", "plan_trace", "train"}
 EXTENSIONS = {"py", "json", "jsonl", "md", "yaml", "txt", "ggml", "gguf", "pt", "safetensors"}
-PACKAGE_DIRS = {"llmshearing.recipes": "yamls"}  # pyproject's package-dir
+PACKAGE_DIRS = {"llmshearing.recipes": "yamls", "llmshearing.callbacks": "callbacks",
+                "llmshearing.data_prep": "data_prep"}  # pyproject's package-dir
 
 
 def _tracked():
@@ -62,6 +63,10 @@ def _path_exists(path):
         return all(_path_exists(p) for p in _expand(path))
     if "*" in path:
         return bool(glob.glob(os.path.join(ROOT, path)))
+    for prefix, folder in PACKAGE_DIRS.items():  # an installed path: llmshearing/callbacks/run_guard.py
+        installed = prefix.replace(".", "/") + "/"
+        if path.startswith(installed):
+            path = folder + "/" + path[len(installed):]
     return os.path.exists(os.path.join(ROOT, path))
 
 

@@ -4,13 +4,14 @@ import dataclasses
 import gc
 import glob
 import json
+import math
 import os
 
 import pytest
 import torch
 from composer.core import State
 
-from llmshearing.model.composer_model import ComposerLM
+from llmshearing.train.composer_model import ComposerLM
 from llmshearing.errors import ConfigError
 from llmshearing.experiments.reproduce import reproduce, Settings
 
@@ -28,6 +29,23 @@ def checkpoint(folder):
     paths = glob.glob(os.path.join(folder, "ep0-ba*-rank0.pt"))
     assert len(paths) == 1, paths
     return torch.load(paths[0], map_location="cpu", weights_only=False)["state"]
+
+
+def losses_of(model_path, shards):
+    """Per-domain mean next-token loss of an HF model folder on the test and eval splits, computed here."""
+    from streaming import LocalDataset
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    out = {}
+    for split in ("test", "eval"):
+        out[split] = {}
+        for d in DOMAINS:
+            ds = LocalDataset(local=os.path.join(shards, d, split))
+            ids = torch.tensor([list(ds[i]["tokens"]) for i in range(len(ds))], dtype=torch.long)
+            with torch.no_grad():
+                out[split][d] = float(hf(input_ids=ids, labels=ids).loss)
+    return out
 
 
 def rows(folder):
@@ -52,7 +70,7 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
     summary = reproduce(s, ["oneshot"])
     assert list(summary["arms"]) == ARMS
     for name in ("summary.json", "summary.md", "loss_curves.png", "domain_weights.png", "prune_share.png",
-                 "source_losses.json", *(f"{arm}/result.json" for arm in ARMS)):
+                 "source_losses.json", "source_test_losses.json", *(f"{arm}/result.json" for arm in ARMS)):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
 
     # Equal budgets, from the Composer checkpoints of every stage: batches, samples, tokens and the mixture's counts.
@@ -71,9 +89,10 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
         assert tokens == STEPS * BATCH * SEQ == summary["arms"][arm]["total_tokens"], arm
     assert summary["equal_budget"]
 
-    # The table: every arm x domain, numbers that are the perplexities of the summary's losses.
+    # The table: every arm x domain, numbers that are the perplexities of the summary's losses, on the test split.
     with open(os.path.join(out, "summary.md")) as f:
         report = f.read()
+    assert summary["split"] == "test" and "on the shards' test split after the whole budget" in report
     table = report.split("\n\n")[2].splitlines()
     assert table[0] == "| arm | prose | code | mean |"
     body = {line.split(" | ")[0].strip("| "): line for line in table[2:]}
@@ -82,11 +101,18 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
         cells = [float(c) for c in body[arm].strip("| ").split(" | ")[1:]]
         ppl = summary["arms"][arm]["final_perplexity"]
         assert cells[:2] == pytest.approx([ppl[d] for d in DOMAINS], abs=0.006) and all(c > 1 for c in cells)
-        # the curves end where the final table is: the trainer's last eval = domain_losses of the reloaded export
+        # the final numbers are the reloaded export's test losses; the curves (the trainers' evals, which steer
+        # dynamic loading) end at its eval losses: two document-disjoint splits, two different numbers
+        final = losses_of(os.path.join(out, arm, "continued"), tiny_setup["shards"])
         last = summary["arms"][arm]["curve"][-1]
         assert last["tokens"] == STEPS * BATCH * SEQ
-        assert [last["losses"][d] for d in DOMAINS] == pytest.approx(
-            [summary["arms"][arm]["final_losses"][d] for d in DOMAINS], abs=1e-4)
+        assert [summary["arms"][arm]["final_losses"][d] for d in DOMAINS] == pytest.approx(
+            [final["test"][d] for d in DOMAINS], abs=1e-5)
+        assert [last["losses"][d] for d in DOMAINS] == pytest.approx([final["eval"][d] for d in DOMAINS], abs=1e-4)
+        assert final["test"] != pytest.approx(final["eval"], abs=1e-3)
+    source = losses_of(tiny_setup["model"], tiny_setup["shards"])
+    assert summary["source"]["losses"] == pytest.approx(source["test"], abs=1e-5)
+    assert summary["source"]["eval_losses"] == pytest.approx(source["eval"], abs=1e-5)  # dynamic loading's reference
 
     # The fixed arm never changed its weights; the dynamic sheared arm did.
     for stage in ("prune", "continue"):
@@ -127,6 +153,14 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
     # Another scale in the same folder is refused before anything runs (its arms would look done).
     with pytest.raises(ConfigError, match="total_steps: 8 there, 16 now"):
         reproduce(dataclasses.replace(s, scale=2.0))
+    # A folder of arms run on other shards (before the test split: no build recorded) is refused too.
+    settings = json.load(open(os.path.join(out, "settings.json")))
+    with open(os.path.join(out, "settings.json"), "w") as f:
+        json.dump({k: v for k, v in settings.items() if k != "shards_build"}, f)
+    with pytest.raises(ConfigError, match="shards_build: None there"):
+        reproduce(s)
+    with open(os.path.join(out, "settings.json"), "w") as f:
+        json.dump(settings, f)
 
     # An arm interrupted after its pruning stage resumes with continued pretraining only.
     arm = os.path.join(out, "sheared_p50")
@@ -140,20 +174,23 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
     assert resumed["arms"]["sheared_p50"]["final_losses"] == pytest.approx(summary["arms"]["sheared_p50"]["final_losses"], abs=1e-5)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_beyond_the_paper_arms_over_seeds(tiny_setup, tmp_path):
-    """The issue-15 arms (distillation, activation-initialised masks) through the real trainer, two seeds, and the
-    summary over seeds: per arm each seed's final mean eval loss, read back from that seed's own summary."""
-    from llmshearing.experiments.reproduce import main
+    """The issue-15 arms (distillation, activation-initialised masks) and sheared_act (activation init without
+    distillation) through the real trainer, two seeds, and the summary over seeds: per arm each seed's final mean
+    test loss, read back from that seed's own summary; then a run at scale 2 and the plot of final test perplexity
+    against training tokens."""
+    from llmshearing.experiments.reproduce import main, plot_scales
 
     out = str(tmp_path / "seeds")
     target = "{" + ", ".join(f"{k}: {v}" for k, v in TARGET.items()) + "}"
-    arms = ["sheared", "sheared_kd", "sheared_act_kd", "oneshot_act_kd"]
+    arms = ["sheared", "sheared_act", "sheared_kd", "sheared_act_kd", "oneshot_act_kd"]
     assert main(["--out", out, "--model", tiny_setup["model"], "--shards", tiny_setup["shards"], "--target", target,
                  "--steps", str(STEPS), "--batch", str(BATCH), "--evals", "2", "--reference-losses",
                  "{prose: 4.0, code: 3.0}", "--seeds", "1", "2", "--arms", *arms]) == 0
     combined = json.load(open(os.path.join(out, "summary.json")))
     assert combined["seeds"] == ["1", "2"] and list(combined["arms"]) == arms and combined["equal_budget"]
+    assert combined["split"] == "test"
     for seed in ("1", "2"):
         own = json.load(open(os.path.join(out, f"seed-{seed}", "summary.json")))
         assert own["settings"]["seed"] == int(seed)
@@ -172,6 +209,11 @@ def test_beyond_the_paper_arms_over_seeds(tiny_setup, tmp_path):
     assert f"teacher: {tiny_setup['model']}" in run_config("sheared_kd", "continue")
     assert f"teacher: {tiny_setup['model']}" in run_config("oneshot_act_kd", "continue")
     assert "init: activation" in run_config("sheared_act_kd", "prune")
+    # sheared_act: what it says, activation-initialised masks with no warm-up, and no distillation in either stage
+    assert "init: activation" in run_config("sheared_act", "prune") and "lagrangian_warmup: 0ba" in run_config("sheared_act", "prune")
+    assert "distill: null" in run_config("sheared_act", "prune") and "distill: null" in run_config("sheared_act", "continue")
+    assert combined["arms"]["sheared_act"]["mask_init"] == "activation" and not combined["arms"]["sheared_act"]["distill"]
+    assert combined["arms"]["sheared_act"]["calibration_tokens"] == 4 * 2 * SEQ
     assert "init: uniform" in run_config("sheared_kd", "prune")
     record = json.load(open(os.path.join(out, "seed-1", "sheared_act_kd", "prune", "mask_init.json")))
     assert combined["arms"]["sheared_act_kd"]["calibration_tokens"] == record["calibration_tokens"] == 4 * 2 * SEQ
@@ -181,3 +223,44 @@ def test_beyond_the_paper_arms_over_seeds(tiny_setup, tmp_path):
     assert kd_log  # the pruning stage ran and logged
     md = open(os.path.join(out, "summary.md")).read()
     assert all(f"| {arm} | 2 |" in md for arm in arms)
+
+    # --scale 2 for one arm, one seed, then the budget plot over both runs (nothing trained by the plot)
+    out2 = str(tmp_path / "scale2")
+    assert main(["--out", out2, "--model", tiny_setup["model"], "--shards", tiny_setup["shards"], "--target", target,
+                 "--steps", str(STEPS), "--batch", str(BATCH), "--evals", "2", "--reference-losses",
+                 "{prose: 4.0, code: 3.0}", "--seed", "1", "--scale", "2", "--arms", "sheared_act"]) == 0
+    plots = str(tmp_path / "plots")
+    assert main(["--out", plots, "--plot-scales", os.path.join(out, "summary.json"),
+                 os.path.join(out2, "summary.json")]) == 0
+    scales = json.load(open(os.path.join(plots, "scales.json")))
+    assert scales["split"] == "test" and os.path.getsize(os.path.join(plots, "scales.png")) > 0
+    pts = scales["arms"]["sheared_act"]
+    assert [p["tokens"] for p in pts] == [STEPS * BATCH * SEQ, 2 * STEPS * BATCH * SEQ]
+    by_seed = combined["arms"]["sheared_act"]["final_mean_loss_by_seed"]
+    assert pts[0]["perplexity"] == pytest.approx(math.exp(sum(by_seed.values()) / 2))
+    assert pts[0]["perplexity_range"] == pytest.approx([math.exp(min(by_seed.values())), math.exp(max(by_seed.values()))])
+    scale2 = json.load(open(os.path.join(out2, "summary.json")))["arms"]["sheared_act"]
+    assert pts[1]["seeds"] == ["1"] and pts[1]["perplexity"] == pytest.approx(math.exp(scale2["final_mean_loss"]))
+    assert [p["tokens"] for p in scales["arms"]["sheared"]] == [STEPS * BATCH * SEQ]  # only at scale 1
+    old = json.load(open(os.path.join(out2, "summary.json")))
+    old["split"] = "eval"  # a summary written before the test split
+    with open(tmp_path / "old.json", "w") as f:
+        json.dump(old, f)
+    for paths, match in (([os.path.join(out, "summary.json"), str(tmp_path / "old.json")], "different splits"),
+                         ([os.path.join(out2, "summary.json")] * 2, "in two summaries")):
+        with pytest.raises(ConfigError, match=match):
+            plot_scales(paths, plots)
+
+
+def test_shards_without_a_test_split_are_refused_before_any_arm_runs(tiny_setup, tmp_path, capsys):
+    """Shards built before the test split: one line naming the rebuild, exit 2, nothing written (no arm trains for
+    an hour and then fails at its final evaluation)."""
+    from conftest import shards_before_the_test_split
+    from llmshearing.experiments.reproduce import main
+
+    old = shards_before_the_test_split(tiny_setup["shards"], tmp_path / "shards")
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--model", tiny_setup["model"], "--shards", old, "--steps", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "no 'test' split" in err and "make shards" in err
+    assert not out.exists()

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from data_prep import shards as builder
+from llmshearing.data_prep import shards as builder
 from llmshearing.errors import ConfigError
 from llmshearing.data.layout import FORMAT, open_split, read_manifest, REDPAJAMA_PROPORTIONS, SPLITS, tokens_of
 
@@ -78,8 +78,11 @@ def expected_streams(framed, wanted, seq_len, every):
     streams = {s: [] for s in SPLITS}
     full = lambda s: len(streams[s]) // seq_len >= wanted[s]  # noqa: E731
     for i, ids in enumerate(framed):
-        if not full("eval") and (i % every == 0 or full("prune")):
-            split = "eval"
+        held = [s for s in ("eval", "test") if not full(s)]
+        if held and (i % every == 0 or full("prune")):
+            split = held[0]
+        elif held and i % every == every // 2:
+            split = held[-1]
         elif not full("prune"):
             split = "prune"
         elif not full("continue"):
@@ -104,7 +107,7 @@ def test_round_trip_disjoint_and_counts(corpus, tok_dir, bos_tok_dir, tmp_path, 
     seq = SIZES["seq_len"]
     for d in paths:
         entry = m["domains"][d]
-        wanted = {"eval": SIZES["eval_sequences"], "prune": math.ceil(SIZES["prune_tokens"] * props[d] / seq),
+        wanted = {"eval": SIZES["eval_sequences"], "test": SIZES["eval_sequences"], "prune": math.ceil(SIZES["prune_tokens"] * props[d] / seq),
                   "continue": math.ceil(SIZES["continue_tokens"] * props[d] / seq)}
         assert entry["wanted"] == wanted and not entry["short"]
         framed = [bos + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts[d]]
@@ -116,13 +119,16 @@ def test_round_trip_disjoint_and_counts(corpus, tok_dir, bos_tok_dir, tmp_path, 
             assert entry["splits"][s] == {"sequences": wanted[s], "tokens": wanted[s] * seq}
             assert len(open_split(str(tmp_path / "s"), d, s)) == wanted[s]
             seen[s] = {int(i) for i in re.findall(r"Document (\d+):", tok.decode(got))}
-        assert seen["eval"] and not seen["eval"] & (seen["prune"] | seen["continue"])
+        assert seen["eval"] and seen["test"] and not seen["eval"] & seen["test"]  # document-disjoint
+        assert not (seen["eval"] | seen["test"]) & (seen["prune"] | seen["continue"])
         assert not seen["prune"] & seen["continue"]
-        assert min(seen["eval"]) == 0 and entry["eval_every"] in seen["eval"]  # spread: every k-th document
-        assert entry["eval_every"] == max(2, (wanted["eval"] + wanted["prune"]) // wanted["eval"])
+        every = entry["eval_every"]
+        assert min(seen["eval"]) == 0 and every in seen["eval"]  # spread: every k-th document
+        assert min(seen["test"]) == every // 2 and every + every // 2 in seen["test"]
+        assert every == max(2, (2 * wanted["eval"] + wanted["prune"]) // (2 * wanted["eval"]))
     assert m["format"] == FORMAT and m["dtype"] == "uint16" and read_manifest(str(tmp_path / "s")) == m
     assert m["tokenizer"]["vocab_size"] == len(tok) and m["proportions"] == props
-    assert m["budgets"] == {"eval_sequences": 8, "prune_tokens": 2000, "continue_tokens": 3000}
+    assert m["budgets"] == {"eval_sequences": 8, "test_sequences": 8, "prune_tokens": 2000, "continue_tokens": 3000}
 
 
 @pytest.mark.slow
@@ -150,7 +156,7 @@ def test_eval_and_prune_do_not_depend_on_the_continue_budget(corpus, tok_dir, tm
     for d in paths:
         assert small["domains"][d]["splits"]["continue"]["sequences"] == 0
         assert big["domains"][d]["splits"]["continue"]["sequences"] == math.ceil(1500 / SIZES["seq_len"])
-        for s in ("eval", "prune"):
+        for s in ("eval", "test", "prune"):
             assert stored(tmp_path / "small", d, s) == stored(tmp_path / "big", d, s)
     with pytest.raises(ConfigError, match="holds no sequences"):
         open_split(str(tmp_path / "small"), "a", "continue")
@@ -332,3 +338,44 @@ def test_a_bad_line_in_a_later_range_is_named_by_its_byte_offset(tmp_path):
         builder._read_range(str(path), 0, 10_000)
     with pytest.raises(ConfigError, match=rf"bad.jsonl \(the line at byte {3 * len(good)}\): not a json object"):
         builder._read_range(str(path), 20, 10_000)
+
+
+def test_a_domain_too_few_documents_for_eval_test_and_training_is_refused(tok_dir, tmp_path):
+    """Held-out splits take whole documents: a domain needs one for eval, one for test and one for training. A
+    single plain-text book (ONE document) or two long documents are refused with the reason; three are enough."""
+    rng = random.Random(1)
+    long = [f"Document {i}: " + " ".join(rng.choice(WORDS) for _ in range(400)) for i in range(3)]
+    (tmp_path / "book.txt").write_text(long[0])
+    for inputs, match in (([str(tmp_path / "book.txt")], r"1 document\(s\) gave 8 eval, 0 test .*ONE document"),
+                          ([write_jsonl(tmp_path / "two.jsonl", long[:2])], r"2 document\(s\) gave 8 eval, 0 test and 35 "
+                                                                             r"training .*at least 3")):
+        with pytest.raises(ConfigError, match=match):
+            build(tmp_path / "out", tok_dir, {"x": inputs})
+        assert not os.path.exists(tmp_path / "out")
+    m = build(tmp_path / "out", tok_dir, {"x": [write_jsonl(tmp_path / "three.jsonl", long)]})
+    assert m["domains"]["x"]["documents"] == {"eval": 1, "test": 1, "prune": 1, "continue": 0}
+
+
+def test_a_folder_built_before_the_test_split_is_rebuilt_without_overwrite(corpus, tok_dir, tmp_path, capsys):
+    """The same arguments and inputs under builder 2 (no test split): `make shards` rebuilds it (a folder built with
+    other arguments still needs --overwrite)."""
+    from llmshearing.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    paths, _ = corpus
+    out = tmp_path / "s"
+    m = build(out, tok_dir, paths)
+    args = dict(seq_len=SIZES["seq_len"], eval_sequences=SIZES["eval_sequences"], prune_tokens=SIZES["prune_tokens"],
+                continue_tokens=SIZES["continue_tokens"], proportions=m["proportions"], gguf_file=None,
+                domains={d: [os.path.abspath(p) for p in ps] for d, ps in paths.items()})
+    old = json.loads((out / "manifest.json").read_text())
+    old["build_fingerprint"] = builder.build_fingerprint(args, paths, tokenizer_fingerprint(load_tokenizer(tok_dir)), 2)
+    for entry in old["domains"].values():
+        del entry["splits"]["test"]
+    (out / "manifest.json").write_text(json.dumps(old))
+    capsys.readouterr()
+    assert build(out, tok_dir, paths) == m
+    assert "before the shards had a test split; rebuilding" in capsys.readouterr().err
+    old["build_fingerprint"] = "0" * 16  # other arguments
+    (out / "manifest.json").write_text(json.dumps(old))
+    with pytest.raises(ConfigError, match="different arguments.*--overwrite"):
+        build(out, tok_dir, paths)

@@ -9,13 +9,14 @@ from conftest import BIN, CONTINUE_YAML, TINY_YAML, paths, run, weights_log
 from transformers import AutoModelForCausalLM
 
 from llmshearing.model.hf import load_hf_config
-from llmshearing.pruning.shapes import resolve_target, shape_of
-from llmshearing.model.composer_model import ComposerLM
+from llmshearing.pruning.shapes import shape_of
+from llmshearing.pruning.target import resolve_target
+from llmshearing.train.composer_model import ComposerLM
 from llmshearing.pruning.masks import L0Module
-from llmshearing.model.hf import from_pretrained
+from llmshearing.model.loading import from_pretrained
 from llmshearing.data.layout import DomainSequences
-from llmshearing.data.mixing import update_weights
-from llmshearing.train.checkpointing import load_checkpoint
+from llmshearing.data.reweighting import update_weights
+from llmshearing.train.restore import load_checkpoint
 
 pytestmark = pytest.mark.slow  # Composer training runs / subprocesses: left out of `make test-fast`
 

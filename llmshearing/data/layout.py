@@ -4,8 +4,11 @@
     <root>/<domain>/<split>/index.json   mosaicml-streaming MDS shards, one column `tokens`
     <root>/<domain>/<split>/shard.*.mds  (ndarray of `seq_len` token ids, uint16 or uint32)
 
-Splits: `eval` (held out at document level), `prune` and `continue` (training data of the two stages,
-disjoint from each other and from `eval`). Shards are read with streaming's public `LocalDataset`
+Splits: `eval` and `test` (held out at document level, disjoint from each other), `prune` and `continue` (training
+data of the two stages, disjoint from each other and from the held-out splits). `eval` steers: the trainers' evals,
+dynamic batch loading, the reference losses. `test` is read only for final numbers (`llmshearing eval`, the demo's and
+reproduce's summaries), never by training, dynamic loading, reference losses or calibration (`refuse_test`), so
+nothing is tuned on it. Shards are read with streaming's public `LocalDataset`
 (random access, no shared memory), so any number of dataloader workers can read them; the same folder copied to
 object storage is read through a per-node cache (llmshearing.data.remote).
 """
@@ -16,11 +19,15 @@ import os
 
 import numpy as np
 
+from llmshearing.checks import load_structured
+from llmshearing.data.index import MANIFEST, read_index
+from llmshearing.data.remote import fetch_index, open_cached_split
 from llmshearing.errors import ConfigError
 
 FORMAT = "llmshearing-shards/1"
-SPLITS = ("eval", "prune", "continue")
-MANIFEST = "manifest.json"
+SPLITS = ("eval", "test", "prune", "continue")
+TEST = "test"
+REBUILD = "make shards (or python -m data_prep.shards ... --overwrite with the arguments it was built with)"
 # Written by data_prep.shards into every folder it builds: the one proof that a folder is the builder's own output
 # and may be replaced (a manifest alone is not: a shard cache holds a copy of one, and so may any folder it was
 # copied into).
@@ -42,8 +49,6 @@ def read_manifest(root: str) -> dict:
     if not os.path.exists(path):
         hint = "run 'make shards' (or python -m data_prep.shards) to build it"
         raise ConfigError(f"no shards at '{root}' ({MANIFEST} missing); {hint}")
-    from llmshearing.checks import load_structured
-
     manifest = load_structured(path, "shards")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
@@ -86,6 +91,15 @@ def check_manifest(manifest: dict, path: str) -> None:
             need(isinstance(n, int) and n >= 0, f"domains.{name}.splits.{split}.sequences", "an integer >= 0")
 
 
+def refuse_test(split: str, who: str) -> None:
+    """The `test` split holds the final numbers: `who` (training, dynamic loading, reference losses, calibration)
+    must not read it, or those numbers would be tuned on their own test set."""
+    if split == TEST:
+        raise ConfigError(f"{who}: the '{TEST}' split is reserved for final numbers (llmshearing eval, the demo's and "
+                          f"reproduce's summaries) and is never read by training, dynamic loading, reference losses or "
+                          f"calibration; use 'eval' (held out, steers) or a training split (prune, continue)")
+
+
 def check_domains(manifest: dict, root: str, domains: list[str], split: str, key: str = "data.domains",
                   remote: str | None = None) -> None:
     """Every named domain has a non-empty `split` in the shards. With a `remote` (root is then its cache) the
@@ -95,40 +109,19 @@ def check_domains(manifest: dict, root: str, domains: list[str], split: str, key
     for name in domains:
         if name not in manifest["domains"]:
             raise ConfigError(f"{key}: domain '{name}' has no shards in '{root}' (it has: {', '.join(have)})")
+        if split == TEST and TEST not in manifest["domains"][name]["splits"]:
+            raise ConfigError(f"the shards in '{remote or root}' have no '{TEST}' split (built before it existed); "
+                              f"rebuild them: {REBUILD}")
         n = manifest["domains"][name]["splits"].get(split, {}).get("sequences", 0)
         if n == 0:
             raise ConfigError(f"{key}: domain '{name}' has no '{split}' sequences in '{remote or root}'; rebuild with "
                               f"a larger budget")
         if remote:
-            from llmshearing.data.remote import fetch_index
-
             fetch_index(remote, root, name, split)
             if "://" not in remote:  # a plain path (NFS): its files can be checked now, like local shards
                 check_shard_files(split_dir(remote, name, split))
         else:
             check_shard_files(split_dir(root, name, split))
-
-
-def read_index(path: str, shown: str | None = None) -> dict:
-    """The parsed index.json of the split folder `path`, checked to be an MDS index (streaming's reader fails on a
-    damaged one with a JSONDecodeError or KeyError traceback). `shown` names the file in errors (a remote's URL)."""
-    index = os.path.join(path, "index.json")
-    shown = shown or index
-    if not os.path.exists(index):
-        raise ConfigError(f"shards at '{path}' are missing (no index.json); rebuild the shards")
-    try:
-        with open(index, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"'{shown}' is not valid json ({e}); the shards are damaged: restore the file or rebuild "
-                          f"the shards") from None
-    shards = data.get("shards") if isinstance(data, dict) else None
-    if not isinstance(shards, list) or not all(
-            isinstance(s, dict) and isinstance(s.get("raw_data"), dict) and isinstance(s["raw_data"].get("basename"), str)
-            and isinstance(s["raw_data"].get("bytes"), int) for s in shards):
-        raise ConfigError(f"'{shown}' is not an MDS index (no list of 'shards' with their 'raw_data'); the shards "
-                          f"are damaged: restore the file or rebuild the shards")
-    return data
 
 
 def check_shard_files(path: str) -> None:
@@ -150,15 +143,13 @@ def check_shard_files(path: str) -> None:
 def open_split(root: str, domain: str, split: str, remote: str | None = None):
     """Random-access dataset of one domain's split; item i is {'tokens': ndarray (seq_len,)}. With a `remote`,
     `root` is its cache and shard files are fetched on first use (llmshearing.data.remote)."""
-    from streaming import LocalDataset
+    from streaming import LocalDataset  # heavy: streaming
 
     path = split_dir(root, domain, split)
     if not read_index(path)["shards"]:  # LocalDataset fails with an IndexError on an empty split
         raise ConfigError(f"'{path}' holds no sequences (a zero budget or proportion); rebuild the shards "
                           f"with a budget for it")
     if remote:
-        from llmshearing.data.remote import open_cached_split
-
         return open_cached_split(remote, root, domain, split)
     return LocalDataset(local=path)
 
@@ -185,7 +176,15 @@ class DomainSequences:
     def __getitem__(self, i):
         if self._reader is None:
             self._reader = open_split(self.root, self.domain, self.split, self.remote)
-        import torch
+        import torch  # heavy: torch
 
         ids = torch.from_numpy(np.asarray(self._reader[i]["tokens"], dtype=np.int64))
         return {"input_ids": ids, "labels": ids}
+
+
+def check_positions(shards_root: str, config, model: str) -> None:
+    """The shards' sequences fit the model's positions (longer ones would run it on positions it never had)."""
+    seq_len, limit = int(read_manifest(shards_root).get("seq_len", 0)), getattr(config, "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise ConfigError(f"the shards in '{shards_root}' hold sequences of seq_len {seq_len} but the model '{model}' "
+                          f"has max_position_embeddings {limit}; rebuild the shards with --seq-len {limit} or less")

@@ -36,9 +36,9 @@ import torch
 from composer.utils import dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from llmshearing.data.mixing import check_weights
+from llmshearing.data.reweighting import check_weights
 from llmshearing.errors import ConfigError
-from llmshearing.data.layout import open_split, read_manifest
+from llmshearing.data.layout import open_split, read_manifest, refuse_test
 
 _DRAW_STREAM = 0x6D6978  # separates the domain draws' seeds from the permutations' seeds
 
@@ -51,6 +51,7 @@ class DomainMixture(IterableDataset):
 
     def __init__(self, root: str, split: str, domains: list[str], weights, *, batch_size: int, seed: int,
                  num_workers: int = 0, prefetch_factor: int = 2, max_updates: int = 65536, remote: str | None = None):
+        refuse_test(split, "training data")
         manifest = read_manifest(root)  # with a `remote`, root is its cache (llmshearing.data.remote)
         self.root, self.split, self.domains, self.remote = root, split, list(domains), remote
         self.sizes = [int(manifest["domains"][d]["splits"][split]["sequences"]) for d in self.domains]

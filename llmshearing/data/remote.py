@@ -18,6 +18,8 @@ import os
 import sys
 import time
 
+from llmshearing.checks import writable_output
+from llmshearing.data.index import MANIFEST, read_index
 from llmshearing.errors import ConfigError
 
 MARKER = "llmshearing_cache.json"  # which remote a cache holds: one cache never mixes two remotes
@@ -47,7 +49,7 @@ def _locked(local: str, rel: str):
 
 def _download(remote: str, rel: str, dest: str) -> None:
     """Copy remote/rel to dest with streaming's downloader for the remote's scheme (no lock: callers hold it)."""
-    from streaming.base.storage.download import CloudDownloader
+    from streaming.base.storage.download import CloudDownloader  # heavy: streaming
 
     url = join(remote, rel)
     try:
@@ -115,9 +117,6 @@ def prepare_cache(remote: str, local: str, keys=CONFIG_KEYS) -> None:
     """Make `local` the cache of `remote`: checks the two differ and that the cache is not another remote's, and
     fetches the manifest. The node's first process (LOCAL_RANK 0) also compares the remote's manifest with a
     cached one it did not just fetch, so shards rebuilt at the remote are not read mixed with stale cached files."""
-    from llmshearing.checks import writable_output
-    from llmshearing.data.layout import MANIFEST
-
     k_shards, k_remote, k_local = keys
     remote = normalise(remote)
     if "://" in local:
@@ -177,8 +176,6 @@ def fetch_index(remote: str, local: str, domain: str, split: str) -> None:
     """The split's index.json in the cache, parsed and checked. A cached copy that does not parse, or (checked by the
     node's first process) differs from the remote's, is fetched again: a damaged copy must not outlive the repair
     of the remote. A damaged index at the remote is an error naming its URL."""
-    from llmshearing.data.layout import read_index
-
     rel = os.path.join(domain, split, "index.json")
     cached_before = os.path.exists(os.path.join(local, rel))
     dest = fetch(remote, local, rel)
@@ -205,7 +202,7 @@ def fetch_index(remote: str, local: str, domain: str, split: str) -> None:
 
 def open_cached_split(remote: str, local: str, domain: str, split: str):
     """A random-access reader of one split whose shard files are fetched on first use."""
-    from streaming import LocalDataset, Stream
+    from streaming import LocalDataset, Stream  # heavy: streaming
 
     class CachedSplit(LocalDataset):
         def __init__(self):

@@ -24,7 +24,7 @@ def load_tokenizer(path: str, gguf_file: str | None = None):
                           f"(with tokenizer.json, or a GGUF file named by --gguf-file)")
     if gguf_file and not os.path.exists(os.path.join(path, gguf_file)):
         raise ConfigError(f"--gguf-file '{gguf_file}' is not in '{path}'")
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: transformers
 
     try:
         tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf_file} if gguf_file else {}))

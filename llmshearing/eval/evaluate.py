@@ -1,6 +1,7 @@
 """Evaluation of model folders: the one place outside training that computes per-domain loss, and `llmshearing eval`.
 
-`domain_loss_stats` / `domain_losses` read each domain's `eval` split (see `llmshearing.data.layout`) and return the
+`domain_loss_stats` / `domain_losses` read each domain's `eval` split, or the `split` given (final numbers: `test`, see
+`llmshearing.data.layout`), and return the
 mean next-token cross-entropy in nats per predicted token. The reference losses, the demo and `llmshearing eval`
 use them, so every number of the project about "loss on domain d" means the same thing.
 
@@ -17,14 +18,16 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from importlib.metadata import version
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmshearing.data.tokenizer import check_tokenizer, load_tokenizer
 from llmshearing.devices import dtype_of, resolve_device
 from llmshearing.errors import ConfigError
-from llmshearing.data.layout import check_domains, open_split, read_manifest, tokens_of
+from llmshearing.data.layout import check_domains, open_split, read_manifest, tokens_of, check_positions
 from llmshearing.data.remote import shards_root
 
 
@@ -59,7 +62,7 @@ def domain_loss_stats(logits_fn: Callable[[torch.Tensor], torch.Tensor], root: s
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # heavy: tqdm, only with a progress bar
 
         total = sum(min(len(open_split(root, d, split, remote)), max_sequences or 10**18) for d in domains)
         bar = tqdm(total=total, desc=f"loss on '{split}'", unit="seq")
@@ -144,8 +147,7 @@ def check_model(path: str, gguf_file: str | None = None, shards_root: str | None
     shards were built with, and the shards' token ids fit the embedding. `need_tokenizer`: refuse a folder
     without a tokenizer (lm-eval tasks need one).
     """
-    from llmshearing.checks import check_model_folder, check_positions
-    from llmshearing.data.tokenizer import check_tokenizer, load_tokenizer
+    from llmshearing.model.loading import check_model_folder  # heavy: transformers
 
     config = check_model_folder(path, gguf_file, key="model")
     try:  # the folder's own tokenizer, when it has one; else only the vocabulary size is checked
@@ -164,14 +166,17 @@ def load_model(path: str, gguf_file: str | None = None, dtype: str | torch.dtype
                device: str | None = None):
     """The model of `path` as transformers loads it (`AutoModelForCausalLM.from_pretrained`), in eval mode on
     `device` (see `resolve_device`). Run `check_model` first: this reads the weights."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # heavy: transformers
+
+    from llmshearing.model.hf import reference_attention  # heavy: transformers
 
     if isinstance(dtype, str):
         dtype = dtype_of(dtype)
     device = resolve_device(device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype,
-                                                     **({"gguf_file": gguf_file} if gguf_file else {}))
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    try:  # Gemma with its eager attention: transformers' SDPA path drops Gemma 2's soft-cap
+        attention = reference_attention(AutoConfig.from_pretrained(path, **gguf))
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **gguf, **attention)
     except OSError as e:  # e.g. a folder with a config but no weights
         raise ConfigError(f"cannot load the model weights in '{path}': {e}") from None
     return model.to(device).eval()
@@ -191,7 +196,7 @@ def task_manager(tasks: Sequence[str], include_paths: Sequence[str] = (), lm_eva
     (thousands of yamls, ~16 s to index, datasets from the HF hub) only with `lm_eval_tasks`.
     """
     try:
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # optional: the eval extra
     except ImportError:
         raise ConfigError(f"--tasks needs lm-evaluation-harness, which is not installed; install the eval "
                           f"extra: {EVAL_EXTRA}") from None
@@ -238,8 +243,8 @@ def run_tasks(model, tokenizer, tasks: Sequence[str], manager, batch_size: int =
     Per task: every numeric metric lm-eval reports ("acc", "acc_stderr", "acc_norm", ... ; a metric of a
     filter other than "none" as "metric/filter") and "items", the documents scored.
     """
-    import lm_eval
-    from lm_eval.models.huggingface import HFLM
+    import lm_eval  # optional: the eval extra
+    from lm_eval.models.huggingface import HFLM  # optional: the eval extra
 
     with _quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
@@ -263,8 +268,9 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
                     dtype: str = "float32", device: str | None = None, tasks: Sequence[str] = (),
                     include_paths: Sequence[str] = (), lm_eval_tasks: bool = False, num_fewshot: int = 0,
                     limit: int | None = None, progress: bool = False, remote: str | None = None,
-                    local: str | None = None) -> dict:
-    """Per-domain loss/perplexity on the shards' `eval` split and task accuracies of each model folder. The
+                    local: str | None = None, split: str = "test") -> dict:
+    """Per-domain loss/perplexity on the shards' `split` (`test`: final numbers, the default; `eval`: the split that
+    steers training, what its evals and dynamic loading saw) and task accuracies of each model folder. The
     shards are a folder (`shards`) or object storage read through a cache (`remote` + `local`).
 
     Every input is checked before any weights are read (so a bad call costs seconds and writes nothing);
@@ -280,6 +286,9 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
         raise ConfigError("--domains and --max-sequences select shard sequences; give --shards DIR too")
     batch_size = _positive_int(batch_size, "--batch-size")
     max_sequences = _positive_int(max_sequences, "--max-sequences", allow_none=True)
+    if split not in ("test", "eval"):
+        raise ConfigError(f"--split must be test (final numbers) or eval (the split that steers training), got "
+                          f"'{split}'")
     limit = _positive_int(limit, "--limit", allow_none=True)
     if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or num_fewshot < 0:
         raise ConfigError(f"--num-fewshot must be a non-negative integer, got {num_fewshot!r}")
@@ -292,7 +301,7 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
         domains = list(manifest["domains"]) if domains is None else list(domains)
         if not domains:
             raise ConfigError(f"--domains: no domain to evaluate in '{shards}'")
-        check_domains(manifest, shards, domains, "eval", key="--domains", remote=remote)
+        check_domains(manifest, shards, domains, split, key="--domains", remote=remote)
     located = [model_location(m, gguf_file) for m in models]
     checked = [check_model(path, gguf, shards, need_tokenizer=bool(tasks)) for path, gguf in located]
     manager = task_manager(tasks, include_paths, lm_eval_tasks) if tasks else None
@@ -305,7 +314,7 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
         entry = {"model": given, "path": path, "gguf_file": gguf, "parameters": parameter_count(model)}
         if shards is not None:
             t = time.time()
-            stats = domain_loss_stats(lambda ids: model(ids.to(device)).logits, shards, domains, "eval",
+            stats = domain_loss_stats(lambda ids: model(ids.to(device)).logits, shards, domains, split,
                                       max_sequences, batch_size, progress, remote)
             times["perplexity"] = time.time() - t
             entry["domains"] = {d: {"loss": s["loss"], "ppl": math.exp(s["loss"]), "tokens": s["tokens"],
@@ -319,13 +328,11 @@ def evaluate_models(models: Sequence[str], shards: str | None = None, gguf_file:
         entry["seconds"] = times
         results.append(entry)
         del model
-    report = {"shards": given_shards, "split": "eval" if shards is not None else None, "domains": domains,
+    report = {"shards": given_shards, "split": split if shards is not None else None, "domains": domains,
               "max_sequences": max_sequences, "batch_size": batch_size, "dtype": dtype, "device": device,
               "tasks": list(tasks), "num_fewshot": num_fewshot if tasks else None, "limit": limit,
               "models": results, "seconds": time.time() - t_start}
     if tasks:
-        from importlib.metadata import version
-
         report["lm_eval_version"] = version("lm_eval")
     return report
 
@@ -349,6 +356,8 @@ def report_table(report: dict) -> str:
 
     for label, m in zip(labels, report["models"]):
         put("parameters", label, f"{m['parameters']:,}")
+        if m.get("domains"):
+            put("shards split", label, report["split"])
         for d, s in m.get("domains", {}).items():
             put(f"ppl {d}", label, f"{s['ppl']:.2f}")
         for d, s in m.get("domains", {}).items():

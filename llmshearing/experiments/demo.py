@@ -4,7 +4,8 @@ multi-domain text, on CPU:
   shards (`data_prep.shards`) -> reference losses (the source model's per-domain eval loss)
   -> pruning with dynamic batch loading (yamls/demo_smollm2.yaml) -> export as a dense HF model
   -> continued pretraining with dynamic batch loading (yamls/demo_continue.yaml) -> export
-  -> per-domain perplexity of source / pruned / continued, reloaded with transformers, and plots
+  -> per-domain perplexity of source / pruned / continued on the shards' `test` split (never read by training,
+     dynamic loading or the reference losses, which use `eval`), reloaded with transformers, and plots
   -> `<out>/continued/model.gguf` for llama.cpp (not run here).
 """
 from __future__ import annotations
@@ -16,11 +17,20 @@ import signal
 import sys
 import time
 
+from omegaconf import OmegaConf
 import torch
 import yaml
 
+from llmshearing.data.layout import TEST as FINAL_SPLIT  # the split every final number is reported on
+from llmshearing.data_prep.shards import build_default_shards
+from llmshearing.errors import ConfigError
+from llmshearing.eval.evaluate import domain_losses
 from llmshearing.io import atomic_write_text
-
+from llmshearing.train.checkpointing import batch_of, checkpoints
+from llmshearing.train.config import as_dict, batches, identity, load_config, resolve_recipe
+from llmshearing.train.restore import load_checkpoint
+from llmshearing.train.run import run
+from llmshearing.train.run_folder import CONFIG_NAME
 
 
 def _params(model) -> int:
@@ -43,17 +53,14 @@ def _stage_overrides(overrides: list[str], stage: str) -> list[str]:
 def _finished_stage(cfg) -> dict | None:
     """The result of a stage that an earlier demo run finished (its newest checkpoint at max_duration, its export
     written, the same model, target and data), or None: a rerun of the demo reuses it instead of training again."""
-    from llmshearing.pruning.export import EXPORT_MARKER
-    from llmshearing.train.checkpointing import batch_of, checkpoints
-    from llmshearing.train.config import _as_dict, batches
-    from llmshearing.train.run_folder import CONFIG_NAME, identity
+    from llmshearing.pruning.export import EXPORT_MARKER  # heavy: transformers
 
     found, config = checkpoints(cfg.save_folder), os.path.join(cfg.save_folder, CONFIG_NAME)
     if not (found and batch_of(found[-1]) >= batches(cfg.max_duration) and os.path.isfile(config)
             and os.path.isfile(os.path.join(cfg.export_dir, EXPORT_MARKER))):
         return None
     with open(config) as f:
-        if identity(yaml.safe_load(f)) != identity(_as_dict(cfg)):
+        if identity(yaml.safe_load(f)) != identity(as_dict(cfg)):
             return None  # another run: training refuses it with its own message
     kept = os.path.join(cfg.export_dir, "pruning.json")
     print(f"demo: reusing the finished stage in {cfg.save_folder} and its export {cfg.export_dir} (delete them to "
@@ -65,17 +72,10 @@ def _finished_stage(cfg) -> dict | None:
 def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list[str] | None = None) -> dict | int:
     """The summary; or, when a stage was stopped by SIGTERM / SIGINT (its checkpoint saved), that stage's exit
     code, after one line saying how to resume."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
-    from data_prep.shards import build_default_shards
-    from omegaconf import OmegaConf
-
-    from llmshearing.train.config import load_config, resolve_recipe
-    from llmshearing.eval.evaluate import domain_losses
+    # heavy: transformers
     from llmshearing.experiments.reference_losses import reference_snippet, source_reference_losses
-    from llmshearing.train.checkpointing import load_checkpoint
-    from llmshearing.train.run import run
-
     overrides = list(overrides or [])
     times, t0 = {}, time.time()
     model_dir = os.path.join(data_dir, "models", "smollm2-135m")
@@ -119,7 +119,7 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
     losses, params = {}, {}
     for name, path in models.items():
         hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
-        losses[name] = domain_losses(lambda ids: hf(ids).logits, shards, cfg.data.domains)
+        losses[name] = domain_losses(lambda ids: hf(ids).logits, shards, cfg.data.domains, split=FINAL_SPLIT)
         params[name] = _params(hf)
     times["eval (3 models, reloaded with transformers)"] = time.time() - t
 
@@ -140,7 +140,7 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
     summary = {
         "params": params, "kept_shape": stages["prune"]["kept"]["target_shape"],
         "source_shape": stages["prune"]["kept"]["source_shape"],
-        "loss": losses, "perplexity": {m: {d: float(torch.tensor(v).exp()) for d, v in per.items()} for m, per in losses.items()},
+        "split": FINAL_SPLIT, "loss": losses, "perplexity": {m: {d: float(torch.tensor(v).exp()) for d, v in per.items()} for m, per in losses.items()},
         "reference_losses": reference, "final_domain_weights": weights,
         "max_abs_logit_diff_masked_vs_export": max_diff, "seconds": times, "gguf": gguf,
         "masks_at_cut": _masks_at_cut(cfg.save_folder),
@@ -170,8 +170,7 @@ def _masks_at_cut(folder: str) -> dict | None:
 def demo_gguf(export_dir: str, dtype: str = "f16") -> dict:
     """`<continued export>/model.gguf` for llama.cpp; a refusal (a tokenizer GGUF cannot carry) is reported, not
     fatal: the HF export is the demo's result."""
-    from llmshearing.errors import ConfigError
-    from llmshearing.pruning.gguf_export import convert
+    from llmshearing.pruning.gguf_export import convert  # heavy: transformers
 
     try:
         return {"file": convert(export_dir, dtype, overwrite=True), "dtype": dtype}
@@ -189,7 +188,9 @@ def format_report(s: dict) -> str:
     ]
     for name, per in s["perplexity"].items():
         lines.append(f"| {name} | " + " | ".join(f"{per[d]:.2f}" for d in domains) + " |")
-    lines += ["", "Per-domain token perplexity on the shards' held-out eval split.",
+    lines += ["", f"Per-domain token perplexity on the shards' held-out {s.get('split', 'eval')} split"
+              + (" (never read by training, dynamic loading or the reference losses)." if s.get("split") == "test"
+                 else "."),
               "Reference losses (source): " + ", ".join(f"{d} {v:.3f}" for d, v in s["reference_losses"].items())]
     for stage, w in s["final_domain_weights"].items():
         lines.append(f"Domain weights at the end of {stage}: " + ", ".join(f"{d} {v:.3f}" for d, v in w.items()))

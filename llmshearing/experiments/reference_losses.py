@@ -18,13 +18,19 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import yaml
 
+from llmshearing.data.layout import check_domains, read_manifest, refuse_test
 from llmshearing.errors import ConfigError
+from llmshearing.model.hf import load_hf_config
+from llmshearing.pruning.budget import parse_count
+from llmshearing.pruning.shapes import param_count, PRESETS
+from llmshearing.pruning.target import resolve_target
 
 # The paper's reference losses, as released with the original code: princeton-nlp/LLM-Shearing,
 # llmshearing/scripts/pruning.sh (and continue_pretrain.sh), `target_loss` lists commented
 # "1.3b predicted loss from scaling law" / "2.7b predicted loss from scaling law" (the 2.7B one under
-# `to_model == 3b`). There the domain order is set_names=[cc,github,book,stackexchange,wiki,arxiv,c4-rp];
+# `to_model == 3b` at commit 17c3026, `to_model == 2.7b` at 8185717, the `else` branch at cbf39a3; same values). There the domain order is set_names=[cc,github,book,stackexchange,wiki,arxiv,c4-rp];
 # here they are keyed by our RedPajama domain names (cc -> common_crawl, wiki -> wikipedia, c4-rp -> c4)
 # and listed in the order of `shards.REDPAJAMA_PROPORTIONS`. Per the paper (Sec. 2.2) they are the losses
 # of a hypothetical LLaMA2 model of the target size, predicted by a scaling law fit per domain on the LLaMA2
@@ -43,33 +49,31 @@ PAPER_REFERENCE_LOSSES: dict[str, dict[str, float]] = {
 
 B_MAX = 2.0  # the exponent b is searched in (0, B_MAX]
 _B_GRID = np.geomspace(1e-3, B_MAX, 801)
-_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-
-
 # ---------------------------------------------------------------------------------------------- source model
 
 def source_reference_losses(model_path: str, shards_root: str, gguf_file: str | None = None,
                             domains: list[str] | None = None, max_sequences: int | None = None,
-                            batch_size: int = 4, progress: bool = False, remote: str | None = None) -> dict[str, float]:
+                            batch_size: int = 4, progress: bool = False, remote: str | None = None,
+                            split: str = "eval") -> dict[str, float]:
     """Per-domain eval loss (nats/token) of the model at `model_path` on the shards' `eval` split (with `remote`,
-    `shards_root` is its cache: `data.remote.shards_root`).
+    `shards_root` is its cache: `data.remote.shards_root`); the `test` split is refused (never tuned on).
 
     Checked before any weights are read: the shards exist and hold the domains, every token id of the
     shards' tokenizer fits the model's embedding, and (when the model folder has a tokenizer) the shards
     were built with that tokenizer. Loaded and checked by `evaluate.check_model` / `evaluate.load_model`,
     the same loader `llmshearing eval` uses, so a reference loss and an eval loss mean the same thing.
     """
-    from llmshearing.devices import resolve_device
-    from llmshearing.eval.evaluate import check_model, domain_losses, load_model
-    from llmshearing.data.layout import check_domains, read_manifest
+    from llmshearing.devices import resolve_device  # heavy: torch
+    from llmshearing.eval.evaluate import check_model, domain_losses, load_model  # heavy: torch
 
+    refuse_test(split, "reference losses")
     manifest = read_manifest(shards_root)
     domains = list(manifest["domains"]) if domains is None else list(domains)
-    check_domains(manifest, shards_root, domains, "eval", key="domains", remote=remote)
+    check_domains(manifest, shards_root, domains, split, key="domains", remote=remote)
     check_model(model_path, gguf_file, shards_root)
     device = resolve_device(None)
     model = load_model(model_path, gguf_file, "float32", device)
-    return domain_losses(lambda ids: model(ids.to(device)).logits, shards_root, domains, "eval", max_sequences,
+    return domain_losses(lambda ids: model(ids.to(device)).logits, shards_root, domains, split, max_sequences,
                          batch_size, progress, remote)
 
 
@@ -138,29 +142,8 @@ def scaling_law(a: float, b: float, c: float, n: float) -> float:
     return a / n ** b + c
 
 
-def parse_count(value, key: str = "parameter count") -> float:
-    """A positive parameter count: a number, or a string like '4.05e8', '1.3B', '410M'."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a positive number of parameters, got {value!r}")
-    if isinstance(value, (int, float)):
-        n = float(value)
-    elif isinstance(value, str):
-        m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMbBgGtT]?)\s*", value)
-        try:
-            n = float(m.group(1)) * (_SUFFIXES[m.group(2).lower()] if m.group(2) else 1.0) if m else float("nan")
-        except ValueError:
-            n = float("nan")
-    else:
-        n = float("nan")
-    if not math.isfinite(n) or n <= 0:
-        raise ConfigError(f"{key}: expected a positive number of parameters (like 1.3e9 or 1.3B), got {value!r}")
-    return n
-
-
 def load_fit_table(path: str) -> dict:
     """The fit input (yaml or json): {sizes: {model: N}, losses: {domain: {model: loss}}}."""
-    import yaml
-
     if not os.path.isfile(path):
         raise ConfigError(f"--fit: '{path}' does not exist (expected a yaml/json file with 'sizes' and 'losses')")
     with open(path) as f:
@@ -229,9 +212,6 @@ def target_param_count(target: str, source_model: str | None = None, gguf_file: 
     A preset takes vocabulary, head_dim, biases and tying from the source model's config (`source_model`);
     a config path is counted on its own when no source is given.
     """
-    from llmshearing.model.hf import load_hf_config
-    from llmshearing.pruning.shapes import param_count, PRESETS, resolve_target
-
     if target not in PRESETS and not os.path.exists(target):
         raise ConfigError(f"--target '{target}' is neither a preset ({', '.join(PRESETS)}) nor an existing config path")
     if source_model is None:

@@ -21,6 +21,9 @@ domains, each arm trains for the same number of batches of the same size (N = st
 Beyond the paper (issue 15; optional arms, e.g. `--arms sheared sheared_kd sheared_act_kd oneshot_act
 oneshot_act_kd --seeds 17 18 19`):
 
+  sheared_act    as sheared, the masks initialised from activation importance (`pruning.init: activation`, on
+                 the same calibration sequences as oneshot_act, not counted as training tokens) and no Lagrangian
+                 warm-up, no distillation: with sheared_act_kd it separates the init's gain from distillation's
   sheared_kd     as sheared, with logit distillation from the source in both stages (`distill:`, alpha 1, T 1)
   sheared_act_kd as sheared_kd, the masks initialised from activation importance (`pruning.init: activation`, on
                  the same calibration sequences as oneshot_act, not counted as training tokens) and no Lagrangian
@@ -28,13 +31,20 @@ oneshot_act_kd --seeds 17 18 19`):
   oneshot_act_kd as oneshot_act, with distillation from the source during continued pretraining
 
 `--seeds A B C` runs every arm once per seed (`<out>/seed-<n>/`, each a complete run of this script) and writes
-`<out>/summary.{json,md}` over the seeds: per arm the final mean eval loss of each seed, their mean and range.
+`<out>/summary.{json,md}` over the seeds: per arm the final mean test loss of each seed, their mean and range.
+`--plot-scales A/summary.json B/summary.json ...` (runs at several --scale) writes `<out>/scales.{png,json}`: final
+test perplexity against training tokens per arm, the seeds' range as error bars; nothing is trained.
+
+Final numbers (the tables, `final_losses`, `start_of_continue_losses`, the source row) are on the shards' `test` split,
+which nothing in training reads; the curves are the trainers' evals on the `eval` split, which steers dynamic
+loading (its reference losses are the source's `eval` losses).
 
 Both stages are the real Composer trainer (`llmshearing.train.run`) on the demo's recipes
 (yamls/demo_smollm2.yaml, yamls/demo_continue.yaml) with overrides for paths, steps and batch, and each arm's
 mask init and distillation stated (so the demo's defaults, activation init + distillation since issue 15, do not
 leak into the paper's arms); the continued-pretraining recipe is otherwise the same for every arm. Per-domain losses come from
-`llmshearing.eval.evaluate.domain_losses` (the final table) and from the trainers' evals (the curves); every
+`llmshearing.eval.evaluate.domain_losses` on `test` (the final table) and from the trainers' evals on `eval` (the
+curves); every
 arm's token count is read back from its Composer checkpoints. Each arm writes `<out>/<arm>/result.json`
 when done, and an arm (or stage) whose record exists is skipped, so an interrupted run resumes.
 """
@@ -50,11 +60,20 @@ import shutil
 import sys
 import time
 
+from omegaconf import OmegaConf
 import torch
 
 from llmshearing.compat import checkpoint_state
+from llmshearing.data.layout import TEST as FINAL_SPLIT  # every final number; `eval` steers
+from llmshearing.data.layout import check_domains, read_manifest
+from llmshearing.data.tokenizer import load_tokenizer
 from llmshearing.devices import resolve_device
-from llmshearing.io import atomic_write_text, read_jsonl
+from llmshearing.errors import ConfigError
+from llmshearing.eval.evaluate import domain_losses, perplexities, markdown_table
+from llmshearing.experiments.demo import _stage_overrides
+from llmshearing.io import atomic_write_text, read_jsonl, atomic_directory
+from llmshearing.train.config import load_config
+from llmshearing.train.run import run
 
 PRUNE_YAML, CONTINUE_YAML = "demo_smollm2", "demo_continue"  # shipped recipes (yamls/)
 # Scale 1 (the CPU default): 160 batches of 2 x 128 tokens = 40,960 training tokens per arm, 4 evals per arm;
@@ -62,7 +81,7 @@ PRUNE_YAML, CONTINUE_YAML = "demo_smollm2", "demo_continue"  # shipped recipes (
 BASE_STEPS, BASE_BATCH = 160, 2
 # Arms run only when asked for (--arms oneshot, or --arms all): weight magnitude chose worse units than random
 # draws on SmolLM2-135M (docs/runs/reproduce_mini.md), so oneshot_act is the default one-shot baseline.
-OPTIONAL_ARMS = ("oneshot", "sheared_kd", "sheared_act_kd", "oneshot_act_kd")
+OPTIONAL_ARMS = ("oneshot", "sheared_act", "sheared_kd", "sheared_act_kd", "oneshot_act_kd")
 
 
 @dataclasses.dataclass
@@ -112,6 +131,7 @@ def plan(s: Settings) -> dict[str, dict]:
         if s.prune_steps(share) != p:
             arms[f"sheared_p{round(100 * share)}"] = {"init": "l0", "prune": s.prune_steps(share), "dynamic": True,
                                                       "share": share}
+    arms["sheared_act"] = {**arms["sheared"], "mask_init": "activation"}
     arms["sheared_kd"] = {**arms["sheared"], "distill": True}
     arms["sheared_act_kd"] = {**arms["sheared"], "distill": True, "mask_init": "activation"}
     arms["oneshot_act_kd"] = {**arms["oneshot_act"], "distill": True}
@@ -124,8 +144,6 @@ def plan(s: Settings) -> dict[str, dict]:
 
 def parse_target(spec: str):
     """The target as load_config will read `pruning.target=<spec>` (a name/path string or a mapping)."""
-    from omegaconf import OmegaConf
-
     value = OmegaConf.to_container(OmegaConf.from_dotlist([f"target={spec}"]))["target"]
     return value
 
@@ -139,12 +157,11 @@ def log(msg: str) -> None:
 
 def random_init(model_path: str, target, out_dir: str, seed: int) -> str:
     """A randomly initialized HF model of the target config (transformers' own init) with the source tokenizer."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
-    from llmshearing.model.hf import load_hf_config
-    from llmshearing.pruning.shapes import resolve_target, target_config
-    from llmshearing.io import atomic_directory
-    from llmshearing.data.tokenizer import load_tokenizer
+    from llmshearing.model.hf import load_hf_config  # heavy: transformers
+    from llmshearing.pruning.shapes import target_config  # heavy: transformers
+    from llmshearing.pruning.target import resolve_target  # heavy: transformers
 
     source = load_hf_config(model_path)
     config = target_config(source, resolve_target(target, source))
@@ -158,20 +175,19 @@ def random_init(model_path: str, target, out_dir: str, seed: int) -> str:
 
 def calibration_ids(s: Settings) -> torch.Tensor:
     """The first `s.calibration` sequences of every domain's prune split (B, T): oneshot_act's scoring data."""
-    from llmshearing.pruning.oneshot import calibration_ids as first_sequences
+    from llmshearing.pruning.oneshot import calibration_ids as first_sequences  # heavy: transformers
 
     return first_sequences(s.shards, per_domain=s.calibration)
 
 
 def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:
-    """Per-domain eval loss (nats/token) of the HF model at `path`, reloaded with transformers; its parameters."""
-    from transformers import AutoModelForCausalLM
-
-    from llmshearing.eval.evaluate import domain_losses
+    """Per-domain loss (nats/token) on the test split of the HF model at `path`, reloaded with transformers; its
+    parameters."""
+    from transformers import AutoModelForCausalLM  # heavy: transformers
 
     device = resolve_device(s.device)
     hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
-    losses = domain_losses(lambda ids: hf(ids.to(device)).logits, s.shards)
+    losses = domain_losses(lambda ids: hf(ids.to(device)).logits, s.shards, split=FINAL_SPLIT)
     params = sum(p.numel() for p in {id(p): p for p in hf.parameters()}.values())
     del hf
     return losses, params
@@ -182,8 +198,6 @@ def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:
 
 def stage_overrides(s: Settings, stage: str, name: str, model_path: str, folder: str, export: str, steps: int,
                     dynamic: bool, ref_file: str, proportions: str | None, arm: dict | None = None) -> list[str]:
-    from llmshearing.experiments.demo import _stage_overrides
-
     o = [f"run_name=reproduce_{name}_{stage}", f"model.path={model_path}", f"data.shards={s.shards}",
          f"save_folder={folder}", f"export_dir={export}", f"max_duration={steps}ba", f"save_interval={steps}ba",
          f"global_train_batch_size={s.batch}", f"eval_interval={s.eval_interval}ba", f"precision={s.precision}",
@@ -232,9 +246,6 @@ def checkpoint_counts(folder: str) -> dict:
 def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool, ref_file: str,
               proportions: str | None, steps: int, arm: dict | None = None) -> dict:
     """One Composer training stage of an arm, skipped when its record exists; its record."""
-    from llmshearing.train.config import load_config
-    from llmshearing.train.run import run
-
     arm_dir = os.path.join(s.out, name)
     record_file = os.path.join(arm_dir, f"{stage}.json")
     if os.path.exists(record_file):
@@ -249,7 +260,7 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
     start = time.time()
     result = run(cfg)
     seconds = time.time() - start
-    if result.get("stopped_after") is not None:  # SIGTERM (llmshearing.train's RunGuard): not a finished stage
+    if result.get("stopped_after") is not None:  # SIGTERM (StopOnSignal): not a finished stage
         raise SystemExit(f"[reproduce] {name}/{stage} stopped after batch {result['stopped_after']}; "
                          f"run the same command again to redo this stage (finished arms and stages are kept)")
     counts = checkpoint_counts(folder)
@@ -271,7 +282,7 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
 def _calibration_tokens(folder: str | None) -> int:
     """Forward-only tokens an activation scoring read: the one-shot init's pruning.json, or the mask init's
     mask_init.json in a pruning stage's folder; 0 for all other inits."""
-    from llmshearing.train.mask_init import REPORT
+    from llmshearing.train.mask_init import REPORT  # heavy: composer
 
     for name in ("pruning.json", REPORT):
         path = folder and os.path.join(folder, name)
@@ -282,8 +293,6 @@ def _calibration_tokens(folder: str | None) -> int:
 
 
 def _seq_len(shards: str) -> int:
-    from llmshearing.data.layout import read_manifest
-
     return int(read_manifest(shards)["seq_len"])
 
 
@@ -322,7 +331,7 @@ def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dic
             if arm["init"] == "random":
                 random_init(s.model, parse_target(s.target), init, s.seed)
             else:
-                from llmshearing.pruning.oneshot import oneshot_prune
+                from llmshearing.pruning.oneshot import oneshot_prune  # heavy: transformers
 
                 oneshot_prune(s.model, parse_target(s.target), init, overwrite=True, method=arm["init"],
                               calibration=calibration_ids(s) if arm["init"] == "activation" else None)
@@ -336,7 +345,7 @@ def run_arm(s: Settings, name: str, arm: dict, ref_file: str, index: str) -> dic
         "arm": name, **arm, "params": params,
         "shape": {k: config[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                          "num_key_value_heads", "intermediate_size")},
-        "stages": stages, "total_tokens": sum(st["from_checkpoint"]["tokens"] for st in stages.values()),
+        "split": FINAL_SPLIT, "stages": stages, "total_tokens": sum(st["from_checkpoint"]["tokens"] for st in stages.values()),
         "calibration_tokens": _calibration_tokens(init) + _calibration_tokens(stages["prune"]["folder"]
                                                                              if "prune" in stages else None),
         "start_of_continue_losses": init_losses, "final_losses": final_losses,
@@ -383,18 +392,19 @@ def _expected_shape(result: dict) -> dict | None:
     return {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("expected/") and k != "expected/params"}
 
 
-def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, float], seconds: float) -> dict:
-    from llmshearing.eval.evaluate import perplexities
-
+def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, float], seconds: float,
+              source_eval_losses: dict[str, float] | None = None) -> dict:
+    """`source_losses`: the source's test losses (the final table's row); `source_eval_losses`: its eval losses
+    (dynamic loading's reference, the curves' dotted line)."""
     domains = list(source_losses)
     mean = lambda losses: sum(losses[d] for d in domains) / len(domains)  # noqa: E731
     budgets = {name: r["total_tokens"] for name, r in results.items()}
     return {
         "settings": {**dataclasses.asdict(s), "total_steps": s.total_steps, "eval_interval": s.eval_interval,
                      "seq_len": _seq_len(s.shards), "tokens_per_arm": s.total_steps * s.batch * _seq_len(s.shards)},
-        "domains": domains,
+        "domains": domains, "split": FINAL_SPLIT,
         "source": {"losses": source_losses, "perplexity": perplexities(source_losses),
-                   "mean_loss": mean(source_losses)},
+                   "mean_loss": mean(source_losses), "eval_losses": source_eval_losses},
         "arms": {name: {
             "init": r["init"], "dynamic": r["dynamic"], "prune_share": r["share"], "params": r["params"],
             "distill": r.get("distill", False), "mask_init": r.get("mask_init", "uniform"),
@@ -426,8 +436,6 @@ def _sweep(arms: dict) -> list[tuple[float, str]]:
 
 
 def format_report(summary: dict) -> str:
-    from llmshearing.eval.evaluate import markdown_table
-
     domains, arms, st = summary["domains"], summary["arms"], summary["settings"]
     final = {"source (not pruned)": {**summary["source"]["perplexity"], "mean": math.exp(summary["source"]["mean_loss"])}}
     start = {}
@@ -451,7 +459,7 @@ def format_report(summary: dict) -> str:
         f"Equal budgets (from the checkpoints): {summary['equal_budget']}. This command ran "
         f"{summary['seconds']:.0f}s (arms recorded before are not rerun); the arms' own times add up to "
         f"{summary['arm_seconds_total']:.0f}s.",
-        "", "Token perplexity per domain on the shards' eval split after the whole budget "
+        "", f"Token perplexity per domain on the shards' {summary.get('split', 'eval')} split after the whole budget "
         "(`llmshearing.eval.evaluate.domain_losses`, models reloaded with transformers; mean = exp of the mean loss):", "",
         markdown_table(final, cols, label="arm"),
         "", "At the start of continued pretraining (after pruning, one-shot pruning, or random init):", "",
@@ -482,10 +490,10 @@ def _savefig(fig, path: str) -> str:
 def plot_summary(summary: dict, out_dir: str) -> list[str]:
     """loss_curves.png (eval loss per domain and mean vs tokens, one line per arm), domain_weights.png
     (the dynamic arms' mixtures vs tokens) and prune_share.png (final mean loss vs pruning share)."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     domains, arms = summary["domains"], summary["arms"]
     out = []
@@ -504,8 +512,9 @@ def plot_summary(summary: dict, out_dir: str) -> list[str]:
                 if sel:
                     ax.plot([p["tokens"] for p in sel], [val(p) for p in sel], style, color=f"C{i}", marker="o", ms=2.5,
                             label=name if stage == "continue" else None)
+    source = summary["source"].get("eval_losses") or summary["source"]["losses"]  # the curves are on `eval`
     for ax, panel in zip(axes.flat, panels):
-        ref = summary["source"]["mean_loss"] if panel == "mean" else summary["source"]["losses"][panel]
+        ref = sum(source.values()) / len(domains) if panel == "mean" else source[panel]
         ax.axhline(ref, color="k", lw=0.8, ls=":")
         ax.set(title=f"{panel} (dotted: source; dashed: pruning stage)", xlabel="training tokens seen",
                ylabel="eval loss (nats/token)")
@@ -556,6 +565,61 @@ def plot_summary(summary: dict, out_dir: str) -> list[str]:
     return out
 
 
+def plot_scales(paths: list[str], out_dir: str) -> dict:
+    """`<out_dir>/scales.{json,png}`: per arm, final test perplexity (exp of the mean over seeds of the mean loss,
+    the seeds' range as error bars) against training tokens, from summaries of runs at several --scale (one seed's
+    summary.json or the combined one of --seeds). Summaries of different splits, or of the same arm at the same
+    token count twice, are refused rather than mixed."""
+    if not paths:
+        raise ConfigError("--plot-scales needs the summary.json of at least one run")
+    points: dict[str, list[dict]] = {}
+    splits = set()
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--plot-scales: '{path}' does not exist (give the summary.json of a reproduce run)")
+        with open(path) as f:
+            summary = json.load(f)
+        if not isinstance(summary, dict) or not isinstance(summary.get("arms"), dict):
+            raise ConfigError(f"--plot-scales: '{path}' is not a reproduce summary.json (no 'arms')")
+        splits.add(summary.get("split", "eval"))  # summaries written before the test split: eval
+        for name, a in summary["arms"].items():
+            # summaries from before `final_mean_loss_by_seed` (issue 15) hold one seed's final_mean_loss
+            by_seed = a.get("final_mean_loss_by_seed") or {str(summary["settings"].get("seed")): a["final_mean_loss"]}
+            if any(p["tokens"] == a["total_tokens"] for p in points.get(name, [])):
+                raise ConfigError(f"--plot-scales: arm '{name}' at {a['total_tokens']:,} tokens is in two summaries; "
+                                  f"give each scale once")
+            points.setdefault(name, []).append({
+                "tokens": a["total_tokens"], "seeds": list(by_seed), "summary": path,
+                "perplexity": math.exp(sum(by_seed.values()) / len(by_seed)),
+                "perplexity_range": [math.exp(min(by_seed.values())), math.exp(max(by_seed.values()))]})
+    if len(splits) > 1:
+        raise ConfigError(f"--plot-scales: the summaries are on different splits ({', '.join(sorted(splits))}); "
+                          f"rerun the older ones on the test split")
+    for pts in points.values():
+        pts.sort(key=lambda p: p["tokens"])
+    result = {"split": splits.pop(), "arms": points}
+    import matplotlib  # heavy: matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy: matplotlib
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, pts) in enumerate(points.items()):
+        xs, ys = [p["tokens"] for p in pts], [p["perplexity"] for p in pts]
+        err = [[y - p["perplexity_range"][0] for y, p in zip(ys, pts)], [p["perplexity_range"][1] - y for y, p in zip(ys, pts)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=3, color=f"C{i % 10}", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="training tokens per arm",
+           ylabel=f"final {result['split']} perplexity (mean loss over domains)",
+           title="Budget: final perplexity vs training tokens (bars: range over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
+    result["plot"] = _savefig(fig, os.path.join(out_dir, "scales.png"))
+    plt.close(fig)
+    atomic_write_text(os.path.join(out_dir, "scales.json"), json.dumps(result, indent=1))
+    return result
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 
@@ -567,10 +631,9 @@ SETTINGS_THAT_MATTER = ("model", "shards", "target", "batch", "prune_share", "ev
 def check_out_dir(s: Settings) -> None:
     """Write `<out>/settings.json` on the first run; refuse a later run of other settings in the same folder
     (its arms would be skipped as done although they were run at another scale or recipe)."""
-    from llmshearing.errors import ConfigError
-
+    # the shards' build: a rebuild moves documents between splits (the test split did not exist before builder 3)
     mine = {**{k: getattr(s, k) for k in SETTINGS_THAT_MATTER}, "total_steps": s.total_steps,
-            "eval_interval": s.eval_interval}
+            "eval_interval": s.eval_interval, "shards_build": read_manifest(s.shards).get("build_fingerprint")}
     mine = json.loads(json.dumps(mine))  # tuples as lists, as read back
     path = os.path.join(s.out, "settings.json")
     if os.path.exists(path):
@@ -587,7 +650,7 @@ def check_out_dir(s: Settings) -> None:
 
 def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
     """Run (or resume) the arms, then write `<out>/summary.{json,md}` and the plots; the summary."""
-    from llmshearing.errors import ConfigError
+    # heavy: transformers
     from llmshearing.experiments.reference_losses import reference_snippet, source_reference_losses
 
     t0 = time.time()
@@ -601,6 +664,8 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in arms_plan]
     if unknown:
         raise ConfigError(f"unknown arm(s) {unknown}; this plan has {list(arms_plan)}")
+    manifest = read_manifest(s.shards)  # before any training: shards built before the test split are refused here
+    check_domains(manifest, s.shards, list(manifest["domains"]), FINAL_SPLIT)
     check_out_dir(s)
     n, seq = s.total_steps, _seq_len(s.shards)
     log(f"scale {s.scale:g}: {n} batches of {s.batch} x {seq} = {n * s.batch * seq:,} tokens per arm; "
@@ -614,7 +679,12 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
         atomic_write_text(source_file, json.dumps(source, indent=1))
     with open(source_file) as f:
         source = json.load(f)
-    log("source losses: " + ", ".join(f"{d} {v:.3f}" for d, v in source.items()))
+    test_file = os.path.join(s.out, f"source_{FINAL_SPLIT}_losses.json")
+    if not os.path.exists(test_file):
+        atomic_write_text(test_file, json.dumps(eval_model(s.model, s)[0], indent=1))
+    with open(test_file) as f:
+        source_test = json.load(f)
+    log("source losses (eval; test): " + ", ".join(f"{d} {v:.3f}; {source_test[d]:.3f}" for d, v in source.items()))
     # dynamic loading moves the mixture towards the domains furthest above these (default: the source's own)
     ref_file = s.reference_losses or os.path.join(s.out, "reference_losses.yaml")
 
@@ -624,7 +694,7 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
     # The summary covers every arm recorded in this folder (one setting), e.g. an optional arm run later.
     results = {name: results[name] if name in results else recorded_result(s, name) for name in arms_plan}
     results = {name: r for name, r in results.items() if r is not None}
-    summary = summarize(s, results, source, time.time() - t0)
+    summary = summarize(s, results, source_test, time.time() - t0, source)
     summary["plots"] = plot_summary(summary, s.out)
     atomic_write_text(os.path.join(s.out, "summary.json"), json.dumps(summary, indent=1))
     report = format_report(summary)
@@ -637,7 +707,7 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
 
 
 def combine_seeds(out: str, summaries: dict[int, dict]) -> dict:
-    """`<out>/summary.{json,md}` over the seeds' runs: per arm the final mean eval loss of each seed (with its
+    """`<out>/summary.{json,md}` over the seeds' runs: per arm the final mean test loss of each seed (with its
     perplexity), their mean and range, the start-of-recovery perplexity and the masks' expected shape at the cut.
     An arm missing in some seed (an interrupted run) is reported with the seeds it has."""
     first = next(iter(summaries.values()))
@@ -664,11 +734,11 @@ def combine_seeds(out: str, summaries: dict[int, dict]) -> dict:
         }
     combined = {"seeds": [str(x) for x in summaries], "runs": {str(x): os.path.join(out, f"seed-{x}") for x in summaries},
                 "settings": {k: v for k, v in first["settings"].items() if k not in ("seed", "out")},
-                "domains": first["domains"], "source": first["source"], "arms": arms,
+                "domains": first["domains"], "split": first.get("split", "eval"), "source": first["source"], "arms": arms,
                 "equal_budget": len({a["total_tokens"] for a in arms.values()}) == 1}
     lines = [f"Seeds {', '.join(combined['seeds'])}; {first['settings']['tokens_per_arm']:,} training tokens per arm "
-             f"(equal budgets: {combined['equal_budget']}). Mean eval perplexity = exp(mean over domains of the eval "
-             f"loss); per arm the mean over seeds of that loss, and the range over seeds.", "",
+             f"(equal budgets: {combined['equal_budget']}). Mean {combined['split']} perplexity = exp(mean over domains of "
+             f"the {combined['split']} loss); per arm the mean over seeds of that loss, and the range over seeds.", "",
              "| arm | seeds | final perplexity, mean (range) | per seed | start of recovery, mean | "
              "calibration tokens |", "|---|---:|---:|---|---:|---:|"]
     for name, a in arms.items():
@@ -692,8 +762,6 @@ def combine_seeds(out: str, summaries: dict[int, dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmshearing.errors import ConfigError
-
     d = Settings()
     p = argparse.ArgumentParser(prog="python -m llmshearing.experiments.reproduce", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -720,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-losses", default=None,
                    help="dynamic loading's reference losses (a yaml file); default: the source model's own")
     p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--plot-scales", nargs="+", metavar="SUMMARY",
+                   help="only plot: final test perplexity vs training tokens from these runs' summary.json (one per "
+                        "--scale) into <out>/scales.{png,json}")
     p.add_argument("overrides", nargs="*", help="key=value for both stages; prune.key=v / continue.key=v for one")
     a = p.parse_args(argv)
     s = Settings(out=a.out, model=a.model, shards=a.shards, target=a.target, scale=a.scale, steps=a.steps,
@@ -727,7 +798,9 @@ def main(argv: list[str] | None = None) -> int:
                  evals=a.evals, calibration=a.calibration, precision=a.precision, device=a.device, seed=a.seed, reference_losses=a.reference_losses,
                  keep_checkpoints=a.keep_checkpoints, overrides=tuple(a.overrides))
     try:
-        if a.seeds:
+        if a.plot_scales:
+            plot_scales(a.plot_scales, a.out)
+        elif a.seeds:
             summaries = {}
             for seed in a.seeds:  # seed-major: an interrupted run has whole seeds first
                 summaries[seed] = reproduce(dataclasses.replace(s, seed=seed, out=os.path.join(a.out, f"seed-{seed}")),

@@ -1,2 +1,2 @@
-"""The model: one decoder for LLaMA-family checkpoints (`decoder`), HF configs and weights in (`hf`),
-and the Composer wrapper with its loss, metrics and FSDP hooks (`composer_model`)."""
+"""The model: one decoder for LLaMA-family checkpoints (`decoder`), the families' rules from HF configs (`hf`), and
+HF model folders checked and loaded into it (`loading`)."""

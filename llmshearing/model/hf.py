@@ -1,24 +1,48 @@
 """Hugging Face configs and checkpoints in: the model families supported, their rules, and loading."""
 from __future__ import annotations
 
-import json
 import os
 
-import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from llmshearing.errors import ConfigError
 
 # The families the decoder implements, with the transformers class an export of each is loaded as.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                 "qwen3": "Qwen3ForCausalLM"}
+                 "qwen3": "Qwen3ForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+                 "phi3": "Phi3ForCausalLM", "gpt_neox": "GPTNeoXForCausalLM"}
 SUPPORTED_MODEL_TYPES = tuple(ARCHITECTURES)
-QK_NORM_TYPES = ("qwen3",)  # an RMSNorm over head_dim on every query and key head (one weight for all heads)
+# an RMSNorm over head_dim on every query and key head (one weight for all heads)
+QK_NORM_TYPES = ("qwen3", "gemma3_text")
+# Gemma 2 / Gemma 3 text: (1 + weight) RMSNorms before and after attention and MLP, embedding x sqrt(hidden),
+# GELU-tanh MLP, query_pre_attn_scalar, soft-capping (Gemma 2), per-layer sliding windows (layer_types)
+GEMMA_TYPES = ("gemma2", "gemma3_text")
+
+
+def is_gemma(config: PretrainedConfig) -> bool:
+    return config.model_type in GEMMA_TYPES
+
+
+def reference_attention(config: PretrainedConfig) -> dict:
+    """from_pretrained / from_config kwargs for the attention transformers computes a family with as its reference:
+    Gemma's eager one (its SDPA path drops Gemma 2's attention soft-cap), the default elsewhere."""
+    return {"attn_implementation": "eager"} if is_gemma(config) else {}
+
+
+def sliding_layer(config: PretrainedConfig, layer_idx: int) -> bool:
+    """Whether Gemma layer `layer_idx` attends within config.sliding_window (its layer_types entry, which transformers
+    4.53 fills from the alternation / sliding_window_pattern when a config.json has none)."""
+    return config.layer_types[layer_idx] == "sliding_attention"
 
 
 def qk_norm(config: PretrainedConfig) -> bool:
     """Whether the family normalises each query and key head before RoPE (Qwen3's q_norm / k_norm)."""
     return config.model_type in QK_NORM_TYPES
+
+
+def kv_heads_of(config: PretrainedConfig) -> int:
+    """KV heads; an MHA config without `num_key_value_heads` (GPT-NeoX) has one per head."""
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def head_dim_of(config: PretrainedConfig) -> int:
@@ -29,6 +53,8 @@ def attention_biases(config: PretrainedConfig) -> tuple[bool, bool]:
     """(q/k/v bias, o bias): Qwen2 always has q/k/v bias and no o bias; Llama/Mistral/Qwen3 follow attention_bias."""
     if config.model_type == "qwen2":
         return True, False
+    if config.model_type == "phi3":  # qkv_proj and o_proj never have one
+        return False, False
     bias = bool(getattr(config, "attention_bias", False))
     return bias, bias
 
@@ -41,10 +67,19 @@ def check_source_config(config: PretrainedConfig) -> None:
             f"{', '.join(SUPPORTED_MODEL_TYPES)} (a new family needs its layer in model/decoder.py with HF's "
             f"parameter names, its masks and export in pruning/, its counts in pruning/shapes.py; docs/families.md)"
         )
-    if getattr(config, "hidden_act", "silu") != "silu":
+    if is_gemma(config):
+        if config.hidden_activation != "gelu_pytorch_tanh":
+            raise ConfigError(f"{config.model_type}: hidden_activation '{config.hidden_activation}' is not supported "
+                              f"(only gelu_pytorch_tanh, as the released Gemma models)")
+        if len(config.layer_types) != config.num_hidden_layers:
+            raise ConfigError(f"{config.model_type}: layer_types has {len(config.layer_types)} entries for "
+                              f"{config.num_hidden_layers} layers")
+    elif config.model_type == "gpt_neox":
+        check_neox_config(config)
+    elif getattr(config, "hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act '{config.hidden_act}' is not supported (only SwiGLU with silu)")
     heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
+    kv = kv_heads_of(config)
     if heads % kv:
         raise ConfigError(
             f"source config: num_attention_heads={heads} is not divisible by num_key_value_heads={kv}"
@@ -60,6 +95,55 @@ def check_source_config(config: PretrainedConfig) -> None:
         raise ConfigError("rope_scaling type 'dynamic' is not supported (it changes with sequence length)")
 
 
+# ----------------------------------------------------------------------------------------------- GPT-NeoX / Phi-3
+
+NEOX_ACTS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu")
+
+
+def gated_mlp(config: PretrainedConfig) -> bool:
+    """SwiGLU (gate, up, down) or GPT-NeoX's plain MLP (dense_h_to_4h, act, dense_4h_to_h; held as up and down)."""
+    return config.model_type != "gpt_neox"
+
+
+def layer_norm(config: PretrainedConfig) -> bool:
+    """LayerNorm with bias (GPT-NeoX) instead of RMSNorm."""
+    return config.model_type == "gpt_neox"
+
+
+def mlp_bias(config: PretrainedConfig) -> bool:
+    return config.model_type == "gpt_neox" or bool(getattr(config, "mlp_bias", False))
+
+
+def norm_eps(config: PretrainedConfig) -> float:
+    return config.layer_norm_eps if layer_norm(config) else config.rms_norm_eps
+
+
+def check_neox_config(config: PretrainedConfig) -> None:
+    if config.hidden_act not in NEOX_ACTS:
+        raise ConfigError(f"gpt_neox: hidden_act '{config.hidden_act}' is not supported ({', '.join(NEOX_ACTS)})")
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(f"gpt_neox: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                          f"{config.num_attention_heads} (GPT-NeoX's head size is their quotient)")
+
+
+def check_family_target(config: PretrainedConfig, target) -> str | None:
+    """Why transformers could not load a `target` shape of this family (None: it can): GPT-NeoX has no head_dim
+    setting, so hidden must stay heads x head_dim; Phi-3's config checks longrope's factors against hidden / heads,
+    which must therefore stay head_dim."""
+    hd = head_dim_of(config)
+    if config.model_type == "gpt_neox":  # (KV heads = heads: the source is MHA, so validate_target keeps it)
+        if target.hidden_size != target.num_attention_heads * hd:
+            return (f"gpt_neox derives head_dim from hidden_size / num_attention_heads, and head_dim ({hd}) is never "
+                    f"pruned: hidden_size must be num_attention_heads x {hd} = {target.num_attention_heads * hd}, "
+                    f"got {target.hidden_size}")
+    if config.model_type == "phi3" and getattr(config, "rope_scaling", None) \
+            and target.hidden_size // target.num_attention_heads != hd:
+        return (f"phi3 with rope_scaling: transformers checks the rope factors against hidden_size // "
+                f"num_attention_heads, which must stay head_dim {hd} (got {target.hidden_size} // "
+                f"{target.num_attention_heads})")
+    return None
+
+
 def load_hf_config(path: str, gguf_file: str | None = None) -> PretrainedConfig:
     if not os.path.exists(path):
         raise ConfigError(f"model path '{path}' does not exist")
@@ -69,60 +153,3 @@ def load_hf_config(path: str, gguf_file: str | None = None) -> PretrainedConfig:
     return config
 
 
-def empty_model(config: PretrainedConfig, attn_impl: str = "auto", dtype: torch.dtype = torch.float32):
-    """A DecoderLM with allocated but unwritten parameters (no random init): the pages stay unresident until
-    something is loaded into them, so a rank that receives its weights by broadcast holds no extra copy."""
-    from llmshearing.model.decoder import DecoderLM  # decoder.py imports this module
-
-    with torch.device("meta"):
-        lm = DecoderLM(config, attn_impl)
-    lm.to_empty(device="cpu").to(dtype)
-    lm.tie_weights()  # to_empty allocates embedding and head separately
-    return lm
-
-
-def safetensors_files(path: str) -> list[str] | None:
-    """The safetensors files of an HF model folder (sharded or not), or None when it has none."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            names = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(path, n) for n in names]
-    single = os.path.join(path, "model.safetensors")
-    return [single] if os.path.isfile(single) else None
-
-
-def load_safetensors_into(lm, files: list[str]) -> None:
-    """Copy the tensors of `files` into `lm` one file at a time, in their stored dtype until the copy: peak
-    memory is the model plus one file (memory-mapped), not a second model. The key set and shapes are checked
-    first, from the headers (`checks.check_weights_match`, called by `from_pretrained`)."""
-    from safetensors import safe_open
-
-    params = lm.state_dict(keep_vars=True)
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                with torch.no_grad():
-                    params[name].copy_(f.get_tensor(name))
-
-
-def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "auto",
-                    dtype: torch.dtype = torch.float32):
-    """The DecoderLM of any Llama/Mistral/Qwen2/Qwen3 checkpoint: safetensors are read tensor by tensor straight into
-    the model; other formats (GGUF, .bin) go through transformers' loader."""
-    config = load_hf_config(path, gguf_file)  # refuses unsupported families before the weights are read
-    files = None if gguf_file else safetensors_files(path)
-    if files:
-        from llmshearing.checks import check_weights_match
-
-        check_weights_match(path, config, "model.path")  # a missing, extra or misshapen tensor, by name
-        lm = empty_model(config, attn_impl, dtype)
-        load_safetensors_into(lm, files)
-        return lm.eval()
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, **kwargs)
-    lm = empty_model(hf.config, attn_impl, dtype)
-    lm.load_state_dict(hf.state_dict(), strict=True)
-    return lm.eval()

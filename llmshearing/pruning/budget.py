@@ -10,6 +10,8 @@ The rule (deterministic, no search over training outcomes):
    (never pruned), and hidden_size / intermediate_size in multiples of `size_multiple(source dim)`: 64, the
    granularity every supported paper-scale model is built on (4096, 11008, 14336, 576, 896, 4864 ...), or for small
    sources the largest power of two that divides the source dim and leaves at least 8 sizes to choose from.
+   A family whose transformers config derives head_dim from hidden / heads (GPT-NeoX; Phi-3 with rope scaling,
+   `model/hf.py` `check_family_target`) takes hidden_size = heads x head_dim instead.
 3. **Neighbours.** Hidden size and KV heads each round down and up from s * source; query heads take the
    multiples of the KV heads just below and above s * source heads; layers take every count from 1 to the source's
    (so that depth can absorb the budget when the widths are clipped at their minimum). For each such combination the
@@ -35,6 +37,7 @@ from dataclasses import dataclass, replace
 from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
+from llmshearing.model.hf import check_family_target, head_dim_of
 from llmshearing.pruning.shapes import SHAPE_KEYS, Shape, param_count, shape_of, validate_target
 
 BUDGET_KEYS = ("params", "params_fraction")
@@ -79,8 +82,6 @@ def parse_budget_number(value, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(f"{key}: expected a whole number of parameters (like 70000000, 7e7 or 70M), got {value!r}")
     if isinstance(value, str):
-        from llmshearing.experiments.reference_losses import parse_count
-
         n = parse_count(value, key)  # suffixes give floats like 1.3 * 1e9: integral up to float rounding
         if abs(n - round(n)) > 1e-9 * n:
             raise ConfigError(f"{key}: {value!r} is not a whole number of parameters")
@@ -116,7 +117,7 @@ def budget_of(spec: dict, config: PretrainedConfig) -> int:
 
 
 def budget_target(spec: dict, config: PretrainedConfig) -> Shape:
-    """resolve_target's branch for budgets."""
+    """target.resolve_target's branch for budgets."""
     return solve_budget(config, budget_of(spec, config)).shape
 
 
@@ -149,6 +150,10 @@ def solve_budget(config: PretrainedConfig, budget: int, alternatives: int = 4) -
             for kv in around(ideal["num_key_value_heads"], 1, src.num_key_value_heads):
                 for per_group in around(ideal["num_attention_heads"] / kv, 1, src.heads_per_group):
                     base = Shape(layers, hidden, kv * per_group, kv, 0)
+                    if check_family_target(config, base):
+                        base = family_shape(config, base)
+                        if base is None:
+                            continue
                     p0 = count(base, config)
                     per_step = count(replace(base, intermediate_size=mi), config) - p0
                     for inter in around((budget - p0) / per_step * mi, mi, src.intermediate_size):
@@ -166,6 +171,15 @@ def solve_budget(config: PretrainedConfig, budget: int, alternatives: int = 4) -
     validate_target(src, ranked[0])
     return Solution(ranked[0], count(ranked[0], config), budget, s,
                     tuple((c, count(c, config)) for c in ranked[1:1 + alternatives]))
+
+
+def family_shape(config: PretrainedConfig, shape: Shape) -> Shape | None:
+    """The neighbour a family can load (GPT-NeoX, Phi-3 with rope scaling: hidden_size = heads x head_dim, so the
+    hidden size follows the heads), or None."""
+    fixed = replace(shape, hidden_size=shape.num_attention_heads * head_dim_of(config))
+    src = shape_of(config)
+    ok = fixed.hidden_size <= src.hidden_size and not check_family_target(config, fixed)
+    return fixed if ok else None
 
 
 def astuple(shape: Shape) -> tuple[int, ...]:
@@ -186,3 +200,25 @@ def parse_cli_budget(params: str | None, fraction: float | None, config: Pretrai
     except ConfigError as e:
         option = "--params" if params is not None else "--fraction"
         raise ConfigError(re.sub(r"pruning\.target\.params(_fraction)?", option, str(e))) from None
+
+
+_SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(value, key: str = "parameter count") -> float:
+    """A positive parameter count: a number, or a string like '4.05e8', '1.3B', '410M'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a positive number of parameters, got {value!r}")
+    if isinstance(value, (int, float)):
+        n = float(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*([kKmMbBgGtT]?)\s*", value)
+        try:
+            n = float(m.group(1)) * (_SUFFIXES[m.group(2).lower()] if m.group(2) else 1.0) if m else float("nan")
+        except ValueError:
+            n = float("nan")
+    else:
+        n = float("nan")
+    if not math.isfinite(n) or n <= 0:
+        raise ConfigError(f"{key}: expected a positive number of parameters (like 1.3e9 or 1.3B), got {value!r}")
+    return n

@@ -9,6 +9,7 @@ import shlex
 import sys
 
 from llmshearing.io import read_jsonl
+from llmshearing.pruning.shapes import shape_of
 
 CHECKED = "transformers (AutoModelForCausalLM / AutoTokenizer, safetensors; the GGUF file through transformers' GGUF reader)"
 NOT_RUN = "llama.cpp, Ollama, vLLM: not run"
@@ -74,8 +75,7 @@ def model_card(config, params: int, dtype, kept: dict | None, facts: dict, sourc
     license_ = source_license(source_dir)
     front = ["---", "library_name: transformers", *([f"license: {license_}"] if license_ else []),
              "tags: [llmshearing, pruned]" if kept else "tags: [llmshearing]", "---", ""]
-    shape = {k: getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                                             "num_key_value_heads", "intermediate_size")}
+    shape = shape_of(config).as_dict()  # GPT-NeoX's config has no num_key_value_heads
     lines = [f"# {facts.get('run_name') or 'llmshearing export'}", "",
              f"A {config.model_type} model written by llmshearing ({facts.get('stage', 'export')}).", "",
              f"- Source model: `{facts.get('source') or source_dir}`" + (f" (license: {license_})" if license_ else

@@ -7,7 +7,6 @@ consume them, so the sliced model computes what the masked model computes in eva
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -18,14 +17,16 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import PretrainedConfig
 
+from llmshearing.checks import writable_output
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import ARCHITECTURES, head_dim_of
+from llmshearing.model.hf import ARCHITECTURES, head_dim_of, is_gemma, kv_heads_of
+from llmshearing.model import layouts
+from llmshearing.pruning import card
 from llmshearing.pruning.shapes import target_config
-from llmshearing.io import atomic_directory
-from llmshearing.pruning.masks import L0Module, Masks
-from llmshearing.model.decoder import DecoderLM
-from llmshearing.data.tokenizer import model_tokenizer
-from llmshearing.devices import dtype_of
+from llmshearing.io import atomic_directory, disk_full
+from llmshearing.pruning.gguf_export import check_gguf, write_gguf
+from llmshearing.model.decoder import DecoderLM, Masks
+from llmshearing.pruning.masks import L0Module
 
 
 def kept_units(l0: L0Module) -> dict:
@@ -64,7 +65,7 @@ def head_rows(heads: list[int], head_dim: int, device: torch.device | str | None
 
 def all_units(config) -> dict:
     """`kept_units` of an unpruned model: everything (plain training exports through the same code)."""
-    L, H, KV = config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads
+    L, H, KV = config.num_hidden_layers, config.num_attention_heads, kv_heads_of(config)
     return {"layers": list(range(L)), "hidden": list(range(config.hidden_size)), "kv_heads": [list(range(KV))] * L,
             "heads": [list(range(H))] * L, "intermediate": [list(range(config.intermediate_size))] * L}
 
@@ -76,7 +77,11 @@ def export_plan(l0: L0Module | None, config) -> tuple[Masks, dict, PretrainedCon
         return Masks(), all_units(config), config
     with l0.target_masks():
         masks = l0()
-    return masks, kept_units(l0), target_config(config, l0.target)
+    kept = kept_units(l0)
+    target = target_config(config, l0.target)
+    if is_gemma(config):  # the kept layers' own sliding / full attention types, in their new order
+        target.layer_types = [config.layer_types[i] for i in kept["layers"]]
+    return masks, kept, target
 
 
 @contextlib.contextmanager
@@ -95,21 +100,34 @@ def dense_tensors(get, config, masks: Masks, kept: dict, scope=_whole, device=No
     hd = head_dim_of(config)
     d_idx = torch.tensor(kept["hidden"], device=device)
     z_hidden = masks.hidden[d_idx] if masks.hidden is not None else torch.ones(len(d_idx), device=device)
+    gemma = is_gemma(config)
+    # Gemma scales the embedding by sqrt(hidden_size): the dense model's by sqrt(kept dims), the masked model's by the
+    # source's; the ratio goes into the embedding with the hidden gate.
+    embed_scale = z_hidden * (math.sqrt(config.hidden_size) / math.sqrt(len(d_idx)) if gemma else 1.0)
     with scope(None):
-        embed = get("model.embed_tokens.weight")[:, d_idx] * z_hidden
+        embed = get("model.embed_tokens.weight")[:, d_idx] * embed_scale
     yield "model.embed_tokens.weight", embed
     del embed
     for new, old in enumerate(kept["layers"]):
         with scope(old):
-            yield from _dense_layer(get, masks, kept, new, old, hd, d_idx, z_hidden).items()
+            layer = _dense_gemma_layer if gemma else _dense_layer
+            yield from layer(get, masks, kept, new, old, hd, d_idx, z_hidden).items()
     with scope(None):
-        final_norm = get("model.norm.weight")[d_idx]
-        if masks.norm_gate is not None:  # hidden_mask: original, the gate on the norm's output
-            final_norm = final_norm * z_hidden
-        if config.tie_word_embeddings:
-            # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
-            final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30), torch.zeros_like(final_norm))
-        yield "model.norm.weight", final_norm
+        has = _names_probe(get)
+        for name in ("model.norm.weight", "model.norm.bias"):  # the bias: GPT-NeoX's LayerNorm
+            if not has(name):
+                continue
+            final_norm = get(name)[d_idx]
+            if masks.norm_gate is not None and name.endswith("weight"):  # hidden_mask: original (RMSNorm only)
+                final_norm = final_norm * z_hidden
+            if config.tie_word_embeddings and gemma:  # (1 + weight) / scale: a Gemma norm multiplies by 1 + weight
+                final_norm = torch.where(embed_scale > 0, (1 + final_norm) / embed_scale.clamp(min=1e-30) - 1,
+                                         -torch.ones_like(final_norm))
+            elif config.tie_word_embeddings:
+                # The tied head now reads the gate-scaled embedding; undo that scale in the final norm.
+                final_norm = torch.where(z_hidden > 0, final_norm / z_hidden.clamp(min=1e-30),
+                                         torch.zeros_like(final_norm))
+            yield name, final_norm
         if not config.tie_word_embeddings:
             yield "lm_head.weight", get("lm_head.weight")[:, d_idx]
 
@@ -130,7 +148,9 @@ def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_i
     out = {}
     norm_scale = z_hidden if masks.norm_gate is not None else 1.0  # hidden_mask: original
     for norm in ("input_layernorm", "post_attention_layernorm"):
-        out[q + norm + ".weight"] = get(p + norm + ".weight")[d_idx] * norm_scale
+        for kind in ("weight", "bias"):  # a bias: GPT-NeoX's LayerNorm (zero in pruned dims of the masked model)
+            if kind == "weight" or has(p + f"{norm}.bias"):
+                out[q + f"{norm}.{kind}"] = get(p + f"{norm}.{kind}")[d_idx] * (norm_scale if kind == "weight" else 1.0)
     for norm in ("q_norm", "k_norm"):  # Qwen3: over head_dim (never pruned), one weight for all heads
         if has(p + f"self_attn.{norm}.weight"):
             out[q + f"self_attn.{norm}.weight"] = get(p + f"self_attn.{norm}.weight")
@@ -144,6 +164,8 @@ def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_i
     if has(p + "self_attn.o_proj.bias"):
         out[q + "self_attn.o_proj.bias"] = _rows(get(p + "self_attn.o_proj.bias"), d_idx) * write_scale[:, 0]
     for name in ("gate_proj", "up_proj"):
+        if not has(p + f"mlp.{name}.weight"):
+            continue  # GPT-NeoX's MLP is not gated
         out[q + f"mlp.{name}.weight"] = _rows(get(p + f"mlp.{name}.weight"), i_idx)[:, d_idx]
         if has(p + f"mlp.{name}.bias"):
             out[q + f"mlp.{name}.bias"] = _rows(get(p + f"mlp.{name}.bias"), i_idx)
@@ -152,6 +174,20 @@ def _dense_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_i
     del down
     if has(p + "mlp.down_proj.bias"):
         out[q + "mlp.down_proj.bias"] = _rows(get(p + "mlp.down_proj.bias"), d_idx) * write_scale[:, 0]
+    return out
+
+
+def _dense_gemma_layer(get, masks: Masks, kept: dict, new: int, old: int, hd: int, d_idx, z_hidden) -> dict:
+    """A Gemma layer (see DecoderLayer._gemma_forward): sliced as `_dense_layer` slices, but o_proj / down_proj get
+    no write gates (a post-norm follows them); the write gates (layer gate x hidden gate) are folded into the
+    post-norms instead: 1 + w' = (1 + w) * gate. Gemma has no biases."""
+    out = _dense_layer(get, replace(masks, layer=None), kept, new, old, hd, d_idx, torch.ones_like(z_hidden))
+    p, q = f"model.layers.{old}.", f"model.layers.{new}."
+    gate = float(masks.layer[old]) if masks.layer is not None else 1.0
+    for norm in ("pre_feedforward_layernorm", "post_attention_layernorm", "post_feedforward_layernorm"):
+        out[q + norm + ".weight"] = get(p + norm + ".weight")[d_idx]
+    for norm in ("post_attention_layernorm", "post_feedforward_layernorm"):
+        out[q + norm + ".weight"] = (1 + out[q + norm + ".weight"]) * (z_hidden * gate) - 1
     return out
 
 
@@ -208,8 +244,6 @@ EXPORT_MARKER = "llmshearing_export.json"  # written into every export: the only
 def check_export_dir(path: str, key: str, overwrite: bool = False) -> None:
     """An export may create `path` or replace an earlier export (recognised by its EXPORT_MARKER, and only
     with `overwrite`); never a folder it did not create, such as a run folder, a source model or your notes."""
-    from llmshearing.checks import writable_output
-
     writable_output(path, key)
     if not os.path.exists(path):
         return
@@ -258,12 +292,16 @@ def export_config(config: PretrainedConfig, dtype: torch.dtype) -> dict:
     """config.json of an export: only the fields the family's stock transformers config knows (so any runtime that
     reads that family reads it), plus `head_dim` always (pruning may make it differ from hidden/heads; Qwen2's
     attention reads it although Qwen2Config does not list it), `torch_dtype` set, the stock architecture name."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers
 
     known = set(AutoConfig.for_model(config.model_type).to_dict()) | {"head_dim"}
     # The non-default values (as save_pretrained writes them); Qwen2's per-layer `layer_types` describes the source's
     # layers, and the stock class rebuilds it from the pruned count.
-    out = {k: v for k, v in config.to_diff_dict().items() if k in known and not k.startswith("_") and k != "layer_types"}
+    # Gemma's are the kept layers' (export_plan) and are written: a pruned model's need not alternate.
+    out = {k: v for k, v in config.to_diff_dict().items() if k in known and not k.startswith("_")
+           and (k != "layer_types" or is_gemma(config))}
+    if is_gemma(config):  # always, also where it equals the stock alternation (to_diff_dict would leave it out)
+        out["layer_types"] = list(config.layer_types)
     out.update(head_dim=head_dim_of(config), torch_dtype=str(dtype).removeprefix("torch."),
                architectures=[ARCHITECTURES[config.model_type]], model_type=config.model_type)
     return dict(sorted(out.items()))
@@ -280,9 +318,11 @@ def decoder_shapes(config: PretrainedConfig) -> dict[str, tuple]:
 
 
 def weight_plan(config: PretrainedConfig) -> list[tuple[str, tuple]]:
-    """(name, shape) of every tensor an export of `config` holds, in Hugging Face order (no tied head)."""
+    """(name, shape) of every tensor an export of `config` holds, in Hugging Face order (no tied head), in the
+    family's own layout (Phi-3's and GPT-NeoX's fused projections and names: model/layouts.py)."""
     tied = config.tie_word_embeddings
-    return [(k, shape) for k, shape in decoder_shapes(config).items() if not (tied and k == "lm_head.weight")]
+    shapes = layouts.hf_shapes(config, decoder_shapes(config))
+    return [(k, shape) for k, shape in shapes.items() if not (tied and k == layouts.head_name(config))]
 
 
 def plan_shards(plan, dtype: torch.dtype, max_shard_size: str | int) -> list[tuple[str, list]]:
@@ -356,9 +396,7 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
     """Write a Hugging Face model folder atomically: weights (streamed from `tensors`), config.json,
     generation_config.json (the source's, when it has one), the tokenizer, `pruning.json`, a README.md model card,
     and with `gguf_dtype` a `model.gguf`. A full disk or a write error leaves nothing and is a one-line error."""
-    from safetensors import SafetensorError
-
-    from llmshearing.pruning import card
+    from safetensors import SafetensorError  # heavy: safetensors
 
     options = options or ExportOptions()
     dtype = options.dtype
@@ -366,14 +404,12 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
         raise ConfigError(f"export dtype {dtype}: choose float32, bfloat16 or float16")
     check_export_dir(out_dir, "export", overwrite)  # again at the moment of writing: a folder made meanwhile
     if options.gguf_dtype is not None:
-        from llmshearing.pruning.gguf_export import check_gguf
-
         check_gguf(config, tokenizer, options.gguf_dtype)  # refuse before anything is written
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             plan = weight_plan(config)
             writer = SafetensorsWriter(tmp, plan, dtype, options.max_shard_size)
-            for name, tensor in tensors:
+            for name, tensor in layouts.to_hf(config, tensors):  # Phi-3 / GPT-NeoX: fused back, renamed
                 writer.add(name, tensor)
                 del tensor
             writer.close()
@@ -389,8 +425,6 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
                     json.dump(kept, f)
             params = sum(math.prod(shape) for _, shape in plan)
             if options.gguf_dtype is not None:
-                from llmshearing.pruning.gguf_export import write_gguf
-
                 write_gguf(tmp, os.path.join(tmp, "model.gguf"), options.gguf_dtype)
             with open(os.path.join(tmp, "README.md"), "w") as f:
                 f.write(card.model_card(config, params, dtype, kept, options.card, source_dir,
@@ -404,20 +438,6 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
             raise
         raise full from None
     return out_dir
-
-
-def disk_full(e: BaseException, path: str) -> ConfigError | None:
-    """The one-line error of a write that ran out of space (ENOSPC, a quota, a file-size limit), else None.
-    safetensors reports the OS error inside its own message."""
-    from safetensors import SafetensorError
-
-    codes = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-    text = str(e)
-    if isinstance(e, OSError) and e.errno in codes or isinstance(e, SafetensorError) and any(
-            s in text for s in ("StorageFull", "No space left", "FileTooLarge", "File too large", "QuotaExceeded")):
-        return ConfigError(f"writing '{path}' failed ({text.splitlines()[0][:160]}): the disk or quota is full; "
-                           f"nothing was written: free space or give another folder")
-    return None
 
 
 def save_hf(lm: DecoderLM, out_dir: str, tokenizer=None, kept: dict | None = None,
@@ -435,7 +455,7 @@ def _fsdp_scope(root):
     """(getter, scope) over an FSDP-wrapped DecoderLM: `scope(layer)` gathers that decoder layer (None: the root's own
     embedding, norm and head) on every rank with FSDP's summon_full_params and the getter reads it there, so no rank
     ever holds more than one full layer beside its shard (all ranks must run the same scopes in the same order)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # heavy: torch
 
     current: dict = {}
     strip = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
@@ -475,74 +495,3 @@ def check_fits(reader, config, l0) -> None:
                               f"'{config._name_or_path or 'the config'}'); pass the run's own --config / --model-path")
 
 
-def recipe_dtype(cfg) -> torch.dtype:
-    """The dtype an export of a run is written in by default: the run's training precision (bf16 for amp_bf16)."""
-    return PRECISION_DTYPES[cfg.precision]
-
-
-def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = False,
-                   options: ExportOptions | None = None) -> dict | None:
-    """Write the trained model as a dense HF model (rank 0) when training ends, from the live model: one layer at a
-    time is folded and sliced into the export, so rank 0 holds the export plus one source layer beside the training
-    state (no second copy of the student, none of the teacher). Under FSDP every rank takes part in gathering each
-    layer (`_fsdp_scope`)."""
-    from composer.utils import dist
-
-    from llmshearing.model.composer_model import unwrap
-    from llmshearing.pruning import card
-    from llmshearing.train.config import run_dir  # the logs the card reads (save_folder or runs/<run_name>)
-
-    model = unwrap(trainer.state.model)
-    config = model.model.config
-    masks, kept, target = export_plan(model.l0, config)
-    device = model.l0.lambdas.device if model.l0 is not None else next(model.model.parameters()).device
-    if trainer.state.fsdp_enabled:
-        get, scope = _fsdp_scope(model.model)
-    else:
-        get, scope = state_getter(model.model.state_dict()), _whole
-    tensors = dense_tensors(get, config, masks, kept, scope, device)
-    if dist.get_global_rank() == 0:
-        options = replace(options or ExportOptions(), dtype=(options and options.dtype) or recipe_dtype(cfg))
-        ts = trainer.state.timestamp
-        options.card = {**card.run_facts(cfg, int(ts.token), run_dir(cfg), batch=int(ts.batch)), **options.card}
-        write_export(out_dir, target, tensors, tokenizer, kept if model.l0 is not None else None, options, overwrite,
-                     cfg.model.path)
-    elif trainer.state.fsdp_enabled:
-        for _ in tensors:  # the same gathers as rank 0, in the same order
-            pass
-    dist.barrier()
-    return kept if model.l0 is not None else None
-
-
-def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = None,
-                      dtype: str | None = None, overwrite: bool = False,
-                      options: ExportOptions | None = None, model_path: str | None = None) -> dict | None:
-    """`llmshearing export`: a Composer checkpoint -> dense HF model (of the target shape when pruning);
-    `model_path`: the run's source model folder where it lives now, if it moved since the run.
-
-    Only the student's tensors and masks are read (compat.CheckpointModel: memory-mapped `.pt`, or DCP reads of
-    exactly those keys), one at a time into the fold, so the host holds the export plus one source tensor and its
-    slices: never the optimizer state, the teacher or a second model."""
-    from llmshearing.model.hf import load_hf_config
-    from llmshearing.pruning import card
-    from llmshearing.train.builders import build_l0
-    from llmshearing.train.checkpointing import open_checkpoint, read_tensor
-
-    check_export_dir(out_dir, "out_dir", overwrite)  # before the checkpoint is read
-    cfg, reader = open_checkpoint(checkpoint, config_path, model_path)
-    config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
-    l0 = build_l0(cfg, config)
-    check_fits(reader, config, l0)
-    if l0 is not None:
-        l0.load_state_dict({k: read_tensor(reader, "l0." + k) for k in l0.state_dict()})
-    masks, kept, target = export_plan(l0, config)
-    names = [n.removeprefix("model.") for n in reader.names if n.startswith("model.")]
-    get = TensorGetter(lambda name: read_tensor(reader, "model." + name), names)
-    tokens = reader.value("timestamp", "Timestamp", "token")
-    options = options or ExportOptions()
-    options = replace(options, dtype=dtype_of(dtype) if dtype else options.dtype or recipe_dtype(cfg))
-    options.card = {**card.run_facts(cfg, tokens, os.path.dirname(os.path.realpath(reader.path)), checkpoint=checkpoint,
-                                     batch=reader.value("timestamp", "Timestamp", "batch")), **options.card}
-    write_export(out_dir, target, dense_tensors(get, config, masks, kept), model_tokenizer(cfg.model),
-                 kept if l0 is not None else None, options, overwrite, cfg.model.path)
-    return kept if l0 is not None else None

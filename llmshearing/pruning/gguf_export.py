@@ -21,7 +21,11 @@ import numpy as np
 import torch
 import transformers
 
+from llmshearing.checks import writable_output
 from llmshearing.errors import ConfigError
+from llmshearing.io import disk_full
+from llmshearing.model.hf import head_dim_of
+from llmshearing.model.loading import safetensors_files
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -74,7 +78,7 @@ def tokenizer_spec(tokenizer, vocab_size: int) -> dict:
     """What GGUF's tokenizer stores: tokens (padded to the embedding's rows), types, merges, special ids, whether
     BOS/EOS are added, the chat template, and per model: `gpt2` (byte-level BPE) the pre-tokenizer name; `llama`
     (SentencePiece BPE with byte fallback, Llama-2's) the scores and whether a '▁' is prepended."""
-    from gguf import TokenType
+    from gguf import TokenType  # optional: the gguf extra
 
     if tokenizer is None or not getattr(tokenizer, "is_fast", False):
         raise _refuse("the export has no fast (tokenizer.json) tokenizer to write into the GGUF file")
@@ -126,8 +130,6 @@ def tokenizer_spec(tokenizer, vocab_size: int) -> dict:
 
 def check_gguf(config, tokenizer, dtype: str) -> None:
     """Refuse (ConfigError, one line) what cannot be written to GGUF and read back by transformers."""
-    from llmshearing.model.hf import head_dim_of
-
     if dtype not in GGUF_DTYPES:
         raise ConfigError(f"--gguf-dtype '{dtype}': choose one of {', '.join(GGUF_DTYPES)}")
     try:
@@ -135,6 +137,15 @@ def check_gguf(config, tokenizer, dtype: str) -> None:
     except ImportError:
         raise ConfigError("a GGUF export needs the gguf package: pip install 'llmshearing[gguf]'") from None
     family = config.model_type
+    if family in ("gemma2", "gemma3_text"):
+        raise _refuse(f"{family}: transformers {transformers.__version__}'s GGUF reader for Gemma, which the tests "
+                      f"read every GGUF back with, drops query_pre_attn_scalar, the soft-caps and the per-layer layer_types "
+                      f"(a pruned model's sliding/full pattern) and reads only SentencePiece Gemma tokenizers")
+    if family == "phi3":
+        raise _refuse("model_type 'phi3' is not written as GGUF here: transformers' phi3 GGUF reader (4.53), which the "
+                      "tests read every GGUF back with, drops partial rotary (rope.dimension_count), derives head_dim "
+                      "from hidden/heads and builds a tokenizer with Phi-3's fixed special tokens, so a pruned export "
+                      "would not read back as itself")
     if family not in ARCH:
         raise _refuse(f"model_type '{family}' is not written as GGUF here (supported: {', '.join(ARCH)}): transformers "
                       f"{transformers.__version__}, which the tests read every GGUF back with, cannot read it")
@@ -165,7 +176,7 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def _qtype(shape, dtype: str):
     """The GGML type of a tensor: 1-D tensors (norms, biases) stay f32; q8_0 rows that do not split into 32-value
     blocks are f16 (as llama.cpp's converter does)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q  # optional: the gguf extra
 
     if len(shape) == 1 or dtype == "f32":
         return Q.F32
@@ -175,7 +186,7 @@ def _qtype(shape, dtype: str):
 
 
 def _encode(a: np.ndarray, qtype) -> np.ndarray:
-    from gguf import GGMLQuantizationType as Q, quants
+    from gguf import GGMLQuantizationType as Q, quants  # optional: the gguf extra
 
     if qtype == Q.F32:
         return a.astype(np.float32)
@@ -186,11 +197,9 @@ def _encode(a: np.ndarray, qtype) -> np.ndarray:
 
 def write_gguf(hf_dir: str, out_file: str, dtype: str = "f16", tokenizer=None) -> str:
     """Write the HF model folder `hf_dir` (safetensors, config, tokenizer) as one GGUF file."""
-    import gguf
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoTokenizer
-
-    from llmshearing.model.hf import head_dim_of, safetensors_files
+    import gguf  # optional: the gguf extra
+    from safetensors import safe_open  # heavy: safetensors
+    from transformers import AutoConfig, AutoTokenizer  # heavy: transformers
 
     config = AutoConfig.from_pretrained(hf_dir)
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(hf_dir)
@@ -273,9 +282,6 @@ def write_gguf(hf_dir: str, out_file: str, dtype: str = "f16", tokenizer=None) -
 
 def convert(hf_dir: str, dtype: str = "f16", out_file: str | None = None, overwrite: bool = False) -> str:
     """`llmshearing convert <hf folder> --to gguf`: `<hf folder>/model.gguf` (or `out_file`), atomically."""
-    from llmshearing.checks import writable_output
-    from llmshearing.pruning.export import disk_full
-
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ConfigError(f"'{hf_dir}' is not a Hugging Face model folder (no config.json)")
     out_file = out_file or os.path.join(hf_dir, "model.gguf")

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from llmshearing.model.decoder import Masks
 from llmshearing.pruning.shapes import Shape
 
 TEMPERATURE = 2.0 / 3.0
@@ -128,18 +128,6 @@ class _ReverseGrad(torch.autograd.Function):
 
 def _reverse_grad(x: torch.Tensor) -> torch.Tensor:
     return _ReverseGrad.apply(x)
-
-
-@dataclass
-class Masks:
-    """What the model multiplies in its forward. None means that structure is not pruned."""
-
-    layer: torch.Tensor | None = None  # (L,)
-    hidden: torch.Tensor | None = None  # (d,)
-    hidden_kept: int | torch.Tensor | None = None  # dims RMSNorm averages over
-    head: torch.Tensor | None = None  # (L, H): kv-group gate x in-group query gate
-    intermediate: torch.Tensor | None = None  # (L, I)
-    norm_gate: torch.Tensor | None = None  # (d,) gate on every RMSNorm output (`hidden_mask: original`), else None
 
 
 def plan_masks(source: Shape, target: Shape) -> dict[str, tuple[tuple[int, ...], int]]:

@@ -24,8 +24,13 @@ from __future__ import annotations
 
 import torch
 
+from llmshearing.data.layout import DomainSequences, read_manifest, refuse_test
+from llmshearing.data.tokenizer import load_tokenizer
 from llmshearing.model.hf import head_dim_of, load_hf_config
-from llmshearing.pruning.shapes import param_count, resolve_target, shape_of
+from llmshearing.model.loading import from_pretrained
+from llmshearing.pruning.export import finalize, save_hf
+from llmshearing.pruning.shapes import param_count, shape_of
+from llmshearing.pruning.target import resolve_target
 from llmshearing.pruning.masks import L0Module, row_ranks
 from llmshearing.model.decoder import DecoderLM
 
@@ -63,9 +68,9 @@ def magnitude_scores(lm: DecoderLM) -> dict[str, torch.Tensor]:
         q_head = _sq_rows(a.q_proj.weight, H) + _sq_cols(a.o_proj.weight, H)  # (H,) in group-major order
         head.append(q_head.reshape(KV, R))
         kv_head.append(_sq_rows(a.k_proj.weight, KV) + _sq_rows(a.v_proj.weight, KV) + q_head.reshape(KV, R).sum(-1))
-        inter.append(_sq_rows(m.gate_proj.weight, m.gate_proj.out_features) + _sq_rows(m.up_proj.weight, m.up_proj.out_features)
-                     + _sq_cols(m.down_proj.weight, m.down_proj.in_features))
-        for w in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight):
+        reads = [p.weight for p in (m.gate_proj, m.up_proj) if p is not None]  # GPT-NeoX: no gate_proj
+        inter.append(sum(_sq_rows(w, w.shape[0]) for w in reads) + _sq_cols(m.down_proj.weight, m.down_proj.in_features))
+        for w in (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, *reads):
             hidden = hidden + w.float().pow(2).sum(0)
         for w in (a.o_proj.weight, m.down_proj.weight):
             hidden = hidden + w.float().pow(2).sum(1)
@@ -113,14 +118,14 @@ def block_influence(lm: DecoderLM, input_ids: torch.Tensor) -> torch.Tensor:
     B, T = input_ids.shape
     per = sequences_per_pass(T)
     total = None
-    cos = sin = None
+    ropes = None
     for a in range(0, B, per):
-        x = lm.model.embed_tokens(input_ids[a:a + per])
-        if cos is None:
-            cos, sin = lm.rope(T, x.dtype, x.device)
+        x = lm.embed(input_ids[a:a + per])  # Gemma's scaled by sqrt(hidden)
+        if ropes is None:
+            ropes = lm.layer_ropes(T, x.dtype, x.device)  # Gemma 3: its sliding layers' own base
         sums = []
-        for layer in lm.model.layers:
-            y = layer(x, cos, sin)
+        for layer, rope in zip(lm.model.layers, ropes):
+            y = layer(x, *rope)
             sums.append(torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum())
             x = y
         total = torch.stack(sums) if total is None else total + torch.stack(sums)
@@ -202,8 +207,7 @@ def calibration_ids(root: str, domains: list[str] | None = None, per_domain: int
                     remote: str | None = None) -> torch.Tensor:
     """The first `per_domain` sequences of every domain's `split` (B, T), domains in the shards' order by default:
     the data of activation scoring (the oneshot_act arm, `pruning.init: activation`)."""
-    from llmshearing.data.layout import DomainSequences, read_manifest
-
+    refuse_test(split, "activation calibration")
     domains = list(read_manifest(root)["domains"]) if domains is None else domains
     seqs = [DomainSequences(root, d, split, per_domain, remote=remote) for d in domains]
     return torch.stack([s[i]["input_ids"] for s in seqs for i in range(len(s))])
@@ -214,10 +218,6 @@ def oneshot_prune(model_path: str, target, out_dir: str, gguf_file: str | None =
     """Prune the HF model at `model_path` to `target` (preset, config path or dims) in one shot and write the
     dense HF model (+ tokenizer, `pruning.json` with the kept units and the scoring) to `out_dir`, atomically.
     `method`: "magnitude" (no data) or "activation" (needs `calibration`, token ids (B, T))."""
-    from llmshearing.model.hf import from_pretrained
-    from llmshearing.pruning.export import finalize, save_hf
-    from llmshearing.data.tokenizer import load_tokenizer
-
     if method not in SCORING:
         raise ValueError(f"method must be one of {list(SCORING)}, got '{method}'")
     if method == "activation" and calibration is None:

@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from transformers import PretrainedConfig
 
 from llmshearing.errors import ConfigError
-from llmshearing.model.hf import attention_biases, head_dim_of, qk_norm
+from llmshearing.model.hf import (attention_biases, gated_mlp, head_dim_of, is_gemma, kv_heads_of, layer_norm, mlp_bias,
+                                  qk_norm)
 
 @dataclass(frozen=True)
 class Shape:
@@ -43,6 +44,10 @@ PRESETS: dict[str, Shape] = {
     # and 4 KV heads (512 wide), the 1B's 4 query heads per KV group: the same parameters per layer as the 1B.
     "llama-3.2-3b": Shape(28, 3072, 24, 8, 8192),
     "llama-3.2-1b-hd128": Shape(16, 2048, 16, 4, 8192),
+    # Qwen3-8B (36/4096/32/8/12288, head_dim 128, untied) to the released Qwen3-1.7B's shape
+    # (yamls/models/qwen3-1.7b.json, the same head_dim): exact. The pruned model keeps the 8B's untied output
+    # embedding (the 1.7B ties it): 2.03B.
+    "qwen3-1.7b": Shape(28, 2048, 16, 8, 6144),
     # The embedded default: SmolLM2-135M (30/576/9/3/1536) to ~49% of its non-embedding parameters.
     # 2 KV groups of 2 query heads keep GQA valid and exercise both group and in-group head masks.
     "smollm2-135m-half": Shape(24, 512, 4, 2, 1152),
@@ -54,63 +59,9 @@ def shape_of(config: PretrainedConfig) -> Shape:
         num_hidden_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        num_key_value_heads=kv_heads_of(config),
         intermediate_size=config.intermediate_size,
     )
-
-
-def resolve_target(spec, source: PretrainedConfig) -> Shape:
-    """A target given as a preset name, an HF config path (file or directory), explicit dims or a parameter
-    budget ({params: N} or {params_fraction: F}, solved by pruning/budget.py).
-
-    Explicit dims may be partial: a dimension left out keeps the source size (so it is not pruned).
-    """
-    src = shape_of(source)
-    if isinstance(spec, str):
-        if spec in PRESETS:
-            target = PRESETS[spec]
-        elif os.path.exists(spec):
-            from llmshearing.checks import load_structured
-
-            cfg_path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
-            raw = load_structured(cfg_path, "pruning.target")
-            if not isinstance(raw, dict):
-                raise ConfigError(f"pruning.target: '{cfg_path}' is not an HF config (a json object)")
-            missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size") if k not in raw]
-            if missing:
-                raise ConfigError(f"target config '{cfg_path}' lacks {missing}; give explicit dims instead")
-            target = Shape(
-                raw["num_hidden_layers"], raw["hidden_size"], raw["num_attention_heads"],
-                raw.get("num_key_value_heads") or raw["num_attention_heads"], raw["intermediate_size"],
-            )
-            target_head_dim = raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"]
-            if target_head_dim != head_dim_of(source):
-                raise ConfigError(
-                    f"target config '{cfg_path}' has head_dim {target_head_dim} but the source has "
-                    f"{head_dim_of(source)}; head_dim is never pruned. Give explicit dims instead."
-                )
-        else:
-            raise ConfigError(
-                f"target '{spec}' is neither a preset ({', '.join(PRESETS)}) nor an existing config path"
-            )
-    elif isinstance(spec, dict):
-        from llmshearing.pruning.budget import BUDGET_KEYS, budget_target
-
-        if set(spec) & set(BUDGET_KEYS):  # a parameter budget: the solver's uniform shape (pruning/budget.py)
-            return budget_target(spec, source)
-        unknown = set(spec) - set(SHAPE_KEYS)
-        if unknown:
-            raise ConfigError(f"target: unknown keys {sorted(unknown)}; allowed: {list(SHAPE_KEYS)}, or a budget "
-                              f"{{params: N}} / {{params_fraction: F}}")
-        values = {**src.as_dict(), **spec}
-        bad = {k: v for k, v in values.items() if not isinstance(v, int) or isinstance(v, bool)}
-        if bad:
-            raise ConfigError(f"target: dims must be integers, got {bad}")
-        target = Shape(**values)
-    else:
-        raise ConfigError(f"target must be a preset name, a config path or a mapping of dims, got {spec!r}")
-    validate_target(src, target)
-    return target
 
 
 def validate_target(src: Shape, tgt: Shape) -> None:
@@ -156,9 +107,11 @@ def param_count(shape: Shape, config: PretrainedConfig, *, floats: dict | None =
     L, h, H, KV, inter = (d[k] for k in SHAPE_KEYS)
     hd = head_dim_of(config)
     qkv_bias, o_bias = attention_biases(config)
-    mlp_bias = bool(getattr(config, "mlp_bias", False))
+    projections = 3 if gated_mlp(config) else 2  # GPT-NeoX: dense_h_to_4h and dense_4h_to_h
+    norm = 2 if layer_norm(config) else 1  # GPT-NeoX's LayerNorms have a bias
     attn = h * (H + 2 * KV) * hd + H * hd * h + (qkv_bias * (H + 2 * KV) * hd) + o_bias * h
-    mlp = 3 * h * inter + mlp_bias * (2 * inter + h)
-    per_layer = attn + mlp + 2 * h + (2 * hd if qk_norm(config) else 0)  # Qwen3's q_norm and k_norm
+    mlp = projections * h * inter + mlp_bias(config) * ((projections - 1) * inter + h)
+    norms = 4 if is_gemma(config) else 2  # Gemma: pre- and post-norms around attention and MLP
+    per_layer = attn + mlp + norms * norm * h + (2 * hd if qk_norm(config) else 0)  # Qwen3's / Gemma 3's q/k norms
     embed = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    return L * per_layer + embed + h
+    return L * per_layer + embed + norm * h

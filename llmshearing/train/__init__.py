@@ -1,2 +1,3 @@
-"""Training: the typed config (`config`), builders from config to Composer Trainer (`builders`),
-running a stage (`run`) and checkpoints (`checkpointing`)."""
+"""Training: the typed config (`config`), builders from config to Composer Trainer (`builders`), the Composer wrapper
+of the model (`composer_model`), running a stage (`run`), checkpoint files (`checkpointing`), a run read back from
+one (`restore`) and a run's export (`export_run`)."""

@@ -14,6 +14,8 @@ from composer import Evaluator, Trainer
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
+from llmshearing.callbacks import ClipGradNorm, DynamicLoading, PruningLog, ReplicatedGrads, guards
+from llmshearing.callbacks.dynamic_loading import eval_label
 from llmshearing import registry
 from llmshearing.compat import (enable_fsdp_on_cpu, ignore_stop_signals, install_atomic_writes, kill_workers_at_exit,
                                per_node_signal_files)
@@ -21,14 +23,16 @@ from llmshearing.data.layout import DomainSequences
 from llmshearing.data.mixture import DomainMixture, MixtureLoader
 from llmshearing.data.tokenizer import check_tokenizer, model_tokenizer
 from llmshearing.io import atomic_write_text
-from llmshearing.model.composer_model import ComposerLM
+from llmshearing.train.composer_model import ComposerLM
 from llmshearing.model.decoder import attention_kernel
 from llmshearing.model.distill import Teacher
-from llmshearing.model.hf import empty_model, from_pretrained, load_hf_config
+from llmshearing.model.hf import load_hf_config
+from llmshearing.model.loading import empty_model, from_pretrained
 from llmshearing.pruning.masks import L0Module
-from llmshearing.pruning.shapes import resolve_target, shape_of
+from llmshearing.pruning.shapes import shape_of
+from llmshearing.pruning.target import resolve_target
 from llmshearing.train.checkpointing import repair_latest
-from llmshearing.train.config import TrainConfig, batches, microbatch_size, resolve_device, run_dir, to_yaml
+from llmshearing.train.config import TrainConfig, batches, microbatch_size, run_device, run_dir, to_yaml
 from llmshearing.train.mask_init import init_masks, share_masks
 from llmshearing.train.run_folder import CONFIG_NAME, check_binding, lock
 
@@ -111,8 +115,6 @@ def build_scheduler(cfg: TrainConfig):
 
 def build_dataloaders(cfg: TrainConfig, per_device: int) -> tuple[DataLoader, list[Evaluator]]:
     """The training DataLoader over the domain mixture and one Composer Evaluator per domain."""
-    from callbacks.dynamic_loading import eval_label
-
     d = cfg.data
     train_set = DomainMixture(d.root, d.split, d.domains, d.proportions, batch_size=per_device, seed=cfg.seed,
                               remote=d.remote)
@@ -135,9 +137,7 @@ def build_dataloaders(cfg: TrainConfig, per_device: int) -> tuple[DataLoader, li
 
 def build_callbacks(cfg: TrainConfig, folder: str) -> list:
     """The project's callbacks (from their sections) and those named in `callbacks:`."""
-    from callbacks import ClipGradNorm, DynamicLoading, PruningLog, ReplicatedGrads, RunGuard
-
-    built = [RunGuard(cfg.save_folder, cfg.stop_on_nonfinite, cfg.save_on_sigterm, run_config=to_yaml(cfg))]
+    built = guards(cfg.save_folder, to_yaml(cfg), cfg.stop_on_nonfinite, cfg.save_on_sigterm)
     if cfg.fsdp is not None:
         built.append(ReplicatedGrads())
     if cfg.optimizer.clip_grad_norm is not None:  # after ReplicatedGrads: the masks' gradients are averaged first
@@ -186,7 +186,7 @@ def build_trainer(cfg: TrainConfig):
     target = resolve_target(cfg.pruning.target, source_config) if cfg.pruning else None
     tokenizer = model_tokenizer(cfg.model)
     check_tokenizer(cfg.data.root, tokenizer, source_config.vocab_size, cfg.model.path)
-    device = resolve_device(cfg)
+    device = run_device(cfg)
     folder = run_dir(cfg)
     if dist.get_global_rank() == 0:
         lock(folder)  # before the binding check, so that two runs started at once cannot both pass it

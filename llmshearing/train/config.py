@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 import sys
 from importlib import resources
 import types
@@ -17,11 +18,13 @@ from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from llmshearing import registry
-from llmshearing.checks import (check_checkpoint, check_finite, check_model_folder, check_positions, inside,
-                               load_structured, writable_output)
-from llmshearing.data.layout import check_domains, read_manifest
-from llmshearing.data.mixing import check_weights
+from llmshearing.checks import check_checkpoint, check_finite, inside, load_structured, writable_output
+from llmshearing.data.layout import check_domains, check_positions, read_manifest, refuse_test
+from llmshearing.data.reweighting import check_weights
+from llmshearing.data.remote import normalise, shards_root
+from llmshearing.data.tokenizer import load_tokenizer, model_tokenizer, tokenizer_fingerprint
 from llmshearing.errors import ConfigError
+from llmshearing.train.checkpointing import embedded_config
 
 
 @dataclass
@@ -180,7 +183,9 @@ def _type_ok(value, tp) -> bool:
     return isinstance(value, tp)
 
 
-def _build(cls, raw, where: str):
+def from_mapping(cls, raw, where: str):
+    """A config dataclass `cls` from a plain mapping (a parsed yaml, a checkpoint's embedded config): an unknown key
+    (with the closest known one), a missing required key or a wrong type is a ConfigError naming `where` + the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
     names = {f.name for f in fields(cls)}
@@ -200,7 +205,7 @@ def _build(cls, raw, where: str):
         value, tp = raw[f.name], hints[f.name]
         sub = [a for a in typing.get_args(tp) if is_dataclass(a)] or ([tp] if is_dataclass(tp) else [])
         if sub and value is not None:
-            value = _build(sub[0], value, key + ".")
+            value = from_mapping(sub[0], value, key + ".")
         elif not _type_ok(value, tp):
             raise ConfigError(f"'{key}' must be of type {getattr(tp, '__name__', tp)}, got {value!r}")
         if tp is tuple or typing.get_origin(tp) is tuple:
@@ -215,8 +220,9 @@ def batches(duration: str) -> int:
     return int(duration[:-2])
 
 
-def resolve_device(cfg: TrainConfig) -> str:
-    """Composer's device of the run (gpu when available unless `device` says otherwise)."""
+def run_device(cfg: TrainConfig) -> str:
+    """Composer's device name of the run, 'gpu' or 'cpu' (gpu when available unless `device` says otherwise); torch's
+    device string of a tool's --device is `devices.resolve_device`."""
     from llmshearing.devices import composer_device  # torch: imported once the cheap checks have passed
 
     device = composer_device(cfg.device)
@@ -226,8 +232,6 @@ def resolve_device(cfg: TrainConfig) -> str:
 
 
 def _check_duration(key: str, value: str, units=("ba", "tok", "ep", "sp")) -> None:
-    import re
-
     if not re.fullmatch(rf"\d+({'|'.join(units)})", str(value)):
         raise ConfigError(f"'{key}'='{value}' is not a duration like '100ba' (units: {', '.join(units)})")
 
@@ -269,7 +273,7 @@ RANGES = {
 
 def _check_ranges(cfg: TrainConfig) -> None:
     for f in fields(cfg):
-        check_finite(_as_dict(getattr(cfg, f.name)), f.name)
+        check_finite(as_dict(getattr(cfg, f.name)), f.name)
     for key, (ok, what) in RANGES.items():
         try:
             value = _get(cfg, key)
@@ -293,7 +297,7 @@ def run_dir(cfg: TrainConfig) -> str:
 def check_outputs(cfg: TrainConfig) -> None:
     """The run folder and export folder can be written, and the export can never replace the run or a folder
     it did not create (see llmshearing.pruning.export.check_export_dir)."""
-    from llmshearing.pruning.export import check_export_dir
+    from llmshearing.pruning.export import check_export_dir  # heavy: torch, transformers
 
     folder = run_dir(cfg)
     writable_output(folder, "save_folder")
@@ -312,6 +316,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.gguf_file '{cfg.model.gguf_file}' not found in '{cfg.model.path}'")
     _check_ranges(cfg)
     from llmshearing.model.decoder import resolve_attn_impl  # torch + transformers: after the cheap checks
+    from llmshearing.model.loading import check_model_folder  # the same
 
     resolve_attn_impl(cfg.model.attn_impl)
     cfg = replace(cfg, data=resolve_data(cfg.data))
@@ -349,7 +354,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"precision must be fp32, amp_bf16 or amp_fp16, got '{cfg.precision}'")
     if cfg.device not in (None, "cpu", "gpu"):
         raise ConfigError(f"device must be cpu or gpu, got '{cfg.device}'")
-    resolve_device(cfg)
+    run_device(cfg)
     if cfg.fsdp is not None:
         check_fsdp(cfg.fsdp)
     if cfg.load_path is not None and "://" not in cfg.load_path:
@@ -389,9 +394,15 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def check_pruning_does_something(cfg: TrainConfig, source) -> None:
     """A pruning target that is the source's own shape (e.g. `pruning.target={}`) would run a pruning run that
     prunes nothing; calibration sequences beyond the split would be capped without a word."""
-    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
-    from llmshearing.pruning.shapes import resolve_target, shape_of
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES  # heavy: transformers
+    from llmshearing.pruning.shapes import shape_of  # heavy: transformers
+    from llmshearing.pruning.target import resolve_target  # heavy: transformers
 
+    from llmshearing.model.hf import is_gemma, layer_norm  # heavy: transformers
+
+    if cfg.pruning.hidden_mask == "original" and (is_gemma(source) or layer_norm(source)):
+        raise ConfigError(f"pruning.hidden_mask=original gates RMSNorm outputs (the released code's Llama); "
+                          f"{source.model_type} has {'Gemma' if is_gemma(source) else 'Layer'}Norms: use residual")
     if source.model_type in SUPPORTED_MODEL_TYPES and resolve_target(cfg.pruning.target, source) == shape_of(source):
         raise ConfigError(f"pruning.target {cfg.pruning.target!r} is the source's own shape "
                           f"({shape_of(source).as_dict()}): this run would prune nothing; give smaller dims, a preset "
@@ -413,12 +424,10 @@ def check_load_path_fits(cfg: TrainConfig, source) -> None:
     and builds the model on the meta device: no weights are read or allocated."""
     if cfg.load_path is None or "://" in cfg.load_path or os.path.isdir(os.path.realpath(cfg.load_path)):
         return  # a sharded checkpoint: DCP checks every tensor's shape when it loads
-    import torch
+    import torch  # heavy: torch
 
-    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
-    from llmshearing.pruning.export import decoder_shapes
-    from llmshearing.train.checkpointing import embedded_config
-    from llmshearing.train.run_folder import note_objective_change
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES  # heavy: transformers
+    from llmshearing.pruning.export import decoder_shapes  # heavy: torch, transformers
 
     if source.model_type not in SUPPORTED_MODEL_TYPES:
         return
@@ -445,14 +454,14 @@ def check_load_path_fits(cfg: TrainConfig, source) -> None:
     embedded = embedded_config(state)
     if embedded is not None:
         old = OmegaConf.to_container(OmegaConf.create(embedded), resolve=True)
-        note_objective_change(old, _as_dict(cfg), f"the run of load_path '{cfg.load_path}'")
+        note_objective_change(old, as_dict(cfg), f"the run of load_path '{cfg.load_path}'")
 
 
 def check_distill(cfg: TrainConfig) -> None:
     """The teacher is a supported model folder whose token ids mean what the student's do (same vocab_size and,
     when its folder has a tokenizer, the same vocabulary), and Composer's FSDP can leave it out of the optimizer."""
-    from llmshearing.data.tokenizer import load_tokenizer, model_tokenizer, tokenizer_fingerprint
-    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, load_hf_config
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, load_hf_config  # heavy: transformers
+    from llmshearing.model.loading import check_model_folder  # heavy: torch, transformers
 
     d = cfg.distill
     student = load_hf_config(cfg.model.path, cfg.model.gguf_file)
@@ -498,8 +507,9 @@ def check_distill(cfg: TrainConfig) -> None:
 def _note_small_teacher(cfg: TrainConfig, student, teacher) -> None:
     """A teacher with fewer parameters than the student (the pruning target, or the continued model) is allowed but
     rarely meant: distillation then pulls the student towards a weaker model."""
-    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES
-    from llmshearing.pruning.shapes import param_count, resolve_target, shape_of
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES  # heavy: transformers
+    from llmshearing.pruning.shapes import param_count, shape_of  # heavy: transformers
+    from llmshearing.pruning.target import resolve_target  # heavy: transformers
 
     if student.model_type not in SUPPORTED_MODEL_TYPES:
         return
@@ -514,7 +524,7 @@ def _note_small_teacher(cfg: TrainConfig, student, teacher) -> None:
 def check_mask_init(p: PruningConfig) -> None:
     """pruning.init is a known init; activation needs calibration sequences and room in the clamp range for its
     two bands (llmshearing.pruning.masks.init_bands)."""
-    from llmshearing.pruning.masks import INIT_BAND
+    from llmshearing.pruning.masks import INIT_BAND  # heavy: torch, transformers
 
     for key, allowed in (("lambda_optimizer", ("adam", "sgd")), ("hidden_mask", ("residual", "original"))):
         if getattr(p, key) not in allowed:
@@ -543,10 +553,9 @@ def resolve_data(data: DataConfig) -> DataConfig:
     """Shards exist and hold the domains; proportions and reference losses match the domains.
     Returns a copy with data.domains filled in and proportions / reference losses as lists in domain order
     (`data` itself is left as given)."""
+    refuse_test(data.split, "data.split")
     if data.split not in ("prune", "continue"):
         raise ConfigError(f"data.split must be prune or continue, got '{data.split}'")
-    from llmshearing.data.remote import normalise, shards_root
-
     if data.remote is not None:
         data = replace(data, remote=normalise(data.remote))
     if data.shards is None and data.remote is None:
@@ -610,8 +619,8 @@ def check_fsdp(fsdp: dict) -> None:
     """The `fsdp` section must be a valid Composer FSDPConfig (checked without GPUs): known keys, values of the
     field's type, and for the keys that take a name, one of the names Composer maps (it would fail with a KeyError
     or ValueError traceback at wrap time otherwise)."""
-    from composer.distributed.mosaic_parallelism import BACKWARD_PREFETCH_MAP, SHARDING_MAP
-    from composer.utils.parallelism import FSDPConfig
+    from composer.distributed.mosaic_parallelism import BACKWARD_PREFETCH_MAP, SHARDING_MAP  # heavy: composer
+    from composer.utils.parallelism import FSDPConfig  # heavy: composer
 
     allowed = {f.name for f in fields(FSDPConfig) if f.init}
     for key in fsdp:
@@ -693,16 +702,51 @@ def parse_config(path: str, overrides: list[str] | None = None) -> TrainConfig:
         raw = OmegaConf.to_container(conf, resolve=True)
     except Exception as e:  # e.g. ${oc.env:...} or interpolation errors
         raise ConfigError(f"'{path}': {e}") from None
-    return _build(TrainConfig, raw, "")
+    return from_mapping(TrainConfig, raw, "")
 
 
 def to_yaml(cfg: TrainConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create(_as_dict(cfg)))
+    return OmegaConf.to_yaml(OmegaConf.create(as_dict(cfg)))
 
 
-def _as_dict(obj):
+def as_dict(obj):
+    """The inverse of `from_mapping`: a config dataclass as a plain mapping (tuples as lists), as run_config.yaml
+    holds it."""
     if is_dataclass(obj):
-        return {f.name: _as_dict(getattr(obj, f.name)) for f in fields(obj)}
+        return {f.name: as_dict(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, tuple):
         return list(obj)
     return obj
+
+
+def identity(raw: dict) -> dict:
+    """What a run folder is bound to, from a run config as a plain mapping (so that a run config written by an
+    older version, with keys since renamed, still compares): the source model, the pruning target (as its
+    resolved shape when the model config is at hand) and the data. Learning rates, durations and intervals may
+    change on resume."""
+    from llmshearing.model.hf import load_hf_config  # transformers: after the cheap checks
+    from llmshearing.pruning.target import resolve_target  # the same
+
+    model, data = raw.get("model") or {}, raw.get("data") or {}
+    target = (raw.get("pruning") or {}).get("target")
+    if target is not None:
+        try:
+            target = resolve_target(target, load_hf_config(model.get("path"), model.get("gguf_file"))).as_dict()
+        except Exception:  # noqa: BLE001 - the old run's model may be gone or changed: compare the spec as given
+            pass
+    path = lambda p: os.path.realpath(p) if isinstance(p, str) else p  # noqa: E731
+    return {"model.path": path(model.get("path")), "model.gguf_file": model.get("gguf_file"), "pruning.target": target,
+            "data.shards": path(data.get("shards")), "data.remote": normalise(data["remote"]) if isinstance(data.get("remote"), str) else data.get("remote"), "data.split": data.get("split", "prune"),
+            "data.domains": data.get("domains")}
+
+
+def note_objective_change(old: dict, now: dict, what: str) -> None:
+    """Say so when a continued run trains toward another pruning target or with distillation switched on, off or
+    changed: allowed (a deliberate change of plan), but the objective then changes at the resumed batch."""
+    before, after = identity(old), identity(now)
+    if before["pruning.target"] != after["pruning.target"]:
+        print(f"note: {what} pruned toward {before['pruning.target']}; this run continues toward "
+              f"{after['pruning.target']}", file=sys.stderr, flush=True)
+    if (old.get("distill") or None) != (now.get("distill") or None):
+        print(f"note: {what} had distill={old.get('distill')}; this run has distill={now.get('distill')}: the training "
+              f"objective changes at the resumed batch", file=sys.stderr, flush=True)

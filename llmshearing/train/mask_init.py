@@ -18,6 +18,7 @@ import torch
 from composer.utils import dist
 
 from llmshearing.io import atomic_write_text
+from llmshearing.train.checkpointing import LATEST_NAME
 
 REPORT = "mask_init.json"
 
@@ -25,8 +26,6 @@ REPORT = "mask_init.json"
 def resumes(cfg) -> bool:
     """Composer will load a checkpoint: `load_path`, or autoresume with a `latest` link in save_folder (repaired
     before, checkpointing.repair_latest)."""
-    from llmshearing.train.checkpointing import LATEST_NAME
-
     latest = cfg.save_folder and os.path.exists(os.path.join(cfg.save_folder, LATEST_NAME.format(rank=0)))
     return cfg.load_path is not None or bool(cfg.autoresume and latest)
 
@@ -35,7 +34,8 @@ def resumes(cfg) -> bool:
 def init_masks(cfg, model, folder: str, device: str) -> dict | None:
     """Set the masks of a fresh `pruning.init: activation` run from activation scores (rank 0 only; see
     `share_masks`). Returns the record written to `<folder>/mask_init.json`, or None when there is nothing to do."""
-    from llmshearing.pruning.masks import init_bands
+    from llmshearing.pruning.masks import init_bands  # heavy: transformers
+    # heavy: transformers
     from llmshearing.pruning.oneshot import SCORING, activation_scores, calibration_ids, set_scores
 
     p = cfg.pruning

@@ -104,7 +104,7 @@ source's layer count and the masks above are those of `plan_masks(source, target
 
 Host RAM per node (G = GPUs per node, default 8; W = data.num_workers per rank)
 --------------------------------------------------------------------------------
-How `llmshearing.model.hf.from_pretrained` and `llmshearing.train.builders.build_trainer` load weights:
+How `llmshearing.model.loading.from_pretrained` and `llmshearing.train.builders.build_trainer` load weights:
 a safetensors checkpoint is read tensor by tensor straight into a DecoderLM whose parameters are fp32
 (`empty_model`: allocated with `to_empty`), so a loading rank peaks at 4P bytes (the fp32 model) plus one
 tensor; GGUF and .bin checkpoints still go through transformers' loader, which holds the HF model and the
@@ -135,8 +135,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from importlib import resources
+
+from omegaconf import OmegaConf
 
 from llmshearing.errors import ConfigError
+from llmshearing.train.config import resolve_recipe
 
 GiB = 2**30
 CONTEXT_RESERVE_GIB = 1.5  # CUDA context + NCCL + cuBLAS workspaces, per GPU
@@ -148,11 +152,12 @@ DEFAULT_SEQ_LEN = 4096
 SHIPPED_LLAMA2_7B = os.path.join("models", "llama-2-7b.json")  # inside yamls/ (llmshearing.recipes)
 # the shipped configs that stand in for a recipe's model when its path is not here: the env var the recipes read the
 # path from, and the model's name in a path
-SHIPPED_MODELS = {"LLAMA2_7B": "llama-2-7b", "LLAMA31_8B": "llama-3.1-8b"}
+SHIPPED_MODELS = {"LLAMA2_7B": "llama-2-7b", "LLAMA31_8B": "llama-3.1-8b", "QWEN3_8B": "qwen3-8b"}
 STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "_HYBRID_SHARD_ZERO2", "NO_SHARD")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # a continue recipe's name -> (the pruning source, the preset its pruned export has); the longer keys first
-PAPER_RECIPE_SHAPES = {"llama3_1b": ("llama-3.1-8b", "llama-3.2-1b-hd128"), "llama3_3b": ("llama-3.1-8b", "llama-3.2-3b"),
+PAPER_RECIPE_SHAPES = {"qwen3_1.7b": ("qwen3-8b", "qwen3-1.7b"),
+                       "llama3_1b": ("llama-3.1-8b", "llama-3.2-1b-hd128"), "llama3_3b": ("llama-3.1-8b", "llama-3.2-3b"),
                        "1.3b": ("llama-2-7b", "sheared-llama-1.3b"), "2.7b": ("llama-2-7b", "sheared-llama-2.7b")}
 
 
@@ -164,8 +169,6 @@ def shipped_config(model: str = "llama-2-7b") -> str:
     candidates = [os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                "yamls", name)]
     try:
-        from importlib import resources
-
         candidates.append(str(resources.files("llmshearing.recipes").joinpath(name)))
     except (ModuleNotFoundError, TypeError):  # pragma: no cover - depends on the install
         pass
@@ -190,9 +193,9 @@ def shipped_model(raw: str, path: str) -> str | None:
 
 def load_model_config(path: str):
     """An HF config from a config.json file or a folder holding one (no weights, no network)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: transformers
 
-    from llmshearing.model.hf import check_source_config
+    from llmshearing.model.hf import check_source_config  # heavy: transformers
 
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
@@ -216,8 +219,6 @@ def load_model_config(path: str):
 def _lenient(conf, key: str, default=None):
     """The value at `key` with interpolations resolved where they can be; an unresolvable interpolation
     (an unset env var without default) keeps its text."""
-    from omegaconf import OmegaConf
-
     try:
         value = OmegaConf.select(conf, key, default=default, throw_on_missing=False)
     except Exception:  # noqa: BLE001 - omegaconf's resolver errors
@@ -235,8 +236,6 @@ def _lenient(conf, key: str, default=None):
 
 def _raw(conf, key: str):
     """The unresolved text at `key` (to see which env var a path comes from)."""
-    from omegaconf import OmegaConf
-
     node = OmegaConf.to_container(conf, resolve=False)
     for part in key.split("."):
         node = node.get(part) if isinstance(node, dict) else None
@@ -246,10 +245,6 @@ def _raw(conf, key: str):
 def read_recipe(path_or_name: str) -> dict:
     """The keys of a recipe that the plan needs, read without validating paths (the paper recipes name
     cluster paths)."""
-    from omegaconf import OmegaConf
-
-    from llmshearing.train.config import resolve_recipe
-
     path = resolve_recipe(path_or_name)
     try:
         conf = OmegaConf.load(path)
@@ -316,7 +311,7 @@ def folder_format(path: str, gguf_file: str | None = None) -> str:
     if gguf_file:
         return "gguf"
     if os.path.isdir(path):
-        from llmshearing.model.hf import safetensors_files
+        from llmshearing.model.loading import safetensors_files  # heavy: torch, transformers
 
         has_bin = any(n.startswith("pytorch_model") and n.endswith(".bin") for n in os.listdir(path))
         if has_bin and not safetensors_files(path):
@@ -336,7 +331,7 @@ def infer_target_shape(recipe: dict) -> tuple[str, str] | None:
 
 def resolve_model(recipe: dict, model_config: str | None = None, target_shape: str | None = None):
     """(HF config of the model the recipe trains, stored bytes per weight, a line saying which config)."""
-    from llmshearing.pruning.shapes import PRESETS, shape_of, target_config, validate_target
+    from llmshearing.pruning.shapes import PRESETS, shape_of, target_config, validate_target  # heavy: transformers
 
     if target_shape is not None and target_shape not in PRESETS:
         raise ConfigError(f"--target-shape '{target_shape}' is not a preset; presets: {', '.join(PRESETS)}")
@@ -438,7 +433,7 @@ def resolve_seq_len(recipe: dict, config, seq_len: int | None, shipped: bool = F
 
 def model_counts(config) -> dict:
     """P (== shapes.param_count), U (one decoder layer), R (embedding + lm_head + final norm), V * d (one embedding)."""
-    from llmshearing.pruning.shapes import param_count, shape_of
+    from llmshearing.pruning.shapes import param_count, shape_of  # heavy: transformers
 
     P = int(param_count(shape_of(config), config))
     d, V = config.hidden_size, config.vocab_size
@@ -449,8 +444,8 @@ def model_counts(config) -> dict:
 
 def mask_numbers(source_config, target) -> tuple[int, list[str]]:
     """(M: L0 log-alphas + Lagrange multipliers, structures the forward multiplies by a mask)."""
-    from llmshearing.pruning.masks import plan_masks
-    from llmshearing.pruning.shapes import shape_of
+    from llmshearing.pruning.masks import plan_masks  # heavy: torch, transformers
+    from llmshearing.pruning.shapes import shape_of  # heavy: transformers
 
     plan = plan_masks(shape_of(source_config), target)
     M = sum(math.prod(shape) for shape, _ in plan.values()) + 2 * len(plan)
@@ -464,7 +459,7 @@ def mask_numbers(source_config, target) -> tuple[int, list[str]]:
 
 def layer_saved_bytes(config, B: int, T: int, c: int, masks=()) -> dict[str, int]:
     """Bytes autograd saves in one DecoderLayer forward, tensor by tensor (names as in the docstring)."""
-    from llmshearing.model.hf import head_dim_of
+    from llmshearing.model.hf import head_dim_of  # heavy: transformers
 
     n, d, I = B * T, config.hidden_size, config.intermediate_size
     H, h = config.num_attention_heads, head_dim_of(config)
@@ -490,7 +485,7 @@ def layer_saved_bytes(config, B: int, T: int, c: int, masks=()) -> dict[str, int
 
 def outside_saved_bytes(config, B: int, T: int, c: int, masks=()) -> dict[str, int]:
     """Bytes saved outside the decoder layers: token ids, the masked embedding, the final norm, RoPE."""
-    from llmshearing.model.hf import head_dim_of
+    from llmshearing.model.hf import head_dim_of  # heavy: transformers
 
     n, d = B * T, config.hidden_size
     out = {"token_ids": 8 * n}
@@ -516,7 +511,7 @@ def lm_loss_parts(n: int, V: int, c: int) -> dict[str, int]:
     (28n). forward: kept + one chunk of `distill.kd_chunk_rows(V)` positions in fp32 and one temporary (8 x chunk x V).
     backward: kept + the gradient it returns in the logits' dtype (cnV) + one chunk of it in fp32 and its cast
     ((4 + c) x chunk x V; 4 x chunk x V in fp32)."""
-    from llmshearing.model.distill import kd_chunk_rows
+    from llmshearing.model.distill import kd_chunk_rows  # heavy: torch, transformers
 
     chunk = min(n, kd_chunk_rows(V))
     kept = 28 * n
@@ -550,7 +545,7 @@ def kd_loss_parts(n: int, V: int, c: int, top_k: int | None = None) -> dict[str,
     of `distill.kd_chunk_rows(V)` positions). backward: kept + the gradient it returns in the student's dtype (cnV)
     + one chunk of it in fp32 (4 x chunk x V) and, beside that, its cast to c bytes (c x chunk x V when c < 4) or,
     with top-k, the k-wide chunk before the scatter (4 x chunk x k), whichever is larger."""
-    from llmshearing.model.distill import kd_chunk_rows
+    from llmshearing.model.distill import kd_chunk_rows  # heavy: torch, transformers
 
     K = V if top_k is None or top_k >= V else top_k
     chunk = min(n, kd_chunk_rows(V))
@@ -691,7 +686,7 @@ def per_gpu(*, counts: dict, config, S: int, strategy: str | None, c: int, p: in
 def traced(chosen: dict, **step) -> dict:
     """The trace of one training step (`plan_trace.trace_step`) beside the formula: `estimate_gib` is the formula's
     peak without the reserve (the reserve is what a trace cannot see: CUDA context, NCCL, fragmentation)."""
-    from llmshearing.train.plan_trace import trace_step
+    from llmshearing.train.plan_trace import trace_step  # heavy: torch
 
     estimate = max(chosen["moments"].values())
     result = trace_step(**step)
@@ -706,7 +701,7 @@ def activation_init(recipe: dict, config, T: int) -> dict:
     """`pruning.init: activation`'s phase on rank 0's GPU (`mask_init.init_masks`), traced on the meta device: the
     fp32 source model and the scoring of init_sequences x domains calibration sequences (domains: data.domains, else
     RedPajama's 7). Reported for every pruning recipe; `applies` says whether this recipe sets the init."""
-    from llmshearing.train.plan_trace import trace_activation_init
+    from llmshearing.train.plan_trace import trace_activation_init  # heavy: torch
 
     domains = recipe["domains"]
     count = len(domains) if isinstance(domains, list) and domains else REDPAJAMA_DOMAINS
@@ -748,7 +743,8 @@ def make_plan(recipe_path: str, gpus: int, gpu_memory_gb: float, host_memory_gb:
     T, seq_source = resolve_seq_len(recipe, config, seq_len, shipped)
     resolved_teacher = resolve_teacher(recipe, config, teacher_config)
 
-    from llmshearing.pruning.shapes import resolve_target, shape_of
+    from llmshearing.pruning.shapes import shape_of  # heavy: transformers
+    from llmshearing.pruning.target import resolve_target  # heavy: transformers
 
     target, M, masks = None, 0, []
     if recipe["pruning"]:

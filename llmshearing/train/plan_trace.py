@@ -101,8 +101,9 @@ _SDPA = F.scaled_dot_product_attention
 @contextlib.contextmanager
 def _meta_fsdp(world_size: int):
     """FSDP1 over a fake process group of `world_size` ranks, on the meta device, for the duration."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import _flat_param, _init_utils
+    import torch.distributed as dist  # heavy: torch
+    from torch.distributed.fsdp import _flat_param, _init_utils  # heavy: torch
+    # a private API, imported where it is used and checked
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
@@ -139,8 +140,8 @@ def _fsdp_config(fsdp: dict, precision: str):
     """Composer's FSDPConfig for the recipe's fsdp section, with the mixed precision spelled as dtypes (Composer
     derives them from the Trainer's precision, which it refuses on a CPU device for amp) and sync_module_states off
     (there are no weights to broadcast)."""
-    from composer.distributed.mosaic_parallelism import get_mixed_precision
-    from composer.utils.parallelism import FSDPConfig
+    from composer.distributed.mosaic_parallelism import get_mixed_precision  # heavy: composer
+    from composer.utils.parallelism import FSDPConfig  # heavy: composer
 
     settings = dict(fsdp)
     mp = get_mixed_precision(precision, settings.get("mixed_precision", "DEFAULT"),
@@ -158,11 +159,11 @@ def _fsdp_config(fsdp: dict, precision: str):
 
 def _build(config, target, teacher_config, distill: dict | None):
     """The ComposerLM on the meta device: the model, its L0 masks when pruning, the frozen teacher with `distill`."""
-    from llmshearing.model.composer_model import ComposerLM
-    from llmshearing.model.decoder import DecoderLM
-    from llmshearing.model.distill import Teacher
-    from llmshearing.pruning.masks import L0Module
-    from llmshearing.pruning.shapes import shape_of
+    from llmshearing.train.composer_model import ComposerLM  # heavy: composer, transformers
+    from llmshearing.model.decoder import DecoderLM  # heavy: transformers
+    from llmshearing.model.distill import Teacher  # heavy: transformers
+    from llmshearing.pruning.masks import L0Module  # heavy: transformers
+    from llmshearing.pruning.shapes import shape_of  # heavy: transformers
 
     with torch.device(META):
         lm = DecoderLM(config, "sdpa")
@@ -178,7 +179,7 @@ def _build(config, target, teacher_config, distill: dict | None):
 def _fsdp_parts(model) -> dict[str, list]:
     """The storages FSDP keeps per unit, by part: the fp32 shards (student, teacher), the low-precision shard
     and the gathered (padded) parameter."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP  # heavy: torch
 
     parts = {"params_shard": [], "teacher_shard": [], "gathered": []}  # gathered: after the first forward
     for name, module in model.named_modules():
@@ -204,7 +205,7 @@ def _unique_grads(params):
 def trace_step(*, config, target, teacher_config, distill: dict | None, fsdp: dict | None, precision: str,
                gpus: int, microbatch: int, per_device: int, T: int) -> dict:
     """Peak bytes alive on rank 0's device over step 2 of training (GiB), with what was alive at the peak by part."""
-    from composer.distributed.dist_strategy import prepare_fsdp_module
+    from composer.distributed.dist_strategy import prepare_fsdp_module  # heavy: composer
 
     if fsdp is None:
         if precision != "fp32":
@@ -282,7 +283,8 @@ def trace_activation_init(config, sequences: int, T: int) -> dict:
     sequences of T tokens, no gradients, no autocast), traced on the meta device as `trace_step` is, beside
     `oneshot.activation_peak_bytes`, the formula. The scoring takes `sequences_per_pass` sequences at a time and
     keeps only per-unit sums between passes, so one pass has the peak: that is what is traced."""
-    from llmshearing.model.decoder import DecoderLM
+    from llmshearing.model.decoder import DecoderLM  # heavy: transformers
+    # heavy: transformers
     from llmshearing.pruning.oneshot import activation_peak_bytes, activation_scores, sequences_per_pass
 
     started = time.monotonic()

@@ -1,6 +1,7 @@
 """Running a stage: train (pruning or continued pretraining), export, free the memory; the `composer train.py` entry."""
 from __future__ import annotations
 
+import ctypes
 import gc
 import sys
 import time
@@ -14,7 +15,7 @@ def run(cfg: TrainConfig) -> dict:
     """Train one stage (pruning or continued pretraining) and export it when `export_dir` is set.
     A run stopped by SIGTERM returns {'stopped_after': batch} and exports nothing. The trainer is closed and
     its memory freed before returning, so one process can run several stages (the demo, reproduce-mini)."""
-    from llmshearing.compat import close_trainer
+    from llmshearing.compat import close_trainer  # heavy: torch
     from llmshearing.train.builders import build_trainer  # Composer: imported only once the config is known good
 
     try:
@@ -29,8 +30,8 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _fit_and_export(trainer, tokenizer, cfg: TrainConfig) -> dict:
-    from callbacks.run_guard import Preempted
-    from llmshearing.pruning.export import export_trained
+    from llmshearing.callbacks.run_guard import Preempted  # heavy: composer, torch, transformers
+    from llmshearing.train.export_run import export_trained  # heavy: composer, torch, transformers
 
     start = time.time()
     try:
@@ -49,7 +50,7 @@ def _fit_and_export(trainer, tokenizer, cfg: TrainConfig) -> dict:
 def free_memory() -> None:
     """Collect garbage and hand freed memory back: the CUDA cache, and glibc's heap pages (kept otherwise, so
     RSS would not fall after a stage)."""
-    import torch
+    import torch  # heavy: torch
 
     gc.collect()
     if torch.cuda.is_available():
@@ -60,8 +61,6 @@ def free_memory() -> None:
 def malloc_trim() -> None:
     """glibc's malloc_trim(0); nothing on other C libraries."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
@@ -81,7 +80,7 @@ def _main(argv: list[str]) -> int:
     try:
         claim(folder, cfg)  # before the slow checks: a second launch on a busy or finished folder refuses at once
         cfg = validate(cfg)
-        from callbacks.run_guard import NonFiniteLossError  # Composer (seconds): only once the config is good
+        from llmshearing.callbacks.run_guard import NonFiniteLossError  # Composer (seconds): only once the config is good
 
         try:
             result = run(cfg)

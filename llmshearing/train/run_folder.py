@@ -4,15 +4,15 @@ another of those refuses instead of mixing two runs' checkpoints and logs."""
 from __future__ import annotations
 
 import fcntl
-import glob
 import os
 import sys
-import uuid
 
+from llmshearing.checks import writable_output, load_structured
 from llmshearing.errors import ConfigError
+from llmshearing.train.checkpointing import batch_of, checkpoints
+from llmshearing.train.config import as_dict, identity, note_objective_change
 
 LOCK_NAME = ".lock"
-SHARED_NAME = ".shared-check"  # <name>-<token>: written by rank 0 at start, read by every rank (check_shared)
 CONFIG_NAME = "run_config.yaml"
 _held: dict[str, int] = {}  # folder -> open file descriptor of its lock, for the life of the process
 _made: dict[str, str] = {}  # folder -> the topmost folder that lock() created for it (removed again if left empty)
@@ -74,8 +74,6 @@ def unlock(folder: str) -> None:
 def claim(folder: str, cfg) -> None:
     """Rank 0 of a run takes the run folder before any slow start-up work (a second launch refuses in seconds, not
     after the first has ended) and checks that starting here replaces nothing it must not (`check_reuse`)."""
-    from llmshearing.checks import writable_output
-
     if int(os.environ.get("RANK", "0")) != 0:
         return
     writable_output(folder, "save_folder")
@@ -93,9 +91,6 @@ def _planned(duration) -> int | None:
 def check_reuse(folder: str, cfg) -> None:
     """A folder holding this run's checkpoints is continued (autoresume / load_path) or, with save_overwrite,
     started over; a finished run (a checkpoint at its max_duration) is never replaced. Reads file names only."""
-    from llmshearing.checks import load_structured
-    from llmshearing.train.checkpointing import batch_of, checkpoints
-
     real = os.path.realpath(folder)
     found = checkpoints(folder)
     if cfg.autoresume and found and _planned(cfg.max_duration) is not None and \
@@ -125,94 +120,22 @@ def check_reuse(folder: str, cfg) -> None:
           f"logs of the unfinished run there (newest checkpoint: batch {newest})", file=sys.stderr, flush=True)
 
 
-def check_shared(folder: str) -> None:
-    """Every rank sees the run folder rank 0 writes (all ranks call this once the process group exists, before
-    a checkpoint is loaded). On several nodes save_folder must be one folder on a filesystem they share: each rank
-    writes its own shard of a sharded checkpoint there and autoresume looks for the `latest` link there, so a
-    node-local folder would leave every checkpoint incomplete and make the nodes disagree on resuming. The file
-    has a new name every time, so no node can answer from a cached lookup (NFS caches names found missing)."""
-    from composer.utils import dist
-
-    from llmshearing.io import atomic_write_text
-
-    if dist.get_world_size() == 1:
-        return
-    token = [uuid.uuid4().hex if dist.get_global_rank() == 0 else None]
-    if dist.get_global_rank() == 0:
-        for stale in glob.glob(os.path.join(folder, SHARED_NAME + "-*")):  # a run killed during its check
-            os.remove(stale)
-        atomic_write_text(os.path.join(folder, f"{SHARED_NAME}-{token[0]}"), token[0])
-    dist.broadcast_object_list(token, src=0)
-    path = os.path.join(folder, f"{SHARED_NAME}-{token[0]}")
-    try:
-        with open(path) as f:
-            seen = f.read() == token[0]
-    except OSError:
-        seen = False
-    nodes = dist.all_gather_object((dist.get_node_rank(), seen))
-    if dist.get_global_rank() == 0:
-        os.remove(path)
-    apart = sorted({node for node, ok in nodes if not ok})
-    if apart:
-        raise ConfigError(f"save_folder '{folder}' is not the folder rank 0 writes on node(s) {apart}: give every "
-                          f"node the same save_folder on a filesystem they share (NFS, Lustre, ...); sharded "
-                          f"checkpoints and autoresume need it (docs/multinode.md)")
-
-
-def identity(raw: dict) -> dict:
-    """What a run folder is bound to, from a run config as a plain mapping (so that a run config written by an
-    older version, with keys since renamed, still compares): the source model, the pruning target (as its
-    resolved shape when the model config is at hand) and the data. Learning rates, durations and intervals may
-    change on resume."""
-    from llmshearing.data.remote import normalise
-    from llmshearing.model.hf import load_hf_config
-    from llmshearing.pruning.shapes import resolve_target
-
-    model, data = raw.get("model") or {}, raw.get("data") or {}
-    target = (raw.get("pruning") or {}).get("target")
-    if target is not None:
-        try:
-            target = resolve_target(target, load_hf_config(model.get("path"), model.get("gguf_file"))).as_dict()
-        except Exception:  # noqa: BLE001 - the old run's model may be gone or changed: compare the spec as given
-            pass
-    path = lambda p: os.path.realpath(p) if isinstance(p, str) else p  # noqa: E731
-    return {"model.path": path(model.get("path")), "model.gguf_file": model.get("gguf_file"), "pruning.target": target,
-            "data.shards": path(data.get("shards")), "data.remote": normalise(data["remote"]) if isinstance(data.get("remote"), str) else data.get("remote"), "data.split": data.get("split", "prune"),
-            "data.domains": data.get("domains")}
-
-
-def note_objective_change(old: dict, now: dict, what: str) -> None:
-    """Say so when a continued run trains toward another pruning target or with distillation switched on, off or
-    changed: allowed (a deliberate change of plan), but the objective then changes at the resumed batch."""
-    before, after = identity(old), identity(now)
-    if before["pruning.target"] != after["pruning.target"]:
-        print(f"note: {what} pruned toward {before['pruning.target']}; this run continues toward "
-              f"{after['pruning.target']}", file=sys.stderr, flush=True)
-    if (old.get("distill") or None) != (now.get("distill") or None):
-        print(f"note: {what} had distill={old.get('distill')}; this run has distill={now.get('distill')}: the training "
-              f"objective changes at the resumed batch", file=sys.stderr, flush=True)
-
-
 def check_binding(folder: str, cfg) -> None:
     """Refuse to run in a folder that holds another run (a different model, target or data), and refuse to
     silently start over in a folder that holds this run's checkpoints without autoresume / load_path /
     save_overwrite. Nothing is written here."""
-    from llmshearing.checks import load_structured
-    from llmshearing.train.checkpointing import checkpoints
-    from llmshearing.train.config import _as_dict
-
     path = os.path.join(folder, CONFIG_NAME)
     if os.path.exists(path):
         old = load_structured(path, f"save_folder '{folder}'")
         if not isinstance(old, dict):
             raise ConfigError(f"save_folder '{folder}' holds a {CONFIG_NAME} that is not a run config; give another "
                               f"save_folder")
-        before, now = identity(old), identity(_as_dict(cfg))
+        before, now = identity(old), identity(as_dict(cfg))
         differ = {k: (before[k], now[k]) for k in before if before[k] != now[k]}
         if differ:
             lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
             raise ConfigError(f"save_folder '{folder}' belongs to another run ({lines}); its checkpoints and logs are "
                               f"kept: give this run another save_folder")
         if cfg.autoresume and checkpoints(folder):
-            note_objective_change(old, _as_dict(cfg), f"the run resumed from save_folder '{folder}'")
+            note_objective_change(old, as_dict(cfg), f"the run resumed from save_folder '{folder}'")
     check_reuse(folder, cfg)

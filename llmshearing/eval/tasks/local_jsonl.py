@@ -17,7 +17,7 @@ def load(data_files: dict[str, str] | None = None, **_):
 
     lm-eval passes the task's metadata as keyword arguments too; they are ignored.
     """
-    import datasets
+    import datasets  # heavy: datasets
 
     if not data_files:
         raise ValueError("local_jsonl.load needs dataset_kwargs.data_files: {split: file.jsonl}")

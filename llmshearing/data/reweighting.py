@@ -1,4 +1,5 @@
-"""The mixing rule of dynamic batch loading: domain weights and their update from per-domain loss gaps."""
+"""The domain weights of dynamic batch loading: checked, and updated from per-domain loss gaps (the rule). The sampler
+that draws batches in those proportions is `data/mixture.py`."""
 from __future__ import annotations
 
 import numpy as np
