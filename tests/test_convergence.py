@@ -106,3 +106,16 @@ def test_init_at_target_lowers_the_kept_units_until_each_row_expects_its_target(
     for key, want in {"num_hidden_layers": 24, "hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
                       "intermediate_size": 1152}.items():
         assert shape[key] == pytest.approx(want, rel=1e-4), key
+
+
+def test_the_demo_summary_repeats_the_verdict():
+    from llmshearing.experiments.demo import format_report
+
+    summary = {"params": {"source": 2, "pruned": 1}, "source_shape": {}, "kept_shape": {},
+               "perplexity": {"source": {"news": 1.0}}, "reference_losses": {"news": 1.0}, "final_domain_weights": {},
+               "max_abs_logit_diff_masked_vs_export": 0.0, "seconds": {"total": 1.0}, "plots": []}
+    unsettled = settling(rows([24.0] * 19 + [28.8], [1152.0] * 20), SOURCE, TARGET, warmup=0)
+    settled = settling(rows([24.0] * 20, [1152.0] * 20), SOURCE, TARGET, warmup=0)
+    assert "Pruning: warning: the masks had NOT settled at the cut" in format_report({**summary, "masks_at_cut": unsettled})
+    report = format_report({**summary, "masks_at_cut": settled})
+    assert "Pruning: masks settled at the cut" in report and "NOT" not in report
