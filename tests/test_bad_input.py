@@ -705,3 +705,19 @@ def test_a_remote_with_a_trailing_slash_is_the_same_remote(tiny):
         cfg = load_config(TINY_YAML, paths(tiny, tiny["run"]) + ["data.shards=null", f"data.remote={remote}",
                                                                   f"data.local={cache}"])
         assert cfg.data.remote == tiny["shards"]
+
+
+@pytest.mark.parametrize("family, norms", [("gemma2", "GemmaNorms"), ("pythia", "LayerNorms")])
+def test_hidden_mask_original_is_refused_where_the_norms_are_not_rmsnorm(tiny, capsys, family, norms):
+    """`pruning.hidden_mask=original` folds the gate into RMSNorm weights (the released code's Llama): Gemma's
+    (1 + weight) norms and GPT-NeoX's LayerNorms with bias are refused at validation, naming the key."""
+    from llmshearing.experiments.tiny import random_model
+
+    model = tiny["tmp"] / family
+    random_model(family).save_pretrained(model)
+    for name in os.listdir(tiny["model"]):
+        if name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(os.path.join(tiny["model"], name), model)
+    refused(capsys, train(tiny, "pruning.hidden_mask=original", model=str(model)),
+            "pruning.hidden_mask=original", norms, "use residual")
+    assert not os.path.exists(tiny["run"])

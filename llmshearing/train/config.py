@@ -394,11 +394,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 def check_pruning_does_something(cfg: TrainConfig, source) -> None:
     """A pruning target that is the source's own shape (e.g. `pruning.target={}`) would run a pruning run that
     prunes nothing; calibration sequences beyond the split would be capped without a word."""
-    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES  # heavy: transformers
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, is_gemma, layer_norm  # heavy: transformers
     from llmshearing.pruning.shapes import shape_of  # heavy: transformers
     from llmshearing.pruning.target import resolve_target  # heavy: transformers
-
-    from llmshearing.model.hf import is_gemma, layer_norm  # heavy: transformers
 
     if cfg.pruning.hidden_mask == "original" and (is_gemma(source) or layer_norm(source)):
         raise ConfigError(f"pruning.hidden_mask=original gates RMSNorm outputs (the released code's Llama); "
