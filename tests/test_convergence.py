@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_YAML, paths, run
 
-from callbacks.pruning_log import SETTLE_FILE, settle_line, settling
+from llmshearing.callbacks.pruning_log import SETTLE_FILE, settle_line, settling
 from llmshearing.train.builders import PlainGroupsAdamW
 
 SOURCE = {"num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536}

@@ -195,3 +195,23 @@ def test_an_unexplained_import_inside_a_function_is_caught(tmp_path):
         "import os\n\n\ndef f():\n    import json\n    import torch  # heavy: torch\n"
         "    # optional: the gguf extra\n    import gguf\n    return os, json, torch, gguf\n")})
     assert unexplained_local_imports(str(tmp_path), ("pkg",)) == [os.path.join("pkg", "a.py") + ":5: import json"]
+
+
+def test_no_code_imports_the_folders_by_their_checkout_names():
+    """`callbacks` and `data_prep` install as llmshearing.callbacks / llmshearing.data_prep; importing them as
+    `callbacks.x` works only in a checkout and loads a second copy of the module beside the installed one (so an
+    `except Preempted` would not match the Preempted raised). The package, benchmarks, tests and train.py use the
+    installed names."""
+    found = []
+    for folder in ("llmshearing", "callbacks", "data_prep", "bench", "tests"):
+        for path, _, files in os.walk(os.path.join(REPO, folder)):
+            for name in (f for f in files if f.endswith(".py")):
+                file = os.path.join(path, name)
+                with open(file) as f:
+                    tree = ast.parse(f.read(), file)
+                for node in ast.walk(tree):
+                    names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                             [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                    found += [f"{os.path.relpath(file, REPO)}:{node.lineno}: {n}" for n in names
+                              if n.split(".")[0] in ("callbacks", "data_prep")]
+    assert not found, "use llmshearing.callbacks / llmshearing.data_prep:\n" + "\n".join(found)

@@ -157,8 +157,8 @@ def run_demo(data_dir: str = "data", out_dir: str = "runs/demo", overrides: list
 
 
 def _masks_at_cut(folder: str) -> dict | None:
-    """Whether the pruning stage's masks had settled on the target at the cut (callbacks.pruning_log.settling)."""
-    from callbacks.pruning_log import SETTLE_FILE
+    """Whether the pruning stage's masks had settled on the target at the cut (llmshearing.callbacks.pruning_log.settling)."""
+    from llmshearing.callbacks.pruning_log import SETTLE_FILE  # heavy: composer
 
     path = os.path.join(folder, SETTLE_FILE)
     if not os.path.exists(path):
@@ -202,7 +202,7 @@ def format_report(s: dict) -> str:
     elif g.get("refused"):
         lines.append(f"GGUF: not written ({g['refused']})")
     if s.get("masks_at_cut"):
-        from callbacks.pruning_log import settle_line
+        from llmshearing.callbacks.pruning_log import settle_line  # heavy: composer
 
         lines.append("Pruning: " + settle_line(s["masks_at_cut"]))
     lines += [f"Max |logit difference| masked model vs reloaded export: {s['max_abs_logit_diff_masked_vs_export']:.2e}",
