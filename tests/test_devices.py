@@ -132,7 +132,8 @@ def test_recipe_runs_on_a_second_device(name, monkeypatch, tmp_path):
         if case["init"]:  # pruning.init=activation (mask_init.init_masks): scoring, then the log_alpha bands
             ids = torch.empty(CALIBRATION_SEQUENCES, case["seq"], dtype=torch.long, device=META)
             monkeypatch.setattr(oneshot, "calibration_ids", lambda *args, **kwargs: ids)  # the shards' sequences
-            cfg = SimpleNamespace(pruning=SimpleNamespace(init="activation", init_sequences=4, log_alpha_clamp=None),
+            cfg = SimpleNamespace(pruning=SimpleNamespace(init="activation", init_sequences=4, log_alpha_clamp=None,
+                                                  init_at_target=False),
                                   data=SimpleNamespace(root=None, domains=["d"], split="prune", remote=None),
                                   load_path=None, autoresume=False, save_folder=None)
             record = init_masks(cfg, model, str(tmp_path), "cpu")  # device "cpu": score where the model is

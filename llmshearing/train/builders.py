@@ -74,9 +74,11 @@ def build_optimizer(cfg: TrainConfig, model: ComposerLM) -> torch.optim.Optimize
     o = cfg.optimizer
     lrs = (cfg.pruning.mask_lr, cfg.pruning.lambda_lr) if cfg.pruning else (0.0, 0.0)
     groups = model.param_groups(o.lr, o.weight_decay, *lrs)
+    optimizer = torch.optim.AdamW  # its class name keys the optimizer state in checkpoints: kept for the default
     if cfg.pruning and cfg.pruning.lambda_optimizer == "sgd":
         groups[-1]["plain"] = True
-    return PlainGroupsAdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        optimizer = PlainGroupsAdamW
+    return optimizer(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
 
 
 class PlainGroupsAdamW(torch.optim.AdamW):
