@@ -39,18 +39,48 @@ def _from_gone_workers(exc_type, tb) -> bool:
     return exc_type is not None and issubclass(exc_type, _PIPE_ERRORS)
 
 
+def _quiet_gone_workers() -> None:
+    """Installed when an entry point starts (idempotent): multiprocessing's resource-sharer thread hands file
+    descriptors to dataloader workers, and a worker that dies during the handshake (Ctrl-C / SIGTERM reach the whole
+    process group, so the workers can go before the main thread even sees the signal) makes that thread print a
+    connection-error traceback through sys.excepthook. That error is only the workers' exit: the main process reports
+    a worker that really failed on its own. Other errors of that thread, and every other thread's, keep theirs."""
+    import threading
+
+    if getattr(sys.excepthook, "_llmshearing_quiet", False):
+        return
+    previous_sys_hook = sys.excepthook
+
+    def sys_hook(exc_type, exc, tb):
+        gone = (threading.current_thread() is not threading.main_thread() and _from_resource_sharer(tb)
+                and exc_type is not None and issubclass(exc_type, _PIPE_ERRORS))
+        if not gone:
+            previous_sys_hook(exc_type, exc, tb)
+
+    sys_hook._llmshearing_quiet = True
+    sys.excepthook = sys_hook
+
+
+def _from_resource_sharer(tb) -> bool:
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.endswith("multiprocessing/resource_sharer.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _quiet_broken_pipes() -> None:
-    """After a stop signal the dataloader workers are gone while multiprocessing's resource-sharer thread (which
-    hands them file descriptors) may still be answering one: its error is the workers' exit, not a bug, and would
-    print a traceback after the one line. That thread reports through sys.excepthook (not threading.excepthook),
-    so both hooks drop it; other threads' exceptions keep theirs."""
+    """After a stop signal the dataloader workers are gone: a pipe error in any thread is their exit, not a bug,
+    and would print a traceback after the one line. Other thread exceptions keep theirs."""
+    import threading
+
     previous_thread_hook, previous_sys_hook = threading.excepthook, sys.excepthook
 
     def thread_hook(args):
         if not _from_gone_workers(args.exc_type, args.exc_traceback):
             previous_thread_hook(args)
 
-    def sys_hook(exc_type, exc, tb):
+    def sys_hook(exc_type, exc, tb):  # threads that report through sys.excepthook, as the resource sharer does
         if threading.current_thread() is threading.main_thread() or not _from_gone_workers(exc_type, tb):
             previous_sys_hook(exc_type, exc, tb)
 
@@ -61,6 +91,7 @@ def run_entry(main, *args) -> int:
     """Run an entry point's body: a ConfigError exits 2, an OS error of the user's making (full disk, read-only
     folder, a path that vanished) exits 1, Ctrl-C exits 130; each with one line on stderr and no traceback.
     Anything else is a bug and keeps its traceback."""
+    _quiet_gone_workers()
     try:
         return main(*args)
     except ConfigError as e:
