@@ -45,8 +45,6 @@ def _quiet_gone_workers() -> None:
     process group, so the workers can go before the main thread even sees the signal) makes that thread print a
     connection-error traceback through sys.excepthook. That error is only the workers' exit: the main process reports
     a worker that really failed on its own. Other errors of that thread, and every other thread's, keep theirs."""
-    import threading
-
     if getattr(sys.excepthook, "_llmshearing_quiet", False):
         return
     previous_sys_hook = sys.excepthook
@@ -72,8 +70,6 @@ def _from_resource_sharer(tb) -> bool:
 def _quiet_broken_pipes() -> None:
     """After a stop signal the dataloader workers are gone: a pipe error in any thread is their exit, not a bug,
     and would print a traceback after the one line. Other thread exceptions keep theirs."""
-    import threading
-
     previous_thread_hook, previous_sys_hook = threading.excepthook, sys.excepthook
 
     def thread_hook(args):
