@@ -32,11 +32,17 @@ _PIPE_ERRORS = (BrokenPipeError, ConnectionResetError, EOFError)
 def _from_gone_workers(exc_type, tb) -> bool:
     """A thread's exception that is only the dataloader workers' exit: a pipe error, or anything raised in
     multiprocessing's resource-sharer thread (its accept() fails once the worker that asked is gone)."""
+    return (_raised_in(tb, "multiprocessing/resource_sharer.py", "multiprocessing/connection.py")
+            or exc_type is not None and issubclass(exc_type, _PIPE_ERRORS))
+
+
+def _raised_in(tb, *files: str) -> bool:
+    """Whether the traceback passes through a file whose path ends with one of `files`."""
     while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith(("multiprocessing/resource_sharer.py", "multiprocessing/connection.py")):
+        if tb.tb_frame.f_code.co_filename.endswith(files):
             return True
         tb = tb.tb_next
-    return exc_type is not None and issubclass(exc_type, _PIPE_ERRORS)
+    return False
 
 
 def _quiet_gone_workers() -> None:
@@ -50,21 +56,14 @@ def _quiet_gone_workers() -> None:
     previous_sys_hook = sys.excepthook
 
     def sys_hook(exc_type, exc, tb):
-        gone = (threading.current_thread() is not threading.main_thread() and _from_resource_sharer(tb)
+        gone = (threading.current_thread() is not threading.main_thread()
+                and _raised_in(tb, "multiprocessing/resource_sharer.py")
                 and exc_type is not None and issubclass(exc_type, _PIPE_ERRORS))
         if not gone:
             previous_sys_hook(exc_type, exc, tb)
 
     sys_hook._llmshearing_quiet = True
     sys.excepthook = sys_hook
-
-
-def _from_resource_sharer(tb) -> bool:
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith("multiprocessing/resource_sharer.py"):
-            return True
-        tb = tb.tb_next
-    return False
 
 
 def _quiet_broken_pipes() -> None:
