@@ -220,7 +220,7 @@ def nonuniform_counts(src: Shape, tgt: Shape) -> list[tuple[int, int, int]]:
     return counts
 
 
-def nonuniform_plan(src: Shape, tgt: Shape, seed: int = 0) -> list[dict]:
+def nonuniform_layers(src: Shape, tgt: Shape, seed: int = 0) -> list[dict]:
     """Which units each layer keeps (indices into a layer with the source's heads and intermediate):
     a seeded random choice, so the slicing test sees kept units that are not simply the first ones."""
     gen = torch.Generator().manual_seed(seed)
@@ -314,7 +314,7 @@ def build_models(args, log_fn=log) -> tuple[dict, dict, object]:
     carrier_shape = Shape(target.num_hidden_layers, target.hidden_size, src_shape.num_attention_heads,
                           src_shape.num_key_value_heads, src_shape.intermediate_size)
     carrier = hf_from_decoder(pruned(lm, carrier_shape, args.seed))
-    plan = nonuniform_plan(src_shape, target, args.seed)
+    plan = nonuniform_layers(src_shape, target, args.seed)
     nonuniform = slice_nonuniform(carrier, plan)
     ids = torch.randint(0, source.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(args.seed))
     with torch.inference_mode():

@@ -11,7 +11,7 @@ from composer.loggers import Logger
 from composer.utils import dist
 
 from llmshearing.pruning.shapes import param_count, SHAPE_KEYS
-from llmshearing.train.composer_model import unwrap
+from llmshearing.compat import unwrap
 from llmshearing.io import append_jsonl, atomic_write_text, read_jsonl, truncate_jsonl
 from llmshearing.plots import plot_pruning_log
 

@@ -15,8 +15,8 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
 
-from llmshearing.train.checkpointing import save_now
-from llmshearing.train.composer_model import unwrap
+from llmshearing.checkpoint_files import save_now
+from llmshearing.compat import unwrap
 from llmshearing.errors import ConfigError
 from llmshearing.io import append_jsonl, atomic_write_text
 

@@ -77,6 +77,12 @@ def _composer_dist_module():
     return dist
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside Composer's DDP wrapper (Composer wraps state.model in torch's DistributedDataParallel for
+    DDP, and leaves it unwrapped under FSDP and on one process)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def per_node_signal_files() -> None:
     """Name the signal files of Composer's collective waits after this node (process-wide, idempotent).
 

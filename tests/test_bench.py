@@ -16,7 +16,7 @@ from conftest import REPO
 sys.path.insert(0, REPO)
 
 from bench.throughput import (  # noqa: E402
-    QUICK_SOURCE, QUICK_TARGET, layer_shapes, nonuniform_counts, nonuniform_plan, slice_nonuniform,
+    QUICK_SOURCE, QUICK_TARGET, layer_shapes, nonuniform_counts, nonuniform_layers, slice_nonuniform,
     zero_removed,
 )
 from llmshearing.compat import set_attn_implementation  # noqa: E402
@@ -101,7 +101,7 @@ def test_nonuniform_slicing_equals_zeroed_reference():
     src = shape_of(carrier.config)
     target = Shape(4, src.hidden_size, QUICK_TARGET.num_attention_heads, QUICK_TARGET.num_key_value_heads,
                    QUICK_TARGET.intermediate_size)
-    plan = nonuniform_plan(src, target, seed=1)
+    plan = nonuniform_layers(src, target, seed=1)
     sliced = slice_nonuniform(carrier, plan)
     shapes = layer_shapes(sliced)
     assert [(l["heads"], l["kv_heads"], l["intermediate"]) for l in shapes] == [
@@ -117,7 +117,7 @@ def test_nonuniform_slicing_equals_zeroed_reference():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert (got - full).abs().max() > 1e-3  # the removed units mattered, so the check can fail
     # A slicing that keeps other units than the plan says does not pass the check.
-    other = nonuniform_plan(src, target, seed=2)
+    other = nonuniform_layers(src, target, seed=2)
     assert [len(p["intermediate"]) for p in other] == [len(p["intermediate"]) for p in plan] and other != plan
     with torch.no_grad():
         assert (slice_nonuniform(carrier, other)(ids).logits - want).abs().max() > 1e-3
@@ -132,7 +132,7 @@ def test_nonuniform_decode_with_kv_cache_matches_full_forward():
     src = shape_of(carrier.config)
     target = Shape(4, src.hidden_size, QUICK_TARGET.num_attention_heads, QUICK_TARGET.num_key_value_heads,
                    QUICK_TARGET.intermediate_size)
-    plan = nonuniform_plan(src, target, seed=2)
+    plan = nonuniform_layers(src, target, seed=2)
     model = slice_nonuniform(carrier, plan)
     ids = torch.randint(0, carrier.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -26,6 +26,7 @@ from llmshearing.model.loading import from_pretrained
 from llmshearing.pruning.export import finalize, save_hf
 from llmshearing.train.export_run import export_checkpoint, recipe_dtype
 from llmshearing.pruning.gguf_export import _permute, convert
+from llmshearing.pruning import target as target_module
 from llmshearing.pruning.oneshot import oneshot_prune
 from llmshearing.train.builders import build_model
 from llmshearing.train.restore import open_checkpoint
@@ -59,10 +60,25 @@ def pruned_run(tiny_setup, tmp_path_factory):
     source = model_folder(tiny_setup, str(root / "source"), "llama-mha", **WIDE)
     folder = str(root / "run")
     target = [f"pruning.target.{k}={v}" for k, v in WIDE_TARGET.items()]
-    assert train_main([TINY_YAML, *paths(tiny_setup, folder), f"model.path={source}", *target, "max_duration=4ba",
-                       "save_interval=4ba", "eval_interval=2ba", "data.num_workers=0", "distill.alpha=0.5"]) == 0
+    reads = []  # every model config read and every target resolved during the run (counted, not replaced)
+    config_from_pretrained, resolve = AutoConfig.from_pretrained.__func__, target_module.resolve_target
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AutoConfig, "from_pretrained", classmethod(
+            lambda cls, path, *a, **kw: reads.append(("config", os.path.realpath(str(path))))
+            or config_from_pretrained(cls, path, *a, **kw)))
+        mp.setattr(target_module, "resolve_target", lambda *a: reads.append(("target",)) or resolve(*a))
+        assert train_main([TINY_YAML, *paths(tiny_setup, folder), f"model.path={source}", *target, "max_duration=4ba",
+                           "save_interval=4ba", "eval_interval=2ba", "data.num_workers=0", "distill.alpha=0.5"]) == 0
     return {"root": root, "folder": folder, "checkpoint": os.path.join(folder, "ep0-ba4-rank0.pt"),
-            "export": os.path.join(folder, "export"), "source": source, "tiny_setup": tiny_setup}
+            "export": os.path.join(folder, "export"), "source": source, "tiny_setup": tiny_setup, "reads": reads}
+
+
+def test_a_run_reads_its_source_config_and_resolves_its_target_once(pruned_run):
+    """Validation, the run-folder binding, the student, the teacher (distill.teacher=source), the masks and the
+    end-of-run export all use TrainConfig.source_config / target_shape: one read each per run (issue 24)."""
+    reads = pruned_run["reads"]
+    assert reads.count(("config", os.path.realpath(pruned_run["source"]))) == 1, reads
+    assert reads.count(("target",)) == 1, reads
 
 
 def todays_export(checkpoint):

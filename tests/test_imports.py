@@ -134,6 +134,38 @@ def test_the_package_has_no_import_circle():
     assert not found, "import circles:\n" + "\n".join(describe(graph, c) for c in found)
 
 
+# The stages, lowest first: a module imports only from its own stage or a lower one (README: "Imports point one
+# way"). Modules not named here (errors, io, checks, compat, checkpoint_files, devices, plots, fake_device) are the
+# base every stage may use, and they import no stage.
+STAGES = ("model", "data", "data_prep", "pruning", "eval", "callbacks", "registry", "train", "experiments", "cli")
+
+
+def stage(module: str) -> int:
+    """The module's rank in STAGES; -1 for the base."""
+    parts = module.split(".")
+    return STAGES.index(parts[1]) if len(parts) > 1 and parts[1] in STAGES else -1
+
+
+def upward_imports(graph: dict[str, dict[str, int]]) -> list[str]:
+    return [f"{a} (line {line}) imports {b}: {STAGES[stage(b)]} is above {STAGES[stage(a)] if stage(a) >= 0 else 'the base'}"
+            for a, edges in sorted(graph.items()) for b, line in sorted(edges.items())
+            if b != "llmshearing" and stage(b) > stage(a)]
+
+
+def test_imports_point_down_the_stages():
+    graph = import_graph(REPO)
+    assert not upward_imports(graph), "imports that point up:\n" + "\n".join(upward_imports(graph))
+    assert {stage(m) for m in graph} >= set(range(-1, len(STAGES)))  # every stage names modules that exist
+
+
+def test_an_upward_import_is_caught():
+    graph = {"llmshearing.callbacks.run_guard": {"llmshearing.train.builders": 18},
+             "llmshearing.train.builders": {"llmshearing.callbacks": 3}, "llmshearing.io": {"llmshearing.model.hf": 5}}
+    assert upward_imports(graph) == [
+        "llmshearing.callbacks.run_guard (line 18) imports llmshearing.train.builders: train is above callbacks",
+        "llmshearing.io (line 5) imports llmshearing.model.hf: model is above the base"]
+
+
 def _write(root, files: dict[str, str]) -> None:
     for name, text in files.items():
         path = root / name

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmshearing.pruning.shapes import Shape
-from llmshearing.pruning.masks import HardConcrete, L0Module, plan_masks
+from llmshearing.pruning.masks import HardConcrete, L0Module, mask_specs
 
 SRC = Shape(4, 64, 6, 2, 96)
 TGT = Shape(3, 48, 2, 1, 64)
@@ -99,15 +99,15 @@ def test_initial_log_alpha_and_clamp_follow_the_released_code():
 
 
 def test_plan_masks_gqa_levels():
-    plan = plan_masks(SRC, TGT)
+    plan = mask_specs(SRC, TGT)
     assert plan == {
         "layer": ((4,), 3), "hidden": ((64,), 48), "kv_head": ((4, 2), 1),
         "head": ((4, 2, 3), 2), "intermediate": ((4, 96), 64),
     }
     # same heads per group: no in-group mask; same KV groups: no group mask
-    assert set(plan_masks(SRC, Shape(4, 64, 3, 1, 96))) == {"kv_head"}
-    assert set(plan_masks(SRC, Shape(4, 64, 4, 2, 96))) == {"head"}
-    assert plan_masks(SRC, SRC) == {}
+    assert set(mask_specs(SRC, Shape(4, 64, 3, 1, 96))) == {"kv_head"}
+    assert set(mask_specs(SRC, Shape(4, 64, 4, 2, 96))) == {"head"}
+    assert mask_specs(SRC, SRC) == {}
 
 
 def test_lagrangian_value_matches_formula():

@@ -21,7 +21,7 @@ from test_fsdp import FSDP_YAML
 from test_reliability import assert_same_weights, wait_for_lines
 from test_remote import downloads, remote_args
 
-from llmshearing.train.checkpointing import checkpoints
+from llmshearing.checkpoint_files import checkpoints
 
 DIST_TIMEOUT = 60  # seconds: how long a collective waits for a rank that is gone
 # 6 batches, a checkpoint every 2, an eval (domain-weight update) every 3, the sparsity ramp over 3.

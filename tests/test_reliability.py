@@ -14,7 +14,7 @@ from conftest import BIN, CONTINUE_YAML, ENV, REPO, TINY_YAML, jsonl, paths, run
 from transformers import AutoModelForCausalLM
 
 from llmshearing.compat import checkpoint_state, install_atomic_writes
-from llmshearing.train.checkpointing import checkpoints, repair_latest
+from llmshearing.checkpoint_files import checkpoints, repair_latest
 
 pytestmark = pytest.mark.slow  # Composer training runs / subprocesses: left out of `make test-fast`
 

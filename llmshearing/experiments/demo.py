@@ -26,8 +26,8 @@ from llmshearing.data_prep.shards import build_default_shards
 from llmshearing.errors import ConfigError
 from llmshearing.eval.evaluate import domain_losses
 from llmshearing.io import atomic_write_text
-from llmshearing.train.checkpointing import batch_of, checkpoints
-from llmshearing.train.config import as_dict, batches, identity, load_config, resolve_recipe
+from llmshearing.checkpoint_files import batch_of, checkpoints
+from llmshearing.train.config import batches, identity, load_config, resolve_recipe
 from llmshearing.train.restore import load_checkpoint
 from llmshearing.train.run import run
 from llmshearing.train.run_folder import CONFIG_NAME
@@ -60,7 +60,7 @@ def _finished_stage(cfg) -> dict | None:
             and os.path.isfile(os.path.join(cfg.export_dir, EXPORT_MARKER))):
         return None
     with open(config) as f:
-        if identity(yaml.safe_load(f)) != identity(as_dict(cfg)):
+        if identity(yaml.safe_load(f)) != identity(cfg):
             return None  # another run: training refuses it with its own message
     kept = os.path.join(cfg.export_dir, "pruning.json")
     print(f"demo: reusing the finished stage in {cfg.save_folder} and its export {cfg.export_dir} (delete them to "

@@ -117,7 +117,7 @@ class Settings:
         return max(1, round(self.total_steps / self.evals))
 
 
-def plan(s: Settings) -> dict[str, dict]:
+def arm_settings(s: Settings) -> dict[str, dict]:
     """Every arm: how its model starts, batches of pruning and of continued pretraining, dynamic or fixed."""
     n, p = s.total_steps, s.prune_steps(s.prune_share)
     arms = {
@@ -654,16 +654,16 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
     from llmshearing.experiments.reference_losses import reference_snippet, source_reference_losses
 
     t0 = time.time()
-    arms_plan = plan(s)
+    arm_table = arm_settings(s)
     if not arms:
-        names = [n for n in arms_plan if n not in OPTIONAL_ARMS]
+        names = [n for n in arm_table if n not in OPTIONAL_ARMS]
     elif list(arms) == ["all"]:
-        names = list(arms_plan)
+        names = list(arm_table)
     else:
         names = list(arms)
-    unknown = [n for n in names if n not in arms_plan]
+    unknown = [n for n in names if n not in arm_table]
     if unknown:
-        raise ConfigError(f"unknown arm(s) {unknown}; this plan has {list(arms_plan)}")
+        raise ConfigError(f"unknown arm(s) {unknown}; the arms are {list(arm_table)}")
     manifest = read_manifest(s.shards)  # before any training: shards built before the test split are refused here
     check_domains(manifest, s.shards, list(manifest["domains"]), FINAL_SPLIT)
     check_out_dir(s)
@@ -690,9 +690,9 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
 
     results = {}
     for i, name in enumerate(names):
-        results[name] = run_arm(s, name, arms_plan[name], ref_file, f"{i + 1}/{len(names)}")
+        results[name] = run_arm(s, name, arm_table[name], ref_file, f"{i + 1}/{len(names)}")
     # The summary covers every arm recorded in this folder (one setting), e.g. an optional arm run later.
-    results = {name: results[name] if name in results else recorded_result(s, name) for name in arms_plan}
+    results = {name: results[name] if name in results else recorded_result(s, name) for name in arm_table}
     results = {name: r for name, r in results.items() if r is not None}
     summary = summarize(s, results, source_test, time.time() - t0, source)
     summary["plots"] = plot_summary(summary, s.out)

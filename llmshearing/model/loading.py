@@ -53,11 +53,12 @@ def load_safetensors_into(lm, files: list[str]) -> None:
 
 
 def from_pretrained(path: str, gguf_file: str | None = None, attn_impl: str = "auto",
-                    dtype: torch.dtype = torch.float32):
+                    dtype: torch.dtype = torch.float32, config=None):
     """The DecoderLM of any supported checkpoint (Llama, Mistral, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3,
     GPT-NeoX): safetensors are read tensor by tensor straight into the model (Phi-3's and GPT-NeoX's fused tensors
-    split, model/layouts.py); other formats (GGUF, .bin) go through transformers' loader."""
-    config = load_hf_config(path, gguf_file)  # refuses unsupported families before the weights are read
+    split, model/layouts.py); other formats (GGUF, .bin) go through transformers' loader. `config`: the folder's
+    config when the caller has read it already (a run reads it once: TrainConfig.source_config)."""
+    config = config or load_hf_config(path, gguf_file)  # refuses unsupported families before the weights are read
     files = None if gguf_file else safetensors_files(path)
     if files:
         check_weights_match(path, config, "model.path")  # a missing, extra or misshapen tensor, by name

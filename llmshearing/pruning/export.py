@@ -71,7 +71,7 @@ def all_units(config) -> dict:
 
 
 @torch.no_grad()
-def export_plan(l0: L0Module | None, config) -> tuple[Masks, dict, PretrainedConfig]:
+def export_selection(l0: L0Module | None, config) -> tuple[Masks, dict, PretrainedConfig]:
     """(test-time masks, kept units, target config): what `dense_tensors` folds and slices."""
     if l0 is None:
         return Masks(), all_units(config), config
@@ -226,7 +226,7 @@ def finalize(lm: DecoderLM, l0: L0Module) -> tuple[DecoderLM, dict]:
     """A dense DecoderLM of the target shape equal (in eval) to `lm` under `l0`'s test-time masks, on `lm`'s
     device: indices and gates are made beside the weights they select and scale, and the pruned model holds the
     sliced tensors themselves (fp32), not a randomly initialised copy they are loaded into."""
-    masks, kept, config = export_plan(l0, lm.config)
+    masks, kept, config = export_selection(l0, lm.config)
     device = next(lm.parameters()).device
     out = dict(dense_tensors(state_getter(lm.state_dict()), lm.config, masks, kept, device=device))
     if config.tie_word_embeddings:
@@ -297,7 +297,7 @@ def export_config(config: PretrainedConfig, dtype: torch.dtype) -> dict:
     known = set(AutoConfig.for_model(config.model_type).to_dict()) | {"head_dim"}
     # The non-default values (as save_pretrained writes them); Qwen2's per-layer `layer_types` describes the source's
     # layers, and the stock class rebuilds it from the pruned count.
-    # Gemma's are the kept layers' (export_plan) and are written: a pruned model's need not alternate.
+    # Gemma's are the kept layers' (export_selection) and are written: a pruned model's need not alternate.
     out = {k: v for k, v in config.to_diff_dict().items() if k in known and not k.startswith("_")
            and (k != "layer_types" or is_gemma(config))}
     if is_gemma(config):  # always, also where it equals the stock alternation (to_diff_dict would leave it out)
@@ -317,7 +317,7 @@ def decoder_shapes(config: PretrainedConfig) -> dict[str, tuple]:
         return {k: tuple(v.shape) for k, v in DecoderLM(config).state_dict().items()}
 
 
-def weight_plan(config: PretrainedConfig) -> list[tuple[str, tuple]]:
+def export_shapes(config: PretrainedConfig) -> list[tuple[str, tuple]]:
     """(name, shape) of every tensor an export of `config` holds, in Hugging Face order (no tied head), in the
     family's own layout (Phi-3's and GPT-NeoX's fused projections and names: model/layouts.py)."""
     tied = config.tie_word_embeddings
@@ -325,11 +325,11 @@ def weight_plan(config: PretrainedConfig) -> list[tuple[str, tuple]]:
     return [(k, shape) for k, shape in shapes.items() if not (tied and k == layouts.head_name(config))]
 
 
-def plan_shards(plan, dtype: torch.dtype, max_shard_size: str | int) -> list[tuple[str, list]]:
+def shard_layout(shapes, dtype: torch.dtype, max_shard_size: str | int) -> list[tuple[str, list]]:
     """Hugging Face's sharding: tensors in order, a new shard when the next would pass `max_shard_size` (a tensor
     larger than that gets a shard of its own); one `model.safetensors` when everything fits."""
     limit, shards, size = parse_size(max_shard_size), [[]], 0
-    for name, shape in plan:
+    for name, shape in shapes:
         nbytes = math.prod(shape) * dtype.itemsize
         if shards[-1] and size + nbytes > limit:
             shards.append([])
@@ -342,13 +342,13 @@ def plan_shards(plan, dtype: torch.dtype, max_shard_size: str | int) -> list[tup
 
 
 class SafetensorsWriter:
-    """Streams tensors into safetensors files laid out in advance (`plan_shards`): each file's header is written
-    from the plan, then every tensor's bytes as it arrives, so nothing is held but what a layer hands in out of
-    plan order (the safetensors format: 8-byte header length, JSON header with dtype/shape/data_offsets, data)."""
+    """Streams tensors into safetensors files laid out in advance (`shard_layout`): each file's header is written
+    from the shapes, then every tensor's bytes as it arrives, so nothing is held but what a layer hands in out of
+    `shapes` order (the safetensors format: 8-byte header length, JSON header with dtype/shape/data_offsets, data)."""
 
-    def __init__(self, folder: str, plan, dtype: torch.dtype, max_shard_size: str | int):
+    def __init__(self, folder: str, shapes, dtype: torch.dtype, max_shard_size: str | int):
         self.folder, self.dtype = folder, dtype
-        self.shards = plan_shards(plan, dtype, max_shard_size)
+        self.shards = shard_layout(shapes, dtype, max_shard_size)
         self.order = [(file, name, shape) for file, tensors in self.shards for name, shape in tensors]
         self.pending, self.next, self.file, self.out = {}, 0, None, None
 
@@ -407,8 +407,8 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
         check_gguf(config, tokenizer, options.gguf_dtype)  # refuse before anything is written
     try:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-            plan = weight_plan(config)
-            writer = SafetensorsWriter(tmp, plan, dtype, options.max_shard_size)
+            shapes = export_shapes(config)
+            writer = SafetensorsWriter(tmp, shapes, dtype, options.max_shard_size)
             for name, tensor in layouts.to_hf(config, tensors):  # Phi-3 / GPT-NeoX: fused back, renamed
                 writer.add(name, tensor)
                 del tensor
@@ -423,7 +423,7 @@ def write_export(out_dir: str, config: PretrainedConfig, tensors, tokenizer=None
             if kept is not None:
                 with open(os.path.join(tmp, "pruning.json"), "w") as f:
                     json.dump(kept, f)
-            params = sum(math.prod(shape) for _, shape in plan)
+            params = sum(math.prod(shape) for _, shape in shapes)
             if options.gguf_dtype is not None:
                 write_gguf(tmp, os.path.join(tmp, "model.gguf"), options.gguf_dtype)
             with open(os.path.join(tmp, "README.md"), "w") as f:

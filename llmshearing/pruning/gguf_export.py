@@ -246,7 +246,7 @@ def write_gguf(hf_dir: str, out_file: str, dtype: str = "f16", tokenizer=None) -
     if tok["chat_template"]:
         w.add_chat_template(tok["chat_template"])
 
-    plan = []  # (file, HF name, GGUF name, qtype): every tensor's info goes into the header before any data
+    tensors = []  # (file, HF name, GGUF name, qtype): every tensor's info goes into the header before any data
     for file in safetensors_files(hf_dir):
         with safe_open(file, framework="pt") as f:
             for name in f.keys():
@@ -265,11 +265,11 @@ def write_gguf(hf_dir: str, out_file: str, dtype: str = "f16", tokenizer=None) -
                             gguf.GGMLQuantizationType.F16: np.float16}.get(qtype, np.uint8)
                 w.add_tensor_info(gname, byte_shape, np.dtype(np_dtype), nbytes,
                                   raw_dtype=None if np_dtype is not np.uint8 else qtype)
-                plan.append((file, name, gname, qtype))
+                tensors.append((file, name, gname, qtype))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for file, name, gname, qtype in plan:
+    for file, name, gname, qtype in tensors:
         with safe_open(file, framework="pt") as f:
             a = f.get_tensor(name).to(torch.float32).numpy()
         part = gname.split(".")[-2] if gname.count(".") >= 2 else ""

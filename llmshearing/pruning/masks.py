@@ -130,7 +130,7 @@ def _reverse_grad(x: torch.Tensor) -> torch.Tensor:
     return _ReverseGrad.apply(x)
 
 
-def plan_masks(source: Shape, target: Shape) -> dict[str, tuple[tuple[int, ...], int]]:
+def mask_specs(source: Shape, target: Shape) -> dict[str, tuple[tuple[int, ...], int]]:
     """Which masks a source->target pruning needs: name -> (gate shape, units kept per row).
 
     Heads are masked in two levels so every kept KV group keeps the same number of query heads:
@@ -139,18 +139,18 @@ def plan_masks(source: Shape, target: Shape) -> dict[str, tuple[tuple[int, ...],
     group. A level whose count does not change gets no mask.
     """
     L, R = source.num_hidden_layers, source.heads_per_group
-    plan = {}
+    specs = {}
     if target.num_hidden_layers < L:
-        plan["layer"] = ((L,), target.num_hidden_layers)
+        specs["layer"] = ((L,), target.num_hidden_layers)
     if target.hidden_size < source.hidden_size:
-        plan["hidden"] = ((source.hidden_size,), target.hidden_size)
+        specs["hidden"] = ((source.hidden_size,), target.hidden_size)
     if target.num_key_value_heads < source.num_key_value_heads:
-        plan["kv_head"] = ((L, source.num_key_value_heads), target.num_key_value_heads)
+        specs["kv_head"] = ((L, source.num_key_value_heads), target.num_key_value_heads)
     if target.heads_per_group < R:
-        plan["head"] = ((L, source.num_key_value_heads, R), target.heads_per_group)
+        specs["head"] = ((L, source.num_key_value_heads, R), target.heads_per_group)
     if target.intermediate_size < source.intermediate_size:
-        plan["intermediate"] = ((L, source.intermediate_size), target.intermediate_size)
-    return plan
+        specs["intermediate"] = ((L, source.intermediate_size), target.intermediate_size)
+    return specs
 
 
 class L0Module(nn.Module):
@@ -182,7 +182,7 @@ class L0Module(nn.Module):
         self.eval_target_model = eval_target_model  # eval keeps the target size, not the expected size
         init = torch.Generator().manual_seed(seed)  # the initial log_alphas are a function of the seed alone
         self.masks = nn.ModuleDict(
-            {name: HardConcrete(shape, keep, init_drop, generator=init) for name, (shape, keep) in plan_masks(source, target).items()}
+            {name: HardConcrete(shape, keep, init_drop, generator=init) for name, (shape, keep) in mask_specs(source, target).items()}
         )
         self.lambdas = nn.Parameter(torch.zeros(len(self.masks), 2))
         self.step = 0  # the training batch index: the warm-up ramp and the mask noise read it (set by forward)

@@ -56,7 +56,7 @@ def _sq_cols(w: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def magnitude_scores(lm: DecoderLM) -> dict[str, torch.Tensor]:
-    """Scores of every unit, shaped like the L0 masks of `llmshearing.pruning.masks.plan_masks` (all five levels)."""
+    """Scores of every unit, shaped like the L0 masks of `llmshearing.pruning.masks.mask_specs` (all five levels)."""
     cfg, src = lm.config, shape_of(lm.config)
     KV, R, H = src.num_key_value_heads, src.heads_per_group, src.num_attention_heads
     hidden = lm.model.embed_tokens.weight.float().pow(2).sum(0)

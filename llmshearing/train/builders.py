@@ -30,30 +30,27 @@ from llmshearing.model.hf import load_hf_config
 from llmshearing.model.loading import empty_model, from_pretrained
 from llmshearing.pruning.masks import L0Module
 from llmshearing.pruning.shapes import shape_of
-from llmshearing.pruning.target import resolve_target
-from llmshearing.train.checkpointing import repair_latest
+from llmshearing.checkpoint_files import repair_latest
 from llmshearing.train.config import TrainConfig, batches, microbatch_size, run_device, run_dir, to_yaml
 from llmshearing.train.mask_init import init_masks, share_masks
 from llmshearing.train.run_folder import CONFIG_NAME, check_binding, lock
 
 
-def build_model(cfg: TrainConfig, source_config=None, target=None, load_weights: bool = True) -> ComposerLM:
+def build_model(cfg: TrainConfig, load_weights: bool = True) -> ComposerLM:
     """The ComposerLM: pretrained weights (or an empty shell to load a checkpoint into) + masks."""
-    source_config = source_config or load_hf_config(cfg.model.path, cfg.model.gguf_file)
     if load_weights:
-        lm = from_pretrained(cfg.model.path, cfg.model.gguf_file, cfg.model.attn_impl)
+        lm = from_pretrained(cfg.model.path, cfg.model.gguf_file, cfg.model.attn_impl, config=cfg.source_config)
     else:
-        lm = empty_model(source_config, cfg.model.attn_impl)
-    return ComposerLM(lm, build_l0(cfg, source_config, target))
+        lm = empty_model(cfg.source_config, cfg.model.attn_impl)
+    return ComposerLM(lm, build_l0(cfg))
 
 
-def build_l0(cfg: TrainConfig, source_config, target=None) -> L0Module | None:
+def build_l0(cfg: TrainConfig) -> L0Module | None:
     """The run's masks and multipliers (None without pruning), at their initial values."""
     if cfg.pruning is None:
         return None
-    target = target or resolve_target(cfg.pruning.target, source_config)
     p = cfg.pruning
-    return L0Module(shape_of(source_config), target, batches(p.lagrangian_warmup), p.init_drop, seed=cfg.seed,
+    return L0Module(shape_of(cfg.source_config), cfg.target_shape, batches(p.lagrangian_warmup), p.init_drop, seed=cfg.seed,
                     log_alpha_range=p.log_alpha_clamp, eval_target_model=p.eval_target_model, hidden_mask=p.hidden_mask)
 
 
@@ -65,8 +62,11 @@ def build_teacher(cfg: TrainConfig, load_weights: bool = True) -> Teacher | None
     if d is None:
         return None
     path, gguf = (cfg.model.path, cfg.model.gguf_file) if d.teacher == "source" else (d.teacher, None)
-    lm = (from_pretrained(path, gguf, cfg.model.attn_impl) if load_weights
-          else empty_model(load_hf_config(path, gguf), cfg.model.attn_impl))
+    config = cfg.source_config if d.teacher == "source" else load_hf_config(path)
+    if load_weights:
+        lm = from_pretrained(path, gguf, cfg.model.attn_impl, config=config)
+    else:
+        lm = empty_model(config, cfg.model.attn_impl)
     return Teacher(lm, d.alpha, d.temperature, d.top_k)
 
 
@@ -184,10 +184,8 @@ def build_trainer(cfg: TrainConfig):
     """(Composer Trainer, tokenizer) for a validated config. Checks that need the model's config and tokenizer
     run first, then the run folder is locked and checked against the run it holds, the weights are read, and
     the run config is written only once the Trainer exists (the run is known to start)."""
-    source_config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
-    target = resolve_target(cfg.pruning.target, source_config) if cfg.pruning else None
     tokenizer = model_tokenizer(cfg.model)
-    check_tokenizer(cfg.data.root, tokenizer, source_config.vocab_size, cfg.model.path)
+    check_tokenizer(cfg.data.root, tokenizer, cfg.source_config.vocab_size, cfg.model.path)
     device = run_device(cfg)
     folder = run_dir(cfg)
     if dist.get_global_rank() == 0:
@@ -203,7 +201,7 @@ def build_trainer(cfg: TrainConfig):
     per_device = cfg.global_train_batch_size // dist.get_world_size()
     fsdp = fsdp_settings(cfg, device)
     rank0_reads = fsdp is not None and dist.get_world_size() > 1  # the others receive the weights from rank 0
-    model = build_model(cfg, source_config, target, load_weights=not rank0_reads or dist.get_global_rank() == 0)
+    model = build_model(cfg, load_weights=not rank0_reads or dist.get_global_rank() == 0)
     # Not part of build_model: exports and checkpoint loading need the student alone (see composer_model.TEACHER).
     model.teacher = build_teacher(cfg, load_weights=not rank0_reads or dist.get_global_rank() == 0)
     if model.l0 is not None:

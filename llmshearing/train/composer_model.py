@@ -97,8 +97,3 @@ class ComposerLM(ComposerModel):
 def student_state(state_dict: dict) -> dict:
     """A ComposerLM state dict without the teacher's weights (what an unwrapped student model loads)."""
     return {k: v for k, v in state_dict.items() if not k.startswith(TEACHER)}
-
-
-def unwrap(model: torch.nn.Module) -> ComposerLM:
-    """The ComposerLM inside a DDP wrapper (Composer wraps state.model for DDP, not for FSDP)."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, ComposerLM) else model

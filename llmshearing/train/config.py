@@ -6,6 +6,7 @@ and every error names the key and the fix (a typo gets the closest key name sugg
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
@@ -24,7 +25,7 @@ from llmshearing.data.reweighting import check_weights
 from llmshearing.data.remote import normalise, shards_root
 from llmshearing.data.tokenizer import load_tokenizer, model_tokenizer, tokenizer_fingerprint
 from llmshearing.errors import ConfigError
-from llmshearing.train.checkpointing import embedded_config
+from llmshearing.checkpoint_files import embedded_config
 
 
 @dataclass
@@ -162,6 +163,22 @@ class TrainConfig:
     progress_bar: bool = True
     console_log_interval: str = "1ba"
     log_to_console: bool = False
+
+    # Read once per run (validate reads them first; the builders, binding checks and export reuse them), not fields:
+    # as_dict, from_mapping, replace and == see only the yaml's keys.
+    @functools.cached_property
+    def source_config(self):
+        """model.path's transformers config, its folder checked (a supported family, weights that agree with it)."""
+        from llmshearing.model.loading import check_model_folder  # heavy: torch, transformers
+
+        return check_model_folder(self.model.path, self.model.gguf_file, "model.path", supported=True)
+
+    @functools.cached_property
+    def target_shape(self):
+        """`pruning.target` resolved against the source (a Shape); None when this run does not prune."""
+        from llmshearing.pruning.target import resolve_target  # heavy: transformers
+
+        return resolve_target(self.pruning.target, self.source_config) if self.pruning is not None else None
 
 
 def _type_ok(value, tp) -> bool:
@@ -316,7 +333,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"model.gguf_file '{cfg.model.gguf_file}' not found in '{cfg.model.path}'")
     _check_ranges(cfg)
     from llmshearing.model.decoder import resolve_attn_impl  # torch + transformers: after the cheap checks
-    from llmshearing.model.loading import check_model_folder  # the same
 
     resolve_attn_impl(cfg.model.attn_impl)
     cfg = replace(cfg, data=resolve_data(cfg.data))
@@ -383,7 +399,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.distill is not None:
         check_distill(cfg)
     check_outputs(cfg)
-    source = check_model_folder(cfg.model.path, cfg.model.gguf_file, "model.path")
+    source = cfg.source_config
     check_positions(cfg.data.root, source, cfg.model.path)
     check_load_path_fits(cfg, source)
     if cfg.pruning is not None:
@@ -396,12 +412,11 @@ def check_pruning_does_something(cfg: TrainConfig, source) -> None:
     prunes nothing; calibration sequences beyond the split would be capped without a word."""
     from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, is_gemma, layer_norm  # heavy: transformers
     from llmshearing.pruning.shapes import shape_of  # heavy: transformers
-    from llmshearing.pruning.target import resolve_target  # heavy: transformers
 
     if cfg.pruning.hidden_mask == "original" and (is_gemma(source) or layer_norm(source)):
         raise ConfigError(f"pruning.hidden_mask=original gates RMSNorm outputs (the released code's Llama); "
                           f"{source.model_type} has {'Gemma' if is_gemma(source) else 'Layer'}Norms: use residual")
-    if source.model_type in SUPPORTED_MODEL_TYPES and resolve_target(cfg.pruning.target, source) == shape_of(source):
+    if source.model_type in SUPPORTED_MODEL_TYPES and cfg.target_shape == shape_of(source):
         raise ConfigError(f"pruning.target {cfg.pruning.target!r} is the source's own shape "
                           f"({shape_of(source).as_dict()}): this run would prune nothing; give smaller dims, a preset "
                           f"or {{params: N}} (see `llmshearing target {cfg.model.path} --fraction 0.5`)")
@@ -452,17 +467,17 @@ def check_load_path_fits(cfg: TrainConfig, source) -> None:
     embedded = embedded_config(state)
     if embedded is not None:
         old = OmegaConf.to_container(OmegaConf.create(embedded), resolve=True)
-        note_objective_change(old, as_dict(cfg), f"the run of load_path '{cfg.load_path}'")
+        note_objective_change(old, cfg, f"the run of load_path '{cfg.load_path}'")
 
 
 def check_distill(cfg: TrainConfig) -> None:
     """The teacher is a supported model folder whose token ids mean what the student's do (same vocab_size and,
     when its folder has a tokenizer, the same vocabulary), and Composer's FSDP can leave it out of the optimizer."""
-    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES, load_hf_config  # heavy: transformers
+    from llmshearing.model.hf import SUPPORTED_MODEL_TYPES  # heavy: transformers
     from llmshearing.model.loading import check_model_folder  # heavy: torch, transformers
 
     d = cfg.distill
-    student = load_hf_config(cfg.model.path, cfg.model.gguf_file)
+    student = cfg.source_config
     if d.top_k is not None and d.top_k > student.vocab_size:
         raise ConfigError(f"distill.top_k={d.top_k} is larger than the vocabulary ({student.vocab_size}); use null "
                           f"for the whole vocabulary")
@@ -507,11 +522,10 @@ def _note_small_teacher(cfg: TrainConfig, student, teacher) -> None:
     rarely meant: distillation then pulls the student towards a weaker model."""
     from llmshearing.model.hf import SUPPORTED_MODEL_TYPES  # heavy: transformers
     from llmshearing.pruning.shapes import param_count, shape_of  # heavy: transformers
-    from llmshearing.pruning.target import resolve_target  # heavy: transformers
 
     if student.model_type not in SUPPORTED_MODEL_TYPES:
         return
-    shape = resolve_target(cfg.pruning.target, student) if cfg.pruning else shape_of(student)
+    shape = cfg.target_shape or shape_of(student)
     theirs, ours = param_count(shape_of(teacher), teacher), param_count(shape, student)
     if theirs < ours:
         print(f"warning: distill.teacher '{cfg.distill.teacher}' has {theirs / 1e6:.1f}M parameters, fewer than the "
@@ -717,19 +731,22 @@ def as_dict(obj):
     return obj
 
 
-def identity(raw: dict) -> dict:
-    """What a run folder is bound to, from a run config as a plain mapping (so that a run config written by an
-    older version, with keys since renamed, still compares): the source model, the pruning target (as its
+def identity(raw: dict | TrainConfig) -> dict:
+    """What a run folder is bound to, from this run's TrainConfig or another run's config as a plain mapping (so
+    that a run config written by an older version, with keys since renamed, still compares): the source model, the pruning target (as its
     resolved shape when the model config is at hand) and the data. Learning rates, durations and intervals may
     change on resume."""
     from llmshearing.model.hf import load_hf_config  # transformers: after the cheap checks
     from llmshearing.pruning.target import resolve_target  # the same
 
+    run = raw
+    raw = as_dict(run) if isinstance(run, TrainConfig) else run
     model, data = raw.get("model") or {}, raw.get("data") or {}
     target = (raw.get("pruning") or {}).get("target")
     if target is not None:
-        try:
-            target = resolve_target(target, load_hf_config(model.get("path"), model.get("gguf_file"))).as_dict()
+        try:  # this run's target as resolved once; another run's from its own config
+            target = (run.target_shape if isinstance(run, TrainConfig) else
+                      resolve_target(target, load_hf_config(model.get("path"), model.get("gguf_file")))).as_dict()
         except Exception:  # noqa: BLE001 - the old run's model may be gone or changed: compare the spec as given
             pass
     path = lambda p: os.path.realpath(p) if isinstance(p, str) else p  # noqa: E731
@@ -738,10 +755,10 @@ def identity(raw: dict) -> dict:
             "data.domains": data.get("domains")}
 
 
-def note_objective_change(old: dict, now: dict, what: str) -> None:
+def note_objective_change(old: dict, cfg: TrainConfig, what: str) -> None:
     """Say so when a continued run trains toward another pruning target or with distillation switched on, off or
     changed: allowed (a deliberate change of plan), but the objective then changes at the resumed batch."""
-    before, after = identity(old), identity(now)
+    before, after, now = identity(old), identity(cfg), as_dict(cfg)
     if before["pruning.target"] != after["pruning.target"]:
         print(f"note: {what} pruned toward {before['pruning.target']}; this run continues toward "
               f"{after['pruning.target']}", file=sys.stderr, flush=True)

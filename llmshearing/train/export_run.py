@@ -11,13 +11,12 @@ from composer.utils import dist
 
 from llmshearing.data.tokenizer import model_tokenizer
 from llmshearing.devices import dtype_of
-from llmshearing.model.hf import load_hf_config
 from llmshearing.pruning import card
 from llmshearing.pruning.export import (PRECISION_DTYPES, ExportOptions, TensorGetter, _fsdp_scope, _whole, check_export_dir,
-                                        check_fits, dense_tensors, export_plan, state_getter, write_export)
+                                        check_fits, dense_tensors, export_selection, state_getter, write_export)
 from llmshearing.train.builders import build_l0
-from llmshearing.train.checkpointing import read_tensor
-from llmshearing.train.composer_model import unwrap
+from llmshearing.checkpoint_files import read_tensor
+from llmshearing.compat import unwrap
 from llmshearing.train.config import run_dir  # the logs the card reads (save_folder or runs/<run_name>)
 from llmshearing.train.restore import open_checkpoint
 
@@ -35,7 +34,7 @@ def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = Fals
     layer (`_fsdp_scope`)."""
     model = unwrap(trainer.state.model)
     config = model.model.config
-    masks, kept, target = export_plan(model.l0, config)
+    masks, kept, target = export_selection(model.l0, config)
     device = model.l0.lambdas.device if model.l0 is not None else next(model.model.parameters()).device
     if trainer.state.fsdp_enabled:
         get, scope = _fsdp_scope(model.model)
@@ -66,12 +65,12 @@ def export_checkpoint(checkpoint: str, out_dir: str, config_path: str | None = N
     slices: never the optimizer state, the teacher or a second model."""
     check_export_dir(out_dir, "out_dir", overwrite)  # before the checkpoint is read
     cfg, reader = open_checkpoint(checkpoint, config_path, model_path)
-    config = load_hf_config(cfg.model.path, cfg.model.gguf_file)
-    l0 = build_l0(cfg, config)
+    config = cfg.source_config
+    l0 = build_l0(cfg)
     check_fits(reader, config, l0)
     if l0 is not None:
         l0.load_state_dict({k: read_tensor(reader, "l0." + k) for k in l0.state_dict()})
-    masks, kept, target = export_plan(l0, config)
+    masks, kept, target = export_selection(l0, config)
     names = [n.removeprefix("model.") for n in reader.names if n.startswith("model.")]
     get = TensorGetter(lambda name: read_tensor(reader, "model." + name), names)
     tokens = reader.value("timestamp", "Timestamp", "token")

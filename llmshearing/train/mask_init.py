@@ -18,14 +18,14 @@ import torch
 from composer.utils import dist
 
 from llmshearing.io import atomic_write_text
-from llmshearing.train.checkpointing import LATEST_NAME
+from llmshearing.checkpoint_files import LATEST_NAME
 
 REPORT = "mask_init.json"
 
 
 def resumes(cfg) -> bool:
     """Composer will load a checkpoint: `load_path`, or autoresume with a `latest` link in save_folder (repaired
-    before, checkpointing.repair_latest)."""
+    before, checkpoint_files.repair_latest)."""
     latest = cfg.save_folder and os.path.exists(os.path.join(cfg.save_folder, LATEST_NAME.format(rank=0)))
     return cfg.load_path is not None or bool(cfg.autoresume and latest)
 

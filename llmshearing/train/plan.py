@@ -25,7 +25,7 @@ Per GPU (one training step; the model keeps fp32 master weights, as `from_pretra
   params     4P/S        fp32 master shard
   grads      4P/S        fp32 gradient shard (no fsdp / DDP: 4P + 4P of DDP's gradient buckets)
   optimizer  8P/S        AdamW exp_avg + exp_avg_sq, fp32
-  masks      16*M        pruning only: M = the L0 log-alphas (the gate shapes of `plan_masks`) + 2 Lagrange
+  masks      16*M        pruning only: M = the L0 log-alphas (the gate shapes of `mask_specs`) + 2 Lagrange
                          multipliers per mask; value + grad + 2 Adam states, fp32, counted as replicated
                          on every rank (an upper bound: Composer wraps `l0` as its own FSDP module; it is
                          ~1.4M numbers for Llama-2-7B, a few MB)
@@ -100,7 +100,7 @@ mask) + one RMSNorm (the final norm; its output is lm_head's input) + 2*T*h*c (c
   with checkpointing:     L * c*n*d (each layer keeps its input) + one layer (recomputed in backward)
                           + outside
 During pruning every source layer runs (FSDP all-gathers every layer on every rank), so L is the
-source's layer count and the masks above are those of `plan_masks(source, target)`.
+source's layer count and the masks above are those of `mask_specs(source, target)`.
 
 Host RAM per node (G = GPUs per node, default 8; W = data.num_workers per rank)
 --------------------------------------------------------------------------------
@@ -444,10 +444,10 @@ def model_counts(config) -> dict:
 
 def mask_numbers(source_config, target) -> tuple[int, list[str]]:
     """(M: L0 log-alphas + Lagrange multipliers, structures the forward multiplies by a mask)."""
-    from llmshearing.pruning.masks import plan_masks  # heavy: torch, transformers
+    from llmshearing.pruning.masks import mask_specs  # heavy: torch, transformers
     from llmshearing.pruning.shapes import shape_of  # heavy: transformers
 
-    plan = plan_masks(shape_of(source_config), target)
+    plan = mask_specs(shape_of(source_config), target)
     M = sum(math.prod(shape) for shape, _ in plan.values()) + 2 * len(plan)
     applied = [name for name in ("layer", "hidden") if name in plan]
     if "kv_head" in plan or "head" in plan:

@@ -1,5 +1,5 @@
 """A training run read back from its Composer checkpoint: its run config (embedded, or given) and its student model
-with masks (`llmshearing export`, `eval`, the demo). Above the checkpoint files (`train/checkpointing.py`) and the
+with masks (`llmshearing export`, `eval`, the demo). Above the checkpoint files (`checkpoint_files.py`) and the
 builders, which it uses."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from llmshearing.checks import check_checkpoint, load_structured
 from llmshearing.compat import CheckpointModel
 from llmshearing.errors import ConfigError
 from llmshearing.train.builders import build_model
-from llmshearing.train.checkpointing import read_tensor, unreadable
+from llmshearing.checkpoint_files import read_tensor, unreadable
 from llmshearing.train.composer_model import student_state
 from llmshearing.train.config import from_mapping, TrainConfig
 

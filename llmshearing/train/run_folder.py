@@ -9,8 +9,8 @@ import sys
 
 from llmshearing.checks import writable_output, load_structured
 from llmshearing.errors import ConfigError
-from llmshearing.train.checkpointing import batch_of, checkpoints
-from llmshearing.train.config import as_dict, identity, note_objective_change
+from llmshearing.checkpoint_files import batch_of, checkpoints
+from llmshearing.train.config import identity, note_objective_change
 
 LOCK_NAME = ".lock"
 CONFIG_NAME = "run_config.yaml"
@@ -130,12 +130,12 @@ def check_binding(folder: str, cfg) -> None:
         if not isinstance(old, dict):
             raise ConfigError(f"save_folder '{folder}' holds a {CONFIG_NAME} that is not a run config; give another "
                               f"save_folder")
-        before, now = identity(old), identity(as_dict(cfg))
+        before, now = identity(old), identity(cfg)
         differ = {k: (before[k], now[k]) for k in before if before[k] != now[k]}
         if differ:
             lines = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in differ.items())
             raise ConfigError(f"save_folder '{folder}' belongs to another run ({lines}); its checkpoints and logs are "
                               f"kept: give this run another save_folder")
         if cfg.autoresume and checkpoints(folder):
-            note_objective_change(old, as_dict(cfg), f"the run resumed from save_folder '{folder}'")
+            note_objective_change(old, cfg, f"the run resumed from save_folder '{folder}'")
     check_reuse(folder, cfg)
