@@ -83,6 +83,16 @@ def test_impossible_targets(tiny_setup, override, message):
         load_config(TINY_YAML, tiny_overrides(tiny_setup) + [override])
 
 
+def test_an_unsupported_family_is_refused_by_validation(tiny_setup, tmp_path):
+    """Refused before any data or weights are touched (it used to pass validation and fail in the builders)."""
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=64, n_head=4).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=re.escape("model.path: '" + str(tmp_path) + "': model_type 'gpt2' is not "
+                                                    "supported")):
+        load_config(TINY_YAML, tiny_overrides(tiny_setup) + [f"model.path={tmp_path}"])
+
+
 def test_more_heads_per_group_than_source(tiny_setup):
     source = load_hf_config(tiny_setup["model"])  # 6 heads, 2 KV groups: 3 per group
     with pytest.raises(ConfigError, match="keeps 4 query heads per KV group but the source has only 3"):
