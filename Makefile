@@ -18,10 +18,10 @@ export TOKENIZERS_PARALLELISM ?= false
 install: .venv/.installed
 
 fetch: install
-	$(PY) -m data_prep.fetch_offline --out data
+	$(PY) -m llmshearing.data_prep.fetch_offline --out data
 
 shards: fetch
-	$(PY) -m data_prep.shards
+	$(PY) -m llmshearing.data_prep.shards
 
 demo: fetch
 	$(PY) -m llmshearing.cli demo --data data --out runs/demo

@@ -38,10 +38,10 @@ def copies(text: str, folder: str, n: int) -> dict[str, list[str]]:
 
 
 def build(out: str, workers: int, pin: bool, args, inputs) -> tuple[float, int, float]:
-    """Wall seconds of one `python -m data_prep.shards` build, the tokens it wrote and the CPU seconds of its main
+    """Wall seconds of one `python -m llmshearing.data_prep.shards` build, the tokens it wrote and the CPU seconds of its main
     process (reading what cannot be split, routing, writing: what bounds the use of more workers)."""
     env = {**os.environ, **({"RAYON_NUM_THREADS": "1"} if pin else {})}
-    cmd = [sys.executable, "-m", "data_prep.shards", "--tokenizer", args.tokenizer, "--out", out,
+    cmd = [sys.executable, "-m", "llmshearing.data_prep.shards", "--tokenizer", args.tokenizer, "--out", out,
            "--seq-len", "128", "--eval-sequences", "16", "--prune-tokens", str(args.prune_tokens),
            "--continue-tokens", str(args.continue_tokens), "--workers", str(workers), "--no-progress",
            *[a for d in DOMAINS for path in inputs[d] for a in ("--domain", f"{d}={path}")]]

@@ -1,7 +1,7 @@
 """`make shards`: raw text of several domains -> per-domain MDS token shards (layout: llmshearing/data/layout.py).
 
-    python -m data_prep.shards                       # the embedded default (after `make fetch`)
-    python -m data_prep.shards --tokenizer MODEL_DIR --out data/rp_shards --seq-len 4096 \\
+    python -m llmshearing.data_prep.shards                       # the embedded default (after `make fetch`)
+    python -m llmshearing.data_prep.shards --tokenizer MODEL_DIR --out data/rp_shards --seq-len 4096 \\
         --eval-sequences 500 --test-sequences 500 --prune-tokens 400000000 --continue-tokens 50000000000 --redpajama RedPajama-Data-1T
 
 Per domain (one after another): documents are read lazily in order and tokenized in batches with the fast tokenizer
@@ -774,7 +774,7 @@ def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.shards",
+        prog="python -m llmshearing.data_prep.shards",
         description="Build per-domain MDS token shards (eval / test / prune / continue). Without arguments: the "
                     "embedded default from `make fetch` (data/shards).")
     parser.add_argument("--tokenizer", help="HF tokenizer or model folder")

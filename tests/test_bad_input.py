@@ -1,5 +1,5 @@
 """Bad input, given as a hostile new user would give it, to every entry point: `composer train.py`,
-`llmshearing export | eval | reference-loss | make-tiny` and `python -m data_prep.shards`.
+`llmshearing export | eval | reference-loss | make-tiny` and `python -m llmshearing.data_prep.shards`.
 
 Each case asserts the exit code, that no traceback is printed, that the message names the key or path at
 fault, and that nothing was written or replaced. Classes (README "When things go wrong"): data loss, silently
@@ -457,7 +457,7 @@ def test_a_full_disk_while_building_shards_is_one_line_and_leaves_nothing(tiny):
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # noqa: E731
     args = shards_args(tiny, out, f"prose={tiny['prose']}", f"code={tiny['code']}")
     args[args.index("--prune-tokens") + 1] = "8192"
-    proc = subprocess.run([sys.executable, "-m", "data_prep.shards", *args, "--workers", "1"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-m", "llmshearing.data_prep.shards", *args, "--workers", "1"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300,
                           preexec_fn=limit)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "File too large" in proc.stderr

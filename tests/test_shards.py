@@ -292,10 +292,10 @@ def test_cli(corpus, tok_dir, tmp_path, capsys):
     m = read_manifest(str(tmp_path / "ok"))
     assert m["proportions"] == {"a": 0.25, "b": 0.75} and m["domains"]["a"]["sources"] == paths["a"]
     assert "continue seqs" in capsys.readouterr().out  # the summary table
-    run = subprocess.run([sys.executable, "-m", "data_prep.shards", "--seq-len", "many"], cwd=REPO,
+    run = subprocess.run([sys.executable, "-m", "llmshearing.data_prep.shards", "--seq-len", "many"], cwd=REPO,
                          capture_output=True, text=True)
     assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr
-    run = subprocess.run([sys.executable, "-m", "data_prep.shards", "--tokenizer", str(tmp_path / "none")] + base[2:]
+    run = subprocess.run([sys.executable, "-m", "llmshearing.data_prep.shards", "--tokenizer", str(tmp_path / "none")] + base[2:]
                          + ["--out", str(tmp_path / "y"), "--domain", "a=" + paths["a"][0]], cwd=REPO,
                          capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("error: tokenizer") and "Traceback" not in run.stderr

@@ -27,7 +27,7 @@ from llmshearing.errors import ConfigError
 FORMAT = "llmshearing-shards/1"
 SPLITS = ("eval", "test", "prune", "continue")
 TEST = "test"
-REBUILD = "make shards (or python -m data_prep.shards ... --overwrite with the arguments it was built with)"
+REBUILD = "make shards (or python -m llmshearing.data_prep.shards ... --overwrite with the arguments it was built with)"
 # Written by data_prep.shards into every folder it builds: the one proof that a folder is the builder's own output
 # and may be replaced (a manifest alone is not: a shard cache holds a copy of one, and so may any folder it was
 # copied into).
@@ -47,7 +47,7 @@ def read_manifest(root: str) -> dict:
     """The manifest of a shard folder, with a clear error when the folder is not one."""
     path = os.path.join(root, MANIFEST)
     if not os.path.exists(path):
-        hint = "run 'make shards' (or python -m data_prep.shards) to build it"
+        hint = "run 'make shards' (or python -m llmshearing.data_prep.shards) to build it"
         raise ConfigError(f"no shards at '{root}' ({MANIFEST} missing); {hint}")
     manifest = load_structured(path, "shards")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:

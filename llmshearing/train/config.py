@@ -84,7 +84,7 @@ class DynamicLoadingConfig:
 
 @dataclass
 class DataConfig:
-    shards: str | None = None  # folder built by `make shards` / `python -m data_prep.shards` (manifest.json + MDS shards)
+    shards: str | None = None  # folder built by `make shards` / `python -m llmshearing.data_prep.shards` (manifest.json + MDS shards)
     # ... or that folder in object storage (s3://, gs://, oci://, or a path such as an NFS mount), read through
     # `local`, a per-node cache filled on first use (llmshearing/data/remote.py); give shards or remote + local
     remote: str | None = None
