@@ -35,6 +35,8 @@ ARMS = {
     "sgd_lambda_mask_lr_0.1": ["pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10", "pruning.mask_lr=0.1"],
     "init_at_target": ["pruning.init_at_target=true"],               # the Lagrangian starts with no gap
     "init_at_target_sgd": ["pruning.init_at_target=true", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10"],
+    "mask_beta0": ["pruning.mask_beta1=0"],                            # masks without momentum (Adam beta1 = 0)
+    "sgd_lambda_mask_beta0": ["pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10", "pruning.mask_beta1=0"],
     "hidden_original": ["pruning.hidden_mask=original"],
     "hidden_residual": ["pruning.hidden_mask=residual"],
 }

@@ -55,6 +55,9 @@ class PruningConfig:
     # adam: the multipliers take AdamW steps like every other parameter (the released code): each step is ~lambda_lr
     # whatever the size of the gap; sgd: plain gradient ascent, lambda += lambda_lr * gap (docs/convergence.md)
     lambda_optimizer: str = "adam"
+    # Adam's beta1 for the mask log-alphas; null: optimizer.betas[0] (as the released code). 0 takes away the masks'
+    # momentum, which keeps them closing ~10 steps after the Lagrangian's force turns (docs/convergence.md)
+    mask_beta1: float | None = None
     # init=activation: lower each row's kept log_alphas together until its expected count is the target, so the
     # Lagrangian starts with no gap (the dropped units sit at the clamp floor, P(open) 0.047, not 0)
     init_at_target: bool = False
@@ -538,6 +541,8 @@ def check_mask_init(p: PruningConfig) -> None:
     two bands (llmshearing.pruning.masks.init_bands)."""
     from llmshearing.pruning.masks import INIT_BAND  # heavy: torch, transformers
 
+    if p.mask_beta1 is not None and not 0 <= p.mask_beta1 < 1:
+        raise ConfigError(f"pruning.mask_beta1 must be in [0, 1) or null (optimizer.betas[0]), got {p.mask_beta1}")
     for key, allowed in (("lambda_optimizer", ("adam", "sgd")), ("hidden_mask", ("residual", "original"))):
         if getattr(p, key) not in allowed:
             raise ConfigError(f"pruning.{key} must be {' or '.join(allowed)}, got '{getattr(p, key)}'")
