@@ -37,6 +37,12 @@ ARMS = {
     "init_at_target_sgd": ["pruning.init_at_target=true", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10"],
     "mask_beta0": ["pruning.mask_beta1=0"],                            # masks without momentum (Adam beta1 = 0)
     "sgd_lambda_mask_beta0": ["pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10", "pruning.mask_beta1=0"],
+    # the clamp floor ln 1e-4 instead of ln 1e-2: the dropped units start at P(open) ~0.002, not 0.047, so the expected
+    # shape starts at the target (the init's gap of point 1 gone) without lowering the kept units
+    "wide_clamp": ["pruning.log_alpha_clamp=[-9.21,4.61]"],
+    "wide_clamp_sgd": ["pruning.log_alpha_clamp=[-9.21,4.61]", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10"],
+    "wide_clamp_sgd3": ["pruning.log_alpha_clamp=[-9.21,4.61]", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=3"],
+    "wide_clamp_sgd1": ["pruning.log_alpha_clamp=[-9.21,4.61]", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=1"],
     "hidden_original": ["pruning.hidden_mask=original"],
     "hidden_residual": ["pruning.hidden_mask=residual"],
 }
