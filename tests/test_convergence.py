@@ -57,17 +57,20 @@ def test_plain_multiplier_steps_are_proportional_to_the_gradient_and_adam_steps_
     assert opt.state_dict()["param_groups"][1]["plain"] and lam not in opt.state  # no Adam state for plain groups
 
 
-def test_mask_beta1_takes_the_momentum_off_the_masks_only(tiny_setup, tmp_path):
-    """`pruning.mask_beta1=0`: the mask log-alphas' group steps without momentum; weights and multipliers keep
-    optimizer.betas, and the optimizer is still torch's AdamW (its class name keys checkpoints)."""
+def test_mask_beta1_and_eps_change_the_masks_group_only(tiny_setup, tmp_path):
+    """`pruning.mask_beta1=0` / `mask_eps=1e-3`: the mask log-alphas' group steps without momentum and with that eps;
+    weights and multipliers keep optimizer.betas and eps, and the optimizer is still torch's AdamW (its class name
+    keys checkpoints)."""
     from llmshearing.train.builders import build_model, build_optimizer
     from llmshearing.train.config import load_config
 
-    cfg = load_config(TINY_YAML, [*paths(tiny_setup, str(tmp_path / "run")), "pruning.mask_beta1=0"])
+    cfg = load_config(TINY_YAML, [*paths(tiny_setup, str(tmp_path / "run")), "pruning.mask_beta1=0",
+                                  "pruning.mask_eps=1e-3"])
     model = build_model(cfg, load_weights=False)
     opt = build_optimizer(cfg, model)
     assert type(opt) is torch.optim.AdamW
     assert [g["betas"] for g in opt.param_groups] == [(0.9, 0.95), (0.0, 0.95), (0.9, 0.95)]
+    assert [g["eps"] for g in opt.param_groups] == [1e-8, 1e-3, 1e-8]
     assert opt.param_groups[1]["params"] == [m.log_alpha for m in model.l0.masks.values()]
 
 

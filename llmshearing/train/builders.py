@@ -77,6 +77,8 @@ def build_optimizer(cfg: TrainConfig, model: ComposerLM) -> torch.optim.Optimize
     optimizer = torch.optim.AdamW  # its class name keys the optimizer state in checkpoints: kept for the default
     if cfg.pruning and cfg.pruning.mask_beta1 is not None:
         groups[1]["betas"] = (cfg.pruning.mask_beta1, tuple(o.betas)[1])
+    if cfg.pruning and cfg.pruning.mask_eps is not None:
+        groups[1]["eps"] = cfg.pruning.mask_eps
     if cfg.pruning and cfg.pruning.lambda_optimizer == "sgd":
         groups[-1]["plain"] = True
         optimizer = PlainGroupsAdamW

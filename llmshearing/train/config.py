@@ -56,8 +56,11 @@ class PruningConfig:
     # whatever the size of the gap; sgd: plain gradient ascent, lambda += lambda_lr * gap (docs/convergence.md)
     lambda_optimizer: str = "adam"
     # Adam's beta1 for the mask log-alphas; null: optimizer.betas[0] (as the released code). 0 takes away the masks'
-    # momentum, which keeps them closing ~10 steps after the Lagrangian's force turns (docs/convergence.md)
+    # momentum: measured worse, every structure drifts more (docs/convergence.md, round 2)
     mask_beta1: float | None = None
+    # Adam's eps for the mask log-alphas; null: optimizer.eps. A larger one keeps a small force small (Adam divides a
+    # gradient by its own scale, so a tiny Lagrangian pull moves a saturated gate at full speed; docs/convergence.md)
+    mask_eps: float | None = None
     # init=activation: lower each row's kept log_alphas together until its expected count is the target, so the
     # Lagrangian starts with no gap (the dropped units sit at the clamp floor, P(open) 0.047, not 0)
     init_at_target: bool = False
@@ -541,6 +544,8 @@ def check_mask_init(p: PruningConfig) -> None:
     two bands (llmshearing.pruning.masks.init_bands)."""
     from llmshearing.pruning.masks import INIT_BAND  # heavy: torch, transformers
 
+    if p.mask_eps is not None and not p.mask_eps > 0:
+        raise ConfigError(f"pruning.mask_eps must be a positive number or null (optimizer.eps), got {p.mask_eps}")
     if p.mask_beta1 is not None and not 0 <= p.mask_beta1 < 1:
         raise ConfigError(f"pruning.mask_beta1 must be in [0, 1) or null (optimizer.betas[0]), got {p.mask_beta1}")
     for key, allowed in (("lambda_optimizer", ("adam", "sgd")), ("hidden_mask", ("residual", "original"))):
