@@ -741,22 +741,23 @@ def as_dict(obj):
     return obj
 
 
-def identity(raw: dict | TrainConfig) -> dict:
+def identity(run: dict | TrainConfig) -> dict:
     """What a run folder is bound to, from this run's TrainConfig or another run's config as a plain mapping (so
-    that a run config written by an older version, with keys since renamed, still compares): the source model, the pruning target (as its
-    resolved shape when the model config is at hand) and the data. Learning rates, durations and intervals may
-    change on resume."""
+    that a run config written by an older version, with keys since renamed, still compares): the source model, the
+    pruning target (as its resolved shape when the model config is at hand) and the data. Learning rates, durations
+    and intervals may change on resume."""
     from llmshearing.model.hf import load_hf_config  # transformers: after the cheap checks
     from llmshearing.pruning.target import resolve_target  # the same
 
-    run = raw
-    raw = as_dict(run) if isinstance(run, TrainConfig) else run
+    this_run = isinstance(run, TrainConfig)
+    raw = as_dict(run) if this_run else run
     model, data = raw.get("model") or {}, raw.get("data") or {}
     target = (raw.get("pruning") or {}).get("target")
     if target is not None:
-        try:  # this run's target as resolved once; another run's from its own config
-            target = (run.target_shape if isinstance(run, TrainConfig) else
-                      resolve_target(target, load_hf_config(model.get("path"), model.get("gguf_file")))).as_dict()
+        try:  # this run's target as resolved once; another run's from its own model config
+            shape = run.target_shape if this_run else resolve_target(target, load_hf_config(model.get("path"),
+                                                                                               model.get("gguf_file")))
+            target = shape.as_dict()
         except Exception:  # noqa: BLE001 - the old run's model may be gone or changed: compare the spec as given
             pass
     path = lambda p: os.path.realpath(p) if isinstance(p, str) else p  # noqa: E731
