@@ -242,6 +242,24 @@ def test_beyond_the_paper_arms_over_seeds(tiny_setup, tmp_path):
     scale2 = json.load(open(os.path.join(out2, "summary.json")))["arms"]["sheared_act"]
     assert pts[1]["seeds"] == ["1"] and pts[1]["perplexity"] == pytest.approx(math.exp(scale2["final_mean_loss"]))
     assert [p["tokens"] for p in scales["arms"]["sheared"]] == [STEPS * BATCH * SEQ]  # only at scale 1
+    # --parallel 2: the same arms of seed 1 as two one-thread processes at once give what the serial run gave
+    outp = str(tmp_path / "parallel")
+    common = ["--model", tiny_setup["model"], "--shards", tiny_setup["shards"], "--target", target, "--steps", str(STEPS),
+              "--batch", str(BATCH), "--evals", "2", "--reference-losses", "{prose: 4.0, code: 3.0}", "--seeds", "1",
+              "--parallel", "2", "--arms", "sheared", "sheared_act"]
+    assert main(["--out", outp, *common]) == 0
+    par = json.load(open(os.path.join(outp, "summary.json")))
+    assert par["seeds"] == ["1"] and list(par["arms"]) == ["sheared", "sheared_act"]
+    for arm in ("sheared", "sheared_act"):
+        assert par["arms"][arm]["final_mean_loss_by_seed"]["1"] == pytest.approx(
+            combined["arms"][arm]["final_mean_loss_by_seed"]["1"], rel=1e-4)
+        assert par["arms"][arm]["total_tokens"] == combined["arms"][arm]["total_tokens"]
+        assert "done in" in open(os.path.join(outp, "seed-1", "logs", f"{arm}.log")).read()
+    # a failing job: the error names the arm, its log and the log's last line (the job's own one-line error)
+    with pytest.raises(RuntimeError, match=r"seed 1 sheared_kd \(exit 2; .*sheared_kd.log\): error: .*no_such_key"):
+        main(["--out", str(tmp_path / "failing"), *common[:-2], "sheared_kd", "prune.no_such_key=1"])
+    assert main(["--out", outp, *common[:-4], "--parallel", "0", "--arms", "sheared"]) == 2
+
     old = json.load(open(os.path.join(out2, "summary.json")))
     old["split"] = "eval"  # a summary written before the test split
     with open(tmp_path / "old.json", "w") as f:

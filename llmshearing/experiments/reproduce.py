@@ -57,6 +57,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 
@@ -648,12 +649,12 @@ def check_out_dir(s: Settings) -> None:
         atomic_write_text(path, json.dumps(mine, indent=1))
 
 
-def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
-    """Run (or resume) the arms, then write `<out>/summary.{json,md}` and the plots; the summary."""
+def prepare(s: Settings, arms: list[str] | None = None) -> tuple[list[str], dict, dict]:
+    """Check the arms, shards and folder, and measure the source once per folder (its eval losses are dynamic
+    loading's default references, its test losses the table's source row): the arms to run and both losses."""
     # heavy: transformers
     from llmshearing.experiments.reference_losses import reference_snippet, source_reference_losses
 
-    t0 = time.time()
     arm_table = arm_settings(s)
     if not arms:
         names = [n for n in arm_table if n not in OPTIONAL_ARMS]
@@ -667,10 +668,6 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
     manifest = read_manifest(s.shards)  # before any training: shards built before the test split are refused here
     check_domains(manifest, s.shards, list(manifest["domains"]), FINAL_SPLIT)
     check_out_dir(s)
-    n, seq = s.total_steps, _seq_len(s.shards)
-    log(f"scale {s.scale:g}: {n} batches of {s.batch} x {seq} = {n * s.batch * seq:,} tokens per arm; "
-        f"arms {', '.join(names)}; out {s.out}")
-
     source_file = os.path.join(s.out, "source_losses.json")
     if not os.path.exists(source_file):
         source = source_reference_losses(s.model, s.shards)
@@ -684,9 +681,23 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
         atomic_write_text(test_file, json.dumps(eval_model(s.model, s)[0], indent=1))
     with open(test_file) as f:
         source_test = json.load(f)
+    return names, source, source_test
+
+
+def reference_file(s: Settings) -> str:
+    """Dynamic loading moves the mixture towards the domains furthest above these (default: the source's own)."""
+    return s.reference_losses or os.path.join(s.out, "reference_losses.yaml")
+
+
+def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
+    """Run (or resume) the arms, then write `<out>/summary.{json,md}` and the plots; the summary."""
+    t0 = time.time()
+    names, source, source_test = prepare(s, arms)
+    n, seq = s.total_steps, _seq_len(s.shards)
+    log(f"scale {s.scale:g}: {n} batches of {s.batch} x {seq} = {n * s.batch * seq:,} tokens per arm; "
+        f"arms {', '.join(names)}; out {s.out}")
     log("source losses (eval; test): " + ", ".join(f"{d} {v:.3f}; {source_test[d]:.3f}" for d, v in source.items()))
-    # dynamic loading moves the mixture towards the domains furthest above these (default: the source's own)
-    ref_file = s.reference_losses or os.path.join(s.out, "reference_losses.yaml")
+    arm_table, ref_file = arm_settings(s), reference_file(s)
 
     results = {}
     for i, name in enumerate(names):
@@ -704,6 +715,64 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
         raise RuntimeError("the arms' token budgets differ: " + ", ".join(
             f"{n} {a['total_tokens']:,}" for n, a in summary["arms"].items()))
     return summary
+
+
+def run_parallel(runs: list[Settings], arms: list[str] | None, parallel: int) -> None:
+    """Run the arms of every run (one per seed) in `parallel` processes at once, each with an equal share of the
+    cores as torch threads: on 2 CPU cores two one-thread arms finish sooner than two two-thread arms one after
+    the other (docs/runs/reproduce_mini.md). Each job is one arm of one run, `python -m ...reproduce --job`,
+    logging to `<out>/logs/<arm>.log`; arms recorded before are skipped. After a failed job no new job starts,
+    the running ones finish (their arms are kept) and the error names the log. The summaries are the caller's."""
+    if parallel < 1:
+        raise ConfigError(f"--parallel {parallel}: give 1 or more processes")
+    jobs = []
+    for s in runs:  # checks and the source's losses once per run, before any job: the jobs only read them
+        names, _, _ = prepare(s, arms)
+        jobs += [(s, name) for name in names if recorded_result(s, name) is None]
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    log(f"{len(jobs)} arm(s) to run, {parallel} at once with {threads} thread(s) each")
+    pending, running, failed, done = list(jobs), [], [], 0
+    try:
+        while pending or running:
+            while pending and not failed and len(running) < parallel:
+                s, name = pending.pop(0)
+                path = os.path.join(s.out, "logs", f"{name}.log")
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                job = json.dumps({"settings": dataclasses.asdict(s), "arm": name})
+                with open(path, "w") as f:
+                    proc = subprocess.Popen([sys.executable, "-m", "llmshearing.experiments.reproduce", "--job", job],
+                                            stdout=f, stderr=subprocess.STDOUT, env=env)
+                running.append((proc, s, name, path, time.time()))
+                log(f"started seed {s.seed} {name} (log: {path})")
+            pending = [] if failed else pending
+            time.sleep(1)
+            for item in [r for r in running if r[0].poll() is not None]:
+                proc, s, name, path, start = item
+                running.remove(item)
+                done += 1
+                if proc.returncode == 0:
+                    log(f"[{done}/{len(jobs)}] seed {s.seed} {name}: done in {time.time() - start:.0f}s")
+                else:
+                    with open(path) as f:
+                        last = [line.rstrip() for line in f if line.strip()][-1:] or ["(empty log)"]
+                    failed.append(f"seed {s.seed} {name} (exit {proc.returncode}; {path}): {last[0]}")
+                    log(f"[{done}/{len(jobs)}] FAILED " + failed[-1])
+    except KeyboardInterrupt:  # the jobs got the same Ctrl-C: wait for them so that no arm is left half-written
+        for proc, *_ in running:
+            proc.wait()
+        raise
+    if failed:
+        raise RuntimeError("arm(s) failed, the others are kept (run the same command again to resume):\n  "
+                           + "\n  ".join(failed))
+
+
+def run_job(spec: str) -> None:
+    """One arm of one run, as `run_parallel` starts it (`--job '{"settings": {...}, "arm": name}'`)."""
+    job = json.loads(spec)
+    s = Settings(**{**job["settings"], "sweep": tuple(job["settings"]["sweep"]),
+                    "overrides": tuple(job["settings"]["overrides"])})
+    run_arm(s, job["arm"], arm_settings(s)[job["arm"]], reference_file(s), f"seed {s.seed}")
 
 
 def combine_seeds(out: str, summaries: dict[int, dict]) -> dict:
@@ -788,6 +857,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-losses", default=None,
                    help="dynamic loading's reference losses (a yaml file); default: the source model's own")
     p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="run N arms at once (over arms and seeds), each in its own process with cores/N threads "
+                        "(on 2 CPU cores, 2 is faster: docs/runs/reproduce_mini.md); logs in <out>/logs/")
+    p.add_argument("--job", help=argparse.SUPPRESS)  # one arm of one run, as --parallel starts it
     p.add_argument("--plot-scales", nargs="+", metavar="SUMMARY",
                    help="only plot: final test perplexity vs training tokens from these runs' summary.json (one per "
                         "--scale) into <out>/scales.{png,json}")
@@ -798,16 +871,20 @@ def main(argv: list[str] | None = None) -> int:
                  evals=a.evals, calibration=a.calibration, precision=a.precision, device=a.device, seed=a.seed, reference_losses=a.reference_losses,
                  keep_checkpoints=a.keep_checkpoints, overrides=tuple(a.overrides))
     try:
-        if a.plot_scales:
+        if a.job:
+            run_job(a.job)
+        elif a.plot_scales:
             plot_scales(a.plot_scales, a.out)
-        elif a.seeds:
-            summaries = {}
-            for seed in a.seeds:  # seed-major: an interrupted run has whole seeds first
-                summaries[seed] = reproduce(dataclasses.replace(s, seed=seed, out=os.path.join(a.out, f"seed-{seed}")),
-                                            a.arms)
-                combine_seeds(a.out, summaries)
         else:
-            reproduce(s, a.arms)
+            runs = ([dataclasses.replace(s, seed=seed, out=os.path.join(a.out, f"seed-{seed}")) for seed in a.seeds]
+                    if a.seeds else [s])
+            if a.parallel != 1:  # the arms in parallel processes; then the summaries below skip them as done
+                run_parallel(runs, a.arms, a.parallel)
+            summaries = {}
+            for run_s in runs:  # seed-major: an interrupted run has whole seeds first
+                summaries[run_s.seed] = reproduce(run_s, a.arms)
+                if a.seeds:
+                    combine_seeds(a.out, summaries)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
