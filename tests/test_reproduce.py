@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+import yaml
 from composer.core import State
 
 from llmshearing.train.composer_model import ComposerLM
@@ -205,6 +206,12 @@ def test_beyond_the_paper_arms_over_seeds(tiny_setup, tmp_path):
     assert "distill: null" in run_config("sheared", "prune")  # the paper's arms whatever the demo recipes default to
     assert "distill: null" in run_config("sheared", "continue")
     assert "init: uniform" in run_config("sheared", "prune") and "lagrangian_warmup: 0ba" not in run_config("sheared", "prune")
+    # the released code's multiplier optimisation in every arm, whatever the demo recipe defaults to (issue 25)
+    for arm in ("sheared", "sheared_act"):
+        pruning = yaml.safe_load(run_config(arm, "prune"))["pruning"]
+        assert (pruning["lambda_optimizer"], pruning["lambda_lr"], pruning["mask_lr"], pruning["mask_eps"]) == (
+            "adam", 0.3, 0.3, None)
+        assert pruning["log_alpha_clamp"] == pytest.approx([math.log(0.01), math.log(100)])
     assert "teacher: source" in run_config("sheared_kd", "prune")
     assert f"teacher: {tiny_setup['model']}" in run_config("sheared_kd", "continue")
     assert f"teacher: {tiny_setup['model']}" in run_config("oneshot_act_kd", "continue")

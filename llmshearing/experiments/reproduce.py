@@ -215,7 +215,11 @@ def stage_overrides(s: Settings, stage: str, name: str, model_path: str, folder:
     else:
         o.append("distill=null")
     if stage == "prune":
-        o.append(f"pruning.target={s.target}")
+        # the released code's mask and multiplier optimisation (AdamW on both, clamp [ln 0.01, ln 100]) at the lr
+        # these arms have always run with, 0.3: the demo recipe's convergence settings (issue 25) do not leak in
+        o += [f"pruning.target={s.target}", "pruning.mask_lr=0.3", "pruning.lambda_lr=0.3",
+              "pruning.lambda_optimizer=adam", "pruning.mask_eps=null", "pruning.mask_beta1=null",
+              f"pruning.log_alpha_clamp=[{math.log(1e-2)!r},{math.log(1e2)!r}]"]
         if arm.get("mask_init") == "activation":
             o += ["pruning.init=activation", f"pruning.init_sequences={s.calibration}", "pruning.lagrangian_warmup=0ba"]
         else:  # the paper's uniform init; the Lagrangian ramps to the target over 40% of pruning (the demo's share
