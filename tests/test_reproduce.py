@@ -262,9 +262,10 @@ def test_beyond_the_paper_arms_over_seeds(tiny_setup, tmp_path):
             combined["arms"][arm]["final_mean_loss_by_seed"]["1"], rel=1e-4)
         assert par["arms"][arm]["total_tokens"] == combined["arms"][arm]["total_tokens"]
         assert "done in" in open(os.path.join(outp, "seed-1", "logs", f"{arm}.log")).read()
-    # a failing job: the error names the arm, its log and the log's last line (the job's own one-line error)
+    # a failing job: the error names the arm, its log and the log's last line (the job's own one-line error); an
+    # override written after --arms is an override, not an arm
     with pytest.raises(RuntimeError, match=r"seed 1 sheared_kd \(exit 2; .*sheared_kd.log\): error: .*no_such_key"):
-        main(["--out", str(tmp_path / "failing"), "prune.no_such_key=1", *common[:-2], "sheared_kd"])
+        main(["--out", str(tmp_path / "failing"), *common[:-2], "sheared_kd", "prune.no_such_key=1"])
     assert main(["--out", outp, *common[:-5], "--parallel", "0", "--arms", "sheared"]) == 2
 
     old = json.load(open(os.path.join(out2, "summary.json")))

@@ -870,6 +870,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--scale) into <out>/scales.{png,json}")
     p.add_argument("overrides", nargs="*", help="key=value for both stages; prune.key=v / continue.key=v for one")
     a = p.parse_args(argv)
+    if a.arms:  # `--arms x y key=value`: argparse gives the overrides to --arms; no arm name holds '='
+        a.overrides += [x for x in a.arms if "=" in x]
+        a.arms = [x for x in a.arms if "=" not in x] or None
     s = Settings(out=a.out, model=a.model, shards=a.shards, target=a.target, scale=a.scale, steps=a.steps,
                  batch=a.batch, microbatch=a.microbatch, prune_share=a.prune_share, sweep=tuple(a.sweep),
                  evals=a.evals, calibration=a.calibration, precision=a.precision, device=a.device, seed=a.seed, reference_losses=a.reference_losses,
