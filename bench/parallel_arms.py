@@ -43,8 +43,8 @@ def one_way(name: str, a, threads: int, at_once: bool) -> dict:
     start, load_before = time.time(), loadavg()
     procs = []
     for seed, cmd in cmds.items():
-        log = open(os.path.join(a.out, f"{name}-{seed}.log"), "w")
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+        with open(os.path.join(a.out, f"{name}-{seed}.log"), "w") as log:  # the child keeps its own descriptor
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
         if not at_once:
             procs[-1].wait()
     rcs = [p.wait() for p in procs]

@@ -738,7 +738,7 @@ def run_parallel(runs: list[Settings], arms: list[str] | None, parallel: int) ->
     log(f"{len(jobs)} arm(s) to run, {parallel} at once with {threads} thread(s) each")
     pending, running, failed, done = list(jobs), [], [], 0
     try:
-        while pending or running:
+        while running or (pending and not failed):  # after a failure: only wait for the running jobs
             while pending and not failed and len(running) < parallel:
                 s, name = pending.pop(0)
                 path = os.path.join(s.out, "logs", f"{name}.log")
@@ -749,7 +749,6 @@ def run_parallel(runs: list[Settings], arms: list[str] | None, parallel: int) ->
                                             stdout=f, stderr=subprocess.STDOUT, env=env)
                 running.append((proc, s, name, path, time.time()))
                 log(f"started seed {s.seed} {name} (log: {path})")
-            pending = [] if failed else pending
             time.sleep(1)
             for item in [r for r in running if r[0].poll() is not None]:
                 proc, s, name, path, start = item
