@@ -54,7 +54,8 @@ def test_plain_multiplier_steps_are_proportional_to_the_gradient_and_adam_steps_
     opt.step()
     assert lam.tolist() == pytest.approx([-1e-2, 0.2])
     assert w.tolist() == pytest.approx([-0.1, 0.1], rel=1e-4)  # Adam: sign times lr on the first step
-    assert opt.state_dict()["param_groups"][1]["plain"] and lam not in opt.state  # no Adam state for plain groups
+    assert opt.state_dict()["param_groups"][1]["plain"]
+    assert opt.state[lam] == {"step": torch.tensor(1.0)}  # a step count (checkpoints need a state), no Adam moments
 
 
 def test_mask_beta1_and_eps_change_the_masks_group_only(tiny_setup, tmp_path):
@@ -136,3 +137,22 @@ def test_the_demo_summary_repeats_the_verdict():
     assert "Pruning: warning: the masks had NOT settled at the cut" in format_report({**summary, "masks_at_cut": unsettled})
     report = format_report({**summary, "masks_at_cut": settled})
     assert "Pruning: masks settled at the cut" in report and "NOT" not in report
+
+
+@pytest.mark.slow
+def test_a_run_with_plain_gradient_multipliers_resumes_bit_identically(tiny_setup, tmp_path):
+    """`pruning.lambda_optimizer: sgd` keeps no Adam state for the multipliers: a checkpoint must still load
+    (it once failed with KeyError 'l0.lambdas') and the resumed run end with the uninterrupted one's weights."""
+    held = ["pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10", "pruning.mask_eps=1e-3", "max_duration=6ba",
+            "eval_interval=3ba", "save_interval=3ba", "data.num_workers=0", "pruning.lagrangian_warmup=2ba"]
+    folder, resumed = str(tmp_path / "run"), str(tmp_path / "resumed")
+    proc = run([sys.executable, "train.py", TINY_YAML, *paths(tiny_setup, folder), *held], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run([sys.executable, "train.py", TINY_YAML, *paths(tiny_setup, resumed), *held,
+                f"load_path={folder}/ep0-ba3-rank0.pt"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    end = [torch.load(os.path.join(f, "ep0-ba6-rank0.pt"), map_location="cpu", weights_only=False)["state"]
+           for f in (folder, resumed)]
+    for key, value in end[0]["model"].items():
+        assert torch.equal(value, end[1]["model"][key]), key
+    assert not torch.equal(end[0]["model"]["l0.lambdas"], torch.zeros_like(end[0]["model"]["l0.lambdas"]))  # moved

@@ -89,7 +89,11 @@ class PlainGroupsAdamW(torch.optim.AdamW):
     """AdamW, except that param groups marked `plain` take plain gradient steps p -= lr * grad (the multipliers
     under `pruning.lambda_optimizer: sgd`, whose reversed gradient makes that ascent on the gap). Adam normalises
     each step to ~lr whatever the gradient's size, so a multiplier keeps winding up at full speed while the masks
-    sit a hair off the target; a plain step is proportional to the gap and vanishes at the target."""
+    sit a hair off the target; a plain step is proportional to the gap and vanishes at the target.
+
+    Each plain parameter keeps one state entry, its step count: torch's checkpoint state dict
+    (`set_optimizer_state_dict`, what Composer resumes through) needs a state for every trainable parameter and
+    raised KeyError 'l0.lambdas' on resume when there was none."""
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -101,8 +105,10 @@ class PlainGroupsAdamW(torch.optim.AdamW):
         for group in groups:
             if group.get("plain"):
                 for p in group["params"]:
+                    count = self.state[p].setdefault("step", torch.tensor(0.0))
                     if p.grad is not None:
                         p.add_(p.grad, alpha=-group["lr"])
+                        count += 1
         self.param_groups = [g for g in groups if not g.get("plain")]
         try:
             super().step()
