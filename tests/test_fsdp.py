@@ -224,3 +224,26 @@ def test_continued_pretraining_under_fsdp_runs_and_exports(runs, tiny_setup):
     model = AutoModelForCausalLM.from_pretrained(os.path.join(folder, "export"))
     assert {k: model.config.to_dict()[k] for k in TARGET} == TARGET
     assert [r["ranks_agreeing"] for r in weights_log(folder)] == [2]
+
+
+def test_plain_gradient_multipliers_under_fsdp_match_one_process_and_resume_from_a_sharded_checkpoint(tiny_setup, tmp_path):
+    """`pruning.lambda_optimizer: sgd` (the demo's recipe) under FSDP: the multipliers' plain steps see the same
+    all-reduced gradients as one process (same log to 1e-3), and a run resumed from the sharded batch-10
+    checkpoint ends on the uninterrupted run's weights, bit for bit."""
+    sgd = ["max_duration=20ba", "save_interval=10ba", "export_dir=null", "pruning.lambda_optimizer=sgd",
+           "pruning.lambda_lr=10", "pruning.mask_eps=1e-3", "fsdp.state_dict_type=sharded"]
+    one, two, resumed = (str(tmp_path / n) for n in ("one", "two", "resumed"))
+    proc = run([sys.executable, "train.py", FSDP_YAML, *paths(tiny_setup, one), *sgd[:-1], "fsdp=null"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ok(two_procs(FSDP_YAML, tiny_setup, two, *sgd), two)
+    a, b = jsonl(os.path.join(one, "pruning_log.jsonl")), jsonl(os.path.join(two, "pruning_log.jsonl"))
+    assert len(a) == len(b) == 20
+    for i, (x, y) in enumerate(zip(a, b)):
+        for key in x:
+            assert y[key] == pytest.approx(x[key], rel=1e-5 if i == 0 else 1e-3, abs=1e-6), (i, key)
+    assert a[-1]["l0/layer/lambda_1"] != 0.0  # the multipliers moved
+    ok(two_procs(FSDP_YAML, tiny_setup, resumed, *sgd, f"load_path={two}/ep0-ba10"), resumed)
+    x, y = final_weights(two, True), final_weights(resumed, True)
+    assert x.keys() == y.keys()
+    for key in x:
+        assert torch.equal(x[key], y[key]), key
