@@ -570,11 +570,20 @@ def plot_summary(summary: dict, out_dir: str) -> list[str]:
     return out
 
 
+def arm_label(arm: str, summary: dict, overrides: list[str]) -> str:
+    """An arm's name in plots, with the run's overrides that reached it (`prune.` ones only reach arms with a
+    pruning stage), so that an arm run with another recipe is not drawn as the same line: 'sheared_act
+    (pruning.lambda_lr=10 ...)'."""
+    prunes = summary.get("init") == "l0"
+    reached = [o.removeprefix("prune.") for o in overrides if prunes or not o.startswith("prune.")]
+    return f"{arm} ({' '.join(reached)})" if reached else arm
+
+
 def plot_scales(paths: list[str], out_dir: str) -> dict:
     """`<out_dir>/scales.{json,png}`: per arm, final test perplexity (exp of the mean over seeds of the mean loss,
     the seeds' range as error bars) against training tokens, from summaries of runs at several --scale (one seed's
     summary.json or the combined one of --seeds). Summaries of different splits, or of the same arm at the same
-    token count twice, are refused rather than mixed."""
+    token count twice, are refused rather than mixed. An arm run with overrides is its own line (`arm_label`)."""
     if not paths:
         raise ConfigError("--plot-scales needs the summary.json of at least one run")
     points: dict[str, list[dict]] = {}
@@ -587,7 +596,9 @@ def plot_scales(paths: list[str], out_dir: str) -> dict:
         if not isinstance(summary, dict) or not isinstance(summary.get("arms"), dict):
             raise ConfigError(f"--plot-scales: '{path}' is not a reproduce summary.json (no 'arms')")
         splits.add(summary.get("split", "eval"))  # summaries written before the test split: eval
-        for name, a in summary["arms"].items():
+        overrides = summary["settings"].get("overrides") or []
+        for arm, a in summary["arms"].items():
+            name = arm_label(arm, a, overrides)
             # summaries from before `final_mean_loss_by_seed` (issue 15) hold one seed's final_mean_loss
             by_seed = a.get("final_mean_loss_by_seed") or {str(summary["settings"].get("seed")): a["final_mean_loss"]}
             if any(p["tokens"] == a["total_tokens"] for p in points.get(name, [])):
