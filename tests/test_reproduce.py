@@ -26,10 +26,12 @@ STEPS, BATCH, SEQ = 8, 2, 64  # the tiny shards hold 64-token sequences
 
 
 def checkpoint(folder):
-    """The last Composer checkpoint of a stage folder, read here independently of llmshearing.experiments.reproduce."""
+    """The last Composer checkpoint of a stage folder (one per eval are kept here), read here independently of
+    llmshearing.experiments.reproduce."""
     paths = glob.glob(os.path.join(folder, "ep0-ba*-rank0.pt"))
-    assert len(paths) == 1, paths
-    return torch.load(paths[0], map_location="cpu", weights_only=False)["state"]
+    assert paths, folder
+    last = max(paths, key=lambda p: int(os.path.basename(p)[len("ep0-ba"):-len("-rank0.pt")]))
+    return torch.load(last, map_location="cpu", weights_only=False)["state"]
 
 
 def losses_of(model_path, shards):
@@ -173,6 +175,22 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
     assert resumed["arms"]["sheared_p50"]["total_tokens"] == STEPS * BATCH * SEQ
     assert [r["batch"] for r in rows(os.path.join(arm, "continue"))] == [2, 4]  # the log was not appended to
     assert resumed["arms"]["sheared_p50"]["final_losses"] == pytest.approx(summary["arms"]["sheared_p50"]["final_losses"], abs=1e-5)
+
+    # A stage killed mid-way resumes from its checkpoint at the last eval and ends where the whole stage ended: the
+    # continue stage cut back to its batch-2 checkpoint (what a kill after that eval leaves: a later log row, no
+    # record; this run keeps every checkpoint) and run by the same command.
+    folder = os.path.join(arm, "continue")
+    assert sorted(glob.glob(os.path.join(folder, "ep0-ba*-rank0.pt"))) == [os.path.join(folder, f"ep0-ba{b}-rank0.pt") for b in (2, 4)]
+    for name in ("result.json", "continue.json", os.path.join("continue", "ep0-ba4-rank0.pt")):
+        os.remove(os.path.join(arm, name))
+    os.remove(os.path.join(folder, "latest-rank0.pt"))
+    os.symlink("ep0-ba2-rank0.pt", os.path.join(folder, "latest-rank0.pt"))
+    capsys.readouterr()
+    again = reproduce(s)["arms"]["sheared_p50"]
+    assert "sheared_p50/continue: resuming from ep0-ba2-rank0.pt" in capsys.readouterr().out
+    assert again["final_losses"] == resumed["arms"]["sheared_p50"]["final_losses"]  # bit for bit
+    assert [r["batch"] for r in rows(folder)] == [2, 4]
+    assert again["total_tokens"] == STEPS * BATCH * SEQ
 
 
 @pytest.mark.timeout(900)

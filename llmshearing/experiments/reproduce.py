@@ -103,7 +103,7 @@ class Settings:
     device: str | None = None          # None: gpu when available
     seed: int = 17
     reference_losses: str | None = None  # for dynamic loading: a yaml file or '{domain: loss, ...}'; None: the source's
-    keep_checkpoints: bool = False     # the stages' Composer checkpoints (deleted once their counts are read)
+    keep_checkpoints: bool = False     # every stage checkpoint; default: the newest only, deleted once the stage is recorded
     overrides: tuple = ()              # key=value for both stages, prune.key=v / continue.key=v for one
 
     @property
@@ -200,7 +200,11 @@ def eval_model(path: str, s: Settings) -> tuple[dict[str, float], int]:
 def stage_overrides(s: Settings, stage: str, name: str, model_path: str, folder: str, export: str, steps: int,
                     dynamic: bool, ref_file: str, proportions: str | None, arm: dict | None = None) -> list[str]:
     o = [f"run_name=reproduce_{name}_{stage}", f"model.path={model_path}", f"data.shards={s.shards}",
-         f"save_folder={folder}", f"export_dir={export}", f"max_duration={steps}ba", f"save_interval={steps}ba",
+         f"save_folder={folder}", f"export_dir={export}", f"max_duration={steps}ba",
+         # a checkpoint at every eval and autoresume: a stage killed mid-way (a scale-10 arm runs for hours) goes on
+         # from its last eval; only the newest is kept unless --keep-checkpoints
+         f"save_interval={s.eval_interval}ba", "autoresume=true",
+         f"save_num_checkpoints_to_keep={-1 if s.keep_checkpoints else 1}",
          f"global_train_batch_size={s.batch}", f"eval_interval={s.eval_interval}ba", f"precision={s.precision}",
          f"seed={s.seed}", "save_overwrite=true", "progress_bar=false", "log_to_console=false",
          f"device_train_microbatch_size={s.microbatch or s.batch // int(os.environ.get('WORLD_SIZE', '1'))}"]
@@ -258,7 +262,11 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
             return {**json.load(f), "resumed": True}
     folder = os.path.join(arm_dir, stage)
     export = os.path.join(arm_dir, "pruned" if stage == "prune" else "continued")
-    shutil.rmtree(folder, ignore_errors=True)  # a half-run stage: its logs would be appended to
+    latest = os.path.basename(os.path.realpath(os.path.join(folder, "latest-rank0.pt")))
+    if latest.startswith("ep0-ba") and int(latest[len("ep0-ba"):].split("-")[0]) < steps:
+        log(f"{name}/{stage}: resuming from {latest}")
+    else:  # killed before its first checkpoint, or after its last one but before its record: anew
+        shutil.rmtree(folder, ignore_errors=True)
     cfg = load_config(PRUNE_YAML if stage == "prune" else CONTINUE_YAML,
                       stage_overrides(s, stage, name, model_path, folder, export, steps, dynamic, ref_file, proportions,
                                       arm))
@@ -267,7 +275,8 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
     seconds = time.time() - start
     if result.get("stopped_after") is not None:  # SIGTERM (StopOnSignal): not a finished stage
         raise SystemExit(f"[reproduce] {name}/{stage} stopped after batch {result['stopped_after']}; "
-                         f"run the same command again to redo this stage (finished arms and stages are kept)")
+                         f"(its checkpoint is saved); run the same command again to resume it (finished arms and "
+                         f"stages are kept)")
     counts = checkpoint_counts(folder)
     seq_len = _seq_len(s.shards)
     record = {
@@ -870,7 +879,9 @@ def main(argv: list[str] | None = None) -> int:
                                                         "summarize over the seeds in <out>/summary.{json,md}")
     p.add_argument("--reference-losses", default=None,
                    help="dynamic loading's reference losses (a yaml file); default: the source model's own")
-    p.add_argument("--keep-checkpoints", action="store_true")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep every stage checkpoint (one per eval); default: only the newest while a stage runs "
+                        "(a killed stage resumes from it), none once the stage is recorded")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="run N arms at once (over arms and seeds), each in its own process with cores/N threads "
                         "(on 2 CPU cores, 2 is faster: docs/runs/reproduce_mini.md); logs in <out>/logs/")
