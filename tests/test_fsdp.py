@@ -63,8 +63,9 @@ def runs(tiny_setup, tmp_path_factory):
     one, two = str(root / "one"), str(root / "two")
     proc = run([sys.executable, "train.py", FSDP_YAML, *paths(tiny_setup, one), *COMMON, "fsdp=null"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ok(two_procs(FSDP_YAML, tiny_setup, two, *COMMON), two)
-    return {"one": one, "two": two, "root": root}
+    proc = two_procs(FSDP_YAML, tiny_setup, two, *COMMON)
+    ok(proc, two)
+    return {"one": one, "two": two, "root": root, "two_rank0_stdout": proc.stdout}
 
 
 def test_every_decoder_layer_is_an_fsdp_unit_checkpointed_when_asked(tiny_setup, tmp_path):
@@ -97,6 +98,8 @@ def test_two_process_fsdp_pruning_equals_one_process(runs):
 
 
 def test_fsdp_export_is_the_target_model_and_equals_the_one_process_export(runs):
+    said = [runs["two_rank0_stdout"], open(runs["two"] + "-rank1.out").read()]  # the launcher prints rank 0's
+    assert said[0].count("exported the pruned model") == 1 and "exported" not in said[1]  # said once, by rank 0
     x = AutoModelForCausalLM.from_pretrained(os.path.join(runs["two"], "export")).eval()
     y = AutoModelForCausalLM.from_pretrained(os.path.join(runs["one"], "export")).eval()
     assert {k: x.config.to_dict()[k] for k in TARGET} == TARGET

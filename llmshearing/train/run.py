@@ -38,12 +38,15 @@ def _fit_and_export(trainer, tokenizer, cfg: TrainConfig) -> dict:
         trainer.fit()
     except Preempted as stop:  # SIGTERM / SIGINT: checkpoint written, nothing else to do (no eval, no export)
         return {"seconds": time.time() - start, "kept": None, "stopped_after": stop.batch, "signal": stop.signum}
+    from composer.utils import dist  # heavy: composer
+
     seconds = time.time() - start
-    print(f"training finished in {seconds:.1f}s")
+    say = print if dist.get_global_rank() == 0 else (lambda *_: None)  # once per run, not once per rank
+    say(f"training finished in {seconds:.1f}s")
     kept = None
     if cfg.export_dir:
         kept = export_trained(trainer, cfg, tokenizer, cfg.export_dir, overwrite=True)
-        print(f"exported the {'pruned' if cfg.pruning else 'trained'} model to {cfg.export_dir}")
+        say(f"exported the {'pruned' if cfg.pruning else 'trained'} model to {cfg.export_dir}")
     return {"seconds": seconds, "kept": kept, "stopped_after": None}
 
 
