@@ -342,22 +342,30 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _file_stats(domains: dict[str, list[str]]) -> dict[str, list]:
+def _file_stats(domains: dict[str, list[str]], located: bool) -> dict[str, list]:
+    """Per domain, each input file's name, size and mtime: its path within the input given (a file's own name), or
+    its absolute path when `located`."""
     stats = {}
     for name, paths in domains.items():
         rows = []
         for p in paths:
             for f in input_files(p):
                 st = os.stat(f)
-                rows.append([os.path.abspath(f), st.st_size, st.st_mtime_ns])
+                where = os.path.abspath(f) if located else os.path.relpath(f, p) if os.path.isdir(p) else os.path.basename(f)
+                rows.append([where, st.st_size, st.st_mtime_ns])
         stats[name] = rows
     return stats
 
 
 def build_fingerprint(args: dict, domains: dict[str, list[str]], tok_fingerprint: str,
-                      builder: int = BUILDER_VERSION) -> str:
+                      builder: int = BUILDER_VERSION, located: bool = False) -> str:
+    """What a shard folder was built from: arguments, tokenizer and the inputs' names, sizes and mtimes, not where
+    they lie, so a checkout moved with its data (or a worktree whose data links to it) keeps its shards.
+    `located`: the scheme of folders built before that (absolute paths in `args['domains']` and the inputs)."""
+    if not located:
+        args = {**args, "domains": {d: [os.path.basename(os.path.normpath(p)) for p in ps] for d, ps in args["domains"].items()}}
     blob = json.dumps({"builder": builder, "format": FORMAT, "args": args, "tokenizer": tok_fingerprint,
-                       "inputs": _file_stats(domains)}, sort_keys=True)
+                       "inputs": _file_stats(domains, located)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -630,8 +638,11 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
     if shard_size != SHARD_SIZE:  # only then: folders built before the option existed stay up to date
         args["shard_size"] = shard_size
     fingerprint = build_fingerprint(args, domains, tok_fp)
+    # the same build fingerprinted with absolute paths, as folders were before the fingerprint left them out
+    located = build_fingerprint(args, domains, tok_fp, located=True)
     # the same arguments and inputs under builder 2, which wrote no test split (test_sequences did not exist)
-    before_test = build_fingerprint({k: v for k, v in args.items() if k != "test_sequences"}, domains, tok_fp, 2)
+    before_test = build_fingerprint({k: v for k, v in args.items() if k != "test_sequences"}, domains, tok_fp, 2,
+                                    located=True)
 
     replace = False
     if os.path.isdir(out):
@@ -648,7 +659,7 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
                               f"{BUILT_MARKER}; it holds {', '.join(sorted(os.listdir(out))[:4])}): a shard cache "
                               f"or another folder; refusing to replace it{' even with --overwrite' if overwrite else ''}"
                               f": choose another --out")
-        if old is not None and old.get("build_fingerprint") == fingerprint and old.get("format") == FORMAT:
+        if old is not None and old.get("build_fingerprint") in (fingerprint, located) and old.get("format") == FORMAT:
             print(f"{out} is up to date (built with the same arguments, inputs and tokenizer); nothing to do")
             return old
         if old is None and os.listdir(out):

@@ -356,6 +356,40 @@ def test_a_domain_too_few_documents_for_eval_test_and_training_is_refused(tok_di
     assert m["domains"]["x"]["documents"] == {"eval": 1, "test": 1, "prune": 1, "continue": 0}
 
 
+def test_a_checkout_moved_with_its_data_keeps_its_shards_and_an_edited_input_does_not(corpus, tok_dir, tmp_path, capsys):
+    """The fingerprint names the inputs, not where they lie: the corpus and the shard folder moved elsewhere (mtimes
+    kept, as `mv` does) are up to date; so is a folder fingerprinted with absolute paths before; an edited input
+    is not."""
+    import shutil
+
+    from llmshearing.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+    here = tmp_path / "here"
+    shutil.copytree(os.path.dirname(corpus[0]["a"][0]), here / "corpus")  # copy2: mtimes kept
+    paths = {"a": [str(here / "corpus" / os.path.basename(f)) for f in corpus[0]["a"]], "b": [str(here / "corpus" / "b")]}
+    first = build(here / "shards", tok_dir, paths)
+    os.rename(here, tmp_path / "moved")
+    moved = {d: [p.replace(str(here), str(tmp_path / "moved")) for p in ps] for d, ps in paths.items()}
+    capsys.readouterr()
+    assert build(tmp_path / "moved" / "shards", tok_dir, moved) == first
+    assert "up to date" in capsys.readouterr().out
+
+    manifest = json.loads((tmp_path / "moved" / "shards" / "manifest.json").read_text())
+    args = dict(seq_len=SIZES["seq_len"], eval_sequences=SIZES["eval_sequences"], test_sequences=SIZES["eval_sequences"],
+                prune_tokens=SIZES["prune_tokens"], continue_tokens=SIZES["continue_tokens"],
+                proportions=first["proportions"], gguf_file=None,
+                domains={d: [os.path.abspath(p) for p in ps] for d, ps in moved.items()})
+    manifest["build_fingerprint"] = builder.build_fingerprint(args, moved, tokenizer_fingerprint(load_tokenizer(tok_dir)),
+                                                              located=True)
+    (tmp_path / "moved" / "shards" / "manifest.json").write_text(json.dumps(manifest))
+    assert build(tmp_path / "moved" / "shards", tok_dir, moved)["build_fingerprint"] == manifest["build_fingerprint"]
+
+    with open(moved["b"][0] + "/01.txt", "a") as f:
+        f.write(" one more word")
+    with pytest.raises(ConfigError, match="different arguments.*--overwrite"):
+        build(tmp_path / "moved" / "shards", tok_dir, moved)
+
+
 def test_a_folder_built_before_the_test_split_is_rebuilt_without_overwrite(corpus, tok_dir, tmp_path, capsys):
     """The same arguments and inputs under builder 2 (no test split): `make shards` rebuilds it (a folder built with
     other arguments still needs --overwrite)."""
@@ -368,7 +402,8 @@ def test_a_folder_built_before_the_test_split_is_rebuilt_without_overwrite(corpu
                 continue_tokens=SIZES["continue_tokens"], proportions=m["proportions"], gguf_file=None,
                 domains={d: [os.path.abspath(p) for p in ps] for d, ps in paths.items()})
     old = json.loads((out / "manifest.json").read_text())
-    old["build_fingerprint"] = builder.build_fingerprint(args, paths, tokenizer_fingerprint(load_tokenizer(tok_dir)), 2)
+    old["build_fingerprint"] = builder.build_fingerprint(args, paths, tokenizer_fingerprint(load_tokenizer(tok_dir)), 2,
+                                                         located=True)  # absolute paths, as folders of that time
     for entry in old["domains"].values():
         del entry["splits"]["test"]
     (out / "manifest.json").write_text(json.dumps(old))
