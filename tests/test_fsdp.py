@@ -250,3 +250,4 @@ def test_plain_gradient_multipliers_under_fsdp_match_one_process_and_resume_from
     assert x.keys() == y.keys()
     for key in x:
         assert torch.equal(x[key], y[key]), key
+

@@ -44,7 +44,7 @@ def launch(args, log):
         return subprocess.Popen(args, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def nodes(setup, remote, folder, port, *extra, folder1=None):
+def nodes(setup, remote, folder, port, *extra, folder1=None, script="train.py"):
     """Node 0 and node 1 of a 2-node run: one process each, a node-local shard cache each, one shared folder
     (or node 1 given `folder1`, as if its save_folder were on its own disk)."""
     procs = []
@@ -52,7 +52,7 @@ def nodes(setup, remote, folder, port, *extra, folder1=None):
         cache = f"{folder}-cache{node}"
         args = [os.path.join(BIN, "composer"), "-n", "1", "--world_size", "2", "--node_rank", str(node),
                 "--master_addr", "127.0.0.1", "--master_port", str(port),
-                "train.py", FSDP_YAML, *remote_args(setup, here, remote, cache), *COMMON, *extra]
+                script, FSDP_YAML, *remote_args(setup, here, remote, cache), *COMMON, *extra]
         procs.append(launch(args, f"{folder}-node{node}.log"))
     return procs
 
@@ -230,3 +230,47 @@ def test_the_documented_launch_lines_carry_what_two_nodes_need():
         with open(os.path.join(REPO, "yamls", f"{recipe}.yaml")) as f:
             lines = [line for line in f if line.startswith("#") and "--world_size" in line]
         assert lines and all(re.search(r"--master_port \S+", line) for line in lines), (recipe, lines)
+
+
+FULL_DISK_AT_EXPORT = """
+import errno, sys
+from llmshearing.pruning import export
+
+written = []
+real_add = export.SafetensorsWriter.add
+
+
+def add(self, name, tensor):  # rank 0 writes the export; its disk fills at the third tensor
+    written.append(name)
+    if len(written) == 3:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return real_add(self, name, tensor)
+
+
+export.SafetensorsWriter.add = add
+from llmshearing.train.run import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_failed_export_on_node_0_fails_the_run_and_node_1_is_not_left_waiting(runs, tiny_setup, tmp_path):
+    """Rank 0's disk fills while it writes the export (the other rank is in the layer-by-layer gathers): rank 0
+    finishes those gathers and tells every rank, so both nodes fail at once with the one-line error, none in a
+    collective waiting for a rank that is gone (node 1's launcher cannot see node 0 fail: on gloo the wait ends
+    with 'Connection closed by peer', on NCCL at dist_timeout); nothing is exported."""
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_AT_EXPORT)
+    folder = str(tmp_path / "run")
+    procs = nodes(tiny_setup, runs["remote"], folder, free_port(), SHARDED, script=str(script))
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert codes[0] != 0 and "the disk or quota is full; nothing was written" in tail(folder, 0), tail(folder, 0)
+    node1 = tail(folder, 1)
+    assert codes[1] != 0 and "error: rank 0's export failed: writing" in node1 and "disk or quota is full" in node1, node1
+    assert "Connection closed" not in node1 and "Traceback" not in node1, node1
+    assert not os.path.exists(os.path.join(folder, "export"))

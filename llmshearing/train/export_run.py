@@ -19,6 +19,7 @@ from llmshearing.checkpoint_files import read_tensor
 from llmshearing.compat import unwrap
 from llmshearing.train.config import run_dir  # the logs the card reads (save_folder or runs/<run_name>)
 from llmshearing.train.restore import open_checkpoint
+from llmshearing.errors import ConfigError
 
 
 def recipe_dtype(cfg) -> torch.dtype:
@@ -41,16 +42,31 @@ def export_trained(trainer, cfg, tokenizer, out_dir: str, overwrite: bool = Fals
     else:
         get, scope = state_getter(model.model.state_dict()), _whole
     tensors = dense_tensors(get, config, masks, kept, scope, device)
+    failed = None
     if dist.get_global_rank() == 0:
         options = replace(options or ExportOptions(), dtype=(options and options.dtype) or recipe_dtype(cfg))
         ts = trainer.state.timestamp
         options.card = {**card.run_facts(cfg, int(ts.token), run_dir(cfg), batch=int(ts.batch)), **options.card}
-        write_export(out_dir, target, tensors, tokenizer, kept if model.l0 is not None else None, options, overwrite,
-                     cfg.model.path)
-    elif trainer.state.fsdp_enabled:
-        for _ in tensors:  # the same gathers as rank 0, in the same order
+        feed = (t for t in tensors)  # closing `feed` on an error (`yield from` does) leaves `tensors` to drain
+        try:
+            write_export(out_dir, target, feed, tokenizer, kept if model.l0 is not None else None, options,
+                         overwrite, cfg.model.path)
+        except Exception as e:  # a full disk, a write error: the other ranks are in the gathers, finish them first
+            if dist.get_world_size() == 1:
+                raise
+            failed = e
+    if trainer.state.fsdp_enabled:
+        for _ in tensors:  # the same gathers as rank 0, in the same order (rank 0: those its failed write left)
             pass
-    dist.barrier()
+    if dist.get_world_size() > 1:  # every rank learns how rank 0's write went, and each fails with it at once,
+        # instead of waiting in the trainer's closing barrier for a rank 0 that is gone (until dist_timeout)
+        outcome = [None if failed is None else (isinstance(failed, ConfigError), str(failed))]
+        dist.broadcast_object_list(outcome, src=0)
+        if failed is not None:
+            raise failed
+        if outcome[0] is not None:
+            config_error, message = outcome[0]
+            raise (ConfigError if config_error else RuntimeError)(f"rank 0's export failed: {message}")
     return kept if model.l0 is not None else None
 
 
