@@ -628,15 +628,17 @@ def plot_scales(paths: list[str], out_dir: str) -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # heavy: matplotlib
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    import textwrap
+
+    fig, ax = plt.subplots(figsize=(7, 4 + 0.3 * len(points)))
     for i, (name, pts) in enumerate(points.items()):
         xs, ys = [p["tokens"] for p in pts], [p["perplexity"] for p in pts]
         err = [[y - p["perplexity_range"][0] for y, p in zip(ys, pts)], [p["perplexity_range"][1] - y for y, p in zip(ys, pts)]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=3, color=f"C{i % 10}", label=name)
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=3, color=f"C{i % 10}", label=textwrap.fill(name, 90))
     ax.set(xscale="log", yscale="log", xlabel="training tokens per arm",
-           ylabel=f"final {result['split']} perplexity (mean loss over domains)",
+           ylabel=f"final {result['split']} perplexity\n(mean loss over domains)",
            title="Budget: final perplexity vs training tokens (bars: range over seeds)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below: labels name their overrides
     fig.tight_layout()
     os.makedirs(out_dir, exist_ok=True)
     result["plot"] = _savefig(fig, os.path.join(out_dir, "scales.png"))
