@@ -135,6 +135,17 @@ def test_autoresume_is_a_resume(tiny_setup, tmp_path):
     assert resumes(cfg)
 
 
+@pytest.mark.parametrize("held", [["pruning.mask_eps=1e-3"], ["pruning.lambda_optimizer=sgd"]])
+def test_the_uniform_init_with_held_mask_settings_warns_and_the_released_settings_do_not(tiny_setup, tmp_path, capsys, held):
+    folder = str(tmp_path / "run")
+    load_config(TINY_YAML, [*paths(tiny_setup, folder), "pruning.init=uniform"])
+    assert "held-mask settings" not in capsys.readouterr().err
+    load_config(TINY_YAML, [*paths(tiny_setup, folder), "pruning.init=uniform", *held])
+    assert "measured with pruning.init=activation only" in capsys.readouterr().err
+    load_config(TINY_YAML, [*paths(tiny_setup, folder), *ACTIVATION, *held])
+    assert "held-mask settings" not in capsys.readouterr().err
+
+
 def test_activation_init_with_a_warmup_warns(tiny_setup, tmp_path, capsys):
     load_config(TINY_YAML, [*paths(tiny_setup, str(tmp_path / "run")), *ACTIVATION, "pruning.lagrangian_warmup=10ba"])
     assert "the Lagrangian first reopens them" in capsys.readouterr().err
