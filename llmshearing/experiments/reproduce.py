@@ -59,6 +59,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 
 from omegaconf import OmegaConf
@@ -627,8 +628,6 @@ def plot_scales(paths: list[str], out_dir: str) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # heavy: matplotlib
-
-    import textwrap
 
     fig, ax = plt.subplots(figsize=(7, 4 + 0.3 * len(points)))
     for i, (name, pts) in enumerate(points.items()):
