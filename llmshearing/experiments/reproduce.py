@@ -65,6 +65,7 @@ import time
 from omegaconf import OmegaConf
 import torch
 
+from llmshearing.checkpoint_files import batch_of, checkpoints
 from llmshearing.compat import checkpoint_state
 from llmshearing.data.layout import TEST as FINAL_SPLIT  # every final number; `eval` steers
 from llmshearing.data.layout import check_domains, read_manifest
@@ -243,8 +244,7 @@ def read_log(path: str) -> list[dict]:
 
 def checkpoint_counts(folder: str) -> dict:
     """What the stage's last Composer checkpoint says was trained: batches, samples, tokens, samples per domain."""
-    paths = sorted(glob.glob(os.path.join(folder, "ep*-ba*-rank0.pt")),
-                   key=lambda p: int(os.path.basename(p).split("-ba")[1].split("-")[0]))
+    paths = checkpoints(folder)
     if not paths:
         raise RuntimeError(f"no Composer checkpoint in '{folder}'")
     state = checkpoint_state(paths[-1])
@@ -263,9 +263,9 @@ def run_stage(s: Settings, stage: str, name: str, model_path: str, dynamic: bool
             return {**json.load(f), "resumed": True}
     folder = os.path.join(arm_dir, stage)
     export = os.path.join(arm_dir, "pruned" if stage == "prune" else "continued")
-    latest = os.path.basename(os.path.realpath(os.path.join(folder, "latest-rank0.pt")))
-    if latest.startswith("ep0-ba") and int(latest[len("ep0-ba"):].split("-")[0]) < steps:
-        log(f"{name}/{stage}: resuming from {latest}")
+    saved = checkpoints(folder)
+    if saved and batch_of(saved[-1]) < steps:
+        log(f"{name}/{stage}: resuming from {os.path.basename(saved[-1])}")
     else:  # killed before its first checkpoint, or after its last one but before its record: anew
         shutil.rmtree(folder, ignore_errors=True)
     cfg = load_config(PRUNE_YAML if stage == "prune" else CONTINUE_YAML,
