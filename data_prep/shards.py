@@ -1,6 +1,7 @@
 """`make shards`: raw text of several domains -> per-domain MDS token shards (layout: llmshearing/data/layout.py).
 
     python -m llmshearing.data_prep.shards                       # the embedded default (after `make fetch`)
+    python -m llmshearing.data_prep.shards --out data/shards-big --continue-tokens 1000000   # it, more continue data
     python -m llmshearing.data_prep.shards --tokenizer MODEL_DIR --out data/rp_shards --seq-len 4096 \\
         --eval-sequences 500 --test-sequences 500 --prune-tokens 400000000 --continue-tokens 50000000000 --redpajama RedPajama-Data-1T
 
@@ -786,8 +787,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
         prog="python -m llmshearing.data_prep.shards",
-        description="Build per-domain MDS token shards (eval / test / prune / continue). Without arguments: the "
-                    "embedded default from `make fetch` (data/shards).")
+        description="Build per-domain MDS token shards (eval / test / prune / continue). Without --tokenizer, "
+                    "--domain and --redpajama: the embedded default from `make fetch` (data/shards), with any sizes "
+                    "given (e.g. --out data/shards-big --continue-tokens 1000000).")
     parser.add_argument("--tokenizer", help="HF tokenizer or model folder")
     parser.add_argument("--gguf-file", help="a GGUF file inside --tokenizer to read the tokenizer from")
     parser.add_argument("--out", help="output folder (replaced atomically)")
@@ -814,19 +816,34 @@ def main(argv: list[str] | None = None) -> int:
     return run_entry(_build_from_args, args)
 
 
+def _proportions(values: list[str]) -> dict[str, float]:
+    proportions = {}
+    for name, value in _pairs(values, "--proportions"):
+        try:
+            proportions[name] = float(value)
+        except ValueError:
+            raise ConfigError(f"--proportions {name}={value}: not a number") from None
+    return proportions
+
+
 def _build_from_args(args) -> int:
-    inputs = (args.tokenizer, args.gguf_file, args.out, args.seq_len, args.eval_sequences, args.test_sequences,
-              args.prune_tokens,
-              args.continue_tokens, args.domain, args.redpajama, args.proportions)
-    if all(v is None for v in inputs):  # the embedded default (`make shards`)
-        build_default_shards(workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress)
+    if all(v is None for v in (args.tokenizer, args.gguf_file, args.domain, args.redpajama)):
+        # the embedded default (`make shards`), with any sizes given, e.g. `--out data/shards-big --continue-tokens N`
+        sizes = {"out": args.out, "seq_len": args.seq_len, "eval_sequences": args.eval_sequences,
+                 "test_sequences": args.test_sequences, "prune_tokens": args.prune_tokens,
+                 "continue_tokens": args.continue_tokens}
+        given = {k: v for k, v in sizes.items() if v is not None}
+        if args.proportions:
+            given["proportions"] = _proportions(args.proportions)
+        build_default_shards(workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress, **given)
         return 0
     required = {"--tokenizer": args.tokenizer, "--out": args.out, "--seq-len": args.seq_len,
                 "--eval-sequences": args.eval_sequences, "--prune-tokens": args.prune_tokens,
                 "--continue-tokens": args.continue_tokens}
     missing = [k for k, v in required.items() if v is None]
     if missing:
-        raise ConfigError(f"missing {', '.join(missing)} (run without arguments for the embedded default)")
+        raise ConfigError(f"missing {', '.join(missing)} (without --tokenizer, --gguf-file, --domain and --redpajama: "
+                          f"the embedded default, with any sizes given)")
     domains: dict[str, list[str]] = {}
     if args.redpajama:
         domains.update(redpajama_domains(args.redpajama))
@@ -837,14 +854,7 @@ def _build_from_args(args) -> int:
         domains.setdefault(name, []).append(path)
     if not domains:
         raise ConfigError("no domains: pass --domain name=path (repeatable) or --redpajama DIR")
-    proportions = None
-    if args.proportions:
-        proportions = {}
-        for name, value in _pairs(args.proportions, "--proportions"):
-            try:
-                proportions[name] = float(value)
-            except ValueError:
-                raise ConfigError(f"--proportions {name}={value}: not a number") from None
+    proportions = _proportions(args.proportions) if args.proportions else None
     build_shards(args.out, args.tokenizer, domains, seq_len=args.seq_len, eval_sequences=args.eval_sequences,
                  prune_tokens=args.prune_tokens, continue_tokens=args.continue_tokens, proportions=proportions,
                  workers=args.workers, overwrite=args.overwrite, gguf_file=args.gguf_file,

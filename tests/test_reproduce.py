@@ -14,7 +14,7 @@ from composer.core import State
 
 from llmshearing.train.composer_model import ComposerLM
 from llmshearing.errors import ConfigError
-from llmshearing.experiments.reproduce import reproduce, Settings
+from llmshearing.experiments.reproduce import format_report, reproduce, Settings
 
 pytestmark = pytest.mark.slow  # Composer training runs / subprocesses: left out of `make test-fast`
 
@@ -116,6 +116,18 @@ def test_reproduce_mini_end_to_end(tiny_setup, tmp_path, capsys):
     source = losses_of(tiny_setup["model"], tiny_setup["shards"])
     assert summary["source"]["losses"] == pytest.approx(source["test"], abs=1e-5)
     assert summary["source"]["eval_losses"] == pytest.approx(source["eval"], abs=1e-5)  # dynamic loading's reference
+
+    # What each stage read of its split, from the checkpoints' counts: the tiny continue split holds
+    # ceil(16384 * 0.5 / 64) = 128 sequences per domain, so nothing repeats at this budget, and the report says so.
+    for arm in ARMS:
+        read = summary["arms"][arm]["passes"]["continue"]
+        assert sum(k * 128 for k in read.values()) == pytest.approx((STEPS - prune_batches[arm]) * BATCH), arm
+        assert max(read.values()) < 1
+    assert "No data repeated: no stage read more than its split holds of any domain." in report
+    arms = summary["arms"]
+    repeated = {**arms, "sheared": {**arms["sheared"], "passes": {"continue": {"prose": 1.5, "code": 0.5}}}}
+    assert "Data repeated (passes over a domain's split, each a fresh permutation): sheared continue prose 1.50." \
+        in format_report({**summary, "arms": repeated})
 
     # The fixed arm never changed its weights; the dynamic sheared arm did.
     for stage in ("prune", "continue"):
@@ -308,3 +320,26 @@ def test_shards_without_a_test_split_are_refused_before_any_arm_runs(tiny_setup,
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "no 'test' split" in err and "make shards" in err
     assert not out.exists()
+
+
+def test_a_budget_that_would_repeat_data_is_refused_before_any_arm_runs(tiny_setup, tmp_path, capsys):
+    """Scale 40 on the tiny shards needs 40,960 continued tokens per arm; the continue split holds 16,384 (128
+    sequences of 64 tokens per domain): refused in one line that names the larger build, exit 2, nothing written.
+    --allow-repeat lets it through with the passes logged."""
+    from llmshearing.data.layout import read_manifest
+    from llmshearing.experiments.reproduce import arm_settings, check_data_fits, main
+
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--model", tiny_setup["model"], "--shards", tiny_setup["shards"], "--steps", "8",
+            "--scale", "40", "--arms", "scratch"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the data would repeat at scale 40: scratch/continue trains 40,960 tokens, the "
+                          "continue split holds 16,384 (2.50 passes)") and err.count("\n") == 1
+    assert "--continue-tokens 81920" in err and "--allow-repeat" in err
+    assert not out.exists()
+    s = Settings(out=str(out), shards=tiny_setup["shards"], steps=8, scale=40, allow_repeat=True)
+    check_data_fits(s, ["scratch", "sheared"], arm_settings(s), read_manifest(tiny_setup["shards"]))
+    log = capsys.readouterr().out
+    assert "the data will repeat (--allow-repeat): scratch/continue trains 40,960 tokens" in log
+    assert "sheared/continue trains 30,720 tokens" in log and "sheared/prune" not in log  # 80 of 320 batches: fits

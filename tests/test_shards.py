@@ -301,6 +301,34 @@ def test_cli(corpus, tok_dir, tmp_path, capsys):
     assert run.returncode == 2 and run.stderr.startswith("error: tokenizer") and "Traceback" not in run.stderr
 
 
+def test_cli_default_with_sizes_adds_continue_data_only(tok_dir, tmp_path, monkeypatch, capsys):
+    """Without --tokenizer/--domain/--redpajama the CLI builds the embedded default (`data/` as `make fetch` lays it
+    out) with the sizes given: `--out data/shards-big --continue-tokens N` is how a larger scale gets more continued
+    data (docs/reproduce_mini.md). A larger --continue-tokens only adds continue documents: eval, test and prune
+    stay byte for byte the same, so numbers on the test split compare across the two."""
+    rng = random.Random(1)
+    os.makedirs(tmp_path / "data" / "models")
+    os.symlink(tok_dir, tmp_path / "data" / "models" / "smollm2-135m")
+    os.makedirs(tmp_path / "data" / "text")
+    for name in builder.DEFAULT_DOMAINS:
+        write_jsonl(tmp_path / "data" / "text" / f"{name}.jsonl", [doc(i, rng) for i in range(150)])
+    monkeypatch.chdir(tmp_path)
+    sizes = ["--seq-len", "32", "--eval-sequences", "4", "--prune-tokens", "2000", "--no-progress", "--workers", "1"]
+    assert builder.main(sizes + ["--out", "small", "--continue-tokens", "2000"]) == 0
+    assert builder.main(sizes + ["--out", "big", "--continue-tokens", "6000"]) == 0
+    small, big = read_manifest("small"), read_manifest("big")
+    seqs = lambda root, name, split: [tokens_of(x).tolist() for x in open_split(root, name, split)]  # noqa: E731
+    assert big["budgets"]["continue_tokens"] == 6000 and big["tokenizer"]["path"] == "data/models/smollm2-135m"
+    assert list(big["domains"]) == list(builder.DEFAULT_DOMAINS)
+    for name in builder.DEFAULT_DOMAINS:
+        for split in ("eval", "test", "prune"):
+            assert seqs("big", name, split) == seqs("small", name, split), (name, split)
+        assert [m["domains"][name]["splits"]["continue"]["sequences"] for m in (small, big)] == [16, 47]  # ceil(N/4/32)
+    capsys.readouterr()
+    assert builder.main(["--out", "x", "--seq-len", "32", "--domain", "a=" + str(tmp_path / "data" / "text" / "news.jsonl")]) == 2
+    assert "error: missing --tokenizer" in capsys.readouterr().err  # a domain given: no default to fill in
+
+
 def test_default_inputs_need_fetch(tmp_path):
     with pytest.raises(ConfigError, match="make fetch"):
         builder.default_inputs(str(tmp_path))

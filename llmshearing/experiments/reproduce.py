@@ -106,6 +106,7 @@ class Settings:
     seed: int = 17
     reference_losses: str | None = None  # for dynamic loading: a yaml file or '{domain: loss, ...}'; None: the source's
     keep_checkpoints: bool = False     # every stage checkpoint; default: the newest only, deleted once the stage is recorded
+    allow_repeat: bool = False         # run a stage that needs more tokens than its split holds (its data repeats)
     overrides: tuple = ()              # key=value for both stages, prune.key=v / continue.key=v for one
 
     @property
@@ -413,6 +414,7 @@ def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, fl
     (dynamic loading's reference, the curves' dotted line)."""
     domains = list(source_losses)
     mean = lambda losses: sum(losses[d] for d in domains) / len(domains)  # noqa: E731
+    manifest = read_manifest(s.shards)
     budgets = {name: r["total_tokens"] for name, r in results.items()}
     return {
         "settings": {**dataclasses.asdict(s), "total_steps": s.total_steps, "eval_interval": s.eval_interval,
@@ -427,6 +429,8 @@ def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, fl
             "tokens": {st: rec["from_checkpoint"]["tokens"] for st, rec in r["stages"].items()},
             "total_tokens": r["total_tokens"], "calibration_tokens": r.get("calibration_tokens", 0),
             "samples_per_domain": {st: rec["from_checkpoint"]["samples_per_domain"] for st, rec in r["stages"].items()},
+            "passes": {st: passes(rec["from_checkpoint"]["samples_per_domain"], manifest, st)
+                       for st, rec in r["stages"].items()},
             "final_losses": r["final_losses"], "final_perplexity": perplexities(r["final_losses"]),
             "final_mean_loss": mean(r["final_losses"]),
             "final_mean_loss_by_seed": {str(s.seed): mean(r["final_losses"])},
@@ -442,6 +446,43 @@ def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, fl
         "seconds": seconds,  # wall time of this invocation (arms done before are skipped)
         "arm_seconds_total": sum(r["seconds"] for r in results.values()),  # incl. arms/stages done before
     }
+
+
+def passes(samples_per_domain: dict[str, int], manifest: dict, split: str) -> dict[str, float]:
+    """How many times a stage went through each domain's split (samples read / sequences held; above 1 its data
+    repeated, each pass a fresh permutation: llmshearing.data.mixture)."""
+    return {d: n / manifest["domains"][d]["splits"][split]["sequences"] for d, n in samples_per_domain.items()}
+
+
+def check_data_fits(s: Settings, names: list[str], arm_table: dict, manifest: dict) -> None:
+    """Refuse, before anything trains, a stage that needs more tokens than its split holds in all: its data would
+    repeat, and an arm that repeats data is not the same experiment at a larger budget (--allow-repeat runs it
+    anyway; the summary then reports the passes). Under dynamic loading one domain can repeat even when the total
+    fits: the summary's passes say so after the fact."""
+    seq = int(manifest["seq_len"])
+    over = {}
+    for name in names:
+        for stage in ("prune", "continue"):
+            need = arm_table[name][stage] * s.batch * seq
+            held = sum(d["splits"][stage]["tokens"] for d in manifest["domains"].values())
+            if need > held:
+                over[f"{name}/{stage}"] = (stage, need, held)
+    if not over:
+        return
+    what = "; ".join(f"{k} trains {need:,} tokens, the {stage} split holds {held:,} ({need / held:.2f} passes)"
+                     for k, (stage, need, held) in over.items())
+    if s.allow_repeat:
+        log(f"the data will repeat (--allow-repeat): {what}")
+        return
+    continued = [need for stage, need, _ in over.values() if stage == "continue"]
+    hint = (f"the arguments they were built with and --continue-tokens {2 * max(continued)} (twice the need: "
+            f"dynamic loading can draw one domain more; the eval, test and prune splits stay as they are), e.g. "
+            f"for `make shards`: python -m llmshearing.data_prep.shards --out {s.shards.rstrip('/')}-big "
+            f"--continue-tokens {2 * max(continued)}" if continued else
+            "the arguments they were built with and a larger --prune-tokens (which also moves documents between "
+            "eval and test)")
+    raise ConfigError(f"the data would repeat at scale {s.scale:g}: {what}. Build larger splits from the same text "
+                      f"({hint}) and pass --shards with them, or pass --allow-repeat to run with repeated data")
 
 
 def _sweep(arms: dict) -> list[tuple[float, str]]:
@@ -479,10 +520,15 @@ def format_report(summary: dict) -> str:
         markdown_table(final, cols, label="arm"),
         "", "At the start of continued pretraining (after pruning, one-shot pruning, or random init):", "",
         markdown_table(start, cols, label="arm"),
-        "", "Pruning share of the budget (dynamic loading in both stages):", "",
-        markdown_table(sweep_rows, cols, label="share"),
-        "", "Budgets, read back from each stage's last Composer checkpoint:", "", tokens,
     ]
+    if sweep_rows:
+        lines += ["", "Pruning share of the budget (dynamic loading in both stages):", "",
+                  markdown_table(sweep_rows, cols, label="share")]
+    repeated = [f"{n} {st} {d} {k:.2f}" for n, a in arms.items() for st, per in a.get("passes", {}).items()
+                for d, k in per.items() if k > 1]
+    lines += ["", "Budgets, read back from each stage's last Composer checkpoint:", "", tokens, "",
+              ("Data repeated (passes over a domain's split, each a fresh permutation): " + ", ".join(repeated) + "."
+               if repeated else "No data repeated: no stage read more than its split holds of any domain.")]
     expected = {n: a["pruning_end_expected_shape"] for n, a in arms.items() if a.get("pruning_end_expected_shape")}
     if expected:
         target = next(a["shape"] for a in arms.values())
@@ -692,6 +738,7 @@ def prepare(s: Settings, arms: list[str] | None = None) -> tuple[list[str], dict
         raise ConfigError(f"unknown arm(s) {unknown}; the arms are {list(arm_table)}")
     manifest = read_manifest(s.shards)  # before any training: shards built before the test split are refused here
     check_domains(manifest, s.shards, list(manifest["domains"]), FINAL_SPLIT)
+    check_data_fits(s, names, arm_table, manifest)
     check_out_dir(s)
     source_file = os.path.join(s.out, "source_losses.json")
     if not os.path.exists(source_file):
@@ -883,6 +930,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-checkpoints", action="store_true",
                    help="keep every stage checkpoint (one per eval); default: only the newest while a stage runs "
                         "(a killed stage resumes from it), none once the stage is recorded")
+    p.add_argument("--allow-repeat", action="store_true",
+                   help="run stages that need more tokens than their split holds (refused by default: the data "
+                        "would repeat); the summary reports the passes over each domain")
     p.add_argument("--parallel", type=int, default=1, metavar="N",
                    help="run N arms at once (over arms and seeds), each in its own process with cores/N threads "
                         "(on 2 CPU cores, 2 is faster: docs/runs/reproduce_mini.md); logs in <out>/logs/")
@@ -898,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(out=a.out, model=a.model, shards=a.shards, target=a.target, scale=a.scale, steps=a.steps,
                  batch=a.batch, microbatch=a.microbatch, prune_share=a.prune_share, sweep=tuple(a.sweep),
                  evals=a.evals, calibration=a.calibration, precision=a.precision, device=a.device, seed=a.seed, reference_losses=a.reference_losses,
-                 keep_checkpoints=a.keep_checkpoints, overrides=tuple(a.overrides))
+                 keep_checkpoints=a.keep_checkpoints, allow_repeat=a.allow_repeat, overrides=tuple(a.overrides))
     try:
         if a.job:
             run_job(a.job)
