@@ -31,9 +31,9 @@ tiny: install
 
 # The paper's comparisons in miniature (docs/reproduce_mini.md): sheared vs from scratch vs one-shot
 # (activation importance; magnitude too with REPRODUCE_ARGS="--arms all") vs fixed mixture, and the pruning share of a fixed budget; SCALE multiplies every arm's steps.
-# On a GPU e.g. (after python -m llmshearing.data_prep.shards --out data/shards-big --continue-tokens 2800000, nearly
-# all the fetched text; not run on a GPU):
-# make reproduce-mini SCALE=10 REPRODUCE_ARGS="--batch 8 --shards data/shards-big --precision amp_bf16 --out runs/rm-x10"
+# On a GPU e.g. (after python -m llmshearing.data_prep.shards --out data/shards-x10 --prune-tokens 500000
+# --continue-tokens 2000000, whose eval/test documents differ from data/shards'; not run on a GPU):
+# make reproduce-mini SCALE=10 REPRODUCE_ARGS="--batch 8 --shards data/shards-x10 --arms sheared_act oneshot_act_kd --precision amp_bf16 --out runs/rm-x10"
 SCALE ?= 1
 REPRODUCE_ARGS ?=
 .PHONY: reproduce-mini

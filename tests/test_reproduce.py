@@ -343,3 +343,7 @@ def test_a_budget_that_would_repeat_data_is_refused_before_any_arm_runs(tiny_set
     log = capsys.readouterr().out
     assert "the data will repeat (--allow-repeat): scratch/continue trains 40,960 tokens" in log
     assert "sheared/continue trains 30,720 tokens" in log and "sheared/prune" not in log  # 80 of 320 batches: fits
+    # both splits short (the 50% sweep arm prunes 160 batches): the hint names both flags and what the prune one moves
+    with pytest.raises(ConfigError, match="--prune-tokens 40960 --continue-tokens 40960 .*moves documents"):
+        check_data_fits(dataclasses.replace(s, allow_repeat=False), ["sheared_p50"], arm_settings(s),
+                        read_manifest(tiny_setup["shards"]))

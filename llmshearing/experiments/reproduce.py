@@ -451,7 +451,8 @@ def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, fl
 def passes(samples_per_domain: dict[str, int], manifest: dict, split: str) -> dict[str, float]:
     """How many times a stage went through each domain's split (samples read / sequences held; above 1 its data
     repeated, each pass a fresh permutation: llmshearing.data.mixture)."""
-    return {d: n / manifest["domains"][d]["splits"][split]["sequences"] for d, n in samples_per_domain.items()}
+    held = {d: manifest["domains"][d]["splits"][split]["sequences"] for d in samples_per_domain}
+    return {d: n / held[d] if held[d] else (math.inf if n else 0.0) for d, n in samples_per_domain.items()}
 
 
 def check_data_fits(s: Settings, names: list[str], arm_table: dict, manifest: dict) -> None:
@@ -469,18 +470,18 @@ def check_data_fits(s: Settings, names: list[str], arm_table: dict, manifest: di
                 over[f"{name}/{stage}"] = (stage, need, held)
     if not over:
         return
-    what = "; ".join(f"{k} trains {need:,} tokens, the {stage} split holds {held:,} ({need / held:.2f} passes)"
+    what = "; ".join(f"{k} trains {need:,} tokens, the {stage} split holds {held:,}"
+                     + (f" ({need / held:.2f} passes)" if held else " (it is empty)")
                      for k, (stage, need, held) in over.items())
     if s.allow_repeat:
         log(f"the data will repeat (--allow-repeat): {what}")
         return
-    continued = [need for stage, need, _ in over.values() if stage == "continue"]
-    hint = (f"the arguments they were built with and --continue-tokens {2 * max(continued)} (twice the need: "
-            f"dynamic loading can draw one domain more; the eval, test and prune splits stay as they are), e.g. "
-            f"for `make shards`: python -m llmshearing.data_prep.shards --out {s.shards.rstrip('/')}-big "
-            f"--continue-tokens {2 * max(continued)}" if continued else
-            "the arguments they were built with and a larger --prune-tokens (which also moves documents between "
-            "eval and test)")
+    flags = " ".join(f"--{stage}-tokens {2 * max(n for st, n, _ in over.values() if st == stage)}"
+                     for stage in ("prune", "continue") if any(st == stage for st, _, _ in over.values()))
+    hint = (f"the arguments they were built with and {flags} (twice the need: dynamic loading can draw one domain "
+            f"more; " + ("a larger prune split also moves documents between eval and test" if "prune" in flags else
+                         "the eval, test and prune splits stay as they are")
+            + f"), e.g. for `make shards`: python -m llmshearing.data_prep.shards --out {s.shards.rstrip('/')}-big {flags}")
     raise ConfigError(f"the data would repeat at scale {s.scale:g}: {what}. Build larger splits from the same text "
                       f"({hint}) and pass --shards with them, or pass --allow-repeat to run with repeated data")
 
@@ -526,9 +527,10 @@ def format_report(summary: dict) -> str:
                   markdown_table(sweep_rows, cols, label="share")]
     repeated = [f"{n} {st} {d} {k:.2f}" for n, a in arms.items() for st, per in a.get("passes", {}).items()
                 for d, k in per.items() if k > 1]
-    lines += ["", "Budgets, read back from each stage's last Composer checkpoint:", "", tokens, "",
-              ("Data repeated (passes over a domain's split, each a fresh permutation): " + ", ".join(repeated) + "."
-               if repeated else "No data repeated: no stage read more than its split holds of any domain.")]
+    lines += ["", "Budgets, read back from each stage's last Composer checkpoint:", "", tokens]
+    if any("passes" in a for a in arms.values()):  # summaries written before the passes were recorded say nothing
+        lines += ["", ("Data repeated (passes over a domain's split, each a fresh permutation): " + ", ".join(repeated) + "."
+                       if repeated else "No data repeated: no stage read more than its split holds of any domain.")]
     expected = {n: a["pruning_end_expected_shape"] for n, a in arms.items() if a.get("pruning_end_expected_shape")}
     if expected:
         target = next(a["shape"] for a in arms.values())
