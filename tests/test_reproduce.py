@@ -260,6 +260,9 @@ def test_beyond_the_paper_arms_over_seeds(tiny_setup, tmp_path):
     assert kd_log  # the pruning stage ran and logged
     md = open(os.path.join(out, "summary.md")).read()
     assert all(f"| {arm} | 2 |" in md for arm in arms)
+    # the over-seeds summary keeps each seed's passes and says whether any data repeated
+    assert combined["arms"]["sheared_kd"]["passes_by_seed"]["2"] == own["arms"]["sheared_kd"]["passes"]
+    assert md.rstrip().endswith("No data repeated: no stage read more than its split holds of any domain.")
 
     # --scale 2 for one arm, one seed, then the budget plot over both runs (nothing trained by the plot)
     out2 = str(tmp_path / "scale2")

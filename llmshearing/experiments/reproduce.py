@@ -486,6 +486,17 @@ def check_data_fits(s: Settings, names: list[str], arm_table: dict, manifest: di
                       f"({hint}) and pass --shards with them, or pass --allow-repeat to run with repeated data")
 
 
+def repetition_lines(passes_by_arm: dict[str, dict]) -> list[str]:
+    """The report's line on repeated data from {arm: {stage: {domain: passes}}}; none for summaries written before
+    the passes were recorded (they cannot say)."""
+    if not passes_by_arm:
+        return []
+    repeated = [f"{n} {st} {d} {k:.2f}" for n, per_stage in passes_by_arm.items() for st, per in per_stage.items()
+                for d, k in per.items() if k > 1]
+    return ["", "Data repeated (passes over a domain's split, each a fresh permutation): " + ", ".join(repeated) + "."
+            if repeated else "No data repeated: no stage read more than its split holds of any domain."]
+
+
 def _sweep(arms: dict) -> list[tuple[float, str]]:
     """(pruning share, arm) of the plain sheared arms (dynamic loading, uniform masks, no distillation)."""
     return sorted((a["prune_share"], n) for n, a in arms.items() if a["init"] == "l0" and a["dynamic"]
@@ -525,12 +536,8 @@ def format_report(summary: dict) -> str:
     if sweep_rows:
         lines += ["", "Pruning share of the budget (dynamic loading in both stages):", "",
                   markdown_table(sweep_rows, cols, label="share")]
-    repeated = [f"{n} {st} {d} {k:.2f}" for n, a in arms.items() for st, per in a.get("passes", {}).items()
-                for d, k in per.items() if k > 1]
     lines += ["", "Budgets, read back from each stage's last Composer checkpoint:", "", tokens]
-    if any("passes" in a for a in arms.values()):  # summaries written before the passes were recorded say nothing
-        lines += ["", ("Data repeated (passes over a domain's split, each a fresh permutation): " + ", ".join(repeated) + "."
-                       if repeated else "No data repeated: no stage read more than its split holds of any domain.")]
+    lines += repetition_lines({n: a["passes"] for n, a in arms.items() if "passes" in a})
     expected = {n: a["pruning_end_expected_shape"] for n, a in arms.items() if a.get("pruning_end_expected_shape")}
     if expected:
         target = next(a["shape"] for a in arms.values())
@@ -873,6 +880,7 @@ def combine_seeds(out: str, summaries: dict[int, dict]) -> dict:
             "pruning_end_expected_shape_by_seed": {seed: a["pruning_end_expected_shape"] for seed, a in runs.items()
                                                    if a.get("pruning_end_expected_shape")},
             "seconds_by_seed": {seed: a["seconds"] for seed, a in runs.items()},
+            "passes_by_seed": {seed: a["passes"] for seed, a in runs.items() if "passes" in a},
         }
     combined = {"seeds": [str(x) for x in summaries], "runs": {str(x): os.path.join(out, f"seed-{x}") for x in summaries},
                 "settings": {k: v for k, v in first["settings"].items() if k not in ("seed", "out")},
@@ -897,6 +905,7 @@ def combine_seeds(out: str, summaries: dict[int, dict]) -> dict:
         for n, by_seed in shapes.items():
             lines.append(f"| {n} | " + " | ".join(f"{sum(e[k] for e in by_seed.values()) / len(by_seed):.1f}"
                                                    for k in keys) + " |")
+    lines += repetition_lines({f"{n} (seed {seed})": p for n, a in arms.items() for seed, p in a["passes_by_seed"].items()})
     atomic_write_text(os.path.join(out, "summary.json"), json.dumps(combined, indent=1))
     atomic_write_text(os.path.join(out, "summary.md"), "\n".join(lines) + "\n")
     print("\n" + "\n".join(lines), flush=True)
