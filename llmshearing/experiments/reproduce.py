@@ -415,10 +415,11 @@ def summarize(s: Settings, results: dict[str, dict], source_losses: dict[str, fl
     domains = list(source_losses)
     mean = lambda losses: sum(losses[d] for d in domains) / len(domains)  # noqa: E731
     manifest = read_manifest(s.shards)
+    seq = int(manifest["seq_len"])
     budgets = {name: r["total_tokens"] for name, r in results.items()}
     return {
         "settings": {**dataclasses.asdict(s), "total_steps": s.total_steps, "eval_interval": s.eval_interval,
-                     "seq_len": _seq_len(s.shards), "tokens_per_arm": s.total_steps * s.batch * _seq_len(s.shards)},
+                     "seq_len": seq, "tokens_per_arm": s.total_steps * s.batch * seq},
         "domains": domains, "split": FINAL_SPLIT,
         "source": {"losses": source_losses, "perplexity": perplexities(source_losses),
                    "mean_loss": mean(source_losses), "eval_losses": source_eval_losses},
@@ -460,24 +461,21 @@ def check_data_fits(s: Settings, names: list[str], arm_table: dict, manifest: di
     repeat, and an arm that repeats data is not the same experiment at a larger budget (--allow-repeat runs it
     anyway; the summary then reports the passes). Under dynamic loading one domain can repeat even when the total
     fits: the summary's passes say so after the fact."""
-    seq = int(manifest["seq_len"])
-    over = {}
-    for name in names:
-        for stage in ("prune", "continue"):
-            need = arm_table[name][stage] * s.batch * seq
-            held = sum(d["splits"][stage]["tokens"] for d in manifest["domains"].values())
-            if need > held:
-                over[f"{name}/{stage}"] = (stage, need, held)
+    seq, stages = int(manifest["seq_len"]), ("prune", "continue")
+    held = {st: sum(d["splits"][st]["tokens"] for d in manifest["domains"].values()) for st in stages}
+    over = [(f"{name}/{st}", st, arm_table[name][st] * s.batch * seq) for name in names for st in stages
+            if arm_table[name][st] * s.batch * seq > held[st]]
     if not over:
         return
-    what = "; ".join(f"{k} trains {need:,} tokens, the {stage} split holds {held:,}"
-                     + (f" ({need / held:.2f} passes)" if held else " (it is empty)")
-                     for k, (stage, need, held) in over.items())
+    what = "; ".join(f"{k} trains {need:,} tokens, the {st} split holds {held[st]:,}"
+                     + (f" ({need / held[st]:.2f} passes)" if held[st] else " (it is empty)") for k, st, need in over)
     if s.allow_repeat:
         log(f"the data will repeat (--allow-repeat): {what}")
         return
-    flags = " ".join(f"--{stage}-tokens {2 * max(n for st, n, _ in over.values() if st == stage)}"
-                     for stage in ("prune", "continue") if any(st == stage for st, _, _ in over.values()))
+    most = {}  # the largest need per short split
+    for _, st, need in over:
+        most[st] = max(most.get(st, 0), need)
+    flags = " ".join(f"--{st}-tokens {2 * most[st]}" for st in stages if st in most)
     hint = (f"the arguments they were built with and {flags} (twice the need: dynamic loading can draw one domain "
             f"more; " + ("a larger prune split also moves documents between eval and test" if "prune" in flags else
                          "the eval, test and prune splits stay as they are")
