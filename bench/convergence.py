@@ -26,6 +26,8 @@ from llmshearing.io import atomic_write_text, read_jsonl
 KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size")
 SHORT = {"num_hidden_layers": "layers", "hidden_size": "hidden", "num_attention_heads": "heads",
          "num_key_value_heads": "kv", "intermediate_size": "inter"}
+UNIFORM = ["pruning.init=uniform", "pruning.lambda_optimizer=adam", "pruning.mask_eps=null",
+           "pruning.log_alpha_clamp=[-4.605,4.605]"]
 # arm -> overrides on top of the shortened demo recipe
 ARMS = {
     "base": [],                                                        # the demo today: Adam, lr 0.3 / 0.3
@@ -47,6 +49,34 @@ ARMS = {
     "wide_clamp_sgd3_eps3": ["pruning.log_alpha_clamp=[-9.21,4.61]", "pruning.lambda_optimizer=sgd",
                              "pruning.lambda_lr=3", "pruning.mask_eps=1e-3"],
     "wide_clamp_sgd1": ["pruning.log_alpha_clamp=[-9.21,4.61]", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=1"],
+    # The paper's uniform init (every gate open at the clamp top, a target ramp over --ramp-end steps: pass
+    # pruning.lagrangian_warmup=<N>ba): the released clamp and Adam eps, no distillation (issue 25, item 2)
+    "u_released": UNIFORM + ["pruning.mask_lr=0.3", "pruning.lambda_lr=0.3"],      # the reproduce `sheared` arm
+    "u_paper": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_lr=1.0"],         # the paper's lrs (prune_paper_tiny)
+    "u_sgd": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10"],
+    # ... the same gates all started at their keep fraction (pruning.init_at_target), so no ramp (warm-up 0)
+    "u_target_sgd": UNIFORM + ["pruning.init_at_target=true", "pruning.lagrangian_warmup=0ba", "pruning.mask_lr=0.3",
+                               "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10"],
+    "u_target_adam": UNIFORM + ["pruning.init_at_target=true", "pruning.lagrangian_warmup=0ba", "pruning.mask_lr=0.3",
+                                "pruning.lambda_lr=0.3"],
+    "u_sgd_beta0": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
+                              "pruning.mask_beta1=0"],
+    # ... with a fixed quadratic penalty (pruning.penalty: rho / 2 * gap^2, the augmented Lagrangian) for damping
+    "u_sgd_p100": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
+                             "pruning.penalty=100"],
+    "u_sgd_p1000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
+                              "pruning.penalty=1000"],
+    "u_sgd1_p1000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=1",
+                               "pruning.penalty=1000"],
+    "u_sgd_p3000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
+                              "pruning.penalty=3000"],
+    "u_sgd_p10000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
+                               "pruning.penalty=10000"],
+    "u_sgd_p30000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
+                               "pruning.penalty=30000"],
+    "u_sgd100_p10000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=100",
+                                  "pruning.penalty=10000"],
+    "u_paper_p1000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_lr=1.0", "pruning.penalty=1000"],
     "hidden_original": ["pruning.hidden_mask=original"],
     "hidden_residual": ["pruning.hidden_mask=residual"],
 }

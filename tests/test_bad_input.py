@@ -117,6 +117,7 @@ def test_fsdp_values_are_checked_before_composer_sees_them(tiny, capsys, overrid
     ("pruning.lambda_optimizer=rmsprop", ["pruning.lambda_optimizer", "adam or sgd", "'rmsprop'"]),
     ("pruning.mask_beta1=1", ["pruning.mask_beta1", "[0, 1)", "got 1"]),
     ("pruning.mask_eps=0", ["pruning.mask_eps", "positive number", "got 0"]),
+    ("pruning.penalty=-1", ["pruning.penalty", ">= 0", "got -1"]),
 ])
 def test_settings_that_would_do_nothing_or_be_capped_are_refused(tiny, capsys, override, names):
     refused(capsys, train(tiny, *override.split("|")), *names)

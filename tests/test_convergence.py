@@ -1,6 +1,7 @@
 """Do the masks hold the target at the cut? The settle check (callbacks.pruning_log.settling), its line at the end of
 pruning, the plain-gradient multipliers (`pruning.lambda_optimizer: sgd`), and real tiny runs on each side."""
 import json
+import math
 import os
 import sys
 
@@ -124,6 +125,43 @@ def test_init_at_target_lowers_the_kept_units_until_each_row_expects_its_target(
     for key, want in {"num_hidden_layers": 24, "hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
                       "intermediate_size": 1152}.items():
         assert shape[key] == pytest.approx(want, rel=1e-4), key
+
+
+def test_a_fixed_penalty_replaces_the_learned_quadratic_multiplier():
+    """`pruning.penalty: rho`: the loss is lambda_1 * gap + rho / 2 * gap^2 per row (the augmented Lagrangian),
+    lambda_2 gets no gradient, and lambda_1 still gets the (reversed) gap."""
+    from llmshearing.pruning.masks import L0Module
+    from llmshearing.pruning.shapes import Shape
+
+    l0 = L0Module(Shape(4, 8, 2, 2, 16), Shape(2, 8, 2, 2, 16), penalty=100.0)
+    with torch.no_grad():
+        l0.lambdas.fill_(0.5)
+    gap = float(l0.masks["layer"].expected_sparsity_rows()) - 0.5  # no ramp: the target sparsity is 1 - 2 / 4
+    loss, _ = l0.lagrangian()
+    assert float(loss) == pytest.approx(0.5 * gap + 50.0 * gap**2, rel=1e-5)  # by hand
+    loss.backward()
+    assert float(l0.lambdas.grad[0, 1]) == 0.0 and float(l0.lambdas.grad[0, 0]) == pytest.approx(-gap, rel=1e-5)
+
+
+def test_uniform_init_at_target_starts_every_gate_at_its_keep_fraction():
+    """`pruning.init: uniform` + `init_at_target`: no unit is preferred (the init noise only), and every row expects
+    exactly its target count (heads: the KV gate times the head gate, 9 x 2/3 x 2/3 = 4)."""
+    from llmshearing.pruning.masks import L0Module
+    from llmshearing.pruning.shapes import Shape
+
+    l0 = L0Module(Shape(30, 576, 9, 3, 1536), Shape(24, 512, 4, 2, 1152), seed=3)
+    assert l0.expected_shape()["num_attention_heads"] > 8.9  # the released start: every gate open
+    l0.open_at_target()
+    for name, mask in l0.masks.items():
+        assert float(mask.log_alpha.std()) < 0.02, name  # the init noise, nothing else
+        torch.testing.assert_close(mask.score().mean(-1), torch.full(mask.shape[:-1], mask.keep / mask.units),
+                                   atol=0.01, rtol=0)
+    shape = l0.expected_shape()
+    for key, want in {"num_hidden_layers": 24, "hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2,
+                      "intermediate_size": 1152}.items():
+        assert shape[key] == pytest.approx(want, rel=0.01), key
+    # log_alpha -0.21 for 24 of 30 layers: P(z > 0) = sigmoid(log_alpha - beta * ln(-l / r)) = 0.8 (by hand)
+    assert float(l0.masks["layer"].log_alpha.mean()) == pytest.approx(math.log(4) + 2 / 3 * math.log(0.1 / 1.1), abs=1e-3)
 
 
 def test_the_demo_summary_repeats_the_verdict():

@@ -172,8 +172,11 @@ class L0Module(nn.Module):
 
     def __init__(self, source: Shape, target: Shape, warmup_steps: int = 0, init_drop: float | None = None,
                  seed: int = 0, log_alpha_range: tuple[float, float] | None = LOG_ALPHA_RANGE,
-                 eval_target_model: bool = False, hidden_mask: str = "residual"):
+                 eval_target_model: bool = False, hidden_mask: str = "residual", penalty: float | None = None):
         super().__init__()
+        # None: the quadratic term's weight is the learned lambda_2 (the paper); a number: a fixed penalty rho, the
+        # augmented Lagrangian's rho / 2 * gap^2 (lambda_2 then stays 0): a restoring force from step 0
+        self.penalty = penalty
         self.source, self.target, self.warmup_steps, self.seed = source, target, warmup_steps, seed
         # residual: the hidden gate scales the embedding and the residual writes; original (the released code):
         # every RMSNorm output too, so a block reads z * norm(x) (z^2 on what the gate already scaled)
@@ -251,6 +254,18 @@ class L0Module(nn.Module):
             mask.log_alpha.copy_(torch.where(top, mask.log_alpha - shift, mask.log_alpha))
 
     @torch.no_grad()
+    def open_at_target(self) -> None:
+        """`pruning.init: uniform` with `init_at_target`: every gate of a mask starts at the one log_alpha whose
+        P(z > 0) is the mask's keep fraction (the init noise kept), so the expected shape is the target at step 0.
+        From the released start (every gate at the clamp top, P(open) 0.998) the multipliers must grow until they
+        outweigh the LM on saturated gates (P'(log_alpha) ~0.002), and that size is far more than holding unsaturated
+        gates takes: the masks then overshoot the target (docs/convergence.md, round 5)."""
+        for mask in self.masks.values():
+            q = mask.keep / mask.units
+            centre = math.log(q) - math.log1p(-q) + TEMPERATURE * math.log(-LIMIT_LEFT / LIMIT_RIGHT)
+            mask.log_alpha.add_(centre - mask.log_alpha.mean())
+
+    @torch.no_grad()
     def constrain(self) -> None:
         """Clamp every log_alpha in place to `log_alpha_range` (the released code does so before every forward)."""
         if self.log_alpha_range is not None:
@@ -280,7 +295,8 @@ class L0Module(nn.Module):
         lambdas = _reverse_grad(self.lambdas)
         for j, (name, mask) in enumerate(self.masks.items()):
             gap = mask.expected_sparsity_rows() - self.target_sparsity(name)  # one gap per row (per layer)
-            loss = loss + (lambdas[j, 0] * gap + lambdas[j, 1] * gap**2).mean()
+            quadratic = lambdas[j, 1] if self.penalty is None else self.penalty / 2
+            loss = loss + (lambdas[j, 0] * gap + quadratic * gap**2).mean()
             if not logs:
                 continue
             values[f"l0/{name}/expected_sparsity"] = float(mask.expected_sparsity())

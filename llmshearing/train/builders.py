@@ -50,8 +50,12 @@ def build_l0(cfg: TrainConfig) -> L0Module | None:
     if cfg.pruning is None:
         return None
     p = cfg.pruning
-    return L0Module(shape_of(cfg.source_config), cfg.target_shape, batches(p.lagrangian_warmup), p.init_drop, seed=cfg.seed,
-                    log_alpha_range=p.log_alpha_clamp, eval_target_model=p.eval_target_model, hidden_mask=p.hidden_mask)
+    l0 = L0Module(shape_of(cfg.source_config), cfg.target_shape, batches(p.lagrangian_warmup), p.init_drop, seed=cfg.seed,
+                  log_alpha_range=p.log_alpha_clamp, eval_target_model=p.eval_target_model, hidden_mask=p.hidden_mask,
+                  penalty=p.penalty)
+    if p.init == "uniform" and p.init_at_target:  # (init=activation lowers its kept band instead: train.mask_init)
+        l0.open_at_target()
+    return l0
 
 
 def build_teacher(cfg: TrainConfig, load_weights: bool = True) -> Teacher | None:

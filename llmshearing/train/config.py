@@ -64,6 +64,10 @@ class PruningConfig:
     # init=activation: lower each row's kept log_alphas together until its expected count is the target, so the
     # Lagrangian starts with no gap (the dropped units sit at the clamp floor, P(open) 0.047, not 0)
     init_at_target: bool = False
+    # null: the quadratic term's weight is a learned multiplier lambda_2 (the paper); a number rho: a fixed penalty
+    # rho / 2 * gap^2 (the augmented Lagrangian), whose pull grows with the gap at once instead of after the
+    # multipliers have integrated it (docs/convergence.md, round 5)
+    penalty: float | None = None
     # residual: the hidden gate scales the embedding and every residual write; original: also every RMSNorm output
     # (the released code), folded into the norm weights at export; both export exactly (docs/convergence.md)
     hidden_mask: str = "residual"
@@ -546,6 +550,8 @@ def check_mask_init(p: PruningConfig) -> None:
 
     if p.mask_eps is not None and not p.mask_eps > 0:
         raise ConfigError(f"pruning.mask_eps must be a positive number or null (optimizer.eps), got {p.mask_eps}")
+    if p.penalty is not None and not p.penalty >= 0:
+        raise ConfigError(f"pruning.penalty must be a number >= 0 or null (a learned lambda_2), got {p.penalty}")
     if p.mask_beta1 is not None and not 0 <= p.mask_beta1 < 1:
         raise ConfigError(f"pruning.mask_beta1 must be in [0, 1) or null (optimizer.betas[0]), got {p.mask_beta1}")
     for key, allowed in (("lambda_optimizer", ("adam", "sgd")), ("hidden_mask", ("residual", "original"))):
@@ -557,13 +563,20 @@ def check_mask_init(p: PruningConfig) -> None:
     if p.init_sequences < 1:  # checked with init=uniform too: a -5 must not wait for the day init changes
         raise ConfigError(f"pruning.init_sequences must be >= 1 (calibration sequences per domain), got {p.init_sequences}")
     if p.init == "uniform":
-        if p.lambda_optimizer == "sgd" or p.mask_eps is not None:
-            print("warning: pruning.init=uniform with the held-mask settings (pruning.lambda_optimizer=sgd / "
-                  "pruning.mask_eps), which were measured with pruning.init=activation only: from gates that all start "
-                  "open at the top of the clamp they did not reach the target (SmolLM2-135M, 40 steps, one seed: 25.8 "
-                  "of 24 layers and 7.1 of 4 heads at the cut; a saturated gate's Lagrangian gradient is ~1e-5, which "
-                  "Adam eps 1e-3 shrinks ~100x; docs/convergence.md); with the uniform init use "
-                  "pruning.lambda_optimizer=adam pruning.mask_eps=null", file=sys.stderr)
+        if p.mask_eps is not None:
+            print(f"warning: pruning.init=uniform with pruning.mask_eps={p.mask_eps}: every gate starts open at the top "
+                  "of the clamp, where its Lagrangian gradient is ~1e-5, and a large Adam eps shrinks such steps ~100x, "
+                  "so the masks barely move (SmolLM2-135M, 40 steps, one seed: 25.8 of 24 layers and 7.1 of 4 heads at "
+                  "the cut; docs/convergence.md); with the uniform init use pruning.mask_eps=null", file=sys.stderr)
+        if p.lambda_optimizer == "sgd" and not p.penalty:
+            print("warning: pruning.init=uniform with plain-gradient multipliers (pruning.lambda_optimizer=sgd) and "
+                  "no pruning.penalty: the multipliers wind up while the gates are saturated and the masks overshoot "
+                  "the target (SmolLM2-135M, 40 steps: 21.6% off on layers after the ramp); a fixed penalty damps "
+                  "that (pruning.penalty=10000, docs/convergence.md round 5)", file=sys.stderr)
+        if p.init_at_target and batches(p.lagrangian_warmup) > 0:
+            print(f"warning: pruning.init_at_target starts every gate at the target, and pruning.lagrangian_warmup="
+                  f"{p.lagrangian_warmup} ramps the target sparsity up from 0, so the Lagrangian first reopens them; "
+                  f"use pruning.lagrangian_warmup=0ba", file=sys.stderr)
         return
     if p.log_alpha_clamp is not None and p.log_alpha_clamp[1] - p.log_alpha_clamp[0] <= 2 * INIT_BAND:
         raise ConfigError(f"pruning.init=activation puts kept and dropped units in the top and bottom {INIT_BAND} of "
