@@ -28,6 +28,13 @@ SHORT = {"num_hidden_layers": "layers", "hidden_size": "hidden", "num_attention_
          "num_key_value_heads": "kv", "intermediate_size": "inter"}
 UNIFORM = ["pruning.init=uniform", "pruning.lambda_optimizer=adam", "pruning.mask_eps=null",
            "pruning.log_alpha_clamp=[-4.605,4.605]"]
+
+
+def uniform_sgd(lambda_lr: float) -> list[str]:
+    """The uniform init with mask lr 1.0 and plain-gradient multipliers at `lambda_lr`."""
+    return UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", f"pruning.lambda_lr={lambda_lr}"]
+
+
 # arm -> overrides on top of the shortened demo recipe
 ARMS = {
     "base": [],                                                        # the demo today: Adam, lr 0.3 / 0.3
@@ -53,29 +60,17 @@ ARMS = {
     # pruning.lagrangian_warmup=<N>ba): the released clamp and Adam eps, no distillation (issue 25, item 2)
     "u_released": UNIFORM + ["pruning.mask_lr=0.3", "pruning.lambda_lr=0.3"],      # the reproduce `sheared` arm
     "u_paper": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_lr=1.0"],         # the paper's lrs (prune_paper_tiny)
-    "u_sgd": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10"],
+    "u_sgd": uniform_sgd(10),
     # ... the same gates all started at their keep fraction (pruning.init_at_target), so no ramp (warm-up 0)
     "u_target_sgd": UNIFORM + ["pruning.init_at_target=true", "pruning.lagrangian_warmup=0ba", "pruning.mask_lr=0.3",
                                "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10"],
     "u_target_adam": UNIFORM + ["pruning.init_at_target=true", "pruning.lagrangian_warmup=0ba", "pruning.mask_lr=0.3",
                                 "pruning.lambda_lr=0.3"],
-    "u_sgd_beta0": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
-                              "pruning.mask_beta1=0"],
+    "u_sgd_beta0": uniform_sgd(10) + ["pruning.mask_beta1=0"],
     # ... with a fixed quadratic penalty (pruning.penalty: rho / 2 * gap^2, the augmented Lagrangian) for damping
-    "u_sgd_p100": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
-                             "pruning.penalty=100"],
-    "u_sgd_p1000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
-                              "pruning.penalty=1000"],
-    "u_sgd1_p1000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=1",
-                               "pruning.penalty=1000"],
-    "u_sgd_p3000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
-                              "pruning.penalty=3000"],
-    "u_sgd_p10000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
-                               "pruning.penalty=10000"],
-    "u_sgd_p30000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10",
-                               "pruning.penalty=30000"],
-    "u_sgd100_p10000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=100",
-                                  "pruning.penalty=10000"],
+    **{f"u_sgd_p{rho}": uniform_sgd(10) + [f"pruning.penalty={rho}"] for rho in (100, 1000, 3000, 10000, 30000)},
+    "u_sgd1_p1000": uniform_sgd(1) + ["pruning.penalty=1000"],
+    "u_sgd100_p10000": uniform_sgd(100) + ["pruning.penalty=10000"],
     "u_paper_p1000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_lr=1.0", "pruning.penalty=1000"],
     "hidden_original": ["pruning.hidden_mask=original"],
     "hidden_residual": ["pruning.hidden_mask=residual"],
