@@ -71,6 +71,7 @@ ARMS = {
     **{f"u_sgd_p{rho}": uniform_sgd(10) + [f"pruning.penalty={rho}"] for rho in (100, 1000, 3000, 10000, 30000)},
     "u_sgd1_p1000": uniform_sgd(1) + ["pruning.penalty=1000"],
     "u_sgd100_p10000": uniform_sgd(100) + ["pruning.penalty=10000"],
+    "u_sgd_p10000_m05": uniform_sgd(10) + ["pruning.penalty=10000", "pruning.mask_lr=0.5"],
     "u_paper_p1000": UNIFORM + ["pruning.mask_lr=1.0", "pruning.lambda_lr=1.0", "pruning.penalty=1000"],
     "hidden_original": ["pruning.hidden_mask=original"],
     "hidden_residual": ["pruning.hidden_mask=residual"],
