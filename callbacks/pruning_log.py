@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
@@ -18,6 +19,28 @@ from llmshearing.plots import plot_pruning_log
 SETTLE_TOLERANCE = 0.01  # |expected - target| / target per structure (issue 25's criterion)
 SETTLE_WINDOW = 0.1  # the share of the pruning steps before the cut (at least one step) that must all be in tolerance
 SETTLE_FILE = "masks_at_cut.json"
+DECIDED_GATE = 0.9  # the kept units' median test-time gate, per mask, at or above which the masks have decided
+
+
+def kept_gates(l0) -> dict[str, float]:
+    """Per mask, the median test-time gate of the units the export keeps (folded into their weights): ~1 when the
+    masks have decided, ~0.5 when they hold the target count with half-open gates (docs/convergence.md round 5)."""
+    gates = {}
+    with torch.no_grad():
+        for name, mask in l0.masks.items():
+            value = mask.deterministic()
+            gates[name] = float(value[value > 0].median())
+    return gates
+
+
+def decided_line(gates: dict[str, float]) -> str | None:
+    """A warning when some mask's kept units are still far from open (None when every median is >= DECIDED_GATE)."""
+    low = {n: g for n, g in gates.items() if g < DECIDED_GATE}
+    if not low:
+        return None
+    return ("warning: the masks had NOT decided at the cut: the kept units' median test-time gate is "
+            + ", ".join(f"{g:.2f} ({n})" for n, g in low.items())
+            + f" (below {DECIDED_GATE}); the export folds these scales into the weights (docs/convergence.md round 5)")
 
 
 def settling(rows: list[dict], source: dict, target: dict, warmup: int, tol: float = SETTLE_TOLERANCE) -> dict:
@@ -83,6 +106,10 @@ class PruningLog(Callback):
             rows = read_jsonl(log_file, last_per="step")
             settle = settling(rows, source, target, l0.warmup_steps) if rows else None
             if settle is not None:
+                settle["kept_gate_median"] = kept_gates(l0)
+                settle["decided"] = decided_line(settle["kept_gate_median"]) is None
+                if not settle["decided"]:
+                    print(decided_line(settle["kept_gate_median"]), file=sys.stderr, flush=True)
                 atomic_write_text(os.path.join(self.folder, SETTLE_FILE), json.dumps(settle, indent=1))
                 print(settle_line(settle), file=sys.stdout if settle["settled"] else sys.stderr, flush=True)
             plot_pruning_log(log_file, self.folder, source=source, target=target, warmup=l0.warmup_steps,

@@ -164,6 +164,24 @@ def test_uniform_init_at_target_starts_every_gate_at_its_keep_fraction():
     assert float(l0.masks["layer"].log_alpha.mean()) == pytest.approx(math.log(4) + 2 / 3 * math.log(0.1 / 1.1), abs=1e-3)
 
 
+def test_half_open_kept_gates_are_not_decided_and_open_ones_are():
+    """The cut's second check: the expected count can sit on the target with every gate half open (what a fixed
+    penalty did to the uniform init, docs/convergence.md round 5); the export would fold those scales in."""
+    from llmshearing.callbacks.pruning_log import DECIDED_GATE, decided_line, kept_gates
+    from llmshearing.pruning.masks import L0Module
+    from llmshearing.pruning.shapes import Shape
+
+    l0 = L0Module(Shape(30, 576, 9, 3, 1536), Shape(24, 512, 4, 2, 1152))
+    l0.constrain()  # the released start, clamped to ln 100: every gate open
+    assert min(kept_gates(l0).values()) > 0.99 and decided_line(kept_gates(l0)) is None
+    l0.open_at_target()  # on the target in expectation, nothing decided
+    gates = kept_gates(l0)
+    assert max(gates.values()) < DECIDED_GATE
+    # the head gates: log_alpha = logit(2/3) + 2/3 ln(1/11) = -0.905, test-time gate sigmoid(-0.905 / (2/3) * 0.8)
+    assert gates["head"] == pytest.approx(1 / (1 + math.exp(0.905 / (2 / 3) * 0.8)), abs=0.01)
+    assert "NOT decided" in decided_line(gates) and "(head)" in decided_line(gates)
+
+
 def test_the_demo_summary_repeats_the_verdict():
     from llmshearing.experiments.demo import format_report
 
@@ -173,6 +191,9 @@ def test_the_demo_summary_repeats_the_verdict():
     unsettled = settling(rows([24.0] * 19 + [28.8], [1152.0] * 20), SOURCE, TARGET, warmup=0)
     settled = settling(rows([24.0] * 20, [1152.0] * 20), SOURCE, TARGET, warmup=0)
     assert "Pruning: warning: the masks had NOT settled at the cut" in format_report({**summary, "masks_at_cut": unsettled})
+    half_open = {**settled, "kept_gate_median": {"layer": 0.99, "head": 0.61}, "decided": False}
+    assert "Pruning: warning: the masks had NOT decided at the cut: the kept units' median test-time gate is 0.61 (head)" \
+        in format_report({**summary, "masks_at_cut": half_open})
     report = format_report({**summary, "masks_at_cut": settled})
     assert "Pruning: masks settled at the cut" in report and "NOT" not in report
 

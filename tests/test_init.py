@@ -136,7 +136,8 @@ def test_autoresume_is_a_resume(tiny_setup, tmp_path):
 
 
 @pytest.mark.parametrize("held, says", [(["pruning.mask_eps=1e-3"], "pruning.mask_eps=null"),
-                                        (["pruning.lambda_optimizer=sgd"], "no pruning.penalty"),
+                                        (["pruning.lambda_optimizer=sgd"], "without pruning.penalty"),
+                                        (["pruning.lambda_optimizer=sgd", "pruning.penalty=10000"], "half open"),
                                         (["pruning.init_at_target=true"], "use pruning.lagrangian_warmup=0ba")])
 def test_the_uniform_init_with_settings_measured_to_fail_warns_and_the_released_settings_do_not(
         tiny_setup, tmp_path, capsys, held, says):
@@ -148,12 +149,6 @@ def test_the_uniform_init_with_settings_measured_to_fail_warns_and_the_released_
     assert says in capsys.readouterr().err
     load_config(TINY_YAML, [*paths(tiny_setup, folder), *ACTIVATION, *held])
     assert says not in capsys.readouterr().err
-
-
-def test_the_uniform_init_with_sgd_multipliers_and_a_penalty_does_not_warn(tiny_setup, tmp_path, capsys):
-    load_config(TINY_YAML, [*paths(tiny_setup, str(tmp_path / "run")), "pruning.init=uniform",
-                            "pruning.lambda_optimizer=sgd", "pruning.lambda_lr=10", "pruning.penalty=10000"])
-    assert "warning: pruning.init" not in capsys.readouterr().err
 
 
 def test_activation_init_with_a_warmup_warns(tiny_setup, tmp_path, capsys):

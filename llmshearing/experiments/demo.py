@@ -202,9 +202,12 @@ def format_report(s: dict) -> str:
     elif g.get("refused"):
         lines.append(f"GGUF: not written ({g['refused']})")
     if s.get("masks_at_cut"):
-        from llmshearing.callbacks.pruning_log import settle_line  # heavy: composer
+        from llmshearing.callbacks.pruning_log import decided_line, settle_line  # heavy: composer
 
         lines.append("Pruning: " + settle_line(s["masks_at_cut"]))
+        undecided = decided_line(s["masks_at_cut"].get("kept_gate_median", {}))  # absent in older runs' files
+        if undecided:
+            lines.append("Pruning: " + undecided)
     lines += [f"Max |logit difference| masked model vs reloaded export: {s['max_abs_logit_diff_masked_vs_export']:.2e}",
               "", "| phase | seconds |", "|---|---|", *[f"| {k} | {v:.1f} |" for k, v in s["seconds"].items()],
               "", "Plots: " + ", ".join(s["plots"])]
