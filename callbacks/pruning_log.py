@@ -107,9 +107,10 @@ class PruningLog(Callback):
             settle = settling(rows, source, target, l0.warmup_steps) if rows else None
             if settle is not None:
                 settle["kept_gate_median"] = kept_gates(l0)
-                settle["decided"] = decided_line(settle["kept_gate_median"]) is None
-                if not settle["decided"]:
-                    print(decided_line(settle["kept_gate_median"]), file=sys.stderr, flush=True)
+                undecided = decided_line(settle["kept_gate_median"])
+                settle["decided"] = undecided is None
+                if undecided:
+                    print(undecided, file=sys.stderr, flush=True)
                 atomic_write_text(os.path.join(self.folder, SETTLE_FILE), json.dumps(settle, indent=1))
                 print(settle_line(settle), file=sys.stdout if settle["settled"] else sys.stderr, flush=True)
             plot_pruning_log(log_file, self.folder, source=source, target=target, warmup=l0.warmup_steps,
