@@ -63,7 +63,8 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # one json object with a `text`
 COMPRESSED = (".gz", ".zst", ".zstd", ".bz2", ".xz")  # recognised in names; the content decides how it is read
 REDPAJAMA_DOMAINS = tuple(sorted(REDPAJAMA_PROPORTIONS))
 DEFAULT_DOMAINS = ("news", "books", "code", "docs")
-DEFAULTS = dict(seq_len=128, eval_sequences=16, test_sequences=16, prune_tokens=120_000, continue_tokens=240_000)
+# test_sequences follows eval_sequences (build_shards), so `--eval-sequences N` alone sizes both held-out splits
+DEFAULTS = dict(seq_len=128, eval_sequences=16, prune_tokens=120_000, continue_tokens=240_000)
 MAX_BATCH_DOCS = 1024
 MAX_BATCH_CHARS = 4_000_000
 RANGE_BYTES = 1 << 20  # most bytes of a file one task reads: ~0.3 s of a core, so little waits at a domain's end
@@ -831,7 +832,7 @@ def _build_from_args(args) -> int:
         # the embedded default (`make shards`), with any sizes given, e.g. `--out data/shards-big --continue-tokens N`
         sizes = {"out": args.out, "seq_len": args.seq_len, "eval_sequences": args.eval_sequences,
                  "test_sequences": args.test_sequences, "prune_tokens": args.prune_tokens,
-                 "continue_tokens": args.continue_tokens}
+                 "continue_tokens": args.continue_tokens, "shard_size": args.shard_size}
         given = {k: v for k, v in sizes.items() if v is not None}
         if args.proportions:
             given["proportions"] = _proportions(args.proportions)

@@ -1,4 +1,5 @@
 """The per-domain MDS shard builder (data_prep/shards.py) against the layout contract (llmshearing/data/layout.py)."""
+import glob
 import gzip
 import json
 import math
@@ -315,8 +316,13 @@ def test_cli_default_with_sizes_adds_continue_data_only(tok_dir, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     sizes = ["--seq-len", "32", "--eval-sequences", "4", "--prune-tokens", "2000", "--no-progress", "--workers", "1"]
     assert builder.main(sizes + ["--out", "small", "--continue-tokens", "2000"]) == 0
-    assert builder.main(sizes + ["--out", "big", "--continue-tokens", "6000"]) == 0
+    assert builder.main(sizes + ["--out", "big", "--continue-tokens", "6000", "--shard-size", "1024"]) == 0
     small, big = read_manifest("small"), read_manifest("big")
+    # --eval-sequences alone sizes the test split too (it had stayed at the default 16); --shard-size is honoured
+    assert small["budgets"]["test_sequences"] == big["budgets"]["test_sequences"] == 4
+    shard_files = lambda root: sorted(glob.glob(os.path.join(root, "*", "continue", "shard.*.mds")))  # noqa: E731
+    assert len(shard_files("small")) == 4 and len(shard_files("big")) > 8
+    assert max(os.path.getsize(f) for f in shard_files("big")) <= 1024
     seqs = lambda root, name, split: [tokens_of(x).tolist() for x in open_split(root, name, split)]  # noqa: E731
     assert big["budgets"]["continue_tokens"] == 6000 and big["tokenizer"]["path"] == "data/models/smollm2-135m"
     assert list(big["domains"]) == list(builder.DEFAULT_DOMAINS)
