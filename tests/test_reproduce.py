@@ -350,3 +350,9 @@ def test_a_budget_that_would_repeat_data_is_refused_before_any_arm_runs(tiny_set
     with pytest.raises(ConfigError, match="--prune-tokens 40960 --continue-tokens 40960 .*moves documents"):
         check_data_fits(dataclasses.replace(s, allow_repeat=False), ["sheared_p50"], arm_settings(s),
                         read_manifest(tiny_setup["shards"]))
+    # through the CLI with --parallel: the arm runs on repeated data and the line is logged once, not once per check
+    # (run_parallel's, then the summary's)
+    target = "{" + ", ".join(f"{k}: {v}" for k, v in TARGET.items()) + "}"
+    assert main(args[:-5] + ["5", "--target", target, "--batch", "64", "--seeds", "1", "--parallel", "2", "--allow-repeat",
+                             "--arms", "scratch"]) == 0
+    assert capsys.readouterr().out.count("the data will repeat (--allow-repeat): scratch/continue") == 1

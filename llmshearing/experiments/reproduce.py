@@ -768,10 +768,11 @@ def reference_file(s: Settings) -> str:
     return s.reference_losses or os.path.join(s.out, "reference_losses.yaml")
 
 
-def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
-    """Run (or resume) the arms, then write `<out>/summary.{json,md}` and the plots; the summary."""
+def reproduce(s: Settings, arms: list[str] | None = None, prepared: tuple | None = None) -> dict:
+    """Run (or resume) the arms, then write `<out>/summary.{json,md}` and the plots; the summary. `prepared`:
+    what `prepare` returned for this run already (`run_parallel`), so its checks and messages come once."""
     t0 = time.time()
-    names, source, source_test = prepare(s, arms)
+    names, source, source_test = prepared or prepare(s, arms)
     n, seq = s.total_steps, _seq_len(s.shards)
     log(f"scale {s.scale:g}: {n} batches of {s.batch} x {seq} = {n * s.batch * seq:,} tokens per arm; "
         f"arms {', '.join(names)}; out {s.out}")
@@ -796,18 +797,19 @@ def reproduce(s: Settings, arms: list[str] | None = None) -> dict:
     return summary
 
 
-def run_parallel(runs: list[Settings], arms: list[str] | None, parallel: int) -> None:
+def run_parallel(runs: list[Settings], arms: list[str] | None, parallel: int) -> dict[int, tuple]:
     """Run the arms of every run (one per seed) in `parallel` processes at once, each with an equal share of the
     cores as torch threads: on 2 CPU cores two one-thread arms finish sooner than two two-thread arms one after
     the other (docs/runs/reproduce_mini.md). Each job is one arm of one run, `python -m ...reproduce --job`,
     logging to `<out>/logs/<arm>.log`; arms recorded before are skipped. After a failed job no new job starts,
-    the running ones finish (their arms are kept) and the error names the log. The summaries are the caller's."""
+    the running ones finish (their arms are kept) and the error names the log. The summaries are the caller's:
+    `prepare`'s result per seed is returned for them."""
     if parallel < 1:
         raise ConfigError(f"--parallel {parallel}: give 1 or more processes")
-    jobs = []
+    jobs, prepared = [], {}
     for s in runs:  # checks and the source's losses once per run, before any job: the jobs only read them
-        names, _, _ = prepare(s, arms)
-        jobs += [(s, name) for name in names if recorded_result(s, name) is None]
+        prepared[s.seed] = prepare(s, arms)
+        jobs += [(s, name) for name in prepared[s.seed][0] if recorded_result(s, name) is None]
     threads = max(1, (os.cpu_count() or 1) // parallel)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     log(f"{len(jobs)} arm(s) to run, {parallel} at once with {threads} thread(s) each")
@@ -843,6 +845,7 @@ def run_parallel(runs: list[Settings], arms: list[str] | None, parallel: int) ->
     if failed:
         raise RuntimeError("arm(s) failed, the others are kept (run the same command again to resume):\n  "
                            + "\n  ".join(failed))
+    return prepared
 
 
 def run_job(spec: str) -> None:
@@ -966,11 +969,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             runs = ([dataclasses.replace(s, seed=seed, out=os.path.join(a.out, f"seed-{seed}")) for seed in a.seeds]
                     if a.seeds else [s])
-            if a.parallel != 1:  # the arms in parallel processes; then the summaries below skip them as done
-                run_parallel(runs, a.arms, a.parallel)
+            # the arms in parallel processes; then the summaries below skip them as done
+            prepared = run_parallel(runs, a.arms, a.parallel) if a.parallel != 1 else {}
             summaries = {}
             for run_s in runs:  # seed-major: an interrupted run has whole seeds first
-                summaries[run_s.seed] = reproduce(run_s, a.arms)
+                summaries[run_s.seed] = reproduce(run_s, a.arms, prepared.get(run_s.seed))
                 if a.seeds:
                     combine_seeds(a.out, summaries)
     except ConfigError as e:
