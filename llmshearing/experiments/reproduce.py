@@ -463,8 +463,8 @@ def check_data_fits(s: Settings, names: list[str], arm_table: dict, manifest: di
     fits: the summary's passes say so after the fact."""
     seq, stages = int(manifest["seq_len"]), ("prune", "continue")
     held = {st: sum(d["splits"][st]["tokens"] for d in manifest["domains"].values()) for st in stages}
-    over = [(f"{name}/{st}", st, arm_table[name][st] * s.batch * seq) for name in names for st in stages
-            if arm_table[name][st] * s.batch * seq > held[st]]
+    needs = [(f"{name}/{st}", st, arm_table[name][st] * s.batch * seq) for name in names for st in stages]
+    over = [(k, st, need) for k, st, need in needs if need > held[st]]
     if not over:
         return
     what = "; ".join(f"{k} trains {need:,} tokens, the {st} split holds {held[st]:,}"
@@ -683,11 +683,21 @@ def plot_scales(paths: list[str], out_dir: str) -> dict:
     import matplotlib.pyplot as plt  # heavy: matplotlib
 
     fig, ax = plt.subplots(figsize=(7, 4 + 0.3 * len(points)))
+    # Arms at one budget are spread a little along x (at most 14% either way) so their bars do not cover each other;
+    # each arm gets its own colour (tab20 past ten arms) and marker.
+    at_budget: dict[int, list[str]] = {}
+    for name, pts in points.items():
+        for p in pts:
+            at_budget.setdefault(p["tokens"], []).append(name)
+    colors = plt.get_cmap("tab10" if len(points) <= 10 else "tab20").colors
     for i, (name, pts) in enumerate(points.items()):
-        xs, ys = [p["tokens"] for p in pts], [p["perplexity"] for p in pts]
+        xs = [p["tokens"] * 1.3 ** (at_budget[p["tokens"]].index(name) / max(1, len(at_budget[p["tokens"]]) - 1) - 0.5)
+              for p in pts]
+        ys = [p["perplexity"] for p in pts]
         err = [[y - p["perplexity_range"][0] for y, p in zip(ys, pts)], [p["perplexity_range"][1] - y for y, p in zip(ys, pts)]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", ms=3, capsize=3, color=f"C{i % 10}", label=textwrap.fill(name, 90))
-    ax.set(xscale="log", yscale="log", xlabel="training tokens per arm",
+        ax.errorbar(xs, ys, yerr=err, marker="osD^vP*Xph"[i % 10], ms=4, capsize=3, color=colors[i % len(colors)],
+                    label=textwrap.fill(name, 90))
+    ax.set(xscale="log", yscale="log", xlabel="training tokens per arm (arms at one budget spread apart)",
            ylabel=f"final {result['split']} perplexity\n(mean loss over domains)",
            title="Budget: final perplexity vs training tokens (bars: range over seeds)")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below: labels name their overrides
