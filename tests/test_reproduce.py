@@ -325,6 +325,29 @@ def test_shards_without_a_test_split_are_refused_before_any_arm_runs(tiny_setup,
     assert not out.exists()
 
 
+def test_seed_folders_share_the_source_losses(tiny_setup, tmp_path):
+    """Under --seeds each seed folder needs the source's eval and test losses; a seed folder missing them copies them
+    from a sibling with the same model, shards and precision (the seed does not reach an evaluation of the source)
+    instead of evaluating the source again; another model, or a folder that is not a seed's, measures its own."""
+    from llmshearing.experiments.reproduce import SOURCE_FILES, check_out_dir, reuse_source_losses
+
+    first = Settings(out=str(tmp_path / "seed-1"), model=tiny_setup["model"], shards=tiny_setup["shards"], seed=1)
+    check_out_dir(first)
+    for name in SOURCE_FILES:  # marked contents: a fresh measurement could not produce them
+        (tmp_path / "seed-1" / name).write_text(f"measured by seed 1: {name}")
+    for seed, model, shared in ((2, first.model, True), (3, str(tmp_path / "another-model"), False)):
+        s = dataclasses.replace(first, out=str(tmp_path / f"seed-{seed}"), seed=seed, model=model)
+        check_out_dir(s)
+        reuse_source_losses(s)
+        copied = [(tmp_path / f"seed-{seed}" / name).exists() for name in SOURCE_FILES]
+        assert copied == [shared] * len(SOURCE_FILES), seed
+    assert (tmp_path / "seed-2" / SOURCE_FILES[0]).read_text() == f"measured by seed 1: {SOURCE_FILES[0]}"
+    alone = dataclasses.replace(first, out=str(tmp_path / "one-run"))
+    check_out_dir(alone)
+    reuse_source_losses(alone)
+    assert sorted(os.listdir(alone.out)) == ["settings.json"]
+
+
 def test_a_budget_that_would_repeat_data_is_refused_before_any_arm_runs(tiny_setup, tmp_path, capsys):
     """Scale 40 on the tiny shards needs 40,960 continued tokens per arm; the continue split holds 16,384 (128
     sequences of 64 tokens per domain): refused in one line that names the larger build, exit 2, nothing written.

@@ -56,6 +56,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -737,9 +738,36 @@ def check_out_dir(s: Settings) -> None:
         atomic_write_text(path, json.dumps(mine, indent=1))
 
 
+SOURCE_FILES = ("source_losses.json", "reference_losses.yaml", f"source_{FINAL_SPLIT}_losses.json")
+SOURCE_DEPENDS_ON = ("model", "shards", "shards_build", "precision")  # not the seed: the source is evaluated, not trained
+
+
+def reuse_source_losses(s: Settings) -> None:
+    """Under --seeds every seed has its folder (`<out>/seed-N`); the source's losses depend on none of the seed's
+    settings, so a seed folder missing them copies them from a sibling that measured them with the same model,
+    shards and precision (a few minutes of evaluation per seed saved)."""
+    if not re.fullmatch(r"seed-\d+", os.path.basename(os.path.normpath(s.out))):
+        return
+    with open(os.path.join(s.out, "settings.json")) as f:
+        mine = json.load(f)
+    for sibling in sorted(glob.glob(os.path.join(os.path.dirname(os.path.normpath(s.out)), "seed-*"))):
+        paths = [os.path.join(sibling, name) for name in SOURCE_FILES]
+        if os.path.samefile(sibling, s.out) or not all(map(os.path.exists, paths + [os.path.join(sibling, "settings.json")])):
+            continue
+        with open(os.path.join(sibling, "settings.json")) as f:
+            theirs = json.load(f)
+        if all(theirs.get(k) == mine.get(k) for k in SOURCE_DEPENDS_ON):
+            for name, path in zip(SOURCE_FILES, paths):
+                if not os.path.exists(os.path.join(s.out, name)):
+                    with open(path) as f:
+                        atomic_write_text(os.path.join(s.out, name), f.read())
+            return
+
+
 def prepare(s: Settings, arms: list[str] | None = None) -> tuple[list[str], dict, dict]:
-    """Check the arms, shards and folder, and measure the source once per folder (its eval losses are dynamic
-    loading's default references, its test losses the table's source row): the arms to run and both losses."""
+    """Check the arms, shards and folder, and measure the source once per folder (or take it from a sibling seed
+    folder: `reuse_source_losses`); its eval losses are dynamic loading's default references, its test losses the
+    table's source row. The arms to run and both losses."""
     # heavy: transformers
     from llmshearing.experiments.reference_losses import reference_snippet, source_reference_losses
 
@@ -757,6 +785,7 @@ def prepare(s: Settings, arms: list[str] | None = None) -> tuple[list[str], dict
     check_domains(manifest, s.shards, list(manifest["domains"]), FINAL_SPLIT)
     check_data_fits(s, names, arm_table, manifest)
     check_out_dir(s)
+    reuse_source_losses(s)
     source_file = os.path.join(s.out, "source_losses.json")
     if not os.path.exists(source_file):
         source = source_reference_losses(s.model, s.shards)
