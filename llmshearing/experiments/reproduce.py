@@ -738,7 +738,10 @@ def check_out_dir(s: Settings) -> None:
         atomic_write_text(path, json.dumps(mine, indent=1))
 
 
-SOURCE_FILES = ("source_losses.json", "reference_losses.yaml", f"source_{FINAL_SPLIT}_losses.json")
+# what `prepare` measures of the source in each run folder: eval losses, them as dynamic loading's references, test losses
+SOURCE_LOSSES, SOURCE_REFERENCE, SOURCE_TEST_LOSSES = ("source_losses.json", "reference_losses.yaml",
+                                                       f"source_{FINAL_SPLIT}_losses.json")
+SOURCE_FILES = (SOURCE_LOSSES, SOURCE_REFERENCE, SOURCE_TEST_LOSSES)
 SOURCE_DEPENDS_ON = ("model", "shards", "shards_build", "precision")  # not the seed: the source is evaluated, not trained
 
 
@@ -786,15 +789,15 @@ def prepare(s: Settings, arms: list[str] | None = None) -> tuple[list[str], dict
     check_data_fits(s, names, arm_table, manifest)
     check_out_dir(s)
     reuse_source_losses(s)
-    source_file = os.path.join(s.out, "source_losses.json")
+    source_file = os.path.join(s.out, SOURCE_LOSSES)
     if not os.path.exists(source_file):
         source = source_reference_losses(s.model, s.shards)
-        atomic_write_text(os.path.join(s.out, "reference_losses.yaml"),
+        atomic_write_text(os.path.join(s.out, SOURCE_REFERENCE),
                           reference_snippet(source, f"per-domain eval loss of {s.model}"))
         atomic_write_text(source_file, json.dumps(source, indent=1))
     with open(source_file) as f:
         source = json.load(f)
-    test_file = os.path.join(s.out, f"source_{FINAL_SPLIT}_losses.json")
+    test_file = os.path.join(s.out, SOURCE_TEST_LOSSES)
     if not os.path.exists(test_file):
         atomic_write_text(test_file, json.dumps(eval_model(s.model, s)[0], indent=1))
     with open(test_file) as f:
@@ -804,7 +807,7 @@ def prepare(s: Settings, arms: list[str] | None = None) -> tuple[list[str], dict
 
 def reference_file(s: Settings) -> str:
     """Dynamic loading moves the mixture towards the domains furthest above these (default: the source's own)."""
-    return s.reference_losses or os.path.join(s.out, "reference_losses.yaml")
+    return s.reference_losses or os.path.join(s.out, SOURCE_REFERENCE)
 
 
 def reproduce(s: Settings, arms: list[str] | None = None, prepared: tuple | None = None) -> dict:

@@ -582,10 +582,10 @@ def check_mask_init(p: PruningConfig) -> None:
                   f"sheared arm ended 3x worse than the released settings (docs/convergence.md round 5); an "
                   f"{UNIFORM_DAMPED_MIN_RAMP}-step ramp or longer lets the gates decide (round 6)", file=sys.stderr)
         elif p.lambda_optimizer == "sgd":
-            print("warning: pruning.init=uniform with pruning.penalty: on SmolLM2-135M with an 80-step ramp (200 "
-                  "steps) the masks held the target within 1% and decided, at a lower loss at the cut, but end to end "
-                  "that sheared arm was not better than the released settings (docs/convergence.md round 6); not a "
-                  "recommended recipe", file=sys.stderr)
+            print(f"warning: pruning.init=uniform with pruning.penalty: on SmolLM2-135M with an "
+                  f"{UNIFORM_DAMPED_MIN_RAMP}-step ramp (200 steps) the masks held the target within 1% and decided, at "
+                  f"a lower loss at the cut, but end to end that sheared arm was not better than the released settings "
+                  f"(docs/convergence.md round 6); not a recommended recipe", file=sys.stderr)
         if p.init_at_target and batches(p.lagrangian_warmup) > 0:
             print(f"warning: pruning.init_at_target starts every gate at the target, and pruning.lagrangian_warmup="
                   f"{p.lagrangian_warmup} ramps the target sparsity up from 0, so the Lagrangian first reopens them; "
