@@ -663,6 +663,12 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
                               f": choose another --out")
         if old is not None and old.get("build_fingerprint") in (fingerprint, located) and old.get("format") == FORMAT:
             print(f"{out} is up to date (built with the same arguments, inputs and tokenizer); nothing to do")
+            if any(e.get("sources") != domains[d] for d, e in old.get("domains", {}).items() if d in domains):
+                # the same inputs found elsewhere (a moved checkout): record where they are now; the fingerprint
+                # stays, so runs that named this build (reproduce's shards_build) still match it
+                for d, e in old["domains"].items():
+                    e["sources"] = domains.get(d, e.get("sources"))
+                atomic_write_text(path, json.dumps(old, indent=1) + "\n")
             return old
         if old is None and os.listdir(out):
             raise ConfigError(f"'{out}' exists and is not a shard folder (no {MANIFEST}); refusing to replace it: "

@@ -405,8 +405,14 @@ def test_a_checkout_moved_with_its_data_keeps_its_shards_and_an_edited_input_doe
     os.rename(here, tmp_path / "moved")
     moved = {d: [p.replace(str(here), str(tmp_path / "moved")) for p in ps] for d, ps in paths.items()}
     capsys.readouterr()
-    assert build(tmp_path / "moved" / "shards", tok_dir, moved) == first
+    again = build(tmp_path / "moved" / "shards", tok_dir, moved)
     assert "up to date" in capsys.readouterr().out
+    assert again["build_fingerprint"] == first["build_fingerprint"]
+    # the manifest names where the inputs are now, not where they were built from
+    on_disk = json.loads((tmp_path / "moved" / "shards" / "manifest.json").read_text())
+    for m in (again, on_disk):
+        assert {d: e["sources"] for d, e in m["domains"].items()} == moved
+    assert {d: e["sources"] for d, e in first["domains"].items()} == paths
 
     manifest = json.loads((tmp_path / "moved" / "shards" / "manifest.json").read_text())
     args = dict(seq_len=SIZES["seq_len"], eval_sequences=SIZES["eval_sequences"], test_sequences=SIZES["eval_sequences"],
