@@ -663,11 +663,11 @@ def build_shards(out: str, tokenizer: str, domains: dict, *, seq_len: int, eval_
                               f": choose another --out")
         if old is not None and old.get("build_fingerprint") in (fingerprint, located) and old.get("format") == FORMAT:
             print(f"{out} is up to date (built with the same arguments, inputs and tokenizer); nothing to do")
-            if any(e.get("sources") != domains[d] for d, e in old.get("domains", {}).items() if d in domains):
-                # the same inputs found elsewhere (a moved checkout): record where they are now; the fingerprint
-                # stays, so runs that named this build (reproduce's shards_build) still match it
+            # the same inputs found elsewhere (a moved checkout): record where they are now (the fingerprint names the
+            # domains, so they are the same); the fingerprint stays, so runs that named this build still match it
+            if any(e["sources"] != domains[d] for d, e in old["domains"].items()):
                 for d, e in old["domains"].items():
-                    e["sources"] = domains.get(d, e.get("sources"))
+                    e["sources"] = domains[d]
                 atomic_write_text(path, json.dumps(old, indent=1) + "\n")
             return old
         if old is None and os.listdir(out):
